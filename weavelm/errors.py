@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad path, bad TP degree, bad sampling value, ...) raises
+`WeavelmError` with a one-line message that names the problem and the fix. The CLI prints that
+line and exits with status 2 instead of showing a traceback.
+"""
+
+
+class WeavelmError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise `WeavelmError(message)` unless `condition` holds."""
+    if not condition:
+        raise WeavelmError(message)
