@@ -1,0 +1,1 @@
+"""The generation engine: sampling parameters, sampler, and the `LLM` front end."""

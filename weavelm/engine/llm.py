@@ -1,0 +1,211 @@
+"""`LLM`: load a model onto this rank's TP shard and generate text.
+
+    from weavelm import LLM, SamplingParams
+    llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", tp=1)
+    print(llm.generate(["Hi!"], SamplingParams(max_new_tokens=32), chat=True)[0].text)
+
+Under `torchrun --nproc-per-node N` (or `accelerate launch`) every rank builds the same `LLM`
+with `tp=N` and calls `generate` with the same prompts; rank 0's sampler decides each token and
+broadcasts it, so all ranks stay in step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from weavelm.engine.sampler import SamplingParams, sample
+from weavelm.errors import WeavelmError, check
+from weavelm.models.attention import AttentionBatch, KVCache, Piece
+from weavelm.models.config import ModelConfig
+from weavelm.models.loader import load_weights, resolve_model
+from weavelm.models.registry import model_class
+from weavelm.parallel.communicator import get_communicator
+from weavelm.parallel.state import get_state, init_parallel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Completion:
+    prompt: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"     # "stop" (EOS), "length" (max_new_tokens or context)
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    check(dtype in DTYPES, f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, tp: int | None = None,
+                 device: str | None = None, dtype=None, max_model_len: int | None = None,
+                 allow_pickle: bool = False, backend: str | None = None,
+                 progress: bool = True):
+        source = resolve_model(model, allow_pickle=allow_pickle)
+        self.config = ModelConfig.from_hf(source.config)
+        self.config.check_tp(tp or 1)
+        state = init_parallel(tp, device)
+        self.state, self.device = state, state.device
+        self.dtype = resolve_dtype(dtype, self.device)
+        limit = self.config.max_position_embeddings
+        check(max_model_len is None or 0 < max_model_len <= limit,
+              f"max_model_len={max_model_len} is outside this model's context (1..{limit}): "
+              f"lower it")
+        self.max_model_len = max_model_len or limit
+        self.source = source
+        self._tokenizer = None
+        self.comm = get_communicator(backend)
+        cls = model_class(self.config.architecture)
+        with torch.inference_mode():
+            self.model = cls(self.config, dtype=self.dtype, device=self.device,
+                             max_positions=self.max_model_len)
+            load_weights(self.model, source, progress=progress and state.is_first)
+        self.model.eval()
+        self._stop = None
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use (logits tests need none)."""
+        if self._tokenizer is None:
+            from weavelm.models.tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.source.path)
+        return self._tokenizer
+
+    @property
+    def stop_ids(self) -> set[int]:
+        if self._stop is None:
+            self._stop = self._stop_ids()
+        return self._stop
+
+    # -- tokens ------------------------------------------------------------------------------
+    def _stop_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        for special in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+            tid = tok.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        from weavelm.models.tokenizer import apply_chat, encode
+        ids = apply_chat(self.tokenizer, prompt) if chat else encode(self.tokenizer, prompt)
+        check(len(ids) > 0, "the prompt is empty: give some text with -p")
+        check(len(ids) < self.max_model_len,
+              f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
+              f"shorten the prompt")
+        return ids
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
+                 chat: bool = False, on_token: Callable[[int, int], None] | None = None
+                 ) -> list[Completion]:
+        """Generate for a batch of prompts of any lengths. `on_token(seq, token_id)` is called
+        on rank 0 as each token is sampled (streaming)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        check(len(prompts) > 0, "no prompts given: pass at least one prompt")
+        params = params or SamplingParams()
+        token_lists = [self.encode(p, chat) for p in prompts]
+        return self.generate_from_ids(token_lists, params, on_token, prompts)
+
+    @torch.inference_mode()
+    def generate_from_ids(self, token_lists: list[list[int]], params: SamplingParams,
+                          on_token=None, prompts: list[str] | None = None) -> list[Completion]:
+        prompts = prompts or [""] * len(token_lists)
+        B, dev = len(token_lists), self.device
+        lengths = [len(t) for t in token_lists]
+        for n in lengths:
+            check(0 < n < self.max_model_len, f"a prompt has {n} tokens but the context holds "
+                                              f"{self.max_model_len}: shorten the prompt")
+        positions_needed = min(self.max_model_len, max(lengths) + params.max_new_tokens)
+        qkv = self.model.model.layers[0].self_attn.qkv_proj
+        cache = KVCache(self.config.num_layers, B, positions_needed, qkv.num_kv_heads,
+                        self.config.head_dim, self.dtype, dev)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=dev)
+            generator.manual_seed(params.seed if params.seed is not None
+                                  else int(torch.randint(0, 2**62, (1,))))
+        outs = [Completion(p, list(t)) for p, t in zip(prompts, token_lists)]
+
+        # Prefill: every prompt in one flat step.
+        pieces, offset = [], 0
+        for i, n in enumerate(lengths):
+            pieces.append(Piece(slot=i, start_pos=0, length=n, offset=offset))
+            offset += n
+        ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
+        last = torch.tensor([p.offset + p.length - 1 for p in pieces], device=dev)
+        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+        next_tokens = self._sample(hidden[last], params, generator)
+
+        active = list(range(B))
+        cur_len = list(lengths)
+        while True:
+            still = []
+            for j, i in enumerate(active):
+                tok = int(next_tokens[j])
+                outs[i].token_ids.append(tok)
+                if on_token is not None and self.state.is_first:
+                    on_token(i, tok)
+                if tok in self.stop_ids and not params.ignore_eos:
+                    outs[i].finish_reason = "stop"
+                elif len(outs[i].token_ids) < params.max_new_tokens \
+                        and cur_len[i] < positions_needed:
+                    still.append(i)
+            active = still
+            if not active:
+                break
+            pieces = [Piece(slot=i, start_pos=cur_len[i], length=1, offset=j)
+                      for j, i in enumerate(active)]
+            ids = torch.tensor([outs[i].token_ids[-1] for i in active], device=dev)
+            positions = torch.tensor([cur_len[i] for i in active], device=dev)
+            for i in active:
+                cur_len[i] += 1
+            hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+            next_tokens = self._sample(hidden, params, generator)
+
+        if any(prompts):
+            for o in outs:
+                o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        return outs
+
+    def _sample(self, hidden, params, generator) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden)                   # [B, V]
+        tokens = sample(logits, params, generator)
+        # Rank 0 decides; the others follow, so ranks never diverge.
+        return self.comm.broadcast(tokens.contiguous(), src=0)
+
+    @torch.inference_mode()
+    def logits(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """Logits [T, V] for every position of the given sequences (a fresh cache; tests use it)."""
+        dev = self.device
+        lengths = [len(t) for t in token_lists]
+        cache = KVCache(self.config.num_layers, len(token_lists), max(lengths),
+                        self.model.model.layers[0].self_attn.qkv_proj.num_kv_heads,
+                        self.config.head_dim, self.dtype, dev)
+        pieces, offset = [], 0
+        for i, n in enumerate(lengths):
+            pieces.append(Piece(i, 0, n, offset))
+            offset += n
+        ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
+        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+        return self.model.compute_logits(hidden)
+
+
+__all__ = ["LLM", "Completion", "SamplingParams", "WeavelmError", "get_state"]

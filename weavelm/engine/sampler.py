@@ -1,0 +1,54 @@
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeded).
+
+B = sequences, V = vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from weavelm.errors import check
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+              f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got "
+                                     f"{self.temperature}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0,
+              f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

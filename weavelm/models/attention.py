@@ -1,0 +1,111 @@
+"""Causal attention over a KV cache, for batches laid out as one flat run of tokens.
+
+T = tokens in the step, H / Hkv = query / KV heads on this rank, Dh = head dim,
+S = sequence slots in the cache, P = positions per slot.
+
+A step's tokens are a concatenation of *pieces*: consecutive tokens of one sequence. A piece
+writes its K/V into the cache first, then attends to everything its sequence has cached up to its
+own positions. That one rule covers prefill, decode, and a sequence cut in two by the weave
+(its first piece's K/V is in the cache before the second piece attends).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Piece:
+    slot: int          # cache slot of the sequence
+    start_pos: int     # position of the piece's first token in its sequence
+    length: int        # tokens in the piece
+    offset: int        # index of the piece's first token in the step's flat token run
+
+
+@dataclass
+class AttentionBatch:
+    pieces: list[Piece]
+    # Decode fast path (every piece one token): slot index and cached length per token.
+    slots: torch.Tensor | None = None          # [T] int64
+    lengths: torch.Tensor | None = None        # [T] int64, keys visible to each token
+
+    @classmethod
+    def build(cls, pieces: list[Piece], device) -> "AttentionBatch":
+        batch = cls(pieces=list(pieces))
+        if pieces and all(p.length == 1 for p in pieces) and len(pieces) > 1:
+            batch.slots = torch.tensor([p.slot for p in pieces], device=device)
+            batch.lengths = torch.tensor([p.start_pos + 1 for p in pieces], device=device)
+        return batch
+
+    def split(self, n_first: int) -> tuple["AttentionBatch", "AttentionBatch"]:
+        """Cut the step after its first `n_first` tokens (a piece may be cut in two)."""
+        first, second = [], []
+        for p in self.pieces:
+            end = p.offset + p.length
+            if end <= n_first:
+                first.append(p)
+            elif p.offset >= n_first:
+                second.append(Piece(p.slot, p.start_pos, p.length, p.offset - n_first))
+            else:
+                k = n_first - p.offset
+                first.append(Piece(p.slot, p.start_pos, k, p.offset))
+                second.append(Piece(p.slot, p.start_pos + k, p.length - k, 0))
+        return AttentionBatch(first), AttentionBatch(second)
+
+
+class KVCache:
+    """Per-layer K and V tensors [S, P, Hkv, Dh], written by position."""
+
+    def __init__(self, num_layers: int, slots: int, positions: int, kv_heads: int,
+                 head_dim: int, dtype, device):
+        shape = (slots, positions, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.positions = positions
+
+
+def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """[Tq, K] True where query at position q_pos may see key position k."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch, scale: float,
+                     window: int | None = None) -> torch.Tensor:
+    """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]."""
+    kc, vc = cache.k[layer], cache.v[layer]
+    out = torch.empty_like(q)
+    if batch.slots is not None:
+        # Decode: one token per sequence; pad every sequence's keys to the longest.
+        kc[batch.slots, batch.lengths - 1] = k
+        vc[batch.slots, batch.lengths - 1] = v
+        n_keys = int(batch.lengths.max())
+        keys = kc[batch.slots, :n_keys].transpose(1, 2)            # [T, Hkv, K, Dh]
+        values = vc[batch.slots, :n_keys].transpose(1, 2)
+        mask = _mask(batch.lengths - 1, n_keys, window)            # [T, K]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
+                                           attn_mask=mask[:, None, None, :], scale=scale,
+                                           enable_gqa=True)        # [T, H, 1, Dh]
+        return o.squeeze(2)
+    for p in batch.pieces:
+        rows = slice(p.offset, p.offset + p.length)
+        end = p.start_pos + p.length
+        kc[p.slot, p.start_pos:end] = k[rows]
+        vc[p.slot, p.start_pos:end] = v[rows]
+        qs = q[rows].transpose(0, 1).unsqueeze(0)                  # [1, H, n, Dh]
+        keys = kc[p.slot, :end].transpose(0, 1).unsqueeze(0)       # [1, Hkv, end, Dh]
+        values = vc[p.slot, :end].transpose(0, 1).unsqueeze(0)
+        if p.start_pos == 0 and window is None:
+            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            q_pos = torch.arange(p.start_pos, end, device=q.device)
+            o = F.scaled_dot_product_attention(qs, keys, values, scale=scale, enable_gqa=True,
+                                               attn_mask=_mask(q_pos, end, window)[None, None])
+        out[rows] = o[0].transpose(0, 1)
+    return out

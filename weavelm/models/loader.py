@@ -1,0 +1,185 @@
+"""Find a model's files and stream its weights into each rank's shard.
+
+A model is named by a local Hugging Face directory, a Hugging Face repo id (resolved through the
+huggingface_hub cache; offline when cached), a `.gguf` file, or nothing (the default model).
+Weights stream one tensor at a time; each parameter's `weight_loader` reads only its rank's
+slice (safetensors slices are read lazily), so no rank ever holds the full model.
+Pickle checkpoints (`*.bin`, `*.pt`) load only with `allow_pickle=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from weavelm.errors import WeavelmError, check
+
+HF_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass
+class ModelSource:
+    kind: str                       # "hf" (safetensors), "pickle" or "gguf"
+    path: Path                      # model directory, or the .gguf file
+    config: dict
+    weight_files: list[Path] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _read_config(directory: Path) -> dict:
+    cfg_path = directory / "config.json"
+    check(cfg_path.is_file(), f"no config.json in {directory}: point MODEL at a Hugging Face "
+                              f"model directory, a repo id or a .gguf file")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeavelmError(f"{cfg_path} is not valid JSON ({e.msg}, line {e.lineno}): "
+                           f"re-download the model") from None
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        check(not missing, f"missing checkpoint shard {', '.join(missing)} listed in "
+                           f"{index.name}: download the complete model")
+        return files
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _resolve_repo_id(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HF_FILE_PATTERNS,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError:
+        if offline:
+            raise WeavelmError(f"model {repo_id!r} is not in the Hugging Face cache and "
+                               f"HF_HUB_OFFLINE is set: download it first, or unset "
+                               f"HF_HUB_OFFLINE") from None
+    except Exception as e:                              # noqa: BLE001 - bad id, etc.
+        if "Repo id must" in str(e) or "repo_id" in str(e):
+            raise WeavelmError(f"{repo_id!r} is neither a local path nor a valid Hugging Face "
+                               f"repo id: check the model name") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HF_FILE_PATTERNS))
+    except Exception as e:                              # noqa: BLE001 - network, auth, 404
+        raise WeavelmError(f"could not download {repo_id!r} from the Hugging Face Hub "
+                           f"({type(e).__name__}): check the name, your network, or pass a "
+                           f"local path") from None
+
+
+def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -> ModelSource:
+    """Locate config and weights for `model` and check that they can be loaded."""
+    if model is None:
+        from weavelm.models.gguf import default_model_path
+        model = default_model_path()
+    text = str(model)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        check(path.is_file(), f"GGUF file {text} does not exist: check the path")
+        from weavelm.models.gguf import gguf_config
+        return ModelSource("gguf", path, gguf_config(path), [path])
+    if not path.exists():
+        looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
+        check(not looks_like_path, f"model path {text} does not exist: check the path, or give "
+                                   f"a Hugging Face repo id like org/name")
+        path = _resolve_repo_id(text)
+    check(path.is_dir(), f"{text} is not a model directory or .gguf file: check the path")
+    config = _read_config(path)
+    files = _safetensors_files(path)
+    if files:
+        return ModelSource("hf", path, config, files)
+    pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
+    check(bool(pickles), f"no weights (*.safetensors) in {path}: download the model's "
+                         f"safetensors files")
+    check(allow_pickle, f"{path} holds only pickle checkpoints ({pickles[0].name}), which can run "
+                        f"arbitrary code: convert them to safetensors, or pass --allow-pickle if "
+                        f"you trust the source")
+    return ModelSource("pickle", path, config, pickles)
+
+
+def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
+    """(name, tensor or lazy safetensors slice) for every tensor in the checkpoint."""
+    if source.kind == "gguf":
+        from weavelm.models.gguf import iter_gguf_tensors
+        yield from iter_gguf_tensors(source.path)
+        return
+    if source.kind == "pickle":
+        for f in source.weight_files:
+            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            yield from state.items()
+        return
+    from safetensors import SafetensorError, safe_open
+    for f in source.weight_files:
+        try:
+            handle = safe_open(f, framework="pt")
+        except SafetensorError as e:
+            raise WeavelmError(f"corrupt or truncated safetensors file {f.name} ({e}): "
+                               f"re-download it") from None
+        for name in handle.keys():
+            yield name, handle.get_slice(name)
+
+
+def checkpoint_names(source: ModelSource) -> list[str]:
+    return [name for name, _ in iter_checkpoint(source)] if source.kind != "gguf" else []
+
+
+def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) -> None:
+    """Stream the checkpoint into `model`'s shards; fail on any missing or unexpected tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    packed = getattr(model, "packed_modules", {})
+    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    items = iter_checkpoint(source)
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc=f"loading {source.name}", unit=" tensors", leave=False)
+    for name, tensor in items:
+        if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+            continue
+        target, shard_id = name, None
+        for ckpt_module, (packed_module, sid) in packed.items():
+            if f".{ckpt_module}." in name:
+                target, shard_id = name.replace(f".{ckpt_module}.", f".{packed_module}."), sid
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        try:
+            param.weight_loader(param, tensor, shard_id)
+        except ValueError as e:
+            raise WeavelmError(f"checkpoint tensor {name} does not fit the model ({e}): "
+                               f"config.json and weights disagree") from None
+        except Exception as e:                          # noqa: BLE001 - I/O on a damaged file
+            raise WeavelmError(f"could not read checkpoint tensor {name} ({e}): the checkpoint "
+                               f"is damaged, re-download it") from None
+        loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+    check(not unexpected, f"checkpoint has {len(unexpected)} tensors this model does not use "
+                          f"(e.g. {unexpected[0] if unexpected else ''}): wrong config.json?")
+    done = {n.split("#")[0] for n in loaded}
+    missing = sorted(expected - done)
+    for n in sorted(expected & done):
+        want = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {"0", "1"}}
+        for packed_name, ids in want.items():
+            if f".{packed_name}." in n and n.endswith("weight"):
+                have = {x.split("#")[1] for x in loaded if x.startswith(n + "#")}
+                if have != ids:
+                    missing.append(n)
+    check(not missing, f"checkpoint is missing {len(missing)} tensors (e.g. {missing[0] if missing else ''}):"
+                       f" incomplete download or wrong config.json")

@@ -1,0 +1,16 @@
+"""Tensor parallelism: process groups, TP layers, communicators, rank spawning."""
+from weavelm.parallel.state import (
+    ParallelState, divide, get_state, init_parallel, destroy_parallel,
+)
+from weavelm.parallel.communicator import Communicator, TorchCommunicator, get_communicator
+from weavelm.parallel.layers import (
+    ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+    VocabParallelEmbedding, ParallelLMHead,
+)
+
+__all__ = [
+    "ParallelState", "divide", "get_state", "init_parallel", "destroy_parallel",
+    "Communicator", "TorchCommunicator", "get_communicator",
+    "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
+    "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
+]

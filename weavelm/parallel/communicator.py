@@ -1,0 +1,165 @@
+"""The communicator interface and its reference backend, `torch`.
+
+T = tokens, D = hidden size, N = TP world size.
+
+Every collective a TP model needs goes through one small interface, so that the fused backends
+(`p2p`, `multimem`) can replace the unfused reference without touching model code:
+
+* `all_reduce(x)`                                   sum over ranks, [T, D] -> [T, D]
+* `reduce_scatter(x)`                               [T, D] -> this rank's rows [rows(T), D]
+* `all_gather(x_rows, T)`                           [rows(T), D] -> [T, D]
+* `all_gather_last_dim(x)`                          [B, V/N] -> [B, V] (the LM head's logits)
+* `all_reduce_add_rms_norm(x, residual, w, eps)`    all-reduce, residual add, RMSNorm (replicated
+                                                     residual)
+* `reduce_scatter_add_rms_norm_all_gather(...)`     the TokenWeave reordering: each rank adds and
+                                                     normalises only its own rows (sequence-sharded
+                                                     residual), then everyone gets all rows.
+
+Rows are split among ranks in contiguous, balanced blocks: rank r owns `row_range(T, r, N)`;
+T need not divide by N.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from weavelm.kernels.rmsnorm import fused_add_rms_norm
+from weavelm.parallel.state import ParallelState, get_state
+
+
+def row_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the rows `rank` owns when `n_rows` are split in balanced contiguous blocks."""
+    base, extra = divmod(n_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class Communicator:
+    """Collectives over the TP group. Subclasses override what they can do faster."""
+
+    name = "abstract"
+
+    def __init__(self, state: ParallelState):
+        self.state = state
+        self.rank = state.rank
+        self.world_size = state.world_size
+
+    # -- unfused building blocks -------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather(self, x_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- fused operations (defaults compose the building blocks) -----------------------------
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps):
+        """Returns (rms_norm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual).
+
+        x: [T, D] partial sums; residual: [T, D], updated in place.
+        """
+        x = self.all_reduce(x)
+        return fused_add_rms_norm(x, residual, weight, eps, inplace_residual=True)
+
+    def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps):
+        """TokenWeave's reordering of `all_reduce_add_rms_norm`.
+
+        x: [T, D] partial sums; residual_rows: [rows(T), D] this rank's rows, updated in place.
+        Returns the normalised [T, D] on every rank.
+        """
+        n_rows = x.shape[0]
+        rows = self.reduce_scatter(x)                                          # [rows(T), D]
+        normed_rows, _ = fused_add_rms_norm(rows, residual_rows, weight, eps, inplace_residual=True)
+        return self.all_gather(normed_rows, n_rows)                            # [T, D]
+
+
+class TorchCommunicator(Communicator):
+    """torch.distributed collectives (NCCL on GPU, gloo on CPU): the unfused reference."""
+
+    name = "torch"
+
+    def all_reduce(self, x):
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.state.group)
+        return x
+
+    def _padded_rows(self, n_rows: int) -> int:
+        return -(-n_rows // self.world_size)
+
+    def reduce_scatter(self, x):
+        if self.world_size == 1:
+            return x
+        n_rows, per_rank = x.shape[0], self._padded_rows(x.shape[0])
+        padded = x.new_zeros((per_rank * self.world_size,) + tuple(x.shape[1:]))
+        # Each rank's balanced block goes to the front of its padded slot.
+        for r in range(self.world_size):
+            s, e = row_range(n_rows, r, self.world_size)
+            padded[r * per_rank: r * per_rank + (e - s)] = x[s:e]
+        out = x.new_empty((per_rank,) + tuple(x.shape[1:]))
+        if x.device.type == "cpu":   # gloo has no reduce_scatter: all-reduce, keep our rows
+            dist.all_reduce(padded, group=self.state.group)
+            out.copy_(padded[self.rank * per_rank:(self.rank + 1) * per_rank])
+        else:
+            dist.reduce_scatter_tensor(out, padded, group=self.state.group)
+        s, e = row_range(n_rows, self.rank, self.world_size)
+        return out[: e - s]
+
+    def all_gather(self, x_rows, n_rows):
+        if self.world_size == 1:
+            return x_rows
+        per_rank = self._padded_rows(n_rows)
+        padded = x_rows.new_zeros((per_rank,) + tuple(x_rows.shape[1:]))
+        padded[: x_rows.shape[0]] = x_rows
+        gathered = x_rows.new_empty((per_rank * self.world_size,) + tuple(x_rows.shape[1:]))
+        dist.all_gather_into_tensor(gathered, padded, group=self.state.group)
+        pieces = []
+        for r in range(self.world_size):
+            s, e = row_range(n_rows, r, self.world_size)
+            pieces.append(gathered[r * per_rank: r * per_rank + (e - s)])
+        return torch.cat(pieces, dim=0)
+
+    def all_gather_last_dim(self, x):
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.state.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x, src=0):
+        if self.world_size > 1:
+            dist.broadcast(x, src=src, group=self.state.group)
+        return x
+
+
+_BACKENDS = {"torch": TorchCommunicator}
+_COMMUNICATOR: Communicator | None = None
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_communicator(backend: str | None = None) -> Communicator:
+    """The process-wide communicator (created on first use; `backend` defaults to `torch`)."""
+    global _COMMUNICATOR
+    if _COMMUNICATOR is None or (backend is not None and backend != _COMMUNICATOR.name):
+        name = backend or "torch"
+        if name not in _BACKENDS:
+            from weavelm.errors import WeavelmError
+            raise WeavelmError(f"unknown communicator backend {name!r}: "
+                               f"choose one of {', '.join(_BACKENDS)}")
+        _COMMUNICATOR = _BACKENDS[name](get_state())
+    return _COMMUNICATOR
+
+
+def reset_communicator() -> None:
+    global _COMMUNICATOR
+    _COMMUNICATOR = None

@@ -1,0 +1,131 @@
+"""The tensor-parallel process group and this process's place in it.
+
+Works under `torchrun` and `accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK and the
+rendezvous address), under `weavelm.parallel.launch.spawn` (which sets the same variables), and
+in a plain single process (TP=1, no process group at all). NCCL on CUDA, gloo on CPU.
+
+This module is the only place that creates or destroys the process group.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from weavelm.errors import WeavelmError, check
+
+
+def divide(numerator: int, denominator: int) -> int:
+    """numerator / denominator, asserting exact division (Megatron's `divide`)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+@dataclass
+class ParallelState:
+    rank: int
+    world_size: int
+    device: torch.device
+    group: "dist.ProcessGroup | None"   # None when world_size == 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+_STATE: ParallelState | None = None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or None (= cuda if available, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check(device == "cpu" or device.startswith("cuda"),
+          f"unknown device {device!r}: use --device cpu or --device cuda")
+    if device.startswith("cuda"):
+        check(torch.cuda.is_available(),
+              "--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(device)
+
+
+def init_parallel(tp: int | None = None, device: str | None = None,
+                  timeout_s: float = 600.0) -> ParallelState:
+    """Join (or create) the TP process group and pick this rank's device.
+
+    `tp` is the expected TP degree; it must match the launcher's WORLD_SIZE when one is set.
+    Calling it again returns the existing state.
+    """
+    global _STATE
+    if _STATE is not None:
+        check(tp is None or tp == _STATE.world_size,
+              f"weavelm is already initialised with TP={_STATE.world_size}, not {tp}")
+        return _STATE
+
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    if world is None:
+        world, rank = 1, 0
+    tp = world if tp is None else tp
+    check(tp == world,
+          f"TP={tp} needs {tp} ranks but this process runs in a group of {world}: "
+          f"launch with `torchrun --nproc-per-node {tp}` or use `weavelm generate --tp {tp}` "
+          f"without a launcher")
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        local_rank = _env_int("LOCAL_RANK")
+        local_rank = rank if local_rank is None else local_rank
+        n_gpus = torch.cuda.device_count()
+        check(local_rank < n_gpus,
+              f"TP={tp} needs {tp} GPUs on this host but only {n_gpus} are visible: "
+              f"lower --tp to at most {n_gpus} or use --device cpu")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+
+    group = None
+    if world > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        group = dist.group.WORLD
+    _STATE = ParallelState(rank=rank, world_size=world, device=dev, group=group)
+    return _STATE
+
+
+def get_state() -> ParallelState:
+    """The state set by `init_parallel`; a single-process CPU/GPU state if it was never called."""
+    if _STATE is None:
+        return init_parallel()
+    return _STATE
+
+
+def destroy_parallel() -> None:
+    global _STATE
+    from weavelm.parallel import communicator
+    communicator.reset_communicator()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = None
+
+
+def max_tp_for_device(device: str | None) -> int:
+    """How many ranks this host can run on `device` (GPUs visible; CPU ranks are unlimited)."""
+    dev = resolve_device(device)
+    return torch.cuda.device_count() if dev.type == "cuda" else 1 << 30
+
+
+__all__ = ["ParallelState", "divide", "init_parallel", "get_state", "destroy_parallel",
+           "resolve_device", "max_tp_for_device", "WeavelmError"]
