@@ -1,0 +1,1 @@
+"""Model families, Hugging Face config parsing, checkpoint loading (safetensors, GGUF)."""
