@@ -8,6 +8,7 @@ the CLI), anything else becomes a RuntimeError carrying the rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import traceback
@@ -32,7 +33,9 @@ def _worker(rank, nprocs, port, fn, args, results):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         value = fn(*args)
-        results.put((rank, "ok", value if rank == 0 else None))
+        # Plain pickle copies tensor data; torch's queue pickler would share memory that dies
+        # with this process.
+        results.put((rank, "ok", pickle.dumps(value) if rank == 0 else None))
     except WeavelmError as e:
         results.put((rank, "user", str(e)))
     except BaseException:                                  # noqa: BLE001 - reported to the parent
@@ -70,7 +73,7 @@ def spawn(fn, nprocs: int, *args, timeout_s: float | None = None):
             done += 1
             if kind == "ok":
                 if rank == 0:
-                    value = payload
+                    value = pickle.loads(payload)
             elif failure is None:
                 failure = (kind, payload)
                 break                                      # others may wait forever on that rank
