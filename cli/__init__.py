@@ -1,0 +1,1 @@
+"""The `weavelm` command line (installed as `weavelm.cli`)."""
