@@ -1,13 +1,19 @@
 """RMSNorm and fused residual-add + RMSNorm.
 
-T = tokens, D = hidden size.
+T = tokens, D = hidden size, V = 16-byte vectors per row (D * itemsize / 16),
+E = elements per vector (8 for bf16/fp16, 4 for fp32).
 
 Public entry points dispatch on the device: CUDA tensors go to the Numba kernel, CPU tensors to the
-torch reference beside it.
+torch reference beside it. Layout of this file: references, dispatchers, launchers, kernel.
 """
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -39,8 +45,270 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 
 def rms_norm(x, weight, eps, out=None):
+    """RMSNorm of x: [..., D]. CUDA tensors -> Numba kernel, others -> `rms_norm_ref`."""
+    if x.is_cuda and supported(x):
+        return rms_norm_cuda(x, weight, eps, out)
     return rms_norm_ref(x, weight, eps, out)
 
 
 def fused_add_rms_norm(x, residual, weight, eps, out=None, inplace_residual=True):
+    """(y, new_residual) = RMSNorm(x + residual). CUDA -> Numba kernel, others -> reference."""
+    if x.is_cuda and supported(x):
+        return fused_add_rms_norm_cuda(x, residual, weight, eps, out, inplace_residual)
     return fused_add_rms_norm_ref(x, residual, weight, eps, out, inplace_residual)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+_MAX_BLOCK = 512  # threads per CTA; also the kernels' launch bound (caps registers at 128)
+_VPT_CLASSES = (4, 8)  # shape classes: max 16-byte vectors per thread (one compile each)
+_MAX_VEC = _MAX_BLOCK * _VPT_CLASSES[-1]  # rows up to 64 KiB: bf16 D <= 32768, fp32 D <= 16384
+_SIGNATURE = "void(uint64, uint64, uint64, uint64, uint64, int64, int64, float64)"
+_warned: set = set()
+
+
+def supported(x: torch.Tensor) -> bool:
+    """Whether the kernel handles x's dtype and hidden size (the dispatchers fall back if not)."""
+    d = x.shape[-1] if x.dim() else 0
+    ok = x.dtype in _DTYPES and d % 8 == 0 and 0 < d * x.element_size() // 16 <= _MAX_VEC
+    if not ok and (x.dtype, d) not in _warned:
+        _warned.add((x.dtype, d))
+        log.warning("rmsnorm: no kernel for dtype %s, hidden %d; using the torch reference",
+                    x.dtype, d)
+    return ok
+
+
+def _check(name: str, t: torch.Tensor, x: torch.Tensor, dev: int, shape) -> int:
+    """t's address, after cheap checks (hot path); the clear error is built only on failure."""
+    if t.dtype is x.dtype and t.shape == shape and t.get_device() == dev and t.is_contiguous():
+        p = t.data_ptr()
+        if not p % 16:
+            return p
+        raise ValueError(f"rmsnorm: {name} must be 16-byte aligned (data_ptr % 16 == {p % 16})")
+    if t.dtype != x.dtype:
+        raise TypeError(f"rmsnorm: {name} has dtype {t.dtype}, expected {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"rmsnorm: {name} is on {t.device}, expected {x.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"rmsnorm: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    raise ValueError(f"rmsnorm: {name} must be contiguous (strides {t.stride()})")
+
+
+def _check_x(x: torch.Tensor):
+    """(address, D, device index) of x: [..., D] with clear errors for what the kernel can't take.
+    Any device the kernel can address: CUDA on a GPU, CPU under the CUDA simulator."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"rmsnorm: dtype {x.dtype} not supported (bf16, fp16, fp32)")
+    d = x.shape[-1] if x.dim() else 0
+    if d % 8 or d == 0:
+        raise ValueError(f"rmsnorm: hidden size {d} must be a positive multiple of 8")
+    if d * x.element_size() // 16 > _MAX_VEC:
+        raise ValueError(f"rmsnorm: hidden size {d} exceeds the kernel's {_MAX_VEC} 16-byte "
+                         "vectors per row")
+    dev = x.get_device()
+    return _check("x", x, x, dev, x.shape), d, dev
+
+
+def _run(x, d: int, dev: int, has_residual: bool, *args) -> None:
+    """Launch on args = (x, residual, weight, out, new_residual) addresses + eps."""
+    rows = x.numel() // d
+    if rows:
+        n_vec = d * x.element_size() // 16
+        dev = max(dev, 0)  # CPU (-1) only under the simulator
+        kern, grid, block = _plan_for(_DTYPES[x.dtype], has_residual, n_vec, rows, dev)
+        kern.launch(grid, block, dev, *args[:5], rows, n_vec, float(args[5]))
+
+
+_plans: dict = {}
+
+
+def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
+    """(Kernel, grid, block): block = warps to cover the row with <= vpt vectors per thread;
+    grid = one CTA per row, capped so CTAs grid-stride over rows beyond a few waves."""
+    key = (dt, has_residual, n_vec, rows, device)
+    p = _plans.get(key)
+    if p is None:
+        from weavelm.kernels import launcher
+
+        vpt = next(v for v in _VPT_CLASSES if n_vec <= _MAX_BLOCK * v)
+        threads = -(-n_vec // vpt)  # ceil
+        block = min(_MAX_BLOCK, max(32, (threads + 31) // 32 * 32))
+        grid = min(rows, _max_ctas(device, block))
+        k = launcher.kernel(("rmsnorm", dt, has_residual, vpt),
+                            lambda: _build_kernel(dt, has_residual, vpt), _SIGNATURE,
+                            max_threads=_MAX_BLOCK)
+        if len(_plans) > 4096:
+            _plans.clear()
+        p = _plans[key] = (k, grid, block)
+    return p
+
+
+def _max_ctas(device: int, block: int) -> int:
+    """Grid cap: enough CTAs to fill every SM with its 2048 threads, twice over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if torch.cuda.is_available() else 4
+    return sms * 2 * max(1, 2048 // block)
+
+
+def rms_norm_cuda(x, weight, eps, out=None):
+    """Launcher of the plain RMSNorm kernel (same contract as `rms_norm_ref`)."""
+    xp, d, dev = _check_x(x)
+    wp = _check("weight", weight, x, dev, (d,))
+    if out is None:
+        out = torch.empty_like(x)  # contiguous, allocator-aligned: nothing to check
+        op = out.data_ptr()
+    else:
+        op = _check("out", out, x, dev, x.shape)
+    _run(x, d, dev, False, xp, 0, wp, op, 0, eps)
+    return out
+
+
+def fused_add_rms_norm_cuda(x, residual, weight, eps, out=None, inplace_residual=True):
+    """Launcher of the fused kernel (same contract as `fused_add_rms_norm_ref`).
+
+    `out` may alias x: each element of x is read once, by the thread that later writes it."""
+    xp, d, dev = _check_x(x)
+    rp = _check("residual", residual, x, dev, x.shape)
+    wp = _check("weight", weight, x, dev, (d,))
+    if out is None:
+        out = torch.empty_like(x)
+        op = out.data_ptr()
+    else:
+        op = _check("out", out, x, dev, x.shape)
+    if inplace_residual:
+        new_residual, nrp = residual, rp
+    else:
+        new_residual = torch.empty_like(residual)
+        nrp = new_residual.data_ptr()
+    _run(x, d, dev, True, xp, rp, wp, op, nrp, eps)
+    return out, new_residual
+
+
+# ----------------------------------------------------------------------------- kernel
+
+cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
+
+
+def _build_kernel(dt: str, has_residual: bool, vpt: int):
+    """The kernel's Python function for one dtype, variant and shape class (not yet jitted)."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+
+    cuda = numba_cuda()
+    unpack, pack, epv = _codec(dt)
+    simulator = ptx.SIMULATOR  # no warp shuffles there: the block sum goes through shared memory
+    sim_slots = _MAX_BLOCK if simulator else 1
+    nbuf = vpt * epv
+    load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
+
+    def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps):
+        """One CTA per row (grid-stride). x, res, out, res_out: [T, D] row-major; w: [D].
+        Thread t owns vectors t, t + blockDim, ... (at most vpt) of each row, in registers."""
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        warp_sums = cuda.shared.array(33, float32)  # [32 warp partials, row total]
+        thread_sums = cuda.shared.array(sim_slots, float32)  # simulator only
+        h = cuda.local.array(nbuf, float32)  # this thread's part of h = x + residual (fp32)
+        a = cuda.local.array(epv, float32)  # one vector of x / weight
+        b = cuda.local.array(epv, float32)  # one vector of residual / output
+        inv_d = float32(1.0) / float32(n_vec * epv)
+        eps32 = float32(eps)
+        row_bytes = n_vec * 16
+        row = cuda.blockIdx.x
+        while row < n_rows:
+            base = row * row_bytes
+            ss = float32(0.0)
+            for j in range(vpt):
+                v = tid + j * nthreads
+                if v < n_vec:
+                    off = base + v * 16
+                    unpack(load_nc(x_ptr + off), a)  # x is read once: read-only path
+                    if has_residual:
+                        unpack(load(res_ptr + off), b)  # may be overwritten: coherent load
+                        for e in range(epv):
+                            a[e] += b[e]
+                        r = pack(a)
+                        store(res_out_ptr + off, r[0], r[1], r[2], r[3])
+                    for e in range(epv):
+                        h[j * epv + e] = a[e]
+                        ss += a[e] * a[e]
+            # block sum of ss -> warp_sums[32]
+            if simulator:
+                thread_sums[tid] = ss
+                cuda.syncthreads()
+                if tid == 0:
+                    t = float32(0.0)
+                    for i in range(nthreads):
+                        t += thread_sums[i]
+                    warp_sums[32] = t
+            else:
+                lane = tid & 31
+                k = 16
+                while k > 0:
+                    ss += cuda.shfl_xor_sync(0xFFFFFFFF, ss, k)
+                    k >>= 1
+                if lane == 0:
+                    warp_sums[tid >> 5] = ss
+                cuda.syncthreads()
+                if tid < 32:
+                    t = warp_sums[lane] if lane < (nthreads >> 5) else float32(0.0)
+                    k = 16
+                    while k > 0:
+                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, k)
+                        k >>= 1
+                    if lane == 0:
+                        warp_sums[32] = t
+            cuda.syncthreads()  # warp_sums[32] is rewritten only after the next row's 1st sync
+            rstd = float32(1.0) / float32(math.sqrt(warp_sums[32] * inv_d + eps32))
+            for j in range(vpt):
+                v = tid + j * nthreads
+                if v < n_vec:
+                    unpack(load_nc(w_ptr + v * 16), a)
+                    for e in range(epv):
+                        b[e] = h[j * epv + e] * rstd * a[e]
+                    r = pack(b)
+                    store(out_ptr + base + v * 16, r[0], r[1], r[2], r[3])
+            row += cuda.gridDim.x
+
+    rmsnorm_kernel.__name__ = f"rmsnorm_{dt}_{'res' if has_residual else 'plain'}_v{vpt}"
+    return rmsnorm_kernel
+
+
+def _codec(dt: str):
+    """(unpack, pack, E) for dtype dt: unpack(words, buf) writes E floats of one 16-byte vector
+    (4 uint32 words) to buf[0:E]; pack(buf) returns the 4 words of buf[0:E], rounded to nearest
+    even. Inlined device functions built on the ptx primitives."""
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+
+    dev = numba_cuda().jit(device=True, inline="always")
+    if dt == "f32":
+        as_f32, as_u32 = ptx.u32_as_f32, ptx.f32_as_u32
+
+        def unpack(w, buf):
+            buf[0] = as_f32(w[0])
+            buf[1] = as_f32(w[1])
+            buf[2] = as_f32(w[2])
+            buf[3] = as_f32(w[3])
+
+        def pack(buf):
+            return as_u32(buf[0]), as_u32(buf[1]), as_u32(buf[2]), as_u32(buf[3])
+        return dev(unpack), dev(pack), 4
+
+    un2, pk2 = (ptx.unpack_bf16x2, ptx.pack_bf16x2) if dt == "bf16" else \
+        (ptx.unpack_f16x2, ptx.pack_f16x2)
+
+    def unpack16(w, buf):
+        buf[0], buf[1] = un2(w[0])
+        buf[2], buf[3] = un2(w[1])
+        buf[4], buf[5] = un2(w[2])
+        buf[6], buf[7] = un2(w[3])
+
+    def pack16(buf):
+        return (pk2(buf[0], buf[1]), pk2(buf[2], buf[3]), pk2(buf[4], buf[5]),
+                pk2(buf[6], buf[7]))
+    return dev(unpack16), dev(pack16), 8

@@ -1,0 +1,379 @@
+"""PTX primitives as Numba intrinsics: the only module in weavelm with inline PTX.
+
+Each primitive is named after what it does; its docstring gives the exact PTX it emits. They are
+made by one factory (`_asm`) from a PTX template, the operand kinds, and whether the instruction
+orders memory. Operand kinds map to numba types, LLVM types and asm constraints in `_KINDS`.
+
+Conventions
+* Addresses are `uint64` global (or peer, or multicast) virtual addresses; 16-byte accesses need
+  16-byte alignment. Peer pointers are plain UVA addresses, so the same loads and stores serve
+  local and peer memory; the `volatile` variants are for peer data that must not be served from a
+  stale L1 line.
+* A 16-byte vector travels as a 4-tuple of `uint32` words (lowest address first).
+* Memory-ordering asm (flags, fences, atomics, multimem, stores) is `side_effect=True` with a
+  `~{memory}` clobber, so LLVM neither reorders, merges nor drops it. `%globaltimer` reads are
+  `side_effect=True` too (two reads must not be merged).
+* In LLVM inline asm `$N` is operand N and a literal `$` would be `$$`; none is needed here.
+
+Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) intrinsics cannot run, so every name is bound
+to a plain-Python model instead: memory primitives read and write host memory at the address
+(the simulator's "device" memory is host memory, so a kernel handed `tensor.data_ptr()` of CPU
+tensors runs unchanged); conversions are modelled bit-exactly with numpy. Multimem has no model
+and raises NotImplementedError.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import numpy as np
+
+from weavelm.kernels._numba_compat import simulator_enabled
+
+SIMULATOR = simulator_enabled()
+
+# ----------------------------------------------------------------------------- factory
+
+if not SIMULATOR:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    # kind -> (numba type, LLVM type, inline-asm constraint)
+    _KINDS = {
+        "u32": (types.uint32, ir.IntType(32), "r"),
+        "u64": (types.uint64, ir.IntType(64), "l"),
+        "f32": (types.float32, ir.FloatType(), "f"),
+    }
+
+
+def _accepts(kind, ty) -> bool:
+    """Typing-time check: integers for integer operands, any number for f32 operands."""
+    if kind == "f32":
+        return isinstance(ty, (types.Float, types.Integer))
+    return isinstance(ty, types.Integer)
+
+
+def _asm(name: str, ptx: str, outs: tuple, ins: tuple, *, memory: bool, model=None, doc=""):
+    """Make the intrinsic `name` emitting `ptx` with result kinds `outs` and operand kinds `ins`.
+
+    Operands are numbered results first (`$0..`), then inputs. `memory` marks memory-ordering
+    asm: side effects plus a `~{memory}` clobber. Under the simulator, returns `model` (or a stub
+    raising NotImplementedError when there is none).
+    """
+    doc = (doc + "\n\n" if doc else "") + \
+        f"Emits `{ptx}`  ({', '.join(outs) or 'void'} <- {', '.join(ins) or '()'})"
+    if SIMULATOR:
+        return _sim_model(name, doc, model)
+
+    constraints = ",".join([f"={_KINDS[k][2]}" for k in outs] + [_KINDS[k][2] for k in ins]
+                           + (["~{memory}"] if memory else []))
+    out_llty = [_KINDS[k][1] for k in outs]
+    if not outs:
+        ret, asm_ret = types.void, ir.VoidType()
+    elif len(outs) == 1:
+        ret, asm_ret = _KINDS[outs[0]][0], out_llty[0]
+    else:
+        ret = types.Tuple([_KINDS[k][0] for k in outs])
+        asm_ret = ir.LiteralStructType(out_llty)
+    fnty = ir.FunctionType(asm_ret, [_KINDS[k][1] for k in ins])
+
+    def typer(typingctx, *args):
+        if len(args) != len(ins) or not all(_accepts(k, t) for k, t in zip(ins, args)):
+            return None  # numba reports "no matching definition" with the argument types
+        sig = ret(*[_KINDS[k][0] for k in ins])  # numba casts the actual arguments to these
+
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(fnty, ptx, constraints, side_effect=memory)
+            r = builder.call(asm, list(args))
+            if not outs:
+                return context.get_dummy_value()
+            if len(outs) == 1:
+                return r
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(r, i) for i in range(len(outs))])
+        return sig, codegen
+
+    return _make_intrinsic(typer, len(ins), name, doc)
+
+
+def _sim_model(name: str, doc: str, model):
+    """A function named `name` running `model` (shared models get one wrapper per primitive)."""
+    def run(*args):
+        if model is None:
+            raise NotImplementedError(f"ptx.{name} has no CUDA-simulator model")
+        return model(*args)
+    run.__name__, run.__qualname__ = name, name
+    run.__doc__ = doc + "\n\nUnder the CUDA simulator: a plain-Python model."
+    return run
+
+
+def _make_intrinsic(typer, arity: int, name: str, doc: str):
+    """`intrinsic(typer)`, with `typer` given `arity` named parameters.
+
+    numba folds call arguments against the typer's Python signature; `*args` breaks that, so the
+    generic typer is wrapped in one with explicit parameters.
+    """
+    params = "".join(f", a{i}" for i in range(arity))
+    ns = {"_typer": typer}
+    exec(f"def {name}(typingctx{params}):\n    return _typer(typingctx{params})\n", ns)
+    fn = ns[name]
+    fn.__doc__ = doc
+    return intrinsic(fn)
+
+
+def _ir(name: str, doc: str, sig_fn, codegen_fn, *, model):
+    """An intrinsic from plain LLVM IR (no asm), e.g. bit casts; `model` under the simulator."""
+    if SIMULATOR:
+        return _sim_model(name, doc, model)
+
+    def typer(typingctx, *args):
+        sig = sig_fn(*args)
+        return (sig, codegen_fn) if sig is not None else None
+    return _make_intrinsic(typer, 1, name, doc)
+
+
+# ----------------------------------------------------------------------------- simulator models
+# Host memory at a raw address; a lock makes the atomics atomic across the simulator's threads.
+
+_SIM_ATOMIC = threading.Lock()
+
+
+def _u32s(addr, n):
+    return (ctypes.c_uint32 * n).from_address(int(addr))
+
+
+def _sim_ld_v4(addr):
+    w = _u32s(addr, 4)
+    return (np.uint32(w[0]), np.uint32(w[1]), np.uint32(w[2]), np.uint32(w[3]))
+
+
+def _sim_st_v4(addr, a, b, c, d):
+    _u32s(addr, 4)[:] = [int(a) & 0xFFFFFFFF, int(b) & 0xFFFFFFFF,
+                         int(c) & 0xFFFFFFFF, int(d) & 0xFFFFFFFF]
+
+
+def _sim_ld_u32(addr):
+    return np.uint32(_u32s(addr, 1)[0])
+
+
+def _sim_st_u32(addr, v):
+    _u32s(addr, 1)[0] = int(v) & 0xFFFFFFFF
+
+
+def _sim_atom_add(addr, v):
+    with _SIM_ATOMIC:
+        old = _u32s(addr, 1)[0]
+        _u32s(addr, 1)[0] = (old + int(v)) & 0xFFFFFFFF
+    return np.uint32(old)
+
+
+def _sim_atom_cas(addr, cmp, new):
+    with _SIM_ATOMIC:
+        old = _u32s(addr, 1)[0]
+        if old == int(cmp) & 0xFFFFFFFF:
+            _u32s(addr, 1)[0] = int(new) & 0xFFFFFFFF
+    return np.uint32(old)
+
+
+def _sim_red_add(addr, v):
+    _sim_atom_add(addr, v)
+
+
+def _sim_fence():
+    pass  # the simulator's threads share one coherent memory
+
+
+def _sim_globaltimer():
+    return np.uint64(time.monotonic_ns())
+
+
+def _f32_bits(x) -> int:
+    return int(np.float32(x).view(np.uint32))
+
+
+def _bits_f32(u) -> np.float32:
+    return np.uint32(int(u) & 0xFFFFFFFF).view(np.float32)
+
+
+def _sim_pack_bf16x2(lo, hi):
+    def rne(x):  # float32 -> bf16 bits, round to nearest even; NaN -> canonical 0x7FFF
+        u = _f32_bits(x)
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return 0x7FFF
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return np.uint32(rne(lo) | (rne(hi) << 16))
+
+
+def _sim_unpack_bf16x2(w):
+    w = int(w)
+    return _bits_f32((w & 0xFFFF) << 16), _bits_f32(w & 0xFFFF0000)
+
+
+def _sim_pack_f16x2(lo, hi):
+    h = np.array([lo, hi], dtype=np.float32).astype(np.float16).view(np.uint16)  # RNE
+    return np.uint32(int(h[0]) | (int(h[1]) << 16))
+
+
+def _sim_unpack_f16x2(w):
+    w = int(w)
+    h = np.array([w & 0xFFFF, w >> 16], dtype=np.uint16).view(np.float16).astype(np.float32)
+    return h[0], h[1]
+
+
+# ----------------------------------------------------------------------------- 16-byte vectors
+
+load_v4_u32 = _asm(
+    "load_v4_u32", "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=False, model=_sim_ld_v4)
+# Not side-effecting: an ordinary load LLVM may schedule; ordering comes from fences/flags.
+
+load_v4_u32_nc = _asm(
+    "load_v4_u32_nc", "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=False, model=_sim_ld_v4)
+# Read-only (texture) path: only for data no thread writes during the kernel.
+
+store_v4_u32 = _asm(
+    "store_v4_u32", "st.global.v4.u32 [$0], {$1, $2, $3, $4};",
+    (), ("u64",) + ("u32",) * 4, memory=True, model=_sim_st_v4)
+
+# Peer memory (raw UVA pointers of other GPUs): volatile so every access goes to memory.
+load_v4_u32_volatile = _asm(
+    "load_v4_u32_volatile", "ld.volatile.global.v4.u32 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=True, model=_sim_ld_v4)
+
+store_v4_u32_volatile = _asm(
+    "store_v4_u32_volatile", "st.volatile.global.v4.u32 [$0], {$1, $2, $3, $4};",
+    (), ("u64",) + ("u32",) * 4, memory=True, model=_sim_st_v4)
+
+load_u32 = _asm("load_u32", "ld.global.u32 $0, [$1];", ("u32",), ("u64",),
+                memory=False, model=_sim_ld_u32)
+
+store_u32 = _asm("store_u32", "st.global.u32 [$0], $1;", (), ("u64", "u32"),
+                 memory=True, model=_sim_st_u32)
+
+load_u32_volatile = _asm("load_u32_volatile", "ld.volatile.global.u32 $0, [$1];", ("u32",),
+                         ("u64",), memory=True, model=_sim_ld_u32)
+
+store_u32_volatile = _asm("store_u32_volatile", "st.volatile.global.u32 [$0], $1;", (),
+                          ("u64", "u32"), memory=True, model=_sim_st_u32)
+
+# ----------------------------------------------------------------------------- system-scope flags
+
+store_release_sys_u32 = _asm(
+    "store_release_sys_u32", "st.release.sys.global.u32 [$0], $1;", (), ("u64", "u32"),
+    memory=True, model=_sim_st_u32)
+
+load_acquire_sys_u32 = _asm(
+    "load_acquire_sys_u32", "ld.acquire.sys.global.u32 $0, [$1];", ("u32",), ("u64",),
+    memory=True, model=_sim_ld_u32)
+
+load_relaxed_sys_u32 = _asm(
+    "load_relaxed_sys_u32", "ld.relaxed.sys.global.u32 $0, [$1];", ("u32",), ("u64",),
+    memory=True, model=_sim_ld_u32)
+
+atomic_add_sys_u32 = _asm(
+    "atomic_add_sys_u32", "atom.global.sys.add.u32 $0, [$1], $2;", ("u32",), ("u64", "u32"),
+    memory=True, model=_sim_atom_add)  # relaxed; returns the old value
+
+atomic_add_acq_rel_sys_u32 = _asm(
+    "atomic_add_acq_rel_sys_u32", "atom.acq_rel.sys.global.add.u32 $0, [$1], $2;", ("u32",),
+    ("u64", "u32"), memory=True, model=_sim_atom_add)
+
+atomic_cas_sys_u32 = _asm(
+    "atomic_cas_sys_u32", "atom.global.sys.cas.b32 $0, [$1], $2, $3;", ("u32",),
+    ("u64", "u32", "u32"), memory=True, model=_sim_atom_cas)  # (addr, compare, new) -> old
+
+atomic_cas_acq_rel_sys_u32 = _asm(
+    "atomic_cas_acq_rel_sys_u32", "atom.acq_rel.sys.global.cas.b32 $0, [$1], $2, $3;", ("u32",),
+    ("u64", "u32", "u32"), memory=True, model=_sim_atom_cas)
+
+red_add_release_sys_u32 = _asm(
+    "red_add_release_sys_u32", "red.release.sys.global.add.u32 [$0], $1;", (), ("u64", "u32"),
+    memory=True, model=_sim_red_add)  # fire-and-forget arrival at a barrier
+
+fence_acq_rel_sys = _asm("fence_acq_rel_sys", "fence.acq_rel.sys;", (), (), memory=True,
+                         model=_sim_fence)
+
+globaltimer_ns = _asm("globaltimer_ns", "mov.u64 $0, %globaltimer;", ("u64",), (),
+                      memory=True, model=_sim_globaltimer)  # ns since an arbitrary epoch
+
+# ----------------------------------------------------------------------------- conversions
+
+# cvt.rn.bf16x2.f32 d, a, b puts a in the upper half: we pass (hi, lo) as $1, $2.
+pack_bf16x2 = _asm("pack_bf16x2", "cvt.rn.bf16x2.f32 $0, $2, $1;", ("u32",), ("f32", "f32"),
+                   memory=False, model=_sim_pack_bf16x2,
+                   doc="(lo, hi) f32 -> uint32 of two bf16 (lo in bits 0-15), round to nearest "
+                       "even.")
+
+pack_f16x2 = _asm("pack_f16x2", "cvt.rn.f16x2.f32 $0, $2, $1;", ("u32",), ("f32", "f32"),
+                  memory=False, model=_sim_pack_f16x2,
+                  doc="(lo, hi) f32 -> uint32 of two f16 (lo in bits 0-15), round to nearest "
+                      "even.")
+
+unpack_f16x2 = _asm(
+    "unpack_f16x2",
+    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+    ("f32", "f32"), ("u32",), memory=False, model=_sim_unpack_f16x2,
+    doc="uint32 of two f16 -> (lo, hi) f32 (exact).")
+
+
+def _sig_u32_to_f32x2(w):
+    return types.UniTuple(types.float32, 2)(types.uint32) if isinstance(w, types.Integer) else None
+
+
+def _cg_unpack_bf16x2(context, builder, sig, args):
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    w = context.cast(builder, args[0], sig.args[0], types.uint32)
+    lo = builder.bitcast(builder.shl(w, ir.Constant(i32, 16)), f32)
+    hi = builder.bitcast(builder.and_(w, ir.Constant(i32, 0xFFFF0000)), f32)
+    return context.make_tuple(builder, sig.return_type, [lo, hi])
+
+
+unpack_bf16x2 = _ir(
+    "unpack_bf16x2",
+    "uint32 holding two bf16 -> (lo, hi) f32. No asm: `shl.b32 lo, w, 16; and.b32 hi, w, "
+    "0xFFFF0000` (bf16 is the top half of an f32).",
+    _sig_u32_to_f32x2, _cg_unpack_bf16x2, model=_sim_unpack_bf16x2)
+
+
+def _cg_bitcast(context, builder, sig, args):
+    return builder.bitcast(args[0], context.get_value_type(sig.return_type))
+
+
+u32_as_f32 = _ir(
+    "u32_as_f32", "Reinterpret a uint32's bits as float32 (a register move, no conversion).",
+    lambda w: types.float32(types.uint32) if isinstance(w, types.Integer) else None,
+    _cg_bitcast, model=_bits_f32)
+
+f32_as_u32 = _ir(
+    "f32_as_u32", "Reinterpret a float32's bits as uint32 (a register move, no conversion).",
+    lambda x: types.uint32(types.float32) if isinstance(x, (types.Float, types.Integer)) else None,
+    _cg_bitcast, model=lambda x: np.uint32(_f32_bits(x)))
+
+# ----------------------------------------------------------------------------- Hopper multimem
+# Only valid on a multicast address (cuMulticast*) on sm_90+. Never executed on the shared
+# machines (DEVICE.md): compiled and assembled by the tests only.
+
+multimem_ld_reduce_add_v4_bf16x2 = _asm(
+    "multimem_ld_reduce_add_v4_bf16x2",
+    "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=True)  # sum over ranks of 8 bf16, accumulated in f32
+
+multimem_ld_reduce_add_v4_f32 = _asm(
+    "multimem_ld_reduce_add_v4_f32",
+    "multimem.ld_reduce.relaxed.sys.global.add.v4.f32 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=True)  # words are f32 bits (u32_as_f32 to use them)
+
+multimem_st_v4_f32 = _asm(
+    "multimem_st_v4_f32", "multimem.st.relaxed.sys.global.v4.f32 [$0], {$1, $2, $3, $4};",
+    (), ("u64",) + ("u32",) * 4, memory=True)  # 16 bytes to every rank; any payload bits
+
+multimem_red_add_u32 = _asm(
+    "multimem_red_add_u32", "multimem.red.relaxed.sys.global.add.u32 [$0], $1;",
+    (), ("u64", "u32"), memory=True)  # add to the word on every rank (barrier signal)
+
+multimem_red_add_release_u32 = _asm(
+    "multimem_red_add_release_u32", "multimem.red.release.sys.global.add.u32 [$0], $1;",
+    (), ("u64", "u32"), memory=True)
