@@ -54,7 +54,23 @@ class LLM:
                  allow_pickle: bool = False, backend: str | None = None,
                  progress: bool = True):
         source = resolve_model(model, allow_pickle=allow_pickle)
-        self.config = ModelConfig.from_hf(source.config)
+        self.source = source
+        self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress)
+
+    @classmethod
+    def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
+                     max_model_len: int | None = None, backend: str | None = None,
+                     tokenizer=None) -> "LLM":
+        """An LLM from a Hugging Face config dict and (name, tensor) pairs already in memory,
+        e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`."""
+        self = cls.__new__(cls)
+        self.source = None
+        self._build(config, weights, tp, device, dtype, max_model_len, backend, False)
+        self._tokenizer = tokenizer
+        return self
+
+    def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress):
+        self.config = ModelConfig.from_hf(hf_config)
         self.config.check_tp(tp or 1)
         state = init_parallel(tp, device)
         self.state, self.device = state, state.device
@@ -64,14 +80,13 @@ class LLM:
               f"max_model_len={max_model_len} is outside this model's context (1..{limit}): "
               f"lower it")
         self.max_model_len = max_model_len or limit
-        self.source = source
         self._tokenizer = None
         self.comm = get_communicator(backend)
         cls = model_class(self.config.architecture)
         with torch.no_grad():
             self.model = cls(self.config, dtype=self.dtype, device=self.device,
                              max_positions=self.max_model_len)
-            load_weights(self.model, source, progress=progress and state.is_first)
+            load_weights(self.model, weights, progress=progress and state.is_first)
         self.model.eval()
         self._stop = None
 
@@ -79,27 +94,25 @@ class LLM:
     def tokenizer(self):
         """The model's tokenizer, loaded on first use (logits tests need none)."""
         if self._tokenizer is None:
+            check(self.source is not None, "this LLM was built from in-memory weights without a "
+                                           "tokenizer: pass tokenizer= or use token ids")
             from weavelm.models.tokenizer import load_tokenizer
             self._tokenizer = load_tokenizer(self.source.path)
         return self._tokenizer
 
     @property
     def stop_ids(self) -> set[int]:
+        """Token ids that end a sequence: EOS and the chat template's end-of-turn marker."""
         if self._stop is None:
-            self._stop = self._stop_ids()
+            from weavelm.models.tokenizer import stop_token_ids
+            try:
+                tokenizer = self.tokenizer
+            except WeavelmError:            # token-id-only use of a model without tokenizer files
+                tokenizer = None
+            self._stop = set(self.config.eos_token_ids)
+            if tokenizer is not None:
+                self._stop |= stop_token_ids(tokenizer, {"eos_token_id": self.config.eos_token_ids})
         return self._stop
-
-    # -- tokens ------------------------------------------------------------------------------
-    def _stop_ids(self) -> set[int]:
-        ids = set(self.config.eos_token_ids)
-        tok = self.tokenizer
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        for special in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(special)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return ids
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         from weavelm.models.tokenizer import apply_chat, encode

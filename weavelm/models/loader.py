@@ -137,18 +137,25 @@ def checkpoint_names(source: ModelSource) -> list[str]:
     return [name for name, _ in iter_checkpoint(source)] if source.kind != "gguf" else []
 
 
-def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) -> None:
-    """Stream the checkpoint into `model`'s shards; fail on any missing or unexpected tensor."""
+def load_weights(model: nn.Module, source, progress: bool = False) -> None:
+    """Stream a checkpoint into `model`'s shards; fail on any missing or unexpected tensor.
+
+    `source` is a `ModelSource` or any iterable of (Hugging Face name, tensor) pairs (e.g. a
+    transformers model's `state_dict().items()`).
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules", {})
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
     loaded: set[str] = set()
     unexpected: list[str] = []
-    items = iter_checkpoint(source)
+    if isinstance(source, ModelSource):
+        items, desc = iter_checkpoint(source), f"loading {source.name}"
+    else:
+        items, desc = iter(source), "loading weights"
     if progress:
         from tqdm.auto import tqdm
-        items = tqdm(items, desc=f"loading {source.name}", unit=" tensors", leave=False)
+        items = tqdm(items, desc=desc, unit=" tensors", leave=False)
     for name, tensor in items:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
