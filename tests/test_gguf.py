@@ -5,6 +5,7 @@ The real-model tests use SmolLM2-135M-Instruct (Q4_1/Q8_0/F32 tensors, llama arc
 """
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from weavelm.errors import WeavelmError
 from weavelm.models import gguf as wg
+from weavelm.models import tokenizer as wt
 from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer, stop_token_ids
 
 needs_smollm2 = pytest.mark.skipif(
@@ -38,6 +40,30 @@ def _transformers_reads_each_gguf_once():
         for name in ("GGUFReader", "get_tensor_name_map"):
             mp.setattr(gguf, name, functools.lru_cache(maxsize=4)(getattr(gguf, name)))
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_tokenizer_cache(tmp_path_factory):
+    # load_tokenizer caches GGUF tokenizer conversions: keep the tests' out of the user's cache.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WEAVELM_CACHE", str(tmp_path_factory.mktemp("weavelm-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizers(model_path):
+    """(converted from the GGUF by transformers, loaded back from weavelm's cache of it)."""
+    entry = wt._cache_entry(model_path)
+    assert entry is not None and not entry.exists()
+    fresh = load_tokenizer(model_path)
+    assert entry.is_dir()
+    with pytest.MonkeyPatch.context() as mp:
+        def no_conversion(path):
+            raise AssertionError("the cached tokenizer should have been used")
+
+        mp.setattr(wt, "_convert_gguf_tokenizer", no_conversion)
+        cached = load_tokenizer(model_path)
+    return fresh, cached
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +111,13 @@ def test_config_matches_transformers(model_path, hf_model):
 
 
 @needs_smollm2
-def test_tokenizer_round_trip_and_chat(model_path, tmp_path):
-    tokenizer = load_tokenizer(model_path)
+def test_tokenizer_round_trip_and_chat(model_path, gguf_tokenizers, tmp_path):
+    tokenizer = gguf_tokenizers[0]
     text = "Tensor parallelism splits each layer across GPUs. ünïcødé 123!"
     ids = encode(tokenizer, text)
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     # The template came through from GGUF metadata, and apply_chat is exactly transformers' prompt.
-    metadata = wg._reader(model_path).fields["tokenizer.chat_template"].contents()
+    metadata = wg._reader(model_path).get("tokenizer.chat_template")
     assert tokenizer.chat_template == metadata
     chat = apply_chat(tokenizer, "What is 2+2?")
     expected = tokenizer.apply_chat_template(
@@ -105,6 +131,69 @@ def test_tokenizer_round_trip_and_chat(model_path, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     again = load_tokenizer(tmp_path)
     assert apply_chat(again, "What is 2+2?") == chat and encode(again, text) == ids
+
+
+@needs_smollm2
+def test_cached_tokenizer_matches_converted(model_path, gguf_tokenizers):
+    fresh, cached = gguf_tokenizers
+    assert cached.chat_template == fresh.chat_template and cached.chat_template
+    assert cached.get_vocab() == fresh.get_vocab()
+    assert (cached.bos_token_id, cached.eos_token_id) == (fresh.bos_token_id, fresh.eos_token_id)
+    for text in ["Hello, world!", "  leading spaces\n\ttabs", "ünïcødé 123 <|im_end|>", ""]:
+        assert encode(cached, text) == encode(fresh, text), text
+        ids = encode(fresh, text)
+        assert cached.decode(ids) == fresh.decode(ids)
+    assert apply_chat(cached, "What is 2+2?") == apply_chat(fresh, "What is 2+2?")
+    config = wg.gguf_config(model_path)
+    assert stop_token_ids(cached, config) == stop_token_ids(fresh, config)
+
+
+class _Savable:
+    def save_pretrained(self, directory):
+        (wt.pathlib.Path(directory) / "tokenizer.json").write_text("{}")
+
+
+def test_tokenizer_cache_keeps_first_writer_and_skips_unwritable(tmp_path):
+    entry = tmp_path / "tokenizers" / "key"
+    wt._save_entry(_Savable(), entry)
+    assert os.listdir(entry) == ["tokenizer.json"]
+    # A second rank finishing later leaves the first copy in place and no temporary behind.
+    (entry / "tokenizer.json").write_text("first")
+    wt._save_entry(_Savable(), entry)
+    assert os.listdir(entry.parent) == ["key"] and (entry / "tokenizer.json").read_text() == "first"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    wt._save_entry(_Savable(), blocker / "tokenizers" / "key")  # cannot create it: no error
+
+
+@needs_smollm2
+def test_header_matches_gguf_reader(model_path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(model_path))
+    header = wg._reader(model_path)
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    assert sorted(keys) == sorted([*header.metadata, *header._string_arrays])
+    for key in keys:
+        expected = reader.fields[key].contents()
+        if key in header._string_arrays:  # skipped while parsing, decoded on request
+            assert key not in header.metadata and key in header
+            assert header.strings(key) == expected, key
+        elif isinstance(header.get(key), np.ndarray):
+            assert header.get(key).tolist() == expected, key
+        else:
+            got = header.get(key)
+            assert got == expected and type(got) is type(expected), key
+    assert header.data_offset == reader.data_offset
+    assert len(header.tensors) == len(reader.tensors)
+    for got, want in zip(header.tensors, reader.tensors):
+        assert (got.name, list(got.shape), got.tensor_type) == (
+            want.name, want.shape.tolist(), want.tensor_type)
+        assert (got.data_offset, got.n_bytes) == (want.data_offset, want.n_bytes), got.name
+    for got, want in zip(header.tensors[:3], reader.tensors[:3]):  # F32, Q4_1 / Q8_0 layouts
+        data = header.tensor_data(got)
+        assert data.dtype == want.data.dtype and data.shape == want.data.shape
+        np.testing.assert_array_equal(data, want.data)
 
 
 def test_tokenizer_source_errors(tmp_path):
@@ -124,9 +213,10 @@ def test_chat_without_template_is_a_clear_error():
 
 
 @needs_smollm2
-@pytest.mark.parametrize("keep", [0, 3, 1000])
+@pytest.mark.parametrize("keep", [0, 3, 20, 1000, 1_000_000, 1_785_000, 1_785_700])
 def test_truncated_file_is_one_line_error(model_path, tmp_path, keep):
-    # Cuts in the magic, the header and the metadata (a cut in tensor data: see the synthetic test).
+    # Cuts in the magic, the counts, the metadata, the vocabulary, the tensor table (which ends at
+    # byte ~1.78 M) and just past it (a cut in the last tensor's data: see the synthetic test).
     copy = tmp_path / f"cut{keep}.gguf"
     with open(model_path, "rb") as f:
         copy.write_bytes(f.read(keep))

@@ -2,12 +2,20 @@
 
 Thin helpers over transformers' fast tokenizers, so the engine deals in token ids only:
 `load_tokenizer` -> `encode` / `apply_chat` -> ids, and `stop_token_ids` for the sampler.
+
+Converting a GGUF's vocabulary into a fast tokenizer takes transformers ~10 s, once per rank, so
+the result is cached as an HF tokenizer directory under `$WEAVELM_CACHE` (default
+`$XDG_CACHE_HOME/weavelm`, else `~/.cache/weavelm`) in `tokenizers/<key>`, the key hashing the
+file's absolute path, size, mtime and the transformers version: a replaced file converts afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
+import shutil
+import tempfile
 
 from weavelm.errors import WeavelmError
 
@@ -25,7 +33,7 @@ def load_tokenizer(source: str | os.PathLike):
         raise WeavelmError(f"tokenizer source not found: {path}")
     try:
         if path.is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = _gguf_tokenizer(path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
@@ -33,13 +41,80 @@ def load_tokenizer(source: str | os.PathLike):
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise WeavelmError(f"cannot load a tokenizer from {path}: {reason}") from e
     if path.is_file() and not tokenizer.chat_template:
-        # transformers 5.24 keeps `tokenizer.chat_template` from GGUF metadata; older ones didn't.
+        # transformers 5.24 keeps `tokenizer.chat_template` from GGUF metadata (and saves it in
+        # the cache as chat_template.jinja); older ones didn't.
         from weavelm.models.gguf import _reader
 
-        fields = _reader(path).fields
-        if "tokenizer.chat_template" in fields:
-            tokenizer.chat_template = fields["tokenizer.chat_template"].contents()
+        template = _reader(path).get("tokenizer.chat_template")
+        if template is not None:
+            tokenizer.chat_template = template
     return tokenizer
+
+
+def _gguf_tokenizer(path: pathlib.Path):
+    """The GGUF's tokenizer: from the cache if converted before, else converted and cached."""
+    from transformers import AutoTokenizer
+
+    cached = _cache_entry(path)
+    if cached is not None and cached.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:  # noqa: BLE001 - a damaged entry: convert again and overwrite it
+            shutil.rmtree(cached, ignore_errors=True)
+    tokenizer = _convert_gguf_tokenizer(path)
+    if cached is not None:
+        _save_entry(tokenizer, cached)
+    return tokenizer
+
+
+def _convert_gguf_tokenizer(path: pathlib.Path):
+    """transformers' own (slow) conversion of the GGUF vocabulary into a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def cache_root() -> pathlib.Path:
+    """weavelm's cache: `$WEAVELM_CACHE`, else `$XDG_CACHE_HOME/weavelm`, else ~/.cache/weavelm."""
+    if os.environ.get("WEAVELM_CACHE"):
+        return pathlib.Path(os.environ["WEAVELM_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return pathlib.Path(xdg) / "weavelm" if xdg else pathlib.Path.home() / ".cache" / "weavelm"
+
+
+def _cache_entry(path: pathlib.Path) -> pathlib.Path | None:
+    """Where the tokenizer converted from the GGUF at `path` is cached (None: no usable cache)."""
+    import transformers
+
+    try:
+        stat = path.stat()
+        root = cache_root()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to expand
+        return None
+    # The transformers version is in the key: another version's conversion may differ.
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    return root / "tokenizers" / hashlib.sha1(key.encode()).hexdigest()
+
+
+def _save_entry(tokenizer, entry: pathlib.Path) -> None:
+    """Save `tokenizer` as `entry` atomically; skip quietly if the cache is not writable.
+
+    Several ranks may convert at once: each writes a private temporary directory and renames it
+    into place. A rename onto a directory that another rank completed first fails, and that
+    rank's copy (an identical conversion) is kept.
+    """
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, entry)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def encode(tokenizer, prompt: str) -> list[int]:
