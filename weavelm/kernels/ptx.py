@@ -162,6 +162,10 @@ def _sim_st_u32(addr, v):
     _u32s(addr, 1)[0] = int(v) & 0xFFFFFFFF
 
 
+def _sim_ld_u64(addr):
+    return np.uint64((ctypes.c_uint64 * 1).from_address(int(addr))[0])
+
+
 def _sim_atom_add(addr, v):
     with _SIM_ATOMIC:
         old = _u32s(addr, 1)[0]
@@ -249,6 +253,10 @@ store_v4_u32_volatile = _asm(
 
 load_u32 = _asm("load_u32", "ld.global.u32 $0, [$1];", ("u32",), ("u64",),
                 memory=False, model=_sim_ld_u32)
+
+load_u64_nc = _asm("load_u64_nc", "ld.global.nc.u64 $0, [$1];", ("u64",), ("u64",),
+                   memory=False, model=_sim_ld_u64)
+# Read-only path: tables (e.g. peer pointers) no thread writes while the kernel runs.
 
 store_u32 = _asm("store_u32", "st.global.u32 [$0], $1;", (), ("u64", "u32"),
                  memory=True, model=_sim_st_u32)
@@ -360,6 +368,11 @@ multimem_ld_reduce_add_v4_bf16x2 = _asm(
     "multimem_ld_reduce_add_v4_bf16x2",
     "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {$0, $1, $2, $3}, [$4];",
     ("u32",) * 4, ("u64",), memory=True)  # sum over ranks of 8 bf16, accumulated in f32
+
+multimem_ld_reduce_add_v4_f16x2 = _asm(
+    "multimem_ld_reduce_add_v4_f16x2",
+    "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {$0, $1, $2, $3}, [$4];",
+    ("u32",) * 4, ("u64",), memory=True)  # sum over ranks of 8 f16, accumulated in f32
 
 multimem_ld_reduce_add_v4_f32 = _asm(
     "multimem_ld_reduce_add_v4_f32",

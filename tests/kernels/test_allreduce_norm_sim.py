@@ -1,0 +1,236 @@
+"""The p2p all-reduce kernels (fused + plain), the same source the GPU compiles, in the simulator.
+
+N ranks are simulated in one process: each rank's "symmetric buffer" is a CPU tensor and the
+peer table holds their host addresses (the ptx primitives' simulator models read and write host
+memory at an address). The simulator runs one kernel at a time, so ranks run one after another;
+that is faithful for the data path because ranks own disjoint rows. The barriers cannot meet
+sequentially, so each test pre-arrives the peers (fills the slots as if they had signalled) -
+except the timeout tests, where a rank is left missing on purpose. Cross-GPU ordering itself is
+tested on GPUs only (tests/gpu/test_fused_comm_multigpu.py).
+
+Like test_rmsnorm_sim.py, `test_in_simulator` re-runs this file with NUMBA_ENABLE_CUDASIM=1.
+T = tokens, D = hidden size, N = ranks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from weavelm.kernels import allreduce_norm as A
+from weavelm.kernels.allreduce_norm_layout import (
+    EPOCH_OFF, ERR_OFF, MAX_CTAS, MAX_RANKS, SIG_BYTES, decode_error,
+)
+from weavelm.parallel.communicator import row_range
+
+IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+REPO = Path(__file__).resolve().parents[2]
+sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
+EPS = 1e-6
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# y: the reference's rsqrt and sum-of-squares order differ from the kernel's at the ulp level
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}  # rtol = atol
+
+
+@pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
+def test_in_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "-W", "ignore::DeprecationWarning", "-k", "test_sim_", __file__],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, r.stdout[-2000:]
+
+
+class Ranks:
+    """N simulated ranks: buffers [data | signal area], the peer table, helpers."""
+
+    def __init__(self, n: int, data_bytes: int):
+        self.n, self.data = n, data_bytes
+        self.bufs = [torch.zeros(data_bytes + SIG_BYTES, dtype=torch.uint8) for _ in range(n)]
+        self.tab = torch.tensor([b.data_ptr() for b in self.bufs], dtype=torch.int64)
+        self.err_host = torch.zeros(n, dtype=torch.int32)
+
+    def peers(self, r: int) -> A.Peers:
+        return A.Peers(self.tab.data_ptr(), self.bufs[r].data_ptr(), 0, r, self.n, self.data,
+                       self.err_host.data_ptr() + 4 * r, 0)
+
+    def sig(self, r: int) -> torch.Tensor:
+        return self.bufs[r][self.data:].view(torch.int32)
+
+    def slots(self, r: int) -> torch.Tensor:
+        return self.sig(r)[:MAX_CTAS * MAX_RANKS].view(MAX_CTAS, MAX_RANKS)
+
+    def pre_arrive(self, barriers: int = 2, missing: int | None = None) -> None:
+        """Add `barriers` to every slot [b][src], as if every rank but `missing` had signalled."""
+        for r in range(self.n):
+            for src in range(self.n):
+                if src != r and src != missing:  # a rank's own signal comes from its own launch
+                    self.slots(r)[:, src] += barriers
+
+    def run_round(self, launch, barriers: int = 2) -> None:
+        """launch(r) for every rank in turn. Before rank r runs, the ranks after it have not
+        signalled yet: lend r their `barriers` signals, and take the loan back once they ran, so
+        the slots end exactly as N concurrent launches leave them."""
+        for r in range(self.n):
+            self.slots(r)[:, r + 1:self.n] += barriers
+            launch(r)
+        for r in range(self.n):
+            self.slots(r)[:, r + 1:self.n] -= barriers
+
+    def x(self, r: int, T: int, D: int, dtype) -> torch.Tensor:
+        return self.bufs[r][: T * D * torch.finfo(dtype).bits // 8].view(dtype).view(T, D)
+
+
+def _rand(shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@sim
+@pytest.mark.parametrize("dt", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("n,T,D", [(1, 3, 16), (2, 5, 24), (3, 7, 16), (4, 3, 8), (2, 2, 1040)])
+def test_sim_fused_push_matches_reference(dt, n, T, D):
+    """Sharded fused kernel: every rank's buffer ends with the full normalised [T, D], each rank
+    updated only its own residual rows; T not divisible by N and ranks with no rows included."""
+    dtype = DTYPES[dt]
+    R = Ranks(n, T * D * dtype.itemsize)
+    parts = [_rand((T, D), dtype, r) for r in range(n)]
+    for r in range(n):
+        R.x(r, T, D, dtype).copy_(parts[r])
+    res, w = _rand((T, D), dtype, 100), _rand((D,), dtype, 101)
+    want_y, want_res = A.fused_ref(parts, res, w, EPS)
+    res_rows = [res[slice(*row_range(T, r, n))].clone() for r in range(n)]  # sequence-sharded
+    max_rows = -(-T // n)
+
+    def launch(r):
+        s, e = row_range(T, r, n)
+        A.launch_fused(R.peers(r), "p2p", dt, x_off=0, n_vec=D * dtype.itemsize // 16,
+                       row_start=s, n_rows=e - s, max_rows=max_rows,
+                       res_ptr=res_rows[r].data_ptr(), w_ptr=w.data_ptr(), out_ptr=0, eps=EPS,
+                       push=True, ctas=2, timeout_ns=10**9)
+    R.run_round(launch)
+    y0 = R.x(0, T, D, dtype)
+    torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
+    for r in range(n):
+        assert torch.equal(R.x(r, T, D, dtype), y0), f"rank {r} buffer differs from rank 0's"
+        s, e = row_range(T, r, n)
+        assert torch.equal(res_rows[r], want_res[s:e]), f"rank {r} residual"
+        assert R.sig(r)[ERR_OFF // 4] == 0
+        assert R.slots(r)[:min(2, max_rows), :n].eq(2).all()  # every rank signalled twice
+    # every CTA advanced its epoch by the 2 barriers; CTAs beyond the grid did not
+    grid = min(2, max_rows)
+    for r in range(n):
+        ep = R.sig(r)[EPOCH_OFF // 4: EPOCH_OFF // 4 + MAX_CTAS]
+        assert ep[:grid].tolist() == [2] * grid and not ep[grid:].any()
+
+
+@sim
+@pytest.mark.parametrize("has_residual", [True, False])
+def test_sim_fused_oneshot_matches_reference(has_residual):
+    n, T, D, dtype = 3, 4, 32, torch.bfloat16
+    R = Ranks(n, T * D * 2)
+    parts = [_rand((T, D), dtype, r + 10) for r in range(n)]
+    for r in range(n):
+        R.x(r, T, D, dtype).copy_(parts[r])
+    res0, w = _rand((T, D), dtype, 20), _rand((D,), dtype, 21)
+    want_y, want_res = A.fused_ref(parts, res0 if has_residual else None, w, EPS)
+    outs = []
+
+    def launch(r):
+        res, out = res0.clone(), torch.full((T, D), float("nan"), dtype=dtype)
+        A.launch_fused(R.peers(r), "p2p", "bf16", x_off=0, n_vec=D * 2 // 16, row_start=0,
+                       n_rows=T, max_rows=T, res_ptr=res.data_ptr() if has_residual else 0,
+                       w_ptr=w.data_ptr(), out_ptr=out.data_ptr(), eps=EPS, push=False, ctas=3,
+                       timeout_ns=10**9)
+        outs.append((out, res))
+    R.run_round(launch)
+    for r, (out, res) in enumerate(outs):
+        torch.testing.assert_close(out, want_y, rtol=TOL[dtype], atol=TOL[dtype])
+        assert torch.equal(out, outs[0][0])  # same sum order on every rank: identical results
+        if has_residual:
+            assert torch.equal(res, want_res)
+        assert torch.equal(R.x(r, T, D, dtype), parts[r])  # one-shot leaves the buffers alone
+
+
+@sim
+@pytest.mark.parametrize("push", [True, False])
+@pytest.mark.parametrize("dt", ["bf16", "f32"])
+def test_sim_allreduce_matches_reference(push, dt):
+    n, T, D = 3, 5, 40
+    dtype = DTYPES[dt]
+    n_vec = D * dtype.itemsize // 16
+    R = Ranks(n, T * D * dtype.itemsize + 256)
+    off = 128  # x need not start at the buffer's beginning
+    parts = [_rand((T, D), dtype, r + 30) for r in range(n)]
+    for r in range(n):
+        R.bufs[r][off: off + T * D * dtype.itemsize].view(dtype).view(T, D).copy_(parts[r])
+    want = A.allreduce_ref(parts)
+    total = T * n_vec
+    max_vecs = -(-total // n) if push else total
+    outs = []
+
+    def launch(r):
+        out = torch.full((T, D), float("nan"), dtype=dtype)
+        s, e = row_range(total, r, n) if push else (0, total)
+        A.launch_allreduce(R.peers(r), "p2p", dt, x_off=off, v_start=s, n_vecs=e - s,
+                           max_vecs=max_vecs, out_ptr=out.data_ptr(),
+                           push=push, ctas=2, timeout_ns=10**9)
+        outs.append(out)
+    R.run_round(launch)
+    for r in range(n):
+        got = R.bufs[r][off: off + T * D * dtype.itemsize].view(dtype).view(T, D) if push \
+            else outs[r]
+        assert torch.equal(got, want), f"rank {r}"
+
+
+@sim
+def test_sim_repeated_launches_keep_epochs_in_step():
+    """Three rounds of launches: every CTA's epoch and every slot advance by exactly 2 per round
+    (the counters never need a host-side epoch, so CUDA-graph replays stay in step)."""
+    n, T, D = 2, 3, 16
+    R = Ranks(n, T * D * 2)
+    w = _rand((D,), torch.bfloat16, 1)
+
+    def launch(r):
+        s, e = row_range(T, r, n)
+        res = torch.zeros(e - s, D, dtype=torch.bfloat16)
+        A.launch_fused(R.peers(r), "p2p", "bf16", x_off=0, n_vec=2, row_start=s,
+                       n_rows=e - s, max_rows=2, res_ptr=res.data_ptr(), w_ptr=w.data_ptr(),
+                       out_ptr=0, eps=EPS, push=True, ctas=2, timeout_ns=10**9)
+    for it in range(3):
+        R.run_round(launch)
+        for r in range(n):
+            assert R.sig(r)[EPOCH_OFF // 4: EPOCH_OFF // 4 + 2].tolist() == [2 * (it + 1)] * 2
+            assert R.sig(r)[ERR_OFF // 4] == 0
+            assert R.slots(r)[:2, :n].eq(2 * (it + 1)).all()
+
+
+@sim
+@pytest.mark.parametrize("missing,barrier", [(1, 1), (2, 2)])
+def test_sim_missing_rank_times_out_with_its_name(missing, barrier):
+    """Rank 0 waits for a rank that never signals barrier `barrier`: within the timeout the
+    kernel records (that rank, that barrier) in the sticky error word and the host word, and
+    returns; the next launch exits at once without touching any buffer."""
+    n, T, D = 3, 3, 16
+    R = Ranks(n, T * D * 2)
+    R.pre_arrive(barriers=barrier - 1)          # everyone passed the barriers before this one
+    R.pre_arrive(barriers=1, missing=missing)   # ... and all but `missing` signalled this one
+    x0 = [R.x(r, T, D, torch.bfloat16).clone() for r in range(n)]
+    w, res = _rand((D,), torch.bfloat16, 2), torch.zeros(1, D, dtype=torch.bfloat16)
+    for attempt in range(2):
+        A.launch_fused(R.peers(0), "p2p", "bf16", x_off=0, n_vec=2, row_start=0, n_rows=1,
+                       max_rows=1, res_ptr=res.data_ptr(), w_ptr=w.data_ptr(), out_ptr=0,
+                       eps=EPS, push=True, ctas=1, timeout_ns=20_000_000)
+        code = int(R.sig(0)[ERR_OFF // 4]) & 0xFFFFFFFF
+        assert code & 0x80000000
+        assert decode_error(code) == (missing, barrier, 0)
+        assert int(R.err_host[0]) & 0xFFFFFFFF == code
+        assert R.sig(0)[EPOCH_OFF // 4] == 0  # epoch not advanced after a timeout
+        if barrier == 1:  # nothing was read or written
+            assert all(torch.equal(R.x(r, T, D, torch.bfloat16), x0[r]) for r in range(n))
