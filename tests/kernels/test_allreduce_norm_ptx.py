@@ -1,0 +1,144 @@
+"""Both transports of the all-reduce kernels compile for sm_90a and `ptxas` assembles them.
+
+The multimem kernels are never run on the shared machines (DEVICE.md): this is their only check.
+It also proves the "one body, two transports" claim on the PTX: the two kernels of a pair differ
+in the transport instructions and agree on everything else we can count (norm math, block
+reduction, barriers, timeouts). No GPU needed (cc is always passed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("PTX is not compiled under the CUDA simulator", allow_module_level=True)
+
+from weavelm.kernels import allreduce_norm as A  # noqa: E402
+from weavelm.kernels.allreduce_norm_kernel import (  # noqa: E402
+    make_allreduce_kernel, make_fused_kernel,
+)
+from weavelm.kernels.launcher import Kernel  # noqa: E402
+
+PTXAS = shutil.which("ptxas")
+_cache: dict = {}
+
+
+def fused_ptx(kind, dt="bf16", world=4, vpt=2, push=True, res=True) -> str:
+    key = ("f", kind, dt, world, vpt, push, res)
+    if key not in _cache:
+        k = Kernel("t", lambda: make_fused_kernel(kind, dt, world, vpt, push, res),
+                   A.FUSED_SIGNATURE, max_threads=A.MAX_BLOCK)
+        _cache[key] = k.ptx()
+    return _cache[key]
+
+
+def allreduce_ptx(kind, dt="bf16", world=8, push=True) -> str:
+    key = ("a", kind, dt, world, push)
+    if key not in _cache:
+        k = Kernel("t", lambda: make_allreduce_kernel(kind, dt, world, push),
+                   A.ALLREDUCE_SIGNATURE, max_threads=A.MAX_BLOCK)
+        _cache[key] = k.ptx()
+    return _cache[key]
+
+
+def assemble(ptx: str, tmp_path, no_spill: bool = True) -> None:
+    if PTXAS is None:
+        pytest.skip("ptxas not on PATH")
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if no_spill:  # registers suffice at 512 threads (<= 128 per thread)
+        assert " 0 bytes spill stores" in r.stderr, r.stderr
+
+
+def count(ptx: str, pattern: str) -> int:
+    return len(re.findall(pattern, ptx))
+
+
+BARRIER = [r"ld\.acquire\.sys\.global\.u32", r"%globaltimer", r"atom\.global\.sys\.cas\.b32",
+           r"fence\.acq_rel\.sys", r"bar\.sync"]
+SHARED_MATH = [r"sqrt\.\w+\.f32", r"rcp\.\w+\.f32", r"div\.\w+\.f32", r"fma\.rn\.f32",
+               r"mul\.f32", r"mul\.rn\.f32", r"shfl\.sync\.bfly\.b32", r"cvt\.rn\.bf16x2\.f32",
+               r"ld\.global\.nc\.v4\.u32", r"ld\.global\.v4\.u32"]
+
+
+@pytest.mark.parametrize("kind", A.TRANSPORTS)
+def test_fused_kernel_assembles(kind, tmp_path):
+    ptx = fused_ptx(kind)
+    assert ".target sm_90a" in ptx
+    assert ".local" not in ptx, "peer pointers / row buffer spilled to local memory"
+    assert "call" not in ptx
+    for pat in BARRIER:
+        assert count(ptx, pat) >= 1, pat
+    assert count(ptx, r"ld\.acquire\.sys") == 2  # one wait per barrier (start, end)
+    if kind == "multimem":
+        assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in ptx
+        assert "multimem.st.relaxed.sys.global.v4.f32" in ptx
+        assert "multimem.red.release.sys.global.add.u32" in ptx
+        assert "ld.volatile.global.v4" not in ptx  # no peer loads
+    else:
+        assert "multimem" not in ptx
+        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == 2 * 4  # vpt x N peer loads
+        assert count(ptx, r"st\.global\.v4\.u32") >= 2 * 4  # pushes to every rank
+        assert count(ptx, r"red\.release\.sys\.global\.add\.u32") == 2 * 4  # 2 barriers x N
+    assemble(ptx, tmp_path)
+
+
+def test_fused_transports_share_everything_else():
+    """Same norm math, block reduction, conversions, barrier and timeout code in both kernels;
+    the p2p kernel only adds the fp32 adds of its in-thread reduction over ranks."""
+    p2p, mm = fused_ptx("p2p"), fused_ptx("multimem")
+    for pat in SHARED_MATH + BARRIER:
+        assert count(p2p, pat) == count(mm, pat), pat
+    # (N - 1) adds per element for vpt=2 vectors of 8: the reduction the switch does for multimem
+    assert count(p2p, r"add\.f32") - count(mm, r"add\.f32") == 2 * 8 * (4 - 1)
+
+
+@pytest.mark.parametrize("dt,ins", [("f16", "multimem.ld_reduce.relaxed.sys.global.add.acc::f32"
+                                            ".v4.f16x2"),
+                                    ("f32", "multimem.ld_reduce.relaxed.sys.global.add.v4.f32")])
+def test_fused_multimem_other_dtypes_assemble(dt, ins, tmp_path):
+    ptx = fused_ptx("multimem", dt=dt, world=2, vpt=1)
+    assert ins in ptx
+    assemble(ptx, tmp_path)
+
+
+def test_fused_p2p_8_ranks_keeps_registers(tmp_path):
+    """8 ranks, 4 vectors per thread (hidden 16384 bf16), residual: no spills."""
+    ptx = fused_ptx("p2p", world=8, vpt=4)
+    assert ".local" not in ptx
+    assemble(ptx, tmp_path)
+
+
+def test_fused_p2p_widest_variant_assembles(tmp_path):
+    """8 ranks, 8 vectors per thread (hidden 32768 bf16): assembles (ptxas spills a few bytes)."""
+    assemble(fused_ptx("p2p", world=8, vpt=8, push=False, res=False), tmp_path, no_spill=False)
+
+
+@pytest.mark.parametrize("kind", A.TRANSPORTS)
+@pytest.mark.parametrize("push", [True, False])
+def test_allreduce_kernel_assembles(kind, push, tmp_path):
+    ptx = allreduce_ptx(kind, push=push)
+    assert ".local" not in ptx and "call" not in ptx
+    for pat in BARRIER:
+        assert count(ptx, pat) >= 1, pat
+    if kind == "multimem":
+        assert "multimem.ld_reduce" in ptx and "multimem.red.release" in ptx
+        assert ("multimem.st" in ptx) == push
+    else:
+        assert "multimem" not in ptx
+        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == 8
+        assert count(ptx, r"st\.global\.v4\.u32") == (8 if push else 1)
+    assemble(ptx, tmp_path)
+
+
+def test_allreduce_transports_share_everything_else():
+    p2p, mm = allreduce_ptx("p2p"), allreduce_ptx("multimem")
+    for pat in BARRIER + [r"cvt\.rn\.bf16x2\.f32"]:
+        assert count(p2p, pat) == count(mm, pat), pat
