@@ -66,11 +66,9 @@ def _generate_on_rank(opts: dict) -> None:
     params = SamplingParams(**opts["sampling"])
     llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
               allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"])
-    chat = opts["chat"]
-    if chat is None:
-        chat = getattr(llm.tokenizer, "chat_template", None) is not None
     stream = _Streamer(llm.tokenizer) if llm.state.is_first else None
-    outs = llm.generate(opts["prompts"], params, chat=chat, on_token=stream)
+    outs = llm.generate_from_ids(opts["token_lists"], params, on_token=stream,
+                                 prompts=opts["prompts"])
     if llm.state.is_first:
         sys.stdout.write("\n")
         for out in outs[1:]:
@@ -120,10 +118,24 @@ def generate(
     check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
                            f"lower --tp or use --device cpu")
     source = resolve_model(model, allow_pickle=allow_pickle)
-    ModelConfig.from_hf(source.config).check_tp(tp)
-    opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, chat=chat,
+    config = ModelConfig.from_hf(source.config)
+    config.check_tp(tp)
+    # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
+    from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
+    tokenizer = load_tokenizer(source.path)
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    context = max_model_len or config.max_position_embeddings
+    token_lists = []
+    for p in prompt:
+        ids = apply_chat(tokenizer, p) if chat else encode(tokenizer, p)
+        check(len(ids) > 0, "the prompt is empty: give some text with -p")
+        check(len(ids) < context, f"the prompt has {len(ids)} tokens but the context holds "
+                                  f"{context}: shorten the prompt")
+        token_lists.append(ids)
+    opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype,
                 allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
-                sampling=sampling)
+                token_lists=token_lists, sampling=sampling)
     if tp == 1 or _launched():
         _generate_on_rank(opts)
     else:

@@ -28,6 +28,7 @@ class ModelSource:
     path: Path                      # model directory, or the .gguf file
     config: dict
     weight_files: list[Path] = field(default_factory=list)
+    num_tensors: int | None = None  # for the progress bar
 
     @property
     def name(self) -> str:
@@ -55,6 +56,18 @@ def _safetensors_files(directory: Path) -> list[Path]:
                            f"{index.name}: download the complete model")
         return files
     return sorted(directory.glob("*.safetensors"))
+
+
+def _check_safetensors(f: Path) -> int:
+    """Read the header only (cheap): catch corrupt or truncated files before any rank starts.
+    Returns the number of tensors in the file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(f, framework="pt") as handle:
+            return len(handle.keys())
+    except (SafetensorError, OSError) as e:
+        raise WeavelmError(f"corrupt or truncated safetensors file {f.name} ({e}): "
+                           f"re-download it") from None
 
 
 def _resolve_repo_id(repo_id: str) -> Path:
@@ -90,8 +103,9 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         check(path.is_file(), f"GGUF file {text} does not exist: check the path")
-        from weavelm.models.gguf import gguf_config
-        return ModelSource("gguf", path, gguf_config(path), [path])
+        from weavelm.models.gguf import _reader, gguf_config
+        config = gguf_config(path)
+        return ModelSource("gguf", path, config, [path], len(_reader(path).tensors))
     if not path.exists():
         looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
         check(not looks_like_path, f"model path {text} does not exist: check the path, or give "
@@ -101,7 +115,8 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
     config = _read_config(path)
     files = _safetensors_files(path)
     if files:
-        return ModelSource("hf", path, config, files)
+        count = sum(_check_safetensors(f) for f in files)
+        return ModelSource("hf", path, config, files, count)
     pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
     check(bool(pickles), f"no weights (*.safetensors) in {path}: download the model's "
                          f"safetensors files")
@@ -150,12 +165,13 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     loaded: set[str] = set()
     unexpected: list[str] = []
     if isinstance(source, ModelSource):
-        items, desc = iter_checkpoint(source), f"loading {source.name}"
+        items, desc, total = iter_checkpoint(source), f"loading {source.name}", source.num_tensors
     else:
-        items, desc = iter(source), "loading weights"
+        items, desc, total = iter(source), "loading weights", None
     if progress:
         from tqdm.auto import tqdm
-        items = tqdm(items, desc=desc, unit=" tensors", leave=False)
+        # disable=None: a bar on terminals, silence in logs and pipes.
+        items = tqdm(items, desc=desc, total=total, unit=" tensors", leave=False, disable=None)
     for name, tensor in items:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
