@@ -112,8 +112,8 @@ def test_sim_fused_push_matches_reference(dt, n, T, D):
         s, e = row_range(T, r, n)
         A.launch_fused(R.peers(r), "p2p", dt, x_off=0, n_vec=D * dtype.itemsize // 16,
                        row_start=s, n_rows=e - s, max_rows=max_rows,
-                       res_ptr=res_rows[r].data_ptr(), w_ptr=w.data_ptr(), out_ptr=0, eps=EPS,
-                       push=True, ctas=2, timeout_ns=10**9)
+                       has_residual=True, res_ptr=res_rows[r].data_ptr(), w_ptr=w.data_ptr(),
+                       out_ptr=0, eps=EPS, push=True, ctas=2, timeout_ns=10**9)
     R.run_round(launch)
     y0 = R.x(0, T, D, dtype)
     torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
@@ -145,7 +145,7 @@ def test_sim_fused_oneshot_matches_reference(has_residual):
     def launch(r):
         res, out = res0.clone(), torch.full((T, D), float("nan"), dtype=dtype)
         A.launch_fused(R.peers(r), "p2p", "bf16", x_off=0, n_vec=D * 2 // 16, row_start=0,
-                       n_rows=T, max_rows=T, res_ptr=res.data_ptr() if has_residual else 0,
+                       n_rows=T, max_rows=T, has_residual=has_residual, res_ptr=res.data_ptr(),
                        w_ptr=w.data_ptr(), out_ptr=out.data_ptr(), eps=EPS, push=False, ctas=3,
                        timeout_ns=10**9)
         outs.append((out, res))
@@ -201,8 +201,9 @@ def test_sim_repeated_launches_keep_epochs_in_step():
         s, e = row_range(T, r, n)
         res = torch.zeros(e - s, D, dtype=torch.bfloat16)
         A.launch_fused(R.peers(r), "p2p", "bf16", x_off=0, n_vec=2, row_start=s,
-                       n_rows=e - s, max_rows=2, res_ptr=res.data_ptr(), w_ptr=w.data_ptr(),
-                       out_ptr=0, eps=EPS, push=True, ctas=2, timeout_ns=10**9)
+                       n_rows=e - s, max_rows=2, has_residual=True, res_ptr=res.data_ptr(),
+                       w_ptr=w.data_ptr(), out_ptr=0, eps=EPS, push=True, ctas=2,
+                       timeout_ns=10**9)
     for it in range(3):
         R.run_round(launch)
         for r in range(n):
@@ -225,8 +226,8 @@ def test_sim_missing_rank_times_out_with_its_name(missing, barrier):
     w, res = _rand((D,), torch.bfloat16, 2), torch.zeros(1, D, dtype=torch.bfloat16)
     for attempt in range(2):
         A.launch_fused(R.peers(0), "p2p", "bf16", x_off=0, n_vec=2, row_start=0, n_rows=1,
-                       max_rows=1, res_ptr=res.data_ptr(), w_ptr=w.data_ptr(), out_ptr=0,
-                       eps=EPS, push=True, ctas=1, timeout_ns=20_000_000)
+                       max_rows=1, has_residual=True, res_ptr=res.data_ptr(), w_ptr=w.data_ptr(),
+                       out_ptr=0, eps=EPS, push=True, ctas=1, timeout_ns=20_000_000)
         code = int(R.sig(0)[ERR_OFF // 4]) & 0xFFFFFFFF
         assert code & 0x80000000
         assert decode_error(code) == (missing, barrier, 0)

@@ -1,4 +1,5 @@
-"""Fused all-reduce + residual add + RMSNorm across GPUs, and plain all-reduce, on symmetric buffers.
+"""Fused all-reduce + residual add + RMSNorm across GPUs, and plain all-reduce, on symmetric
+buffers.
 
 T = tokens, D = hidden size, N = ranks, V = 16-byte vectors per row (D * itemsize / 16),
 rows(T) = this rank's balanced contiguous row block (`communicator.row_range`).
@@ -164,17 +165,18 @@ def plan_allreduce(kind, dt, world, max_vecs, ctas, push):
 # ----------------------------------------------------------------------------- launchers
 
 def launch_fused(peers: Peers, kind: str, dt: str, *, x_off: int, n_vec: int, row_start: int,
-                 n_rows: int, max_rows: int, res_ptr: int, w_ptr: int, out_ptr: int, eps: float,
-                 push: bool, ctas: int, timeout_ns: int) -> tuple:
+                 n_rows: int, max_rows: int, has_residual: bool, res_ptr: int, w_ptr: int,
+                 out_ptr: int, eps: float, push: bool, ctas: int, timeout_ns: int) -> tuple:
     """Launch the fused kernel on torch's current stream; returns (Kernel, grid, block).
 
     x_off: byte offset of row 0 of x [T, D] in every buffer. push: rows [row_start, +n_rows) are
     ours, max_rows = the largest rank's count; one-shot: row_start = 0, n_rows = max_rows = T.
-    res_ptr: address of the residual row of row_start (0: no residual); w_ptr: weight [D];
-    out_ptr: one-shot output [T, D] (unused when push).
+    res_ptr: address of the residual row of row_start (any valid address when n_rows == 0);
+    has_residual must be the same on every rank (it picks the compiled variant). w_ptr: weight
+    [D]; out_ptr: one-shot output [T, D] (unused when push).
     """
     kern, grid, block = plan_fused(kind, dt, peers.world, n_vec, max_rows, ctas, push,
-                                   res_ptr != 0)
+                                   has_residual)
     kern.launch(grid, block, peers.device, peers.tab, peers.my_base, peers.mc, peers.rank,
                 x_off, peers.sig_off, res_ptr, w_ptr, out_ptr, row_start, n_rows, n_vec,
                 float(eps), timeout_ns, peers.err_host)

@@ -139,23 +139,38 @@ class TorchCommunicator(Communicator):
         return x
 
 
-_BACKENDS = {"torch": TorchCommunicator}
+def _fused(cls_name: str):
+    """Factory of a fused backend, imported on first use (the kernels need numba and CUDA)."""
+    def make(state):
+        from weavelm.parallel import fused_communicator
+        return getattr(fused_communicator, cls_name)(state)
+    return make
+
+
+_BACKENDS = {"torch": TorchCommunicator, "p2p": _fused("P2PCommunicator"),
+             "multimem": _fused("MultimemCommunicator")}
 _COMMUNICATOR: Communicator | None = None
 
 
 def available_backends() -> list[str]:
-    return list(_BACKENDS)
+    return list(_BACKENDS) + ["auto"]
 
 
 def get_communicator(backend: str | None = None) -> Communicator:
-    """The process-wide communicator (created on first use; `backend` defaults to `torch`)."""
+    """The process-wide communicator (created on first use; `backend` defaults to `torch`).
+
+    backend: torch | p2p | multimem | auto (multimem if multicast is allowed and supported,
+    else p2p if all GPUs have peer access, else torch; the choice is logged)."""
     global _COMMUNICATOR
+    if backend == "auto":
+        from weavelm.parallel.fused_communicator import select_backend
+        backend = select_backend(get_state())
     if _COMMUNICATOR is None or (backend is not None and backend != _COMMUNICATOR.name):
         name = backend or "torch"
         if name not in _BACKENDS:
             from weavelm.errors import WeavelmError
             raise WeavelmError(f"unknown communicator backend {name!r}: "
-                               f"choose one of {', '.join(_BACKENDS)}")
+                               f"choose one of {', '.join(available_backends())}")
         _COMMUNICATOR = _BACKENDS[name](get_state())
     return _COMMUNICATOR
 

@@ -1,0 +1,335 @@
+"""The fused communicator backends, `p2p` and `multimem`, and `auto` backend selection.
+
+T = tokens, D = hidden size, N = TP world size, rows(T) = `row_range(T, rank, N)`.
+
+Both run weavelm's own kernels (`kernels/allreduce_norm.py`) on one symmetric buffer per
+communicator and differ only in the transport. What they accelerate:
+
+* `reduce_scatter_add_rms_norm_all_gather(x, residual_rows, w, eps)`: the TokenWeave op, one
+  launch. Returns the normalised [T, D] *as a view of the staging buffer* (every rank's buffer
+  holds all rows): valid until the next collective on this communicator writes the buffer, which
+  is exactly what the next layer's GEMM input needs. residual_rows [rows(T), D] updated in place.
+* `all_reduce_add_rms_norm(x, residual, w, eps)`: replicated residual [T, D]. Up to
+  `oneshot_max_bytes` one launch (one-shot: every rank reduces all rows, no remote writes);
+  above, the sharded kernel then an all-gather of the residual rows (NCCL). Returns a tensor
+  outside the staging buffer unless x was the staging buffer.
+* `all_reduce(x)`: one-shot up to `oneshot_max_bytes`, else two-shot (in place in the buffer).
+Everything else (reduce_scatter, all_gather, ...) is the torch backend's.
+
+Zero-copy input: write the GEMM output into `comm.staging(T, D, dtype)` (e.g. `torch.matmul(a,
+b, out=comm.staging(T, D, a.dtype))`). Any other tensor is copied in first (correct, slower).
+
+Ranks must call the same collectives with the same shapes in the same order, on one stream (as
+with NCCL). A rank that does not arrive makes the others' kernels time out (`timeout_s`); the
+next call (or `check_errors()`) raises `WeavelmError` naming the missing rank, and the
+communicator stays broken until `reset()` is called on every rank.
+
+CTA count: `ctas` in the constructor (default $WEAVELM_COMM_CTAS or 16), or per call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from weavelm.errors import WeavelmError
+from weavelm.kernels import allreduce_norm as K
+from weavelm.kernels.allreduce_norm_layout import BARRIER_NAMES, ERR_OFF, decode_error
+from weavelm.kernels.rmsnorm import fused_add_rms_norm
+from weavelm.parallel import symmetric
+from weavelm.parallel.communicator import Communicator, TorchCommunicator, row_range
+from weavelm.parallel.multicast_guard import multicast_allowed
+
+log = logging.getLogger("weavelm")
+
+DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "16"))
+DEFAULT_TIMEOUT_S = float(os.environ.get("WEAVELM_COMM_TIMEOUT_S", "5"))
+FIRST_LAUNCH_TIMEOUT_S = 120.0  # a kernel's first launch waits for peers still compiling it
+DEFAULT_ONESHOT_MAX_BYTES = 512 * 1024
+_MIN_BUFFER = 1 << 20
+
+
+class FusedCommunicator(Communicator):
+    """Shared host logic of the p2p and multimem backends (transport = `self.transport`)."""
+
+    name = "fused"
+    transport = "p2p"
+
+    def __init__(self, state, *, ctas: int | None = None, timeout_s: float | None = None,
+                 oneshot_max_bytes: int | None = None, reserve_bytes: int = 0):
+        super().__init__(state)
+        if state.device.type != "cuda":
+            raise WeavelmError(f"the {self.name} communicator needs CUDA GPUs; on CPU use the "
+                               "'torch' backend")
+        self._check_transport()
+        self._torch = TorchCommunicator(state)
+        self.ctas = ctas or DEFAULT_CTAS
+        self.timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+        self.oneshot_max_bytes = DEFAULT_ONESHOT_MAX_BYTES if oneshot_max_bytes is None \
+            else oneshot_max_bytes
+        self.device_index = state.device.index if state.device.index is not None else \
+            torch.cuda.current_device()
+        self.buf: symmetric.SymmetricBuffer | None = None
+        self._retired: list = []  # outgrown buffers: views of them may still be alive
+        self._warm: set[str] = set()
+        self._err = None
+        if reserve_bytes:
+            self._ensure(reserve_bytes)
+
+    def _check_transport(self) -> None:
+        pass
+
+    # -- buffer ----------------------------------------------------------------------------
+    def reserve(self, n_tokens: int, hidden: int, dtype: torch.dtype) -> None:
+        """Size the symmetric buffer for [n_tokens, hidden] now (collective; do it before any
+        CUDA-graph capture)."""
+        self._ensure(n_tokens * hidden * dtype.itemsize)
+
+    def _ensure(self, nbytes: int) -> symmetric.SymmetricBuffer:
+        buf = self.buf
+        if buf is not None and buf.data_bytes >= nbytes:
+            return buf
+        if torch.cuda.is_current_stream_capturing():
+            raise WeavelmError(f"{self.name} communicator: the symmetric buffer must grow to "
+                               f"{nbytes} bytes during CUDA-graph capture; call reserve() first")
+        size = max(_MIN_BUFFER, 1 << (int(nbytes) - 1).bit_length())
+        if buf is not None:
+            torch.cuda.synchronize(self.device_index)
+            self._retired.append(buf)
+        self.buf = symmetric.allocate(size, self.state.device, self.state.group,
+                                      self.world_size, self.rank,
+                                      multicast=self.transport == "multimem")
+        self._err = self.buf.err_host.numpy()
+        torch.cuda.synchronize(self.device_index)  # signal areas zeroed on every rank ...
+        self._host_barrier()                        # ... before anyone signals into them
+        log.info("weavelm %s communicator: symmetric buffer of %.1f MiB on rank %d", self.name,
+                 size / 2**20, self.rank)
+        return self.buf
+
+    def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None):
+        """This rank's staging buffer as [n_tokens, hidden]: write partial sums (GEMM output)
+        here and pass it to a collective to skip the copy-in."""
+        dtype = dtype or torch.get_default_dtype()
+        return self._ensure(n_tokens * hidden * dtype.itemsize).view(n_tokens, hidden, dtype)
+
+    def _stage(self, x: torch.Tensor) -> tuple[int, bool]:
+        """(byte offset of x in every rank's buffer, whether x already was there)."""
+        buf = self._ensure(x.numel() * x.element_size())
+        off = buf.offset_of(x)
+        if off is not None:
+            return off, True
+        buf.view(x.numel(), 1, x.dtype).view(x.shape).copy_(x)
+        return 0, False
+
+    # -- errors ----------------------------------------------------------------------------
+    def check_errors(self, sync: bool = True) -> None:
+        """Raise WeavelmError if a kernel of this communicator timed out. sync=True waits for
+        the GPU first; sync=False only reads the host-mapped error word (no sync)."""
+        if self.buf is None:
+            return
+        if sync:
+            torch.cuda.synchronize(self.device_index)
+            code = int(self.buf.signal_area()[ERR_OFF // 4].item()) & 0xFFFFFFFF
+        else:
+            code = int(self._err[0]) & 0xFFFFFFFF
+        if code:
+            peer, barrier, cta = decode_error(code)
+            raise WeavelmError(
+                f"{self.name} communicator: rank {self.rank} timed out after {self.timeout_s:g} s "
+                f"at the {BARRIER_NAMES.get(barrier, barrier)} barrier (CTA {cta}) waiting for "
+                f"rank {peer}, which never arrived: rank {peer} did not launch the same "
+                f"collective (it crashed, hangs, or called another op or shape). The "
+                f"communicator is unusable until reset() is called on every rank")
+
+    def reset(self) -> None:
+        """Clear the signal areas and errors after a timeout (collective: every rank)."""
+        if self.buf is None:
+            return
+        torch.cuda.synchronize(self.device_index)
+        self.buf.zero_signals()
+        torch.cuda.synchronize(self.device_index)
+        self._host_barrier()
+
+    def _host_barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier(group=self.state.group)
+
+    # -- launching -------------------------------------------------------------------------
+    def _timeout_ns(self, kern) -> int:
+        """Compile the kernel on first use (never during capture); its first launch waits long
+        enough for peers that are still compiling it."""
+        if kern.name in self._warm:
+            return int(self.timeout_s * 1e9)
+        if torch.cuda.is_current_stream_capturing():
+            raise WeavelmError(f"{self.name} communicator: kernel {kern.name} is first used "
+                               "during CUDA-graph capture; run the same shapes once before "
+                               "capturing")
+        kern.compile(self.device_index)
+        self._warm.add(kern.name)
+        return int(max(self.timeout_s, FIRST_LAUNCH_TIMEOUT_S) * 1e9)
+
+    def _fused(self, dt, *, x_off, n_vec, row_start, n_rows, max_rows, has_residual, res_ptr,
+               w_ptr, out_ptr, eps, push, ctas):
+        kern, _, _ = K.plan_fused(self.transport, dt, self.world_size, n_vec, max_rows, ctas,
+                                  push, has_residual)
+        K.launch_fused(self.buf.peers(), self.transport, dt, x_off=x_off, n_vec=n_vec,
+                       row_start=row_start, n_rows=n_rows, max_rows=max_rows,
+                       has_residual=has_residual, res_ptr=res_ptr, w_ptr=w_ptr, out_ptr=out_ptr,
+                       eps=eps, push=push, ctas=ctas, timeout_ns=self._timeout_ns(kern))
+
+    def _supported(self, x, weight=None) -> bool:
+        d = x.shape[-1] if x.dim() else 0
+        ok = (x.device == self.state.device and x.dtype in K.DTYPES and x.is_contiguous() and d > 0
+              and (d * x.element_size()) % 16 == 0 and d * x.element_size() // 16 <= K.MAX_VEC)
+        if weight is not None:
+            ok = ok and d % 8 == 0 and weight.dtype == x.dtype and weight.is_contiguous()
+        return ok
+
+    # -- collectives -----------------------------------------------------------------------
+    def all_reduce(self, x, ctas: int | None = None):
+        if self.world_size == 1 or x.numel() == 0:
+            return x
+        if not self._supported(x):
+            return self._torch.all_reduce(x)
+        self.check_errors(sync=False)
+        ctas, dt, n = ctas or self.ctas, K.DTYPES[x.dtype], self.world_size
+        total = x.numel() * x.element_size() // 16
+        off, in_buf = self._stage(x)
+        if total * 16 <= self.oneshot_max_bytes:
+            out = torch.empty_like(x) if in_buf else x
+            kern, _, _ = K.plan_allreduce(self.transport, dt, n, total, ctas, False)
+            K.launch_allreduce(self.buf.peers(), self.transport, dt, x_off=off, v_start=0,
+                               n_vecs=total, max_vecs=total, out_ptr=out.data_ptr(), push=False,
+                               ctas=ctas, timeout_ns=self._timeout_ns(kern))
+            return out
+        s, e = row_range(total, self.rank, n)
+        max_vecs = -(-total // n)
+        kern, _, _ = K.plan_allreduce(self.transport, dt, n, max_vecs, ctas, True)
+        K.launch_allreduce(self.buf.peers(), self.transport, dt, x_off=off, v_start=s,
+                           n_vecs=e - s, max_vecs=max_vecs, out_ptr=0, push=True, ctas=ctas,
+                           timeout_ns=self._timeout_ns(kern))
+        if not in_buf:
+            x.copy_(self.buf.view(x.numel(), 1, x.dtype).view(x.shape))
+        return x
+
+    def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps,
+                                               ctas: int | None = None):
+        """x [T, D] partial sums (ideally `staging(T, D)`); residual_rows [rows(T), D] updated
+        in place. Returns the normalised [T, D]: a view of the staging buffer (see module doc)."""
+        if not self._supported(x, weight) or x.dim() != 2:
+            return super().reduce_scatter_add_rms_norm_all_gather(x, residual_rows, weight, eps)
+        self.check_errors(sync=False)
+        T, D = x.shape
+        s, e = row_range(T, self.rank, self.world_size)
+        if tuple(residual_rows.shape) != (e - s, D) or residual_rows.dtype != x.dtype \
+                or not residual_rows.is_contiguous():
+            raise WeavelmError(f"residual_rows must be a contiguous [{e - s}, {D}] {x.dtype} "
+                               f"tensor (rank {self.rank}'s rows {s}:{e} of {T}), got "
+                               f"{tuple(residual_rows.shape)} {residual_rows.dtype}")
+        if T == 0:
+            return x
+        off, _ = self._stage(x)
+        n_vec = D * x.element_size() // 16
+        self._fused(K.DTYPES[x.dtype], x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s,
+                    max_rows=-(-T // self.world_size), has_residual=True,
+                    res_ptr=residual_rows.data_ptr() if e > s else weight.data_ptr(),
+                    w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True,
+                    ctas=ctas or self.ctas)
+        return self.buf.view(T, D, x.dtype, off)
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, ctas: int | None = None):
+        """x [T, D] partial sums; residual [T, D] replicated, updated in place on every rank.
+        Returns (normalised [T, D], residual)."""
+        if self.world_size == 1 or not self._supported(x, weight) or x.dim() != 2 \
+                or residual.shape != x.shape or not residual.is_contiguous():
+            return super().all_reduce_add_rms_norm(x, residual, weight, eps)
+        self.check_errors(sync=False)
+        T, D = x.shape
+        if T == 0:
+            return x, residual
+        ctas, dt, n = ctas or self.ctas, K.DTYPES[x.dtype], self.world_size
+        n_vec = D * x.element_size() // 16
+        off, in_buf = self._stage(x)
+        if x.numel() * x.element_size() <= self.oneshot_max_bytes:
+            out = torch.empty_like(x) if in_buf else x
+            self._fused(dt, x_off=off, n_vec=n_vec, row_start=0, n_rows=T, max_rows=T,
+                        has_residual=True, res_ptr=residual.data_ptr(), w_ptr=weight.data_ptr(),
+                        out_ptr=out.data_ptr(), eps=eps, push=False, ctas=ctas)
+            return out, residual
+        s, e = row_range(T, self.rank, n)
+        row_bytes = D * x.element_size()
+        self._fused(dt, x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s, max_rows=-(-T // n),
+                    has_residual=True, res_ptr=residual.data_ptr() + s * row_bytes,
+                    w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True, ctas=ctas)
+        residual.copy_(self._torch.all_gather(residual[s:e], T))  # replicate the new rows
+        y = self.buf.view(T, D, x.dtype, off)
+        if in_buf:
+            return y, residual
+        return x.copy_(y), residual
+
+    # -- the rest: torch collectives ---------------------------------------------------------
+    def reduce_scatter(self, x):
+        return self._torch.reduce_scatter(x)
+
+    def all_gather(self, x_rows, n_rows):
+        return self._torch.all_gather(x_rows, n_rows)
+
+    def all_gather_last_dim(self, x):
+        return self._torch.all_gather_last_dim(x)
+
+    def broadcast(self, x, src=0):
+        return self._torch.broadcast(x, src)
+
+
+class P2PCommunicator(FusedCommunicator):
+    """Fused kernels that read and write peers' buffers directly (NVLink P2P)."""
+
+    name = "p2p"
+    transport = "p2p"
+
+
+class MultimemCommunicator(FusedCommunicator):
+    """Fused kernels on a CUDA multicast address (NVLink SHARP). Refuses to exist unless
+    `multicast_allowed()`: never constructed on machines where multicast is switched off."""
+
+    name = "multimem"
+    transport = "multimem"
+
+    def _check_transport(self) -> None:
+        index = self.state.device.index if self.state.device.index is not None else 0
+        allowed, reason = multicast_allowed(index)
+        if not allowed:
+            raise WeavelmError(f"the multimem communicator is refused: {reason}; use 'p2p' or "
+                               "'auto'")
+        if torch.cuda.get_device_capability(index) < (9, 0):
+            raise WeavelmError("the multimem communicator needs sm_90 or newer (Hopper)")
+
+
+def select_backend(state) -> str:
+    """'multimem' if multicast is allowed and supported, else 'p2p' if every pair of this
+    host's TP GPUs has peer access, else 'torch'. Says which, and why, in the log."""
+    name, why = "torch", ""
+    if state.device.type != "cuda":
+        why = "not on CUDA"
+    elif state.world_size == 1:
+        why = "one rank: nothing to communicate"
+    elif torch.cuda.device_count() < state.world_size or \
+            int(os.environ.get("LOCAL_WORLD_SIZE", state.world_size)) != state.world_size:
+        why = "the TP group spans more than this host's GPUs"
+    else:
+        index = state.device.index if state.device.index is not None else 0
+        mc_ok, mc_reason = multicast_allowed(index)
+        if mc_ok and torch.cuda.get_device_capability(index) >= (9, 0):
+            name, why = "multimem", mc_reason
+        else:
+            n = state.world_size
+            peer = all(torch.cuda.can_device_access_peer(i, j)
+                       for i in range(n) for j in range(n) if i != j)
+            name = "p2p" if peer else "torch"
+            why = f"multicast off ({mc_reason}); " + \
+                ("peer access between all GPUs" if peer else "no peer access between all GPUs")
+    log.info("weavelm communicator: auto -> %s (%s)", name, why)
+    return name
