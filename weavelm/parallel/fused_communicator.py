@@ -36,7 +36,6 @@ import torch
 from weavelm.errors import WeavelmError
 from weavelm.kernels import allreduce_norm as K
 from weavelm.kernels.allreduce_norm_layout import BARRIER_NAMES, ERR_OFF, decode_error
-from weavelm.kernels.rmsnorm import fused_add_rms_norm
 from weavelm.parallel import symmetric
 from weavelm.parallel.communicator import Communicator, TorchCommunicator, row_range
 from weavelm.parallel.multicast_guard import multicast_allowed
