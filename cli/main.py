@@ -166,6 +166,103 @@ def env():
     typer.echo(f"CPU ranks: gloo (any --tp on --device cpu)")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    from weavelm.errors import WeavelmError
+    try:
+        values = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v)
+                  for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise WeavelmError(f"{what} must be a comma-separated list of integers (e.g. "
+                           f"1024,2k,4k), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise WeavelmError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _run_ranks(fn, tp: int, opts: dict):
+    if tp == 1 or _launched():
+        return fn(opts)
+    from weavelm.parallel.launch import spawn
+    return spawn(fn, tp, opts)
+
+
+@bench_app.command("prefill")
+@user_errors
+def bench_prefill(
+    shape: str = typer.Option("llama3-70b", help="Model shape: llama3-8b, llama3-70b, "
+                                                 "qwen2.5-72b (random weights)."),
+    layers: int = typer.Option(8, help="Decoder layers to build."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
+    tokens: str = typer.Option("1k,2k,4k,8k,16k", help="Prefill token counts."),
+    modes: str = typer.Option("baseline,fused,weave,nocomm", help="Schedules to time."),
+    backend: str = typer.Option("auto", help="Communicator for fused/weave: auto, p2p, "
+                                             "multimem, torch."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Split the tokens into "
+                                                               "sequences of this length."),
+    repeats: int = typer.Option(5, help="Timed repeats (median)."),
+    ctas: Optional[int] = typer.Option(None, help="CTAs of the fused kernel in the weave."),
+    device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
+):
+    """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
+    from weavelm.engine.prefill_bench import bench_prefill_rank, format_table, plot as plot_fn
+    from weavelm.errors import check
+    from weavelm.models.config import ModelConfig
+    from weavelm.models.shapes import shape_config
+    from weavelm.models.woven import parse_mode
+    from weavelm.parallel.state import max_tp_for_device, resolve_device
+    mode_list = [parse_mode(m.strip()).value for m in modes.split(",") if m.strip()]
+    token_list = _int_list(tokens, "--tokens")
+    dev = resolve_device(device)
+    ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
+    available = max_tp_for_device(device)
+    check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: lower --tp")
+    check(repeats >= 1, f"--repeats must be at least 1, got {repeats}")
+    opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
+                backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
+                repeats=repeats, ctas=ctas, device=str(dev))
+    result = _run_ranks(bench_prefill_rank, tp, opts)
+    if result is None:
+        return
+    typer.echo(format_table(result))
+    if json_out:
+        import json
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    if plot:
+        plot_fn(result, plot)
+        typer.echo(f"plot written to {plot}")
+
+
+@app.command()
+@user_errors
+def tune(
+    shape: str = typer.Option("llama3-70b", help="Model shape (random weights)."),
+    layers: int = typer.Option(4, help="Decoder layers to build for timing."),
+    tp: int = typer.Option(1, "--tp"),
+    tokens: str = typer.Option("1k,2k,4k,8k,16k", help="Token buckets to tune."),
+    backend: str = typer.Option("auto"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+):
+    """Measure a few split points per token bucket on this machine and cache the best ones."""
+    from weavelm.engine.prefill_bench import tune_rank
+    from weavelm.models.config import ModelConfig
+    from weavelm.models.shapes import shape_config
+    ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
+    opts = dict(shape=shape, layers=layers, tp=tp, tokens=_int_list(tokens, "--tokens"),
+                backend=backend, seq_len=seq_len, device="cuda")
+    result = _run_ranks(tune_rank, tp, opts)
+    if result is not None:
+        import json
+        typer.echo(json.dumps(result["table"], indent=1))
+        typer.echo(f"saved to {result['path']}")
+
+
 def main():
     app()
 

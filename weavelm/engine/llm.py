@@ -21,6 +21,8 @@ from weavelm.models.attention import AttentionBatch, KVCache, Piece
 from weavelm.models.config import ModelConfig
 from weavelm.models.loader import load_weights, resolve_model
 from weavelm.models.registry import model_class
+from weavelm.models.woven import Mode, parse_mode
+from weavelm.engine.split_policy import choose_split_for
 from weavelm.parallel.communicator import get_communicator
 from weavelm.parallel.state import get_state, init_parallel
 
@@ -52,21 +54,23 @@ class LLM:
     def __init__(self, model: str | None = None, tp: int | None = None,
                  device: str | None = None, dtype=None, max_model_len: int | None = None,
                  allow_pickle: bool = False, backend: str | None = None,
-                 progress: bool = True):
+                 mode: str = "auto", progress: bool = True):
         source = resolve_model(model, allow_pickle=allow_pickle)
         self.source = source
         self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress)
+        self.mode = mode if mode == "auto" else parse_mode(mode)
 
     @classmethod
     def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
                      max_model_len: int | None = None, backend: str | None = None,
-                     tokenizer=None) -> "LLM":
+                     tokenizer=None, mode: str = "auto") -> "LLM":
         """An LLM from a Hugging Face config dict and (name, tensor) pairs already in memory,
         e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`."""
         self = cls.__new__(cls)
         self.source = None
         self._build(config, weights, tp, device, dtype, max_model_len, backend, False)
         self._tokenizer = tokenizer
+        self.mode = mode if mode == "auto" else parse_mode(mode)
         return self
 
     def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress):
@@ -165,7 +169,8 @@ class LLM:
         ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
         last = torch.tensor([p.offset + p.length - 1 for p in pieces], device=dev)
-        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+        mode, split = self.prefill_schedule(len(ids))
+        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev), mode, split)
         next_tokens = self._sample(hidden[last], params, generator)
 
         active = list(range(B))
@@ -191,13 +196,37 @@ class LLM:
             positions = torch.tensor([cur_len[i] for i in active], device=dev)
             for i in active:
                 cur_len[i] += 1
-            hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+            hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev),
+                                self.decode_mode())
             next_tokens = self._sample(hidden, params, generator)
 
         if any(prompts):
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return outs
+
+    # -- schedules -----------------------------------------------------------------------------
+    def prefill_schedule(self, num_tokens: int) -> tuple[Mode, int | None]:
+        """(mode, split) for a prefill step of `num_tokens` tokens.
+
+        `auto`: on GPUs with TP > 1, weave above the splitter's threshold and the fused kernel
+        below it; on CPU (or TP = 1, nothing to hide) the baseline schedule.
+        """
+        mode = self.mode
+        if mode == "auto":
+            if self.device.type != "cuda" or self.state.world_size == 1:
+                return Mode.BASELINE, None
+            mode = Mode.WEAVE
+        if mode is not Mode.WEAVE:
+            return mode, None
+        split = choose_split_for(self, num_tokens)
+        return (Mode.WEAVE, split) if split is not None else (Mode.FUSED, None)
+
+    def decode_mode(self) -> Mode:
+        if self.mode == "auto":
+            fused = self.device.type == "cuda" and self.state.world_size > 1
+            return Mode.FUSED if fused else Mode.BASELINE
+        return Mode.BASELINE if self.mode is Mode.WEAVE else self.mode
 
     def _sample(self, hidden, params, generator) -> torch.Tensor:
         logits = self.model.compute_logits(hidden)                   # [B, V]
@@ -206,8 +235,10 @@ class LLM:
         return self.comm.broadcast(tokens.contiguous(), src=0)
 
     @torch.no_grad()
-    def logits(self, token_lists: list[list[int]]) -> torch.Tensor:
-        """Logits [T, V] for every position of the given sequences (a fresh cache; tests use it)."""
+    def logits(self, token_lists: list[list[int]], mode=None, split: int | None = None
+               ) -> torch.Tensor:
+        """Logits [T, V] for every position of the given sequences (a fresh cache; tests use it).
+        `mode`/`split` force a schedule; by default the prefill schedule is used."""
         dev = self.device
         lengths = [len(t) for t in token_lists]
         cache = KVCache(self.config.num_layers, len(token_lists), max(lengths),
@@ -219,7 +250,10 @@ class LLM:
             offset += n
         ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
-        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev))
+        if mode is None:
+            mode, split = self.prefill_schedule(len(ids))
+        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev),
+                            parse_mode(mode), split)
         return self.model.compute_logits(hidden)
 
 

@@ -75,6 +75,17 @@ def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
     return allowed
 
 
+def _sdpa(q, k, v, **kwargs):
+    """SDPA with grouped-query heads. On CUDA the KV heads are expanded so the flash kernel
+    always applies (GQA support varies by backend and torch version); the CPU kernels take
+    enable_gqa directly."""
+    if q.is_cuda and k.shape[-3] != q.shape[-3]:
+        reps = q.shape[-3] // k.shape[-3]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(reps, dim=-3),
+                                              v.repeat_interleave(reps, dim=-3), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
 def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch, scale: float,
                      window: int | None = None) -> torch.Tensor:
     """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]."""
@@ -88,9 +99,8 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch,
         keys = kc[batch.slots, :n_keys].transpose(1, 2)            # [T, Hkv, K, Dh]
         values = vc[batch.slots, :n_keys].transpose(1, 2)
         mask = _mask(batch.lengths - 1, n_keys, window)            # [T, K]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
-                                           attn_mask=mask[:, None, None, :], scale=scale,
-                                           enable_gqa=True)        # [T, H, 1, Dh]
+        o = _sdpa(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+                  scale=scale)                                     # [T, H, 1, Dh]
         return o.squeeze(2)
     for p in batch.pieces:
         rows = slice(p.offset, p.offset + p.length)
@@ -101,11 +111,10 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch,
         keys = kc[p.slot, :end].transpose(0, 1).unsqueeze(0)       # [1, Hkv, end, Dh]
         values = vc[p.slot, :end].transpose(0, 1).unsqueeze(0)
         if p.start_pos == 0 and window is None:
-            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=scale,
-                                               enable_gqa=True)
+            o = _sdpa(qs, keys, values, is_causal=True, scale=scale)
         else:
             q_pos = torch.arange(p.start_pos, end, device=q.device)
-            o = F.scaled_dot_product_attention(qs, keys, values, scale=scale, enable_gqa=True,
-                                               attn_mask=_mask(q_pos, end, window)[None, None])
+            o = _sdpa(qs, keys, values, scale=scale,
+                      attn_mask=_mask(q_pos, end, window)[None, None])
         out[rows] = o[0].transpose(0, 1)
     return out

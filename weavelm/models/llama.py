@@ -5,8 +5,8 @@ I = intermediate size, V = vocabulary, B = sequences.
 
 Classes and attribute names mirror Hugging Face's, so checkpoint names map one to one except for
 the packed projections in `PACKED_MODULES`. The model composes TP layers only; every collective
-goes through the communicator: each block leaves partial sums, and
-`all_reduce_add_rms_norm` reduces them, adds the residual and applies the *next* norm.
+goes through the communicator: each block leaves partial sums, and the schedule in
+`weavelm.models.woven` reduces them, adds the residual and applies the *next* norm.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from weavelm.kernels.rmsnorm import rms_norm
 from weavelm.models.attention import AttentionBatch, KVCache, cached_attention
 from weavelm.models.config import ModelConfig
 from weavelm.models.rope import RotaryEmbedding
-from weavelm.parallel.communicator import get_communicator
+from weavelm.models.woven import Mode, StackRunner, WovenDecoderLayer
 from weavelm.parallel.layers import (
     MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
     VocabParallelEmbedding, default_weight_loader,
@@ -91,28 +91,12 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)                     # [T, D] partial sums
 
 
-class LlamaDecoderLayer(nn.Module):
-    """One layer in the baseline schedule: block -> all-reduce + residual + next RMSNorm."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype, device):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, layer_idx, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, dtype, device)
-
-    def forward(self, positions, x, residual, cache, batch, rotary, next_norm: RMSNorm):
-        """x: this layer's normalised input [T, D]; residual [T, D] (updated in place).
-        Returns next_norm(residual after this layer), the input of whatever follows."""
-        comm = get_communicator()
-        partial = self.self_attn(positions, x, cache, batch, rotary)
-        x, residual = comm.all_reduce_add_rms_norm(partial, residual,
-                                                   self.post_attention_layernorm.weight,
-                                                   self.post_attention_layernorm.eps)
-        partial = self.mlp(x)
-        x, residual = comm.all_reduce_add_rms_norm(partial, residual, next_norm.weight,
-                                                   next_norm.eps)
-        return x, residual
+def llama_decoder_layer(cfg: ModelConfig, layer_idx: int, dtype, device) -> WovenDecoderLayer:
+    return WovenDecoderLayer(
+        self_attn=LlamaAttention(cfg, layer_idx, dtype, device),
+        mlp=LlamaMLP(cfg, dtype, device),
+        input_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device),
+        post_attention_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device))
 
 
 class LlamaModel(nn.Module):
@@ -120,20 +104,17 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                                    params_dtype=dtype, device=device)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, dtype, device)
+        self.layers = nn.ModuleList([llama_decoder_layer(cfg, i, dtype, device)
                                      for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       cfg.rope_scaling, device=device)
+        self.runner = StackRunner(self.layers, self.norm)
 
-    def forward(self, ids, positions, cache, batch):
-        residual = self.embed_tokens(ids)                            # [T, D]
-        x = self.layers[0].input_layernorm(residual) if self.layers else self.norm(residual)
-        residual = residual.clone()
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, residual = layer(positions, x, residual, cache, batch, self.rotary, nxt)
-        return x                                                     # [T, D] final-normed
+    def forward(self, ids, positions, cache, batch, mode: Mode = Mode.BASELINE,
+                split: int | None = None):
+        h = self.embed_tokens(ids, reduce=mode is not Mode.NOCOMM)         # [T, D]
+        return self.runner.run(mode, h, positions, cache, batch, self.rotary, split)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -149,9 +130,11 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
 
-    def forward(self, ids, positions, cache: KVCache, batch: AttentionBatch):
-        """ids, positions: [T] -> final hidden states [T, D]."""
-        return self.model(ids, positions, cache, batch)
+    def forward(self, ids, positions, cache: KVCache, batch: AttentionBatch,
+                mode: Mode = Mode.BASELINE, split: int | None = None):
+        """ids, positions: [T] -> final hidden states [T, D] (final-normed, on every rank).
+        `mode` and `split` choose the schedule (see weavelm.models.woven)."""
+        return self.model(ids, positions, cache, batch, Mode(mode), split)
 
     def compute_logits(self, hidden):
         """hidden [B, D] -> logits [B, V] (float32), identical on every rank."""

@@ -20,6 +20,8 @@ T need not divide by N.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -69,11 +71,14 @@ class Communicator:
         x = self.all_reduce(x)
         return fused_add_rms_norm(x, residual, weight, eps, inplace_residual=True)
 
-    def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps):
+    def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps, ctas=None,
+                                               slot: int = 0):
         """TokenWeave's reordering of `all_reduce_add_rms_norm`.
 
         x: [T, D] partial sums; residual_rows: [rows(T), D] this rank's rows, updated in place.
-        Returns the normalised [T, D] on every rank.
+        Returns the normalised [T, D] on every rank. `slot` names an independent staging region
+        for backends that return views of one (two halves in flight); `ctas` sizes fused
+        kernels. The composed reference ignores both.
         """
         n_rows = x.shape[0]
         rows = self.reduce_scatter(x)                                          # [rows(T), D]
@@ -173,6 +178,18 @@ def get_communicator(backend: str | None = None) -> Communicator:
                                f"choose one of {', '.join(available_backends())}")
         _COMMUNICATOR = _BACKENDS[name](get_state())
     return _COMMUNICATOR
+
+
+@contextlib.contextmanager
+def use_communicator(comm: Communicator):
+    """Make `comm` the process-wide communicator inside the block (benchmarks compare
+    backends with one model)."""
+    global _COMMUNICATOR
+    previous, _COMMUNICATOR = _COMMUNICATOR, comm
+    try:
+        yield comm
+    finally:
+        _COMMUNICATOR = previous
 
 
 def reset_communicator() -> None:

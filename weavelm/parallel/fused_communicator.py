@@ -73,6 +73,7 @@ class FusedCommunicator(Communicator):
         self._retired: list = []  # outgrown buffers: views of them may still be alive
         self._warm: set[str] = set()
         self._err = None
+        self.slot_bytes = 0       # stride between staging slots (two halves of the weave)
         if reserve_bytes:
             self._ensure(reserve_bytes)
 
@@ -106,20 +107,40 @@ class FusedCommunicator(Communicator):
                  size / 2**20, self.rank)
         return self.buf
 
+    def reserve_slots(self, n_tokens: int, hidden: int, dtype: torch.dtype, slots: int = 2) -> None:
+        """Make room for `slots` independent [n_tokens, hidden] staging regions, so that two
+        halves of a batch can be in flight at once (the weave): a collective on slot 1 never
+        touches the output view of slot 0. Host-side and cheap once sized."""
+        need = -(-n_tokens * hidden * dtype.itemsize // 4096) * 4096
+        if need > self.slot_bytes:
+            if self.slot_bytes:
+                # Moving slot 1 while a view of it may still be read: let the GPU finish first.
+                torch.cuda.synchronize(self.device_index)
+            self.slot_bytes = 1 << (need - 1).bit_length()
+        self._ensure(self.slot_bytes * slots)
+
     def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None):
         """This rank's staging buffer as [n_tokens, hidden]: write partial sums (GEMM output)
         here and pass it to a collective to skip the copy-in."""
         dtype = dtype or torch.get_default_dtype()
         return self._ensure(n_tokens * hidden * dtype.itemsize).view(n_tokens, hidden, dtype)
 
-    def _stage(self, x: torch.Tensor) -> tuple[int, bool]:
-        """(byte offset of x in every rank's buffer, whether x already was there)."""
-        buf = self._ensure(x.numel() * x.element_size())
+    def _stage(self, x: torch.Tensor, slot: int = 0) -> tuple[int, bool]:
+        """(byte offset of x in every rank's buffer, whether x already was there). A tensor
+        from elsewhere is copied into staging slot `slot` (see `reserve_slots`)."""
+        nbytes = x.numel() * x.element_size()
+        if slot:
+            if self.slot_bytes < nbytes:
+                raise WeavelmError(f"{self.name} communicator: staging slot {slot} holds "
+                                   f"{self.slot_bytes} bytes, {nbytes} needed: call "
+                                   f"reserve_slots() for the largest half first")
+        base = slot * self.slot_bytes
+        buf = self._ensure(base + nbytes)
         off = buf.offset_of(x)
         if off is not None:
             return off, True
-        buf.view(x.numel(), 1, x.dtype).view(x.shape).copy_(x)
-        return 0, False
+        buf.view(x.numel(), 1, x.dtype, base).view(x.shape).copy_(x)
+        return base, False
 
     # -- errors ----------------------------------------------------------------------------
     def check_errors(self, sync: bool = True) -> None:
@@ -215,9 +236,10 @@ class FusedCommunicator(Communicator):
         return x
 
     def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps,
-                                               ctas: int | None = None):
+                                               ctas: int | None = None, slot: int = 0):
         """x [T, D] partial sums (ideally `staging(T, D)`); residual_rows [rows(T), D] updated
-        in place. Returns the normalised [T, D]: a view of the staging buffer (see module doc)."""
+        in place. Returns the normalised [T, D]: a view of staging slot `slot` (see module
+        doc), valid until the next collective on the same slot."""
         if not self._supported(x, weight) or x.dim() != 2:
             return super().reduce_scatter_add_rms_norm_all_gather(x, residual_rows, weight, eps)
         self.check_errors(sync=False)
@@ -230,7 +252,7 @@ class FusedCommunicator(Communicator):
                                f"{tuple(residual_rows.shape)} {residual_rows.dtype}")
         if T == 0:
             return x
-        off, _ = self._stage(x)
+        off, _ = self._stage(x, slot)
         n_vec = D * x.element_size() // 16
         self._fused(K.DTYPES[x.dtype], x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s,
                     max_rows=-(-T // self.world_size), has_residual=True,

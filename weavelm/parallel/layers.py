@@ -210,14 +210,15 @@ class VocabParallelEmbedding(_TPLayer):
             copy_checked(param.data[:rows], narrow(loaded, 0, self.vocab_start, rows),
                          "vocabulary shard")
 
-    def forward(self, ids):                                         # ids: [T]
+    def forward(self, ids, reduce: bool | None = None):             # ids: [T]
+        """`reduce=False` leaves this rank's partial embedding (the `nocomm` analysis mode)."""
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
         mask = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = torch.where(mask, 0, ids - self.vocab_start)
         y = F.embedding(local, self.weight)                         # [T, D]
         y.masked_fill_(mask.unsqueeze(-1), 0)
-        if self.reduce_results:
+        if self.reduce_results if reduce is None else reduce:
             y = get_communicator().all_reduce(y)
         return y
 

@@ -1,0 +1,212 @@
+"""`weavelm bench prefill` and `weavelm tune`: prefill latency of a random-weight model of a real
+shape, per schedule, all measured in one run on the same model and inputs.
+
+Modes: baseline (NCCL all-reduce + fused add/RMSNorm, the torch backend), fused and weave (the
+fused communicator: `--backend p2p`, or `torch` to run the same schedule over NCCL/gloo), nocomm
+(every all-reduce removed: wrong output, the bound). Ratios are against baseline and nocomm from
+the same run. Every rank runs this; rank 0 prints.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import zlib
+
+import torch
+
+from weavelm.errors import check
+
+
+def _random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0):
+    from weavelm.models.config import ModelConfig
+    from weavelm.models.registry import model_class
+    from weavelm.models.shapes import shape_config
+    from weavelm.parallel.state import get_state
+    cfg = ModelConfig.from_hf(shape_config(shape, layers))
+    cfg.check_tp(tp)
+    model = model_class(cfg.architecture)(cfg, dtype=dtype, device=device, max_positions=65536)
+    gen = torch.Generator(device=device)
+    rank = get_state().rank
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)                          # replicated: identical on every rank
+            else:
+                gen.manual_seed(seed * 1000 + rank * 7919 + zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=gen)   # this rank's shard
+    return cfg, model.eval()
+
+
+def _batch(num_tokens: int, seq_len: int | None, device):
+    from weavelm.models.attention import AttentionBatch, Piece
+    seq_len = seq_len or num_tokens
+    pieces, offset, slot = [], 0, 0
+    positions = []
+    while offset < num_tokens:
+        n = min(seq_len, num_tokens - offset)
+        pieces.append(Piece(slot, 0, n, offset))
+        positions.append(torch.arange(n, device=device))
+        offset, slot = offset + n, slot + 1
+    return AttentionBatch.build(pieces, device), torch.cat(positions), len(pieces)
+
+
+class PrefillRunner:
+    """One model, inputs per token count, and a timer for (mode, split, communicator)."""
+
+    def __init__(self, shape: str, layers: int, tp: int, backend: str, seq_len: int | None,
+                 dtype=torch.bfloat16):
+        from weavelm.parallel.communicator import TorchCommunicator, get_communicator
+        from weavelm.parallel.state import get_state
+        self.state = get_state()
+        self.device = self.state.device
+        self.cfg, self.model = _random_model(shape, layers, tp, self.device, dtype)
+        self.tp, self.seq_len, self.dtype = tp, seq_len, dtype
+        self.torch_comm = TorchCommunicator(self.state)
+        self.fused_comm = get_communicator(backend)
+        self.backend = self.fused_comm.name
+
+    def _inputs(self, num_tokens):
+        from weavelm.models.attention import KVCache
+        batch, positions, n_seqs = _batch(num_tokens, self.seq_len, self.device)
+        g = torch.Generator().manual_seed(num_tokens)
+        ids = torch.randint(0, self.cfg.vocab_size, (num_tokens,), generator=g).to(self.device)
+        qkv = self.model.model.layers[0].self_attn.qkv_proj
+        cache = KVCache(self.cfg.num_layers, n_seqs, min(num_tokens, self.seq_len or num_tokens),
+                        qkv.num_kv_heads, self.cfg.head_dim, self.dtype, self.device)
+        return ids, positions, cache, batch
+
+    def forward(self, num_tokens, mode, split=None, inputs=None):
+        from weavelm.parallel.communicator import use_communicator
+        comm = self.torch_comm if mode in ("baseline", "nocomm") else self.fused_comm
+        ids, positions, cache, batch = inputs or self._inputs(num_tokens)
+        with torch.no_grad(), use_communicator(comm):
+            return self.model(ids, positions, cache, batch, mode, split)
+
+    def time(self, num_tokens, mode, split=None, warmup=2, repeats=5) -> float:
+        """Median seconds of one prefill (CUDA events on GPU, host clock on CPU)."""
+        import torch.distributed as dist
+        inputs = self._inputs(num_tokens)
+        for _ in range(warmup):
+            self.forward(num_tokens, mode, split, inputs)
+        times = []
+        for _ in range(repeats):
+            if self.tp > 1:
+                dist.barrier()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                self.forward(num_tokens, mode, split, inputs)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                self.forward(num_tokens, mode, split, inputs)
+                times.append(time.perf_counter() - t)
+        t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+        if self.tp > 1:                               # the slowest rank is the step time
+            t = t.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def split_for(self, num_tokens):
+        from weavelm.engine.splitter import split_point_for
+        return split_point_for(num_tokens, self.cfg, self.tp, min_tokens=0)
+
+
+def bench_prefill_rank(opts: dict) -> list[dict] | None:
+    from weavelm.parallel.state import init_parallel
+    state = init_parallel(opts["tp"], opts["device"])
+    runner = PrefillRunner(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
+                           opts["seq_len"])
+    if opts.get("ctas"):
+        runner.model.model.runner.weave_ctas = opts["ctas"]
+    rows = []
+    for T in opts["tokens"]:
+        split = runner.split_for(T)
+        row = {"tokens": T, "split": split}
+        for mode in opts["modes"]:
+            try:
+                row[mode] = runner.time(T, mode, split if mode == "weave" else None,
+                                        repeats=opts["repeats"])
+            except torch.cuda.OutOfMemoryError:
+                row[mode] = None
+        rows.append(row)
+        if state.is_first and opts.get("verbose", True):
+            print("  " + ", ".join(f"{k}={v * 1e3:.2f} ms" if isinstance(v, float) else
+                                   f"{k}={v}" for k, v in row.items()), flush=True)
+    if state.is_first:
+        meta = dict(shape=opts["shape"], layers=opts["layers"], tp=opts["tp"],
+                    backend=runner.backend, device=torch.cuda.get_device_name()
+                    if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"])
+        return {"meta": meta, "rows": rows}
+    return None
+
+
+def format_table(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    modes = [m for m in ("baseline", "fused", "weave", "nocomm") if m in rows[0]]
+    head = (f"prefill, {meta['shape']} ({meta['layers']} layers), TP={meta['tp']}, "
+            f"{meta['device']}, fused backend {meta['backend']}; ms, median; ratios from this run")
+    lines = [head, "",
+             "| tokens | split | " + " | ".join(f"{m} ms" for m in modes)
+             + " | weave vs baseline | fused vs baseline | weave / nocomm |",
+             "| --- | --- | " + " | ".join("---" for _ in modes) + " | --- | --- | --- |"]
+
+    def ms(v):
+        return f"{v * 1e3:.2f}" if isinstance(v, float) else "—"
+
+    def ratio(a, b):
+        return f"{a / b:.3f}x" if isinstance(a, float) and isinstance(b, float) else "—"
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['split']} | " + " | ".join(ms(r.get(m)) for m in modes)
+                     + f" | {ratio(r.get('baseline'), r.get('weave'))} | "
+                     f"{ratio(r.get('baseline'), r.get('fused'))} | "
+                     f"{ratio(r.get('weave'), r.get('nocomm'))} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    tokens = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in ("fused", "weave", "nocomm"):
+        if mode in rows[0]:
+            ax.plot(tokens, [r["baseline"] / r[mode] if r.get(mode) else None for r in rows],
+                    marker="o", label=f"{mode} speedup vs baseline")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prefill tokens")
+    ax.set_ylabel("speedup over baseline")
+    m = result["meta"]
+    ax.set_title(f"{m['shape']} {m['layers']} layers, TP={m['tp']}, {m['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def tune_rank(opts: dict):
+    """Measure a few split points per token bucket and save the table the engine will use."""
+    from weavelm.engine.splitter import SplitTable, gemms_for, model_key, table_key, tune
+    from weavelm.parallel.state import init_parallel
+    state = init_parallel(opts["tp"], opts["device"])
+    check(state.device.type == "cuda", "weavelm tune measures GPU kernels: run it with GPUs")
+    runner = PrefillRunner(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
+                           opts["seq_len"])
+
+    def measure(num_tokens, split):
+        mode = "weave" if split else "fused"
+        return runner.time(num_tokens, mode, split, warmup=1, repeats=1)
+    gpu = torch.cuda.get_device_name()
+    num_sms = torch.cuda.get_device_properties(state.device).multi_processor_count
+    table = tune(measure, opts["tokens"], opts["tp"], gemms_for(runner.cfg, opts["tp"]),
+                 num_sms, key=table_key(model_key(runner.cfg), opts["tp"], gpu))
+    if state.is_first:
+        return {"path": str(table.save()), "table": json.loads(json.dumps(table.to_json()))}
+    return None

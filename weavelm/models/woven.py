@@ -1,0 +1,204 @@
+"""WovenDecoderLayer and the schedules that run a stack of them: the heart of TokenWeave.
+
+T = tokens in the step, D = hidden size, N = TP ranks, rows(T) = this rank's share of T rows.
+
+A decoder layer is two blocks, attention and MLP, each ending in a row-parallel GEMM that leaves
+partial sums; what differs between modes is how those partial sums are reduced:
+
+* `baseline`  all-reduce, then fused residual-add + RMSNorm on all T rows (what vLLM does).
+* `fused`     one fused reduce-scatter + residual + RMSNorm + all-gather: each rank adds and
+              normalises only its own rows, so the residual stream is sequence-sharded.
+* `weave`     the batch is split into halves A and B; each half takes the fused path, and each
+              half's communication runs on a high-priority side stream while the other half
+              computes (events, no host syncs):
+
+                  compute stream      comm stream
+                  attn(A)             ...
+                  attn(B)             reduce+norm(A, post-attention)
+                  mlp(A)              reduce+norm(B, post-attention)
+                  mlp(B)              reduce+norm(A, post-MLP -> next layer's input norm)
+                  attn(A), next       reduce+norm(B, post-MLP -> next layer's input norm)
+
+              Attention stays exact for a sequence cut by the split: A's attention writes its
+              K/V into the cache before B's attention reads them (same compute stream, A first).
+* `nocomm`    baseline with every all-reduce removed. Wrong output; for analysis only: it is the
+              bound that hiding communication can reach.
+
+The first layer's input norm runs on the embedding output (already all-reduced, replicated), and
+the final model norm is the "next norm" of the last layer's MLP reduction, so neither costs an
+extra collective.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+from weavelm.kernels.rmsnorm import fused_add_rms_norm
+from weavelm.parallel.communicator import get_communicator, row_range
+
+
+class Mode(str, enum.Enum):
+    BASELINE = "baseline"
+    FUSED = "fused"
+    WEAVE = "weave"
+    NOCOMM = "nocomm"
+
+
+def parse_mode(mode) -> Mode:
+    from weavelm.errors import WeavelmError
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise WeavelmError(f"unknown mode {mode!r}: choose one of "
+                           f"{', '.join(m.value for m in Mode)}") from None
+
+
+class WovenDecoderLayer(nn.Module):
+    """A pre-norm decoder layer of any family: `self_attn` and `mlp` return partial sums.
+
+    `self_attn(positions, x, cache, batch, rotary)` and `mlp(x)` must end in a RowParallelLinear
+    with reduce_results=False; the schedule reduces. Attribute names follow Hugging Face.
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module):
+        super().__init__()
+        self.input_layernorm = input_layernorm
+        self.self_attn = self_attn
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+
+class _Half:
+    """One half of the batch in the fused/weave schedules: its tokens and residual rows."""
+
+    def __init__(self, x, residual_rows, positions, batch, slot=0):
+        self.x, self.residual_rows = x, residual_rows
+        self.positions, self.batch = positions, batch
+        self.slot = slot          # the communicator's staging region for this half
+        self.ready = None         # CUDA event: x is valid
+
+
+def _record(t: torch.Tensor, stream) -> None:
+    """Tell the caching allocator that `stream` uses `t` (views of symmetric memory, which the
+    allocator does not own, need nothing)."""
+    try:
+        t.record_stream(stream)
+    except RuntimeError:
+        pass
+
+
+class StackRunner:
+    """Runs a stack of WovenDecoderLayers in one of the modes. Owns the side stream."""
+
+    def __init__(self, layers: nn.ModuleList, final_norm: nn.Module):
+        self.layers, self.final_norm = layers, final_norm
+        self._comm_stream = None
+        # CTAs for the fused kernel while the other half computes (few: the GEMMs keep the
+        # rest of the GPU); None = the communicator's default. Set by benchmarks and tuning.
+        self.weave_ctas: int | None = None
+
+    def _norm_after(self, i: int, block: str):
+        """The norm that follows layer i's `block` ("attn" or "mlp")."""
+        if block == "attn":
+            return self.layers[i].post_attention_layernorm
+        return self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.final_norm
+
+    # -- baseline and nocomm: all rows, replicated residual ---------------------------------
+    def run_replicated(self, h, positions, cache, batch, rotary, reduce: bool):
+        comm = get_communicator()
+        residual = h.clone()                                             # [T, D]
+        x = self.layers[0].input_layernorm(h)
+        for i, layer in enumerate(self.layers):
+            for block in ("attn", "mlp"):
+                if block == "attn":
+                    partial = layer.self_attn(positions, x, cache, batch, rotary)
+                else:
+                    partial = layer.mlp(x)
+                if reduce:
+                    partial = comm.all_reduce(partial)
+                norm = self._norm_after(i, block)
+                x, residual = fused_add_rms_norm(partial, residual, norm.weight, norm.eps)
+        return x                                                         # [T, D]
+
+    # -- fused and weave: sequence-sharded residual -----------------------------------------
+    def _start_half(self, h, positions, batch, slot=0) -> _Half:
+        comm = get_communicator()
+        lo, hi = row_range(h.shape[0], comm.rank, comm.world_size)
+        x = self.layers[0].input_layernorm(h)
+        return _Half(x, h[lo:hi].clone(), positions, batch, slot)
+
+    def _block(self, half: _Half, i: int, block: str, cache, rotary):
+        layer = self.layers[i]
+        if block == "attn":
+            return layer.self_attn(half.positions, half.x, cache, half.batch, rotary)
+        return layer.mlp(half.x)
+
+    def _reduce(self, half: _Half, partial, i: int, block: str, ctas=None):
+        norm = self._norm_after(i, block)
+        half.x = get_communicator().reduce_scatter_add_rms_norm_all_gather(
+            partial, half.residual_rows, norm.weight, norm.eps, ctas=ctas, slot=half.slot)
+
+    def run_fused(self, h, positions, cache, batch, rotary):
+        half = self._start_half(h, positions, batch)
+        for i in range(len(self.layers)):
+            for block in ("attn", "mlp"):
+                self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
+        return half.x
+
+    def run_weave(self, h, positions, cache, batch, rotary, split: int):
+        batch_a, batch_b = batch.split(split)
+        a = self._start_half(h[:split], positions[:split], batch_a, slot=0)
+        b = self._start_half(h[split:], positions[split:], batch_b, slot=1)
+        comm = get_communicator()
+        if hasattr(comm, "reserve_slots"):       # fused backends: one staging region per half
+            comm.reserve_slots(max(split, h.shape[0] - split), h.shape[1], h.dtype, slots=2)
+        if not h.is_cuda:
+            # Same order of operations without streams: CPU runs (and tests) follow the schedule.
+            for i in range(len(self.layers)):
+                for block in ("attn", "mlp"):
+                    for half in (a, b):
+                        self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
+            return torch.cat([a.x, b.x])
+        return self._run_weave_cuda(a, b, cache, rotary)
+
+    def _side_stream(self, device):
+        if self._comm_stream is None:
+            low, high = torch.cuda.Stream.priority_range()
+            self._comm_stream = torch.cuda.Stream(device=device, priority=high)
+        return self._comm_stream
+
+    def _run_weave_cuda(self, a: _Half, b: _Half, cache, rotary):
+        compute = torch.cuda.current_stream()
+        side = self._side_stream(a.x.device)
+        for half in (a, b):
+            _record(half.residual_rows, side)
+        for i in range(len(self.layers)):
+            for block in ("attn", "mlp"):
+                for half in (a, b):
+                    if half.ready is not None:
+                        compute.wait_event(half.ready)
+                    partial = self._block(half, i, block, cache, rotary)     # compute stream
+                    produced = torch.cuda.Event()
+                    produced.record(compute)
+                    _record(partial, side)
+                    with torch.cuda.stream(side):
+                        side.wait_event(produced)
+                        self._reduce(half, partial, i, block, self.weave_ctas)  # side stream
+                        half.ready = torch.cuda.Event()
+                        half.ready.record(side)
+                    _record(half.x, compute)
+        for half in (a, b):
+            compute.wait_event(half.ready)
+        return torch.cat([a.x, b.x])
+
+    def run(self, mode: Mode, h, positions, cache, batch, rotary, split: int | None):
+        if mode is Mode.BASELINE:
+            return self.run_replicated(h, positions, cache, batch, rotary, reduce=True)
+        if mode is Mode.NOCOMM:
+            return self.run_replicated(h, positions, cache, batch, rotary, reduce=False)
+        if mode is Mode.FUSED or split is None or not 0 < split < h.shape[0]:
+            return self.run_fused(h, positions, cache, batch, rotary)
+        return self.run_weave(h, positions, cache, batch, rotary, split)
