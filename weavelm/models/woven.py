@@ -146,7 +146,7 @@ class StackRunner:
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
-        return half.x
+        return half.x.clone()           # fused backends return a view of their staging buffer
 
     def run_weave(self, h, positions, cache, batch, rotary, split: int):
         batch_a, batch_b = batch.split(split)
