@@ -10,3 +10,4 @@ echo "bench_fused_comm exit $?"; tail -45 "$OUT/bench_fused_comm.txt"
 timeout 300 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
   --tokens 1k,2k,4k,8k,16k --json "$OUT/prefill.json" > "$OUT/bench_prefill.txt" 2>&1
 echo "bench prefill exit $?"; tail -12 "$OUT/bench_prefill.txt"
+timeout 120 python3 benchmarks/device/diag_precision.py > "$OUT/diag_precision.txt" 2>&1; echo "diag exit $?"; tail -3 "$OUT/diag_precision.txt"
