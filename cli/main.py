@@ -204,7 +204,8 @@ def bench_prefill(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Split the tokens into "
                                                                "sequences of this length."),
     repeats: int = typer.Option(5, help="Timed repeats (median)."),
-    ctas: Optional[int] = typer.Option(None, help="CTAs of the fused kernel in the weave."),
+    ctas: Optional[str] = typer.Option(None, help="CTAs of the fused kernel in the weave; a "
+                                                  "list (8,16,32) times each, keeps the best."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
@@ -225,7 +226,8 @@ def bench_prefill(
     check(repeats >= 1, f"--repeats must be at least 1, got {repeats}")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
-                repeats=repeats, ctas=ctas, device=str(dev))
+                repeats=repeats, device=str(dev),
+                ctas=_int_list(ctas, "--ctas") if ctas else None)
     result = _run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return

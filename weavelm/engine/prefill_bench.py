@@ -122,18 +122,28 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
     state = init_parallel(opts["tp"], opts["device"])
     runner = PrefillRunner(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
                            opts["seq_len"])
-    if opts.get("ctas"):
-        runner.model.model.runner.weave_ctas = opts["ctas"]
+    ctas_list = opts.get("ctas") or [None]
+    stack = runner.model.model.runner
     rows = []
     for T in opts["tokens"]:
         split = runner.split_for(T)
         row = {"tokens": T, "split": split}
         for mode in opts["modes"]:
-            try:
-                row[mode] = runner.time(T, mode, split if mode == "weave" else None,
-                                        repeats=opts["repeats"])
-            except torch.cuda.OutOfMemoryError:
-                row[mode] = None
+            # The weave is timed at each CTA count asked for; `weave` keeps the best.
+            for c in (ctas_list if mode == "weave" else [None]):
+                stack.weave_ctas = c
+                try:
+                    t = runner.time(T, mode, split if mode == "weave" else None,
+                                    repeats=opts["repeats"])
+                except torch.cuda.OutOfMemoryError:
+                    t = None
+                if mode == "weave" and len(ctas_list) > 1:
+                    row[f"weave@{c}"] = t
+                    if t is not None and (row.get("weave") is None or t < row["weave"]):
+                        row["weave"], row["weave_ctas"] = t, c
+                else:
+                    row[mode] = t
+        stack.weave_ctas = None
         rows.append(row)
         if state.is_first and opts.get("verbose", True):
             print("  " + ", ".join(f"{k}={v * 1e3:.2f} ms" if isinstance(v, float) else
@@ -149,6 +159,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
 def format_table(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     modes = [m for m in ("baseline", "fused", "weave", "nocomm") if m in rows[0]]
+    modes += [k for k in rows[0] if k.startswith("weave@")]
     head = (f"prefill, {meta['shape']} ({meta['layers']} layers), TP={meta['tp']}, "
             f"{meta['device']}, fused backend {meta['backend']}; ms, median; ratios from this run")
     lines = [head, "",

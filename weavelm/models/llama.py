@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, positions, x, cache: KVCache, batch: AttentionBatch, rotary):
+    def forward(self, positions, x, cache: KVCache, batch: AttentionBatch, rotary, out=None):
         T = x.shape[0]
         qkv = self.qkv_proj(x)                                       # [T, (H + 2 Hkv) Dh]
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size,
@@ -74,7 +74,7 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(k.shape)
         q, k = rotary(positions, q, k)
         o = cached_attention(q, k, v, cache, self.layer_idx, batch, self.scale, self.window)
-        return self.o_proj(o.reshape(T, -1))                         # [T, D] partial sums
+        return self.o_proj(o.reshape(T, -1), out=out)                # [T, D] partial sums
 
 
 class LlamaMLP(nn.Module):
@@ -86,9 +86,9 @@ class LlamaMLP(nn.Module):
                                            reduce_results=False, params_dtype=dtype,
                                            device=device)
 
-    def forward(self, x):
+    def forward(self, x, out=None):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)            # [T, I/N] each
-        return self.down_proj(F.silu(gate) * up)                     # [T, D] partial sums
+        return self.down_proj(F.silu(gate) * up, out=out)            # [T, D] partial sums
 
 
 def llama_decoder_layer(cfg: ModelConfig, layer_idx: int, dtype, device) -> WovenDecoderLayer:

@@ -131,10 +131,16 @@ class StackRunner:
         return _Half(x, h[lo:hi].clone(), positions, batch, slot)
 
     def _block(self, half: _Half, i: int, block: str, cache, rotary):
+        """Run a block; its row-parallel GEMM writes straight into the communicator's staging
+        slot for this half when the backend has one (no copy before the fused kernel)."""
         layer = self.layers[i]
+        comm = get_communicator()
+        out = None
+        if hasattr(comm, "staging") and half.x.is_cuda:
+            out = comm.staging(half.x.shape[0], half.x.shape[1], half.x.dtype, slot=half.slot)
         if block == "attn":
-            return layer.self_attn(half.positions, half.x, cache, half.batch, rotary)
-        return layer.mlp(half.x)
+            return layer.self_attn(half.positions, half.x, cache, half.batch, rotary, out=out)
+        return layer.mlp(half.x, out=out)
 
     def _reduce(self, half: _Half, partial, i: int, block: str, ctas=None):
         norm = self._norm_after(i, block)
@@ -143,6 +149,9 @@ class StackRunner:
 
     def run_fused(self, h, positions, cache, batch, rotary):
         half = self._start_half(h, positions, batch)
+        comm = get_communicator()
+        if hasattr(comm, "reserve_slots"):
+            comm.reserve_slots(h.shape[0], h.shape[1], h.dtype, slots=1)
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 self._reduce(half, self._block(half, i, block, cache, rotary), i, block)

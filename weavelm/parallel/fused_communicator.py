@@ -42,7 +42,9 @@ from weavelm.parallel.multicast_guard import multicast_allowed
 
 log = logging.getLogger("weavelm")
 
-DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "16"))
+# 32: the best standalone time on 4xH100 at >= 512 tokens (benchmarks/RESULTS.md); the weave
+# may ask for fewer per call.
+DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "32"))
 DEFAULT_TIMEOUT_S = float(os.environ.get("WEAVELM_COMM_TIMEOUT_S", "5"))
 FIRST_LAUNCH_TIMEOUT_S = 120.0  # a kernel's first launch waits for peers still compiling it
 DEFAULT_ONESHOT_MAX_BYTES = 512 * 1024
@@ -119,11 +121,18 @@ class FusedCommunicator(Communicator):
             self.slot_bytes = 1 << (need - 1).bit_length()
         self._ensure(self.slot_bytes * slots)
 
-    def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None):
-        """This rank's staging buffer as [n_tokens, hidden]: write partial sums (GEMM output)
-        here and pass it to a collective to skip the copy-in."""
+    def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None,
+                slot: int = 0):
+        """This rank's staging slot `slot` as [n_tokens, hidden]: write partial sums (GEMM
+        output) here and pass it to a collective to skip the copy-in."""
         dtype = dtype or torch.get_default_dtype()
-        return self._ensure(n_tokens * hidden * dtype.itemsize).view(n_tokens, hidden, dtype)
+        nbytes = n_tokens * hidden * dtype.itemsize
+        if slot and self.slot_bytes < nbytes:
+            raise WeavelmError(f"{self.name} communicator: staging slot {slot} holds "
+                               f"{self.slot_bytes} bytes, {nbytes} needed: call "
+                               f"reserve_slots() for the largest half first")
+        base = slot * self.slot_bytes
+        return self._ensure(base + nbytes).view(n_tokens, hidden, dtype, base)
 
     def _stage(self, x: torch.Tensor, slot: int = 0) -> tuple[int, bool]:
         """(byte offset of x in every rank's buffer, whether x already was there). A tensor

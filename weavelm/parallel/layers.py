@@ -166,11 +166,17 @@ class RowParallelLinear(_TPLayer):
         size = param.shape[1]
         copy_checked(param.data, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
 
-    def forward(self, x):
+    def forward(self, x, out: torch.Tensor | None = None):
+        """`out` receives the partial sums (a communicator's staging buffer: no copy-in)."""
         if not self.input_is_parallel and self.tp_size > 1:
             size = self.input_size_per_partition
             x = x.narrow(-1, self.tp_rank * size, size)
         add_bias_here = self.bias is not None and (self.reduce_results or self.tp_rank == 0)
+        if out is not None and not self.reduce_results:
+            y = torch.matmul(x, self.weight.t(), out=out)           # [T, out] partial sums
+            if add_bias_here:
+                y.add_(self.bias)
+            return y
         y = F.linear(x, self.weight)                                # [T, out] partial sums
         if self.reduce_results:
             y = get_communicator().all_reduce(y)

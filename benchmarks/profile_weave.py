@@ -1,0 +1,106 @@
+"""Per-kernel timeline of one prefill per schedule on rank 0, to see where the time goes.
+
+    torchrun --nproc-per-node 4 benchmarks/profile_weave.py --tokens 8192 --layers 8 [--out DIR]
+
+Prints, per mode, the top kernels by GPU time and the busy time of each CUDA stream, and the
+overlap: sum of kernel time on the side stream that ran while a compute-stream kernel was
+running. Writes a Chrome trace per mode to --out (gzip) when given.
+"""
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+
+def intervals_overlap(a, b):
+    """Total length of the intersection of two lists of (start, end) intervals."""
+    a, b = sorted(a), sorted(b)
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shape", default="llama3-70b")
+    ap.add_argument("--ctas", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    from weavelm.engine.prefill_bench import PrefillRunner
+    from weavelm.parallel.state import init_parallel
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    state = init_parallel(tp, "cuda")
+    runner = PrefillRunner(args.shape, args.layers, tp, "p2p", None)
+    runner.model.model.runner.weave_ctas = args.ctas
+    T = args.tokens
+    split = runner.split_for(T)
+    inputs = runner._inputs(T)
+    for mode in ("baseline", "fused", "weave", "nocomm"):
+        s = split if mode == "weave" else None
+        for _ in range(2):
+            runner.forward(T, mode, s, inputs)
+        torch.cuda.synchronize()
+        torch.distributed.barrier()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.forward(T, mode, s, inputs)
+            torch.cuda.synchronize()
+        torch.distributed.barrier()
+        if not state.is_first:
+            continue
+        path = f"/tmp/trace_{mode}.json"
+        prof.export_chrome_trace(path)
+        events = [e for e in json.load(open(path))["traceEvents"]
+                  if e.get("cat") == "kernel" and "dur" in e]
+        by_stream = {}
+        for e in events:
+            by_stream.setdefault(e["args"].get("stream", e.get("tid")), []).append(
+                (e["ts"], e["ts"] + e["dur"], e["name"]))
+        t0 = min(e["ts"] for e in events)
+        t1 = max(e["ts"] + e["dur"] for e in events)
+        print(f"\n### {mode}: {T} tokens, {args.layers} layers, TP={tp}, split={s}, "
+              f"GPU span {(t1 - t0) / 1e3:.2f} ms")
+        streams = sorted(by_stream, key=lambda k: -sum(b - a for a, b, _ in by_stream[k]))
+        for k in streams:
+            busy = sum(b - a for a, b, _ in by_stream[k])
+            print(f"  stream {k}: {len(by_stream[k])} kernels, busy {busy / 1e3:.2f} ms")
+        if len(streams) > 1:
+            main_iv = [(a, b) for a, b, _ in by_stream[streams[0]]]
+            side_iv = [(a, b) for k in streams[1:] for a, b, _ in by_stream[k]]
+            ov = intervals_overlap(main_iv, side_iv)
+            side = sum(b - a for a, b in side_iv)
+            print(f"  side-stream kernel time overlapped with compute: {ov / 1e3:.2f} of "
+                  f"{side / 1e3:.2f} ms")
+        totals = {}
+        for e in events:
+            name = e["name"][:70]
+            n, d = totals.get(name, (0, 0.0))
+            totals[name] = (n + 1, d + e["dur"])
+        print("  | kernel | calls | GPU ms |")
+        print("  | --- | --- | --- |")
+        for name, (n, d) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"  | {name} | {n} | {d / 1e3:.2f} |")
+        if args.out and mode in ("baseline", "weave"):   # files back are few: keep two
+            os.makedirs(args.out, exist_ok=True)
+            with open(path, "rb") as f, gzip.open(os.path.join(args.out, f"trace_{mode}.json.gz"),
+                                                   "wb") as g:
+                shutil.copyfileobj(f, g)
+
+
+if __name__ == "__main__":
+    main()
