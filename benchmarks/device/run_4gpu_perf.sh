@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Multi-GPU performance round: fused-kernel sweep, prefill per schedule with a CTA sweep for the
+# Multi-GPU round: correctness of both, fused-kernel sweep, prefill per schedule with a CTA sweep for the
 # weave, the per-kernel timeline, and the splitter's tuning.
 #   bash benchmarks/device/run_4gpu_perf.sh [N]    (results under $OUT)
 set -u
 source benchmarks/device/setup.sh
 N=${1:-$(nvidia-smi -L | wc -l)}
+timeout 150 python3 tests/gpu/test_fused_comm_multigpu.py > "$OUT/fused_comm_test.txt" 2>&1
+echo "fused comm test exit $?"; tail -2 "$OUT/fused_comm_test.txt"
+timeout 200 python3 -m pytest -q -s -x -p no:cacheprovider tests/gpu/test_weave_multigpu.py \
+  > "$OUT/weave_test.txt" 2>&1; echo "weave test exit $?"; tail -6 "$OUT/weave_test.txt"
 timeout 200 torchrun --nproc-per-node "$N" benchmarks/bench_fused_comm.py --hidden 8192 \
   --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 > "$OUT/bench_fused_comm.txt" 2>&1
 echo "bench_fused_comm exit $?"; tail -24 "$OUT/bench_fused_comm.txt"

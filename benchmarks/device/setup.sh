@@ -5,6 +5,6 @@ export WEAVELM_DISABLE_MULTICAST=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 export OUT=${OUT:-/tmp/weavelm-out}
 mkdir -p "$OUT"
 if [ -d .wheels ]; then
-  pip install --no-index --no-deps --quiet .wheels/*.whl >"$OUT/pip.txt" 2>&1 || cat "$OUT/pip.txt"
+  pip install --no-index --no-deps --quiet .wheels/*.whl >/tmp/weavelm-pip.txt 2>&1 || cat /tmp/weavelm-pip.txt
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
