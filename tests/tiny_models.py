@@ -8,12 +8,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed: int = 0,
-              layers: int = 2):
+              layers: int = 2, heads: int = 4):
     """Save a random `kind` model (llama, qwen2, qwen3, mistral) to `directory`; return it."""
     import transformers as tf
     torch.manual_seed(seed)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=103,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=103,
                   max_position_embeddings=256, eos_token_id=2, bos_token_id=1)
     cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(rope_scaling=LLAMA3_ROPE)),
