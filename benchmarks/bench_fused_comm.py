@@ -95,6 +95,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--graph-max-tokens", type=int, default=512)
     p.add_argument("--plot", default=None, help="write a latency plot (needs matplotlib)")
+    p.add_argument("--json", default=None, help="write every timing here (for plotting later)")
     args = p.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     ctas_list = [int(c) for c in args.ctas.split(",")]
@@ -267,6 +268,12 @@ def report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D):
     for T in tokens:
         print(f"| {T} | " + " | ".join(f"{sweep.get((T, c), nan):.1f}" for c in ctas_list)
               + " |")
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"gpu": gpu, "world": N, "hidden": D, "tokens": tokens, "ctas": ctas_list,
+                       "res": {f"{k}|{T}": v for (k, T), v in res.items()},
+                       "sweep": {f"{T}|{c}": v for (T, c), v in sweep.items()}}, f, indent=1)
     if args.plot:
         try:
             import matplotlib

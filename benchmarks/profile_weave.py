@@ -95,7 +95,7 @@ def main():
         print("  | --- | --- | --- |")
         for name, (n, d) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]:
             print(f"  | {name} | {n} | {d / 1e3:.2f} |")
-        if args.out and mode in ("baseline", "weave"):   # files back are few: keep two
+        if args.out and mode == "weave":   # files that come back are few: keep one
             os.makedirs(args.out, exist_ok=True)
             with open(path, "rb") as f, gzip.open(os.path.join(args.out, f"trace_{mode}.json.gz"),
                                                    "wb") as g:

@@ -10,11 +10,14 @@ echo "fused comm test exit $?"; tail -2 "$OUT/fused_comm_test.txt"
 timeout 200 python3 -m pytest -q -s -x -p no:cacheprovider tests/gpu/test_weave_multigpu.py \
   > "$OUT/weave_test.txt" 2>&1; echo "weave test exit $?"; tail -6 "$OUT/weave_test.txt"
 timeout 200 torchrun --nproc-per-node "$N" benchmarks/bench_fused_comm.py --hidden 8192 \
-  --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 > "$OUT/bench_fused_comm.txt" 2>&1
+  --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 --json "$OUT/fused_comm.json" \
+  > "$OUT/bench_fused_comm.txt" 2>&1
 echo "bench_fused_comm exit $?"; tail -24 "$OUT/bench_fused_comm.txt"
 timeout 260 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
   --tokens 1k,2k,4k,8k,16k --ctas 8,16,32 --json "$OUT/prefill.json" > "$OUT/bench_prefill.txt" 2>&1
 echo "bench prefill exit $?"; tail -9 "$OUT/bench_prefill.txt"
 timeout 150 torchrun --nproc-per-node "$N" benchmarks/profile_weave.py --tokens 8192 --layers 8 \
-  --out "$OUT/traces" > "$OUT/profile.txt" 2>&1; echo "profile exit $?"
+  --out "$OUT" > "$OUT/profile.txt" 2>&1; echo "profile exit $?"
 grep -v "^W1\|^\*\*\*" "$OUT/profile.txt" | grep -A9 "^###" | head -60
+timeout 150 python3 -m cli.main tune --shape llama3-70b --layers 2 --tp "$N" --tokens 1k,4k,16k \
+  > "$OUT/tune.txt" 2>&1; echo "tune exit $?"; tail -5 "$OUT/tune.txt"
