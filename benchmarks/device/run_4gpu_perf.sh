@@ -20,4 +20,4 @@ timeout 150 torchrun --nproc-per-node "$N" benchmarks/profile_weave.py --tokens 
   --out "$OUT" > "$OUT/profile.txt" 2>&1; echo "profile exit $?"
 grep -v "^W1\|^\*\*\*" "$OUT/profile.txt" | grep -A9 "^###" | head -60
 timeout 150 python3 -m cli.main tune --shape llama3-70b --layers 2 --tp "$N" --tokens 1k,4k,16k \
-  > "$OUT/tune.txt" 2>&1; echo "tune exit $?"; tail -5 "$OUT/tune.txt"
+  > /tmp/tune.txt 2>&1; echo "tune exit $?"; cat /tmp/tune.txt >> "$OUT/profile.txt"; tail -5 /tmp/tune.txt
