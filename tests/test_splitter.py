@@ -115,7 +115,8 @@ def test_table_save_load_roundtrip(cache_dir):
 
 
 def test_model_key_and_gemms():
-    assert model_key(LLAMA_70B) == "h8192-i28672-a64-kv8-l80"
+    assert model_key(LLAMA_70B) == "h8192-i28672-a64-kv8"
+    assert model_key(dict(LLAMA_70B, num_hidden_layers=4)) == model_key(LLAMA_70B)  # layers: no
     assert model_key({**LLAMA_70B, "head_dim": 256}).endswith("-d256")
     g = {x.name: x for x in gemms_for(LLAMA_70B, 4)}
     assert (g["qkv"].n, g["qkv"].k) == ((64 + 2 * 8) * 128 // 4, 8192)

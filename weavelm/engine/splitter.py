@@ -181,12 +181,14 @@ def _shape(cfg) -> tuple[int, int, int, int, int, int]:
 
 
 def model_key(config_like) -> str:
-    """Key of a model's shape, e.g. "h8192-i28672-a64-kv8-l80" (plus "-d<head_dim>" when unusual).
+    """Key of a model's layer shape, e.g. "h8192-i28672-a64-kv8" (plus "-d<head_dim>" when
+    unusual). The layer count is left out on purpose: the best split depends on each layer's
+    GEMMs, so a table tuned on a few layers serves the full model.
 
     Accepts an HF config dict or a `ModelConfig`.
     """
-    hidden, inter, heads, kv, layers, head_dim = _shape(config_like)
-    key = f"h{hidden}-i{inter}-a{heads}-kv{kv}-l{layers}"
+    hidden, inter, heads, kv, _, head_dim = _shape(config_like)
+    key = f"h{hidden}-i{inter}-a{heads}-kv{kv}"
     return key if head_dim == hidden // heads else f"{key}-d{head_dim}"
 
 
