@@ -16,6 +16,11 @@ echo "bench_fused_comm exit $?"; tail -24 "$OUT/bench_fused_comm.txt"
 timeout 260 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
   --tokens 1k,2k,4k,8k,16k --ctas 8,16,32 --json "$OUT/prefill.json" > "$OUT/bench_prefill.txt" 2>&1
 echo "bench prefill exit $?"; tail -9 "$OUT/bench_prefill.txt"
+# The same weave schedule with NCCL doing each half's reduction (torch backend): does overlap
+# itself pay, independent of our kernel?
+timeout 150 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
+  --tokens 4k,16k --modes baseline,fused,weave --backend torch > /tmp/nccl_weave.txt 2>&1
+echo "nccl weave exit $?"; cat /tmp/nccl_weave.txt >> "$OUT/bench_prefill.txt"; tail -4 /tmp/nccl_weave.txt
 timeout 150 torchrun --nproc-per-node "$N" benchmarks/profile_weave.py --tokens 8192 --layers 8 \
   --out "$OUT" > "$OUT/profile.txt" 2>&1; echo "profile exit $?"
 grep -v "^W1\|^\*\*\*" "$OUT/profile.txt" | grep -A9 "^###" | head -60
