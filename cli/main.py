@@ -65,7 +65,8 @@ def _generate_on_rank(opts: dict) -> None:
     from weavelm.engine.sampler import SamplingParams
     params = SamplingParams(**opts["sampling"])
     llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
-              allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"])
+              allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"],
+              backend=opts["backend"], mode=opts["mode"])
     stream = _Streamer(llm.tokenizer) if llm.state.is_first else None
     outs = llm.generate_from_ids(opts["token_lists"], params, on_token=stream,
                                  prompts=opts["prompts"])
@@ -101,6 +102,9 @@ def generate(
                                                 help="Context length to allocate."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Allow pickle (*.bin) checkpoints: they can run code."),
+    backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem "
+                                                     "[default: auto on GPUs, torch on CPU]."),
+    mode: str = typer.Option("auto", help="Prefill schedule: auto, baseline, fused, weave."),
 ):
     """Generate text, streaming tokens as they come."""
     from weavelm.engine.sampler import SamplingParams
@@ -133,8 +137,13 @@ def generate(
         check(len(ids) < context, f"the prompt has {len(ids)} tokens but the context holds "
                                   f"{context}: shorten the prompt")
         token_lists.append(ids)
-    opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype,
-                allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
+    if mode != "auto":
+        from weavelm.models.woven import parse_mode
+        parse_mode(mode)
+    check(backend in (None, "auto", "torch", "p2p", "multimem"),
+          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
+    opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
+                mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
                 token_lists=token_lists, sampling=sampling)
     if tp == 1 or _launched():
         _generate_on_rank(opts)

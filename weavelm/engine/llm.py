@@ -85,6 +85,8 @@ class LLM:
               f"lower it")
         self.max_model_len = max_model_len or limit
         self._tokenizer = None
+        if backend is None:       # fused communicators need GPUs and a second rank to pay
+            backend = "auto" if self.device.type == "cuda" and state.world_size > 1 else "torch"
         self.comm = get_communicator(backend)
         cls = model_class(self.config.architecture)
         with torch.no_grad():

@@ -86,6 +86,10 @@ class Communicator:
         return self.all_gather(normed_rows, n_rows)                            # [T, D]
 
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns); older releases only have the old.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class TorchCommunicator(Communicator):
     """torch.distributed collectives (NCCL on GPU, gloo on CPU): the unfused reference."""
 
@@ -124,7 +128,7 @@ class TorchCommunicator(Communicator):
         padded = x_rows.new_zeros((per_rank,) + tuple(x_rows.shape[1:]))
         padded[: x_rows.shape[0]] = x_rows
         gathered = x_rows.new_empty((per_rank * self.world_size,) + tuple(x_rows.shape[1:]))
-        dist.all_gather_into_tensor(gathered, padded, group=self.state.group)
+        _all_gather_single(gathered, padded, group=self.state.group)
         pieces = []
         for r in range(self.world_size):
             s, e = row_range(n_rows, r, self.world_size)
