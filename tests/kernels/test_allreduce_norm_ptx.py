@@ -19,7 +19,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 
 from weavelm.kernels import allreduce_norm as A  # noqa: E402
 from weavelm.kernels.allreduce_norm_kernel import (  # noqa: E402
-    make_allreduce_kernel, make_fused_kernel,
+    make_allreduce_kernel, make_fused_kernel, rows_per_iter, vecs_per_iter,
 )
 from weavelm.kernels.launcher import Kernel  # noqa: E402
 
@@ -27,19 +27,20 @@ PTXAS = shutil.which("ptxas")
 _cache: dict = {}
 
 
-def fused_ptx(kind, dt="bf16", world=4, vpt=2, push=True, res=True) -> str:
-    key = ("f", kind, dt, world, vpt, push, res)
+def fused_ptx(kind, dt="bf16", world=4, vpt=2, push=True, res=True, rows=None) -> str:
+    """PTX of a fused variant; rows=None: the plan's rows_per_iter."""
+    key = ("f", kind, dt, world, vpt, push, res, rows)
     if key not in _cache:
-        k = Kernel("t", lambda: make_fused_kernel(kind, dt, world, vpt, push, res),
+        k = Kernel("t", lambda: make_fused_kernel(kind, dt, world, vpt, push, res, rows),
                    A.FUSED_SIGNATURE, max_threads=A.MAX_BLOCK)
         _cache[key] = k.ptx()
     return _cache[key]
 
 
-def allreduce_ptx(kind, dt="bf16", world=8, push=True) -> str:
-    key = ("a", kind, dt, world, push)
+def allreduce_ptx(kind, dt="bf16", world=8, push=True, unroll=None) -> str:
+    key = ("a", kind, dt, world, push, unroll)
     if key not in _cache:
-        k = Kernel("t", lambda: make_allreduce_kernel(kind, dt, world, push),
+        k = Kernel("t", lambda: make_allreduce_kernel(kind, dt, world, push, unroll),
                    A.ALLREDUCE_SIGNATURE, max_threads=A.MAX_BLOCK)
         _cache[key] = k.ptx()
     return _cache[key]
@@ -84,7 +85,8 @@ def test_fused_kernel_assembles(kind, tmp_path):
         assert "ld.volatile.global.v4" not in ptx  # no peer loads
     else:
         assert "multimem" not in ptx
-        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == 2 * 4  # vpt x N peer loads
+        R = rows_per_iter(kind, "bf16", 4, 2)
+        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == R * 2 * 4  # R x vpt x N
         assert count(ptx, r"st\.global\.v4\.u32") >= 2 * 4  # pushes to every rank
         assert count(ptx, r"red\.release\.sys\.global\.add\.u32") == 2 * 4  # 2 barriers x N
     assemble(ptx, tmp_path)
@@ -93,11 +95,41 @@ def test_fused_kernel_assembles(kind, tmp_path):
 def test_fused_transports_share_everything_else():
     """Same norm math, block reduction, conversions, barrier and timeout code in both kernels;
     the p2p kernel only adds the fp32 adds of its in-thread reduction over ranks."""
-    p2p, mm = fused_ptx("p2p"), fused_ptx("multimem")
-    for pat in SHARED_MATH + BARRIER:
-        assert count(p2p, pat) == count(mm, pat), pat
-    # (N - 1) adds per element for vpt=2 vectors of 8: the reduction the switch does for multimem
-    assert count(p2p, r"add\.f32") - count(mm, r"add\.f32") == 2 * 8 * (4 - 1)
+    for rows in (1, 2):  # the same R in both (the plans pick R per transport)
+        p2p, mm = fused_ptx("p2p", rows=rows), fused_ptx("multimem", rows=rows)
+        for pat in SHARED_MATH + BARRIER:
+            assert count(p2p, pat) == count(mm, pat), (rows, pat)
+        # (N - 1) adds per element of R x vpt=2 vectors of 8: what the switch does for multimem
+        assert count(p2p, r"add\.f32") - count(mm, r"add\.f32") == rows * 2 * 8 * (4 - 1)
+
+
+def _main_loop_loads_before_first_add(ptx: str, load: str) -> int:
+    """Loads `load` issued in the fused kernel's main loop before the first f32 add (the first
+    use of a loaded value: the rank reduction or, multimem, the residual add)."""
+    body = ptx[ptx.index("bar.sync"):]                 # after the start barrier's first sync
+    body = body[body.index("ld.acquire.sys"):]         # inside the start barrier's wait ...
+    body = body[body.index("bar.sync"):]               # ... and past its closing sync
+    first_add = re.search(r"\badd\.(rn\.)?f32", body).start()
+    return count(body[:first_add], load)
+
+
+@pytest.mark.parametrize("world,vpt", [(4, 1), (4, 2), (2, 2), (8, 1)])
+def test_fused_p2p_issues_all_loads_of_an_iteration_first(world, vpt, tmp_path):
+    """All R x vpt x N peer loads of an iteration precede the first use of any (the loads are in
+    flight together), and the plan's R assembles without spills."""
+    R = rows_per_iter("p2p", "bf16", world, vpt)
+    ptx = fused_ptx("p2p", world=world, vpt=vpt)
+    assert _main_loop_loads_before_first_add(ptx, r"ld\.volatile\.global\.v4\.u32") == \
+        R * vpt * world
+    assemble(ptx, tmp_path)
+
+
+def test_fused_rows_per_iter_plans():
+    assert rows_per_iter("p2p", "bf16", 4, 1) == 4   # hidden 4096, 4 ranks: 16 loads in flight
+    assert rows_per_iter("p2p", "bf16", 4, 2) == 1   # hidden 5120-8192: 8 (+ residual)
+    assert rows_per_iter("p2p", "bf16", 2, 1) == 4
+    assert rows_per_iter("multimem", "bf16", 4, 2) == 2
+    assert vecs_per_iter("p2p", 4) == 4 and vecs_per_iter("p2p", 8) == 2
 
 
 @pytest.mark.parametrize("dt,ins", [("f16", "multimem.ld_reduce.relaxed.sys.global.add.acc::f32"
@@ -133,12 +165,14 @@ def test_allreduce_kernel_assembles(kind, push, tmp_path):
         assert ("multimem.st" in ptx) == push
     else:
         assert "multimem" not in ptx
-        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == 8
-        assert count(ptx, r"st\.global\.v4\.u32") == (8 if push else 1)
+        U = vecs_per_iter(kind, 8)
+        assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == 8 * U
+        assert count(ptx, r"st\.global\.v4\.u32") == (8 if push else 1) * U
     assemble(ptx, tmp_path)
 
 
 def test_allreduce_transports_share_everything_else():
-    p2p, mm = allreduce_ptx("p2p"), allreduce_ptx("multimem")
+    U = vecs_per_iter("p2p", 8)  # the same unroll in both (the plans pick one per transport)
+    p2p, mm = allreduce_ptx("p2p", unroll=U), allreduce_ptx("multimem", unroll=U)
     for pat in BARRIER + [r"cvt\.rn\.bf16x2\.f32"]:
         assert count(p2p, pat) == count(mm, pat), pat

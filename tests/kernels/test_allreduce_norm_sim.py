@@ -94,10 +94,14 @@ def _rand(shape, dtype, seed):
 
 @sim
 @pytest.mark.parametrize("dt", ["bf16", "f16", "f32"])
-@pytest.mark.parametrize("n,T,D", [(1, 3, 16), (2, 5, 24), (3, 7, 16), (4, 3, 8), (2, 2, 1040)])
+@pytest.mark.parametrize("n,T,D", [(1, 3, 16), (2, 5, 24), (3, 7, 16), (4, 3, 8), (2, 2, 1040),
+                                   (2, 23, 16), (3, 41, 24)])
 def test_sim_fused_push_matches_reference(dt, n, T, D):
     """Sharded fused kernel: every rank's buffer ends with the full normalised [T, D], each rank
-    updated only its own residual rows; T not divisible by N and ranks with no rows included."""
+    updated only its own residual rows; T not divisible by N and ranks with no rows included.
+    Small rows run R > 1 rows per CTA iteration (rows_per_iter: 4 for 2 and 3 ranks, 2 for 4 at
+    vpt 1); T = 23 and 41 give CTAs several iterations with a partial last one (rows per CTA
+    not a multiple of R)."""
     dtype = DTYPES[dt]
     R = Ranks(n, T * D * dtype.itemsize)
     parts = [_rand((T, D), dtype, r) for r in range(n)]

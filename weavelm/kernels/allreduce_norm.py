@@ -107,13 +107,18 @@ def _check_shape(dt: str, n_vec: int, world: int, ctas: int) -> None:
         raise ValueError(f"allreduce_norm: CTA count {ctas} outside 1..{MAX_CTAS}")
 
 
-def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool):
-    """The cached launcher.Kernel of one fused variant (compiled on first use)."""
+def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool,
+                 rows: int | None = None):
+    """The cached launcher.Kernel of one fused variant (compiled on first use). rows: token rows
+    per CTA iteration (default `allreduce_norm_kernel.rows_per_iter`)."""
     from weavelm.kernels import launcher
-    from weavelm.kernels.allreduce_norm_kernel import make_fused_kernel
+    from weavelm.kernels.allreduce_norm_kernel import make_fused_kernel, rows_per_iter
 
-    return launcher.kernel(("ar_norm", kind, dt, world, vpt, push, has_residual),
-                           lambda: make_fused_kernel(kind, dt, world, vpt, push, has_residual),
+    if rows is None:
+        rows = rows_per_iter(kind, dt, world, vpt, has_residual)
+    return launcher.kernel(("ar_norm", kind, dt, world, vpt, push, has_residual, rows),
+                           lambda: make_fused_kernel(kind, dt, world, vpt, push, has_residual,
+                                                     rows),
                            FUSED_SIGNATURE, max_threads=MAX_BLOCK)
 
 
@@ -121,7 +126,7 @@ def allreduce_kernel(kind: str, dt: str, world: int, push: bool):
     from weavelm.kernels import launcher
     from weavelm.kernels.allreduce_norm_kernel import make_allreduce_kernel
 
-    return launcher.kernel(("allreduce", kind, dt, world, push),
+    return launcher.kernel(("allreduce", kind, dt, world, push),  # unroll: vecs_per_iter
                            lambda: make_allreduce_kernel(kind, dt, world, push),
                            ALLREDUCE_SIGNATURE, max_threads=MAX_BLOCK)
 
@@ -131,7 +136,10 @@ _plans: dict = {}
 
 def plan_fused(kind, dt, world, n_vec, max_rows, ctas, push, has_residual):
     """(Kernel, grid, block). grid = min(ctas, rows of the largest rank): the same on every rank.
-    block = warps covering a row with <= vpt vectors per thread."""
+    block = warps covering a row with <= vpt vectors per thread. Each CTA iteration handles R
+    rows (`rows_per_iter`: a compile-time constant of the variant, from N, vpt and the
+    transport) with all their loads in flight at once; grid and row-to-CTA map do not depend
+    on R."""
     key = ("f", kind, dt, world, n_vec, max_rows, ctas, push, has_residual)
     p = _plans.get(key)
     if p is None:

@@ -2,21 +2,37 @@
 
 N = ranks, E = elements per 16-byte vector (8 for bf16/fp16, 4 for fp32), V = vectors per row.
 
-One Python body per kernel; a *transport* supplies the only three things that differ between the
+One Python body per kernel; a *transport* supplies the only things that differ between the
 p2p and the multimem kernels (DESIGN.md, "One fused kernel body, two transports"):
 
-    load_reduce(ptrs, mc, off, acc)      acc[0:E] = fp32 sum over ranks of the 16-byte vector at
-                                         byte offset `off` of every rank's buffer
+    load_issue(ptrs, mc, off, raw, s)    start the load(s) of the 16-byte vector at byte offset
+                                         `off` of every rank's buffer into slot s of `raw`
+                                         (u32 registers; W words a slot)
+    load_reduce(raw, s, acc)             acc[0:E] = fp32 sum over ranks of slot s
     store_all(ptrs, mc, off, w)          write the 4 words `w` at `off` into every rank's buffer
     signal_all(ptrs, mc, off)            add 1 (release, system scope) to the u32 at `off` in
                                          every rank's buffer
 
+(load_issue + load_reduce is the old single load_reduce, split so that a kernel issues the loads
+of several vectors before it waits for the first: the stall of a load is at its first use.)
 `ptrs` holds the N buffer base addresses (a per-thread array the kernel fills once from the
 device table of peer pointers), `mc` is the multicast base address (0 and unused for p2p).
-p2p loops over `ptrs` with 16-byte volatile loads / plain stores / `red.release.sys`; multimem
-issues one `multimem.ld_reduce` / `multimem.st` / `multimem.red.release` on `mc + off`.
-Everything else (index math, residual add, fp32 sum of squares, block reduction, weight scale,
-barriers, timeouts) is this module's code, shared verbatim.
+p2p loops over `ptrs` with 16-byte volatile loads (W = 4N) / plain stores / `red.release.sys`;
+multimem issues one `multimem.ld_reduce` (W = 4) / `multimem.st` / `multimem.red.release` on
+`mc + off`. Everything else (index math, residual add, fp32 sum of squares, block reduction,
+weight scale, barriers, timeouts) is this module's code, shared verbatim.
+
+Memory model of the peer loads. They are `ld.volatile` (= relaxed, system scope; each access
+goes to the owner's memory, never an L1 line). After the start barrier the rows a rank reads are
+stable: their writers (the peers' GEMMs) finished before each peer's release-add, which our
+thread t < N observed with `ld.acquire.sys`; bar.sync then orders every thread of the CTA after
+that acquire (release -> acquire -> bar.sync is causality order in the PTX model), so every later
+load sees the partials. During the kernel a row is written only by its owner, after the owner
+read it (the stored value depends on the loads), so no load races with a store. Nothing orders
+the loads among themselves: relaxed loads to different addresses may all be in flight at once
+(the hardware waits at the first use of a result, not at the next load), which is what the
+R-rows-per-iteration layout of the fused kernel exploits. `volatile` only keeps the compiler
+from merging or reordering them; we issue them in the order we want them sent.
 
 Barrier protocol (graph-safe, no host epoch): see `weavelm/kernels/allreduce_norm.py`.
 """
@@ -34,7 +50,8 @@ cuda = None  # numba.cuda, bound by the builders: a module global, so the simula
 # ----------------------------------------------------------------------------- transports
 
 def make_transport(kind: str, dt: str, world: int):
-    """(load_reduce, store_all, signal_all, E) for transport `kind` ("p2p" | "multimem")."""
+    """(load_issue, load_reduce, store_all, signal_all, E, W) for transport `kind` ("p2p" |
+    "multimem"); W = u32 words one load_issue slot takes in `raw`."""
     global cuda
     from numba import float32
 
@@ -48,15 +65,25 @@ def make_transport(kind: str, dt: str, world: int):
     n = world
 
     if kind == "p2p":
-        load = ptx.load_v4_u32_volatile  # peer data: ordered after the barrier, never from L1
+        load = ptx.load_v4_u32_volatile  # peer data: strong (relaxed.sys) loads, never from L1
         store = ptx.store_v4_u32
         red = ptx.red_add_release_sys_u32
+        nw = 4 * n  # words per loaded vector: one 16-byte vector from each rank
 
-        def load_reduce(ptrs, mc, off, acc):
+        def load_issue(ptrs, mc, off, raw, s):
+            for p in range(n):
+                w = load(ptrs[p] + off)
+                raw[s * nw + 4 * p] = w[0]
+                raw[s * nw + 4 * p + 1] = w[1]
+                raw[s * nw + 4 * p + 2] = w[2]
+                raw[s * nw + 4 * p + 3] = w[3]
+
+        def load_reduce(raw, s, acc):
             tmp = cuda.local.array(epv, float32)
-            unpack(load(ptrs[0] + off), acc)
+            unpack((raw[s * nw], raw[s * nw + 1], raw[s * nw + 2], raw[s * nw + 3]), acc)
             for p in range(1, n):  # fixed rank order: the same sum on every rank
-                unpack(load(ptrs[p] + off), tmp)
+                b = s * nw + 4 * p
+                unpack((raw[b], raw[b + 1], raw[b + 2], raw[b + 3]), tmp)
                 for e in range(epv):
                     acc[e] += tmp[e]
 
@@ -73,9 +100,17 @@ def make_transport(kind: str, dt: str, world: int):
                      "f16": ptx.multimem_ld_reduce_add_v4_f16x2,
                      "f32": ptx.multimem_ld_reduce_add_v4_f32}[dt]
         mst, mred = ptx.multimem_st_v4_f32, ptx.multimem_red_add_release_u32
+        nw = 4  # the switch returns the reduced vector
 
-        def load_reduce(ptrs, mc, off, acc):
-            unpack(ld_reduce(mc + off), acc)  # the switch sums (f32 accumulation, dtype result)
+        def load_issue(ptrs, mc, off, raw, s):
+            w = ld_reduce(mc + off)  # the switch sums (f32 accumulation, dtype result)
+            raw[s * nw] = w[0]
+            raw[s * nw + 1] = w[1]
+            raw[s * nw + 2] = w[2]
+            raw[s * nw + 3] = w[3]
+
+        def load_reduce(raw, s, acc):
+            unpack((raw[s * nw], raw[s * nw + 1], raw[s * nw + 2], raw[s * nw + 3]), acc)
 
         def store_all(ptrs, mc, off, w):
             mst(mc + off, w[0], w[1], w[2], w[3])
@@ -84,7 +119,8 @@ def make_transport(kind: str, dt: str, world: int):
             mred(mc + off, 1)
     else:
         raise ValueError(f"unknown transport {kind!r}")
-    return dev(load_reduce), dev(store_all), dev(signal_all), epv
+    return (dev(load_issue), dev(load_reduce), dev(store_all), dev(signal_all), epv,
+            nw)
 
 
 # ----------------------------------------------------------------------------- barrier
@@ -168,29 +204,69 @@ def _load_ptrs(world: int):
 
 # ----------------------------------------------------------------------------- fused kernel
 
-def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool):
+def rows_per_iter(kind: str, dt: str, world: int, vpt: int, has_residual: bool = True) -> int:
+    """R, the token rows one CTA iteration of the fused kernel loads before it uses any.
+
+    The loads of an iteration (R * vpt vectors x N ranks for p2p, x 1 for multimem) are all in
+    flight at once, their words held in registers until used, and the R rows' fp32 values stay
+    in registers across the block reduction; at 512 threads a thread has 128 registers. Largest
+    power of two R <= 8 with loads + vpt * (ranks loaded) <= 20 (the second term: the hoisted
+    per-rank 64-bit addresses) and R * vpt * E <= 32, checked against ptxas (no spills) in
+    tests/kernels/test_allreduce_norm_ptx.py. p2p, 4 ranks: hidden 4096 bf16 (vpt 1) R = 4;
+    hidden 5120-8192 (vpt 2) R = 1 (8 peer loads in flight; R = 2 needs 2 more registers than
+    there are with the residual).
+    """
+    epv = 4 if dt == "f32" else 8
+    nl = world if kind == "p2p" else 1
+    r = 8
+    while r > 1 and (r * vpt * nl + vpt * nl > 20 or r * vpt * epv > 32):
+        r //= 2
+    return r
+
+
+def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool,
+                      rows: int | None = None):
     """The fused all-reduce + residual + RMSNorm kernel (Python function, not yet jitted).
 
     push=True  ("sharded", TokenWeave): rows [row_start, row_start + n_rows) are this rank's;
                the normalised rows go to every rank's buffer in place (x_off + row * row_bytes).
     push=False ("one-shot"): every rank does all rows and writes them to its local `out_ptr`.
     Residual rows are at res_ptr + (row - row_start) * row_bytes (updated in place).
+
+    CTA b handles rows b, b + G, b + 2G, ... (G = gridDim.x), R = `rows` of them per iteration
+    (default `rows_per_iter`): rows r, r + G, ..., r + (R-1)G. An iteration
+      A. issues every load of its R rows (peers' partials via the transport, residual) into
+         registers before it uses any: R * vpt * (N + 1) 16-byte loads in flight per thread;
+      B. reduces over ranks, adds the residual (stored back), sums squares per row;
+      C. one block reduction for all R rows (one __syncthreads; double-buffered shared words);
+      D. normalises and stores (push: to every rank) each row.
+    Row r goes to the same CTA as with R = 1; missing rows (past n_rows) are skipped.
     """
     global cuda
-    from numba import float32, int64
+    from numba import float32, int64, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.rmsnorm import _codec
 
-    load_reduce, store_all, signal_all, epv = make_transport(kind, dt, world)
+    load_issue, load_reduce, store_all, signal_all, epv, nw = make_transport(kind, dt, world)
     prologue, barrier, epilogue = _make_sync(signal_all, world)
     load_ptrs = _load_ptrs(world)
     cuda = numba_cuda()
     unpack, pack, _ = _codec(dt)
+    R = rows if rows is not None else rows_per_iter(kind, dt, world, vpt, has_residual)
     simulator = ptx.SIMULATOR
-    sim_slots = MAX_BLOCK if simulator else 1
-    nbuf = vpt * epv
+    sim_slots = 2 * R * MAX_BLOCK if simulator else 1
+    nslot = R * vpt                  # (row, vector) pairs of one iteration
+    nws = 2 * R * 32
+    # A issues all R * vpt * N loads up front while they fit the registers (the budget of
+    # rows_per_iter); beyond (e.g. hidden 16384 bf16 at 4+ ranks) each vector's N loads are
+    # issued just before their use, as with one load_reduce
+    nl = world if kind == "p2p" else 1
+    early = (R + 1) * vpt * nl <= 20
+    nbuf = nslot * epv
+    nraw = nslot * nw
+    nres = vpt * 4 if has_residual else 1
     n = world
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
 
@@ -199,10 +275,16 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         ctl = cuda.shared.array(2, int64)
-        warp_sums = cuda.shared.array(33, float32)  # [32 warp partials, row total]
+        # [parity][row k][warp]: warp partials; two buffers alternate between iterations, so an
+        # iteration's writes never meet the previous one's reads (its __syncthreads lies between)
+        warp_sums = cuda.shared.array(nws, float32)
         thread_sums = cuda.shared.array(sim_slots, float32)  # simulator only
         ptrs = cuda.local.array(n, int64)
-        h = cuda.local.array(nbuf, float32)  # this thread's part of h = sum + residual (fp32)
+        raw = cuda.local.array(nraw, uint32)   # loaded words of the iteration (registers)
+        rsw = cuda.local.array(nres, uint32)   # loaded residual words
+        h = cuda.local.array(nbuf, float32)    # h = sum + residual (fp32) of every slot
+        ss = cuda.local.array(R, float32)
+        rstd = cuda.local.array(R, float32)
         a = cuda.local.array(epv, float32)
         b = cuda.local.array(epv, float32)
         load_ptrs(tab, ptrs)
@@ -215,69 +297,109 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
         inv_d = float32(1.0) / float32(n_vec * epv)
         eps32 = float32(eps)
         row_bytes = n_vec * 16
+        grid = cuda.gridDim.x
+        lane = tid & 31
+        nwarps = nthreads >> 5
+        par = 0
         r = cuda.blockIdx.x
         while r < n_rows:
-            xrow = x_off + (row_start + r) * row_bytes
-            rrow = res_ptr + r * row_bytes
-            ss = float32(0.0)
-            for j in range(vpt):
-                v = tid + j * nthreads
-                if v < n_vec:
-                    load_reduce(ptrs, mc, xrow + v * 16, a)
-                    if has_residual:
-                        unpack(load(rrow + v * 16), b)
-                        for e in range(epv):
-                            a[e] += b[e]
-                        wr = pack(a)
-                        store(rrow + v * 16, wr[0], wr[1], wr[2], wr[3])
-                    for e in range(epv):
-                        h[j * epv + e] = a[e]
-                        ss += a[e] * a[e]
-            # block sum of ss -> warp_sums[32]
+            # A. every load of the R rows first: independent addresses, all in flight at once
+            for k in range(R):
+                rk = r + k * grid
+                if early and rk < n_rows:
+                    xrow = x_off + (row_start + rk) * row_bytes
+                    for j in range(vpt):
+                        v = tid + j * nthreads
+                        if v < n_vec:
+                            load_issue(ptrs, mc, xrow + v * 16, raw, k * vpt + j)
+            # B. reduce over ranks, + residual (stored back), sum of squares per row
+            for k in range(R):
+                ss[k] = float32(0.0)
+                rk = r + k * grid
+                if has_residual and rk < n_rows:
+                    # row k's residual: issued here, not in A, so that only one row's residual
+                    # words are live (registers); row 0's still overlaps every peer load
+                    for j in range(vpt):
+                        v = tid + j * nthreads
+                        if v < n_vec:
+                            w = load(res_ptr + rk * row_bytes + v * 16)
+                            rsw[4 * j] = w[0]
+                            rsw[4 * j + 1] = w[1]
+                            rsw[4 * j + 2] = w[2]
+                            rsw[4 * j + 3] = w[3]
+                if rk < n_rows:
+                    for j in range(vpt):
+                        v = tid + j * nthreads
+                        if v < n_vec:
+                            s = k * vpt + j
+                            if not early:  # one vector's N loads at a time (wide rows)
+                                load_issue(ptrs, mc, x_off + (row_start + rk) * row_bytes
+                                           + v * 16, raw, s)
+                            load_reduce(raw, s, a)
+                            if has_residual:
+                                unpack((rsw[4 * j], rsw[4 * j + 1], rsw[4 * j + 2],
+                                        rsw[4 * j + 3]), b)
+                                for e in range(epv):
+                                    a[e] += b[e]
+                                wr = pack(a)
+                                store(res_ptr + rk * row_bytes + v * 16,
+                                      wr[0], wr[1], wr[2], wr[3])
+                            for e in range(epv):
+                                h[s * epv + e] = a[e]
+                                ss[k] += a[e] * a[e]
+            # C. one block reduction for the R rows -> rstd[k], identical in every thread
             if simulator:
-                thread_sums[tid] = ss
+                for k in range(R):
+                    thread_sums[(par * R + k) * MAX_BLOCK + tid] = ss[k]
                 cuda.syncthreads()
-                if tid == 0:
+                for k in range(R):
                     t = float32(0.0)
                     for i in range(nthreads):
-                        t += thread_sums[i]
-                    warp_sums[32] = t
+                        t += thread_sums[(par * R + k) * MAX_BLOCK + i]
+                    rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
             else:
-                lane = tid & 31
-                k = 16
-                while k > 0:
-                    ss += cuda.shfl_xor_sync(0xFFFFFFFF, ss, k)
-                    k >>= 1
-                if lane == 0:
-                    warp_sums[tid >> 5] = ss
-                cuda.syncthreads()
-                if tid < 32:
-                    t = warp_sums[lane] if lane < (nthreads >> 5) else float32(0.0)
-                    k = 16
-                    while k > 0:
-                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, k)
-                        k >>= 1
+                for k in range(R):
+                    t = ss[k]
+                    m = 16
+                    while m > 0:
+                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
+                        m >>= 1
                     if lane == 0:
-                        warp_sums[32] = t
-            cuda.syncthreads()
-            rstd = float32(1.0) / float32(math.sqrt(warp_sums[32] * inv_d + eps32))
+                        warp_sums[(par * R + k) * 32 + (tid >> 5)] = t
+                cuda.syncthreads()
+                for k in range(R):
+                    # every warp sums the warp partials by the same butterfly: equal bits
+                    t = warp_sums[(par * R + k) * 32 + lane] if lane < nwarps else float32(0.0)
+                    m = 16
+                    while m > 0:
+                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
+                        m >>= 1
+                    rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
+            par ^= 1
+            # D. normalise and store
             for j in range(vpt):
                 v = tid + j * nthreads
                 if v < n_vec:
                     unpack(load_nc(w_ptr + v * 16), a)
-                    for e in range(epv):
-                        b[e] = h[j * epv + e] * rstd * a[e]
-                    wy = pack(b)
-                    if push:
-                        store_all(ptrs, mc, xrow + v * 16, wy)
-                    else:
-                        store(out_ptr + r * row_bytes + v * 16, wy[0], wy[1], wy[2], wy[3])
-            r += cuda.gridDim.x  # warp_sums[32] is rewritten only after the next row's 1st sync
+                    for k in range(R):
+                        rk = r + k * grid
+                        if rk < n_rows:
+                            s = k * vpt + j
+                            for e in range(epv):
+                                b[e] = h[s * epv + e] * rstd[k] * a[e]
+                            wy = pack(b)
+                            if push:
+                                store_all(ptrs, mc, x_off + (row_start + rk) * row_bytes + v * 16,
+                                          wy)
+                            else:
+                                store(out_ptr + rk * row_bytes + v * 16,
+                                      wy[0], wy[1], wy[2], wy[3])
+            r += R * grid
         barrier(ptrs, mc, my_base, rank, sig, 2, timeout_ns, err_host, ctl)  # all done
         if ctl[0] == 0:
             epilogue(my_base, sig, 2, ctl)
 
-    fused_allreduce_rmsnorm.__name__ = (f"fused_ar_rmsnorm_{kind}_{dt}_n{world}_v{vpt}_"
+    fused_allreduce_rmsnorm.__name__ = (f"fused_ar_rmsnorm_{kind}_{dt}_n{world}_v{vpt}_r{R}_"
                                         f"{'push' if push else 'oneshot'}"
                                         f"{'_res' if has_residual else ''}")
     return fused_allreduce_rmsnorm
@@ -285,25 +407,39 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
 
 # ----------------------------------------------------------------------------- plain all-reduce
 
-def make_allreduce_kernel(kind: str, dt: str, world: int, push: bool):
+def vecs_per_iter(kind: str, world: int) -> int:
+    """U, the vectors one thread of the plain all-reduce loads before it uses any: the largest
+    power of two <= 4 with U * N (p2p) or U (multimem) loads <= 16 in flight."""
+    per = world if kind == "p2p" else 1
+    u = 4
+    while u > 1 and u * per > 16:
+        u //= 2
+    return u
+
+
+def make_allreduce_kernel(kind: str, dt: str, world: int, push: bool, unroll: int | None = None):
     """Plain sum all-reduce over a flat range of 16-byte vectors (no norm).
 
     push=True  (two-shot): vectors [v_start, v_start + n_vecs) are this rank's share; their sums
                go to every rank's buffer in place: after the kernel every buffer holds the sum.
     push=False (one-shot): every rank sums all vectors from all buffers into its local out_ptr.
+    Thread i handles vectors i, i + S, i + 2S, ... (S = all threads of the grid), U = `unroll`
+    (default `vecs_per_iter`) of them per iteration, all loaded before any is used.
     """
     global cuda
-    from numba import float32, int64
+    from numba import float32, int64, uint32
 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels import ptx
     from weavelm.kernels.rmsnorm import _codec
 
-    load_reduce, store_all, signal_all, epv = make_transport(kind, dt, world)
+    load_issue, load_reduce, store_all, signal_all, epv, nw = make_transport(kind, dt, world)
     prologue, barrier, epilogue = _make_sync(signal_all, world)
     load_ptrs = _load_ptrs(world)
     cuda = numba_cuda()
     _, pack, _ = _codec(dt)
+    U = unroll if unroll is not None else vecs_per_iter(kind, world)
+    nraw = U * nw
     n = world
     store = ptx.store_v4_u32
 
@@ -311,6 +447,7 @@ def make_allreduce_kernel(kind: str, dt: str, world: int, push: bool):
                   err_host):
         ctl = cuda.shared.array(2, int64)
         ptrs = cuda.local.array(n, int64)
+        raw = cuda.local.array(nraw, uint32)
         a = cuda.local.array(epv, float32)
         load_ptrs(tab, ptrs)
         prologue(my_base, sig, ctl)
@@ -322,17 +459,24 @@ def make_allreduce_kernel(kind: str, dt: str, world: int, push: bool):
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         stride = cuda.gridDim.x * cuda.blockDim.x
         while i < n_vecs:
-            off = (v_start + i) * 16
-            load_reduce(ptrs, mc, x_off + off, a)
-            w = pack(a)
-            if push:
-                store_all(ptrs, mc, x_off + off, w)
-            else:
-                store(out_ptr + i * 16, w[0], w[1], w[2], w[3])
-            i += stride
+            for u in range(U):
+                iu = i + u * stride
+                if iu < n_vecs:
+                    load_issue(ptrs, mc, x_off + (v_start + iu) * 16, raw, u)
+            for u in range(U):
+                iu = i + u * stride
+                if iu < n_vecs:
+                    load_reduce(raw, u, a)
+                    w = pack(a)
+                    if push:
+                        store_all(ptrs, mc, x_off + (v_start + iu) * 16, w)
+                    else:
+                        store(out_ptr + iu * 16, w[0], w[1], w[2], w[3])
+            i += U * stride
         barrier(ptrs, mc, my_base, rank, sig, 2, timeout_ns, err_host, ctl)
         if ctl[0] == 0:
             epilogue(my_base, sig, 2, ctl)
 
-    allreduce.__name__ = f"allreduce_{kind}_{dt}_n{world}_{'twoshot' if push else 'oneshot'}"
+    allreduce.__name__ = (f"allreduce_{kind}_{dt}_n{world}_u{U}_"
+                          f"{'twoshot' if push else 'oneshot'}")
     return allreduce
