@@ -13,6 +13,11 @@ timeout 200 torchrun --nproc-per-node "$N" benchmarks/bench_fused_comm.py --hidd
   --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 --json "$OUT/fused_comm.json" \
   > "$OUT/bench_fused_comm.txt" 2>&1
 echo "bench_fused_comm exit $?"; tail -24 "$OUT/bench_fused_comm.txt"
+# Two rows per CTA iteration at hidden 8192 x 4 ranks (the plan picks 1: 8 bytes would spill).
+WEAVELM_FUSED_ROWS=2 timeout 120 torchrun --nproc-per-node "$N" benchmarks/bench_fused_comm.py \
+  --hidden 8192 --tokens 1024,4096,16384 --ctas 8,16,32 > /tmp/rows2.txt 2>&1
+echo "rows=2 exit $?"; (echo; echo "## WEAVELM_FUSED_ROWS=2"; cat /tmp/rows2.txt) >> "$OUT/bench_fused_comm.txt"
+tail -12 /tmp/rows2.txt
 timeout 260 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
   --tokens 1k,2k,4k,8k,16k --ctas 8,16,32 --json "$OUT/prefill.json" > "$OUT/bench_prefill.txt" 2>&1
 echo "bench prefill exit $?"; tail -9 "$OUT/bench_prefill.txt"

@@ -38,6 +38,8 @@ CPU: references only; the kernels also run in numba's CUDA simulator (`tests/ker
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +117,9 @@ def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_resid
     from weavelm.kernels.allreduce_norm_kernel import make_fused_kernel, rows_per_iter
 
     if rows is None:
-        rows = rows_per_iter(kind, dt, world, vpt, has_residual)
+        # WEAVELM_FUSED_ROWS overrides the plan's choice (benchmarks compare R values).
+        rows = int(os.environ.get("WEAVELM_FUSED_ROWS") or 0) or \
+            rows_per_iter(kind, dt, world, vpt, has_residual)
     return launcher.kernel(("ar_norm", kind, dt, world, vpt, push, has_residual, rows),
                            lambda: make_fused_kernel(kind, dt, world, vpt, push, has_residual,
                                                      rows),
