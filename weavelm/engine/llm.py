@@ -148,6 +148,7 @@ class LLM:
                           on_token=None, prompts: list[str] | None = None) -> list[Completion]:
         prompts = prompts or [""] * len(token_lists)
         B, dev = len(token_lists), self.device
+        stop_ids = self.stop_ids      # may load the tokenizer: do it before any collective
         lengths = [len(t) for t in token_lists]
         for n in lengths:
             check(0 < n < self.max_model_len, f"a prompt has {n} tokens but the context holds "
@@ -184,7 +185,7 @@ class LLM:
                 outs[i].token_ids.append(tok)
                 if on_token is not None and self.state.is_first:
                     on_token(i, tok)
-                if tok in self.stop_ids and not params.ignore_eos:
+                if tok in stop_ids and not params.ignore_eos:
                     outs[i].finish_reason = "stop"
                 elif len(outs[i].token_ids) < params.max_new_tokens \
                         and cur_len[i] < positions_needed:

@@ -45,7 +45,10 @@ log = logging.getLogger("weavelm")
 # 32: the best standalone time on 4xH100 at >= 512 tokens (benchmarks/RESULTS.md); the weave
 # may ask for fewer per call.
 DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "32"))
-DEFAULT_TIMEOUT_S = float(os.environ.get("WEAVELM_COMM_TIMEOUT_S", "5"))
+# Ranks drift apart on the host (a tokenizer loading on one rank, the first compile of a
+# kernel, a slow print): 5 s proved too short in `weavelm generate` on 4 GPUs. A minute still
+# turns a dead rank into a clear error instead of a hang.
+DEFAULT_TIMEOUT_S = float(os.environ.get("WEAVELM_COMM_TIMEOUT_S", "60"))
 FIRST_LAUNCH_TIMEOUT_S = 120.0  # a kernel's first launch waits for peers still compiling it
 DEFAULT_ONESHOT_MAX_BYTES = 512 * 1024
 _MIN_BUFFER = 1 << 20
