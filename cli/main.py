@@ -172,7 +172,7 @@ def env():
     allowed, reason = multicast_allowed(0 if n else None)
     typer.echo(f"multicast: {'allowed' if allowed else 'not allowed'} ({reason})")
     typer.echo(f"communicator backends: {', '.join(available_backends())}")
-    typer.echo(f"CPU ranks: gloo (any --tp on --device cpu)")
+    typer.echo("CPU ranks: gloo (any --tp on --device cpu)")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured in one run.")

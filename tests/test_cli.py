@@ -122,17 +122,8 @@ def test_unsupported_architecture(tiny_dir, tmp_path):
 
 
 def test_pickle_checkpoint_needs_flag(tiny_dir, tmp_path):
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file
-    d = tmp_path / "pickled"
-    d.mkdir()
-    shutil.copy(tiny_dir / "config.json", d / "config.json")
-    state = {}
-    for f in tiny_dir.glob("*.safetensors"):
-        state.update(load_file(f))
-    torch.save(state, d / "pytorch_model.bin")
+    from tiny_models import pickle_copy
+    d = pickle_copy(tiny_dir, tmp_path / "pickled")
     assert_one_line_error(*weavelm("generate", str(d), "--device", "cpu"),
                           "pickle", "--allow-pickle")
     # With the flag it gets past the weights check; the tiny model has no tokenizer, which is

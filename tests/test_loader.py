@@ -23,16 +23,9 @@ def tiny(tmp_path_factory):
 
 
 def test_pickle_checkpoint_only_with_flag(tiny, tmp_path):
-    from safetensors.torch import load_file
-
+    from tiny_models import pickle_copy
     from weavelm import LLM
-    d = tmp_path / "pickled"
-    d.mkdir()
-    shutil.copy(tiny / "config.json", d / "config.json")
-    state = {}
-    for f in tiny.glob("*.safetensors"):
-        state.update(load_file(f))
-    torch.save(state, d / "pytorch_model.bin")
+    d = pickle_copy(tiny, tmp_path / "pickled")
     with pytest.raises(WeavelmError, match="--allow-pickle"):
         LLM(str(d), device="cpu", progress=False)
     from weavelm.parallel.state import destroy_parallel

@@ -1,7 +1,6 @@
 """weavelm logits equal transformers' logits for tiny random Llama, Qwen2, Qwen3 and Mistral
 checkpoints at TP=1, 2 and 4, including TP larger than the KV-head count and sharded files."""
 import pytest
-import torch
 
 from tiny_models import make_tiny, reference_logits
 from weavelm.parallel.launch import spawn

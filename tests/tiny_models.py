@@ -37,3 +37,17 @@ def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed
 def reference_logits(model, seqs: list[list[int]]) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(torch.tensor([s])).logits[0] for s in seqs])
+
+
+def pickle_copy(src, dst):
+    """Copy the checkpoint in `src` to `dst` as a pickle `pytorch_model.bin`; return dst."""
+    import shutil
+
+    from safetensors.torch import load_file
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = {}
+    for f in src.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst

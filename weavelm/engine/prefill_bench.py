@@ -204,7 +204,7 @@ def plot(result: dict, path: str) -> None:
 
 def tune_rank(opts: dict):
     """Measure a few split points per token bucket and save the table the engine will use."""
-    from weavelm.engine.splitter import SplitTable, gemms_for, model_key, table_key, tune
+    from weavelm.engine.splitter import gemms_for, model_key, table_key, tune
     from weavelm.parallel.state import init_parallel
     state = init_parallel(opts["tp"], opts["device"])
     check(state.device.type == "cuda", "weavelm tune measures GPU kernels: run it with GPUs")
