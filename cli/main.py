@@ -104,7 +104,8 @@ def generate(
                                       help="Allow pickle (*.bin) checkpoints: they can run code."),
     backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem "
                                                      "[default: auto on GPUs, torch on CPU]."),
-    mode: str = typer.Option("auto", help="Prefill schedule: auto, baseline, fused, weave."),
+    mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave (weave "
+                                          "splits prefill; decode then runs baseline)."),
 ):
     """Generate text, streaming tokens as they come."""
     from weavelm.engine.sampler import SamplingParams
@@ -137,9 +138,8 @@ def generate(
         check(len(ids) < context, f"the prompt has {len(ids)} tokens but the context holds "
                                   f"{context}: shorten the prompt")
         token_lists.append(ids)
-    if mode != "auto":
-        from weavelm.models.woven import parse_mode
-        parse_mode(mode)
+    check(mode in ("auto", "baseline", "fused", "weave"),
+          f"unknown --mode {mode!r}: choose auto, baseline, fused or weave")
     check(backend in (None, "auto", "torch", "p2p", "multimem"),
           f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
     opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
@@ -233,6 +233,9 @@ def bench_prefill(
     available = max_tp_for_device(device)
     check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: lower --tp")
     check(repeats >= 1, f"--repeats must be at least 1, got {repeats}")
+    check(seq_len is None or seq_len >= 1, f"--seq-len must be at least 1, got {seq_len}")
+    if ctas:
+        check(max(_int_list(ctas, "--ctas")) <= 128, f"--ctas must be 1..128, got {ctas}")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
                 repeats=repeats, device=str(dev),
@@ -261,10 +264,17 @@ def tune(
     seq_len: Optional[int] = typer.Option(None, "--seq-len"),
 ):
     """Measure a few split points per token bucket on this machine and cache the best ones."""
+    import torch
+
     from weavelm.engine.prefill_bench import tune_rank
+    from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.models.shapes import shape_config
     ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check(n >= 1, "weavelm tune times GPU kernels: run it on a machine with CUDA GPUs")
+    check(tp <= n, f"--tp {tp} needs {tp} GPUs but {n} are visible: lower --tp")
+    check(seq_len is None or seq_len >= 1, f"--seq-len must be at least 1, got {seq_len}")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=_int_list(tokens, "--tokens"),
                 backend=backend, seq_len=seq_len, device="cuda")
     result = _run_ranks(tune_rank, tp, opts)

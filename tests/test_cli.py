@@ -137,3 +137,14 @@ def test_env_reports_backends_and_multicast():
     assert code == 0, err
     assert "multicast: not allowed (WEAVELM_DISABLE_MULTICAST is set)" in out
     assert "torch" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--device", "cudax"], "unknown device"),
+    (["generate", "--mode", "nocomm"], "--mode"),
+    (["bench", "prefill", "--ctas", "256", "--device", "cpu", "--tp", "2"], "--ctas"),
+    (["bench", "prefill", "--seq-len", "0", "--device", "cpu"], "--seq-len"),
+    (["bench", "prefill", "--shape", "gpt5", "--device", "cpu"], "unknown model shape"),
+])
+def test_bad_options_are_one_line_errors(args, needle):
+    assert_one_line_error(*weavelm(*args), needle)

@@ -75,8 +75,10 @@ class LLM:
 
     def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress):
         self.config = ModelConfig.from_hf(hf_config)
-        self.config.check_tp(tp or 1)
+        if tp is not None:
+            self.config.check_tp(tp)
         state = init_parallel(tp, device)
+        self.config.check_tp(state.world_size)      # a launcher may have set the degree
         self.state, self.device = state, state.device
         self.dtype = resolve_dtype(dtype, self.device)
         limit = self.config.max_position_embeddings
@@ -255,6 +257,8 @@ class LLM:
         positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
         if mode is None:
             mode, split = self.prefill_schedule(len(ids))
+        elif parse_mode(mode) is Mode.WEAVE and split is None:
+            split = choose_split_for(self, len(ids))
         hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev),
                             parse_mode(mode), split)
         return self.model.compute_logits(hidden)

@@ -132,11 +132,10 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
             # The weave is timed at each CTA count asked for; `weave` keeps the best.
             for c in (ctas_list if mode == "weave" else [None]):
                 stack.weave_ctas = c
-                try:
-                    t = runner.time(T, mode, split if mode == "weave" else None,
-                                    repeats=opts["repeats"])
-                except torch.cuda.OutOfMemoryError:
-                    t = None
+                # No per-rank OOM handling: a rank that skipped a mode would leave the others
+                # waiting in a collective. An OOM ends the run on every rank.
+                t = runner.time(T, mode, split if mode == "weave" else None,
+                                repeats=opts["repeats"])
                 if mode == "weave" and len(ctas_list) > 1:
                     row[f"weave@{c}"] = t
                     if t is not None and (row.get("weave") is None or t < row["weave"]):

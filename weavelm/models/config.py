@@ -67,7 +67,11 @@ class ModelConfig:
         if qkv_bias is None:
             qkv_bias = bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window")
-        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+        if arch.startswith("Qwen"):
+            # Qwen applies its window only to layers >= max_window_layers; not supported here.
+            check(not cfg.get("use_sliding_window", False),
+                  f"{arch} with use_sliding_window=true is not supported: weavelm runs Qwen "
+                  f"models with full attention (use_sliding_window=false)")
             window = None
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

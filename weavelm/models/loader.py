@@ -134,7 +134,11 @@ def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
         return
     if source.kind == "pickle":
         for f in source.weight_files:
-            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:                  # noqa: BLE001 - legacy format, bad pickle
+                raise WeavelmError(f"could not read pickle checkpoint {f.name} "
+                                   f"({type(e).__name__}): convert it to safetensors") from None
             yield from state.items()
         return
     from safetensors import SafetensorError, safe_open
@@ -200,7 +204,7 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     for n in sorted(expected & done):
         want = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {"0", "1"}}
         for packed_name, ids in want.items():
-            if f".{packed_name}." in n and n.endswith("weight"):
+            if f".{packed_name}." in n:           # weight and bias: every shard present
                 have = {x.split("#")[1] for x in loaded if x.startswith(n + "#")}
                 if have != ids:
                     missing.append(n)

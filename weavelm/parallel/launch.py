@@ -48,7 +48,7 @@ def _worker(rank, nprocs, port, fn, args, results):
             pass
 
 
-def spawn(fn, nprocs: int, *args, timeout_s: float | None = None):
+def spawn(fn, nprocs: int, *args):
     """Run fn(*args) on ranks 0..nprocs-1; return rank 0's result. `fn` must be picklable."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

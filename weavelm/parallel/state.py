@@ -49,12 +49,20 @@ def resolve_device(device: str | None) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or None (= cuda if available, else cpu)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    check(device == "cpu" or device.startswith("cuda"),
-          f"unknown device {device!r}: use --device cpu or --device cuda")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    check(parsed is not None and parsed.type in ("cpu", "cuda"),
+          f"unknown device {device!r}: use --device cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         check(torch.cuda.is_available(),
               "--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    return torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
+        n = torch.cuda.device_count()
+        check(parsed.index < n, f"--device {device}: only {n} GPUs are visible "
+                                f"(cuda:0..cuda:{n - 1})")
+    return parsed
 
 
 def init_parallel(tp: int | None = None, device: str | None = None,
@@ -85,7 +93,9 @@ def init_parallel(tp: int | None = None, device: str | None = None,
     dev = resolve_device(device)
     if dev.type == "cuda":
         local_rank = _env_int("LOCAL_RANK")
-        local_rank = rank if local_rank is None else local_rank
+        if local_rank is None:
+            # One process without a launcher may name its GPU (cuda:N); ranks use their own.
+            local_rank = dev.index if (world == 1 and dev.index is not None) else rank
         n_gpus = torch.cuda.device_count()
         check(local_rank < n_gpus,
               f"TP={tp} needs {tp} GPUs on this host but only {n_gpus} are visible: "
