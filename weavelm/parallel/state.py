@@ -49,6 +49,7 @@ def resolve_device(device: str | None) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or None (= cuda if available, else cpu)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)                       # a torch.device works too
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
