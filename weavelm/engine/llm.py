@@ -17,7 +17,7 @@ import torch
 
 from weavelm.engine.sampler import SamplingParams, sample
 from weavelm.errors import WeavelmError, check
-from weavelm.models.attention import AttentionBatch, KVCache, Piece
+from weavelm.models.attention import AttentionBatch, Piece
 from weavelm.models.config import ModelConfig
 from weavelm.models.loader import load_weights, resolve_model
 from weavelm.models.registry import model_class
@@ -156,9 +156,7 @@ class LLM:
             check(0 < n < self.max_model_len, f"a prompt has {n} tokens but the context holds "
                                               f"{self.max_model_len}: shorten the prompt")
         positions_needed = min(self.max_model_len, max(lengths) + params.max_new_tokens)
-        qkv = self.model.model.layers[0].self_attn.qkv_proj
-        cache = KVCache(self.config.num_layers, B, positions_needed, qkv.num_kv_heads,
-                        self.config.head_dim, self.dtype, dev)
+        cache = self.model.make_kv_cache(B, positions_needed)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=dev)
@@ -167,15 +165,11 @@ class LLM:
         outs = [Completion(p, list(t)) for p, t in zip(prompts, token_lists)]
 
         # Prefill: every prompt in one flat step.
-        pieces, offset = [], 0
-        for i, n in enumerate(lengths):
-            pieces.append(Piece(slot=i, start_pos=0, length=n, offset=offset))
-            offset += n
+        batch, positions = AttentionBatch.prefill(lengths, dev)
         ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
-        last = torch.tensor([p.offset + p.length - 1 for p in pieces], device=dev)
+        last = torch.tensor([p.offset + p.length - 1 for p in batch.pieces], device=dev)
         mode, split = self.prefill_schedule(len(ids))
-        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev), mode, split)
+        hidden = self.model(ids, positions, cache, batch, mode, split)
         next_tokens = self._sample(hidden[last], params, generator)
 
         active = list(range(B))
@@ -244,23 +238,15 @@ class LLM:
                ) -> torch.Tensor:
         """Logits [T, V] for every position of the given sequences (a fresh cache; tests use it).
         `mode`/`split` force a schedule; by default the prefill schedule is used."""
-        dev = self.device
         lengths = [len(t) for t in token_lists]
-        cache = KVCache(self.config.num_layers, len(token_lists), max(lengths),
-                        self.model.model.layers[0].self_attn.qkv_proj.num_kv_heads,
-                        self.config.head_dim, self.dtype, dev)
-        pieces, offset = [], 0
-        for i, n in enumerate(lengths):
-            pieces.append(Piece(i, 0, n, offset))
-            offset += n
-        ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
+        cache = self.model.make_kv_cache(len(token_lists), max(lengths))
+        batch, positions = AttentionBatch.prefill(lengths, self.device)
+        ids = torch.tensor([t for toks in token_lists for t in toks], device=self.device)
         if mode is None:
             mode, split = self.prefill_schedule(len(ids))
         elif parse_mode(mode) is Mode.WEAVE and split is None:
             split = choose_split_for(self, len(ids))
-        hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev),
-                            parse_mode(mode), split)
+        hidden = self.model(ids, positions, cache, batch, parse_mode(mode), split)
         return self.model.compute_logits(hidden)
 
 

@@ -38,17 +38,10 @@ def _random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0
     return cfg, model.eval()
 
 
-def _batch(num_tokens: int, seq_len: int | None, device):
-    from weavelm.models.attention import AttentionBatch, Piece
+def _lengths(num_tokens: int, seq_len: int | None) -> list[int]:
+    """`num_tokens` cut into sequences of `seq_len` (the last one shorter)."""
     seq_len = seq_len or num_tokens
-    pieces, offset, slot = [], 0, 0
-    positions = []
-    while offset < num_tokens:
-        n = min(seq_len, num_tokens - offset)
-        pieces.append(Piece(slot, 0, n, offset))
-        positions.append(torch.arange(n, device=device))
-        offset, slot = offset + n, slot + 1
-    return AttentionBatch.build(pieces, device), torch.cat(positions), len(pieces)
+    return [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
 
 
 class PrefillRunner:
@@ -67,13 +60,12 @@ class PrefillRunner:
         self.backend = self.fused_comm.name
 
     def _inputs(self, num_tokens):
-        from weavelm.models.attention import KVCache
-        batch, positions, n_seqs = _batch(num_tokens, self.seq_len, self.device)
+        from weavelm.models.attention import AttentionBatch
+        lengths = _lengths(num_tokens, self.seq_len)
+        batch, positions = AttentionBatch.prefill(lengths, self.device)
         g = torch.Generator().manual_seed(num_tokens)
         ids = torch.randint(0, self.cfg.vocab_size, (num_tokens,), generator=g).to(self.device)
-        qkv = self.model.model.layers[0].self_attn.qkv_proj
-        cache = KVCache(self.cfg.num_layers, n_seqs, min(num_tokens, self.seq_len or num_tokens),
-                        qkv.num_kv_heads, self.cfg.head_dim, self.dtype, self.device)
+        cache = self.model.make_kv_cache(len(lengths), max(lengths))
         return ids, positions, cache, batch
 
     def forward(self, num_tokens, mode, split=None, inputs=None):

@@ -39,6 +39,17 @@ class AttentionBatch:
             batch.lengths = torch.tensor([p.start_pos + 1 for p in pieces], device=device)
         return batch
 
+    @classmethod
+    def prefill(cls, lengths: list[int], device) -> tuple["AttentionBatch", torch.Tensor]:
+        """A step of fresh sequences of these lengths, one per cache slot, back to back:
+        (batch, positions [T])."""
+        pieces, offset = [], 0
+        for slot, n in enumerate(lengths):
+            pieces.append(Piece(slot, 0, n, offset))
+            offset += n
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        return cls.build(pieces, device), positions
+
     def split(self, n_first: int) -> tuple["AttentionBatch", "AttentionBatch"]:
         """Cut the step after its first `n_first` tokens (a piece may be cut in two)."""
         first, second = [], []

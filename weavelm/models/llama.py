@@ -136,6 +136,13 @@ class LlamaForCausalLM(nn.Module):
         `mode` and `split` choose the schedule (see weavelm.models.woven)."""
         return self.model(ids, positions, cache, batch, Mode(mode), split)
 
+    def make_kv_cache(self, slots: int, positions: int) -> KVCache:
+        """A KV cache for `slots` sequences of up to `positions` tokens, this rank's KV heads."""
+        attn = self.model.layers[0].self_attn
+        p = self.lm_head.weight
+        return KVCache(self.config.num_layers, slots, positions, attn.num_kv_heads,
+                       attn.head_dim, p.dtype, p.device)
+
     def compute_logits(self, hidden):
         """hidden [B, D] -> logits [B, V] (float32), identical on every rank."""
         return self.lm_head(hidden).float()

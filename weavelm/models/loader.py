@@ -152,10 +152,6 @@ def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
             yield name, handle.get_slice(name)
 
 
-def checkpoint_names(source: ModelSource) -> list[str]:
-    return [name for name, _ in iter_checkpoint(source)] if source.kind != "gguf" else []
-
-
 def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     """Stream a checkpoint into `model`'s shards; fail on any missing or unexpected tensor.
 
