@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,70 @@ def _sdpa(q, k, v, **kwargs):
     always applies (GQA support varies by backend and torch version); the CPU kernels take
     enable_gqa directly."""
     if q.is_cuda and k.shape[-3] != q.shape[-3]:
-        reps = q.shape[-3] // k.shape[-3]
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(reps, dim=-3),
-                                              v.repeat_interleave(reps, dim=-3), **kwargs)
+        k, v = _expand_kv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
+def _expand_kv(q, k, v):
+    reps = q.shape[-3] // k.shape[-3]
+    if reps == 1:
+        return k, v
+    return k.repeat_interleave(reps, dim=-3), v.repeat_interleave(reps, dim=-3)
+
+
+# Private SDPA ops that also return the log-sum-exp of each query's scores, fastest first. A
+# backend that raises once (unsupported GPU, dtype or shape) is not tried again.
+_LSE_BACKENDS = ["cudnn", "flash"]
+
+
+def _sdpa_lse(q, k, v, causal: bool, scale: float):
+    """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies."""
+    k, v = _expand_kv(q, k, v)
+    for name in list(_LSE_BACKENDS):
+        try:
+            if name == "cudnn":
+                r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, causal, False, scale=scale)
+            else:
+                r = torch.ops.aten._scaled_dot_product_flash_attention(
+                    q, k, v, 0.0, causal, False, scale=scale)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _LSE_BACKENDS.remove(name)
+            continue
+        n = q.shape[-2]
+        lse = r[1].reshape(q.shape[0], q.shape[1], -1)[..., :n].unsqueeze(-1).float()
+        return r[0], lse
+    return None
+
+
+def _continuation_attention(qs, keys, values, start: int, scale: float):
+    """Exact causal attention of a piece that continues its sequence: queries are positions
+    [start, end) and see keys [0, end) up to their own position. Computed as two calls of the
+    fast attention kernels - all earlier keys (no mask) and the piece's own keys (square causal)
+    - merged by their log-sum-exps: softmax over the union = sigmoid(lse1 - lse2) blend. A single
+    call with a lower-right causal mask falls to a kernel ~1.8x slower on H100 (RESULTS.md)."""
+    if not qs.is_cuda or qs.shape[-2] == 1:
+        if qs.shape[-2] == 1:                 # one query sees every key: no mask at all
+            return _sdpa(qs, keys, values, scale=scale)
+        return _sdpa(qs, keys, values, scale=scale,
+                     attn_mask=causal_lower_right(qs.shape[-2], keys.shape[-2]))
+    earlier = _sdpa_lse(qs, keys[..., :start, :], values[..., :start, :], False, scale)
+    own = _sdpa_lse(qs, keys[..., start:, :], values[..., start:, :], True, scale) \
+        if earlier is not None else None
+    if own is None:
+        return _sdpa(qs, keys, values, scale=scale,
+                     attn_mask=causal_lower_right(qs.shape[-2], keys.shape[-2]))
+    return merge_by_lse(*earlier, *own)
+
+
+def merge_by_lse(o1, lse1, o2, lse2):
+    """Attention over the union of two disjoint key sets, from each set's output and per-query
+    log-sum-exp of scaled scores ([..., n, Dh] and [..., n, 1]): the weights are e^lse1 and
+    e^lse2, so o = o2 + (o1 - o2) * sigmoid(lse1 - lse2). One lerp in the outputs' dtype (it
+    computes in fp32 inside; fp32 copies of the outputs cost more than the attention saved)."""
+    w = torch.sigmoid(lse1.float() - lse2.float())
+    return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
 def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch, scale: float,
@@ -123,6 +184,10 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch,
         values = vc[p.slot, :end].transpose(0, 1).unsqueeze(0)
         if p.start_pos == 0 and window is None:
             o = _sdpa(qs, keys, values, is_causal=True, scale=scale)
+        elif window is None:
+            # A piece that continues its sequence (the weave's second half, a later chunk):
+            # no [n, end] mask is built, which would force a slow kernel.
+            o = _continuation_attention(qs, keys, values, p.start_pos, scale)
         else:
             q_pos = torch.arange(p.start_pos, end, device=q.device)
             o = _sdpa(qs, keys, values, scale=scale,
