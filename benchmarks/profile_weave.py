@@ -32,6 +32,23 @@ def intervals_overlap(a, b):
     return total
 
 
+# First match wins: NCCL's kernels say AllReduce, ours say fused_ar_rmsnorm / allreduce_p2p,
+# the memory-efficient attention kernel is a CUTLASS fmha.
+CATEGORIES = (("NCCL", ("nccl",)),
+              ("fused comm", ("fused_ar", "allreduce_")),
+              ("attention", ("flash", "fmha", "attention", "efficient")),
+              ("GEMM", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+              ("RMSNorm", ("rmsnorm",)))
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (elementwise, copies)"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
@@ -39,6 +56,7 @@ def main():
     ap.add_argument("--shape", default="llama3-70b")
     ap.add_argument("--ctas", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--modes", default="baseline,fused,weave,nocomm")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -51,7 +69,7 @@ def main():
     T = args.tokens
     split = runner.split_for(T)
     inputs = runner._inputs(T)
-    for mode in ("baseline", "fused", "weave", "nocomm"):
+    for mode in args.modes.split(","):
         s = split if mode == "weave" else None
         for _ in range(2):
             runner.forward(T, mode, s, inputs)
@@ -86,6 +104,12 @@ def main():
             side = sum(b - a for a, b in side_iv)
             print(f"  side-stream kernel time overlapped with compute: {ov / 1e3:.2f} of "
                   f"{side / 1e3:.2f} ms")
+        cats = {}
+        for e in events:
+            c = category(e["name"])
+            cats[c] = cats.get(c, 0.0) + e["dur"]
+        print("  by kind (GPU ms): " + ", ".join(f"{c} {d / 1e3:.2f}" for c, d in
+                                                  sorted(cats.items(), key=lambda kv: -kv[1])))
         totals = {}
         for e in events:
             name = e["name"][:70]

@@ -215,6 +215,10 @@ def bench_prefill(
     repeats: int = typer.Option(5, help="Timed repeats (median)."),
     ctas: Optional[str] = typer.Option(None, help="CTAs of the fused kernel in the weave; a "
                                                   "list (8,16,32) times each, keeps the best."),
+    carveout: str = typer.Option("auto", help="SMs the weave's GEMMs leave to the fused kernel: "
+                                              "auto (one per CTA) or a number (0: none)."),
+    graph: bool = typer.Option(False, "--graph/--eager", help="Time CUDA-graph replays of each "
+                                                              "prefill (no host launch cost)."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
@@ -236,10 +240,14 @@ def bench_prefill(
     check(seq_len is None or seq_len >= 1, f"--seq-len must be at least 1, got {seq_len}")
     if ctas:
         check(max(_int_list(ctas, "--ctas")) <= 128, f"--ctas must be 1..128, got {ctas}")
+    check(carveout == "auto" or (carveout.isdigit() and int(carveout) < 128),
+          f"--carveout must be 'auto' or a number of SMs below 128, got {carveout!r}")
+    check(not graph or dev.type == "cuda", "--graph needs CUDA GPUs: drop it on CPU")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
                 repeats=repeats, device=str(dev),
-                ctas=_int_list(ctas, "--ctas") if ctas else None)
+                ctas=_int_list(ctas, "--ctas") if ctas else None,
+                carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
     result = _run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return

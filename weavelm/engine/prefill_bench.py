@@ -58,6 +58,7 @@ class PrefillRunner:
         self.torch_comm = TorchCommunicator(self.state)
         self.fused_comm = get_communicator(backend)
         self.backend = self.fused_comm.name
+        self.last_host = None
 
     def _inputs(self, num_tokens):
         from weavelm.models.attention import AttentionBatch
@@ -75,13 +76,34 @@ class PrefillRunner:
         with torch.no_grad(), use_communicator(comm):
             return self.model(ids, positions, cache, batch, mode, split)
 
-    def time(self, num_tokens, mode, split=None, warmup=2, repeats=5) -> float:
-        """Median seconds of one prefill (CUDA events on GPU, host clock on CPU)."""
+    def _capture(self, num_tokens, mode, split, inputs):
+        """One prefill captured in a CUDA graph (every rank captures the same collectives)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):        # warm up on the capture stream (cuBLAS handles)
+            self.forward(num_tokens, mode, split, inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self.forward(num_tokens, mode, split, inputs)
+        torch.cuda.synchronize()
+        return graph
+
+    def time(self, num_tokens, mode, split=None, warmup=2, repeats=5, graph=False) -> float:
+        """Median seconds of one prefill (CUDA events on GPU, host clock on CPU). graph=True
+        times replays of a CUDA graph of the prefill: no host launch cost. `self.last_host`
+        keeps the median host time of the eager calls (launch cost: host-bound if close to
+        the step time)."""
         import torch.distributed as dist
         inputs = self._inputs(num_tokens)
         for _ in range(warmup):
             self.forward(num_tokens, mode, split, inputs)
-        times = []
+        run = lambda: self.forward(num_tokens, mode, split, inputs)  # noqa: E731
+        captured = None
+        if graph and self.device.type == "cuda":
+            captured = self._capture(num_tokens, mode, split, inputs)
+            run = captured.replay
+        times, host = [], []
         for _ in range(repeats):
             if self.tp > 1:
                 dist.barrier()
@@ -90,14 +112,18 @@ class PrefillRunner:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
                     enable_timing=True)
                 start.record()
-                self.forward(num_tokens, mode, split, inputs)
+                t = time.perf_counter()
+                run()
+                host.append(time.perf_counter() - t)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
             else:
                 t = time.perf_counter()
-                self.forward(num_tokens, mode, split, inputs)
+                run()
                 times.append(time.perf_counter() - t)
+        del captured
+        self.last_host = statistics.median(host) if host else None
         t = torch.tensor([statistics.median(times)], dtype=torch.float64)
         if self.tp > 1:                               # the slowest rank is the step time
             t = t.to(self.device)
@@ -116,6 +142,8 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
                            opts["seq_len"])
     ctas_list = opts.get("ctas") or [None]
     stack = runner.model.model.runner
+    stack.weave_sm_carveout = opts.get("carveout", "auto")
+    graph = opts.get("graph", False)
     rows = []
     for T in opts["tokens"]:
         split = runner.split_for(T)
@@ -127,7 +155,10 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
                 # No per-rank OOM handling: a rank that skipped a mode would leave the others
                 # waiting in a collective. An OOM ends the run on every rank.
                 t = runner.time(T, mode, split if mode == "weave" else None,
-                                repeats=opts["repeats"])
+                                repeats=opts["repeats"], graph=graph)
+                if runner.last_host is not None:
+                    row.setdefault("host", {})[mode if c is None else f"{mode}@{c}"] = \
+                        runner.last_host
                 if mode == "weave" and len(ctas_list) > 1:
                     row[f"weave@{c}"] = t
                     if t is not None and (row.get("weave") is None or t < row["weave"]):
@@ -138,11 +169,13 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
         rows.append(row)
         if state.is_first and opts.get("verbose", True):
             print("  " + ", ".join(f"{k}={v * 1e3:.2f} ms" if isinstance(v, float) else
-                                   f"{k}={v}" for k, v in row.items()), flush=True)
+                                   f"{k}={v}" for k, v in row.items() if k != "host"),
+                  flush=True)
     if state.is_first:
         meta = dict(shape=opts["shape"], layers=opts["layers"], tp=opts["tp"],
                     backend=runner.backend, device=torch.cuda.get_device_name()
-                    if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"])
+                    if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"],
+                    graph=graph, carveout=stack.weave_sm_carveout)
         return {"meta": meta, "rows": rows}
     return None
 
@@ -152,7 +185,9 @@ def format_table(result: dict) -> str:
     modes = [m for m in ("baseline", "fused", "weave", "nocomm") if m in rows[0]]
     modes += [k for k in rows[0] if k.startswith("weave@")]
     head = (f"prefill, {meta['shape']} ({meta['layers']} layers), TP={meta['tp']}, "
-            f"{meta['device']}, fused backend {meta['backend']}; ms, median; ratios from this run")
+            f"{meta['device']}, fused backend {meta['backend']}, "
+            f"{'CUDA graphs' if meta.get('graph') else 'eager'}, weave SM carveout "
+            f"{meta.get('carveout', 'auto')}; ms, median; ratios from this run")
     lines = [head, "",
              "| tokens | split | " + " | ".join(f"{m} ms" for m in modes)
              + " | weave vs baseline | fused vs baseline | weave / nocomm |",

@@ -37,6 +37,13 @@ from torch import nn
 
 from weavelm.kernels.rmsnorm import fused_add_rms_norm
 from weavelm.parallel.communicator import get_communicator, row_range
+from weavelm.parallel.sm_carveout import gemm_sm_carveout
+
+
+# CTAs of the fused kernel while the other half computes. 8 was the best of 4/8/16 at every
+# size from 1K to 16K tokens under CUDA graphs on 4xH100 (benchmarks/RESULTS.md, round 3); the
+# weave's GEMMs leave that many SMs free (gemm_sm_carveout).
+WEAVE_CTAS = 8
 
 
 class Mode(str, enum.Enum):
@@ -97,8 +104,11 @@ class StackRunner:
         self.layers, self.final_norm = layers, final_norm
         self._comm_stream = None
         # CTAs for the fused kernel while the other half computes (few: the GEMMs keep the
-        # rest of the GPU); None = the communicator's default. Set by benchmarks and tuning.
+        # rest of the GPU); None = WEAVE_CTAS. Set by benchmarks and tuning.
         self.weave_ctas: int | None = None
+        # SMs the weave's GEMMs leave to the communication kernel: "auto" = one per CTA of the
+        # fused kernel (a persistent GEMM CTA cannot share an SM with it), 0 = none.
+        self.weave_sm_carveout: int | str = "auto"
 
     def _norm_after(self, i: int, block: str):
         """The norm that follows layer i's `block` ("attn" or "mlp")."""
@@ -179,14 +189,29 @@ class StackRunner:
             self._comm_stream = torch.cuda.Stream(device=device, priority=high)
         return self._comm_stream
 
+    def _carveout(self) -> int:
+        comm = get_communicator()
+        if self.weave_sm_carveout != "auto":
+            return int(self.weave_sm_carveout)
+        # Only the fused kernels have a known CTA count; NCCL picks its own.
+        return (self.weave_ctas or WEAVE_CTAS) if hasattr(comm, "ctas") else 0
+
     def _run_weave_cuda(self, a: _Half, b: _Half, cache, rotary):
+        with gemm_sm_carveout(self._carveout()):
+            return self._weave_cuda_schedule(a, b, cache, rotary)
+
+    def _weave_cuda_schedule(self, a: _Half, b: _Half, cache, rotary):
         compute = torch.cuda.current_stream()
         side = self._side_stream(a.x.device)
         for half in (a, b):
             _record(half.residual_rows, side)
+        last = len(self.layers) - 1
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 for half in (a, b):
+                    # the very last reduction has no compute left to hide behind: all CTAs
+                    ctas = None if (i, block, half) == (last, "mlp", b) else \
+                        self.weave_ctas or WEAVE_CTAS
                     if half.ready is not None:
                         compute.wait_event(half.ready)
                     partial = self._block(half, i, block, cache, rotary)     # compute stream
@@ -195,7 +220,7 @@ class StackRunner:
                     _record(partial, side)
                     with torch.cuda.stream(side):
                         side.wait_event(produced)
-                        self._reduce(half, partial, i, block, self.weave_ctas)  # side stream
+                        self._reduce(half, partial, i, block, ctas)  # side stream
                         half.ready = torch.cuda.Event()
                         half.ready.record(side)
                     _record(half.x, compute)
