@@ -94,6 +94,9 @@ def main():
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--graph-max-tokens", type=int, default=512)
+    p.add_argument("--compare-kernels", action="store_true",
+                   help="also check and sweep the other p2p kernel: scatter (stores only) "
+                        "beside the default pull kernel, or pull with WEAVELM_P2P_SCATTER=1")
     p.add_argument("--plot", default=None, help="write a latency plot (needs matplotlib)")
     p.add_argument("--json", default=None, help="write every timing here (for plotting later)")
     args = p.parse_args()
@@ -121,6 +124,7 @@ def main():
     res = {}    # (variant, T) -> us
     notes = {}  # T -> correctness note
     sweep = {}  # (T, ctas) -> us
+    sweep_other = {}  # (T, ctas) -> us, the other p2p kernel (--compare-kernels)
     g = torch.Generator(device="cuda").manual_seed(1234 + rank)
     w = torch.randn(D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7)
                     ).to(dtype)
@@ -141,6 +145,41 @@ def main():
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
 
+    def check_and_sweep(T, x, part, res_full, res_rows, s, e, sweep_out, label):
+        """Correctness against NCCL + RMSNorm, then the CTA sweep, of the current kernel."""
+        # correctness: fused vs NCCL all-reduce + RMSNorm (then one collective: all agree)
+        ok, msg = False, "ERROR"
+        res_rows.copy_(res_full[s:e])   # an earlier sweep updated it in place
+        try:
+            ref_x = part.clone()
+            dist.all_reduce(ref_x)
+            ref_y, ref_res = fused_add_rms_norm_ref(ref_x, res_full.clone(), w, EPS)
+            x.copy_(part)
+            y = comm.reduce_scatter_add_rms_norm_all_gather(x, res_rows, w, EPS)
+            comm.check_errors()
+            err = (y.float() - ref_y.float()).abs().max().item()
+            rerr = (res_rows.float() - ref_res[s:e].float()).abs().max().item() \
+                if e > s else 0.
+            ok = err <= TOL * (1 + ref_y.float().abs().max().item()) and rerr <= TOL * 4
+            msg = f"max|dy| {err:.3g}, max|dres| {rerr:.3g}"
+        except Exception:  # noqa: BLE001
+            print(f"[rank {rank}] correctness T={T} failed:\n{traceback.format_exc()}",
+                  flush=True)
+        bad = any_rank(not ok)
+        kernel = "scatter" if comm.scatter else "pull"
+        notes[T] = notes.get(T, "") + \
+            f"{kernel}: {'FAIL' if bad else 'PASS'} ({msg} on rank 0) "
+        log0(f"  correctness vs NCCL+RMSNorm: {notes[T]}")
+        if bad:
+            comm.reset()
+
+        x.copy_(part)
+        for c in ctas_list:
+            variant(f"fused p2p{label}, {c} CTAs", T,
+                    lambda c=c: comm.reduce_scatter_add_rms_norm_all_gather(x, res_rows, w, EPS,
+                                                                            ctas=c))
+            sweep_out[(T, c)] = res[(f"fused p2p{label}, {c} CTAs", T)]
+
     for T in tokens:
         log0(f"\n== T={T} ({T * D * 2 / 1e6:.2f} MB)")
         s, e = row_range(T, rank, N)
@@ -150,34 +189,13 @@ def main():
         x = comm.staging(T, D, dtype)
         res_rows = res_full[s:e].clone()
 
-        # correctness: fused vs NCCL all-reduce + RMSNorm (then one collective: all agree)
-        ok, msg = False, "ERROR"
-        try:
-            ref_x = part.clone()
-            dist.all_reduce(ref_x)
-            ref_y, ref_res = fused_add_rms_norm_ref(ref_x, res_full.clone(), w, EPS)
-            x.copy_(part)
-            y = comm.reduce_scatter_add_rms_norm_all_gather(x, res_rows, w, EPS)
-            comm.check_errors()
-            err = (y.float() - ref_y.float()).abs().max().item()
-            rerr = (res_rows.float() - ref_res[s:e].float()).abs().max().item() if e > s else 0.
-            ok = err <= TOL * (1 + ref_y.float().abs().max().item()) and rerr <= TOL * 4
-            msg = f"max|dy| {err:.3g}, max|dres| {rerr:.3g}"
-        except Exception:  # noqa: BLE001
-            print(f"[rank {rank}] correctness T={T} failed:\n{traceback.format_exc()}",
-                  flush=True)
-        bad = any_rank(not ok)
-        notes[T] = f"{'FAIL' if bad else 'PASS'} ({msg} on rank 0)"
-        log0(f"  correctness vs NCCL+RMSNorm: {notes[T]}")
-        if bad:
-            comm.reset()
-
-        x.copy_(part)
-        for c in ctas_list:
-            variant(f"fused p2p, {c} CTAs", T,
-                    lambda c=c: comm.reduce_scatter_add_rms_norm_all_gather(x, res_rows, w, EPS,
-                                                                            ctas=c))
-            sweep[(T, c)] = res[(f"fused p2p, {c} CTAs", T)]
+        default_scatter = comm.scatter
+        for other in [False] + ([True] if args.compare_kernels else []):
+            comm.scatter = default_scatter != other
+            check_and_sweep(T, x, part, res_full, res_rows, s, e,
+                            sweep_other if other else sweep,
+                            f" {'scatter' if comm.scatter else 'pull'}" if other else "")
+        comm.scatter = default_scatter
 
         xn, yn, rn = part.clone(), torch.empty_like(part), res_full.clone()
 
@@ -229,10 +247,10 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
 
-    report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D)
+    report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D, sweep_other)
 
 
-def report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D):
+def report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D, sweep_other=None):
     if dist.get_rank() != 0:
         return
     nan = float("nan")
@@ -262,18 +280,26 @@ def report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D):
                  for k in cols]
         print(f"| {T} | {T * D * 2 / 1e6:.2f} | {b:.1f} ({c}) | {busbw(b, T):.0f} | "
               + " | ".join(cells) + f" | {speed} | {notes.get(T, '-')} |")
-    print("\n### CTA sweep: fused p2p, us\n")
-    print("| tokens | " + " | ".join(f"{c} CTAs" for c in ctas_list) + " |")
-    print("|" + " --- |" * (len(ctas_list) + 1))
-    for T in tokens:
-        print(f"| {T} | " + " | ".join(f"{sweep.get((T, c), nan):.1f}" for c in ctas_list)
-              + " |")
+    default = "scatter" if os.environ.get("WEAVELM_P2P_SCATTER", "0") == "1" else "pull"
+    other = "pull" if default == "scatter" else "scatter"
+    for title, sw in ((f"fused p2p, {default} kernel (default)", sweep),
+                      (f"fused p2p, {other} kernel", sweep_other)):
+        if not sw:
+            continue
+        print(f"\n### CTA sweep: {title}, us\n")
+        print("| tokens | " + " | ".join(f"{c} CTAs" for c in ctas_list) + " |")
+        print("|" + " --- |" * (len(ctas_list) + 1))
+        for T in tokens:
+            print(f"| {T} | " + " | ".join(f"{sw.get((T, c), nan):.1f}" for c in ctas_list)
+                  + " |")
     if args.json:
         import json
         with open(args.json, "w") as f:
             json.dump({"gpu": gpu, "world": N, "hidden": D, "tokens": tokens, "ctas": ctas_list,
                        "res": {f"{k}|{T}": v for (k, T), v in res.items()},
-                       "sweep": {f"{T}|{c}": v for (T, c), v in sweep.items()}}, f, indent=1)
+                       "sweep": {f"{T}|{c}": v for (T, c), v in sweep.items()},
+                       "sweep_other": {f"{T}|{c}": v for (T, c), v in (sweep_other or {}).items()},
+                       "default_kernel": default}, f, indent=1)
     if args.plot:
         try:
             import matplotlib

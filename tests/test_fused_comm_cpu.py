@@ -210,17 +210,20 @@ def cpu_comm(rank, world, **kw):
 
 
 FUSED_ARGS = ("tab", "my_base", "mc", "rank", "x_off", "sig_off", "res_ptr", "w_ptr", "out_ptr",
-              "row_start", "n_rows", "n_vec", "eps", "timeout_ns", "err_host")
+              "row_start", "n_rows", "n_vec", "eps", "timeout_ns", "err_host", "inbox_off",
+              "n_total")
 AR_ARGS = ("tab", "my_base", "mc", "rank", "x_off", "sig_off", "out_ptr", "v_start", "n_vecs",
            "timeout_ns", "err_host")
 
 
+@pytest.mark.parametrize("scatter", [True, False])
 @pytest.mark.parametrize("T,N", [(7, 3), (1, 4), (4096, 4), (5, 2)])
-def test_sharded_fused_launch_args(mocked_launch, T, N):
+def test_sharded_fused_launch_args(mocked_launch, T, N, scatter):
     D, dtype = 64, torch.bfloat16
     grids = set()
     for rank in range(N):
         comm = cpu_comm(rank, N, ctas=8)
+        comm.scatter = scatter
         x = comm.staging(T, D, dtype)  # zero-copy input
         x.copy_(torch.randn(T, D).to(dtype))
         s, e = row_range(T, rank, N)
@@ -239,6 +242,13 @@ def test_sharded_fused_launch_args(mocked_launch, T, N):
         assert a["timeout_ns"] == int(FC.FIRST_LAUNCH_TIMEOUT_S * 1e9)  # first launch
         assert a["err_host"] == buf.err_host.data_ptr()
         assert grid == min(8, -(-T // N)) and block == 32 and dev == 0
+        assert name.endswith(f"/{scatter}")
+        if scatter:   # slot 0's inbox follows it and holds N x ceil(T / N) rows
+            assert a["inbox_off"] == comm.slot_bytes and a["n_total"] == T
+            assert comm.slot_bytes >= N * -(-T // N) * D * 2
+            assert buf.data_bytes >= 2 * comm.slot_bytes
+        else:
+            assert a["inbox_off"] == 0
         grids.add(grid)
         comm.reduce_scatter_add_rms_norm_all_gather(x, res, w, 1e-5, ctas=2)
         name2, grid2, *_, args2 = mocked_launch.calls[-1]
@@ -313,6 +323,7 @@ def test_timeout_error_names_the_missing_rank(mocked_launch):
 
 def test_buffer_grows_but_not_during_capture(mocked_launch, monkeypatch):
     comm = cpu_comm(0, 2)
+    comm.scatter = False  # plain staging only (with scatter every slot is followed by an inbox)
     small = comm.staging(4, 16, torch.bfloat16)
     assert comm.buf.data_bytes == 1 << 20
     big = comm.staging(1024, 1024, torch.bfloat16)  # 2 MiB
@@ -344,3 +355,26 @@ def test_row_split_covers_balanced_and_grid_is_rank_independent(N):
             grids = {K.plan_fused("p2p", "bf16", N, 8, -(-T // N), 16, True, True)[1]
                      for _ in ranges}
             assert grids == {min(16, -(-T // N))}
+
+
+def test_scatter_layout_two_slots(mocked_launch):
+    """The weave's two halves: each staging slot is followed by its own inbox, none overlap,
+    and a half's staging view stays where it was (zero copy) through the fused op."""
+    N, D, dtype = 4, 64, torch.bfloat16
+    comm = cpu_comm(1, N)
+    assert not comm.scatter       # the pull kernel is the default (WEAVELM_P2P_SCATTER=1: scatter)
+    comm.scatter = True
+    comm.reserve_slots(10, D, dtype, slots=2)
+    xs = [comm.staging(10 - slot, D, dtype, slot=slot) for slot in (0, 1)]
+    offs = []
+    for slot, x in enumerate(xs):
+        T = x.shape[0]
+        s, e = row_range(T, 1, N)
+        res, w = torch.zeros(e - s, D, dtype=dtype), torch.ones(D, dtype=dtype)
+        y = comm.reduce_scatter_add_rms_norm_all_gather(x, res, w, 1e-6, slot=slot)
+        a = dict(zip(FUSED_ARGS, mocked_launch.calls[-1][4]))
+        assert y.data_ptr() == x.data_ptr() and a["n_total"] == T
+        offs.append((a["x_off"], a["inbox_off"]))
+    sb = comm.slot_bytes
+    assert offs == [(0, sb), (2 * sb, 3 * sb)] and sb >= N * 3 * D * 2
+    assert comm.buf.data_bytes >= 4 * sb

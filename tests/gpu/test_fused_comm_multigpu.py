@@ -80,7 +80,7 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _sweep(comm, rank, n, report):
+def _sweep(comm, rank, n, report, section="sweep"):
     import torch.distributed as dist
 
     from weavelm.kernels import allreduce_norm as K
@@ -90,7 +90,7 @@ def _sweep(comm, rank, n, report):
     for D in HIDDEN:
         w = _gen((D,), 7 + D)
         for T in TOKENS:
-            case = {"section": "sweep", "T": T, "D": D}
+            case = {"section": section, "T": T, "D": D}
             failed = False
             try:
                 s, e = row_range(T, rank, n)
@@ -288,7 +288,16 @@ def _worker():
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}]
     comm = P2PCommunicator(state, ctas=8)
     comm.reserve(max(TOKENS) + 1, max(HIDDEN), torch.bfloat16)
+    def other_sweep():   # the other p2p kernel (scatter, unless WEAVELM_P2P_SCATTER=1)
+        default = comm.scatter
+        comm.scatter = not default
+        try:
+            _sweep(comm, rank, n, report, "sweep other kernel")
+        finally:
+            comm.scatter = default
+
     for name, fn in (("sweep", lambda: _sweep(comm, rank, n, report)),
+                     ("sweep other kernel", other_sweep),
                      ("drift", lambda: _drift(comm, rank, n, report)),
                      ("missing rank", lambda: _missing_rank(rank, n, report))):
         try:
@@ -326,6 +335,14 @@ def test_sweep_matches_references(reports):
     bad = _bad(reports, "sweep")
     assert not bad, "\n".join(f"rank {r}: {c}" for r, c in bad[:20])
     assert sum(c["section"] == "sweep" for c in reports[0]) == len(TOKENS) * len(HIDDEN)
+
+
+def test_other_p2p_kernel_sweep_matches_references(reports):
+    """The pull and the scatter kernel both pass the same sweep."""
+    bad = _bad(reports, "sweep other kernel")
+    assert not bad, "\n".join(f"rank {r}: {c}" for r, c in bad[:20])
+    assert sum(c["section"] == "sweep other kernel" for c in reports[0]) == \
+        len(TOKENS) * len(HIDDEN)
 
 
 def test_no_drift_over_launches_and_graph_replays(reports):

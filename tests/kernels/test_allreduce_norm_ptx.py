@@ -27,11 +27,13 @@ PTXAS = shutil.which("ptxas")
 _cache: dict = {}
 
 
-def fused_ptx(kind, dt="bf16", world=4, vpt=2, push=True, res=True, rows=None) -> str:
+def fused_ptx(kind, dt="bf16", world=4, vpt=2, push=True, res=True, rows=None,
+              scatter=False) -> str:
     """PTX of a fused variant; rows=None: the plan's rows_per_iter."""
-    key = ("f", kind, dt, world, vpt, push, res, rows)
+    key = ("f", kind, dt, world, vpt, push, res, rows, scatter)
     if key not in _cache:
-        k = Kernel("t", lambda: make_fused_kernel(kind, dt, world, vpt, push, res, rows),
+        k = Kernel("t", lambda: make_fused_kernel(kind, dt, world, vpt, push, res, rows,
+                                                  scatter),
                    A.FUSED_SIGNATURE, max_threads=A.MAX_BLOCK)
         _cache[key] = k.ptx()
     return _cache[key]
@@ -90,6 +92,22 @@ def test_fused_kernel_assembles(kind, tmp_path):
         assert count(ptx, r"st\.global\.v4\.u32") >= 2 * 4  # pushes to every rank
         assert count(ptx, r"red\.release\.sys\.global\.add\.u32") == 2 * 4  # 2 barriers x N
     assemble(ptx, tmp_path)
+
+
+@pytest.mark.parametrize("world,vpt", [(4, 2), (8, 1), (2, 2)])
+def test_fused_p2p_scatter_variant(world, vpt, tmp_path):
+    """The stores-only p2p variant: no remote loads (all N loads per vector go to the local
+    inbox or own row, still issued before first use), the plan's R, no spills."""
+    ptx = fused_ptx("p2p", world=world, vpt=vpt, scatter=True)
+    R = rows_per_iter("p2p", "bf16", world, vpt)
+    assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == R * vpt * world
+    assert _main_loop_loads_before_first_add(ptx, r"ld\.volatile\.global\.v4\.u32") == \
+        R * vpt * world
+    assert count(ptx, r"ld\.acquire\.sys") == 2 and "multimem" not in ptx
+    assert ".local" not in ptx
+    assemble(ptx, tmp_path)
+    with pytest.raises(ValueError):
+        make_fused_kernel("multimem", "bf16", 4, 2, True, True, None, True)
 
 
 def test_fused_transports_share_everything_else():

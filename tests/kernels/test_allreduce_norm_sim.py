@@ -135,6 +135,54 @@ def test_sim_fused_push_matches_reference(dt, n, T, D):
 
 
 @sim
+@pytest.mark.parametrize("n,T,D", [(2, 5, 24), (3, 7, 16), (4, 3, 8), (3, 41, 24), (4, 9, 2048),
+                                   (2, 3, 4104)])
+def test_sim_fused_scatter_matches_reference(n, T, D):
+    """The stores-only p2p variant: each rank first stores its partials of every peer's rows into
+    that peer's inbox, then reduces its own rows from local memory. Ranks run one after another
+    here, so before rank j runs, the inbox slots of the ranks after it are filled as their phase
+    0 would have (the slots of the ranks before it hold what they really stored)."""
+    dtype = torch.bfloat16
+    row_bytes = D * 2
+    max_rows = -(-T // n)
+    inbox_off = T * row_bytes
+    R = Ranks(n, inbox_off + n * max_rows * row_bytes)
+    parts = [_rand((T, D), dtype, r + 50) for r in range(n)]
+    for r in range(n):
+        R.x(r, T, D, dtype).copy_(parts[r])
+        R.bufs[r][inbox_off:R.data].fill_(0xFF)           # poison: NaN rows if never written
+    res, w = _rand((T, D), dtype, 150), _rand((D,), dtype, 151)
+    want_y, want_res = A.fused_ref(parts, res, w, EPS)
+    res_rows = [res[slice(*row_range(T, r, n))].clone() for r in range(n)]
+
+    def inbox(j, src):
+        s, e = row_range(T, j, n)
+        start = inbox_off + src * max_rows * row_bytes
+        return R.bufs[j][start: start + (e - s) * row_bytes].view(dtype).view(e - s, D)
+
+    def launch(j):
+        s, e = row_range(T, j, n)
+        for src in range(j + 1, n):
+            inbox(j, src).copy_(parts[src][s:e])
+        A.launch_fused(R.peers(j), "p2p", "bf16", x_off=0, n_vec=D * 2 // 16, row_start=s,
+                       n_rows=e - s, max_rows=max_rows, has_residual=True,
+                       res_ptr=res_rows[j].data_ptr(), w_ptr=w.data_ptr(), out_ptr=0, eps=EPS,
+                       push=True, ctas=2, timeout_ns=10**9, inbox_off=inbox_off, n_total=T)
+    R.run_round(launch)
+    for j in range(n):
+        s, e = row_range(T, j, n)
+        for src in range(j):                               # really stored by rank src
+            assert torch.equal(inbox(j, src), parts[src][s:e]), f"inbox of {j}, slot {src}"
+    y0 = R.x(0, T, D, dtype)
+    torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
+    for r in range(n):
+        assert torch.equal(R.x(r, T, D, dtype), y0), f"rank {r} buffer differs from rank 0's"
+        s, e = row_range(T, r, n)
+        assert torch.equal(res_rows[r], want_res[s:e]), f"rank {r} residual"
+        assert R.sig(r)[ERR_OFF // 4] == 0
+
+
+@sim
 @pytest.mark.parametrize("has_residual", [True, False])
 def test_sim_fused_oneshot_matches_reference(has_residual):
     n, T, D, dtype = 3, 4, 32, torch.bfloat16

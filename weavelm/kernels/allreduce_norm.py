@@ -12,6 +12,9 @@ the kernels below then run on every rank with the same grid:
   order), adds its residual rows, normalises, and stores the normalised rows into EVERY rank's
   buffer in place. After the kernel each buffer holds the full normalised [T, D]; the residual
   is sequence-sharded: [rows(T), D] (or a full [T, D] of which only rows(T) are updated).
+  p2p reads the peers' partials with remote loads; its "scatter" variant (`inbox_off`) first has
+  every rank store its partials of each peer's rows into that peer's inbox, so NVLink carries
+  only stores and the reduction reads local memory.
 * fused, one-shot: every rank sums all T rows from all buffers and writes the normalised rows to
   a local `out`; a replicated residual [T, D] is updated in full on every rank. No remote writes,
   N-fold reads: for small T (decode).
@@ -57,7 +60,7 @@ MAX_VEC = MAX_BLOCK * VPT_CLASSES[-1]
 
 # All 8-byte parameters (launcher.py): pointers uint64, sizes int64, eps float64.
 FUSED_SIGNATURE = ("void(uint64, uint64, uint64, int64, int64, int64, uint64, uint64, uint64, "
-                   "int64, int64, int64, float64, int64, uint64)")
+                   "int64, int64, int64, float64, int64, uint64, int64, int64)")
 ALLREDUCE_SIGNATURE = ("void(uint64, uint64, uint64, int64, int64, int64, uint64, int64, int64, "
                        "int64, uint64)")
 
@@ -110,9 +113,10 @@ def _check_shape(dt: str, n_vec: int, world: int, ctas: int) -> None:
 
 
 def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool,
-                 rows: int | None = None):
+                 rows: int | None = None, scatter: bool = False):
     """The cached launcher.Kernel of one fused variant (compiled on first use). rows: token rows
-    per CTA iteration (default `allreduce_norm_kernel.rows_per_iter`)."""
+    per CTA iteration (default `allreduce_norm_kernel.rows_per_iter`); scatter: p2p's
+    stores-only variant (`make_fused_kernel`)."""
     from weavelm.kernels import launcher
     from weavelm.kernels.allreduce_norm_kernel import make_fused_kernel, rows_per_iter
 
@@ -120,9 +124,9 @@ def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_resid
         # WEAVELM_FUSED_ROWS overrides the plan's choice (benchmarks compare R values).
         rows = int(os.environ.get("WEAVELM_FUSED_ROWS") or 0) or \
             rows_per_iter(kind, dt, world, vpt, has_residual)
-    return launcher.kernel(("ar_norm", kind, dt, world, vpt, push, has_residual, rows),
+    return launcher.kernel(("ar_norm", kind, dt, world, vpt, push, has_residual, rows, scatter),
                            lambda: make_fused_kernel(kind, dt, world, vpt, push, has_residual,
-                                                     rows),
+                                                     rows, scatter),
                            FUSED_SIGNATURE, max_threads=MAX_BLOCK)
 
 
@@ -138,13 +142,13 @@ def allreduce_kernel(kind: str, dt: str, world: int, push: bool):
 _plans: dict = {}
 
 
-def plan_fused(kind, dt, world, n_vec, max_rows, ctas, push, has_residual):
+def plan_fused(kind, dt, world, n_vec, max_rows, ctas, push, has_residual, scatter=False):
     """(Kernel, grid, block). grid = min(ctas, rows of the largest rank): the same on every rank.
     block = warps covering a row with <= vpt vectors per thread. Each CTA iteration handles R
     rows (`rows_per_iter`: a compile-time constant of the variant, from N, vpt and the
     transport) with all their loads in flight at once; grid and row-to-CTA map do not depend
     on R."""
-    key = ("f", kind, dt, world, n_vec, max_rows, ctas, push, has_residual)
+    key = ("f", kind, dt, world, n_vec, max_rows, ctas, push, has_residual, scatter)
     p = _plans.get(key)
     if p is None:
         _check_shape(dt, n_vec, world, ctas)
@@ -152,7 +156,8 @@ def plan_fused(kind, dt, world, n_vec, max_rows, ctas, push, has_residual):
         threads = -(-n_vec // vpt)
         block = min(MAX_BLOCK, max(32, (threads + 31) // 32 * 32))
         grid = max(1, min(ctas, max_rows))
-        p = (fused_kernel(kind, dt, world, vpt, push, has_residual), grid, block)
+        p = (fused_kernel(kind, dt, world, vpt, push, has_residual, scatter=scatter), grid,
+             block)
         if len(_plans) > 4096:
             _plans.clear()
         _plans[key] = p
@@ -178,20 +183,27 @@ def plan_allreduce(kind, dt, world, max_vecs, ctas, push):
 
 def launch_fused(peers: Peers, kind: str, dt: str, *, x_off: int, n_vec: int, row_start: int,
                  n_rows: int, max_rows: int, has_residual: bool, res_ptr: int, w_ptr: int,
-                 out_ptr: int, eps: float, push: bool, ctas: int, timeout_ns: int) -> tuple:
+                 out_ptr: int, eps: float, push: bool, ctas: int, timeout_ns: int,
+                 inbox_off: int = -1, n_total: int = 0) -> tuple:
     """Launch the fused kernel on torch's current stream; returns (Kernel, grid, block).
 
     x_off: byte offset of row 0 of x [T, D] in every buffer. push: rows [row_start, +n_rows) are
     ours, max_rows = the largest rank's count; one-shot: row_start = 0, n_rows = max_rows = T.
     res_ptr: address of the residual row of row_start (any valid address when n_rows == 0);
     has_residual must be the same on every rank (it picks the compiled variant). w_ptr: weight
-    [D]; out_ptr: one-shot output [T, D] (unused when push).
+    [D]; out_ptr: one-shot output [T, D] (unused when push). inbox_off >= 0 (p2p, push): the
+    scatter variant, with every rank's inbox at that byte offset (N * max_rows rows) and
+    n_total = T.
     """
+    scatter = inbox_off >= 0
+    if scatter and not (kind == "p2p" and push and n_total > 0
+                        and max_rows == -(-n_total // peers.world)):
+        raise ValueError("scatter: p2p push mode with n_total = T and max_rows = ceil(T / N)")
     kern, grid, block = plan_fused(kind, dt, peers.world, n_vec, max_rows, ctas, push,
-                                   has_residual)
+                                   has_residual, scatter)
     kern.launch(grid, block, peers.device, peers.tab, peers.my_base, peers.mc, peers.rank,
                 x_off, peers.sig_off, res_ptr, w_ptr, out_ptr, row_start, n_rows, n_vec,
-                float(eps), timeout_ns, peers.err_host)
+                float(eps), timeout_ns, peers.err_host, max(inbox_off, 0), n_total)
     return kern, grid, block
 
 

@@ -5,9 +5,13 @@ N = ranks, E = elements per 16-byte vector (8 for bf16/fp16, 4 for fp32), V = ve
 One Python body per kernel; a *transport* supplies the only things that differ between the
 p2p and the multimem kernels (DESIGN.md, "One fused kernel body, two transports"):
 
-    load_issue(ptrs, mc, off, raw, s)    start the load(s) of the 16-byte vector at byte offset
+    load_issue(ptrs, mc, off, me, my_base, in_addr, in_stride, raw, s)
+                                         start the load(s) of the 16-byte vector at byte offset
                                          `off` of every rank's buffer into slot s of `raw`
-                                         (u32 registers; W words a slot)
+                                         (u32 registers; W words a slot); me .. in_stride only
+                                         for p2p's scatter variant (the peers' vectors were
+                                         pushed into this rank's inbox: local loads from
+                                         in_addr + p * in_stride, own from my_base + off)
     load_reduce(raw, s, acc)             acc[0:E] = fp32 sum over ranks of slot s
     store_all(ptrs, mc, off, w)          write the 4 words `w` at `off` into every rank's buffer
     signal_all(ptrs, mc, off)            add 1 (release, system scope) to the u32 at `off` in
@@ -49,9 +53,11 @@ cuda = None  # numba.cuda, bound by the builders: a module global, so the simula
 
 # ----------------------------------------------------------------------------- transports
 
-def make_transport(kind: str, dt: str, world: int):
+def make_transport(kind: str, dt: str, world: int, scatter: bool = False):
     """(load_issue, load_reduce, store_all, signal_all, E, W) for transport `kind` ("p2p" |
-    "multimem"); W = u32 words one load_issue slot takes in `raw`."""
+    "multimem"); W = u32 words one load_issue slot takes in `raw`. scatter (p2p only): the
+    peers' partials of this rank's rows were pushed into this rank's inbox first (see
+    make_fused_kernel), so load_issue reads them locally."""
     global cuda
     from numba import float32
 
@@ -70,9 +76,15 @@ def make_transport(kind: str, dt: str, world: int):
         red = ptx.red_add_release_sys_u32
         nw = 4 * n  # words per loaded vector: one 16-byte vector from each rank
 
-        def load_issue(ptrs, mc, off, raw, s):
+        def load_issue(ptrs, mc, off, me, my_base, in_addr, in_stride, raw, s):
             for p in range(n):
-                w = load(ptrs[p] + off)
+                if scatter:
+                    # own partial in place, rank p's in my inbox slot p: every load is local
+                    # (in_addr: this vector's address in inbox slot 0). my_base, not ptrs[me]:
+                    # LLVM turns ptrs[p] under p == me into a run-time index (local memory).
+                    w = load(my_base + off if p == me else in_addr + p * in_stride)
+                else:
+                    w = load(ptrs[p] + off)
                 raw[s * nw + 4 * p] = w[0]
                 raw[s * nw + 4 * p + 1] = w[1]
                 raw[s * nw + 4 * p + 2] = w[2]
@@ -102,7 +114,7 @@ def make_transport(kind: str, dt: str, world: int):
         mst, mred = ptx.multimem_st_v4_f32, ptx.multimem_red_add_release_u32
         nw = 4  # the switch returns the reduced vector
 
-        def load_issue(ptrs, mc, off, raw, s):
+        def load_issue(ptrs, mc, off, me, my_base, in_addr, in_stride, raw, s):
             w = ld_reduce(mc + off)  # the switch sums (f32 accumulation, dtype result)
             raw[s * nw] = w[0]
             raw[s * nw + 1] = w[1]
@@ -225,13 +237,23 @@ def rows_per_iter(kind: str, dt: str, world: int, vpt: int, has_residual: bool =
 
 
 def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool,
-                      rows: int | None = None):
+                      rows: int | None = None, scatter: bool = False):
     """The fused all-reduce + residual + RMSNorm kernel (Python function, not yet jitted).
 
     push=True  ("sharded", TokenWeave): rows [row_start, row_start + n_rows) are this rank's;
                the normalised rows go to every rank's buffer in place (x_off + row * row_bytes).
     push=False ("one-shot"): every rank does all rows and writes them to its local `out_ptr`.
     Residual rows are at res_ptr + (row - row_start) * row_bytes (updated in place).
+
+    scatter=True (p2p, push only): NVLink carries only stores. Phase 0: each rank stores its
+    partials of every peer's rows into that peer's inbox (slot = this rank: inbox_off +
+    (rank * max_rows + local row) * row_bytes); barrier 1 then means "every peer's partials of
+    my rows are in my inbox", and A reads them locally. Remote loads must wait a round trip, so
+    a few CTAs keep too few in flight to fill NVLink (benchmarks/probe_p2p_bandwidth.py); stores
+    need no registers while in flight. Local row i of every rank is handled by CTA i mod G on
+    every rank, so the per-CTA barriers order each inbox row's write before its read. An inbox
+    is rewritten only by the next launch, which starts after the end barrier, when every rank
+    has read its inbox.
 
     CTA b handles rows b, b + G, b + 2G, ... (G = gridDim.x), R = `rows` of them per iteration
     (default `rows_per_iter`): rows r, r + G, ..., r + (R-1)G. An iteration
@@ -249,7 +271,10 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.rmsnorm import _codec
 
-    load_issue, load_reduce, store_all, signal_all, epv, nw = make_transport(kind, dt, world)
+    if scatter and (kind != "p2p" or not push):
+        raise ValueError("scatter is a p2p push-mode variant")
+    load_issue, load_reduce, store_all, signal_all, epv, nw = make_transport(kind, dt, world,
+                                                                             scatter)
     prologue, barrier, epilogue = _make_sync(signal_all, world)
     load_ptrs = _load_ptrs(world)
     cuda = numba_cuda()
@@ -267,11 +292,15 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
     nbuf = nslot * epv
     nraw = nslot * nw
     nres = vpt * 4 if has_residual else 1
+    SR = max(1, 4 // vpt) if scatter else 1   # rows per step of the scatter phase
+    nsc = SR * vpt * 4
     n = world
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
+    ld64 = ptx.load_u64_nc
 
     def fused_allreduce_rmsnorm(tab, my_base, mc, rank, x_off, sig, res_ptr, w_ptr, out_ptr,
-                                row_start, n_rows, n_vec, eps, timeout_ns, err_host):
+                                row_start, n_rows, n_vec, eps, timeout_ns, err_host, inbox_off,
+                                n_total):
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         ctl = cuda.shared.array(2, int64)
@@ -282,6 +311,7 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
         ptrs = cuda.local.array(n, int64)
         raw = cuda.local.array(nraw, uint32)   # loaded words of the iteration (registers)
         rsw = cuda.local.array(nres, uint32)   # loaded residual words
+        scw = cuda.local.array(nsc, uint32)    # scatter phase: words in flight
         h = cuda.local.array(nbuf, float32)    # h = sum + residual (fp32) of every slot
         ss = cuda.local.array(R, float32)
         rstd = cuda.local.array(R, float32)
@@ -291,13 +321,59 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
         prologue(my_base, sig, ctl)
         if ctl[0] != 0:
             return
-        barrier(ptrs, mc, my_base, rank, sig, 1, timeout_ns, err_host, ctl)  # partials ready
+        row_bytes = n_vec * 16
+        grid = cuda.gridDim.x
+        if scatter:
+            # Phase 0: my partials of peer j's rows -> slot `rank` of j's inbox (stores only)
+            per, extra = n_total // n, n_total % n
+            max_rows = per + (1 if extra > 0 else 0)
+            in_stride = max_rows * row_bytes
+            for q in range(1, n):
+                # peers in rotating order (rank + q): at each step every rank sends to a
+                # different one, not all to rank 0 first. The base comes from the global table:
+                # a run-time index into ptrs would move ptrs to local memory.
+                jr = rank + q
+                if jr >= n:
+                    jr -= n
+                j_start = jr * per + min(jr, extra)
+                j_rows = per + (1 if jr < extra else 0)
+                src = my_base + x_off + j_start * row_bytes
+                dst = ld64(tab + jr * 8) + inbox_off + rank * in_stride
+                i = cuda.blockIdx.x
+                while i < j_rows:
+                    # SR rows' vectors loaded before any is stored: several local loads in
+                    # flight per thread (stores need no registers once issued)
+                    for k in range(SR):
+                        ik = i + k * grid
+                        if ik < j_rows:
+                            for j in range(vpt):
+                                v = tid + j * nthreads
+                                if v < n_vec:
+                                    w = load(src + ik * row_bytes + v * 16)
+                                    sc = 4 * (k * vpt + j)
+                                    scw[sc] = w[0]
+                                    scw[sc + 1] = w[1]
+                                    scw[sc + 2] = w[2]
+                                    scw[sc + 3] = w[3]
+                    for k in range(SR):
+                        ik = i + k * grid
+                        if ik < j_rows:
+                            for j in range(vpt):
+                                v = tid + j * nthreads
+                                if v < n_vec:
+                                    sc = 4 * (k * vpt + j)
+                                    store(dst + ik * row_bytes + v * 16, scw[sc], scw[sc + 1],
+                                          scw[sc + 2], scw[sc + 3])
+                    i += SR * grid
+        else:
+            in_stride = 0
+        in_base = my_base + inbox_off
+        # barrier 1: partials ready (pull) / every peer's partials in my inbox (scatter)
+        barrier(ptrs, mc, my_base, rank, sig, 1, timeout_ns, err_host, ctl)
         if ctl[0] != 0:
             return
         inv_d = float32(1.0) / float32(n_vec * epv)
         eps32 = float32(eps)
-        row_bytes = n_vec * 16
-        grid = cuda.gridDim.x
         lane = tid & 31
         nwarps = nthreads >> 5
         par = 0
@@ -311,7 +387,9 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
                     for j in range(vpt):
                         v = tid + j * nthreads
                         if v < n_vec:
-                            load_issue(ptrs, mc, xrow + v * 16, raw, k * vpt + j)
+                            load_issue(ptrs, mc, xrow + v * 16, rank, my_base,
+                                       in_base + rk * row_bytes + v * 16, in_stride, raw,
+                                       k * vpt + j)
             # B. reduce over ranks, + residual (stored back), sum of squares per row
             for k in range(R):
                 ss[k] = float32(0.0)
@@ -334,7 +412,8 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
                             s = k * vpt + j
                             if not early:  # one vector's N loads at a time (wide rows)
                                 load_issue(ptrs, mc, x_off + (row_start + rk) * row_bytes
-                                           + v * 16, raw, s)
+                                           + v * 16, rank, my_base,
+                                           in_base + rk * row_bytes + v * 16, in_stride, raw, s)
                             load_reduce(raw, s, a)
                             if has_residual:
                                 unpack((rsw[4 * j], rsw[4 * j + 1], rsw[4 * j + 2],
@@ -400,7 +479,7 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
             epilogue(my_base, sig, 2, ctl)
 
     fused_allreduce_rmsnorm.__name__ = (f"fused_ar_rmsnorm_{kind}_{dt}_n{world}_v{vpt}_r{R}_"
-                                        f"{'push' if push else 'oneshot'}"
+                                        f"{'scatter' if scatter else 'push' if push else 'oneshot'}"
                                         f"{'_res' if has_residual else ''}")
     return fused_allreduce_rmsnorm
 
@@ -462,7 +541,7 @@ def make_allreduce_kernel(kind: str, dt: str, world: int, push: bool, unroll: in
             for u in range(U):
                 iu = i + u * stride
                 if iu < n_vecs:
-                    load_issue(ptrs, mc, x_off + (v_start + iu) * 16, raw, u)
+                    load_issue(ptrs, mc, x_off + (v_start + iu) * 16, 0, 0, 0, 0, raw, u)
             for u in range(U):
                 iu = i + u * stride
                 if iu < n_vecs:

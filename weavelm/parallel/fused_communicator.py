@@ -52,6 +52,12 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("WEAVELM_COMM_TIMEOUT_S", "60"))
 FIRST_LAUNCH_TIMEOUT_S = 120.0  # a kernel's first launch waits for peers still compiling it
 DEFAULT_ONESHOT_MAX_BYTES = 512 * 1024
 _MIN_BUFFER = 1 << 20
+# p2p's fused op pulls the peers' partials with remote loads. WEAVELM_P2P_SCATTER=1 selects the
+# stores-only "scatter" kernel instead (peers push their partials into this rank's inbox, then
+# every load is local): on 4xH100 it is faster at 16 CTAs but slower at 8 and 32, where the pull
+# kernel is used (benchmarks/RESULTS.md, round 3).
+P2P_SCATTER = os.environ.get("WEAVELM_P2P_SCATTER", "0") == "1"
+
 
 
 class FusedCommunicator(Communicator):
@@ -79,6 +85,8 @@ class FusedCommunicator(Communicator):
         self._warm: set[str] = set()
         self._err = None
         self.slot_bytes = 0       # stride between staging slots (two halves of the weave)
+        # with inboxes each staging slot is followed by its inbox: [slot 0 | inbox 0 | slot 1 ...]
+        self.scatter = self.transport == "p2p" and P2P_SCATTER
         if reserve_bytes:
             self._ensure(reserve_bytes)
 
@@ -116,13 +124,20 @@ class FusedCommunicator(Communicator):
         """Make room for `slots` independent [n_tokens, hidden] staging regions, so that two
         halves of a batch can be in flight at once (the weave): a collective on slot 1 never
         touches the output view of slot 0. Host-side and cheap once sized."""
-        need = -(-n_tokens * hidden * dtype.itemsize // 4096) * 4096
+        rows = n_tokens
+        if self.scatter:   # an inbox holds N slots of ceil(T / N) rows
+            rows = max(n_tokens, self.world_size * -(-n_tokens // self.world_size))
+        need = -(-rows * hidden * dtype.itemsize // 4096) * 4096
         if need > self.slot_bytes:
             if self.slot_bytes:
                 # Moving slot 1 while a view of it may still be read: let the GPU finish first.
                 torch.cuda.synchronize(self.device_index)
             self.slot_bytes = 1 << (need - 1).bit_length()
-        self._ensure(self.slot_bytes * slots)
+        self._ensure(self._slot_base(slots))
+
+    def _slot_base(self, slot: int) -> int:
+        """Byte offset of staging slot `slot` (its inbox, if any, follows it)."""
+        return slot * self.slot_bytes * (2 if self.scatter else 1)
 
     def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None,
                 slot: int = 0):
@@ -130,11 +145,14 @@ class FusedCommunicator(Communicator):
         output) here and pass it to a collective to skip the copy-in."""
         dtype = dtype or torch.get_default_dtype()
         nbytes = n_tokens * hidden * dtype.itemsize
+        if self.scatter and self.world_size > 1:
+            # lay the slots out now, so the fused op never moves this view to fit its inboxes
+            self.reserve_slots(n_tokens, hidden, dtype, slots=slot + 1)
         if slot and self.slot_bytes < nbytes:
             raise WeavelmError(f"{self.name} communicator: staging slot {slot} holds "
                                f"{self.slot_bytes} bytes, {nbytes} needed: call "
                                f"reserve_slots() for the largest half first")
-        base = slot * self.slot_bytes
+        base = self._slot_base(slot)
         return self._ensure(base + nbytes).view(n_tokens, hidden, dtype, base)
 
     def _stage(self, x: torch.Tensor, slot: int = 0) -> tuple[int, bool]:
@@ -146,7 +164,7 @@ class FusedCommunicator(Communicator):
                 raise WeavelmError(f"{self.name} communicator: staging slot {slot} holds "
                                    f"{self.slot_bytes} bytes, {nbytes} needed: call "
                                    f"reserve_slots() for the largest half first")
-        base = slot * self.slot_bytes
+        base = self._slot_base(slot)
         buf = self._ensure(base + nbytes)
         off = buf.offset_of(x)
         if off is not None:
@@ -204,13 +222,14 @@ class FusedCommunicator(Communicator):
         return int(max(self.timeout_s, FIRST_LAUNCH_TIMEOUT_S) * 1e9)
 
     def _fused(self, dt, *, x_off, n_vec, row_start, n_rows, max_rows, has_residual, res_ptr,
-               w_ptr, out_ptr, eps, push, ctas):
+               w_ptr, out_ptr, eps, push, ctas, inbox_off=-1, n_total=0):
         kern, _, _ = K.plan_fused(self.transport, dt, self.world_size, n_vec, max_rows, ctas,
-                                  push, has_residual)
+                                  push, has_residual, inbox_off >= 0)
         K.launch_fused(self.buf.peers(), self.transport, dt, x_off=x_off, n_vec=n_vec,
                        row_start=row_start, n_rows=n_rows, max_rows=max_rows,
                        has_residual=has_residual, res_ptr=res_ptr, w_ptr=w_ptr, out_ptr=out_ptr,
-                       eps=eps, push=push, ctas=ctas, timeout_ns=self._timeout_ns(kern))
+                       eps=eps, push=push, ctas=ctas, timeout_ns=self._timeout_ns(kern),
+                       inbox_off=inbox_off, n_total=n_total)
 
     def _supported(self, x, weight=None) -> bool:
         d = x.shape[-1] if x.dim() else 0
@@ -264,13 +283,17 @@ class FusedCommunicator(Communicator):
                                f"{tuple(residual_rows.shape)} {residual_rows.dtype}")
         if T == 0:
             return x
+        inbox_off = -1
+        if self.scatter and self.world_size > 1:
+            self.reserve_slots(T, D, x.dtype, slots=slot + 1)  # places the inboxes
+            inbox_off = self._slot_base(slot) + self.slot_bytes
         off, _ = self._stage(x, slot)
         n_vec = D * x.element_size() // 16
         self._fused(K.DTYPES[x.dtype], x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s,
                     max_rows=-(-T // self.world_size), has_residual=True,
                     res_ptr=residual_rows.data_ptr() if e > s else weight.data_ptr(),
                     w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True,
-                    ctas=ctas or self.ctas)
+                    ctas=ctas or self.ctas, inbox_off=inbox_off, n_total=T)
         return self.buf.view(T, D, x.dtype, off)
 
     def all_reduce_add_rms_norm(self, x, residual, weight, eps, ctas: int | None = None):
