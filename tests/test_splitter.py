@@ -196,3 +196,23 @@ def test_candidates_are_few_aligned_and_in_window():
             assert 1 <= len(cands) <= 5 and len(set(cands)) == len(cands)
             assert cands[0] == choose_split(t, tp, gemms, min_tokens=0)
             assert all(c % tp == 0 and abs(c - t / 2) <= t / 8 for c in cands)
+
+
+def test_engine_auto_threshold_eager_default_or_tuned(cache_dir):
+    """The engine's auto mode: no split below EAGER_MIN_TOKENS without a tuned table; the tuned
+    table's own threshold when `weavelm tune` saved one; always a split when weave is forced."""
+    from types import SimpleNamespace
+
+    from weavelm.engine import splitter
+    from weavelm.engine.split_policy import EAGER_MIN_TOKENS, choose_split_for
+    splitter._cached_load.cache_clear()
+    llm = SimpleNamespace(mode="auto", config=LLAMA_70B, state=SimpleNamespace(world_size=4))
+    assert choose_split_for(llm, EAGER_MIN_TOKENS - 8) is None
+    assert choose_split_for(llm, EAGER_MIN_TOKENS) is not None
+    llm.mode = "weave"
+    assert choose_split_for(llm, 1024) is not None
+    llm.mode = "auto"
+    key = table_key(model_key(LLAMA_70B), 4, splitter._device()[0])
+    SplitTable(key, {2048: {"split_offset": 0, "no_split": False}}, min_tokens=2048).save()
+    splitter._cached_load.cache_clear()
+    assert choose_split_for(llm, 2048) is not None and choose_split_for(llm, 1024) is None

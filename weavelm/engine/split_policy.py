@@ -2,15 +2,25 @@
 tuned table that `weavelm tune` left for this model shape, TP degree and GPU."""
 from __future__ import annotations
 
-from weavelm.engine.splitter import split_point_for
+from weavelm.engine.splitter import split_point_for, tuned_table_for
+
+# The engine prefills eagerly (no CUDA graphs for prefill yet), and two eager halves are
+# host-bound on small batches: on 4xH100 with llama3-70b the eager weave ran at 0.35x of baseline
+# at 1K tokens and 1.03x at 4K (benchmarks/RESULTS.md, round 3). Without a tuned table this is
+# the engine's threshold; `weavelm tune` measures the machine's own.
+EAGER_MIN_TOKENS = 4096
 
 
 def choose_split_for(llm, num_tokens: int) -> int | None:
     """First-half size for a prefill of `num_tokens` tokens, or None for no split.
 
     With `mode="weave"` asked for explicitly, any batch that can be split is split (tests and
-    benchmarks pin the schedule); with `auto`, the splitter's threshold decides.
+    benchmarks pin the schedule); with `auto`, the tuned table's threshold decides, else
+    EAGER_MIN_TOKENS.
     """
-    forced = llm.mode != "auto"
-    return split_point_for(num_tokens, llm.config, llm.state.world_size,
-                           min_tokens=0 if forced else None)
+    tp = llm.state.world_size
+    if llm.mode != "auto":
+        min_tokens = 0
+    else:
+        min_tokens = None if tuned_table_for(llm.config, tp) is not None else EAGER_MIN_TOKENS
+    return split_point_for(num_tokens, llm.config, tp, min_tokens=min_tokens)

@@ -336,6 +336,13 @@ def split_point_for(num_tokens: int, config_like, tp: int, *, gpu_name: str | No
     return choose_split(num_tokens, tp, gemms_for(config_like, tp), num_sms, table=table, **kwargs)
 
 
+def tuned_table_for(config_like, tp: int, gpu_name: str | None = None):
+    """The table `weavelm tune` saved for this model shape, TP and GPU, or None."""
+    if gpu_name is None:
+        gpu_name = _device()[0]
+    return _cached_table(table_key(model_key(config_like), tp, gpu_name))
+
+
 # ----------------------------------------------------------------------------------- tuning
 
 def candidate_splits(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
