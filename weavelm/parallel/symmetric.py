@@ -64,8 +64,9 @@ class SymmetricBuffer:
     """
 
     def __init__(self, tensor, data_bytes, buffer_ptrs, signal_pad_ptrs, multicast_ptr, rank,
-                 world_size, handle=None):
+                 world_size, handle=None, alloc_off=0):
         self.tensor, self.data_bytes, self.sig_off = tensor, data_bytes, data_bytes
+        self.alloc_off = alloc_off  # byte 0 of this buffer inside torch's allocation
         self.buffer_ptrs, self.signal_pad_ptrs = list(buffer_ptrs), list(signal_pad_ptrs)
         self.multicast_ptr, self.rank, self.world_size = multicast_ptr, rank, world_size
         self.device = tensor.device
@@ -88,6 +89,18 @@ class SymmetricBuffer:
                                f"does not fit its {self.data_bytes} data bytes (16-byte aligned); "
                                "reserve a larger buffer")
         return self.tensor[offset: offset + nbytes].view(dtype).view(n_rows, hidden)
+
+    def peer_view(self, peer: int, n_rows: int, hidden: int, dtype: torch.dtype,
+                  offset: int = 0) -> torch.Tensor:
+        """Rank `peer`'s data region from byte `offset` as a [n_rows, hidden] tensor on this
+        device (writes go over NVLink; a `copy_` into it runs on the copy engines)."""
+        self.view(n_rows, hidden, dtype, offset)          # same bounds on every rank
+        if peer == self.rank:
+            return self.view(n_rows, hidden, dtype, offset)
+        start = self.alloc_off + offset
+        if self.handle is None or start % dtype.itemsize:
+            raise WeavelmError(f"symmetric buffer: no view of rank {peer}'s buffer at byte {offset}")
+        return self.handle.get_buffer(peer, (n_rows, hidden), dtype, start // dtype.itemsize)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """Byte offset of contiguous `t` inside the data region, or None if it is not there."""
@@ -184,7 +197,7 @@ def allocate(data_bytes: int, device: torch.device, group=None, world_size: int 
                                "(no NVLink SHARP on this system?)")
         mc += off
     buf = SymmetricBuffer(t, data_bytes, [b + off for b in bases], list(hdl.signal_pad_ptrs),
-                          mc, rank, world_size, handle=hdl)
+                          mc, rank, world_size, handle=hdl, alloc_off=off)
     buf.zero_signals()
     _check_same_offset(off, group, world_size)
     return buf
