@@ -19,7 +19,13 @@ def plot_fused(data, path):
         res[(name, int(T))] = v
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     best = [min(sweep.get((T, c), float("inf")) for c in ctas) for T in tokens]
-    a1.plot(tokens, best, "o-", label="weavelm fused p2p (best CTAs)")
+    kernel = data.get("default_kernel", "pull")
+    a1.plot(tokens, best, "o-", label=f"weavelm fused p2p, {kernel} kernel (best CTAs)")
+    other = {tuple(map(int, k.split("|"))): v for k, v in data.get("sweep_other", {}).items()}
+    if other:
+        a1.plot(tokens, [min(other.get((T, c), float("inf")) for c in ctas) for T in tokens],
+                "o:", label=f"weavelm fused p2p, {'pull' if kernel == 'scatter' else 'scatter'} "
+                            "kernel (best CTAs)")
     for name in ("NCCL all-reduce + RMSNorm", "torch symm two-shot + RMSNorm",
                  "NCCL all-reduce only"):
         ys = [res.get((name, T), float("nan")) for T in tokens]

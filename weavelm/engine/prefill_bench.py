@@ -222,7 +222,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_xlabel("prefill tokens")
     ax.set_ylabel("speedup over baseline")
     m = result["meta"]
-    ax.set_title(f"{m['shape']} {m['layers']} layers, TP={m['tp']}, {m['device']}")
+    ax.set_title(f"{m['shape']} {m['layers']} layers, TP={m['tp']}, {m['device']}, "
+                 f"{'CUDA graphs' if m.get('graph') else 'eager'}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
