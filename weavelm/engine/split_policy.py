@@ -5,10 +5,11 @@ from __future__ import annotations
 from weavelm.engine.splitter import split_point_for, tuned_table_for
 
 # The engine prefills eagerly (no CUDA graphs for prefill yet), and two eager halves are
-# host-bound on small batches: on 4xH100 with llama3-70b the eager weave ran at 0.35x of baseline
-# at 1K tokens and 1.03x at 4K (benchmarks/RESULTS.md, round 3). Without a tuned table this is
-# the engine's threshold; `weavelm tune` measures the machine's own.
-EAGER_MIN_TOKENS = 4096
+# host-bound on small batches: on 4xH100 with llama3-70b the eager weave lost to the fused
+# schedule at 4K tokens (37.85 vs 32.07 ms) and won at 8K (61.65 vs 64.06; benchmarks/RESULTS.md,
+# round 3). Without a tuned table this is the engine's threshold; `weavelm tune` measures the
+# machine's own.
+EAGER_MIN_TOKENS = 8192
 
 
 def choose_split_for(llm, num_tokens: int) -> int | None:
