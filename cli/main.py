@@ -215,9 +215,6 @@ def bench_prefill(
     repeats: int = typer.Option(5, help="Timed repeats (median)."),
     ctas: Optional[str] = typer.Option(None, help="CTAs of the fused kernel in the weave; a "
                                                   "list (8,16,32) times each, keeps the best."),
-    ctas_short: Optional[int] = typer.Option(None, "--ctas-short",
-                                             help="CTAs of the weave's reductions that hide "
-                                                  "behind an attention block (default 16)."),
     carveout: str = typer.Option("auto", help="SMs the weave's GEMMs leave to the fused kernel: "
                                               "auto (one per CTA) or a number (0: none)."),
     graph: bool = typer.Option(False, "--graph/--eager", help="Time CUDA-graph replays of each "
@@ -246,14 +243,11 @@ def bench_prefill(
     check(carveout == "auto" or (carveout.isdigit() and int(carveout) < 128),
           f"--carveout must be 'auto' or a number of SMs below 128, got {carveout!r}")
     check(not graph or dev.type == "cuda", "--graph needs CUDA GPUs: drop it on CPU")
-    check(ctas_short is None or 1 <= ctas_short <= 128,
-          f"--ctas-short must be 1..128, got {ctas_short}")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
                 repeats=repeats, device=str(dev),
                 ctas=_int_list(ctas, "--ctas") if ctas else None,
-                carveout=carveout if carveout == "auto" else int(carveout), graph=graph,
-                ctas_short=ctas_short)
+                carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
     result = _run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return

@@ -143,7 +143,6 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
     ctas_list = opts.get("ctas") or [None]
     stack = runner.model.model.runner
     stack.weave_sm_carveout = opts.get("carveout", "auto")
-    stack.weave_ctas_short = opts.get("ctas_short")
     graph = opts.get("graph", False)
     rows = []
     for T in opts["tokens"]:
@@ -176,8 +175,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
         meta = dict(shape=opts["shape"], layers=opts["layers"], tp=opts["tp"],
                     backend=runner.backend, device=torch.cuda.get_device_name()
                     if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"],
-                    graph=graph, carveout=stack.weave_sm_carveout,
-                    ctas_short=stack.weave_ctas_short)
+                    graph=graph, carveout=stack.weave_sm_carveout)
         return {"meta": meta, "rows": rows}
     return None
 

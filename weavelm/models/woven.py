@@ -40,12 +40,10 @@ from weavelm.parallel.communicator import get_communicator, row_range
 from weavelm.parallel.sm_carveout import gemm_sm_carveout
 
 
-# CTAs of the fused kernel while the other half computes, and SMs the GEMMs beside it leave free
-# (gemm_sm_carveout). A reduction that hides behind the other half's MLP block has time: 8 CTAs
-# (the best of 4/8/16 as a single setting on 4xH100, benchmarks/RESULTS.md round 3). One that
-# hides behind an attention block (shorter) gets WEAVE_CTAS_SHORT.
+# CTAs of the fused kernel while the other half computes. 8 was the best of 4/8/16 at every
+# size from 1K to 16K tokens under CUDA graphs on 4xH100 (benchmarks/RESULTS.md, round 3); the
+# weave's GEMMs leave that many SMs free (gemm_sm_carveout).
 WEAVE_CTAS = 8
-WEAVE_CTAS_SHORT = 16
 
 
 class Mode(str, enum.Enum):
@@ -108,10 +106,8 @@ class StackRunner:
         # CTAs for the fused kernel while the other half computes (few: the GEMMs keep the
         # rest of the GPU); None = WEAVE_CTAS. Set by benchmarks and tuning.
         self.weave_ctas: int | None = None
-        self.weave_ctas_short: int | None = None   # None = WEAVE_CTAS_SHORT
         # SMs the weave's GEMMs leave to the communication kernel: "auto" = one per CTA of the
-        # fused kernel running beside them (a persistent GEMM CTA cannot share an SM with it),
-        # 0 = none.
+        # fused kernel (a persistent GEMM CTA cannot share an SM with it), 0 = none.
         self.weave_sm_carveout: int | str = "auto"
 
     def _norm_after(self, i: int, block: str):
@@ -193,19 +189,18 @@ class StackRunner:
             self._comm_stream = torch.cuda.Stream(device=device, priority=high)
         return self._comm_stream
 
-    def _weave_ctas(self, short: bool) -> int:
-        return (self.weave_ctas_short or WEAVE_CTAS_SHORT) if short else \
-            (self.weave_ctas or WEAVE_CTAS)
-
-    def _carveout(self, block: str) -> int:
-        """SMs the GEMMs of a `block` leave free. Beside an attention block runs a reduction
-        that hides behind it (short), beside an MLP block one that hides behind the MLP."""
+    def _carveout(self) -> int:
+        comm = get_communicator()
         if self.weave_sm_carveout != "auto":
             return int(self.weave_sm_carveout)
         # Only the fused kernels have a known CTA count; NCCL picks its own.
-        return self._weave_ctas(block == "attn") if hasattr(get_communicator(), "ctas") else 0
+        return (self.weave_ctas or WEAVE_CTAS) if hasattr(comm, "ctas") else 0
 
     def _run_weave_cuda(self, a: _Half, b: _Half, cache, rotary):
+        with gemm_sm_carveout(self._carveout()):
+            return self._weave_cuda_schedule(a, b, cache, rotary)
+
+    def _weave_cuda_schedule(self, a: _Half, b: _Half, cache, rotary):
         compute = torch.cuda.current_stream()
         side = self._side_stream(a.x.device)
         for half in (a, b):
@@ -214,16 +209,12 @@ class StackRunner:
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 for half in (a, b):
-                    # What this reduction hides behind: A's after attention and B's after the
-                    # MLP overlap an attention block (short), the others an MLP block. The very
-                    # last one has nothing to hide behind: all CTAs.
-                    short = (half is a) == (block == "attn")
+                    # the very last reduction has no compute left to hide behind: all CTAs
                     ctas = None if (i, block, half) == (last, "mlp", b) else \
-                        self._weave_ctas(short)
+                        self.weave_ctas or WEAVE_CTAS
                     if half.ready is not None:
                         compute.wait_event(half.ready)
-                    with gemm_sm_carveout(self._carveout(block)):
-                        partial = self._block(half, i, block, cache, rotary)  # compute stream
+                    partial = self._block(half, i, block, cache, rotary)     # compute stream
                     produced = torch.cuda.Event()
                     produced.record(compute)
                     _record(partial, side)
