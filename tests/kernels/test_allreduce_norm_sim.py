@@ -92,6 +92,18 @@ def _rand(shape, dtype, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def _check_sharded_outputs(R, T, D, dtype, want_y, want_res, res_rows):
+    """After a sharded round: every rank's buffer holds the same normalised [T, D], close to the
+    reference; each rank's residual rows equal the reference's; no rank timed out."""
+    y0 = R.x(0, T, D, dtype)
+    torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
+    for r in range(R.n):
+        assert torch.equal(R.x(r, T, D, dtype), y0), f"rank {r} buffer differs from rank 0's"
+        s, e = row_range(T, r, R.n)
+        assert torch.equal(res_rows[r], want_res[s:e]), f"rank {r} residual"
+        assert R.sig(r)[ERR_OFF // 4] == 0
+
+
 @sim
 @pytest.mark.parametrize("dt", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize("n,T,D", [(1, 3, 16), (2, 5, 24), (3, 7, 16), (4, 3, 8), (2, 2, 1040),
@@ -119,13 +131,8 @@ def test_sim_fused_push_matches_reference(dt, n, T, D):
                        has_residual=True, res_ptr=res_rows[r].data_ptr(), w_ptr=w.data_ptr(),
                        out_ptr=0, eps=EPS, push=True, ctas=2, timeout_ns=10**9)
     R.run_round(launch)
-    y0 = R.x(0, T, D, dtype)
-    torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
+    _check_sharded_outputs(R, T, D, dtype, want_y, want_res, res_rows)
     for r in range(n):
-        assert torch.equal(R.x(r, T, D, dtype), y0), f"rank {r} buffer differs from rank 0's"
-        s, e = row_range(T, r, n)
-        assert torch.equal(res_rows[r], want_res[s:e]), f"rank {r} residual"
-        assert R.sig(r)[ERR_OFF // 4] == 0
         assert R.slots(r)[:min(2, max_rows), :n].eq(2).all()  # every rank signalled twice
     # every CTA advanced its epoch by the 2 barriers; CTAs beyond the grid did not
     grid = min(2, max_rows)
@@ -173,13 +180,7 @@ def test_sim_fused_scatter_matches_reference(n, T, D):
         s, e = row_range(T, j, n)
         for src in range(j):                               # really stored by rank src
             assert torch.equal(inbox(j, src), parts[src][s:e]), f"inbox of {j}, slot {src}"
-    y0 = R.x(0, T, D, dtype)
-    torch.testing.assert_close(y0, want_y, rtol=TOL[dtype], atol=TOL[dtype])
-    for r in range(n):
-        assert torch.equal(R.x(r, T, D, dtype), y0), f"rank {r} buffer differs from rank 0's"
-        s, e = row_range(T, r, n)
-        assert torch.equal(res_rows[r], want_res[s:e]), f"rank {r} residual"
-        assert R.sig(r)[ERR_OFF // 4] == 0
+    _check_sharded_outputs(R, T, D, dtype, want_y, want_res, res_rows)
 
 
 @sim
