@@ -135,7 +135,8 @@ def main():
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
                     rows.append((T, name, U, c, t.item(), mb / t.item() * 1e3))
     if rank == 0:
-        print("| tokens | kind | vectors in flight / thread | CTAs | µs | GB/s per rank, one way |")
+        print("| tokens | kind | vectors in flight / thread | CTAs | µs | "
+              "GB/s per rank, one way |")
         print("| --- | --- | --- | --- | --- | --- |")
         for T, name, U, c, us, gbs in rows:
             print(f"| {T} | {name} | {U} | {c} | {us:.1f} | {gbs:.0f} |", flush=True)

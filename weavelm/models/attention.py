@@ -134,7 +134,8 @@ def _continuation_attention(qs, keys, values, start: int, scale: float):
     [start, end) and see keys [0, end) up to their own position. Computed as two calls of the
     fast attention kernels - all earlier keys (no mask) and the piece's own keys (square causal)
     - merged by their log-sum-exps: softmax over the union = sigmoid(lse1 - lse2) blend. A single
-    call with a lower-right causal mask falls to a kernel ~1.8x slower on H100 (RESULTS.md)."""
+    call with a lower-right causal mask falls to a slower kernel on H100 (FA2 instead of cuDNN;
+    benchmarks/RESULTS.md, round 3)."""
     if not qs.is_cuda or qs.shape[-2] == 1:
         if qs.shape[-2] == 1:                 # one query sees every key: no mask at all
             return _sdpa(qs, keys, values, scale=scale)

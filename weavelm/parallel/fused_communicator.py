@@ -54,10 +54,9 @@ DEFAULT_ONESHOT_MAX_BYTES = 512 * 1024
 _MIN_BUFFER = 1 << 20
 # p2p's fused op pulls the peers' partials with remote loads. WEAVELM_P2P_SCATTER=1 selects the
 # stores-only "scatter" kernel instead (peers push their partials into this rank's inbox, then
-# every load is local): on 4xH100 it is faster at 16 CTAs but slower at 8 and 32, where the pull
-# kernel is used (benchmarks/RESULTS.md, round 3).
+# every load is local). On 4xH100 it was not faster overall: ahead at 16 CTAs at 4K-8K tokens,
+# behind at 8 and 32 CTAs, equal within noise inside the weave (benchmarks/RESULTS.md, round 3).
 P2P_SCATTER = os.environ.get("WEAVELM_P2P_SCATTER", "0") == "1"
-
 
 
 class FusedCommunicator(Communicator):

@@ -39,6 +39,7 @@ def _cublas():
     except OSError:
         pass
     if path is None:
+        log.info("weavelm: libcublas is not loaded; GEMM carveout through torch's knob only")
         return None
     try:
         lib = ctypes.CDLL(path)

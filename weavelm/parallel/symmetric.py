@@ -99,7 +99,8 @@ class SymmetricBuffer:
             return self.view(n_rows, hidden, dtype, offset)
         start = self.alloc_off + offset
         if self.handle is None or start % dtype.itemsize:
-            raise WeavelmError(f"symmetric buffer: no view of rank {peer}'s buffer at byte {offset}")
+            raise WeavelmError(f"symmetric buffer: no view of rank {peer}'s buffer at byte "
+                               f"{offset}")
         return self.handle.get_buffer(peer, (n_rows, hidden), dtype, start // dtype.itemsize)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
