@@ -378,8 +378,11 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
         nwarps = nthreads >> 5
         par = 0
         r = cuda.blockIdx.x
-        while r < n_rows:
-            # A. every load of the R rows first: independent addresses, all in flight at once
+        prev = -1                # iteration whose C and D are pending
+        while True:
+            # A. every load of iteration r's R rows first: independent addresses, all in flight
+            #    at once. Issued before C and D of the previous iteration (prev), so they fly
+            #    while its block reduction and stores run (raw is free once B consumed it).
             for k in range(R):
                 rk = r + k * grid
                 if early and rk < n_rows:
@@ -390,13 +393,64 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
                             load_issue(ptrs, mc, xrow + v * 16, rank, my_base,
                                        in_base + rk * row_bytes + v * 16, in_stride, raw,
                                        k * vpt + j)
+            if prev >= 0:
+                # C. one block reduction for prev's R rows -> rstd[k], identical in every thread
+                if simulator:
+                    for k in range(R):
+                        thread_sums[(par * R + k) * MAX_BLOCK + tid] = ss[k]
+                    cuda.syncthreads()
+                    for k in range(R):
+                        t = float32(0.0)
+                        for i in range(nthreads):
+                            t += thread_sums[(par * R + k) * MAX_BLOCK + i]
+                        rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
+                else:
+                    for k in range(R):
+                        t = ss[k]
+                        m = 16
+                        while m > 0:
+                            t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
+                            m >>= 1
+                        if lane == 0:
+                            warp_sums[(par * R + k) * 32 + (tid >> 5)] = t
+                    cuda.syncthreads()
+                    for k in range(R):
+                        # every warp sums the warp partials by the same butterfly: equal bits
+                        t = warp_sums[(par * R + k) * 32 + lane] if lane < nwarps \
+                            else float32(0.0)
+                        m = 16
+                        while m > 0:
+                            t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
+                            m >>= 1
+                        rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
+                par ^= 1
+                # D. normalise and store prev's rows
+                for j in range(vpt):
+                    v = tid + j * nthreads
+                    if v < n_vec:
+                        unpack(load_nc(w_ptr + v * 16), a)
+                        for k in range(R):
+                            rk = prev + k * grid
+                            if rk < n_rows:
+                                s = k * vpt + j
+                                for e in range(epv):
+                                    b[e] = h[s * epv + e] * rstd[k] * a[e]
+                                wy = pack(b)
+                                if push:
+                                    store_all(ptrs, mc,
+                                              x_off + (row_start + rk) * row_bytes + v * 16, wy)
+                                else:
+                                    store(out_ptr + rk * row_bytes + v * 16,
+                                          wy[0], wy[1], wy[2], wy[3])
+            if r >= n_rows:
+                break
             # B. reduce over ranks, + residual (stored back), sum of squares per row
             for k in range(R):
                 ss[k] = float32(0.0)
                 rk = r + k * grid
                 if has_residual and rk < n_rows:
                     # row k's residual: issued here, not in A, so that only one row's residual
-                    # words are live (registers); row 0's still overlaps every peer load
+                    # words are live (registers)
                     for j in range(vpt):
                         v = tid + j * nthreads
                         if v < n_vec:
@@ -426,53 +480,7 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
                             for e in range(epv):
                                 h[s * epv + e] = a[e]
                                 ss[k] += a[e] * a[e]
-            # C. one block reduction for the R rows -> rstd[k], identical in every thread
-            if simulator:
-                for k in range(R):
-                    thread_sums[(par * R + k) * MAX_BLOCK + tid] = ss[k]
-                cuda.syncthreads()
-                for k in range(R):
-                    t = float32(0.0)
-                    for i in range(nthreads):
-                        t += thread_sums[(par * R + k) * MAX_BLOCK + i]
-                    rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
-            else:
-                for k in range(R):
-                    t = ss[k]
-                    m = 16
-                    while m > 0:
-                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
-                        m >>= 1
-                    if lane == 0:
-                        warp_sums[(par * R + k) * 32 + (tid >> 5)] = t
-                cuda.syncthreads()
-                for k in range(R):
-                    # every warp sums the warp partials by the same butterfly: equal bits
-                    t = warp_sums[(par * R + k) * 32 + lane] if lane < nwarps else float32(0.0)
-                    m = 16
-                    while m > 0:
-                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, m)
-                        m >>= 1
-                    rstd[k] = float32(1.0) / float32(math.sqrt(t * inv_d + eps32))
-            par ^= 1
-            # D. normalise and store
-            for j in range(vpt):
-                v = tid + j * nthreads
-                if v < n_vec:
-                    unpack(load_nc(w_ptr + v * 16), a)
-                    for k in range(R):
-                        rk = r + k * grid
-                        if rk < n_rows:
-                            s = k * vpt + j
-                            for e in range(epv):
-                                b[e] = h[s * epv + e] * rstd[k] * a[e]
-                            wy = pack(b)
-                            if push:
-                                store_all(ptrs, mc, x_off + (row_start + rk) * row_bytes + v * 16,
-                                          wy)
-                            else:
-                                store(out_ptr + rk * row_bytes + v * 16,
-                                      wy[0], wy[1], wy[2], wy[3])
+            prev = r
             r += R * grid
         barrier(ptrs, mc, my_base, rank, sig, 2, timeout_ns, err_host, ctl)  # all done
         if ctl[0] == 0:
