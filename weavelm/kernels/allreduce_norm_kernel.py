@@ -257,11 +257,16 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
 
     CTA b handles rows b, b + G, b + 2G, ... (G = gridDim.x), R = `rows` of them per iteration
     (default `rows_per_iter`): rows r, r + G, ..., r + (R-1)G. An iteration
-      A. issues every load of its R rows (peers' partials via the transport, residual) into
-         registers before it uses any: R * vpt * (N + 1) 16-byte loads in flight per thread;
-      B. reduces over ranks, adds the residual (stored back), sums squares per row;
+      A. issues every load of its R rows (peers' partials via the transport) into registers
+         before it uses any: R * vpt * N 16-byte loads in flight per thread;
+      B. loads the residual, reduces over ranks, adds the residual (stored back), sums
+         squares per row;
       C. one block reduction for all R rows (one __syncthreads; double-buffered shared words);
       D. normalises and stores (push: to every rank) each row.
+    Software-pipelined: A of the next iteration is issued right after B (its registers are free
+    once B consumed them), so its loads fly during this iteration's C and D; a CTA no longer
+    waits a full remote round trip per iteration (4xH100, 16K tokens: 2370 -> 1640 us at 8
+    CTAs, 1559 us at 32 -> 1427 us at 16; benchmarks/RESULTS.md, round 3).
     Row r goes to the same CTA as with R = 1; missing rows (past n_rows) are skipped.
     """
     global cuda

@@ -209,7 +209,8 @@ class StackRunner:
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 for half in (a, b):
-                    # the very last reduction has no compute left to hide behind: all CTAs
+                    # the very last reduction has nothing left to hide behind: the
+                    # communicator's default (standalone-best) CTA count
                     ctas = None if (i, block, half) == (last, "mlp", b) else \
                         self.weave_ctas or WEAVE_CTAS
                     if half.ready is not None:

@@ -42,9 +42,9 @@ from weavelm.parallel.multicast_guard import multicast_allowed
 
 log = logging.getLogger("weavelm")
 
-# 32: the best standalone time on 4xH100 at >= 512 tokens (benchmarks/RESULTS.md); the weave
-# may ask for fewer per call.
-DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "32"))
+# 16: with the pipelined kernel the best standalone time on 4xH100 at 128, 1K, 4K and 16K tokens,
+# 32 no faster (benchmarks/RESULTS.md, round 3); the weave asks for fewer per call.
+DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "16"))
 # Ranks drift apart on the host (a tokenizer loading on one rank, the first compile of a
 # kernel, a slow print): 5 s proved too short in `weavelm generate` on 4 GPUs. A minute still
 # turns a dead rank into a clear error instead of a hang.
