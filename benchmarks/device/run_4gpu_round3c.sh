@@ -9,7 +9,7 @@ timeout 200 python3 -m pytest -q -x -p no:cacheprovider -s tests/gpu/test_fused_
   tests/gpu/test_attention_gpu.py tests/gpu/test_weave_multigpu.py > "$OUT/tests.txt" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|Error|assert" "$OUT/tests.txt" | tail -6
 timeout 200 torchrun --nproc-per-node "$N" benchmarks/bench_fused_comm.py --hidden 8192 \
-  --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 --compare-pull \
+  --tokens 1,128,512,1024,2048,4096,8192,16384 --ctas 2,4,8,16,32 --compare-kernels \
   --json "$OUT/fused_comm.json" > "$OUT/bench_fused_comm.txt" 2>&1
 echo "bench_fused_comm exit $?"; grep -A40 "^### Fused" "$OUT/bench_fused_comm.txt"
 timeout 150 python3 -m cli.main bench prefill --shape llama3-70b --layers 8 --tp "$N" \
