@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from cuda_timing import cuda_time_us  # noqa: E402
 
 EPS = 1e-5
 TOL = 1e-1  # vs NCCL + RMSNorm: NCCL rounds the sum to bf16, we sum in fp32
@@ -48,26 +48,6 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def time_us(fn, iters, warmup) -> float:
-    """Median device time of fn() in us (CUDA events around each call), all ranks aligned."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    t = torch.tensor([statistics.median(times)], device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's median: the collective's time
-    return t.item()
 
 
 def graphed(fn):
@@ -133,7 +113,7 @@ def main():
         """Time fn as `name` at T; failures are printed, recorded and do not stop the run."""
         failed = False
         try:
-            res[(name, T)] = time_us(fn, args.iters, args.warmup)
+            res[(name, T)] = cuda_time_us(fn, args.iters, args.warmup, ranks="once")
             log0(f"  {name:34s} T={T:6d}: {res[(name, T)]:9.1f} us")
         except Exception:  # noqa: BLE001
             failed = True

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cuda_timing import cuda_time_us  # noqa: E402
 from weavelm.kernels import launcher  # noqa: E402
 from weavelm.kernels import rmsnorm as R  # noqa: E402
 
@@ -55,22 +56,6 @@ def section(name):
             rows.append((name, "FAILED", "see traceback above"))
         return fn
     return run
-
-
-def cuda_time_us(fn, iters, warmup) -> float:
-    """Median device time of fn() in us, CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def host_time_us(fn, iters) -> float:

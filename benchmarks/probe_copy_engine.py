@@ -13,31 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
+from cuda_timing import cuda_time_us
 
 
-def timed(fn, iters=20, warmup=3, reduce_max=True):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if reduce_max:
-            dist.barrier()
-            torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    t = torch.tensor([statistics.median(times)], device="cuda")
-    if reduce_max:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+def timed(fn, reduce_max=True):
+    return cuda_time_us(fn, 20, 3, ranks="each" if reduce_max else None)
 
 
 def main():
