@@ -13,13 +13,9 @@ T = tokens, D = hidden size, N = ranks.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from simulator_run import IN_SIM, run_sim_tests
 
 from weavelm.kernels import allreduce_norm as A
 from weavelm.kernels.allreduce_norm_layout import (
@@ -27,8 +23,6 @@ from weavelm.kernels.allreduce_norm_layout import (
 )
 from weavelm.parallel.communicator import row_range
 
-IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-REPO = Path(__file__).resolve().parents[2]
 sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
 EPS = 1e-6
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -38,14 +32,7 @@ TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}  # rtol
 
 @pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
 def test_in_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "-W", "ignore::DeprecationWarning", "-k", "test_sim_", __file__],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, r.stdout[-2000:]
+    run_sim_tests(__file__, timeout=600)
 
 
 class Ranks:

@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from simulator_run import IN_SIM, REPO, run_sim_tests
 
 from weavelm.kernels import rmsnorm as R
 
-IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-REPO = Path(__file__).resolve().parents[2]
 # Simulator-only tests are named test_sim_* (the subprocess selects them by that name).
 sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
 
@@ -32,14 +30,7 @@ SHAPES = [(7, 16), (3, 24), (7, 40), (2, 1040)]  # (T, D); D = 1040: several war
 
 @pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
 def test_in_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "-W", "ignore::DeprecationWarning", "-k", "test_sim_", __file__],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, r.stdout[-2000:]
+    run_sim_tests(__file__, timeout=300)
 
 
 @pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
