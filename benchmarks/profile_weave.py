@@ -41,6 +41,35 @@ CATEGORIES = (("NCCL", ("nccl",)),
               ("RMSNorm", ("rmsnorm",)))
 
 
+def stall_report(compute, side, schedule, gap_us=2.0):
+    """Per reduction of the weave: its kernel time, the compute time it overlapped, and the
+    compute-stream idle time it caused (an idle gap on the compute stream that ends when this
+    reduction ends: the compute stream was waiting for its event). `compute` and `side` are
+    sorted (start, end, name) lists; `schedule[k]` names side kernel k."""
+    gaps = [(a[1], b[0]) for a, b in zip(compute, compute[1:]) if b[0] - a[1] > gap_us]
+    rows = {}
+    for k, (s0, s1, _) in enumerate(side):
+        label = schedule[k] if k < len(schedule) else "other"
+        busy = intervals_overlap([(a, b) for a, b, _ in compute], [(s0, s1)])
+        # a gap caused by this reduction closes within a few us after the kernel ends
+        stall = sum(g1 - max(g0, s0) for g0, g1 in gaps if s1 - 1 <= g1 <= s1 + 30)
+        r = rows.setdefault(label, [0, 0.0, 0.0, 0.0])
+        r[0] += 1
+        r[1] += s1 - s0
+        r[2] += busy
+        r[3] += stall
+    idle = sum(g1 - g0 for g0, g1 in gaps)
+    print(f"  compute-stream idle gaps > {gap_us:g} us: {len(gaps)}, {idle / 1e3:.2f} ms; before "
+          f"the first reduction {max(0.0, side[0][0] - compute[0][0]) / 1e3:.2f} ms of compute, "
+          f"after the last one ends {max(0.0, compute[-1][1] - side[-1][1]) / 1e3:.2f} ms")
+    print("  | reduction | count | mean kernel us | mean compute overlapped us | "
+          "mean compute stall us | total stall ms |")
+    print("  | --- | --- | --- | --- | --- | --- |")
+    for label, (n, dur, busy, stall) in rows.items():
+        print(f"  | {label} | {n} | {dur / n:.0f} | {busy / n:.0f} | {stall / n:.0f} | "
+              f"{stall / 1e3:.2f} |")
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
@@ -104,6 +133,13 @@ def main():
             side = sum(b - a for a, b in side_iv)
             print(f"  side-stream kernel time overlapped with compute: {ov / 1e3:.2f} of "
                   f"{side / 1e3:.2f} ms")
+            if mode == "weave":
+                # side-stream order = the schedule's reduction order (woven.py)
+                order = ["embed A", "embed B"] + [
+                    f"{blk} {half}" for _ in range(args.layers)
+                    for blk in ("attn", "mlp") for half in ("A", "B")]
+                stall_report(sorted(by_stream[streams[0]]),
+                             sorted(e for k in streams[1:] for e in by_stream[k]), order)
         cats = {}
         for e in events:
             c = category(e["name"])

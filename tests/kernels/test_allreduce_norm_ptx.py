@@ -83,14 +83,17 @@ def test_fused_kernel_assembles(kind, tmp_path):
     if kind == "multimem":
         assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in ptx
         assert "multimem.st.relaxed.sys.global.v4.f32" in ptx
-        assert "multimem.red.release.sys.global.add.u32" in ptx
+        assert "multimem.red.relaxed.sys.global.add.u32" in ptx
         assert "ld.volatile.global.v4" not in ptx  # no peer loads
     else:
         assert "multimem" not in ptx
         R = rows_per_iter(kind, "bf16", 4, 2)
         assert count(ptx, r"ld\.volatile\.global\.v4\.u32") == R * 2 * 4  # R x vpt x N
         assert count(ptx, r"st\.global\.v4\.u32") >= 2 * 4  # pushes to every rank
-        assert count(ptx, r"red\.release\.sys\.global\.add\.u32") == 2 * 4  # 2 barriers x N
+        # 2 barriers x N relaxed signals, each barrier fencing once before them (not per rank)
+        assert count(ptx, r"red\.relaxed\.sys\.global\.add\.u32") == 2 * 4
+        assert "red.release" not in ptx
+        assert count(ptx, r"fence\.acq_rel\.sys") == 2
     assemble(ptx, tmp_path)
 
 
@@ -179,7 +182,7 @@ def test_allreduce_kernel_assembles(kind, push, tmp_path):
     for pat in BARRIER:
         assert count(ptx, pat) >= 1, pat
     if kind == "multimem":
-        assert "multimem.ld_reduce" in ptx and "multimem.red.release" in ptx
+        assert "multimem.ld_reduce" in ptx and "multimem.red.relaxed" in ptx
         assert ("multimem.st" in ptx) == push
     else:
         assert "multimem" not in ptx

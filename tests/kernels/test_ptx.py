@@ -50,13 +50,12 @@ def primitives_kernel(a, b, n, x):
             break
     s = P.load_relaxed_sys_u32(b) + P.atomic_add_sys_u32(b, 1) + P.atomic_add_acq_rel_sys_u32(b, 2)
     s += P.atomic_cas_sys_u32(b, 0, 1) + P.atomic_cas_acq_rel_sys_u32(b, 1, 2)
-    P.red_add_release_sys_u32(b, s)
+    P.red_add_relaxed_sys_u32(b, s)
     P.fence_acq_rel_sys()
     r = P.multimem_ld_reduce_add_v4_bf16x2(a)
     f = P.multimem_ld_reduce_add_v4_f32(a + 16)
     P.multimem_st_v4_f32(b, r[0], r[1], f[2], f[3])
     P.multimem_red_add_u32(b, 1)
-    P.multimem_red_add_release_u32(b, 1)
 
 
 def multimem_only_kernel(a):
@@ -70,11 +69,11 @@ EXPECTED = [
     "st.volatile.global.v4.u32", "ld.global.u32", "st.global.u32", "st.release.sys.global.u32",
     "ld.acquire.sys.global.u32", "ld.relaxed.sys.global.u32", "atom.global.sys.add.u32",
     "atom.acq_rel.sys.global.add.u32", "atom.global.sys.cas.b32",
-    "atom.acq_rel.sys.global.cas.b32", "red.release.sys.global.add.u32", "fence.acq_rel.sys",
+    "atom.acq_rel.sys.global.cas.b32", "red.relaxed.sys.global.add.u32", "fence.acq_rel.sys",
     "mov.u64 %rd", "%globaltimer", "cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32", "cvt.f32.f16",
     "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2",
     "multimem.ld_reduce.relaxed.sys.global.add.v4.f32", "multimem.st.relaxed.sys.global.v4.f32",
-    "multimem.red.relaxed.sys.global.add.u32", "multimem.red.release.sys.global.add.u32",
+    "multimem.red.relaxed.sys.global.add.u32",
 ]
 
 

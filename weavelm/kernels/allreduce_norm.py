@@ -26,8 +26,9 @@ Rows (vectors) of different ranks are disjoint, so "in place" is safe: only the 
 reads or writes it during the kernel.
 
 Barriers (start: every peer's partials are written; end: every peer has finished reading my
-buffer and writing into it). Per CTA b, on the signal areas: thread 0 of CTA b fences and adds 1
-(release, system scope) to slot[b][me] on every rank; threads t < N wait (acquire) until their
+buffer and writing into it). Per CTA b, on the signal areas: thread 0 of CTA b fences once (system
+scope) and then adds 1 (relaxed) to slot[b][me] on every rank (fence + strong write is a release
+in the PTX model; a `red.release` per rank would fence again before each add); threads t < N wait (acquire) until their
 own slot[b][t] reaches the count this CTA expects. The expected count is this CTA's own epoch,
 kept in device memory and advanced by the kernel itself, so nothing is passed from the host:
 repeated launches and CUDA-graph replays stay in step. Requirements: every rank launches the

@@ -14,15 +14,16 @@ p2p and the multimem kernels (DESIGN.md, "One fused kernel body, two transports"
                                          in_addr + p * in_stride, own from my_base + off)
     load_reduce(raw, s, acc)             acc[0:E] = fp32 sum over ranks of slot s
     store_all(ptrs, mc, off, w)          write the 4 words `w` at `off` into every rank's buffer
-    signal_all(ptrs, mc, off)            add 1 (release, system scope) to the u32 at `off` in
-                                         every rank's buffer
+    signal_all(ptrs, mc, off)            add 1 (relaxed, system scope) to the u32 at `off` in
+                                         every rank's buffer (the barrier fences just before:
+                                         fence + strong write = one release for all ranks)
 
 (load_issue + load_reduce is the old single load_reduce, split so that a kernel issues the loads
 of several vectors before it waits for the first: the stall of a load is at its first use.)
 `ptrs` holds the N buffer base addresses (a per-thread array the kernel fills once from the
 device table of peer pointers), `mc` is the multicast base address (0 and unused for p2p).
-p2p loops over `ptrs` with 16-byte volatile loads (W = 4N) / plain stores / `red.release.sys`;
-multimem issues one `multimem.ld_reduce` (W = 4) / `multimem.st` / `multimem.red.release` on
+p2p loops over `ptrs` with 16-byte volatile loads (W = 4N) / plain stores / `red.relaxed.sys`;
+multimem issues one `multimem.ld_reduce` (W = 4) / `multimem.st` / `multimem.red.relaxed` on
 `mc + off`. Everything else (index math, residual add, fp32 sum of squares, block reduction,
 weight scale, barriers, timeouts) is this module's code, shared verbatim.
 
@@ -73,7 +74,7 @@ def make_transport(kind: str, dt: str, world: int, scatter: bool = False):
     if kind == "p2p":
         load = ptx.load_v4_u32_volatile  # peer data: strong (relaxed.sys) loads, never from L1
         store = ptx.store_v4_u32
-        red = ptx.red_add_release_sys_u32
+        red = ptx.red_add_relaxed_sys_u32
         nw = 4 * n  # words per loaded vector: one 16-byte vector from each rank
 
         def load_issue(ptrs, mc, off, me, my_base, in_addr, in_stride, raw, s):
@@ -111,7 +112,7 @@ def make_transport(kind: str, dt: str, world: int, scatter: bool = False):
         ld_reduce = {"bf16": ptx.multimem_ld_reduce_add_v4_bf16x2,
                      "f16": ptx.multimem_ld_reduce_add_v4_f16x2,
                      "f32": ptx.multimem_ld_reduce_add_v4_f32}[dt]
-        mst, mred = ptx.multimem_st_v4_f32, ptx.multimem_red_add_release_u32
+        mst, mred = ptx.multimem_st_v4_f32, ptx.multimem_red_add_u32
         nw = 4  # the switch returns the reduced vector
 
         def load_issue(ptrs, mc, off, me, my_base, in_addr, in_stride, raw, s):
@@ -166,8 +167,8 @@ def _make_sync(signal_all, world: int):
     def barrier(ptrs, mc, my_base, rank, sig, k, timeout_ns, err_host, ctl):
         """Barrier number k (1, 2, ...) of this launch among CTA blockIdx.x of every rank.
 
-        Thread 0 publishes this CTA's prior writes (syncthreads, fence, release-add on every
-        rank's slot[b][rank]); thread t < N waits until slot[b][t] reaches the expected count,
+        Thread 0 publishes this CTA's prior writes (syncthreads, one system fence, then a
+        relaxed add on every rank's slot[b][rank]); thread t < N waits until slot[b][t] reaches the expected count,
         at most `timeout_ns` (%globaltimer); on timeout it records which rank never arrived.
         """
         cuda.syncthreads()

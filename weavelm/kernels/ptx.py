@@ -297,9 +297,12 @@ atomic_cas_acq_rel_sys_u32 = _asm(
     "atomic_cas_acq_rel_sys_u32", "atom.acq_rel.sys.global.cas.b32 $0, [$1], $2, $3;", ("u32",),
     ("u64", "u32", "u32"), memory=True, model=_sim_atom_cas)
 
-red_add_release_sys_u32 = _asm(
-    "red_add_release_sys_u32", "red.release.sys.global.add.u32 [$0], $1;", (), ("u64", "u32"),
-    memory=True, model=_sim_red_add)  # fire-and-forget arrival at a barrier
+# Barrier arrival, fire-and-forget. Relaxed: the barrier fences once before it signals every
+# rank (fence + strong write = release pattern); `red.release` would fence again before each
+# red, and each such fence waits for the previous remote red's acknowledgement over NVLink.
+red_add_relaxed_sys_u32 = _asm(
+    "red_add_relaxed_sys_u32", "red.relaxed.sys.global.add.u32 [$0], $1;", (), ("u64", "u32"),
+    memory=True, model=_sim_red_add)
 
 fence_acq_rel_sys = _asm("fence_acq_rel_sys", "fence.acq_rel.sys;", (), (), memory=True,
                          model=_sim_fence)
@@ -386,7 +389,3 @@ multimem_st_v4_f32 = _asm(
 multimem_red_add_u32 = _asm(
     "multimem_red_add_u32", "multimem.red.relaxed.sys.global.add.u32 [$0], $1;",
     (), ("u64", "u32"), memory=True)  # add to the word on every rank (barrier signal)
-
-multimem_red_add_release_u32 = _asm(
-    "multimem_red_add_release_u32", "multimem.red.release.sys.global.add.u32 [$0], $1;",
-    (), ("u64", "u32"), memory=True)

@@ -113,7 +113,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, ids, positions, cache, batch, mode: Mode = Mode.BASELINE,
                 split: int | None = None):
-        h = self.embed_tokens(ids, reduce=mode is not Mode.NOCOMM)         # [T, D]
+        h = self.embed_tokens(ids, reduce=False)   # [T, D] partial sums: the runner reduces
         return self.runner.run(mode, h, positions, cache, batch, self.rotary, split)
 
 

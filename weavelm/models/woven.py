@@ -24,9 +24,12 @@ partial sums; what differs between modes is how those partial sums are reduced:
 * `nocomm`    baseline with every all-reduce removed. Wrong output; for analysis only: it is the
               bound that hiding communication can reach.
 
-The first layer's input norm runs on the embedding output (already all-reduced, replicated), and
-the final model norm is the "next norm" of the last layer's MLP reduction, so neither costs an
-extra collective.
+The stack takes the vocabulary-parallel embedding's *partial sums* (this rank's rows of the
+table, zeros elsewhere). baseline all-reduces them; fused and weave reduce them with the same
+fused op as every block, with a zero residual and the first layer's input norm as its norm (each
+rank keeps its rows of the sum as its residual shard), and the weave hides half B's embedding
+reduction behind half A's first attention block. The final model norm is the "next norm" of the
+last layer's MLP reduction. So neither costs an extra collective or a separate norm.
 """
 from __future__ import annotations
 
@@ -119,6 +122,8 @@ class StackRunner:
     # -- baseline and nocomm: all rows, replicated residual ---------------------------------
     def run_replicated(self, h, positions, cache, batch, rotary, reduce: bool):
         comm = get_communicator()
+        if reduce:
+            h = comm.all_reduce(h)                   # the embedding's partial sums
         residual = h.clone()                                             # [T, D]
         x = self.layers[0].input_layernorm(h)
         for i, layer in enumerate(self.layers):
@@ -135,10 +140,18 @@ class StackRunner:
 
     # -- fused and weave: sequence-sharded residual -----------------------------------------
     def _start_half(self, h, positions, batch, slot=0) -> _Half:
+        """A half whose residual shard starts at zero: its first reduction (of the embedding's
+        partial sums `h`, see `_embed`) makes the shard the embedding rows."""
         comm = get_communicator()
         lo, hi = row_range(h.shape[0], comm.rank, comm.world_size)
-        x = self.layers[0].input_layernorm(h)
-        return _Half(x, h[lo:hi].clone(), positions, batch, slot)
+        return _Half(h, h.new_zeros(hi - lo, h.shape[1]), positions, batch, slot)
+
+    def _embed(self, half: _Half, ctas=None):
+        """Reduce the half's embedding partial sums, add them to its zero residual shard and
+        apply the first layer's input norm: one fused op, like every block's reduction."""
+        norm = self.layers[0].input_layernorm
+        half.x = get_communicator().reduce_scatter_add_rms_norm_all_gather(
+            half.x, half.residual_rows, norm.weight, norm.eps, ctas=ctas, slot=half.slot)
 
     def _block(self, half: _Half, i: int, block: str, cache, rotary):
         """Run a block; its row-parallel GEMM writes straight into the communicator's staging
@@ -162,6 +175,7 @@ class StackRunner:
         comm = get_communicator()
         if hasattr(comm, "reserve_slots"):
             comm.reserve_slots(h.shape[0], h.shape[1], h.dtype, slots=1)
+        self._embed(half)
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
                 self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
@@ -176,6 +190,8 @@ class StackRunner:
             comm.reserve_slots(max(split, h.shape[0] - split), h.shape[1], h.dtype, slots=2)
         if not h.is_cuda:
             # Same order of operations without streams: CPU runs (and tests) follow the schedule.
+            for half in (a, b):
+                self._embed(half)
             for i in range(len(self.layers)):
                 for block in ("attn", "mlp"):
                     for half in (a, b):
@@ -205,6 +221,18 @@ class StackRunner:
         side = self._side_stream(a.x.device)
         for half in (a, b):
             _record(half.residual_rows, side)
+        # The embedding's reductions: A's has nothing to hide behind (the standalone-best CTA
+        # count), B's hides behind A's first attention block.
+        embedded = torch.cuda.Event()
+        embedded.record(compute)
+        for half, ctas in ((a, None), (b, self.weave_ctas or WEAVE_CTAS)):
+            _record(half.x, side)
+            with torch.cuda.stream(side):
+                side.wait_event(embedded)
+                self._embed(half, ctas)
+                half.ready = torch.cuda.Event()
+                half.ready.record(side)
+            _record(half.x, compute)
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
@@ -230,6 +258,8 @@ class StackRunner:
         return torch.cat([a.x, b.x])
 
     def run(self, mode: Mode, h, positions, cache, batch, rotary, split: int | None):
+        """h [T, D]: the vocabulary-parallel embedding's partial sums on this rank (not yet
+        all-reduced; each schedule reduces them its own way, nocomm not at all)."""
         if mode is Mode.BASELINE:
             return self.run_replicated(h, positions, cache, batch, rotary, reduce=True)
         if mode is Mode.NOCOMM:
