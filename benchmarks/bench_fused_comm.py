@@ -11,9 +11,7 @@ Per token count T (bf16, hidden D), after a correctness check against NCCL + RMS
 * torch SymmetricMemory `two_shot_all_reduce_` + the same RMSNorm (if the op exists);
 * for T <= --graph-max-tokens: NCCL + RMSNorm captured in a CUDA graph, and the fused op in a
   CUDA graph (eager timings include each path's host launch cost, graph timings do not);
-* plain all-reduce alone: NCCL vs ours (one-shot up to 512 KiB, else two-shot);
-* at T = 1: the fused kernel's fixed cost, launched with no rows on any rank (its two
-  cross-GPU barriers), in a CUDA graph.
+* plain all-reduce alone: NCCL vs ours (one-shot up to 512 KiB, else two-shot).
 Timing: CUDA events around each call, median of --iters after --warmup, a barrier before each
 variant. Bytes = T * D * 2; bus bandwidth = bytes / time * 2 (N - 1) / N (NCCL's convention).
 Every variant runs in try/except: a failing one prints its error and the rest go on.
@@ -229,20 +227,6 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
 
-    if args.graph_max_tokens >= 1:
-        # The fixed cost of a launch: the 1-token launch (one CTA) with no row to move on any
-        # rank, i.e. prologue, the two cross-GPU barriers and the epilogue, in a CUDA graph.
-        from weavelm.kernels.allreduce_norm import DTYPES
-        off = comm.buf.offset_of(comm.staging(1, D, dtype))
-
-        def barriers_only():
-            comm._fused(DTYPES[dtype], x_off=off, n_vec=D * 2 // 16, row_start=0, n_rows=0,
-                        max_rows=1, has_residual=True, res_ptr=w.data_ptr(),
-                        w_ptr=w.data_ptr(), out_ptr=0, eps=EPS, push=True, ctas=1)
-        barriers_only()
-        torch.cuda.synchronize()
-        variant("fused p2p, barriers only (0 rows), CUDA graph", 1, graphed(barriers_only))
-
     report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D, sweep_other)
 
 
@@ -260,8 +244,7 @@ def report(args, tokens, ctas_list, res, sweep, notes, N, gpu, D, sweep_other=No
         return T * D * 2 / (us * 1e-6) * 2 * (N - 1) / N / 1e9 if us == us and us > 0 else nan
 
     cols = ["NCCL all-reduce + RMSNorm", "torch symm two-shot + RMSNorm",
-            "NCCL + RMSNorm, CUDA graph", "fused p2p, CUDA graph",
-            "fused p2p, barriers only (0 rows), CUDA graph", "NCCL all-reduce only",
+            "NCCL + RMSNorm, CUDA graph", "fused p2p, CUDA graph", "NCCL all-reduce only",
             "weavelm all-reduce only"]
     print(f"\n### Fused all-reduce + residual + RMSNorm, {N} x {gpu}, hidden {D}, bf16 "
           f"(torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); us, median of "

@@ -217,8 +217,9 @@ def bench_prefill(
                                                   "list (8,16,32) times each, keeps the best."),
     carveout: str = typer.Option("auto", help="SMs the weave's GEMMs leave to the fused kernel: "
                                               "auto (one per CTA) or a number (0: none)."),
-    graph: bool = typer.Option(False, "--graph/--eager", help="Time CUDA-graph replays of each "
-                                                              "prefill (no host launch cost)."),
+    graph: Optional[bool] = typer.Option(None, "--graph/--eager", help="Time CUDA-graph "
+                                         "replays of each prefill (no host launch cost: the "
+                                         "default on GPUs) or eager calls (the only way on CPU)."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
@@ -243,6 +244,8 @@ def bench_prefill(
     check(carveout == "auto" or (carveout.isdigit() and int(carveout) < 128),
           f"--carveout must be 'auto' or a number of SMs below 128, got {carveout!r}")
     check(not graph or dev.type == "cuda", "--graph needs CUDA GPUs: drop it on CPU")
+    if graph is None:
+        graph = dev.type == "cuda"
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
                 repeats=repeats, device=str(dev),

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from weavelm.engine.splitter import (
-    GemmShape, SplitTable, candidate_splits, choose_split, gemm_waves, gemms_for, model_key,
-    modeled_time, split_point_for, table_key, tune,
+    GemmShape, SplitTable, candidate_splits, choose_split, default_align, gemm_waves, gemms_for,
+    model_key, modeled_time, split_point_for, table_key, tune,
 )
 
 LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -196,6 +196,9 @@ def test_candidates_are_few_aligned_and_in_window():
             assert 1 <= len(cands) <= 5 and len(set(cands)) == len(cands)
             assert cands[0] == choose_split(t, tp, gemms, min_tokens=0)
             assert all(c % tp == 0 and abs(c - t / 2) <= t / 8 for c in cands)
+            # one candidate makes half A (the cheaper attention) larger by about T/8
+            if t >= 5000:
+                assert max(cands) > t / 2 + t / 8 - default_align(tp) - 1, (tp, t, cands)
 
 
 def test_engine_auto_threshold_eager_default_or_tuned(cache_dir):

@@ -350,7 +350,14 @@ def candidate_splits(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
                      align: int | None = None, max_imbalance: float = 0.25,
                      tile_m: int = TILE_M, tile_n: int = TILE_N) -> list[int]:
     """Up to `candidates` first-half sizes worth timing: the model's choice, the aligned half,
-    then the model's choice +- j * step, step being half a tile row (rounded up to `align`)."""
+    a first half larger by T/8, then the model's choice +- j * step, step being half a tile row
+    (rounded up to `align`).
+
+    The T/8 candidate is for what the wave model leaves out: with causal attention half A's
+    attention block is the cheaper one, and the reduction that hides behind it (B's, after the
+    MLP) is the one the compute stream waits for (benchmarks/profile_weave.py); a larger A
+    evens that out. On 4xH100, llama3-70b at 8K tokens: 1.122x over baseline at +T/8 against
+    1.103x at T/2 (benchmarks/RESULTS.md, round 4)."""
     align = default_align(tp) if align is None else align
     gemms = tuple(gemms)
     best = choose_split(num_tokens, tp, gemms, num_sms, min_tokens=0, align=align,
@@ -361,6 +368,9 @@ def candidate_splits(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
     half = min(max((num_tokens // 2 + align // 2) // align * align, lo), hi)
     step = -(-max(tile_m // 2, 1) // align) * align
     out = [best] + ([half] if half != best else [])
+    larger_a = min((num_tokens // 2 + num_tokens // 8) // align * align, hi)
+    if larger_a > best + step and len(out) < candidates:
+        out.append(larger_a)
     j = 1
     while len(out) < candidates and (best + j * step <= hi or best - j * step >= lo):
         for s in (best + j * step, best - j * step):
