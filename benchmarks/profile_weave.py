@@ -4,7 +4,11 @@
 
 Prints, per mode, the top kernels by GPU time and the busy time of each CUDA stream, and the
 overlap: sum of kernel time on the side stream that ran while a compute-stream kernel was
-running. Writes a Chrome trace per mode to --out (gzip) when given.
+running. For the weave, a table per reduction (embedding, attention and MLP of halves A and B):
+its kernel time, the compute it overlapped, and the compute-stream idle time that ended when it
+ended (the compute stream was waiting for it). `--graph` profiles a CUDA-graph replay (no host
+launch gaps), `--shift f` cuts the weave at T/2 + f*T. Writes a Chrome trace per mode to --out
+(gzip) when given.
 """
 import argparse
 import gzip
@@ -46,7 +50,11 @@ def stall_report(compute, side, schedule, gap_us=2.0):
     compute-stream idle time it caused (an idle gap on the compute stream that ends when this
     reduction ends: the compute stream was waiting for its event). `compute` and `side` are
     sorted (start, end, name) lists; `schedule[k]` names side kernel k."""
-    gaps = [(a[1], b[0]) for a, b in zip(compute, compute[1:]) if b[0] - a[1] > gap_us]
+    gaps, busy_until = [], compute[0][1]
+    for a, b, _ in compute[1:]:        # compute kernels may overlap: gaps after the running end
+        if a - busy_until > gap_us:
+            gaps.append((busy_until, a))
+        busy_until = max(busy_until, b)
     rows = {}
     for k, (s0, s1, _) in enumerate(side):
         label = schedule[k] if k < len(schedule) else "other"
@@ -61,7 +69,8 @@ def stall_report(compute, side, schedule, gap_us=2.0):
     idle = sum(g1 - g0 for g0, g1 in gaps)
     print(f"  compute-stream idle gaps > {gap_us:g} us: {len(gaps)}, {idle / 1e3:.2f} ms; before "
           f"the first reduction {max(0.0, side[0][0] - compute[0][0]) / 1e3:.2f} ms of compute, "
-          f"after the last one ends {max(0.0, compute[-1][1] - side[-1][1]) / 1e3:.2f} ms")
+          f"after the last one ends "
+          f"{max(0.0, max(b for _, b, _ in compute) - side[-1][1]) / 1e3:.2f} ms")
     print("  | reduction | count | mean kernel us | mean compute overlapped us | "
           "mean compute stall us | total stall ms |")
     print("  | --- | --- | --- | --- | --- | --- |")
@@ -86,6 +95,10 @@ def main():
     ap.add_argument("--ctas", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--modes", default="baseline,fused,weave,nocomm")
+    ap.add_argument("--graph", action="store_true",
+                    help="profile a CUDA-graph replay (no host launch gaps) instead of eager")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="cut the weave at T/2 + shift*T (aligned) instead of the splitter's")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -97,17 +110,29 @@ def main():
     runner.model.model.runner.weave_ctas = args.ctas
     T = args.tokens
     split = runner.split_for(T)
+    if args.shift is not None:
+        from weavelm.engine.splitter import default_align
+        align = default_align(tp)
+        split = round((T / 2 + args.shift * T) / align) * align
     inputs = runner._inputs(T)
     for mode in args.modes.split(","):
         s = split if mode == "weave" else None
+        if args.graph:
+            graph = runner._capture(T, mode, s, inputs)
+            run = graph.replay
+        else:
+            def run():
+                runner.forward(T, mode, s, inputs)
         for _ in range(2):
-            runner.forward(T, mode, s, inputs)
+            run()
         torch.cuda.synchronize()
         torch.distributed.barrier()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.forward(T, mode, s, inputs)
+            run()
             torch.cuda.synchronize()
         torch.distributed.barrier()
+        if args.graph:
+            del graph
         if not state.is_first:
             continue
         path = f"/tmp/trace_{mode}.json"
@@ -121,7 +146,7 @@ def main():
         t0 = min(e["ts"] for e in events)
         t1 = max(e["ts"] + e["dur"] for e in events)
         print(f"\n### {mode}: {T} tokens, {args.layers} layers, TP={tp}, split={s}, "
-              f"GPU span {(t1 - t0) / 1e3:.2f} ms")
+              f"{'CUDA graph' if args.graph else 'eager'}, GPU span {(t1 - t0) / 1e3:.2f} ms")
         streams = sorted(by_stream, key=lambda k: -sum(b - a for a, b, _ in by_stream[k]))
         for k in streams:
             busy = sum(b - a for a, b, _ in by_stream[k])
@@ -133,13 +158,15 @@ def main():
             side = sum(b - a for a, b in side_iv)
             print(f"  side-stream kernel time overlapped with compute: {ov / 1e3:.2f} of "
                   f"{side / 1e3:.2f} ms")
-            if mode == "weave":
-                # side-stream order = the schedule's reduction order (woven.py)
-                order = ["embed A", "embed B"] + [
-                    f"{blk} {half}" for _ in range(args.layers)
-                    for blk in ("attn", "mlp") for half in ("A", "B")]
-                stall_report(sorted(by_stream[streams[0]]),
-                             sorted(e for k in streams[1:] for e in by_stream[k]), order)
+        if mode == "weave":
+            # The fused kernels, in the schedule's reduction order (woven.py), against all the
+            # other kernels; by name, not by stream: a graph replay may renumber streams.
+            order = ["embed A", "embed B"] + [
+                f"{blk} {half}" for _ in range(args.layers)
+                for blk in ("attn", "mlp") for half in ("A", "B")]
+            kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
+            stall_report([k for k in kernels if category(k[2]) != "fused comm"],
+                         [k for k in kernels if category(k[2]) == "fused comm"], order)
         cats = {}
         for e in events:
             c = category(e["name"])
