@@ -219,3 +219,41 @@ def test_engine_auto_threshold_eager_default_or_tuned(cache_dir):
     SplitTable(key, {2048: {"split_offset": 0, "no_split": False}}, min_tokens=2048).save()
     splitter._cached_load.cache_clear()
     assert choose_split_for(llm, 2048) is not None and choose_split_for(llm, 1024) is None
+
+
+def test_causal_bias_moves_the_cut_up_for_one_long_sequence():
+    """One sequence holding most of the batch: the wave model's window moves up by T/8 (half A's
+    causal attention is the cheaper one), never beyond max_imbalance; many short sequences, or
+    unknown lengths, keep the unbiased choice; a tuned table's offset is used as measured."""
+    from weavelm.engine.splitter import CAUSAL_BIAS, causal_bias
+    assert causal_bias(4096, [4096]) == CAUSAL_BIAS
+    assert causal_bias(4096, [3000, 1096]) == CAUSAL_BIAS
+    assert causal_bias(4096, [1024] * 4) == 0.0 and causal_bias(4096, None) == 0.0
+    for tp in (2, 4, 8):
+        gemms = gemms_for(LLAMA_70B, tp)
+        for t in (4096, 5000, 16384, 65536):
+            plain = choose_split(t, tp, gemms, min_tokens=0)
+            biased = choose_split(t, tp, gemms, min_tokens=0, bias=CAUSAL_BIAS)
+            assert biased % tp == 0 and t / 2 - default_align(tp) <= biased <= t * 0.625
+            assert biased >= plain or abs(plain - t / 2) > t / 16   # moved up, not down
+            # the wave model still decides: the biased cut costs no more than any cut in reach
+            cost = lambda s: modeled_time(s, gemms) + modeled_time(t - s, gemms)  # noqa: E731
+            lo = -(-t // 2 // default_align(tp)) * default_align(tp)
+            assert all(cost(biased) <= cost(s)
+                       for s in range(lo, int(t * 0.625) + 1, default_align(tp)))
+            assert split_point_for(t, LLAMA_70B, tp, gpu_name="none", num_sms=132,
+                                   min_tokens=0, seq_lens=[t]) == biased
+            assert split_point_for(t, LLAMA_70B, tp, gpu_name="none", num_sms=132,
+                                   min_tokens=0, seq_lens=[t // 4] * 4) == plain
+    # llama3-70b at TP=4, 4K and 8K: the measured best cut, T/2 + T/8
+    assert choose_split(4096, 4, gemms_for(LLAMA_70B, 4), min_tokens=0, bias=CAUSAL_BIAS) == 2560
+    assert choose_split(8192, 4, gemms_for(LLAMA_70B, 4), min_tokens=0, bias=CAUSAL_BIAS) == 5120
+    with pytest.raises(ValueError):
+        choose_split(4096, 4, gemms_for(LLAMA_70B, 4), bias=0.5)
+
+
+def test_causal_bias_leaves_tuned_offsets_alone():
+    key = table_key(model_key(LLAMA_70B), 4, "H100")
+    SplitTable(key, {4096: {"split_offset": 64, "no_split": False}}, min_tokens=1024).save()
+    assert split_point_for(4096, LLAMA_70B, 4, gpu_name="H100", num_sms=132,
+                           seq_lens=[4096]) == 2048 + 64

@@ -168,7 +168,7 @@ class LLM:
         batch, positions = AttentionBatch.prefill(lengths, dev)
         ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
         last = torch.tensor([p.offset + p.length - 1 for p in batch.pieces], device=dev)
-        mode, split = self.prefill_schedule(len(ids))
+        mode, split = self.prefill_schedule(len(ids), lengths)
         hidden = self.model(ids, positions, cache, batch, mode, split)
         next_tokens = self._sample(hidden[last], params, generator)
 
@@ -205,8 +205,9 @@ class LLM:
         return outs
 
     # -- schedules -----------------------------------------------------------------------------
-    def prefill_schedule(self, num_tokens: int) -> tuple[Mode, int | None]:
-        """(mode, split) for a prefill step of `num_tokens` tokens.
+    def prefill_schedule(self, num_tokens: int, seq_lens=None) -> tuple[Mode, int | None]:
+        """(mode, split) for a prefill step of `num_tokens` tokens in sequences of `seq_lens`
+        (they tell the splitter where causal attention makes one half cheaper).
 
         `auto`: on GPUs with TP > 1, weave above the splitter's threshold and the fused kernel
         below it; on CPU (or TP = 1, nothing to hide) the baseline schedule.
@@ -218,7 +219,7 @@ class LLM:
             mode = Mode.WEAVE
         if mode is not Mode.WEAVE:
             return mode, None
-        split = choose_split_for(self, num_tokens)
+        split = choose_split_for(self, num_tokens, seq_lens)
         return (Mode.WEAVE, split) if split is not None else (Mode.FUSED, None)
 
     def decode_mode(self) -> Mode:
@@ -243,9 +244,9 @@ class LLM:
         batch, positions = AttentionBatch.prefill(lengths, self.device)
         ids = torch.tensor([t for toks in token_lists for t in toks], device=self.device)
         if mode is None:
-            mode, split = self.prefill_schedule(len(ids))
+            mode, split = self.prefill_schedule(len(ids), lengths)
         elif parse_mode(mode) is Mode.WEAVE and split is None:
-            split = choose_split_for(self, len(ids))
+            split = choose_split_for(self, len(ids), lengths)
         hidden = self.model(ids, positions, cache, batch, parse_mode(mode), split)
         return self.model.compute_logits(hidden)
 

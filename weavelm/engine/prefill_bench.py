@@ -132,7 +132,8 @@ class PrefillRunner:
 
     def split_for(self, num_tokens):
         from weavelm.engine.splitter import split_point_for
-        return split_point_for(num_tokens, self.cfg, self.tp, min_tokens=0)
+        return split_point_for(num_tokens, self.cfg, self.tp, min_tokens=0,
+                               seq_lens=_lengths(num_tokens, self.seq_len))
 
 
 def bench_prefill_rank(opts: dict) -> list[dict] | None:

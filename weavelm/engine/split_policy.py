@@ -12,8 +12,9 @@ from weavelm.engine.splitter import split_point_for, tuned_table_for
 EAGER_MIN_TOKENS = 8192
 
 
-def choose_split_for(llm, num_tokens: int) -> int | None:
-    """First-half size for a prefill of `num_tokens` tokens, or None for no split.
+def choose_split_for(llm, num_tokens: int, seq_lens=None) -> int | None:
+    """First-half size for a prefill of `num_tokens` tokens in sequences of `seq_lens` (None:
+    unknown), or None for no split.
 
     With `mode="weave"` asked for explicitly, any batch that can be split is split (tests and
     benchmarks pin the schedule); with `auto`, the tuned table's threshold decides, else
@@ -24,4 +25,5 @@ def choose_split_for(llm, num_tokens: int) -> int | None:
         min_tokens = 0
     else:
         min_tokens = None if tuned_table_for(llm.config, tp) is not None else EAGER_MIN_TOKENS
-    return split_point_for(num_tokens, llm.config, tp, min_tokens=min_tokens)
+    return split_point_for(num_tokens, llm.config, tp, min_tokens=min_tokens,
+                           seq_lens=seq_lens)

@@ -27,6 +27,17 @@ and element-wise kernels are left out: their cost scales smoothly with tokens. `
 SMs the GEMMs get: pass fewer than the card has when the other half's communication kernel holds
 some of them.
 
+Causal attention
+----------------
+The wave model balances GEMM work, but when one sequence straddles the cut, causal attention is
+lopsided: half A's queries see only A's keys, half B's see all of them. In the weave, B's
+post-MLP reduction hides behind A's attention block, the shortest block of a layer, and it is
+the one reduction the compute stream waits for (profile under CUDA graphs, 4xH100, llama3-70b,
+16K tokens cut at T/2: 330 us per layer, 2.6 ms in all; cut at T/2 + T/8: 0.5 ms). So when one
+sequence holds more than half the batch, the model centres its window on T/2 + T/8
+(`CAUSAL_BIAS`, `causal_bias`): on 4xH100 weave vs baseline went from 1.090x to 1.120x at 4K and
+from 1.092x to 1.107x at 16K, and was level at 8K (benchmarks/RESULTS.md, round 4).
+
 Alignment rule
 --------------
 The first half `s` is a multiple of `align`, by default lcm(tp, 8): divisible by tp so that every
@@ -34,8 +45,8 @@ rank owns the same number of the first half's rows in the reduce-scatter/RMSNorm
 TokenWeave), and by 8 so that split sizes stay coarse (fewer distinct shapes, a small search,
 and no ragged sub-8-row MMA tile at the cut). The second half `T - s` may be any size: the
 communicators split uneven row counts themselves (`row_range`), and padding T is not the
-splitter's job. `s` stays within `max_imbalance * T/2` of T/2, because the overlap only pays when
-the halves take similar time.
+splitter's job. `s` stays within `max_imbalance * T/2` of T/2 (and, with the causal bias above,
+of T/2 + T/8), because the overlap only pays when the halves take similar time.
 
 Tuned tables
 ------------
@@ -63,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 DEFAULT_MIN_TOKENS = 1024      # TokenWeave's threshold for Llama/Qwen2; below it: fused kernel only
+CAUSAL_BIAS = 1 / 8            # first half larger by T/8 when one sequence dominates (see below)
 DEFAULT_NUM_SMS = 132          # H100 SXM / H200
 TILE_M, TILE_N = 128, 256      # bf16 Hopper GEMM output tile (tokens x output features)
 TABLE_VERSION = 1
@@ -94,33 +106,45 @@ def default_align(tp: int) -> int:
     return math.lcm(tp, 8)
 
 
-def _window(num_tokens: int, align: int, max_imbalance: float) -> tuple[int, int]:
-    """[lo, hi] of the aligned first-half sizes within max_imbalance of T/2 (lo > hi: none)."""
-    half = num_tokens / 2
-    lo = max(align, math.ceil(half * (1 - max_imbalance) / align) * align)
-    hi = min(num_tokens - 1, math.floor(half * (1 + max_imbalance) / align) * align)
+def _window(num_tokens: int, align: int, max_imbalance: float,
+            bias: float = 0.0) -> tuple[int, int]:
+    """[lo, hi] of the aligned first-half sizes within max_imbalance * T/2 of the center
+    T/2 + bias * T (lo > hi: none)."""
+    center, reach = num_tokens * (0.5 + bias), num_tokens / 2 * max_imbalance
+    lo = max(align, math.ceil((center - reach) / align) * align)
+    hi = min(num_tokens - 1, math.floor((center + reach) / align) * align)
     hi -= hi % align
     return lo, hi
+
+
+def causal_bias(num_tokens: int, seq_lens: Iterable[int] | None) -> float:
+    """The wave model's first-half bias for a batch of these sequence lengths: CAUSAL_BIAS when
+    one sequence holds more than half the tokens, else 0 (see "Causal attention"). None: the
+    lengths are unknown, no bias."""
+    if seq_lens is None:
+        return 0.0
+    return CAUSAL_BIAS if 2 * max(seq_lens, default=0) > num_tokens else 0.0
 
 
 def choose_split(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
                  num_sms: int = DEFAULT_NUM_SMS, *, min_tokens: int | None = None,
                  align: int | None = None, max_imbalance: float = 0.25,
                  table: "SplitTable | None" = None, tile_m: int = TILE_M,
-                 tile_n: int = TILE_N) -> int | None:
+                 tile_n: int = TILE_N, bias: float = 0.0) -> int | None:
     """Size of the first half of a `num_tokens` batch, or None for "don't split".
 
     None when `num_tokens` is below the threshold: `min_tokens` if given, else the table's
     measured `min_tokens` (a table in which splitting never won gives None for every size), else
-    DEFAULT_MIN_TOKENS. Otherwise `s` with `s % align == 0`, `|s - T/2| <= max_imbalance * T/2`,
-    `0 < s < T`. With a table holding an entry for the nearest bucket, that entry decides: its
-    `no_split` gives None, else its offset (T//2 + offset, rounded to `align`, clamped into the
-    window). Without one, the wave model decides: minimal time(s) + time(T - s), ties broken by
-    closeness to T/2, then by the larger first half. None also when no aligned size fits.
+    DEFAULT_MIN_TOKENS. Otherwise `s` with `s % align == 0`, `0 < s < T`. With a table holding an
+    entry for the nearest bucket, that entry decides: its `no_split` gives None, else its offset
+    (T//2 + offset, rounded to `align`, clamped to `|s - T/2| <= max_imbalance * T/2`). Without
+    one, the wave model decides among `|s - c| <= max_imbalance * T/2`, c = T/2 + bias * T
+    (`causal_bias`), and `s <= (1 + max_imbalance) * T/2`: minimal time(s) + time(T - s), ties
+    broken by closeness to c, then by the larger first half. None also when no aligned size fits.
     """
-    if tp < 1 or num_tokens < 0 or not 0 <= max_imbalance < 1:
+    if tp < 1 or num_tokens < 0 or not 0 <= max_imbalance < 1 or not 0 <= bias < 0.5:
         raise ValueError(f"bad split request: num_tokens={num_tokens}, tp={tp}, "
-                         f"max_imbalance={max_imbalance}")
+                         f"max_imbalance={max_imbalance}, bias={bias}")
     align = default_align(tp) if align is None else align
     if align < 1 or align % tp:
         raise ValueError(f"align={align} must be a positive multiple of tp={tp}")
@@ -143,17 +167,23 @@ def choose_split(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
         s = num_tokens // 2 + int(entry["split_offset"])
         s = (s + align // 2) // align * align
         return min(max(s, lo), hi)
-    return _model_split(num_tokens, tuple(gemms), num_sms, align, lo, hi, tile_m, tile_n)
+    if bias:   # the window moves up, but no half gets more imbalanced than max_imbalance allows
+        lo, hi = _window(num_tokens, align, max_imbalance, bias)[0], hi
+        if lo > hi:
+            return None
+    return _model_split(num_tokens, tuple(gemms), num_sms, align, lo, hi, tile_m, tile_n,
+                        round(num_tokens * (1 + 2 * bias)))
 
 
 @functools.lru_cache(maxsize=4096)
 def _model_split(num_tokens: int, gemms: tuple[GemmShape, ...], num_sms: int, align: int,
-                 lo: int, hi: int, tile_m: int, tile_n: int) -> int:
+                 lo: int, hi: int, tile_m: int, tile_n: int, center2: int) -> int:
+    """The wave model's best first half in [lo, hi]; ties: closest to center2 / 2."""
     def cost(s: int) -> int:
         return (modeled_time(s, gemms, num_sms, tile_m=tile_m, tile_n=tile_n)
                 + modeled_time(num_tokens - s, gemms, num_sms, tile_m=tile_m, tile_n=tile_n))
 
-    return min(range(lo, hi + 1, align), key=lambda s: (cost(s), abs(2 * s - num_tokens), -s))
+    return min(range(lo, hi + 1, align), key=lambda s: (cost(s), abs(2 * s - center2), -s))
 
 
 # ----------------------------------------------------------------------------------- shapes
@@ -322,12 +352,15 @@ def _device() -> tuple[str, int]:
 
 
 def split_point_for(num_tokens: int, config_like, tp: int, *, gpu_name: str | None = None,
-                    num_sms: int | None = None, **kwargs) -> int | None:
+                    num_sms: int | None = None, seq_lens: Iterable[int] | None = None,
+                    **kwargs) -> int | None:
     """`choose_split` for a model config on this machine, with its tuned table if one is saved.
 
     GPU name and SM count default to the current CUDA device's; the table is loaded once per
-    process (saving a table refreshes it). Extra keywords go to `choose_split`.
+    process (saving a table refreshes it). `seq_lens`, the batch's sequence lengths, set the
+    model's `causal_bias`. Extra keywords go to `choose_split`.
     """
+    kwargs.setdefault("bias", causal_bias(num_tokens, seq_lens))
     if gpu_name is None or num_sms is None:
         name, sms = _device()
         gpu_name = name if gpu_name is None else gpu_name
