@@ -25,18 +25,18 @@ the kernels below then run on every rank with the same grid:
 Rows (vectors) of different ranks are disjoint, so "in place" is safe: only the owner of a row
 reads or writes it during the kernel.
 
-Barriers (start: every peer's partials are written; end: every peer has finished reading my
-buffer and writing into it). Per CTA b, on the signal areas: thread 0 of CTA b fences once (system
-scope) and then adds 1 (relaxed) to slot[b][me] on every rank (fence + strong write is a release
-in the PTX model; a `red.release` per rank would fence again before each add); threads t < N wait (acquire) until their
-own slot[b][t] reaches the count this CTA expects. The expected count is this CTA's own epoch,
-kept in device memory and advanced by the kernel itself, so nothing is passed from the host:
-repeated launches and CUDA-graph replays stay in step. Requirements: every rank launches the
-same sequence of these kernels with the same grids (the launchers derive grids from T, N and the
-CTA count only), and one stream per buffer runs them. Spins are bounded by `%globaltimer`: on
-timeout the kernel records (rank waited for, barrier, CTA) in the sticky error word of its
-signal area and in an optional host-mapped word, and exits; later launches exit at once until
-the signal areas are reset. The host raises `WeavelmError` naming the rank (`fused_communicator`).
+Barriers (start: every peer's partials are written; end: every peer has finished reading my buffer
+and writing into it). Per CTA b, on the signal areas: thread 0 of CTA b fences once (system scope)
+and then adds 1 (relaxed) to slot[b][me] on every rank (fence + strong write is a release in the
+PTX model; a `red.release` per rank would fence again before each add); threads t < N wait
+(acquire) until their own slot[b][t] reaches the count this CTA expects. The expected count is this
+CTA's own epoch, kept in device memory and advanced by the kernel itself, so nothing is passed from
+the host: repeated launches and CUDA-graph replays stay in step. Requirements: every rank launches
+the same sequence of these kernels with the same grids (the launchers derive grids from T, N and
+the CTA count only), and one stream per buffer runs them. Spins are bounded by `%globaltimer`: on
+timeout the kernel records (rank waited for, barrier, CTA) in the sticky error word of its signal
+area and in an optional host-mapped word, and exits; later launches exit at once until the signal
+areas are reset. The host raises `WeavelmError` naming the rank (`fused_communicator`).
 
 CPU: references only; the kernels also run in numba's CUDA simulator (`tests/kernels`).
 """

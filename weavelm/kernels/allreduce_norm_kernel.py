@@ -168,8 +168,9 @@ def _make_sync(signal_all, world: int):
         """Barrier number k (1, 2, ...) of this launch among CTA blockIdx.x of every rank.
 
         Thread 0 publishes this CTA's prior writes (syncthreads, one system fence, then a
-        relaxed add on every rank's slot[b][rank]); thread t < N waits until slot[b][t] reaches the expected count,
-        at most `timeout_ns` (%globaltimer); on timeout it records which rank never arrived.
+        relaxed add on every rank's slot[b][rank]); thread t < N waits until slot[b][t] reaches
+        the expected count, at most `timeout_ns` (%globaltimer); on timeout it records which
+        rank never arrived.
         """
         cuda.syncthreads()
         tid = cuda.threadIdx.x
