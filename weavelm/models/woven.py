@@ -149,9 +149,7 @@ class StackRunner:
     def _embed(self, half: _Half, ctas=None):
         """Reduce the half's embedding partial sums, add them to its zero residual shard and
         apply the first layer's input norm: one fused op, like every block's reduction."""
-        norm = self.layers[0].input_layernorm
-        half.x = get_communicator().reduce_scatter_add_rms_norm_all_gather(
-            half.x, half.residual_rows, norm.weight, norm.eps, ctas=ctas, slot=half.slot)
+        self._reduce(half, half.x, self.layers[0].input_layernorm, ctas)
 
     def _block(self, half: _Half, i: int, block: str, cache, rotary):
         """Run a block; its row-parallel GEMM writes straight into the communicator's staging
@@ -165,8 +163,7 @@ class StackRunner:
             return layer.self_attn(half.positions, half.x, cache, half.batch, rotary, out=out)
         return layer.mlp(half.x, out=out)
 
-    def _reduce(self, half: _Half, partial, i: int, block: str, ctas=None):
-        norm = self._norm_after(i, block)
+    def _reduce(self, half: _Half, partial, norm, ctas=None):
         half.x = get_communicator().reduce_scatter_add_rms_norm_all_gather(
             partial, half.residual_rows, norm.weight, norm.eps, ctas=ctas, slot=half.slot)
 
@@ -178,7 +175,8 @@ class StackRunner:
         self._embed(half)
         for i in range(len(self.layers)):
             for block in ("attn", "mlp"):
-                self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
+                self._reduce(half, self._block(half, i, block, cache, rotary),
+                             self._norm_after(i, block))
         return half.x.clone()           # fused backends return a view of their staging buffer
 
     def run_weave(self, h, positions, cache, batch, rotary, split: int):
@@ -195,7 +193,8 @@ class StackRunner:
             for i in range(len(self.layers)):
                 for block in ("attn", "mlp"):
                     for half in (a, b):
-                        self._reduce(half, self._block(half, i, block, cache, rotary), i, block)
+                        self._reduce(half, self._block(half, i, block, cache, rotary),
+                                     self._norm_after(i, block))
             return torch.cat([a.x, b.x])
         return self._run_weave_cuda(a, b, cache, rotary)
 
@@ -249,7 +248,7 @@ class StackRunner:
                     _record(partial, side)
                     with torch.cuda.stream(side):
                         side.wait_event(produced)
-                        self._reduce(half, partial, i, block, ctas)  # side stream
+                        self._reduce(half, partial, self._norm_after(i, block), ctas)  # side stream
                         half.ready = torch.cuda.Event()
                         half.ready.record(side)
                     _record(half.x, compute)

@@ -10,7 +10,7 @@ Two switches, because torch versions differ in which GEMM path honours what:
   its cuBLAS path);
 * `cublasSetSmCountTarget` on torch's cuBLAS handle of this thread and device (the cuBLAS path of
   torch versions whose knob does not reach it), called through ctypes on the libcublas torch
-  loaded. Set to 0 again afterwards (the library default).
+  loaded. Restored afterwards (0, the library default, unless something else had set it).
 Both are host settings read when a GEMM is launched (or captured into a CUDA graph).
 """
 from __future__ import annotations
@@ -82,12 +82,13 @@ def gemm_sm_carveout(sms: int | None):
     sms = max(0, min(int(sms), total - 1))
     knob = hasattr(torch._C, "_set_sm_carveout_experimental")
     previous = torch._C._get_sm_carveout_experimental() if knob else None
+    previous_target = cublas_sm_count_target() or 0
     if knob:
         torch._C._set_sm_carveout_experimental(sms)
     _set_cublas_target(total - sms)
     try:
         yield
     finally:
-        _set_cublas_target(0)
+        _set_cublas_target(previous_target)
         if knob:
             torch._C._set_sm_carveout_experimental(previous)
