@@ -1,9 +1,10 @@
 """Both transports of the all-reduce kernels compile for sm_90a and `ptxas` assembles them.
 
-The multimem kernels are never run on the shared machines (DEVICE.md): this is their only check.
-It also proves the "one body, two transports" claim on the PTX: the two kernels of a pair differ
-in the transport instructions and agree on everything else we can count (norm math, block
-reduction, barriers, timeouts). No GPU needed (cc is always passed).
+The multimem kernels are never run on the shared machines (docs/architecture.md, "Why multicast
+is guarded"): this is their only check. It also proves the "one body, two transports" claim on
+the PTX: the two kernels of a pair differ in the transport instructions and agree on everything
+else we can count (norm math, block reduction, barriers, timeouts). No GPU needed (cc is always
+passed).
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("PTX is not compiled under the CUDA simulator", allow_module_level=True)
 
 from weavelm.kernels import allreduce_norm as A  # noqa: E402
-from weavelm.kernels.allreduce_norm_kernel import (  # noqa: E402
-    make_allreduce_kernel, make_fused_kernel, rows_per_iter, vecs_per_iter,
-)
+from weavelm.kernels.allreduce_norm_fused import make_fused_kernel, rows_per_iter  # noqa: E402
+from weavelm.kernels.allreduce_norm_plain import make_allreduce_kernel, vecs_per_iter  # noqa: E402
 from weavelm.kernels.launcher import Kernel  # noqa: E402
 
 PTXAS = shutil.which("ptxas")

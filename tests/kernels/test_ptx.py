@@ -140,8 +140,8 @@ CONVERSIONS = {"bf16": ["cvt.rn.bf16x2.f32"], "f16": ["cvt.rn.f16x2.f32", "cvt.f
 
 @pytest.mark.parametrize("dt,has_residual,vpt", RMSNORM_VARIANTS)
 def test_rmsnorm_kernel_ptx(dt, has_residual, vpt, tmp_path):
-    k = Kernel("t", lambda: R._build_kernel(dt, has_residual, vpt), R._SIGNATURE,
-               max_threads=R._MAX_BLOCK)
+    k = Kernel("t", lambda: R._build_kernel(dt, has_residual, vpt), R.SIGNATURE,
+               max_threads=R.MAX_BLOCK)
     ptx = k.ptx()
     for ins in ["ld.global.nc.v4.u32", "st.global.v4.u32", "shfl.sync.bfly.b32",
                 ".maxntid 512", *CONVERSIONS[dt]]:

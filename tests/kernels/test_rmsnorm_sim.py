@@ -61,7 +61,7 @@ def test_sim_same_kernel_source_and_models():
     from weavelm.kernels import launcher, ptx
 
     assert ptx.SIMULATOR and not hasattr(ptx.load_v4_u32, "_defn")  # plain-Python models
-    k = launcher.Kernel("t", lambda: R._build_kernel("bf16", True, 4), R._SIGNATURE)
+    k = launcher.Kernel("t", lambda: R._build_kernel("bf16", True, 4), R.SIGNATURE)
     # The simulator runs the very function the GPU path jits (test_ptx compiles the same code).
     assert k.dispatcher.py_func.__code__ is R._build_kernel("bf16", True, 4).__code__
 
@@ -97,7 +97,7 @@ def test_sim_rms_norm(dtype, T, D):
 def test_sim_grid_stride_and_8_vectors_per_thread(monkeypatch):
     # 2 CTAs for 7 rows (grid-stride loop); a 32-thread block over 130 vectors (vpt class 8).
     monkeypatch.setattr(R, "_max_ctas", lambda device, block: 2)
-    monkeypatch.setattr(R, "_MAX_BLOCK", 32)
+    monkeypatch.setattr(R, "MAX_BLOCK", 32)
     monkeypatch.setattr(R, "_plans", {})
     from weavelm.kernels import launcher
     monkeypatch.setattr(launcher, "_kernels", {})

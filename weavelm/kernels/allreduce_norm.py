@@ -6,7 +6,9 @@ rows(T) = this rank's balanced contiguous row block (`communicator.row_range`).
 
 Every rank holds a symmetric buffer (same size, mapped by every peer; `parallel/symmetric.py`):
 [data | signal area]. Each rank's GEMM writes its partial sums x_r [T, D] into its data region;
-the kernels below then run on every rank with the same grid:
+the kernels (`allreduce_norm_fused.py`, `allreduce_norm_plain.py`; their transports and barriers
+in `allreduce_norm_transport.py` and `allreduce_norm_sync.py`) then run on every rank with the
+same grid:
 
 * fused, push ("sharded", TokenWeave): rank r sums rows(T) of x over all ranks (fp32, fixed rank
   order), adds its residual rows, normalises, and stores the normalised rows into EVERY rank's
@@ -48,16 +50,17 @@ from dataclasses import dataclass
 
 import torch
 
-from weavelm.kernels.allreduce_norm_layout import MAX_BLOCK, MAX_CTAS, MAX_RANKS, SIG_BYTES
+from weavelm.kernels.allreduce_norm_layout import MAX_CTAS, MAX_RANKS, SIG_BYTES
+from weavelm.kernels.common import (  # DTYPES, MAX_VEC: re-exported for the communicators
+    DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, remember, row_shape, warps_for,
+)
 
 __all__ = ["Peers", "DTYPES", "TRANSPORTS", "fused_ref", "allreduce_ref", "launch_fused",
            "launch_allreduce", "fused_kernel", "allreduce_kernel", "plan_fused",
-           "plan_allreduce", "SIG_BYTES", "MAX_CTAS", "MAX_RANKS"]
+           "plan_allreduce", "SIG_BYTES", "MAX_CTAS", "MAX_RANKS", "MAX_VEC"]
 
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 TRANSPORTS = ("p2p", "multimem")
-VPT_CLASSES = (1, 2, 4, 8)  # 16-byte vectors per thread: one compile each, V <= 512 * 8
-MAX_VEC = MAX_BLOCK * VPT_CLASSES[-1]
+VPT_CLASSES = (1, 2, 4, MAX_VPT)  # 16-byte vectors per thread: one compile each
 
 # All 8-byte parameters (launcher.py): pointers uint64, sizes int64, eps float64.
 FUSED_SIGNATURE = ("void(uint64, uint64, uint64, int64, int64, int64, uint64, uint64, uint64, "
@@ -116,10 +119,10 @@ def _check_shape(dt: str, n_vec: int, world: int, ctas: int) -> None:
 def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_residual: bool,
                  rows: int | None = None, scatter: bool = False):
     """The cached launcher.Kernel of one fused variant (compiled on first use). rows: token rows
-    per CTA iteration (default `allreduce_norm_kernel.rows_per_iter`); scatter: p2p's
+    per CTA iteration (default `allreduce_norm_fused.rows_per_iter`); scatter: p2p's
     stores-only variant (`make_fused_kernel`)."""
     from weavelm.kernels import launcher
-    from weavelm.kernels.allreduce_norm_kernel import make_fused_kernel, rows_per_iter
+    from weavelm.kernels.allreduce_norm_fused import make_fused_kernel, rows_per_iter
 
     if rows is None:
         # WEAVELM_FUSED_ROWS overrides the plan's choice (benchmarks compare R values).
@@ -132,8 +135,9 @@ def fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_resid
 
 
 def allreduce_kernel(kind: str, dt: str, world: int, push: bool):
+    """The cached launcher.Kernel of one plain all-reduce variant (compiled on first use)."""
     from weavelm.kernels import launcher
-    from weavelm.kernels.allreduce_norm_kernel import make_allreduce_kernel
+    from weavelm.kernels.allreduce_norm_plain import make_allreduce_kernel
 
     return launcher.kernel(("allreduce", kind, dt, world, push),  # unroll: vecs_per_iter
                            lambda: make_allreduce_kernel(kind, dt, world, push),
@@ -153,15 +157,10 @@ def plan_fused(kind, dt, world, n_vec, max_rows, ctas, push, has_residual, scatt
     p = _plans.get(key)
     if p is None:
         _check_shape(dt, n_vec, world, ctas)
-        vpt = next(v for v in VPT_CLASSES if n_vec <= MAX_BLOCK * v)
-        threads = -(-n_vec // vpt)
-        block = min(MAX_BLOCK, max(32, (threads + 31) // 32 * 32))
+        vpt, block = row_shape(n_vec, VPT_CLASSES)
         grid = max(1, min(ctas, max_rows))
-        p = (fused_kernel(kind, dt, world, vpt, push, has_residual, scatter=scatter), grid,
-             block)
-        if len(_plans) > 4096:
-            _plans.clear()
-        _plans[key] = p
+        p = remember(_plans, key, (fused_kernel(kind, dt, world, vpt, push, has_residual,
+                                                scatter=scatter), grid, block))
     return p
 
 
@@ -171,12 +170,9 @@ def plan_allreduce(kind, dt, world, max_vecs, ctas, push):
     p = _plans.get(key)
     if p is None:
         _check_shape(dt, 1, world, ctas)
-        block = min(MAX_BLOCK, max(32, (max_vecs + 31) // 32 * 32))
+        block = warps_for(max_vecs)
         grid = max(1, min(ctas, -(-max_vecs // block)))
-        p = (allreduce_kernel(kind, dt, world, push), grid, block)
-        if len(_plans) > 4096:
-            _plans.clear()
-        _plans[key] = p
+        p = remember(_plans, key, (allreduce_kernel(kind, dt, world, push), grid, block))
     return p
 
 

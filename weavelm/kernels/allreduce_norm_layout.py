@@ -11,7 +11,6 @@ u32 words, byte offsets from the start of the signal area:
 """
 MAX_RANKS = 8        # one NVLink domain
 MAX_CTAS = 128       # grid limit of the communication kernels
-MAX_BLOCK = 512      # threads per CTA; also the launch bound (<= 128 registers per thread)
 EPOCH_OFF = MAX_CTAS * MAX_RANKS * 4
 ERR_OFF = EPOCH_OFF + MAX_CTAS * 4
 SIG_BYTES = 8192     # >= ERR_OFF + 4, a multiple of 128

@@ -2,16 +2,16 @@
 
 Why: numba's default launch path costs 20-60 us of host time per call (typeof, argument
 marshalling, stream wrapping); calling `cuda.core.launch` on the compiled function directly costs
-about 7 us on an H100 (DEVICE.md), less than torch's own elementwise op. So every weavelm kernel
-takes only uint64 pointers, int64 and float64 scalars (all 8-byte parameters, which cuda.core
-marshals from plain Python ints and floats), is compiled once for one eager signature, and is
-launched through `Kernel.launch`:
+about 5 us on an H100 (benchmarks/RESULTS.md, host launch overhead), less than torch's own
+elementwise op. So every weavelm kernel takes only uint64 pointers, int64 and float64 scalars
+(all 8-byte parameters, which cuda.core marshals from plain Python ints and floats), is compiled
+once for one eager signature, and is launched through `Kernel.launch`:
 
-    k = kernel(("rmsnorm", "bf16", 4), build)      # cached per key; build() -> (pyfunc, sig)
+    k = kernel(("rmsnorm", "bf16", 4), build, signature)  # cached per key; build() -> pyfunc
     k.launch(grid, block, device_index, x.data_ptr(), ..., n_rows, eps)
 
-Two launch paths, chosen per kernel (`Kernel.path`) or globally (`set_default_path`, or the
-environment variable `WEAVELM_LAUNCH_PATH=core|numba`):
+Two launch paths, chosen per kernel (`Kernel.path`) or globally (the environment variable
+`WEAVELM_LAUNCH_PATH=core|numba`):
 * "core": `cuda.core.launch(stream, config, cufunc.kernel, *args)` with the cuda.core Stream
   cached per torch stream handle and the LaunchConfig cached per (grid, block). If it fails, the
   kernel logs a warning and switches to "numba" for good.
@@ -27,6 +27,7 @@ import logging
 import os
 
 from weavelm.kernels._numba_compat import ensure_torch_context, numba_cuda, simulator_enabled
+from weavelm.kernels.common import remember
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ PATHS = ("core", "numba")
 _default_path = os.environ.get("WEAVELM_LAUNCH_PATH", "core")
 if _default_path not in PATHS:
     raise ValueError(f"WEAVELM_LAUNCH_PATH must be one of {PATHS}, got {_default_path!r}")
-
-
-def set_default_path(path: str) -> None:
-    """Launch path for kernels made from now on and for those still on the default."""
-    global _default_path
-    if path not in PATHS:
-        raise ValueError(f"launch path must be one of {PATHS}, got {path!r}")
-    _default_path = path
 
 
 def default_path() -> str:
@@ -53,7 +46,7 @@ def default_path() -> str:
 _core_streams: dict[int, object] = {}  # torch stream handle -> cuda.core Stream
 _numba_streams: dict[int, object] = {}  # torch stream handle -> numba external stream
 _configs: dict[tuple[int, int], object] = {}  # (grid, block) -> cuda.core LaunchConfig
-_CACHE_LIMIT = 4096  # bounded: token counts vary per step; rebuilding an entry is cheap
+# all three bounded by `common.remember`: token counts vary per step; rebuilding an entry is cheap
 
 _raw_stream = None  # torch's current raw stream handle getter, resolved on first use
 
@@ -74,19 +67,15 @@ def _core_stream(handle: int):
     if s is None:
         from cuda.core import Stream
 
-        if len(_core_streams) > _CACHE_LIMIT:
-            _core_streams.clear()
-        s = _core_streams[handle] = Stream.from_handle(handle)  # borrowed, not owned
+        s = remember(_core_streams, handle, Stream.from_handle(handle))  # borrowed, not owned
     return s
 
 
 def _numba_stream(handle: int):
     s = _numba_streams.get(handle)
     if s is None:
-        if len(_numba_streams) > _CACHE_LIMIT:
-            _numba_streams.clear()
         # One object per handle, so numba's configure() cache (keyed on the stream) hits.
-        s = _numba_streams[handle] = numba_cuda().external_stream(handle)
+        s = remember(_numba_streams, handle, numba_cuda().external_stream(handle))
     return s
 
 
@@ -104,9 +93,7 @@ def _config(grid: int, block: int):
     if c is None:
         from cuda.core import LaunchConfig
 
-        if len(_configs) > _CACHE_LIMIT:
-            _configs.clear()
-        c = _configs[(grid, block)] = LaunchConfig(grid=grid, block=block)
+        c = remember(_configs, (grid, block), LaunchConfig(grid=grid, block=block))
     return c
 
 

@@ -1,8 +1,9 @@
 """PTX primitives as Numba intrinsics: the only module in weavelm with inline PTX.
 
 Each primitive is named after what it does; its docstring gives the exact PTX it emits. They are
-made by one factory (`_asm`) from a PTX template, the operand kinds, and whether the instruction
-orders memory. Operand kinds map to numba types, LLVM types and asm constraints in `_KINDS`.
+made by one factory (`_asm`; `_load` and `_store` for its loads and stores) from a PTX template,
+the operand kinds, and whether the instruction orders memory. Operand kinds map to numba types,
+LLVM types and asm constraints in `_KINDS`.
 
 Conventions
 * Addresses are `uint64` global (or peer, or multicast) virtual addresses; 16-byte accesses need
@@ -226,60 +227,45 @@ def _sim_unpack_f16x2(w):
     return h[0], h[1]
 
 
-# ----------------------------------------------------------------------------- 16-byte vectors
+# ----------------------------------------------------------------------------- loads and stores
 
-load_v4_u32 = _asm(
-    "load_v4_u32", "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=False, model=_sim_ld_v4)
+def _load(name: str, op: str, words: int, *, memory: bool):
+    """`op` (e.g. "ld.global.nc") of one u32 (words=1) or one 16-byte vector (4 words)."""
+    dst, ty = ("$0", ".u32") if words == 1 else ("{$0, $1, $2, $3}", ".v4.u32")
+    return _asm(name, f"{op}{ty} {dst}, [${words}];", ("u32",) * words, ("u64",), memory=memory,
+                model=_sim_ld_u32 if words == 1 else _sim_ld_v4)
+
+
+def _store(name: str, op: str, words: int):
+    """`op` (e.g. "st.global") of one u32 (words=1) or one 16-byte vector (4 words)."""
+    src, ty = ("$1", ".u32") if words == 1 else ("{$1, $2, $3, $4}", ".v4.u32")
+    return _asm(name, f"{op}{ty} [$0], {src};", (), ("u64",) + ("u32",) * words, memory=True,
+                model=_sim_st_u32 if words == 1 else _sim_st_v4)
+
+
 # Not side-effecting: an ordinary load LLVM may schedule; ordering comes from fences/flags.
-
-load_v4_u32_nc = _asm(
-    "load_v4_u32_nc", "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=False, model=_sim_ld_v4)
+load_v4_u32 = _load("load_v4_u32", "ld.global", 4, memory=False)
+load_u32 = _load("load_u32", "ld.global", 1, memory=False)
 # Read-only (texture) path: only for data no thread writes during the kernel.
-
-store_v4_u32 = _asm(
-    "store_v4_u32", "st.global.v4.u32 [$0], {$1, $2, $3, $4};",
-    (), ("u64",) + ("u32",) * 4, memory=True, model=_sim_st_v4)
+load_v4_u32_nc = _load("load_v4_u32_nc", "ld.global.nc", 4, memory=False)
+store_v4_u32 = _store("store_v4_u32", "st.global", 4)
+store_u32 = _store("store_u32", "st.global", 1)
 
 # Peer memory (raw UVA pointers of other GPUs): volatile so every access goes to memory.
-load_v4_u32_volatile = _asm(
-    "load_v4_u32_volatile", "ld.volatile.global.v4.u32 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=True, model=_sim_ld_v4)
+load_v4_u32_volatile = _load("load_v4_u32_volatile", "ld.volatile.global", 4, memory=True)
+store_v4_u32_volatile = _store("store_v4_u32_volatile", "st.volatile.global", 4)
+load_u32_volatile = _load("load_u32_volatile", "ld.volatile.global", 1, memory=True)
+store_u32_volatile = _store("store_u32_volatile", "st.volatile.global", 1)
 
-store_v4_u32_volatile = _asm(
-    "store_v4_u32_volatile", "st.volatile.global.v4.u32 [$0], {$1, $2, $3, $4};",
-    (), ("u64",) + ("u32",) * 4, memory=True, model=_sim_st_v4)
-
-load_u32 = _asm("load_u32", "ld.global.u32 $0, [$1];", ("u32",), ("u64",),
-                memory=False, model=_sim_ld_u32)
-
+# Read-only path: tables (e.g. peer pointers) no thread writes while the kernel runs.
 load_u64_nc = _asm("load_u64_nc", "ld.global.nc.u64 $0, [$1];", ("u64",), ("u64",),
                    memory=False, model=_sim_ld_u64)
-# Read-only path: tables (e.g. peer pointers) no thread writes while the kernel runs.
-
-store_u32 = _asm("store_u32", "st.global.u32 [$0], $1;", (), ("u64", "u32"),
-                 memory=True, model=_sim_st_u32)
-
-load_u32_volatile = _asm("load_u32_volatile", "ld.volatile.global.u32 $0, [$1];", ("u32",),
-                         ("u64",), memory=True, model=_sim_ld_u32)
-
-store_u32_volatile = _asm("store_u32_volatile", "st.volatile.global.u32 [$0], $1;", (),
-                          ("u64", "u32"), memory=True, model=_sim_st_u32)
 
 # ----------------------------------------------------------------------------- system-scope flags
 
-store_release_sys_u32 = _asm(
-    "store_release_sys_u32", "st.release.sys.global.u32 [$0], $1;", (), ("u64", "u32"),
-    memory=True, model=_sim_st_u32)
-
-load_acquire_sys_u32 = _asm(
-    "load_acquire_sys_u32", "ld.acquire.sys.global.u32 $0, [$1];", ("u32",), ("u64",),
-    memory=True, model=_sim_ld_u32)
-
-load_relaxed_sys_u32 = _asm(
-    "load_relaxed_sys_u32", "ld.relaxed.sys.global.u32 $0, [$1];", ("u32",), ("u64",),
-    memory=True, model=_sim_ld_u32)
+store_release_sys_u32 = _store("store_release_sys_u32", "st.release.sys.global", 1)
+load_acquire_sys_u32 = _load("load_acquire_sys_u32", "ld.acquire.sys.global", 1, memory=True)
+load_relaxed_sys_u32 = _load("load_relaxed_sys_u32", "ld.relaxed.sys.global", 1, memory=True)
 
 atomic_add_sys_u32 = _asm(
     "atomic_add_sys_u32", "atom.global.sys.add.u32 $0, [$1], $2;", ("u32",), ("u64", "u32"),
@@ -365,7 +351,8 @@ f32_as_u32 = _ir(
 
 # ----------------------------------------------------------------------------- Hopper multimem
 # Only valid on a multicast address (cuMulticast*) on sm_90+. Never executed on the shared
-# machines (DEVICE.md): compiled and assembled by the tests only.
+# machines (docs/architecture.md, "Why multicast is guarded"): compiled and assembled by the
+# tests only.
 
 multimem_ld_reduce_add_v4_bf16x2 = _asm(
     "multimem_ld_reduce_add_v4_bf16x2",

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from weavelm.kernels.common import DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, codec, remember, row_shape
+
 log = logging.getLogger(__name__)
 
 
@@ -60,18 +62,15 @@ def fused_add_rms_norm(x, residual, weight, eps, out=None, inplace_residual=True
 
 # ----------------------------------------------------------------------------- launchers
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
-_MAX_BLOCK = 512  # threads per CTA; also the kernels' launch bound (caps registers at 128)
-_VPT_CLASSES = (4, 8)  # shape classes: max 16-byte vectors per thread (one compile each)
-_MAX_VEC = _MAX_BLOCK * _VPT_CLASSES[-1]  # rows up to 64 KiB: bf16 D <= 32768, fp32 D <= 16384
-_SIGNATURE = "void(uint64, uint64, uint64, uint64, uint64, int64, int64, float64)"
+VPT_CLASSES = (4, MAX_VPT)  # shape classes: max 16-byte vectors per thread (one compile each)
+SIGNATURE = "void(uint64, uint64, uint64, uint64, uint64, int64, int64, float64)"
 _warned: set = set()
 
 
 def supported(x: torch.Tensor) -> bool:
     """Whether the kernel handles x's dtype and hidden size (the dispatchers fall back if not)."""
     d = x.shape[-1] if x.dim() else 0
-    ok = x.dtype in _DTYPES and d % 8 == 0 and 0 < d * x.element_size() // 16 <= _MAX_VEC
+    ok = x.dtype in DTYPES and d % 8 == 0 and 0 < d * x.element_size() // 16 <= MAX_VEC
     if not ok and (x.dtype, d) not in _warned:
         _warned.add((x.dtype, d))
         log.warning("rmsnorm: no kernel for dtype %s, hidden %d; using the torch reference",
@@ -98,13 +97,13 @@ def _check(name: str, t: torch.Tensor, x: torch.Tensor, dev: int, shape) -> int:
 def _check_x(x: torch.Tensor):
     """(address, D, device index) of x: [..., D] with clear errors for what the kernel can't take.
     Any device the kernel can address: CUDA on a GPU, CPU under the CUDA simulator."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise TypeError(f"rmsnorm: dtype {x.dtype} not supported (bf16, fp16, fp32)")
     d = x.shape[-1] if x.dim() else 0
     if d % 8 or d == 0:
         raise ValueError(f"rmsnorm: hidden size {d} must be a positive multiple of 8")
-    if d * x.element_size() // 16 > _MAX_VEC:
-        raise ValueError(f"rmsnorm: hidden size {d} exceeds the kernel's {_MAX_VEC} 16-byte "
+    if d * x.element_size() // 16 > MAX_VEC:
+        raise ValueError(f"rmsnorm: hidden size {d} exceeds the kernel's {MAX_VEC} 16-byte "
                          "vectors per row")
     dev = x.get_device()
     return _check("x", x, x, dev, x.shape), d, dev
@@ -116,7 +115,7 @@ def _run(x, d: int, dev: int, has_residual: bool, *args) -> None:
     if rows:
         n_vec = d * x.element_size() // 16
         dev = max(dev, 0)  # CPU (-1) only under the simulator
-        kern, grid, block = _plan_for(_DTYPES[x.dtype], has_residual, n_vec, rows, dev)
+        kern, grid, block = _plan_for(DTYPES[x.dtype], has_residual, n_vec, rows, dev)
         kern.launch(grid, block, dev, *args[:5], rows, n_vec, float(args[5]))
 
 
@@ -131,16 +130,12 @@ def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
     if p is None:
         from weavelm.kernels import launcher
 
-        vpt = next(v for v in _VPT_CLASSES if n_vec <= _MAX_BLOCK * v)
-        threads = -(-n_vec // vpt)  # ceil
-        block = min(_MAX_BLOCK, max(32, (threads + 31) // 32 * 32))
+        vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
         grid = min(rows, _max_ctas(device, block))
         k = launcher.kernel(("rmsnorm", dt, has_residual, vpt),
-                            lambda: _build_kernel(dt, has_residual, vpt), _SIGNATURE,
-                            max_threads=_MAX_BLOCK)
-        if len(_plans) > 4096:
-            _plans.clear()
-        p = _plans[key] = (k, grid, block)
+                            lambda: _build_kernel(dt, has_residual, vpt), SIGNATURE,
+                            max_threads=MAX_BLOCK)
+        p = remember(_plans, key, (k, grid, block))
     return p
 
 
@@ -199,9 +194,9 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
     from weavelm.kernels._numba_compat import numba_cuda
 
     cuda = numba_cuda()
-    unpack, pack, epv = _codec(dt)
+    unpack, pack, epv = codec(dt)
     simulator = ptx.SIMULATOR  # no warp shuffles there: the block sum goes through shared memory
-    sim_slots = _MAX_BLOCK if simulator else 1
+    sim_slots = MAX_BLOCK if simulator else 1
     nbuf = vpt * epv
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
 
@@ -277,38 +272,3 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
     rmsnorm_kernel.__name__ = f"rmsnorm_{dt}_{'res' if has_residual else 'plain'}_v{vpt}"
     return rmsnorm_kernel
 
-
-def _codec(dt: str):
-    """(unpack, pack, E) for dtype dt: unpack(words, buf) writes E floats of one 16-byte vector
-    (4 uint32 words) to buf[0:E]; pack(buf) returns the 4 words of buf[0:E], rounded to nearest
-    even. Inlined device functions built on the ptx primitives."""
-    from weavelm.kernels import ptx
-    from weavelm.kernels._numba_compat import numba_cuda
-
-    dev = numba_cuda().jit(device=True, inline="always")
-    if dt == "f32":
-        as_f32, as_u32 = ptx.u32_as_f32, ptx.f32_as_u32
-
-        def unpack(w, buf):
-            buf[0] = as_f32(w[0])
-            buf[1] = as_f32(w[1])
-            buf[2] = as_f32(w[2])
-            buf[3] = as_f32(w[3])
-
-        def pack(buf):
-            return as_u32(buf[0]), as_u32(buf[1]), as_u32(buf[2]), as_u32(buf[3])
-        return dev(unpack), dev(pack), 4
-
-    un2, pk2 = (ptx.unpack_bf16x2, ptx.pack_bf16x2) if dt == "bf16" else \
-        (ptx.unpack_f16x2, ptx.pack_f16x2)
-
-    def unpack16(w, buf):
-        buf[0], buf[1] = un2(w[0])
-        buf[2], buf[3] = un2(w[1])
-        buf[4], buf[5] = un2(w[2])
-        buf[6], buf[7] = un2(w[3])
-
-    def pack16(buf):
-        return (pk2(buf[0], buf[1]), pk2(buf[2], buf[3]), pk2(buf[4], buf[5]),
-                pk2(buf[6], buf[7]))
-    return dev(unpack16), dev(pack16), 8

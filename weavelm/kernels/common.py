@@ -1,0 +1,84 @@
+"""What every kernel module shares: the dtype table, block limits, launch-plan helpers, the codec.
+
+E = elements per 16-byte vector (8 for bf16/fp16, 4 for fp32), V = 16-byte vectors per row,
+vpt = vectors per thread (a compile-time shape class of a kernel).
+
+Importing this module does not import numba: the CPU paths (torch references) never need it.
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}  # kernel dtype names
+ELEMS = {"bf16": 8, "f16": 8, "f32": 4}  # E: elements per 16-byte vector
+
+MAX_BLOCK = 512  # threads per CTA; also every kernel's launch bound (caps registers at 128)
+MAX_VPT = 8      # the largest vpt class of every kernel
+MAX_VEC = MAX_BLOCK * MAX_VPT  # V limit: rows up to 64 KiB (bf16 D <= 32768, fp32 D <= 16384)
+CACHE_LIMIT = 4096  # entries of a host-side memo (token counts vary per step; rebuilds are cheap)
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+def warps_for(threads: int, max_block: int = MAX_BLOCK) -> int:
+    """Block size: whole warps covering `threads`, at least one warp, at most `max_block`."""
+    return min(max_block, max(32, (threads + 31) // 32 * 32))
+
+
+def row_shape(n_vec: int, vpt_classes: tuple, max_block: int = MAX_BLOCK) -> tuple[int, int]:
+    """(vpt, block) for rows of n_vec vectors: the smallest class of `vpt_classes` whose
+    max_block threads cover a row, and the warps that cover it with <= vpt vectors per thread."""
+    vpt = next(v for v in vpt_classes if n_vec <= max_block * v)
+    return vpt, warps_for(-(-n_vec // vpt), max_block)
+
+
+def remember(memo: dict, key, value):
+    """Store value under key in a bounded memo (emptied once it outgrows CACHE_LIMIT); returns
+    value. The hot path reads the dict directly and calls this only on a miss."""
+    if len(memo) > CACHE_LIMIT:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+# ----------------------------------------------------------------------------- device code
+
+def device(fn):
+    """`fn` as a Numba device function, always inlined into its caller."""
+    from weavelm.kernels._numba_compat import numba_cuda
+
+    return numba_cuda().jit(device=True, inline="always")(fn)
+
+
+def codec(dt: str):
+    """(unpack, pack, E) for dtype dt: unpack(words, buf) writes E floats of one 16-byte vector
+    (4 uint32 words) to buf[0:E]; pack(buf) returns the 4 words of buf[0:E], rounded to nearest
+    even. Inlined device functions built on the ptx primitives."""
+    from weavelm.kernels import ptx
+
+    if dt == "f32":
+        as_f32, as_u32 = ptx.u32_as_f32, ptx.f32_as_u32
+
+        def unpack(w, buf):
+            buf[0] = as_f32(w[0])
+            buf[1] = as_f32(w[1])
+            buf[2] = as_f32(w[2])
+            buf[3] = as_f32(w[3])
+
+        def pack(buf):
+            return as_u32(buf[0]), as_u32(buf[1]), as_u32(buf[2]), as_u32(buf[3])
+        return device(unpack), device(pack), ELEMS[dt]
+
+    un2, pk2 = (ptx.unpack_bf16x2, ptx.pack_bf16x2) if dt == "bf16" else \
+        (ptx.unpack_f16x2, ptx.pack_f16x2)
+
+    def unpack16(w, buf):
+        buf[0], buf[1] = un2(w[0])
+        buf[2], buf[3] = un2(w[1])
+        buf[4], buf[5] = un2(w[2])
+        buf[6], buf[7] = un2(w[3])
+
+    def pack16(buf):
+        return (pk2(buf[0], buf[1]), pk2(buf[2], buf[3]), pk2(buf[4], buf[5]),
+                pk2(buf[6], buf[7]))
+    return device(unpack16), device(pack16), ELEMS[dt]
