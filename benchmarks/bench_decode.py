@@ -43,7 +43,7 @@ def main():
     import transformers as tf
 
     from weavelm import LLM, SamplingParams
-    from weavelm.models.shapes import shape_config
+    from weavelm.bench.shapes import shape_config
 
     cfg = shape_config(args.shape, args.layers)
     cfg["max_position_embeddings"] = 8192

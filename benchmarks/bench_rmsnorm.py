@@ -183,7 +183,7 @@ def main():
         call = lambda: R.fused_add_rms_norm(x1, r1, w1, EPS, out=o1)  # noqa: E731
         call()
         torch.cuda.synchronize()
-        kern, grid, block = R._plan_for(R._DTYPES[dtype], True, D * x1.element_size() // 16, 1,
+        kern, grid, block = R._plan_for(R.DTYPES[dtype], True, D * x1.element_size() // 16, 1,
                                         dev)
         kargs = (x1.data_ptr(), r1.data_ptr(), w1.data_ptr(), o1.data_ptr(), r1.data_ptr(), 1,
                  D * x1.element_size() // 16, EPS)

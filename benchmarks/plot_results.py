@@ -50,6 +50,6 @@ if __name__ == "__main__":
         plot_fused(data, dst)
     else:
         sys.path.insert(0, ".")
-        from weavelm.engine.prefill_bench import plot
+        from weavelm.bench.prefill import plot
         plot(data, dst)
     print(f"wrote {dst}")

@@ -29,12 +29,13 @@ def main():
     p.add_argument("--hidden", type=int, default=8192)
     p.add_argument("--gemm-only", action="store_true")
     args = p.parse_args()
-    from weavelm.parallel.communicator import get_communicator, row_range
+    from weavelm.parallel.backends import make_communicator
+    from weavelm.parallel.communicator import row_range
     from weavelm.parallel.sm_carveout import gemm_sm_carveout
     from weavelm.parallel.state import init_parallel
     state = init_parallel(int(os.environ["WORLD_SIZE"]), "cuda")
     rank, n, D, dt = state.rank, state.world_size, args.hidden, torch.bfloat16
-    comm = get_communicator("p2p")
+    comm = make_communicator("p2p", state)
     tokens = [int(t) for t in args.tokens.split(",")]
     comm.reserve(2 * max(tokens), D, dt)
     streams = [torch.cuda.Stream() for _ in range(n)]

@@ -96,12 +96,12 @@ def main():
     ap.add_argument("--unroll", default="1,4")
     args = ap.parse_args()
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.parallel.communicator import get_communicator
+    from weavelm.parallel.backends import make_communicator
     from weavelm.parallel.state import init_parallel
     state = init_parallel(int(os.environ["WORLD_SIZE"]), "cuda")
     rank, n, D = state.rank, state.world_size, args.hidden
     cuda = numba_cuda()
-    comm = get_communicator("p2p")
+    comm = make_communicator("p2p", state)
     tokens = [int(t) for t in args.tokens.split(",")]
     comm.reserve(max(tokens), D, torch.bfloat16)
     tab = comm.buf.ptr_table

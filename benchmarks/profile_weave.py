@@ -102,16 +102,17 @@ def main():
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    from weavelm.engine.prefill_bench import PrefillRunner
+    from weavelm.bench.prefill import PrefillTimer
+    from weavelm.engine.schedule import WEAVE_CTAS
     from weavelm.parallel.state import init_parallel
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     state = init_parallel(tp, "cuda")
-    runner = PrefillRunner(args.shape, args.layers, tp, "p2p", None)
-    runner.model.model.runner.weave_ctas = args.ctas
+    runner = PrefillTimer(args.shape, args.layers, tp, "p2p", None)
+    runner.schedule.weave_ctas = args.ctas or WEAVE_CTAS
     T = args.tokens
     split = runner.split_for(T)
     if args.shift is not None:
-        from weavelm.engine.splitter import default_align
+        from weavelm.engine.wave_model import default_align
         align = default_align(tp)
         split = round((T / 2 + args.shift * T) / align) * align
     inputs = runner._inputs(T)

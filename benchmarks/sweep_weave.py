@@ -25,13 +25,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from weavelm.engine.prefill_bench import PrefillRunner
-    from weavelm.engine.splitter import default_align
+    from weavelm.bench.prefill import PrefillTimer
+    from weavelm.engine.schedule import WEAVE_CTAS
+    from weavelm.engine.wave_model import default_align
     from weavelm.parallel.state import init_parallel
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     state = init_parallel(tp, "cuda")
-    runner = PrefillRunner(args.shape, args.layers, tp, "p2p", None)
-    stack = runner.model.model.runner
+    runner = PrefillTimer(args.shape, args.layers, tp, "p2p", None)
+    schedule = runner.schedule
     align = default_align(tp)
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
@@ -42,14 +43,14 @@ def main():
         for f in (float(x) for x in args.shifts.split(",")):
             split = round((T / 2 + f * T) / align) * align
             for c in (int(x) for x in args.ctas.split(",")):
-                stack.weave_ctas = c
+                schedule.weave_ctas = c or WEAVE_CTAS
                 w = ms("weave", split)
                 rows.append((T, f, split, c, w, base, nocomm))
                 if state.is_first:
                     print(f"T={T} shift={f:+.3f} split={split} ctas={c}: weave {w:.2f} ms, "
                           f"baseline {base:.2f}, nocomm {nocomm:.2f} (splitter: {model_split})",
                           flush=True)
-        stack.weave_ctas = None
+        schedule.weave_ctas = WEAVE_CTAS
     if state.is_first:
         print(f"\n### weave vs cut and CTAs: {args.shape} ({args.layers} layers), TP={tp}, "
               "CUDA graphs, ms (median)\n")

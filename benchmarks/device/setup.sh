@@ -1,10 +1,16 @@
-# Source me on a lent GPU machine: the safety environment, the carried wheels, an output folder.
-# Multicast must never be created or used on the shared machines (DEVICE.md).
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export WEAVELM_DISABLE_MULTICAST=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
-export OUT=${OUT:-/tmp/weavelm-out}
-mkdir -p "$OUT"
-if [ -d .wheels ]; then
-  pip install --no-index --no-deps --quiet .wheels/*.whl >/tmp/weavelm-pip.txt 2>&1 || cat /tmp/weavelm-pip.txt
+# Source me from the repository root on a lent GPU machine (every run_*.sh does):
+#   source benchmarks/device/setup.sh
+# The environment (env.sh: multicast off, ${OUT:-out}/, PYTHONPATH, the `weavelm` CLI), the
+# carried wheels, and a record of the machine in $OUT/gpu.txt and $OUT/env.txt.
+source benchmarks/device/env.sh
+
+if [ -d .wheels ] && [ -z "${WEAVELM_WHEELS_DONE:-}" ]; then
+  pip install --no-index --no-deps --quiet .wheels/*.whl > "$OUT/pip.txt" 2>&1 || cat "$OUT/pip.txt"
+  export WEAVELM_WHEELS_DONE=1
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ ! -s "$OUT/gpu.txt" ]; then
+  { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+    nvidia-smi topo -m; } > "$OUT/gpu.txt" 2>&1
+  "${WEAVELM[@]}" env > "$OUT/env.txt" 2>&1
+fi

@@ -1,0 +1,41 @@
+# Sourced by every script in benchmarks/device/ (through setup.sh): the environment of a run.
+# Run from the repository root. Results go to ${OUT:-out}/.
+
+# Safety: multicast (NVLS) must never be created or used on the shared machines. These keep
+# NCCL, torch SymmetricMemory, NVSHMEM and weavelm off it. Do not remove or override them.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export WEAVELM_DISABLE_MULTICAST=1
+
+export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
+export OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# The `weavelm` CLI (it starts its own ranks for --tp N), as a command array so that `timeout`
+# can run it: this checkout's module, else the installed entry point.
+if [ -f weavelm/cli/main.py ]; then
+  WEAVELM=(python3 -m weavelm.cli.main)
+elif [ -f cli/main.py ]; then
+  WEAVELM=(python3 -m cli.main)
+else
+  WEAVELM=(weavelm)
+fi
+
+# use_gpus N: check that N is a GPU count this machine has, and show the run only GPUs 0..N-1
+# (an existing CUDA_VISIBLE_DEVICES is left as it is).
+use_gpus() {
+  local n=${1:-} have
+  if ! [[ "$n" =~ ^[1-9][0-9]*$ ]]; then
+    echo "first argument: the GPU count (a positive integer), got '$n'" >&2
+    return 2
+  fi
+  if [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    have=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+    if (( n > have )); then
+      echo "$n GPUs asked for, $have present" >&2
+      return 2
+    fi
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1)))
+    export CUDA_VISIBLE_DEVICES
+  fi
+}
