@@ -8,8 +8,6 @@ User errors print one line (`error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from typing import Optional
 
 import typer
@@ -35,46 +33,6 @@ def user_errors(fn):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
     return wrapper
-
-
-def _launched() -> bool:
-    """True under torchrun / accelerate launch (they set WORLD_SIZE)."""
-    return "WORLD_SIZE" in os.environ
-
-
-class _Streamer:
-    """Prints the decoded text of sequence 0 as tokens arrive (rank 0 only)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def __call__(self, seq: int, token: int) -> None:
-        if seq != 0:
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):          # an incomplete multi-byte character: wait
-            return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
-
-
-def _generate_on_rank(opts: dict) -> None:
-    from weavelm import LLM
-    from weavelm.engine.sampler import SamplingParams
-    params = SamplingParams(**opts["sampling"])
-    llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
-              allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"],
-              backend=opts["backend"], mode=opts["mode"])
-    stream = _Streamer(llm.tokenizer) if llm.state.is_first else None
-    outs = llm.generate_from_ids(opts["token_lists"], params, on_token=stream,
-                                 prompts=opts["prompts"])
-    if llm.state.is_first:
-        sys.stdout.write("\n")
-        for out in outs[1:]:
-            sys.stdout.write(f"---\n{out.text}\n")
-        sys.stdout.flush()
 
 
 @app.command()
@@ -145,11 +103,9 @@ def generate(
     opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
                 mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
                 token_lists=token_lists, sampling=sampling)
-    if tp == 1 or _launched():
-        _generate_on_rank(opts)
-    else:
-        from weavelm.parallel.launch import spawn
-        spawn(_generate_on_rank, tp, opts)
+    from weavelm.engine.entrypoints import generate_rank
+    from weavelm.parallel.launch import run_ranks
+    run_ranks(generate_rank, tp, opts)
 
 
 @app.command()
@@ -158,7 +114,7 @@ def env():
     """Report devices, NVLink peers, runnable communicator backends and multicast policy."""
     import torch
 
-    from weavelm.parallel.communicator import available_backends
+    from weavelm.parallel.backends import available_backends
     from weavelm.parallel.multicast_guard import multicast_allowed
     typer.echo(f"torch {torch.__version__}")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -192,13 +148,6 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def _run_ranks(fn, tp: int, opts: dict):
-    if tp == 1 or _launched():
-        return fn(opts)
-    from weavelm.parallel.launch import spawn
-    return spawn(fn, tp, opts)
-
-
 @bench_app.command("prefill")
 @user_errors
 def bench_prefill(
@@ -225,11 +174,12 @@ def bench_prefill(
     plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
 ):
     """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
-    from weavelm.engine.prefill_bench import bench_prefill_rank, format_table, plot as plot_fn
+    from weavelm.bench.prefill import bench_prefill_rank, format_table, plot as plot_fn
+    from weavelm.bench.shapes import shape_config
+    from weavelm.engine.schedule import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.models.shapes import shape_config
-    from weavelm.models.woven import parse_mode
+    from weavelm.parallel.launch import run_ranks
     from weavelm.parallel.state import max_tp_for_device, resolve_device
     mode_list = [parse_mode(m.strip()).value for m in modes.split(",") if m.strip()]
     token_list = _int_list(tokens, "--tokens")
@@ -251,7 +201,7 @@ def bench_prefill(
                 repeats=repeats, device=str(dev),
                 ctas=_int_list(ctas, "--ctas") if ctas else None,
                 carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
-    result = _run_ranks(bench_prefill_rank, tp, opts)
+    result = run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return
     typer.echo(format_table(result))
@@ -277,10 +227,11 @@ def tune(
     """Measure a few split points per token bucket on this machine and cache the best ones."""
     import torch
 
-    from weavelm.engine.prefill_bench import tune_rank
+    from weavelm.bench.shapes import shape_config
+    from weavelm.bench.tune import tune_rank
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.models.shapes import shape_config
+    from weavelm.parallel.launch import run_ranks
     ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check(n >= 1, "weavelm tune times GPU kernels: run it on a machine with CUDA GPUs")
@@ -288,7 +239,7 @@ def tune(
     check(seq_len is None or seq_len >= 1, f"--seq-len must be at least 1, got {seq_len}")
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=_int_list(tokens, "--tokens"),
                 backend=backend, seq_len=seq_len, device="cuda")
-    result = _run_ranks(tune_rank, tp, opts)
+    result = run_ranks(tune_rank, tp, opts)
     if result is not None:
         import json
         typer.echo(json.dumps(result["table"], indent=1))

@@ -17,7 +17,7 @@ from weavelm.errors import WeavelmError
 from weavelm.kernels import allreduce_norm as K
 from weavelm.kernels import launcher
 from weavelm.kernels.allreduce_norm_layout import ERR_OFF, SIG_BYTES
-from weavelm.parallel import communicator, fused_communicator as FC, multicast_guard, symmetric
+from weavelm.parallel import backends, fused_communicator as FC, multicast_guard, symmetric
 from weavelm.parallel.communicator import row_range
 from weavelm.parallel.state import ParallelState
 
@@ -98,35 +98,38 @@ def test_each_guard_variable_refuses_multimem(fake_gpus, var, value):
     fake_gpus.setattr(symmetric, "_symm_module", lambda: touched.append("symm"))
     with pytest.raises(WeavelmError, match="multimem communicator is refused: " + var):
         FC.MultimemCommunicator(cuda_state())
-    fake_gpus.setattr(communicator, "get_state", cuda_state)
     with pytest.raises(WeavelmError, match="refused"):
-        communicator.get_communicator("multimem")
+        backends.make_communicator("multimem", cuda_state())
     assert touched == []  # refused before the device, torch's symmetric memory or any buffer
 
 
 @pytest.mark.parametrize("var,value", GUARD_VARS)
 def test_each_guard_variable_makes_auto_pick_p2p(fake_gpus, var, value):
     fake_gpus.setenv(var, value)
-    assert FC.select_backend(cuda_state()) == "p2p"
+    assert backends.select_backend(cuda_state()) == "p2p"
     fake_gpus.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) != (1, 0))
-    assert FC.select_backend(cuda_state()) == "torch"
+    assert backends.select_backend(cuda_state()) == "torch"
 
 
 def test_auto_choices(fake_gpus, caplog):
     caplog.set_level("INFO", logger="weavelm")
-    assert FC.select_backend(cuda_state()) == "multimem"  # allowed and supported
+    assert backends.select_backend(cuda_state()) == "multimem"  # allowed and supported
     assert "auto -> multimem" in caplog.text
     fake_gpus.setattr(multicast_guard, "_device_supports_multicast", lambda i: False)
-    assert FC.select_backend(cuda_state()) == "p2p"
-    assert FC.select_backend(cuda_state(world=1)) == "torch"
+    assert backends.select_backend(cuda_state()) == "p2p"
+    assert backends.select_backend(cuda_state(world=1)) == "torch"
     cpu = ParallelState(rank=0, world_size=2, device=torch.device("cpu"), group=None)
-    assert FC.select_backend(cpu) == "torch"
+    assert backends.select_backend(cpu) == "torch"
     fake_gpus.setattr(torch.cuda, "device_count", lambda: 1)
-    assert FC.select_backend(cuda_state()) == "torch"  # TP group bigger than this host
+    assert backends.select_backend(cuda_state()) == "torch"  # TP group bigger than this host
 
 
 def test_auto_on_cpu_gives_torch_backend(clean_env):
-    assert communicator.get_communicator("auto").name == "torch"
+    cpu = ParallelState(rank=0, world_size=2, device=torch.device("cpu"), group=None)
+    assert backends.make_communicator("auto", cpu).name == "torch"
+    assert backends.make_communicator(None, cpu).name == "torch"
+    with pytest.raises(WeavelmError, match="unknown communicator backend 'nccl'"):
+        backends.make_communicator("nccl", cpu)
 
 
 def test_fused_backends_refuse_cpu():
@@ -267,19 +270,6 @@ def test_copy_in_when_input_is_not_the_staging_buffer(mocked_launch):
     with pytest.raises(WeavelmError, match="residual_rows must be"):
         comm.reduce_scatter_add_rms_norm_all_gather(x, torch.zeros(3, 16, dtype=torch.bfloat16),
                                                     w, 1e-6)
-
-
-def test_replicated_residual_small_is_one_shot(mocked_launch):
-    comm = cpu_comm(1, 2)
-    x, res = torch.randn(3, 16).to(torch.bfloat16), torch.randn(3, 16).to(torch.bfloat16)
-    w = torch.randn(16).to(torch.bfloat16)
-    y, r = comm.all_reduce_add_rms_norm(x, res, w, 1e-6)
-    name, grid, block, _, args = mocked_launch.calls[-1]
-    a = dict(zip(FUSED_ARGS, args))
-    assert "/False/True" in name  # push=False (one-shot), residual
-    assert (a["row_start"], a["n_rows"], a["res_ptr"]) == (0, 3, res.data_ptr())
-    assert a["out_ptr"] == x.data_ptr() and y is x and r is res  # x was copied in: reused
-    assert grid == 3
 
 
 def test_all_reduce_one_and_two_shot(mocked_launch):

@@ -8,8 +8,8 @@ TINY = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_siz
 
 
 def _bench(tp, opts):
-    from weavelm.engine.prefill_bench import bench_prefill_rank
-    from weavelm.models import shapes
+    from weavelm.bench import shapes
+    from weavelm.bench.prefill import bench_prefill_rank
     from weavelm.parallel.state import destroy_parallel
     shapes.SHAPES["test-tiny"] = TINY
     try:
@@ -19,7 +19,7 @@ def _bench(tp, opts):
 
 
 def test_bench_prefill_cpu_all_modes():
-    from weavelm.engine.prefill_bench import format_table
+    from weavelm.bench.prefill import format_table
     opts = dict(shape="test-tiny", layers=2, tp=2, tokens=[40, 96], seq_len=None, repeats=1,
                 modes=["baseline", "fused", "weave", "nocomm"], backend="torch", device="cpu",
                 ctas=None, carveout=0, graph=False)

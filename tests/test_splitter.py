@@ -4,13 +4,37 @@ import random
 
 import pytest
 
-from weavelm.engine.splitter import (
-    GemmShape, SplitTable, candidate_splits, choose_split, default_align, gemm_waves, gemms_for,
-    model_key, modeled_time, split_point_for, table_key, tune,
+from weavelm.bench.tune import candidate_splits, tune
+from weavelm.engine.split_table import SplitTable, model_key, table_key
+from weavelm.engine.splitter import Splitter
+from weavelm.engine.wave_model import (
+    GemmShape, choose_split, default_align, gemm_waves, modeled_time,
 )
+from weavelm.models.config import ModelConfig
+from weavelm.models.registry import family_for
 
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                 num_key_value_heads=8, num_hidden_layers=80)
+
+def llama_70b(**changes) -> ModelConfig:
+    hf = dict(architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
+              num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=80,
+              vocab_size=128256)
+    return ModelConfig.from_hf({**hf, **changes})
+
+
+LLAMA_70B = llama_70b()
+
+
+def gemms_for(config: ModelConfig, tp: int) -> list[GemmShape]:
+    """The family's per-layer GEMMs, as the registry gives them to the splitter."""
+    return family_for(config.architecture).layer_gemms(config, tp)
+
+
+def split_point_for(num_tokens, config, tp, *, gpu_name, num_sms, seq_lens=None,
+                    min_tokens=None):
+    """The engine's splitter on a named GPU; min_tokens None: the tuned table's threshold, else
+    the wave model's default."""
+    return Splitter(config, tp, gpu_name=gpu_name, num_sms=num_sms).split(
+        num_tokens, seq_lens, min_tokens=min_tokens)
 # Llama-70B's MLP at TP=8, the block TokenWeave's figure 9 times.
 MLP_TP8 = [GemmShape(2 * 28672 // 8, 8192, "gate_up"), GemmShape(8192, 28672 // 8, "down")]
 
@@ -116,8 +140,8 @@ def test_table_save_load_roundtrip(cache_dir):
 
 def test_model_key_and_gemms():
     assert model_key(LLAMA_70B) == "h8192-i28672-a64-kv8"
-    assert model_key(dict(LLAMA_70B, num_hidden_layers=4)) == model_key(LLAMA_70B)  # layers: no
-    assert model_key({**LLAMA_70B, "head_dim": 256}).endswith("-d256")
+    assert model_key(llama_70b(num_hidden_layers=4)) == model_key(LLAMA_70B)  # layers: no
+    assert model_key(llama_70b(head_dim=256)).endswith("-d256")
     g = {x.name: x for x in gemms_for(LLAMA_70B, 4)}
     assert (g["qkv"].n, g["qkv"].k) == ((64 + 2 * 8) * 128 // 4, 8192)
     assert (g["o"].n, g["o"].k) == (8192, 64 * 128 // 4)
@@ -203,29 +227,39 @@ def test_candidates_are_few_aligned_and_in_window():
 
 def test_engine_auto_threshold_eager_default_or_tuned(cache_dir):
     """The engine's auto mode: no split below EAGER_MIN_TOKENS without a tuned table; the tuned
-    table's own threshold when `weavelm tune` saved one; always a split when weave is forced."""
+    table's own threshold when `weavelm tune` saved one; always a split when weave is forced;
+    the baseline on CPU, where there is nothing to hide."""
     from types import SimpleNamespace
 
-    from weavelm.engine import splitter
-    from weavelm.engine.split_policy import EAGER_MIN_TOKENS, choose_split_for
-    splitter._cached_load.cache_clear()
-    llm = SimpleNamespace(mode="auto", config=LLAMA_70B, state=SimpleNamespace(world_size=4))
-    assert choose_split_for(llm, EAGER_MIN_TOKENS - 8) is None
-    assert choose_split_for(llm, EAGER_MIN_TOKENS) is not None
-    llm.mode = "weave"
-    assert choose_split_for(llm, 1024) is not None
-    llm.mode = "auto"
-    key = table_key(model_key(LLAMA_70B), 4, splitter._device()[0])
+    import torch
+
+    from weavelm.engine.policy import SchedulePolicy
+    from weavelm.engine.schedule import Mode
+    from weavelm.engine.split_table import _cached_load
+    from weavelm.engine.splitter import EAGER_MIN_TOKENS, current_gpu
+    _cached_load.cache_clear()
+    gpus = SimpleNamespace(device=torch.device("cuda"), world_size=4)
+    auto = SchedulePolicy("auto", LLAMA_70B, gpus)
+    assert auto.prefill(EAGER_MIN_TOKENS - 8) == (Mode.FUSED, None)
+    mode, split = auto.prefill(EAGER_MIN_TOKENS)
+    assert mode is Mode.WEAVE and 0 < split < EAGER_MIN_TOKENS
+    assert auto.decode() is Mode.FUSED
+    assert SchedulePolicy("weave", LLAMA_70B, gpus).prefill(1024)[0] is Mode.WEAVE
+    cpu = SchedulePolicy("auto", LLAMA_70B, SimpleNamespace(device=torch.device("cpu"),
+                                                            world_size=4))
+    assert cpu.prefill(16384) == (Mode.BASELINE, None) and cpu.decode() is Mode.BASELINE
+    key = table_key(model_key(LLAMA_70B), 4, current_gpu()[0])
     SplitTable(key, {2048: {"split_offset": 0, "no_split": False}}, min_tokens=2048).save()
-    splitter._cached_load.cache_clear()
-    assert choose_split_for(llm, 2048) is not None and choose_split_for(llm, 1024) is None
+    _cached_load.cache_clear()
+    tuned = SchedulePolicy("auto", LLAMA_70B, gpus)
+    assert tuned.prefill(2048)[0] is Mode.WEAVE and tuned.prefill(1024)[0] is Mode.FUSED
 
 
 def test_causal_bias_moves_the_cut_up_for_one_long_sequence():
     """One sequence holding most of the batch: the wave model's window moves up by T/8 (half A's
     causal attention is the cheaper one), never beyond max_imbalance; many short sequences, or
     unknown lengths, keep the unbiased choice; a tuned table's offset is used as measured."""
-    from weavelm.engine.splitter import CAUSAL_BIAS, causal_bias
+    from weavelm.engine.wave_model import CAUSAL_BIAS, causal_bias
     assert causal_bias(4096, [4096]) == CAUSAL_BIAS
     assert causal_bias(4096, [3000, 1096]) == CAUSAL_BIAS
     assert causal_bias(4096, [1024] * 4) == 0.0 and causal_bias(4096, None) == 0.0

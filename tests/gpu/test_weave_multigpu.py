@@ -25,21 +25,17 @@ def rel(a, b):
 
 
 def _rank(tp):
-    from weavelm.engine.prefill_bench import PrefillRunner
-    from weavelm.parallel.communicator import use_communicator
+    from weavelm.bench.prefill import PrefillTimer
     from weavelm.parallel.state import init_parallel
     init_parallel(tp, "cuda")
     report = []
-    runner = PrefillRunner("llama3-70b", 4, tp, "p2p", None)
+    runner = PrefillTimer("llama3-70b", 4, tp, "p2p", None)
     for tokens, seq_len in CASES:
         runner.seq_len = seq_len
         split = runner.split_for(tokens)
         inputs = runner._inputs(tokens)
         ref = runner.forward(tokens, "baseline", None, inputs).float()
-        with torch.no_grad(), use_communicator(runner.fused_comm):   # baseline, fp32 sums
-            ref_p2p = runner.model(*inputs, "baseline", None).float()
-        row = {"tokens": tokens, "split": split, "backend": runner.backend,
-               "baselines": rel(ref_p2p, ref)}
+        row = {"tokens": tokens, "split": split, "backend": runner.backend}
         outs = {}
         for mode in ("fused", "weave"):
             outs[mode] = runner.forward(tokens, mode, split if mode == "weave" else None,
@@ -58,7 +54,7 @@ def _rank(tp):
         gathered = [torch.empty_like(ref) for _ in range(tp)]
         torch.distributed.all_gather(gathered, ref)
         row["ranks_agree"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        runner.fused_comm.check_errors(sync=True)
+        runner.executor.comm.check_errors(sync=True)
         report.append(row)
     return report
 

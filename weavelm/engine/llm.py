@@ -15,15 +15,16 @@ from typing import Callable
 
 import torch
 
+from weavelm.engine.policy import SchedulePolicy
 from weavelm.engine.sampler import SamplingParams, sample
+from weavelm.engine.schedule import Executor, Mode, parse_mode
 from weavelm.errors import WeavelmError, check
 from weavelm.models.attention import AttentionBatch, Piece
 from weavelm.models.config import ModelConfig
+from weavelm.models.decoder import StepInput
 from weavelm.models.loader import load_weights, resolve_model
-from weavelm.models.registry import model_class
-from weavelm.models.woven import Mode, parse_mode
-from weavelm.engine.split_policy import choose_split_for
-from weavelm.parallel.communicator import get_communicator
+from weavelm.models.registry import family_for
+from weavelm.parallel.backends import make_communicator
 from weavelm.parallel.state import get_state, init_parallel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -58,7 +59,7 @@ class LLM:
         source = resolve_model(model, allow_pickle=allow_pickle)
         self.source = source
         self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress)
-        self.mode = mode if mode == "auto" else parse_mode(mode)
+        self.mode = mode
 
     @classmethod
     def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
@@ -70,7 +71,7 @@ class LLM:
         self.source = None
         self._build(config, weights, tp, device, dtype, max_model_len, backend, False)
         self._tokenizer = tokenizer
-        self.mode = mode if mode == "auto" else parse_mode(mode)
+        self.mode = mode
         return self
 
     def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress):
@@ -87,16 +88,24 @@ class LLM:
               f"lower it")
         self.max_model_len = max_model_len or limit
         self._tokenizer = None
-        if backend is None:       # fused communicators need GPUs and a second rank to pay
-            backend = "auto" if self.device.type == "cuda" and state.world_size > 1 else "torch"
-        self.comm = get_communicator(backend)
-        cls = model_class(self.config.architecture)
+        self.comm = make_communicator(backend, state)     # None: auto on GPUs at TP > 1
+        cls = family_for(self.config.architecture).model_class
         with torch.no_grad():
             self.model = cls(self.config, dtype=self.dtype, device=self.device,
                              max_positions=self.max_model_len)
             load_weights(self.model, weights, progress=progress and state.is_first)
         self.model.eval()
+        self.executor = Executor(self.model, self.comm)
         self._stop = None
+
+    @property
+    def mode(self) -> str | Mode:
+        """The schedule setting: "auto" or a `Mode` (see `weavelm.engine.policy`)."""
+        return "auto" if self.policy.auto else self.policy.mode
+
+    @mode.setter
+    def mode(self, mode) -> None:
+        self.policy = SchedulePolicy(mode, self.config, self.state)
 
     @property
     def tokenizer(self):
@@ -169,7 +178,7 @@ class LLM:
         ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
         last = torch.tensor([p.offset + p.length - 1 for p in batch.pieces], device=dev)
         mode, split = self.prefill_schedule(len(ids), lengths)
-        hidden = self.model(ids, positions, cache, batch, mode, split)
+        hidden = self.executor.run(ids, StepInput(positions, cache, batch), mode, split)
         next_tokens = self._sample(hidden[last], params, generator)
 
         active = list(range(B))
@@ -195,8 +204,8 @@ class LLM:
             positions = torch.tensor([cur_len[i] for i in active], device=dev)
             for i in active:
                 cur_len[i] += 1
-            hidden = self.model(ids, positions, cache, AttentionBatch.build(pieces, dev),
-                                self.decode_mode())
+            step = StepInput(positions, cache, AttentionBatch.build(pieces, dev))
+            hidden = self.executor.run(ids, step, self.policy.decode())
             next_tokens = self._sample(hidden, params, generator)
 
         if any(prompts):
@@ -206,30 +215,11 @@ class LLM:
 
     # -- schedules -----------------------------------------------------------------------------
     def prefill_schedule(self, num_tokens: int, seq_lens=None) -> tuple[Mode, int | None]:
-        """(mode, split) for a prefill step of `num_tokens` tokens in sequences of `seq_lens`
-        (they tell the splitter where causal attention makes one half cheaper).
-
-        `auto`: on GPUs with TP > 1, weave above the splitter's threshold and the fused kernel
-        below it; on CPU (or TP = 1, nothing to hide) the baseline schedule.
-        """
-        mode = self.mode
-        if mode == "auto":
-            if self.device.type != "cuda" or self.state.world_size == 1:
-                return Mode.BASELINE, None
-            mode = Mode.WEAVE
-        if mode is not Mode.WEAVE:
-            return mode, None
-        split = choose_split_for(self, num_tokens, seq_lens)
-        return (Mode.WEAVE, split) if split is not None else (Mode.FUSED, None)
-
-    def decode_mode(self) -> Mode:
-        if self.mode == "auto":
-            fused = self.device.type == "cuda" and self.state.world_size > 1
-            return Mode.FUSED if fused else Mode.BASELINE
-        return Mode.BASELINE if self.mode is Mode.WEAVE else self.mode
+        """(mode, split) the engine runs a prefill step of `num_tokens` tokens with."""
+        return self.policy.prefill(num_tokens, seq_lens)
 
     def _sample(self, hidden, params, generator) -> torch.Tensor:
-        logits = self.model.compute_logits(hidden)                   # [B, V]
+        logits = self.model.compute_logits(hidden, self.comm)      # [B, V]
         tokens = sample(logits, params, generator)
         # Rank 0 decides; the others follow, so ranks never diverge.
         return self.comm.broadcast(tokens.contiguous(), src=0)
@@ -246,9 +236,10 @@ class LLM:
         if mode is None:
             mode, split = self.prefill_schedule(len(ids), lengths)
         elif parse_mode(mode) is Mode.WEAVE and split is None:
-            split = choose_split_for(self, len(ids), lengths)
-        hidden = self.model(ids, positions, cache, batch, parse_mode(mode), split)
-        return self.model.compute_logits(hidden)
+            split = SchedulePolicy(Mode.WEAVE, self.config, self.state).prefill(
+                len(ids), lengths)[1]
+        hidden = self.executor.run(ids, StepInput(positions, cache, batch), mode, split)
+        return self.model.compute_logits(hidden, self.comm)
 
 
 __all__ = ["LLM", "Completion", "SamplingParams", "WeavelmError", "get_state"]

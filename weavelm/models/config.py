@@ -1,22 +1,17 @@
 """Model configuration read from a Hugging Face `config.json` (transformers 4.x or 5.x layout).
 
 Only what the supported families need is kept; anything we cannot run exactly (an unknown RoPE
-type, an unknown activation) is refused here with a clear error rather than run wrongly.
+type, an unknown activation) is refused here with a clear error rather than run wrongly. What
+differs between families (fixed flags, extra checks) comes from their registry entry
+(`weavelm.models.registry`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from weavelm.errors import WeavelmError, check
+from weavelm.models.registry import family_for
 
-# architecture name -> family flags. Mistral and Llama share one implementation (a registry
-# entry, not a copy); Qwen2 adds q/k/v biases, Qwen3 adds per-head q/k RMSNorm.
-ARCHITECTURES = {
-    "LlamaForCausalLM": {"qkv_bias": None, "qk_norm": False},
-    "MistralForCausalLM": {"qkv_bias": None, "qk_norm": False},
-    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
-    "Qwen3ForCausalLM": {"qkv_bias": None, "qk_norm": True},
-}
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
@@ -39,16 +34,11 @@ class ModelConfig:
     sliding_window: int | None = None
     rope_scaling: dict = field(default_factory=dict)
     eos_token_ids: list[int] = field(default_factory=list)
-    bos_token_id: int | None = None
-    torch_dtype: str | None = None
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else None
-        check(arch in ARCHITECTURES,
-              f"unsupported architecture {arch!r}: weavelm runs {', '.join(ARCHITECTURES)}")
-        family = ARCHITECTURES[arch]
+        family = family_for(archs[0] if archs else None)
         act = cfg.get("hidden_act", "silu")
         check(act == "silu", f"unsupported activation {act!r} in config.json: weavelm runs silu")
 
@@ -62,30 +52,22 @@ class ModelConfig:
 
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // heads
-        qkv_bias = family["qkv_bias"]
-        if qkv_bias is None:
-            qkv_bias = bool(cfg.get("attention_bias", False))
-        window = cfg.get("sliding_window")
-        if arch.startswith("Qwen"):
-            # Qwen applies its window only to layers >= max_window_layers; not supported here.
-            check(not cfg.get("use_sliding_window", False),
-                  f"{arch} with use_sliding_window=true is not supported: weavelm runs Qwen "
-                  f"models with full attention (use_sliding_window=false)")
-            window = None
         eos = cfg.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return cls(
-            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+        fields = dict(
+            architecture=family.architecture, vocab_size=cfg["vocab_size"], hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias, qk_norm=family["qk_norm"], sliding_window=window,
-            rope_scaling=rope, eos_token_ids=eos, bos_token_id=cfg.get("bos_token_id"),
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-        )
+            qkv_bias=bool(cfg.get("attention_bias", False)),
+            sliding_window=cfg.get("sliding_window"), rope_scaling=rope,
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        fields.update(family.config_flags)
+        if family.config_hook is not None:
+            family.config_hook(cfg, fields)
+        return cls(**fields)
 
     def valid_tp_degrees(self, limit: int = 64) -> list[int]:
         """TP degrees that split the heads, KV heads and MLP evenly."""

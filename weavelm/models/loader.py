@@ -103,9 +103,9 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         check(path.is_file(), f"GGUF file {text} does not exist: check the path")
-        from weavelm.models.gguf import _reader, gguf_config
+        from weavelm.models.gguf import gguf_config, read_header
         config = gguf_config(path)
-        return ModelSource("gguf", path, config, [path], len(_reader(path).tensors))
+        return ModelSource("gguf", path, config, [path], len(read_header(path).tensors))
     if not path.exists():
         looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
         check(not looks_like_path, f"model path {text} does not exist: check the path, or give "
@@ -156,13 +156,16 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     """Stream a checkpoint into `model`'s shards; fail on any missing or unexpected tensor.
 
     `source` is a `ModelSource` or any iterable of (Hugging Face name, tensor) pairs (e.g. a
-    transformers model's `state_dict().items()`).
+    transformers model's `state_dict().items()`). Checkpoint names map to parameters through
+    the model family's packed-module table (`ModelFamily.map_checkpoint_name`); a packed
+    parameter is complete when every id in its `shard_ids` has arrived.
     """
+    from weavelm.models.registry import family_for
+    family = family_for(model.config.architecture)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
-    packed = getattr(model, "packed_modules", {})
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
-    loaded: set[str] = set()
+    shards: dict[str, set] = {}           # parameter name -> shard ids loaded into it
     unexpected: list[str] = []
     if isinstance(source, ModelSource):
         items, desc, total = iter_checkpoint(source), f"loading {source.name}", source.num_tensors
@@ -175,11 +178,7 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     for name, tensor in items:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = name, None
-        for ckpt_module, (packed_module, sid) in packed.items():
-            if f".{ckpt_module}." in name:
-                target, shard_id = name.replace(f".{ckpt_module}.", f".{packed_module}."), sid
-                break
+        target, shard_id = family.map_checkpoint_name(name)
         param = params.get(target)
         if param is None:
             unexpected.append(name)
@@ -192,17 +191,12 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
         except Exception as e:                          # noqa: BLE001 - I/O on a damaged file
             raise WeavelmError(f"could not read checkpoint tensor {name} ({e}): the checkpoint "
                                f"is damaged, re-download it") from None
-        loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+        shards.setdefault(target, set()).add(shard_id)
     check(not unexpected, f"checkpoint has {len(unexpected)} tensors this model does not use "
                           f"(e.g. {unexpected[0] if unexpected else ''}): wrong config.json?")
-    done = {n.split("#")[0] for n in loaded}
-    missing = sorted(expected - done)
-    for n in sorted(expected & done):
-        want = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {"0", "1"}}
-        for packed_name, ids in want.items():
-            if f".{packed_name}." in n:           # weight and bias: every shard present
-                have = {x.split("#")[1] for x in loaded if x.startswith(n + "#")}
-                if have != ids:
-                    missing.append(n)
-    check(not missing, f"checkpoint is missing {len(missing)} tensors (e.g. {missing[0] if missing else ''}):"
-                       f" incomplete download or wrong config.json")
+    missing = sorted(n for n in expected
+                     if n not in shards
+                     or shards[n] != set(getattr(params[n], "shard_ids", (None,))))
+    check(not missing, f"checkpoint is missing {len(missing)} tensors (e.g. "
+                       f"{missing[0] if missing else ''}): incomplete download or wrong "
+                       f"config.json")

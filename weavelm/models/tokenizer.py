@@ -17,6 +17,7 @@ import pathlib
 import shutil
 import tempfile
 
+from weavelm.cache import cache_root
 from weavelm.errors import WeavelmError
 
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Phi-3, Gemma). A chat model stops
@@ -43,9 +44,9 @@ def load_tokenizer(source: str | os.PathLike):
     if path.is_file() and not tokenizer.chat_template:
         # transformers 5.24 keeps `tokenizer.chat_template` from GGUF metadata (and saves it in
         # the cache as chat_template.jinja); older ones didn't.
-        from weavelm.models.gguf import _reader
+        from weavelm.models.gguf import read_header
 
-        template = _reader(path).get("tokenizer.chat_template")
+        template = read_header(path).get("tokenizer.chat_template")
         if template is not None:
             tokenizer.chat_template = template
     return tokenizer
@@ -72,14 +73,6 @@ def _convert_gguf_tokenizer(path: pathlib.Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-def cache_root() -> pathlib.Path:
-    """weavelm's cache: `$WEAVELM_CACHE`, else `$XDG_CACHE_HOME/weavelm`, else ~/.cache/weavelm."""
-    if os.environ.get("WEAVELM_CACHE"):
-        return pathlib.Path(os.environ["WEAVELM_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return pathlib.Path(xdg) / "weavelm" if xdg else pathlib.Path.home() / ".cache" / "weavelm"
 
 
 def _cache_entry(path: pathlib.Path) -> pathlib.Path | None:

@@ -2,7 +2,8 @@
 from weavelm.parallel.state import (
     ParallelState, divide, get_state, init_parallel, destroy_parallel,
 )
-from weavelm.parallel.communicator import Communicator, TorchCommunicator, get_communicator
+from weavelm.parallel.communicator import Communicator, FusedCollective, TorchCommunicator
+from weavelm.parallel.backends import make_communicator
 from weavelm.parallel.layers import (
     ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
     VocabParallelEmbedding, ParallelLMHead,
@@ -10,7 +11,7 @@ from weavelm.parallel.layers import (
 
 __all__ = [
     "ParallelState", "divide", "get_state", "init_parallel", "destroy_parallel",
-    "Communicator", "TorchCommunicator", "get_communicator",
+    "Communicator", "FusedCollective", "TorchCommunicator", "make_communicator",
     "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
     "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
 ]

@@ -9,24 +9,28 @@ Every collective a TP model needs goes through one small interface, so that the 
 * `reduce_scatter(x)`                               [T, D] -> this rank's rows [rows(T), D]
 * `all_gather(x_rows, T)`                           [rows(T), D] -> [T, D]
 * `all_gather_last_dim(x)`                          [B, V/N] -> [B, V] (the LM head's logits)
-* `all_reduce_add_rms_norm(x, residual, w, eps)`    all-reduce, residual add, RMSNorm (replicated
-                                                     residual)
 * `reduce_scatter_add_rms_norm_all_gather(...)`     the TokenWeave reordering: each rank adds and
                                                      normalises only its own rows (sequence-sharded
                                                      residual), then everyone gets all rows.
 
 Rows are split among ranks in contiguous, balanced blocks: rank r owns `row_range(T, r, N)`;
 T need not divide by N.
+
+The fused backends (`fused_communicator.py`) can do more than this interface: take a GEMM's
+output in place (`staging`) and keep two halves of a batch in flight (`reserve_slots`). Those
+abilities are the `FusedCollective` protocol below; schedules test for it with `isinstance`.
+Backends are created by name in `backends.py`; a communicator is passed to whatever uses it
+(there is no process-wide one).
 """
 from __future__ import annotations
 
-import contextlib
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
 from weavelm.kernels.rmsnorm import fused_add_rms_norm
-from weavelm.parallel.state import ParallelState, get_state
+from weavelm.parallel.state import ParallelState
 
 
 def row_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -62,18 +66,10 @@ class Communicator:
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- fused operations (defaults compose the building blocks) -----------------------------
-    def all_reduce_add_rms_norm(self, x, residual, weight, eps):
-        """Returns (rms_norm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual).
-
-        x: [T, D] partial sums; residual: [T, D], updated in place.
-        """
-        x = self.all_reduce(x)
-        return fused_add_rms_norm(x, residual, weight, eps, inplace_residual=True)
-
+    # -- the TokenWeave op (the default composes the building blocks) ------------------------
     def reduce_scatter_add_rms_norm_all_gather(self, x, residual_rows, weight, eps, ctas=None,
                                                slot: int = 0):
-        """TokenWeave's reordering of `all_reduce_add_rms_norm`.
+        """TokenWeave's reordering of all-reduce -> residual add -> RMSNorm.
 
         x: [T, D] partial sums; residual_rows: [rows(T), D] this rank's rows, updated in place.
         Returns the normalised [T, D] on every rank. `slot` names an independent staging region
@@ -84,6 +80,27 @@ class Communicator:
         rows = self.reduce_scatter(x)                                          # [rows(T), D]
         normed_rows, _ = fused_add_rms_norm(rows, residual_rows, weight, eps, inplace_residual=True)
         return self.all_gather(normed_rows, n_rows)                            # [T, D]
+
+
+@runtime_checkable
+class FusedCollective(Protocol):
+    """What a fused backend adds to `Communicator` (p2p and multimem have it, torch has not).
+
+    * `ctas`: CTAs its fused kernel launches with by default (the SMs it takes from GEMMs);
+    * `staging(T, D, dtype, slot)`: a [T, D] view of its symmetric buffer for a GEMM to write its
+      partial sums into, so the reduction needs no copy-in; `slot` picks one of several
+      independent regions (two halves of the weave in flight);
+    * `reserve_slots(T, D, dtype, slots)`: size the buffer for `slots` such regions (collective;
+      before any CUDA-graph capture).
+    """
+
+    ctas: int
+
+    def staging(self, n_tokens: int, hidden: int, dtype: torch.dtype | None = None,
+                slot: int = 0) -> torch.Tensor: ...
+
+    def reserve_slots(self, n_tokens: int, hidden: int, dtype: torch.dtype,
+                      slots: int = 2) -> None: ...
 
 
 # torch 2.13 renamed all_gather_into_tensor (which now warns); older releases only have the old.
@@ -146,56 +163,3 @@ class TorchCommunicator(Communicator):
         if self.world_size > 1:
             dist.broadcast(x, src=src, group=self.state.group)
         return x
-
-
-def _fused(cls_name: str):
-    """Factory of a fused backend, imported on first use (the kernels need numba and CUDA)."""
-    def make(state):
-        from weavelm.parallel import fused_communicator
-        return getattr(fused_communicator, cls_name)(state)
-    return make
-
-
-_BACKENDS = {"torch": TorchCommunicator, "p2p": _fused("P2PCommunicator"),
-             "multimem": _fused("MultimemCommunicator")}
-_COMMUNICATOR: Communicator | None = None
-
-
-def available_backends() -> list[str]:
-    return list(_BACKENDS) + ["auto"]
-
-
-def get_communicator(backend: str | None = None) -> Communicator:
-    """The process-wide communicator (created on first use; `backend` defaults to `torch`).
-
-    backend: torch | p2p | multimem | auto (multimem if multicast is allowed and supported,
-    else p2p if all GPUs have peer access, else torch; the choice is logged)."""
-    global _COMMUNICATOR
-    if backend == "auto":
-        from weavelm.parallel.fused_communicator import select_backend
-        backend = select_backend(get_state())
-    if _COMMUNICATOR is None or (backend is not None and backend != _COMMUNICATOR.name):
-        name = backend or "torch"
-        if name not in _BACKENDS:
-            from weavelm.errors import WeavelmError
-            raise WeavelmError(f"unknown communicator backend {name!r}: "
-                               f"choose one of {', '.join(available_backends())}")
-        _COMMUNICATOR = _BACKENDS[name](get_state())
-    return _COMMUNICATOR
-
-
-@contextlib.contextmanager
-def use_communicator(comm: Communicator):
-    """Make `comm` the process-wide communicator inside the block (benchmarks compare
-    backends with one model)."""
-    global _COMMUNICATOR
-    previous, _COMMUNICATOR = _COMMUNICATOR, comm
-    try:
-        yield comm
-    finally:
-        _COMMUNICATOR = previous
-
-
-def reset_communicator() -> None:
-    global _COMMUNICATOR
-    _COMMUNICATOR = None

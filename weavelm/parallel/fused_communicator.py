@@ -1,4 +1,4 @@
-"""The fused communicator backends, `p2p` and `multimem`, and `auto` backend selection.
+"""The fused communicator backends, `p2p` and `multimem` (they implement `FusedCollective`).
 
 T = tokens, D = hidden size, N = TP world size, rows(T) = `row_range(T, rank, N)`.
 
@@ -9,10 +9,6 @@ communicator and differ only in the transport. What they accelerate:
   launch. Returns the normalised [T, D] *as a view of the staging buffer* (every rank's buffer
   holds all rows): valid until the next collective on this communicator writes the buffer, which
   is exactly what the next layer's GEMM input needs. residual_rows [rows(T), D] updated in place.
-* `all_reduce_add_rms_norm(x, residual, w, eps)`: replicated residual [T, D]. Up to
-  `oneshot_max_bytes` one launch (one-shot: every rank reduces all rows, no remote writes);
-  above, the sharded kernel then an all-gather of the residual rows (NCCL). Returns a tensor
-  outside the staging buffer unless x was the staging buffer.
 * `all_reduce(x)`: one-shot up to `oneshot_max_bytes`, else two-shot (in place in the buffer).
 Everything else (reduce_scatter, all_gather, ...) is the torch backend's.
 
@@ -295,36 +291,6 @@ class FusedCommunicator(Communicator):
                     ctas=ctas or self.ctas, inbox_off=inbox_off, n_total=T)
         return self.buf.view(T, D, x.dtype, off)
 
-    def all_reduce_add_rms_norm(self, x, residual, weight, eps, ctas: int | None = None):
-        """x [T, D] partial sums; residual [T, D] replicated, updated in place on every rank.
-        Returns (normalised [T, D], residual)."""
-        if self.world_size == 1 or not self._supported(x, weight) or x.dim() != 2 \
-                or residual.shape != x.shape or not residual.is_contiguous():
-            return super().all_reduce_add_rms_norm(x, residual, weight, eps)
-        self.check_errors(sync=False)
-        T, D = x.shape
-        if T == 0:
-            return x, residual
-        ctas, dt, n = ctas or self.ctas, K.DTYPES[x.dtype], self.world_size
-        n_vec = D * x.element_size() // 16
-        off, in_buf = self._stage(x)
-        if x.numel() * x.element_size() <= self.oneshot_max_bytes:
-            out = torch.empty_like(x) if in_buf else x
-            self._fused(dt, x_off=off, n_vec=n_vec, row_start=0, n_rows=T, max_rows=T,
-                        has_residual=True, res_ptr=residual.data_ptr(), w_ptr=weight.data_ptr(),
-                        out_ptr=out.data_ptr(), eps=eps, push=False, ctas=ctas)
-            return out, residual
-        s, e = row_range(T, self.rank, n)
-        row_bytes = D * x.element_size()
-        self._fused(dt, x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s, max_rows=-(-T // n),
-                    has_residual=True, res_ptr=residual.data_ptr() + s * row_bytes,
-                    w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True, ctas=ctas)
-        residual.copy_(self._torch.all_gather(residual[s:e], T))  # replicate the new rows
-        y = self.buf.view(T, D, x.dtype, off)
-        if in_buf:
-            return y, residual
-        return x.copy_(y), residual
-
     # -- the rest: torch collectives ---------------------------------------------------------
     def reduce_scatter(self, x):
         return self._torch.reduce_scatter(x)
@@ -361,30 +327,3 @@ class MultimemCommunicator(FusedCommunicator):
                                "'auto'")
         if torch.cuda.get_device_capability(index) < (9, 0):
             raise WeavelmError("the multimem communicator needs sm_90 or newer (Hopper)")
-
-
-def select_backend(state) -> str:
-    """'multimem' if multicast is allowed and supported, else 'p2p' if every pair of this
-    host's TP GPUs has peer access, else 'torch'. Says which, and why, in the log."""
-    name, why = "torch", ""
-    if state.device.type != "cuda":
-        why = "not on CUDA"
-    elif state.world_size == 1:
-        why = "one rank: nothing to communicate"
-    elif torch.cuda.device_count() < state.world_size or \
-            int(os.environ.get("LOCAL_WORLD_SIZE", state.world_size)) != state.world_size:
-        why = "the TP group spans more than this host's GPUs"
-    else:
-        index = state.device.index if state.device.index is not None else 0
-        mc_ok, mc_reason = multicast_allowed(index)
-        if mc_ok and torch.cuda.get_device_capability(index) >= (9, 0):
-            name, why = "multimem", mc_reason
-        else:
-            n = state.world_size
-            peer = all(torch.cuda.can_device_access_peer(i, j)
-                       for i in range(n) for j in range(n) if i != j)
-            name = "p2p" if peer else "torch"
-            why = f"multicast off ({mc_reason}); " + \
-                ("peer access between all GPUs" if peer else "no peer access between all GPUs")
-    log.info("weavelm communicator: auto -> %s (%s)", name, why)
-    return name

@@ -90,3 +90,12 @@ def spawn(fn, nprocs: int, *args):
             raise WeavelmError(payload)
         raise RuntimeError(f"a rank failed:\n{payload}")
     return value
+
+
+def run_ranks(fn, tp: int, *args):
+    """`fn(*args)` on every rank: in this process when TP is 1 or a launcher (torchrun,
+    accelerate launch: they set WORLD_SIZE) already started the ranks, else in `tp` spawned
+    processes. Returns rank 0's result (None on other ranks)."""
+    if tp == 1 or "WORLD_SIZE" in os.environ:
+        return fn(*args)
+    return spawn(fn, tp, *args)

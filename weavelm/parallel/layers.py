@@ -4,6 +4,12 @@ N = TP world size, r = this rank. Each layer allocates only its shard and hangs 
 `weight_loader(param, loaded, shard_id=None)` on each parameter; that loader is the only code that
 slices checkpoint tensors. `loaded` is a torch tensor or a lazily-read safetensors slice (anything
 with `get_shape()` and `[...]` indexing), so a rank reads only the bytes of its own shard.
+Layers that pack several checkpoint tensors into one parameter list the `shard_id`s it takes in
+`shard_ids`; the loader checks that every one arrived.
+
+No layer communicates on its own: `RowParallelLinear` and `VocabParallelEmbedding` return this
+rank's partial sums and the schedule reduces them (fused with residual add and RMSNorm); the LM
+head gathers its logits through the communicator it is given.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weavelm.parallel.communicator import get_communicator
+from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.state import divide, get_state
 
 
@@ -49,7 +55,9 @@ def _param(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class _TPLayer(nn.Module):
+class TPLayer(nn.Module):
+    """Base of a layer sharded over the TP group: knows this rank, the degree, dtype, device."""
+
     def __init__(self, params_dtype=None, device=None):
         super().__init__()
         state = get_state()
@@ -58,18 +66,15 @@ class _TPLayer(nn.Module):
         self.device = device if device is not None else state.device
 
 
-class ColumnParallelLinear(_TPLayer):
-    """Y = XA + b with A split along its second (output) dimension: rank r holds A[:, r-th block].
-
-    With `gather_output` every rank returns the full Y, otherwise its [*, output_size / N] block.
-    """
+class ColumnParallelLinear(TPLayer):
+    """Y = XA + b with A split along its second (output) dimension: rank r holds A[:, r-th block]
+    and returns its [*, output_size / N] block of Y."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 gather_output: bool = False, params_dtype=None, device=None):
+                 params_dtype=None, device=None):
         super().__init__(params_dtype, device)
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, self.tp_size)
-        self.gather_output = gather_output
         self.weight = _param((self.output_size_per_partition, input_size), self.params_dtype,
                              self.device)
         self.weight.weight_loader = self.weight_loader
@@ -77,16 +82,16 @@ class ColumnParallelLinear(_TPLayer):
         if bias:
             self.bias = _param((self.output_size_per_partition,), self.params_dtype, self.device)
             self.bias.weight_loader = self.weight_loader
+        for p in (self.weight, self.bias):
+            if p is not None and hasattr(self, "shard_ids"):
+                p.shard_ids = self.shard_ids       # the packed shards the loader must see
 
     def weight_loader(self, param, loaded, shard_id=None):
         size = param.shape[0]
         copy_checked(param.data, narrow(loaded, 0, self.tp_rank * size, size), "column shard")
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)                     # [T, out/N]
-        if self.gather_output and self.tp_size > 1:
-            y = get_communicator().all_gather_last_dim(y)           # [T, out]
-        return y
+        return F.linear(x, self.weight, self.bias)                  # [T, out/N]
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -96,7 +101,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  params_dtype=None, device=None):
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, False, params_dtype, device)
+        self.shard_ids = tuple(range(len(output_sizes)))
+        super().__init__(input_size, sum(output_sizes), bias, params_dtype, device)
 
     def weight_loader(self, param, loaded, shard_id=None):
         sizes = [divide(s, self.tp_size) for s in self.output_sizes]
@@ -124,8 +130,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads, self.kv_replicas = divide(num_kv_heads, tp), 1
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        self.shard_ids = ("q", "k", "v")
         total = (self.q_size + 2 * self.kv_size) * tp
-        super().__init__(hidden_size, total, bias, False, params_dtype, device)
+        super().__init__(hidden_size, total, bias, params_dtype, device)
 
     def weight_loader(self, param, loaded, shard_id=None):
         if shard_id == "q":
@@ -138,22 +145,19 @@ class QKVParallelLinear(ColumnParallelLinear):
                      f"qkv shard {shard_id}")
 
 
-class RowParallelLinear(_TPLayer):
-    """Y = XA + b with A split along its first (input) dimension: rank r holds A[r-th block, :].
+class RowParallelLinear(TPLayer):
+    """Y = XA + b with A split along its first (input) dimension: rank r holds A[r-th block, :]
+    and takes X already split (the output of a ColumnParallelLinear).
 
-    With `input_is_parallel` X arrives already split (the output of a ColumnParallelLinear).
-    With `reduce_results` the partial products are summed over ranks; without, the caller
-    reduces (a fused communicator does the reduction together with residual add and norm) and the
-    bias is added on rank 0 only, so the sum over ranks is still XA + b.
+    Returns this rank's partial sums X_r A_r (+ b on rank 0 only, so the sum over ranks is
+    XA + b); the caller reduces them, fused with the residual add and the next RMSNorm.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 input_is_parallel: bool = True, reduce_results: bool = True,
                  params_dtype=None, device=None):
         super().__init__(params_dtype, device)
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, self.tp_size)
-        self.input_is_parallel, self.reduce_results = input_is_parallel, reduce_results
         self.weight = _param((output_size, self.input_size_per_partition), self.params_dtype,
                              self.device)
         self.weight.weight_loader = self.weight_loader
@@ -167,40 +171,29 @@ class RowParallelLinear(_TPLayer):
         copy_checked(param.data, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
 
     def forward(self, x, out: torch.Tensor | None = None):
-        """`out` receives the partial sums (a communicator's staging buffer: no copy-in)."""
-        if not self.input_is_parallel and self.tp_size > 1:
-            size = self.input_size_per_partition
-            x = x.narrow(-1, self.tp_rank * size, size)
-        add_bias_here = self.bias is not None and (self.reduce_results or self.tp_rank == 0)
-        if out is not None and not self.reduce_results:
-            y = torch.matmul(x, self.weight.t(), out=out)           # [T, out] partial sums
-            if add_bias_here:
-                y.add_(self.bias)
-            return y
-        y = F.linear(x, self.weight)                                # [T, out] partial sums
-        if self.reduce_results:
-            y = get_communicator().all_reduce(y)
-        if add_bias_here:
-            y = y + self.bias
+        """x [T, in/N] -> partial sums [T, out]. `out` receives them (a communicator's staging
+        buffer: the reduction needs no copy-in)."""
+        y = torch.matmul(x, self.weight.t(), out=out)               # [T, out] partial sums
+        if self.bias is not None and self.tp_rank == 0:
+            y.add_(self.bias)
         return y
 
 
-class VocabParallelEmbedding(_TPLayer):
+class VocabParallelEmbedding(TPLayer):
     """Embedding table split along the vocabulary: rank r holds rows
     [r * V_pad / N, (r + 1) * V_pad / N) of the table padded to V_pad (a multiple of N).
 
-    Each rank looks up the ids it owns, writes zeros for the others, and the results are summed.
+    Each rank looks up the ids it owns and writes zeros for the others: the sum over ranks is the
+    embedding, and the schedule reduces it (fused with the first layer's input norm).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, params_dtype=None, device=None,
-                 reduce_results: bool = True):
+    def __init__(self, num_embeddings: int, embedding_dim: int, params_dtype=None, device=None):
         super().__init__(params_dtype, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings_padded = -(-num_embeddings // self.tp_size) * self.tp_size
         self.num_embeddings_per_partition = self.num_embeddings_padded // self.tp_size
         self.vocab_start = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
-        self.reduce_results = reduce_results
         self.weight = _param((self.num_embeddings_per_partition, embedding_dim),
                              self.params_dtype, self.device)
         self.weight.weight_loader = self.weight_loader
@@ -216,30 +209,24 @@ class VocabParallelEmbedding(_TPLayer):
             copy_checked(param.data[:rows], narrow(loaded, 0, self.vocab_start, rows),
                          "vocabulary shard")
 
-    def forward(self, ids, reduce: bool | None = None):             # ids: [T]
-        """`reduce=False` leaves this rank's partial embedding (the `nocomm` analysis mode)."""
+    def forward(self, ids):                                         # ids: [T]
+        """This rank's partial embedding [T, D] (the full one at TP 1)."""
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
         mask = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = torch.where(mask, 0, ids - self.vocab_start)
         y = F.embedding(local, self.weight)                         # [T, D]
-        y.masked_fill_(mask.unsqueeze(-1), 0)
-        if self.reduce_results if reduce is None else reduce:
-            y = get_communicator().all_reduce(y)
-        return y
+        return y.masked_fill_(mask.unsqueeze(-1), 0)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection, split along the vocabulary like the embedding (and able to share
     its weight: tied embeddings). Returns full logits [B, V] on every rank."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, params_dtype=None, device=None):
-        super().__init__(num_embeddings, embedding_dim, params_dtype, device)
-
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def forward(self, hidden):                                      # hidden: [B, D]
+    def forward(self, hidden, comm: Communicator):                  # hidden: [B, D]
         logits = F.linear(hidden, self.weight)                      # [B, V_pad / N]
-        logits = get_communicator().all_gather_last_dim(logits)     # [B, V_pad]
+        logits = comm.all_gather_last_dim(logits)                   # [B, V_pad]
         return logits[..., : self.num_embeddings]                   # [B, V]

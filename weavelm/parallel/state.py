@@ -125,8 +125,6 @@ def get_state() -> ParallelState:
 
 def destroy_parallel() -> None:
     global _STATE
-    from weavelm.parallel import communicator
-    communicator.reset_communicator()
     if dist.is_initialized():
         dist.destroy_process_group()
     _STATE = None

@@ -16,10 +16,10 @@ PyTorch API used, present in torch 2.9 through 2.13 (`torch.distributed._symmetr
 `world_size`, `buffer_ptrs`, `buffer_size`, `multicast_ptr`, `signal_pad_ptrs`.
 Only this module imports it.
 
-Multicast safety (DEVICE.md): unless the caller asks for multicast *and* `multicast_allowed`
-says yes, `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` (and `NVSHMEM_DISABLE_NVLS=1`) is set before the
-first allocation, so torch itself cannot create a multicast object, and `multicast_ptr` is
-never read. A buffer that asks for multicast when it is not allowed is refused (WeavelmError).
+Multicast safety (docs/architecture.md, "Why multicast is guarded"): unless the caller asks for
+multicast *and* `multicast_allowed` says yes, `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` (and
+`NVSHMEM_DISABLE_NVLS=1`) is set before the first allocation, so torch itself cannot create a
+multicast object, and `multicast_ptr` is never read. A buffer that asks for multicast when it is not allowed is refused (WeavelmError).
 """
 from __future__ import annotations
 
@@ -72,8 +72,6 @@ class SymmetricBuffer:
         self.device = tensor.device
         self.handle = handle  # keeps torch's mappings alive as long as this buffer
         self.ptr_table = torch.tensor(self.buffer_ptrs, dtype=torch.int64, device=self.device)
-        self.signal_pad_table = torch.tensor(self.signal_pad_ptrs or [0], dtype=torch.int64,
-                                             device=self.device)
         self.base = tensor.data_ptr()
         # host-mapped error word the kernels copy their first timeout into (read without a sync)
         pin = tensor.device.type == "cuda"

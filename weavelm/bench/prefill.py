@@ -1,31 +1,31 @@
 """`weavelm bench prefill` and `weavelm tune`: prefill latency of a random-weight model of a real
 shape, per schedule, all measured in one run on the same model and inputs.
 
-Modes: baseline (NCCL all-reduce + fused add/RMSNorm, the torch backend), fused and weave (the
-fused communicator: `--backend p2p`, or `torch` to run the same schedule over NCCL/gloo), nocomm
-(every all-reduce removed: wrong output, the bound). Ratios are against baseline and nocomm from
+Modes (`weavelm.engine.schedule`): baseline (NCCL all-reduce + fused add/RMSNorm), fused and
+weave (the fused communicator: `--backend p2p`, or `torch` to run the same schedule over
+NCCL/gloo), nocomm (every all-reduce removed: wrong output, the bound). Ratios are against baseline and nocomm from
 the same run. Every rank runs this; rank 0 prints.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 import zlib
 
 import torch
 
-from weavelm.errors import check
 
-
-def _random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0):
+def random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0,
+                 max_positions: int = 65536):
+    """(ModelConfig, model) of a named shape with random weights, each rank its own shard."""
+    from weavelm.bench.shapes import shape_config
     from weavelm.models.config import ModelConfig
-    from weavelm.models.registry import model_class
-    from weavelm.models.shapes import shape_config
+    from weavelm.models.registry import family_for
     from weavelm.parallel.state import get_state
     cfg = ModelConfig.from_hf(shape_config(shape, layers))
     cfg.check_tp(tp)
-    model = model_class(cfg.architecture)(cfg, dtype=dtype, device=device, max_positions=65536)
+    model = family_for(cfg.architecture).model_class(cfg, dtype=dtype, device=device,
+                                                     max_positions=max_positions)
     gen = torch.Generator(device=device)
     rank = get_state().rank
     with torch.no_grad():
@@ -44,37 +44,39 @@ def _lengths(num_tokens: int, seq_len: int | None) -> list[int]:
     return [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)]
 
 
-class PrefillRunner:
-    """One model, inputs per token count, and a timer for (mode, split, communicator)."""
+class PrefillTimer:
+    """One model, inputs per token count, and a timer for (mode, split) on one Executor."""
 
     def __init__(self, shape: str, layers: int, tp: int, backend: str, seq_len: int | None,
                  dtype=torch.bfloat16):
-        from weavelm.parallel.communicator import TorchCommunicator, get_communicator
+        from weavelm.engine.schedule import Executor
+        from weavelm.engine.splitter import Splitter
+        from weavelm.parallel.backends import make_communicator
         from weavelm.parallel.state import get_state
         self.state = get_state()
         self.device = self.state.device
-        self.cfg, self.model = _random_model(shape, layers, tp, self.device, dtype)
+        self.cfg, self.model = random_model(shape, layers, tp, self.device, dtype)
         self.tp, self.seq_len, self.dtype = tp, seq_len, dtype
-        self.torch_comm = TorchCommunicator(self.state)
-        self.fused_comm = get_communicator(backend)
-        self.backend = self.fused_comm.name
+        self.executor = Executor(self.model, make_communicator(backend, self.state))
+        self.schedule = self.executor.config        # weave CTAs and SM carveout
+        self.backend = self.executor.comm.name
+        self.splitter = Splitter(self.cfg, tp, min_tokens=0)
         self.last_host = None
 
     def _inputs(self, num_tokens):
         from weavelm.models.attention import AttentionBatch
+        from weavelm.models.decoder import StepInput
         lengths = _lengths(num_tokens, self.seq_len)
         batch, positions = AttentionBatch.prefill(lengths, self.device)
         g = torch.Generator().manual_seed(num_tokens)
         ids = torch.randint(0, self.cfg.vocab_size, (num_tokens,), generator=g).to(self.device)
         cache = self.model.make_kv_cache(len(lengths), max(lengths))
-        return ids, positions, cache, batch
+        return ids, StepInput(positions, cache, batch)
 
     def forward(self, num_tokens, mode, split=None, inputs=None):
-        from weavelm.parallel.communicator import use_communicator
-        comm = self.torch_comm if mode in ("baseline", "nocomm") else self.fused_comm
-        ids, positions, cache, batch = inputs or self._inputs(num_tokens)
-        with torch.no_grad(), use_communicator(comm):
-            return self.model(ids, positions, cache, batch, mode, split)
+        ids, step = inputs or self._inputs(num_tokens)
+        with torch.no_grad():
+            return self.executor.run(ids, step, mode, split)
 
     def _capture(self, num_tokens, mode, split, inputs):
         """One prefill captured in a CUDA graph (every rank captures the same collectives)."""
@@ -131,19 +133,18 @@ class PrefillRunner:
         return float(t.item())
 
     def split_for(self, num_tokens):
-        from weavelm.engine.splitter import split_point_for
-        return split_point_for(num_tokens, self.cfg, self.tp, min_tokens=0,
-                               seq_lens=_lengths(num_tokens, self.seq_len))
+        return self.splitter.split(num_tokens, _lengths(num_tokens, self.seq_len))
 
 
 def bench_prefill_rank(opts: dict) -> list[dict] | None:
+    from weavelm.engine.schedule import WEAVE_CTAS
     from weavelm.parallel.state import init_parallel
     state = init_parallel(opts["tp"], opts["device"])
-    runner = PrefillRunner(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
-                           opts["seq_len"])
+    runner = PrefillTimer(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
+                          opts["seq_len"])
     ctas_list = opts.get("ctas") or [None]
-    stack = runner.model.model.runner
-    stack.weave_sm_carveout = opts.get("carveout", "auto")
+    schedule = runner.schedule
+    schedule.sm_carveout = opts.get("carveout", "auto")
     graph = opts.get("graph", False)
     rows = []
     for T in opts["tokens"]:
@@ -152,7 +153,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
         for mode in opts["modes"]:
             # The weave is timed at each CTA count asked for; `weave` keeps the best.
             for c in (ctas_list if mode == "weave" else [None]):
-                stack.weave_ctas = c
+                schedule.weave_ctas = c or WEAVE_CTAS
                 # No per-rank OOM handling: a rank that skipped a mode would leave the others
                 # waiting in a collective. An OOM ends the run on every rank.
                 t = runner.time(T, mode, split if mode == "weave" else None,
@@ -166,7 +167,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
                         row["weave"], row["weave_ctas"] = t, c
                 else:
                     row[mode] = t
-        stack.weave_ctas = None
+        schedule.weave_ctas = WEAVE_CTAS
         rows.append(row)
         if state.is_first and opts.get("verbose", True):
             print("  " + ", ".join(f"{k}={v * 1e3:.2f} ms" if isinstance(v, float) else
@@ -176,7 +177,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
         meta = dict(shape=opts["shape"], layers=opts["layers"], tp=opts["tp"],
                     backend=runner.backend, device=torch.cuda.get_device_name()
                     if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"],
-                    graph=graph, carveout=stack.weave_sm_carveout)
+                    graph=graph, carveout=schedule.sm_carveout)
         return {"meta": meta, "rows": rows}
     return None
 
@@ -228,24 +229,3 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def tune_rank(opts: dict):
-    """Measure a few split points per token bucket and save the table the engine will use."""
-    from weavelm.engine.splitter import gemms_for, model_key, table_key, tune
-    from weavelm.parallel.state import init_parallel
-    state = init_parallel(opts["tp"], opts["device"])
-    check(state.device.type == "cuda", "weavelm tune measures GPU kernels: run it with GPUs")
-    runner = PrefillRunner(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
-                           opts["seq_len"])
-
-    def measure(num_tokens, split):
-        mode = "weave" if split else "fused"
-        return runner.time(num_tokens, mode, split, warmup=1, repeats=1)
-    gpu = torch.cuda.get_device_name()
-    num_sms = torch.cuda.get_device_properties(state.device).multi_processor_count
-    table = tune(measure, opts["tokens"], opts["tp"], gemms_for(runner.cfg, opts["tp"]),
-                 num_sms, key=table_key(model_key(runner.cfg), opts["tp"], gpu))
-    if state.is_first:
-        return {"path": str(table.save()), "table": json.loads(json.dumps(table.to_json()))}
-    return None

@@ -1,0 +1,42 @@
+"""What every rank runs for `weavelm generate` (the CLI checks its input, then starts the ranks
+with `parallel.launch.run_ranks`; this module is what they execute)."""
+from __future__ import annotations
+
+import sys
+
+
+class TokenPrinter:
+    """Prints the decoded text of sequence 0 to stdout as its tokens arrive (rank 0 only)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, seq: int, token: int) -> None:
+        if seq != 0:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):          # an incomplete multi-byte character: wait
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+
+def generate_rank(opts: dict) -> None:
+    """Build the LLM on this rank and generate for already-tokenized prompts; rank 0 streams
+    the first answer and prints the others after it."""
+    from weavelm.engine.llm import LLM
+    from weavelm.engine.sampler import SamplingParams
+    params = SamplingParams(**opts["sampling"])
+    llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
+              allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"],
+              backend=opts["backend"], mode=opts["mode"])
+    printer = TokenPrinter(llm.tokenizer) if llm.state.is_first else None
+    outs = llm.generate_from_ids(opts["token_lists"], params, on_token=printer,
+                                 prompts=opts["prompts"])
+    if llm.state.is_first:
+        sys.stdout.write("\n")
+        for out in outs[1:]:
+            sys.stdout.write(f"---\n{out.text}\n")
+        sys.stdout.flush()
