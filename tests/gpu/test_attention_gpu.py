@@ -21,9 +21,11 @@ def test_continuation_piece_matches_reference(prefix, n):
     k = torch.randn(end, Hkv, Dh, device="cuda", generator=g).bfloat16()
     v = torch.randn(end, Hkv, Dh, device="cuda", generator=g).bfloat16()
     scale = 1 / math.sqrt(Dh)
-    cache = A.KVCache(1, 1, end, Hkv, Dh, torch.bfloat16, "cuda")
-    first = A.AttentionBatch([A.Piece(0, 0, prefix, 0)])
-    second = A.AttentionBatch([A.Piece(0, prefix, n, 0)])
+    bs = 16
+    cache = A.PagedKVCache(1, 1 + -(-end // bs), bs, Hkv, Dh, torch.bfloat16, "cuda")
+    blocks = A.fresh_layout([end], bs)
+    first = A.AttentionBatch.build([A.Piece(0, 0, prefix, 0)], blocks, bs, "cuda")
+    second = A.AttentionBatch.build([A.Piece(0, prefix, n, 0)], blocks, bs, "cuda")
     A.cached_attention(q[:prefix], k[:prefix], v[:prefix], cache, 0, first, scale)
     got = A.cached_attention(q[prefix:], k[prefix:], v[prefix:], cache, 0, second, scale)
     # float32 reference over all keys, causal at the queries' positions

@@ -64,13 +64,14 @@ class PrefillTimer:
         self.last_host = None
 
     def _inputs(self, num_tokens):
-        from weavelm.models.attention import AttentionBatch
+        from weavelm.engine.block_manager import BLOCK_SIZE
+        from weavelm.models.attention import prefill_batch
         from weavelm.models.decoder import StepInput
         lengths = _lengths(num_tokens, self.seq_len)
-        batch, positions = AttentionBatch.prefill(lengths, self.device)
+        batch, positions, num_blocks = prefill_batch(lengths, BLOCK_SIZE, self.device)
         g = torch.Generator().manual_seed(num_tokens)
         ids = torch.randint(0, self.cfg.vocab_size, (num_tokens,), generator=g).to(self.device)
-        cache = self.model.make_kv_cache(len(lengths), max(lengths))
+        cache = self.model.make_kv_cache(num_blocks, BLOCK_SIZE)
         return ids, StepInput(positions, cache, batch)
 
     def forward(self, num_tokens, mode, split=None, inputs=None):

@@ -40,3 +40,14 @@ def generate_rank(opts: dict) -> None:
         for out in outs[1:]:
             sys.stdout.write(f"---\n{out.text}\n")
         sys.stdout.flush()
+        sys.stderr.write(speed_line(llm.stats) + "\n")
+
+
+def speed_line(stats: dict) -> str:
+    """`time to first token ..., decode ... tok/s` from `LLM.stats` of the last generate."""
+    ttft = stats.get("ttft_s")
+    line = "time to first token " + ("—" if ttft is None else f"{ttft * 1e3:.0f} ms")
+    tokens, seconds = stats.get("decode_tokens", 0), stats.get("decode_s", 0.0)
+    if tokens and seconds > 0:
+        line += f", decode {tokens / seconds:.1f} tok/s ({tokens} tokens in {seconds:.2f} s)"
+    return line

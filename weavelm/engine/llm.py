@@ -10,16 +10,20 @@ broadcasts it, so all ranks stay in step.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from weavelm.engine.block_manager import BLOCK_SIZE, NoFreeBlocks
+from weavelm.engine.decode_loop import LookaheadDecoder, Running
+from weavelm.engine.model_runner import ModelRunner, RunnerConfig, StepPiece
 from weavelm.engine.policy import SchedulePolicy
 from weavelm.engine.sampler import SamplingParams, sample
-from weavelm.engine.schedule import Executor, Mode, parse_mode
+from weavelm.engine.schedule import Mode, parse_mode
 from weavelm.errors import WeavelmError, check
-from weavelm.models.attention import AttentionBatch, Piece
+from weavelm.models.attention import prefill_batch
 from weavelm.models.config import ModelConfig
 from weavelm.models.decoder import StepInput
 from weavelm.models.loader import load_weights, resolve_model
@@ -40,6 +44,28 @@ class Completion:
     finish_reason: str = "length"     # "stop" (EOS), "length" (max_new_tokens or context)
 
 
+ENGINE_OPTIONS = ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+                  "enforce_eager", "num_kv_blocks", "block_size")
+
+
+def runner_config(max_model_len: int, engine: dict) -> RunnerConfig:
+    """RunnerConfig from the LLM's engine keywords, each checked with a one-line error."""
+    unknown = sorted(set(engine) - set(ENGINE_OPTIONS))
+    check(not unknown, f"unknown LLM option {unknown[0] if unknown else ''!r}: the engine "
+                       f"options are {', '.join(ENGINE_OPTIONS)}")
+    cfg = RunnerConfig(max_model_len=max_model_len, **engine)
+    check(0 < cfg.gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], "
+                                               f"got {cfg.gpu_memory_utilization}")
+    check(isinstance(cfg.max_num_seqs, int) and cfg.max_num_seqs >= 1,
+          f"max_num_seqs must be a positive integer, got {cfg.max_num_seqs!r}")
+    check(isinstance(cfg.max_num_batched_tokens, int) and cfg.max_num_batched_tokens >= 1,
+          f"max_num_batched_tokens must be a positive integer, got "
+          f"{cfg.max_num_batched_tokens!r}")
+    check(isinstance(cfg.block_size, int) and cfg.block_size >= 1,
+          f"block_size must be a positive integer, got {cfg.block_size!r}")
+    return cfg
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -52,29 +78,36 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 # torch.no_grad rather than inference_mode: on CPU, inference_mode sends grouped-query SDPA with
 # a mask down a path ~100x slower (measured with torch 2.13).
 class LLM:
+    """Engine options follow vLLM's names: `gpu_memory_utilization` (the share of GPU memory
+    weights + activations + KV cache may take), `max_num_seqs` (sequences in flight; also the
+    largest captured decode batch), `max_num_batched_tokens` (tokens in one prefill step),
+    `enforce_eager` (no CUDA graphs). `num_kv_blocks` fixes the cache size instead of measuring
+    it; `block_size` is the tokens per cache block (16)."""
+
     def __init__(self, model: str | None = None, tp: int | None = None,
                  device: str | None = None, dtype=None, max_model_len: int | None = None,
                  allow_pickle: bool = False, backend: str | None = None,
-                 mode: str = "auto", progress: bool = True):
+                 mode: str = "auto", progress: bool = True, **engine):
         source = resolve_model(model, allow_pickle=allow_pickle)
         self.source = source
-        self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress)
-        self.mode = mode
+        self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress,
+                    mode, engine)
 
     @classmethod
     def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
                      max_model_len: int | None = None, backend: str | None = None,
-                     tokenizer=None, mode: str = "auto") -> "LLM":
+                     tokenizer=None, mode: str = "auto", **engine) -> "LLM":
         """An LLM from a Hugging Face config dict and (name, tensor) pairs already in memory,
         e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`."""
         self = cls.__new__(cls)
         self.source = None
-        self._build(config, weights, tp, device, dtype, max_model_len, backend, False)
+        self._build(config, weights, tp, device, dtype, max_model_len, backend, False, mode,
+                    engine)
         self._tokenizer = tokenizer
-        self.mode = mode
         return self
 
-    def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress):
+    def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress,
+               mode, engine: dict):
         self.config = ModelConfig.from_hf(hf_config)
         if tp is not None:
             self.config.check_tp(tp)
@@ -95,8 +128,12 @@ class LLM:
                              max_positions=self.max_model_len)
             load_weights(self.model, weights, progress=progress and state.is_first)
         self.model.eval()
-        self.executor = Executor(self.model, self.comm)
+        self.policy = SchedulePolicy(mode, self.config, self.state)
+        self.runner = ModelRunner(self.model, self.comm, state, self.policy,
+                                  runner_config(self.max_model_len, engine))
+        self.executor = self.runner.executor
         self._stop = None
+        self.stats: dict = {}
 
     @property
     def mode(self) -> str | Mode:
@@ -105,7 +142,8 @@ class LLM:
 
     @mode.setter
     def mode(self, mode) -> None:
-        self.policy = SchedulePolicy(mode, self.config, self.state)
+        """Change the schedule of later steps (captured decode graphs keep theirs)."""
+        self.policy.set_mode(mode)
 
     @property
     def tokenizer(self):
@@ -158,80 +196,117 @@ class LLM:
     def generate_from_ids(self, token_lists: list[list[int]], params: SamplingParams,
                           on_token=None, prompts: list[str] | None = None) -> list[Completion]:
         prompts = prompts or [""] * len(token_lists)
-        B, dev = len(token_lists), self.device
         stop_ids = self.stop_ids      # may load the tokenizer: do it before any collective
-        lengths = [len(t) for t in token_lists]
-        for n in lengths:
-            check(0 < n < self.max_model_len, f"a prompt has {n} tokens but the context holds "
-                                              f"{self.max_model_len}: shorten the prompt")
-        positions_needed = min(self.max_model_len, max(lengths) + params.max_new_tokens)
-        cache = self.model.make_kv_cache(B, positions_needed)
+        for toks in token_lists:
+            check(0 < len(toks) < self.max_model_len,
+                  f"a prompt has {len(toks)} tokens but the context holds {self.max_model_len}: "
+                  f"shorten the prompt")
         generator = None
         if not params.greedy:
-            generator = torch.Generator(device=dev)
+            generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed if params.seed is not None
                                   else int(torch.randint(0, 2**62, (1,))))
         outs = [Completion(p, list(t)) for p, t in zip(prompts, token_lists)]
-
-        # Prefill: every prompt in one flat step.
-        batch, positions = AttentionBatch.prefill(lengths, dev)
-        ids = torch.tensor([t for toks in token_lists for t in toks], device=dev)
-        last = torch.tensor([p.offset + p.length - 1 for p in batch.pieces], device=dev)
-        mode, split = self.prefill_schedule(len(ids), lengths)
-        hidden = self.executor.run(ids, StepInput(positions, cache, batch), mode, split)
-        next_tokens = self._sample(hidden[last], params, generator)
-
-        active = list(range(B))
-        cur_len = list(lengths)
-        while True:
-            still = []
-            for j, i in enumerate(active):
-                tok = int(next_tokens[j])
-                outs[i].token_ids.append(tok)
-                if on_token is not None and self.state.is_first:
-                    on_token(i, tok)
-                if tok in stop_ids and not params.ignore_eos:
-                    outs[i].finish_reason = "stop"
-                elif len(outs[i].token_ids) < params.max_new_tokens \
-                        and cur_len[i] < positions_needed:
-                    still.append(i)
-            active = still
-            if not active:
-                break
-            pieces = [Piece(slot=i, start_pos=cur_len[i], length=1, offset=j)
-                      for j, i in enumerate(active)]
-            ids = torch.tensor([outs[i].token_ids[-1] for i in active], device=dev)
-            positions = torch.tensor([cur_len[i] for i in active], device=dev)
-            for i in active:
-                cur_len[i] += 1
-            step = StepInput(positions, cache, AttentionBatch.build(pieces, dev))
-            hidden = self.executor.run(ids, step, self.policy.decode())
-            next_tokens = self._sample(hidden, params, generator)
-
+        self.stats = dict(prefill_s=0.0, ttft_s=None, decode_s=0.0, decode_tokens=0)
+        wave = self.runner.config.max_num_seqs
+        for first in range(0, len(outs), wave):      # at most max_num_seqs sequences at once
+            self._generate_wave(outs[first:first + wave], first, params, generator, stop_ids,
+                                on_token)
         if any(prompts):
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return outs
+
+    def _generate_wave(self, outs, first, params, generator, stop_ids, on_token):
+        """Prefill the wave's prompts in steps of max_num_batched_tokens, then decode until
+        each sequence stops; every sequence's blocks are freed when it ends."""
+        runner, blocks = self.runner, self.runner.blocks
+        tables: list[list[int]] = [[] for _ in outs]
+        lengths = [len(o.prompt_token_ids) for o in outs]
+        limit = [min(self.max_model_len, n + params.max_new_tokens) for n in lengths]
+        t0 = time.perf_counter()
+        try:
+            pending = list(range(len(outs)))            # sequences with prompt left to prefill
+            done = [0] * len(outs)
+            budget = runner.config.max_num_batched_tokens
+            while pending:
+                step, owners, left = [], [], budget
+                for i in list(pending):
+                    if left == 0:
+                        break
+                    n = min(left, lengths[i] - done[i])
+                    end = done[i] + n
+                    self._grow(blocks, tables[i], end)
+                    last = end == lengths[i]
+                    step.append(StepPiece(outs[i].prompt_token_ids[done[i]:end], done[i],
+                                          tables[i], sample=last))
+                    if last:
+                        owners.append(i)
+                        pending.remove(i)
+                    done[i], left = end, left - n
+                logits = runner.step(step)
+                if owners:
+                    self._accept(outs, owners, logits, params, generator, first, on_token)
+                    if self.stats["ttft_s"] is None:
+                        self.stats["ttft_s"] = time.perf_counter() - t0
+            self.stats["prefill_s"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            stream = None if on_token is None or not self.state.is_first else \
+                (lambda i, tok: on_token(first + i, tok))
+            decoder = LookaheadDecoder(runner, self.comm, params, generator,
+                                       lambda tok: tok in stop_ids and not params.ignore_eos,
+                                       stream)
+            running = [Running(lengths[i], outs[i].token_ids, tables[i], limit[i],
+                               done=self._finished(outs[i], stop_ids, params, limit[i]))
+                       for i in range(len(outs))]
+            decoder.run(running, lambda table, tokens: self._grow(blocks, table, tokens))
+            for o, r in zip(outs, running):
+                self._finished(o, stop_ids, params, r.limit)      # sets finish_reason
+            self.stats["decode_tokens"] += decoder.tokens_read
+            self.stats["decode_s"] += time.perf_counter() - t1
+        finally:
+            for t in tables:
+                blocks.free(t)
+
+    def _grow(self, blocks, table: list[int], tokens: int) -> None:
+        try:
+            blocks.grow(table, tokens)
+        except NoFreeBlocks as e:
+            raise WeavelmError(f"{e}: the KV cache holds {self.runner.kv_tokens} tokens, too "
+                               f"few for this batch; generate fewer or shorter sequences at "
+                               f"once, or raise gpu_memory_utilization") from None
+
+    def _accept(self, outs, owners, logits, params, generator, first, on_token):
+        """Sample a token for each owner (rank 0 decides, the others follow)."""
+        tokens = sample(logits, params, generator)
+        tokens = self.comm.broadcast(tokens.contiguous(), src=0).tolist()
+        for i, tok in zip(owners, tokens):
+            outs[i].token_ids.append(tok)
+            if on_token is not None and self.state.is_first:
+                on_token(first + i, tok)
+
+    @staticmethod
+    def _finished(out: Completion, stop_ids, params, limit: int) -> bool:
+        if out.token_ids[-1] in stop_ids and not params.ignore_eos:
+            out.finish_reason = "stop"
+            return True
+        return len(out.token_ids) >= params.max_new_tokens \
+            or len(out.prompt_token_ids) + len(out.token_ids) >= limit
 
     # -- schedules -----------------------------------------------------------------------------
     def prefill_schedule(self, num_tokens: int, seq_lens=None) -> tuple[Mode, int | None]:
         """(mode, split) the engine runs a prefill step of `num_tokens` tokens with."""
         return self.policy.prefill(num_tokens, seq_lens)
 
-    def _sample(self, hidden, params, generator) -> torch.Tensor:
-        logits = self.model.compute_logits(hidden, self.comm)      # [B, V]
-        tokens = sample(logits, params, generator)
-        # Rank 0 decides; the others follow, so ranks never diverge.
-        return self.comm.broadcast(tokens.contiguous(), src=0)
-
     @torch.no_grad()
     def logits(self, token_lists: list[list[int]], mode=None, split: int | None = None
                ) -> torch.Tensor:
-        """Logits [T, V] for every position of the given sequences (a fresh cache; tests use it).
+        """Logits [T, V] for every position of the given sequences (a cache of their own, not
+        the engine's; tests use it).
         `mode`/`split` force a schedule; by default the prefill schedule is used."""
         lengths = [len(t) for t in token_lists]
-        cache = self.model.make_kv_cache(len(token_lists), max(lengths))
-        batch, positions = AttentionBatch.prefill(lengths, self.device)
+        batch, positions, num_blocks = prefill_batch(lengths, BLOCK_SIZE, self.device)
+        cache = self.model.make_kv_cache(num_blocks, BLOCK_SIZE)
         ids = torch.tensor([t for toks in token_lists for t in toks], device=self.device)
         if mode is None:
             mode, split = self.prefill_schedule(len(ids), lengths)

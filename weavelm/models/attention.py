@@ -1,25 +1,35 @@
-"""Causal attention over a KV cache, for batches laid out as one flat run of tokens.
+"""Causal attention over a paged KV cache, for steps laid out as one flat run of tokens.
 
 T = tokens in the step, H / Hkv = query / KV heads on this rank, Dh = head dim,
-S = sequence slots in the cache, P = positions per slot.
+NB = cache blocks, bs = tokens per block, R = block-table rows, M = blocks per row.
 
 A step's tokens are a concatenation of *pieces*: consecutive tokens of one sequence. A piece
 writes its K/V into the cache first, then attends to everything its sequence has cached up to its
-own positions. That one rule covers prefill, decode, and a sequence cut in two by the weave
-(its first piece's K/V is in the cache before the second piece attends).
+own positions. That one rule covers prefill, decode, chunked prefill and a sequence cut in two by
+the weave (its first piece's K/V is in the cache before the second piece attends).
+
+The cache is paged: each layer's K and V are [NB, bs, Hkv, Dh], and a sequence's keys live in the
+blocks its block-table row lists, in order. Token t of the step writes its K/V to cache slot
+`slot_mapping[t]` (= block * bs + offset). Decode steps (every piece one token) read the cache in
+place with `kernels.paged_attention` (no gather, no host sync: CUDA-graph safe); prefill pieces
+attend over their own keys, and a piece that continues its sequence gathers its earlier keys
+from its blocks first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from weavelm.kernels.paged_attention import paged_decode_attention
+from weavelm.kernels.rope_cache import rope_and_cache
+
 
 @dataclass(frozen=True)
 class Piece:
-    slot: int          # cache slot of the sequence
+    row: int           # the sequence's row in the step's block tables
     start_pos: int     # position of the piece's first token in its sequence
     length: int        # tokens in the piece
     offset: int        # index of the piece's first token in the step's flat token run
@@ -27,29 +37,38 @@ class Piece:
 
 @dataclass
 class AttentionBatch:
+    """How a step's tokens map onto sequences and cache slots.
+
+    decode: every piece is one token and block-table row i belongs to token i (the paged
+    kernel's layout); context_lens[i] = keys token i sees (its position + 1).
+    """
     pieces: list[Piece]
-    # Decode fast path (every piece one token): slot index and cached length per token.
-    slots: torch.Tensor | None = None          # [T] int64
-    lengths: torch.Tensor | None = None        # [T] int64, keys visible to each token
+    slot_mapping: torch.Tensor                 # [T] int64, where each token's K/V goes
+    block_tables: torch.Tensor                 # [R, M] int32
+    context_lens: torch.Tensor | None = None   # [T] int32 (decode only)
+    decode: bool = False
 
     @classmethod
-    def build(cls, pieces: list[Piece], device) -> "AttentionBatch":
-        batch = cls(pieces=list(pieces))
-        if pieces and all(p.length == 1 for p in pieces) and len(pieces) > 1:
-            batch.slots = torch.tensor([p.slot for p in pieces], device=device)
-            batch.lengths = torch.tensor([p.start_pos + 1 for p in pieces], device=device)
-        return batch
-
-    @classmethod
-    def prefill(cls, lengths: list[int], device) -> tuple["AttentionBatch", torch.Tensor]:
-        """A step of fresh sequences of these lengths, one per cache slot, back to back:
-        (batch, positions [T])."""
-        pieces, offset = [], 0
-        for slot, n in enumerate(lengths):
-            pieces.append(Piece(slot, 0, n, offset))
-            offset += n
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        return cls.build(pieces, device), positions
+    def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
+              max_blocks: int | None = None) -> "AttentionBatch":
+        """From Python block lists (row r of `tables` = the blocks of the sequence that pieces
+        with row r belong to): slot mapping and tensors built on the host, copied once."""
+        slots = []
+        for p in pieces:
+            blocks = tables[p.row]
+            slots.extend(blocks[pos // block_size] * block_size + pos % block_size
+                         for pos in range(p.start_pos, p.start_pos + p.length))
+        width = max_blocks or max((len(t) for t in tables), default=1)
+        table = torch.zeros(len(tables), max(width, 1), dtype=torch.int32)
+        for r, blocks in enumerate(tables):
+            table[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        decode = bool(pieces) and all(p.length == 1 and p.row == i for i, p in
+                                      enumerate(pieces))
+        lens = torch.tensor([p.start_pos + 1 for p in pieces], dtype=torch.int32) \
+            if decode else None
+        to = dict(device=device, non_blocking=True)
+        return cls(list(pieces), torch.tensor(slots, dtype=torch.int64).to(**to),
+                   table.to(**to), None if lens is None else lens.to(**to), decode)
 
     def split(self, n_first: int) -> tuple["AttentionBatch", "AttentionBatch"]:
         """Cut the step after its first `n_first` tokens (a piece may be cut in two)."""
@@ -59,23 +78,61 @@ class AttentionBatch:
             if end <= n_first:
                 first.append(p)
             elif p.offset >= n_first:
-                second.append(Piece(p.slot, p.start_pos, p.length, p.offset - n_first))
+                second.append(replace(p, offset=p.offset - n_first))
             else:
                 k = n_first - p.offset
-                first.append(Piece(p.slot, p.start_pos, k, p.offset))
-                second.append(Piece(p.slot, p.start_pos + k, p.length - k, 0))
-        return AttentionBatch(first), AttentionBatch(second)
+                first.append(replace(p, length=k))
+                second.append(replace(p, start_pos=p.start_pos + k, length=p.length - k,
+                                      offset=0))
+        a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first])
+        b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:])
+        if self.decode:       # rows follow tokens: renumber B's pieces with their rows
+            a.block_tables, a.context_lens = self.block_tables[:n_first], \
+                self.context_lens[:n_first]
+            b.block_tables, b.context_lens = self.block_tables[n_first:], \
+                self.context_lens[n_first:]
+            b.pieces = [replace(p, row=p.row - n_first) for p in second]
+        return a, b
 
 
-class KVCache:
-    """Per-layer K and V tensors [S, P, Hkv, Dh], written by position."""
+def fresh_layout(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Block lists for fresh sequences of these lengths laid out back to back from block 1
+    (block 0 is the runner's scratch block): what a one-off prefill (benchmarks, `LLM.logits`)
+    needs. The cache must hold 1 + sum of ceil(length / bs) blocks."""
+    tables, nxt = [], 1
+    for n in lengths:
+        k = -(-n // block_size)
+        tables.append(list(range(nxt, nxt + k)))
+        nxt += k
+    return tables
 
-    def __init__(self, num_layers: int, slots: int, positions: int, kv_heads: int,
+
+def prefill_batch(lengths: list[int], block_size: int, device
+                  ) -> tuple[AttentionBatch, torch.Tensor, int]:
+    """(batch, positions [T], blocks the cache needs) for fresh sequences back to back."""
+    tables = fresh_layout(lengths, block_size)
+    pieces, offset = [], 0
+    for row, n in enumerate(lengths):
+        pieces.append(Piece(row, 0, n, offset))
+        offset += n
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    return AttentionBatch.build(pieces, tables, block_size, device), positions, \
+        1 + sum(len(t) for t in tables)
+
+
+class PagedKVCache:
+    """Per-layer K and V blocks [NB, bs, Hkv, Dh] of this rank's KV heads."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype, device):
-        shape = (slots, positions, kv_heads, head_dim)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.positions = positions
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -159,30 +216,33 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
-def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch, scale: float,
-                     window: int | None = None) -> torch.Tensor:
+def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
+    """Keys (or values) 0..end-1 of piece p's sequence, gathered from its blocks: [end, Hkv, Dh]."""
+    bs = cache_layer.shape[1]
+    blocks = batch.block_tables[p.row, : -(-end // bs)].long()
+    return cache_layer.index_select(0, blocks).flatten(0, 1)[:end]
+
+
+def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch,
+                     scale: float, window: int | None = None) -> torch.Tensor:
     """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]."""
     kc, vc = cache.k[layer], cache.v[layer]
+    kc.view(-1, *kc.shape[2:]).index_copy_(0, batch.slot_mapping, k)
+    vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
+    if batch.decode:
+        return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
+                                      window)
     out = torch.empty_like(q)
-    if batch.slots is not None:
-        # Decode: one token per sequence; pad every sequence's keys to the longest.
-        kc[batch.slots, batch.lengths - 1] = k
-        vc[batch.slots, batch.lengths - 1] = v
-        n_keys = int(batch.lengths.max())
-        keys = kc[batch.slots, :n_keys].transpose(1, 2)            # [T, Hkv, K, Dh]
-        values = vc[batch.slots, :n_keys].transpose(1, 2)
-        mask = _mask(batch.lengths - 1, n_keys, window)            # [T, K]
-        o = _sdpa(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
-                  scale=scale)                                     # [T, H, 1, Dh]
-        return o.squeeze(2)
     for p in batch.pieces:
         rows = slice(p.offset, p.offset + p.length)
         end = p.start_pos + p.length
-        kc[p.slot, p.start_pos:end] = k[rows]
-        vc[p.slot, p.start_pos:end] = v[rows]
         qs = q[rows].transpose(0, 1).unsqueeze(0)                  # [1, H, n, Dh]
-        keys = kc[p.slot, :end].transpose(0, 1).unsqueeze(0)       # [1, Hkv, end, Dh]
-        values = vc[p.slot, :end].transpose(0, 1).unsqueeze(0)
+        if p.start_pos == 0:      # a fresh sequence: its keys are this step's own
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = _cached_keys(kc, batch, p, end), _cached_keys(vc, batch, p, end)
+        keys = keys.transpose(0, 1).unsqueeze(0)                   # [1, Hkv, end, Dh]
+        values = values.transpose(0, 1).unsqueeze(0)
         if p.start_pos == 0 and window is None:
             o = _sdpa(qs, keys, values, is_causal=True, scale=scale)
         elif window is None:
@@ -195,3 +255,18 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, batch: AttentionBatch,
                       attn_mask=_mask(q_pos, end, window)[None, None])
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int,
+                     batch: AttentionBatch, scale: float, window: int | None = None):
+    """Rotate q and k (`rotary`: a RotaryEmbedding), write k and v into the cache, attend.
+    Decode steps take the fused rotary + cache-write kernel and the paged kernel (on CPU their
+    torch references); other steps the rotary module and `cached_attention`."""
+    if batch.decode:
+        kc, vc = cache.k[layer], cache.v[layer]
+        q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
+                           batch.slot_mapping)
+        return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
+                                      window)
+    q, k = rotary(positions, q, k)
+    return cached_attention(q, k, v, cache, layer, batch, scale, window)

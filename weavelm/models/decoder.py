@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from weavelm.kernels.rmsnorm import rms_norm
-from weavelm.models.attention import AttentionBatch, KVCache
+from weavelm.models.attention import AttentionBatch, PagedKVCache
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.layers import default_weight_loader
 
@@ -25,9 +25,9 @@ from weavelm.parallel.layers import default_weight_loader
 @dataclass
 class StepInput:
     """What attention needs of a step besides the hidden states: each token's position, the KV
-    cache and the step's pieces (which tokens belong to which sequence)."""
+    cache and the step's pieces (which tokens belong to which sequence, and their cache slots)."""
     positions: torch.Tensor          # [T] int64
-    cache: KVCache
+    cache: PagedKVCache
     batch: AttentionBatch
 
     def split(self, n_first: int) -> tuple["StepInput", "StepInput"]:
@@ -103,9 +103,14 @@ class CausalLM(nn.Module):
         """hidden [B, D] -> logits [B, V] (float32), identical on every rank."""
         return self.lm_head(hidden, comm).float()
 
-    def make_kv_cache(self, slots: int, positions: int) -> KVCache:
-        """A KV cache for `slots` sequences of up to `positions` tokens, this rank's KV heads."""
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """(layers, KV heads on this rank, head dim): what one cached token holds per K and V."""
         attn = self.layers[0].self_attn
+        return len(self.layers), attn.num_kv_heads, attn.head_dim
+
+    def make_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A paged KV cache of `num_blocks` blocks of `block_size` tokens, this rank's KV heads."""
+        layers, kv_heads, head_dim = self.kv_cache_shape()
         p = self.lm_head.weight
-        return KVCache(len(self.layers), slots, positions, attn.num_kv_heads, attn.head_dim,
-                       p.dtype, p.device)
+        return PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, p.dtype,
+                            p.device)

@@ -12,11 +12,11 @@ registry entries at the bottom of this file.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from weavelm.errors import check
-from weavelm.models.attention import cached_attention
+from weavelm.kernels.activation import silu_and_mul
+from weavelm.models.attention import rotary_attention
 from weavelm.models.config import ModelConfig
 from weavelm.models.decoder import CausalLM, DecoderLayer, RMSNorm, StepInput
 from weavelm.models.registry import GemmShape, ModelFamily, register_family
@@ -62,9 +62,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(k.shape)
-        q, k = self.rotary(step.positions, q, k)
-        o = cached_attention(q, k, v, step.cache, self.layer_idx, step.batch, self.scale,
-                             self.window)
+        o = rotary_attention(q, k, v, self.rotary, step.positions, step.cache, self.layer_idx,
+                             step.batch, self.scale, self.window)
         return self.o_proj(o.reshape(T, -1), out=out)                # [T, D] partial sums
 
 
@@ -77,8 +76,8 @@ class LlamaMLP(nn.Module):
                                            params_dtype=dtype, device=device)
 
     def forward(self, x, out=None):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)            # [T, I/N] each
-        return self.down_proj(F.silu(gate) * up, out=out)            # [T, D] partial sums
+        h = silu_and_mul(self.gate_up_proj(x))                      # [T, 2I/N] -> [T, I/N]
+        return self.down_proj(h, out=out)                            # [T, D] partial sums
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,89 @@
+"""The paged decode-attention kernel, the same source the GPU compiles, run in numba's CUDA
+simulator against the torch reference (which the CPU path uses); and the reference against a
+plain float64 attention over each sequence's keys in order.
+
+B = sequences, H / Hkv = query / KV heads, D = head dim, bs = tokens per cache block.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from simulator_run import IN_SIM, run_sim_tests
+
+from weavelm.kernels import paged_attention as P
+
+sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}
+
+
+def paged_case(B, H, Hkv, D, bs, lens, dtype, seed=0):
+    """Random q and a cache whose blocks are handed out in shuffled order; the keys of every
+    sequence also returned in order (for the float64 reference)."""
+    g = torch.Generator().manual_seed(seed)
+    M = max(-(-n // bs) for n in lens) + 1                # a spare column: never read
+    NB = 1 + sum(-(-n // bs) for n in lens) + 2            # block 0 and two unused blocks
+    k_cache = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
+    order = (torch.randperm(NB - 1, generator=g) + 1).tolist()
+    tables = torch.zeros(B, M, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for i in range(-(-n // bs)):
+            tables[b, i] = order.pop()
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def float64_attention(q, k_cache, v_cache, tables, lens, scale, window):
+    B, H, D = q.shape
+    Hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        rows = [(int(tables[b, j // bs]), j % bs) for j in range(n)]
+        keys = torch.stack([k_cache[blk, off] for blk, off in rows]).double()   # [n, Hkv, D]
+        vals = torch.stack([v_cache[blk, off] for blk, off in rows]).double()
+        first = max(0, n - window) if window else 0
+        for h in range(H):
+            g = h // (H // Hkv)
+            scores = keys[first:, g] @ q[b, h].double() * scale
+            out[b, h] = torch.softmax(scores, 0) @ vals[first:, g]
+    return out
+
+
+@pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
+def test_in_simulator():
+    run_sim_tests(__file__, timeout=600)
+
+
+@pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_matches_float64(window):
+    q, kc, vc, tables, lens = paged_case(3, 4, 2, 16, 4, [1, 7, 13], torch.float32)
+    got = P.paged_decode_attention(q, kc, vc, tables, lens, 0.25, window)   # CPU: reference
+    want = float64_attention(q, kc, vc, tables, lens, 0.25, window)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lanes_and_support():
+    assert P.lanes_per_key(torch.bfloat16, 128) == 16 and P.lanes_per_key(torch.float32, 128) == 32
+    assert P.lanes_per_key(torch.bfloat16, 24) is None        # 3 vectors: not a power of two
+    assert P.lanes_per_key(torch.float32, 256) is None        # 64 lanes: more than a warp
+    assert P.lanes_per_key(torch.float64, 128) is None
+
+
+# ----------------------------------------------------------------------------- simulator only
+
+@sim
+@pytest.mark.parametrize("dtype,D,splits,window", [
+    (torch.bfloat16, 32, 1, None), (torch.bfloat16, 32, 3, None), (torch.float16, 64, 2, 6),
+    (torch.float32, 16, 1, 5), (torch.float32, 16, 4, None)])
+def test_sim_kernel_matches_reference(dtype, D, splits, window):
+    lens = [1, 7, 13]                        # one key; a partial block; several blocks
+    q, kc, vc, tables, lens_t = paged_case(3, 4, 2, D, 4, lens, dtype, seed=D + splits)
+    scale = 1 / math.sqrt(D)
+    want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
+                                        scale, window)
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits)
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])

@@ -1,0 +1,68 @@
+"""The fused rotary + KV-cache-write kernel and the SiLU-and-mul kernel, the same source the GPU
+compiles, run in numba's CUDA simulator against their torch references.
+
+T = tokens, H / Hkv = query / KV heads, D = head dim, I = intermediate size.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from simulator_run import IN_SIM, run_sim_tests
+
+from weavelm.kernels import activation as A
+from weavelm.kernels import rope_cache as R
+from weavelm.models.rope import RotaryEmbedding
+
+sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
+def test_in_simulator():
+    run_sim_tests(__file__, timeout=600)
+
+
+def _rope_case(T, H, Hkv, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).to(dtype)   # the fused projection
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)  # strided row views
+    rope = RotaryEmbedding(D, 64, 10000.0, {"rope_type": "default"})
+    positions = torch.randint(0, 64, (T,), generator=g)
+    NB, bs = 6, 4
+    slots = torch.randperm(NB * bs, generator=g)[:T]
+    caches = [torch.zeros(NB, bs, Hkv, D, dtype=dtype) for _ in range(4)]
+    return q, k, v, rope, positions, slots, caches
+
+
+def test_reference_equals_the_model_rotary():
+    """The reference is the model's own rotary embedding plus the two cache writes."""
+    q, k, v, rope, positions, slots, (kc, vc, _, _) = _rope_case(5, 4, 2, 16, torch.float32)
+    q_rot = R.rope_and_cache_ref(q, k, v, positions, rope.cos, rope.sin, kc, vc, slots)
+    want_q, want_k = rope(positions, q, k)
+    assert torch.equal(q_rot, want_q)
+    assert torch.equal(kc.view(-1, 2, 16)[slots], want_k)
+    assert torch.equal(vc.view(-1, 2, 16)[slots], v)
+
+
+@sim
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 32), (torch.float16, 16),
+                                     (torch.float32, 16)])
+def test_sim_rope_cache_matches_reference(dtype, D):
+    q, k, v, rope, positions, slots, (kc, vc, kc_ref, vc_ref) = _rope_case(5, 4, 2, D, dtype, D)
+    want = R.rope_and_cache_ref(q, k, v, positions, rope.cos, rope.sin, kc_ref, vc_ref, slots)
+    got = R.rope_and_cache_cuda(q, k, v, positions, rope.cos, rope.sin, kc, vc, slots)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(vc, vc_ref)                    # v is copied, not computed
+
+
+@sim
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sim_silu_and_mul_matches_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(7, 2 * 48, generator=g)).to(dtype)     # 7 rows, I = 48
+    want = A.silu_and_mul_ref(x.float())
+    got = A.silu_and_mul_cuda(x)
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])

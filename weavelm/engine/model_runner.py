@@ -1,0 +1,260 @@
+"""The model runner: the only code that owns KV tensors, builds a step's tensors and captures and
+replays CUDA graphs.
+
+B = sequences in a decode step, G = the captured batch size that holds them, T = tokens in a
+step, M = block-table width (blocks of the longest sequence the engine allows), V = vocabulary.
+
+    runner = ModelRunner(model, comm, state, policy, RunnerConfig(max_model_len=4096))
+    blocks = runner.blocks.allocate(...)                 # the caller owns sequences and blocks
+    logits = runner.step([StepPiece(token_ids, start_pos, blocks, sample=True), ...])
+
+A step is a list of pieces (consecutive tokens of one sequence, its blocks, whether to sample
+after its last token); the runner lays them out as one flat run of tokens, asks the policy for
+the schedule (the weave on big steps), runs the executor and returns the logits [n, V] of the
+pieces that sample, in order. A step whose pieces are all single tokens is a decode step: on
+GPUs it replays the CUDA graph captured for the smallest batch size >= B, its inputs copied into
+the graph's static buffers and padded rows pointed at the scratch block 0.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from weavelm.engine.block_manager import BLOCK_SIZE, BlockAllocator
+from weavelm.engine.policy import SchedulePolicy
+from weavelm.engine.schedule import Executor
+from weavelm.errors import check
+from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
+from weavelm.models.decoder import CausalLM, StepInput
+from weavelm.parallel.communicator import Communicator
+from weavelm.parallel.state import ParallelState
+
+log = logging.getLogger("weavelm")
+
+CPU_KV_BYTES = 512 << 20     # the CPU cache's default size per rank (tests, small models)
+
+
+@dataclass
+class RunnerConfig:
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.90
+    enforce_eager: bool = False
+    block_size: int = BLOCK_SIZE
+    num_kv_blocks: int | None = None     # fixes the cache size instead of measuring it
+
+
+@dataclass
+class StepPiece:
+    token_ids: list[int]     # the piece's tokens
+    start_pos: int           # position of its first token in the sequence
+    blocks: list[int]        # the sequence's block table (covering start_pos + len(token_ids))
+    sample: bool = True      # return the logits after its last token
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The captured decode batch sizes: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, comm: Communicator, state: ParallelState,
+                 policy: SchedulePolicy, config: RunnerConfig):
+        self.model, self.comm, self.state, self.policy = model, comm, state, policy
+        self.config = config
+        self.device = state.device
+        self.executor = Executor(model, comm)
+        self.block_size = config.block_size
+        self.max_blocks = -(-config.max_model_len // self.block_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if self.use_graphs:
+            self._make_static_buffers()
+        self.kv = model.make_kv_cache(self._num_blocks(), self.block_size)
+        self.blocks = BlockAllocator(self.kv.num_blocks, self.block_size)
+        log.info("weavelm KV cache: %d blocks of %d tokens (%d tokens) on rank %d",
+                 self.kv.num_blocks, self.block_size, self.kv_tokens, state.rank)
+        self.capture_seconds = 0.0
+        if self.use_graphs:
+            self._capture()
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the cache holds (block 0, the scratch block, left out)."""
+        return (self.kv.num_blocks - 1) * self.block_size
+
+    # -- the KV cache's size --------------------------------------------------------------------
+    def _bytes_per_block(self) -> int:
+        layers, kv_heads, head_dim = self.model.kv_cache_shape()
+        return PagedKVCache.bytes_per_block(layers, self.block_size, kv_heads, head_dim,
+                                            self.model.lm_head.weight.dtype)
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            check(cfg.num_kv_blocks >= 2, f"num_kv_blocks={cfg.num_kv_blocks}: the cache needs "
+                                          f"at least 2 blocks (one is scratch)")
+            return cfg.num_kv_blocks
+        if self.device.type != "cuda":
+            want = 1 + cfg.max_num_seqs * self.max_blocks
+            return max(2, min(want, CPU_KV_BYTES // self._bytes_per_block()))
+        return self._measure_blocks()
+
+    def _measure_blocks(self) -> int:
+        """What is left of gpu_memory_utilization after the weights and the activation peak of
+        the largest step (measured with a dry run, as the anchors do), in blocks; the same on
+        every rank (the smallest)."""
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        lengths = [min(cfg.max_model_len, tokens - s) for s in range(0, tokens, cfg.max_model_len)]
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        nb = 1 + sum(-(-n // self.block_size) for n in lengths)
+        scratch = self.model.make_kv_cache(nb, self.block_size)
+        scratch_bytes = torch.cuda.memory_allocated() - before
+        pieces, start = [], 0
+        for n in lengths:
+            blocks = list(range(start + 1, start + 1 + -(-n // self.block_size)))
+            pieces.append(StepPiece([0] * n, 0, blocks))
+            start += len(blocks)
+        with torch.no_grad():
+            self._run_eager(pieces, scratch)
+        torch.cuda.synchronize()
+        activation_peak = torch.cuda.max_memory_allocated() - before - scratch_bytes
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activation_peak
+        blocks = int(budget // self._bytes_per_block())
+        if self.state.world_size > 1:
+            t = torch.tensor([blocks], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
+                                         group=self.state.group)
+            blocks = int(t.item())
+        check(blocks >= 2, f"no GPU memory is left for the KV cache (gpu_memory_utilization="
+                           f"{cfg.gpu_memory_utilization}, weights and a "
+                           f"{tokens}-token step's activations use the rest): raise "
+                           f"gpu_memory_utilization or lower max_num_batched_tokens")
+        return blocks
+
+    # -- steps ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, pieces: list[StepPiece], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order.
+
+        Nothing here waits for the GPU. `ids`: the step's token ids as a device tensor (int64,
+        one per token) instead of the pieces' `token_ids`, e.g. tokens the previous step sampled
+        that the host has not read yet (the engine's one-step lookahead)."""
+        check(len(pieces) > 0, "a step needs at least one piece")
+        if self.graphs and all(len(p.token_ids) == 1 and p.sample for p in pieces) \
+                and len(pieces) <= max(self.graphs):
+            return self._replay(pieces, ids)
+        return self._run_eager(pieces, self.kv, ids)
+
+    def _layout(self, pieces: list[StepPiece]):
+        """(ids, positions, pieces with rows and offsets, block lists, rows that sample)."""
+        ids, positions, laid, tables, last = [], [], [], [], []
+        for row, p in enumerate(pieces):
+            n = len(p.token_ids)
+            check(p.start_pos + n <= len(p.blocks) * self.block_size,
+                  f"a piece ends at position {p.start_pos + n} but its sequence has blocks for "
+                  f"{len(p.blocks) * self.block_size} tokens")
+            laid.append(Piece(row, p.start_pos, n, len(ids)))
+            ids.extend(p.token_ids)
+            positions.extend(range(p.start_pos, p.start_pos + n))
+            tables.append(p.blocks)
+            if p.sample:
+                last.append(len(ids) - 1)
+        return ids, positions, laid, tables, last
+
+    def _run_eager(self, pieces: list[StepPiece], cache: PagedKVCache,
+                   device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids, positions, laid, tables, last = self._layout(pieces)
+        dev = self.device
+        batch = AttentionBatch.build(laid, tables, self.block_size, dev)
+        step = StepInput(torch.tensor(positions).to(dev, non_blocking=True), cache, batch)
+        if batch.decode:
+            mode, split = self.policy.decode(), None
+        else:
+            mode, split = self.policy.prefill(len(ids), [p.length for p in laid])
+        if device_ids is None:
+            device_ids = torch.tensor(ids).to(dev, non_blocking=True)
+        hidden = self.executor.run(device_ids, step, mode, split)
+        rows = torch.tensor(last, dtype=torch.int64).to(dev, non_blocking=True)
+        return self.model.compute_logits(hidden.index_select(0, rows), self.comm)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+    def _make_static_buffers(self):
+        G, M, dev = self.config.max_num_seqs, self.max_blocks, self.device
+        self.s_rows = torch.zeros(3, G, dtype=torch.int64, device=dev)   # ids, positions, slots
+        self.s_tables = torch.zeros(G, M, dtype=torch.int32, device=dev)
+        self.s_logits = torch.zeros(G, self.model.lm_head.num_embeddings, dtype=torch.float32,
+                                    device=dev)
+        # Host staging, pinned so the copies are asynchronous: one copy for the rows, one for
+        # the tables. Two sets, used in turn: the host fills one for the next step while the
+        # copies of the step before may still be queued (the engine runs one step ahead).
+        self.h_rows = [torch.zeros(3, G, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.h_tables = [torch.zeros(G * M, dtype=torch.int32, pin_memory=True)
+                         for _ in range(2)]
+        self.d_tables = torch.zeros(G * M, dtype=torch.int32, device=dev)
+        self._turn = 0
+
+    def _graph_forward(self, G: int):
+        ids, positions, slots = self.s_rows[0, :G], self.s_rows[1, :G], self.s_rows[2, :G]
+        lens = (positions + 1).to(torch.int32)      # keys each token sees (in the graph)
+        batch = AttentionBatch([Piece(i, 0, 1, i) for i in range(G)], slots,
+                               self.s_tables[:G], lens, decode=True)
+        hidden = self.executor.run(ids, StepInput(positions, self.kv, batch),
+                                   self.policy.decode())
+        self.s_logits[:G] = self.model.compute_logits(hidden, self.comm)
+
+    def _capture(self):
+        """Capture the decode ladder, largest first, in one memory pool."""
+        start = time.perf_counter()
+        pool = None
+        with torch.no_grad():
+            for G in reversed(graph_batch_sizes(self.config.max_num_seqs)):
+                self._graph_forward(G)                   # warm-up: compiles, sizes buffers
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._graph_forward(G)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[G] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        log.info("weavelm: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
+                 len(self.graphs), self.config.max_num_seqs, self.capture_seconds)
+
+    def _replay(self, pieces: list[StepPiece], ids: torch.Tensor | None) -> torch.Tensor:
+        B = len(pieces)
+        G = min(g for g in self.graphs if g >= B)
+        bs = self.block_size
+        self._turn ^= 1
+        h_rows, h_tables = self.h_rows[self._turn], self.h_tables[self._turn]
+        h = h_rows.numpy()                               # ids, positions, slots
+        width = max(len(p.blocks) for p in pieces)
+        t = h_tables[:G * width].numpy().reshape(G, width)
+        t[:] = 0
+        for i, p in enumerate(pieces):
+            pos = p.start_pos
+            h[0, i], h[1, i], h[2, i] = p.token_ids[0], pos, p.blocks[pos // bs] * bs + pos % bs
+            t[i, :len(p.blocks)] = p.blocks
+        h[:, B:G] = 0            # padded rows: token 0 at position 0, its one key in the
+        #                          scratch block 0 (table rows of zeros)
+        self.s_rows.copy_(h_rows, non_blocking=True)     # 3 x max_num_seqs: one copy
+        if ids is not None:
+            self.s_rows[0, :B].copy_(ids)                # tokens still on the device
+        tables = self.d_tables[:G * width]
+        tables.copy_(h_tables[:G * width], non_blocking=True)
+        self.s_tables[:G, :width].copy_(tables.view(G, width))
+        self.graphs[G].replay()
+        return self.s_logits[:B]
