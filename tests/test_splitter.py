@@ -291,3 +291,17 @@ def test_causal_bias_leaves_tuned_offsets_alone():
     SplitTable(key, {4096: {"split_offset": 64, "no_split": False}}, min_tokens=1024).save()
     assert split_point_for(4096, LLAMA_70B, 4, gpu_name="H100", num_sms=132,
                            seq_lens=[4096]) == 2048 + 64
+
+
+def test_a_bad_mode_leaves_the_policy_as_it_was():
+    from types import SimpleNamespace
+
+    import torch
+
+    from weavelm.engine.policy import SchedulePolicy
+    from weavelm.errors import WeavelmError
+    policy = SchedulePolicy("auto", LLAMA_70B, SimpleNamespace(device=torch.device("cpu"),
+                                                               world_size=1))
+    with pytest.raises(WeavelmError, match="unknown mode 'bogus'"):
+        policy.set_mode("bogus")
+    assert policy.auto and policy.decode().value == "baseline"

@@ -1,8 +1,8 @@
 """KV-cache blocks: who holds which (plain Python, no torch).
 
 The cache is cut into blocks of `block_size` tokens (16: the waste per sequence is under one
-block, 15 tokens at most, and a decode kernel CTA reads a block as 16 whole key rows; larger
-blocks waste more memory per sequence and buy nothing the kernel needs). Block 0 is never
+block, 15 tokens at most, with one block-table entry per 16 keys; larger blocks waste more
+memory per sequence and buy nothing the kernels need, which take any size). Block 0 is never
 handed out: the model runner points padded rows of a captured CUDA graph at it, so they write
 and read scratch, never a live sequence's keys.
 

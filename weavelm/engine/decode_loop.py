@@ -69,7 +69,8 @@ class LookaheadDecoder:
         while True:
             rows = [i for i, s in enumerate(seqs) if not s.done and self._may_continue(s)]
             if inflight is not None and not self._blocks_ready(seqs, rows):
-                # The lookahead would need blocks a stopping sequence may hand back: settle first.
+                # Not enough free blocks for the look-ahead step: learn first which sequences
+                # stopped (they need none), then grow only the ones that go on.
                 self._settle(seqs, inflight)
                 inflight = None
                 continue
@@ -124,6 +125,9 @@ class LookaheadDecoder:
         """Read a launched step's tokens; a sequence that has stopped drops its token."""
         if inflight.event is not None:
             inflight.event.synchronize()
+        check_errors = getattr(self.comm, "check_errors", None)
+        if check_errors is not None:        # a fused kernel timed out inside a graph replay
+            check_errors(sync=False)
         for i, tok in zip(inflight.rows, inflight.host[:len(inflight.rows)].tolist()):
             s = seqs[i]
             if s.done:

@@ -27,6 +27,7 @@ from weavelm.engine.block_manager import BLOCK_SIZE, BlockAllocator
 from weavelm.engine.policy import SchedulePolicy
 from weavelm.engine.schedule import Executor
 from weavelm.errors import check
+from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
 from weavelm.models.decoder import CausalLM, StepInput
 from weavelm.parallel.communicator import Communicator
@@ -73,7 +74,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager \
+            and self._paged_kernel_applies()
         if self.use_graphs:
             self._make_static_buffers()
         self.kv = model.make_kv_cache(self._num_blocks(), self.block_size)
@@ -83,6 +85,18 @@ class ModelRunner:
         self.capture_seconds = 0.0
         if self.use_graphs:
             self._capture()
+
+    def _paged_kernel_applies(self) -> bool:
+        """Graphs only with the paged decode kernel: its torch fallback would gather every
+        row's full max_model_len of blocks in each replay."""
+        _, kv_heads, head_dim = self.model.kv_cache_shape()
+        heads = self.model.layers[0].self_attn.num_heads
+        ok = lanes_per_key(self.model.lm_head.weight.dtype, head_dim) is not None \
+            and heads % kv_heads == 0
+        if not ok:
+            log.warning("weavelm: no paged decode kernel for head dim %d in %s: decode runs "
+                        "eagerly (no CUDA graphs)", head_dim, self.model.lm_head.weight.dtype)
+        return ok
 
     @property
     def kv_tokens(self) -> int:
@@ -112,7 +126,10 @@ class ModelRunner:
         every rank (the smallest)."""
         cfg = self.config
         tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
-        lengths = [min(cfg.max_model_len, tokens - s) for s in range(0, tokens, cfg.max_model_len)]
+        # As many sequences as may sample in one step (the logits and sampling buffers of the
+        # largest step), each at most max_model_len tokens.
+        n = max(min(cfg.max_num_seqs, tokens), -(-tokens // cfg.max_model_len))
+        lengths = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -150,7 +167,8 @@ class ModelRunner:
     def step(self, pieces: list[StepPiece], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order.
 
-        Nothing here waits for the GPU. `ids`: the step's token ids as a device tensor (int64,
+        It does not wait for the GPU (unless the caller is two steps ahead of it: then for the
+        copies of the step before last). `ids`: the step's token ids as a device tensor (int64,
         one per token) instead of the pieces' `token_ids`, e.g. tokens the previous step sampled
         that the host has not read yet (the engine's one-step lookahead)."""
         check(len(pieces) > 0, "a step needs at least one piece")
@@ -188,6 +206,8 @@ class ModelRunner:
         if device_ids is None:
             device_ids = torch.tensor(ids).to(dev, non_blocking=True)
         hidden = self.executor.run(device_ids, step, mode, split)
+        if not last:          # a step of prompt chunks only: nothing to sample (every rank alike)
+            return hidden.new_empty(0, self.model.lm_head.num_embeddings, dtype=torch.float32)
         rows = torch.tensor(last, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, rows), self.comm)
 
@@ -200,10 +220,12 @@ class ModelRunner:
                                     device=dev)
         # Host staging, pinned so the copies are asynchronous: one copy for the rows, one for
         # the tables. Two sets, used in turn: the host fills one for the next step while the
-        # copies of the step before may still be queued (the engine runs one step ahead).
+        # copies of the step before may still be queued (the engine runs one step ahead); an
+        # event per set makes a caller that runs further ahead wait instead of overwriting.
         self.h_rows = [torch.zeros(3, G, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         self.h_tables = [torch.zeros(G * M, dtype=torch.int32, pin_memory=True)
                          for _ in range(2)]
+        self.h_copied = [None, None]
         self.d_tables = torch.zeros(G * M, dtype=torch.int32, device=dev)
         self._turn = 0
 
@@ -240,6 +262,8 @@ class ModelRunner:
         bs = self.block_size
         self._turn ^= 1
         h_rows, h_tables = self.h_rows[self._turn], self.h_tables[self._turn]
+        if self.h_copied[self._turn] is not None:
+            self.h_copied[self._turn].synchronize()      # its last copies have run
         h = h_rows.numpy()                               # ids, positions, slots
         width = max(len(p.blocks) for p in pieces)
         t = h_tables[:G * width].numpy().reshape(G, width)
@@ -255,6 +279,8 @@ class ModelRunner:
             self.s_rows[0, :B].copy_(ids)                # tokens still on the device
         tables = self.d_tables[:G * width]
         tables.copy_(h_tables[:G * width], non_blocking=True)
+        self.h_copied[self._turn] = torch.cuda.Event()
+        self.h_copied[self._turn].record()
         self.s_tables[:G, :width].copy_(tables.view(G, width))
         self.graphs[G].replay()
         return self.s_logits[:B]

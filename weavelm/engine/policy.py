@@ -21,8 +21,8 @@ class SchedulePolicy:
         self.set_mode(mode)
 
     def set_mode(self, mode: str | Mode) -> None:
-        self.auto = mode == "auto"
-        self.mode = None if self.auto else parse_mode(mode)
+        parsed = None if mode == "auto" else parse_mode(mode)     # raises before any change
+        self.auto, self.mode = parsed is None, parsed
         self._splitter: Splitter | None = None
 
     @property
