@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 
-from weavelm.engine.block_manager import BLOCK_SIZE, NoFreeBlocks
+from weavelm.engine.block_manager import BLOCK_SIZE
 from weavelm.engine.decode_loop import LookaheadDecoder, Running
-from weavelm.engine.model_runner import ModelRunner, RunnerConfig, StepPiece
+from weavelm.engine.engine import LLMEngine
+from weavelm.engine.model_runner import ModelRunner, RunnerConfig
 from weavelm.engine.policy import SchedulePolicy
-from weavelm.engine.sampler import SamplingParams, sample
+from weavelm.engine.sampler import SamplingParams
 from weavelm.engine.schedule import Mode, parse_mode
 from weavelm.errors import WeavelmError, check
 from weavelm.models.attention import prefill_batch
@@ -132,6 +133,8 @@ class LLM:
         self.runner = ModelRunner(self.model, self.comm, state, self.policy,
                                   runner_config(self.max_model_len, engine))
         self.executor = self.runner.executor
+        self.engine = LLMEngine(self.runner, self.comm, set(), self.max_model_len)
+        self._calls = 0
         self._stop = None
         self.stats: dict = {}
 
@@ -195,103 +198,87 @@ class LLM:
     @torch.no_grad()
     def generate_from_ids(self, token_lists: list[list[int]], params: SamplingParams,
                           on_token=None, prompts: list[str] | None = None) -> list[Completion]:
+        """Generate through the engine: every prompt is a request; continuous batching with
+        chunked prefill while prompts are being admitted, then (once every running sequence
+        is decoding and the cache can hold them all to the end) the decode loop one step ahead
+        of the host."""
         prompts = prompts or [""] * len(token_lists)
         stop_ids = self.stop_ids      # may load the tokenizer: do it before any collective
         for toks in token_lists:
             check(0 < len(toks) < self.max_model_len,
                   f"a prompt has {len(toks)} tokens but the context holds {self.max_model_len}: "
                   f"shorten the prompt")
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed if params.seed is not None
-                                  else int(torch.randint(0, 2**62, (1,))))
-        outs = [Completion(p, list(t)) for p, t in zip(prompts, token_lists)]
-        self.stats = dict(prefill_s=0.0, ttft_s=None, decode_s=0.0, decode_tokens=0)
-        wave = self.runner.config.max_num_seqs
-        for first in range(0, len(outs), wave):      # at most max_num_seqs sequences at once
-            self._generate_wave(outs[first:first + wave], first, params, generator, stop_ids,
-                                on_token)
+        engine = self.engine
+        engine.stop_ids = stop_ids
+        if not params.greedy:       # one stream for the whole call, as `seed` promises
+            engine.generator.manual_seed(params.seed if params.seed is not None
+                                         else int(torch.randint(0, 2**62, (1,))))
+        self._calls += 1
+        ids = [f"generate-{self._calls}-{i}" for i in range(len(token_lists))]
+        index = {rid: i for i, rid in enumerate(ids)}
+        for rid, toks in zip(ids, token_lists):
+            engine.add_request(rid, toks, params)
+        t0 = time.perf_counter()
+        self.stats = dict(ttft_s=None, decode_s=0.0, decode_tokens=0)
+        emit = (lambda i, tok: on_token(i, tok)) if on_token is not None and self.state.is_first \
+            else None
+        try:
+            while engine.has_unfinished_requests():
+                if self._decode_ahead(engine, params, index, emit):
+                    continue
+                for out in engine.step():
+                    if out.finish_reason and out.finish_reason.startswith("error"):
+                        raise WeavelmError(out.finish_reason[len("error: "):])
+                    if self.stats["ttft_s"] is None and out.new_token_ids:
+                        self.stats["ttft_s"] = time.perf_counter() - t0
+                    if emit is not None:
+                        for tok in out.new_token_ids:
+                            emit(index[out.request_id], tok)
+        finally:
+            for rid in ids:
+                engine.abort_request(rid)           # nothing left behind after an error
+        outs = []
+        for rid, prompt, toks in zip(ids, prompts, token_lists):
+            seq = engine.seqs.pop(rid)
+            out = Completion(prompt, list(toks), seq.output_token_ids)
+            out.finish_reason = "stop" if seq.finish_reason == "stop" else "length"
+            outs.append(out)
+        if self.stats["ttft_s"] is not None:
+            self.stats["decode_s"] = time.perf_counter() - t0 - self.stats["ttft_s"]
+            self.stats["decode_tokens"] = sum(len(o.token_ids) - 1 for o in outs)
         if any(prompts):
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return outs
 
-    def _generate_wave(self, outs, first, params, generator, stop_ids, on_token):
-        """Prefill the wave's prompts in steps of max_num_batched_tokens, then decode until
-        each sequence stops; every sequence's blocks are freed when it ends."""
-        runner, blocks = self.runner, self.runner.blocks
-        tables: list[list[int]] = [[] for _ in outs]
-        lengths = [len(o.prompt_token_ids) for o in outs]
-        limit = [min(self.max_model_len, n + params.max_new_tokens) for n in lengths]
-        t0 = time.perf_counter()
-        try:
-            pending = list(range(len(outs)))            # sequences with prompt left to prefill
-            done = [0] * len(outs)
-            budget = runner.config.max_num_batched_tokens
-            while pending:
-                step, owners, left = [], [], budget
-                for i in list(pending):
-                    if left == 0:
-                        break
-                    n = min(left, lengths[i] - done[i])
-                    end = done[i] + n
-                    self._grow(blocks, tables[i], end)
-                    last = end == lengths[i]
-                    step.append(StepPiece(outs[i].prompt_token_ids[done[i]:end], done[i],
-                                          tables[i], sample=last))
-                    if last:
-                        owners.append(i)
-                        pending.remove(i)
-                    done[i], left = end, left - n
-                logits = runner.step(step)
-                if owners:
-                    self._accept(outs, owners, logits, params, generator, first, on_token)
-                    if self.stats["ttft_s"] is None:
-                        self.stats["ttft_s"] = time.perf_counter() - t0
-            self.stats["prefill_s"] += time.perf_counter() - t0
-            t1 = time.perf_counter()
-            stream = None if on_token is None or not self.state.is_first else \
-                (lambda i, tok: on_token(first + i, tok))
-            decoder = LookaheadDecoder(runner, self.comm, params, generator,
-                                       lambda tok: tok in stop_ids and not params.ignore_eos,
-                                       stream)
-            running = [Running(lengths[i], outs[i].token_ids, tables[i], limit[i],
-                               done=self._finished(outs[i], stop_ids, params, limit[i]))
-                       for i in range(len(outs))]
-            decoder.run(running, lambda table, tokens: self._grow(blocks, table, tokens))
-            for o, r in zip(outs, running):
-                self._finished(o, stop_ids, params, r.limit)      # sets finish_reason
-            self.stats["decode_tokens"] += decoder.tokens_read
-            self.stats["decode_s"] += time.perf_counter() - t1
-        finally:
-            for t in tables:
-                blocks.free(t)
-
-    def _grow(self, blocks, table: list[int], tokens: int) -> None:
-        try:
-            blocks.grow(table, tokens)
-        except NoFreeBlocks as e:
-            raise WeavelmError(f"{e}: the KV cache holds {self.runner.kv_tokens} tokens, too "
-                               f"few for this batch; generate fewer or shorter sequences at "
-                               f"once, or raise gpu_memory_utilization") from None
-
-    def _accept(self, outs, owners, logits, params, generator, first, on_token):
-        """Sample a token for each owner (rank 0 decides, the others follow)."""
-        tokens = sample(logits, params, generator)
-        tokens = self.comm.broadcast(tokens.contiguous(), src=0).tolist()
-        for i, tok in zip(owners, tokens):
-            outs[i].token_ids.append(tok)
-            if on_token is not None and self.state.is_first:
-                on_token(first + i, tok)
-
-    @staticmethod
-    def _finished(out: Completion, stop_ids, params, limit: int) -> bool:
-        if out.token_ids[-1] in stop_ids and not params.ignore_eos:
-            out.finish_reason = "stop"
-            return True
-        return len(out.token_ids) >= params.max_new_tokens \
-            or len(out.prompt_token_ids) + len(out.token_ids) >= limit
+    def _decode_ahead(self, engine, params, index, emit) -> bool:
+        """Run the rest with `LookaheadDecoder` when that is safe: nothing waits, every running
+        sequence is decoding, and the cache holds them all to their last token (so nothing can
+        need preempting). False: take ordinary engine steps."""
+        sched, blocks = engine.scheduler, self.runner.blocks
+        running = sched.running
+        if sched.waiting or not running or any(s.num_uncomputed != 1 for s in running):
+            return False
+        limits = [min(self.max_model_len, len(s.prompt_token_ids) + params.max_new_tokens)
+                  for s in running]
+        need = sum(max(0, blocks.blocks_for(lim - 1) - len(s.blocks))
+                   for s, lim in zip(running, limits))
+        if need > blocks.num_free:
+            return False
+        views = [Running(len(s.prompt_token_ids), s.output_token_ids, s.blocks, lim)
+                 for s, lim in zip(running, limits)]
+        stream = None if emit is None else \
+            (lambda row, tok: emit(index[running[row].request_id], tok))
+        decoder = LookaheadDecoder(self.runner, self.comm, params, engine.generator,
+                                   lambda tok: tok in engine.stop_ids and not params.ignore_eos,
+                                   stream)
+        decoder.run(views, blocks.grow)
+        for s in list(running):
+            s.num_computed = s.num_tokens - 1
+            last = s.output_token_ids[-1]
+            stopped = last in engine.stop_ids and not params.ignore_eos
+            sched.finish(s, "stop" if stopped else "length")
+        return True
 
     # -- schedules -----------------------------------------------------------------------------
     def prefill_schedule(self, num_tokens: int, seq_lens=None) -> tuple[Mode, int | None]:

@@ -1,0 +1,110 @@
+"""Continuous batching with chunked prefill: which tokens of which sequences the next step runs.
+
+    scheduler = Scheduler(blocks, max_num_seqs=256, max_num_batched_tokens=8192)
+    scheduler.add(seq)
+    pieces = scheduler.schedule()            # [ScheduledPiece(seq, start, length, sample)]
+    ... run the step, sample ...
+    scheduler.finish(seq, reason)            # frees its blocks at once
+
+A step carries at most `max_num_batched_tokens` tokens: first one token for every running
+sequence that is decoding, then prefill chunks, oldest sequence first: running sequences with
+prompt left, then waiting ones (first come, first served) while fewer than `max_num_seqs` run.
+A chunk may stop anywhere in a prompt; the next step continues it. When the cache has no block
+for a running sequence's next tokens, the newest running sequence is preempted: its blocks go
+back and it waits at the front of the queue to be recomputed (prompt and outputs prefilled
+again), as vLLM's recompute preemption. Admitting a waiting sequence never preempts.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from weavelm.engine.block_manager import BlockAllocator
+from weavelm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledPiece:
+    seq: Sequence
+    start: int               # position of the piece's first token
+    length: int
+    sample: bool             # it reaches the sequence's last token: sample the next one
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []          # in admission order: the newest last
+        self.num_preempted = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stopped, out of length, aborted, failed) and free its blocks now."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def schedule(self) -> list[ScheduledPiece]:
+        budget = self.max_tokens
+        pieces: list[ScheduledPiece] = []
+        # Running sequences, oldest first: decode tokens, then the rest of started prompts.
+        for decoding in (True, False):
+            for seq in list(self.running):
+                if budget == 0 or seq.status is not Status.RUNNING \
+                        or (seq.num_uncomputed == 1) is not decoding or seq.num_uncomputed == 0:
+                    continue
+                n = min(budget, seq.num_uncomputed)
+                if self._reserve(seq, n, pieces):
+                    pieces.append(self._piece(seq, n))
+                    budget -= n
+        # Waiting sequences, first come first served, while there is room.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(budget, seq.num_uncomputed)
+            need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
+            if need > self.blocks.num_free:
+                break                                 # admitting never preempts
+            self.waiting.popleft()
+            seq.blocks.extend(self.blocks.allocate(need))
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            pieces.append(self._piece(seq, n))
+            budget -= n
+        return pieces
+
+    def _piece(self, seq: Sequence, n: int) -> ScheduledPiece:
+        return ScheduledPiece(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens)
+
+    def _reserve(self, seq: Sequence, n: int, scheduled: list[ScheduledPiece]) -> bool:
+        """Blocks for seq's next n tokens, preempting the newest other running sequences if the
+        cache is full (those already in this step stay). False: seq itself was preempted."""
+        need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
+        in_step = {id(p.seq) for p in scheduled}
+        while need > self.blocks.num_free:
+            victims = [s for s in self.running if s is not seq and id(s) not in in_step]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.blocks.extend(self.blocks.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preempted += 1

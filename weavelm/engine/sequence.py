@@ -1,0 +1,53 @@
+"""A request's sequence as the scheduler sees it: its tokens, how many are in the KV cache, its
+blocks and its state."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from weavelm.engine.sampler import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # queued, or preempted (its blocks given back, recomputed later)
+    RUNNING = "running"        # holds blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int                               # order of add_request: FCFS and "newest"
+    output_token_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0                      # tokens whose K/V are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None           # "stop", "length", "abort", or an error message
+    generator: object = None                   # torch.Generator of a seeded sampled request
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, length: int) -> list[int]:
+        """tokens[start:start + length] without building the whole list (decode: the last)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:start - n + length]
+        head = self.prompt_token_ids[start:start + length]
+        return head + self.output_token_ids[:length - len(head)]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next one can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
