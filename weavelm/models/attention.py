@@ -41,12 +41,17 @@ class AttentionBatch:
 
     decode: every piece is one token and block-table row i belongs to token i (the paged
     kernel's layout); context_lens[i] = keys token i sees (its position + 1).
+    singles: in a mixed step, the one-token pieces of running sequences (decode tokens), which
+    attend in one paged-kernel call instead of one call each: their token indices, block
+    tables and key counts (None: there are none, or the step is all decode).
     """
     pieces: list[Piece]
     slot_mapping: torch.Tensor                 # [T] int64, where each token's K/V goes
     block_tables: torch.Tensor                 # [R, M] int32
     context_lens: torch.Tensor | None = None   # [T] int32 (decode only)
     decode: bool = False
+    singles: tuple | None = None               # (token indices [n], tables [n, M], lens [n])
+    single_offsets: tuple = ()                 # the same token indices, on the host
 
     @classmethod
     def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
@@ -67,8 +72,16 @@ class AttentionBatch:
         lens = torch.tensor([p.start_pos + 1 for p in pieces], dtype=torch.int32) \
             if decode else None
         to = dict(device=device, non_blocking=True)
-        return cls(list(pieces), torch.tensor(slots, dtype=torch.int64).to(**to),
-                   table.to(**to), None if lens is None else lens.to(**to), decode)
+        batch = cls(list(pieces), torch.tensor(slots, dtype=torch.int64).to(**to),
+                    table.to(**to), None if lens is None else lens.to(**to), decode)
+        singles = [p for p in pieces if p.length == 1 and p.start_pos > 0]
+        if singles and not decode:
+            batch.single_offsets = tuple(p.offset for p in singles)
+            batch.singles = (torch.tensor(batch.single_offsets).to(**to),
+                             table[[p.row for p in singles]].to(**to),
+                             torch.tensor([p.start_pos + 1 for p in singles],
+                                          dtype=torch.int32).to(**to))
+        return batch
 
     def split(self, n_first: int) -> tuple["AttentionBatch", "AttentionBatch"]:
         """Cut the step after its first `n_first` tokens (a piece may be cut in two)."""
@@ -86,6 +99,14 @@ class AttentionBatch:
                                       offset=0))
         a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first])
         b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:])
+        if self.singles is not None:       # token order: the first half's singles come first
+            k = sum(1 for o in self.single_offsets if o < n_first)
+            rows, tables, lens = self.singles
+            a.singles = (rows[:k], tables[:k], lens[:k]) if k else None
+            a.single_offsets = self.single_offsets[:k]
+            rest = len(self.single_offsets) - k
+            b.singles = (rows[k:] - n_first, tables[k:], lens[k:]) if rest else None
+            b.single_offsets = tuple(o - n_first for o in self.single_offsets[k:])
         if self.decode:       # rows follow tokens: renumber B's pieces with their rows
             a.block_tables, a.context_lens = self.block_tables[:n_first], \
                 self.context_lens[:n_first]
@@ -233,7 +254,15 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window)
     out = torch.empty_like(q)
+    done = set()
+    if batch.singles is not None:          # a mixed step's decode tokens: one paged call
+        rows, tables, lens = batch.singles
+        o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window)
+        out.index_copy_(0, rows, o)
+        done = set(batch.single_offsets)
     for p in batch.pieces:
+        if p.length == 1 and p.offset in done:
+            continue
         rows = slice(p.offset, p.offset + p.length)
         end = p.start_pos + p.length
         qs = q[rows].transpose(0, 1).unsqueeze(0)                  # [1, H, n, Dh]
