@@ -228,6 +228,62 @@ def bench_prefill(
         typer.echo(f"plot written to {plot}")
 
 
+@bench_app.command("throughput")
+@user_errors
+def bench_throughput(
+    shape: str = typer.Option("llama3-8b", help="Model shape (random weights): llama3-8b, "
+                                                "llama3-70b, qwen2.5-72b."),
+    layers: Optional[int] = typer.Option(None, help="Decoder layers to build [default: all]."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
+    mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
+    num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
+    input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
+                                            "[default: log-normal, median 1024, max 8192]."),
+    output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
+                                             "[default: log-normal, median 128, max 512]."),
+    input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
+    seed: int = typer.Option(0, help="Workload and weights seed."),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens"),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    backend: str = typer.Option("auto", help="Communicator: auto, p2p, multimem, torch."),
+    device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
+):
+    """Serve a seeded synthetic workload; throughput, TTFT/TPOT and the roofline bound."""
+    from weavelm.bench.shapes import shape_config
+    from weavelm.bench.throughput import format_result, throughput_rank
+    from weavelm.engine.llm import runner_config
+    from weavelm.engine.schedule import parse_mode
+    from weavelm.errors import check
+    from weavelm.models.config import ModelConfig
+    from weavelm.parallel.launch import run_ranks
+    from weavelm.parallel.state import max_tp_for_device, resolve_device
+    dev = resolve_device(device)
+    ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
+    check(tp <= max_tp_for_device(device), f"--tp {tp} needs {tp} GPUs: lower --tp")
+    if mode != "auto":
+        parse_mode(mode)
+    check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    for name, v in (("--input-len", input_len), ("--output-len", output_len)):
+        check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
+    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens)
+    runner_config(8192, engine)
+    opts = dict(shape=shape, layers=layers, tp=tp, mode=mode, num_requests=num_requests,
+                input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
+                backend=backend if dev.type == "cuda" else "torch", device=str(dev),
+                dtype=None, engine=engine)
+    result = run_ranks(throughput_rank, tp, opts)
+    if result is None:
+        return
+    typer.echo(format_result(result))
+    if json_out:
+        import json
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 @app.command()
 @user_errors
 def tune(

@@ -21,12 +21,19 @@ def random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0,
     from weavelm.bench.shapes import shape_config
     from weavelm.models.config import ModelConfig
     from weavelm.models.registry import family_for
-    from weavelm.parallel.state import get_state
     cfg = ModelConfig.from_hf(shape_config(shape, layers))
     cfg.check_tp(tp)
     model = family_for(cfg.architecture).model_class(cfg, dtype=dtype, device=device,
                                                      max_positions=max_positions)
-    gen = torch.Generator(device=device)
+    fill_random(model, seed)
+    return cfg, model.eval()
+
+
+def fill_random(model, seed: int = 0) -> None:
+    """N(0, 0.02) weights, each rank drawing its own shard; norms 1 (replicated)."""
+    from weavelm.parallel.state import get_state
+    p0 = next(model.parameters())
+    gen = torch.Generator(device=p0.device)
     rank = get_state().rank
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -35,7 +42,6 @@ def random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0,
             else:
                 gen.manual_seed(seed * 1000 + rank * 7919 + zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=gen)   # this rank's shard
-    return cfg, model.eval()
 
 
 def _lengths(num_tokens: int, seq_len: int | None) -> list[int]:

@@ -99,7 +99,8 @@ class LLM:
                      max_model_len: int | None = None, backend: str | None = None,
                      tokenizer=None, mode: str = "auto", **engine) -> "LLM":
         """An LLM from a Hugging Face config dict and (name, tensor) pairs already in memory,
-        e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`."""
+        e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`, or a callable
+        that fills the built model in place (each rank its own shard)."""
         self = cls.__new__(cls)
         self.source = None
         self._build(config, weights, tp, device, dtype, max_model_len, backend, False, mode,
@@ -127,7 +128,10 @@ class LLM:
         with torch.no_grad():
             self.model = cls(self.config, dtype=self.dtype, device=self.device,
                              max_positions=self.max_model_len)
-            load_weights(self.model, weights, progress=progress and state.is_first)
+            if callable(weights):      # an initialiser (benchmarks: random weights per shard)
+                weights(self.model)
+            else:
+                load_weights(self.model, weights, progress=progress and state.is_first)
         self.model.eval()
         self.policy = SchedulePolicy(mode, self.config, self.state)
         self.runner = ModelRunner(self.model, self.comm, state, self.policy,

@@ -1,0 +1,42 @@
+"""`weavelm bench throughput` on CPU with a tiny random model: every request is served with the
+number of tokens it asked for, the report carries rates, latencies, KV use and the roofline
+bound, and the workload generator is seeded and honours its caps."""
+from weavelm.bench.throughput import workload
+from weavelm.parallel.launch import spawn
+
+TINY = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+
+
+def _bench(tp, opts):
+    from weavelm.bench import shapes
+    from weavelm.bench.throughput import throughput_rank
+    shapes.SHAPES["test-tiny"] = TINY
+    return throughput_rank(opts)
+
+
+def _opts(tp, mode):
+    return dict(shape="test-tiny", layers=None, tp=tp, mode=mode, num_requests=12,
+                input_len=None, output_len=None, input_max=96, seed=3, backend="torch",
+                device="cpu", dtype=None,
+                engine=dict(max_num_seqs=4, max_num_batched_tokens=64))
+
+
+def test_workload_is_seeded_and_capped():
+    a, b = workload(50, 256, 1, input_max=96), workload(50, 256, 1, input_max=96)
+    assert a == b and workload(50, 256, 2, input_max=96) != a
+    assert all(1 <= len(p) <= 96 and 1 <= o <= 512 for p, o in a)
+    assert {len(p) for p, _ in workload(5, 256, 1, input_len=7, output_len=3)} == {7}
+
+
+def test_bench_throughput_cpu_tp1_and_tp2_weave():
+    from weavelm.bench.throughput import format_result
+    for tp, mode in ((1, "baseline"), (2, "weave")):
+        r = spawn(_bench, tp, tp, _opts(tp, mode)) if tp > 1 else _bench(1, _opts(1, mode))
+        want = sum(o for _, o in workload(12, 256, 3, input_max=96))
+        assert r["result"]["requests"] == 12 and r["result"]["output_tokens"] == want
+        assert 0 < r["rates"]["fraction_of_bound"] and r["bound"]["total_s"] > 0
+        assert r["result"]["peak_kv_blocks"] <= r["result"]["kv_blocks"]
+        table = format_result(r)
+        assert "TTFT" in table and "bound / measured" in table and f"TP={tp}" in table

@@ -1,0 +1,178 @@
+"""`weavelm bench throughput`: serve a seeded synthetic workload through the engine and report
+throughput, latency and the roofline bound of the same work.
+
+Workload (seeded, `--seed`): `--num-requests` requests, all arriving at once (offline
+throughput, as vLLM's benchmark). Prompt lengths log-normal with median `--input-median` (1024)
+and sigma 0.8, capped at `--input-max` (8192); output lengths log-normal with median 128 and
+sigma 0.8, capped at 512; token ids uniform over the vocabulary; greedy, EOS ignored.
+`--input-len/--output-len` give every request the same lengths instead.
+
+Roofline bound of the same workload, from rates measured in the same run: prefill = the
+workload's prefill FLOPs per rank (2 x weights x prompt tokens + causal attention) at the bf16
+GEMM rate of one large matmul; decode = the decode steps a perfect batcher needs (output tokens /
+max_num_seqs, at least the longest output) each reading this rank's weights, plus every decode
+token's KV read, at the device-to-device copy rate. Reported as bound / measured.
+
+Every rank runs this; rank 0 prints.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+
+def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
+             input_median=1024, input_max=8192, output_median=128, output_max=512):
+    """[(prompt token ids, output length)] for n requests."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lengths(median, cap, fixed):
+        if fixed:
+            return [fixed] * n
+        x = torch.empty(n).log_normal_(math.log(median), 0.8, generator=g)
+        return [max(1, min(cap, int(v))) for v in x.tolist()]
+    ins = lengths(input_median, input_max, input_len)
+    outs = lengths(output_median, output_max, output_len)
+    return [(torch.randint(0, vocab, (i,), generator=g).tolist(), o) for i, o in zip(ins, outs)]
+
+
+def measure_rates(device) -> tuple[float, float]:
+    """(GEMM FLOP/s of a large matmul, copy bytes/s read + written) on `device`."""
+    big = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(big, big, device=device, dtype=dtype)
+    b = torch.randn(big, big, device=device, dtype=dtype)
+    x = torch.empty((1 << 30) if device.type == "cuda" else (1 << 26), dtype=torch.uint8,
+                    device=device)
+    y = torch.empty_like(x)
+
+    def best(fn, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    flops = 2 * big ** 3 / best(lambda: a @ b)
+    copy = 2 * x.numel() / best(lambda: y.copy_(x))
+    return flops, copy
+
+
+def roofline_seconds(cfg, tp: int, requests, max_num_seqs: int, flops: float, copy: float,
+                     weight_bytes: float, kv_bytes_per_token: float) -> dict:
+    """The bound of the workload (see the module doc), per rank."""
+    d_attn = cfg.num_heads * cfg.head_dim
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    layer_params = (cfg.hidden_size * (d_attn + 2 * cfg.num_kv_heads * cfg.head_dim)
+                    + d_attn * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size)
+    params = cfg.num_layers * layer_params + cfg.vocab_size * cfg.hidden_size
+    attn = sum(2 * cfg.num_layers * d_attn * len(p) ** 2 for p, _ in requests)  # QK + PV, causal
+    prefill = (2 * params * prompt_tokens + attn) / tp / flops
+    outputs = [o for _, o in requests]
+    steps = max(math.ceil(sum(outputs) / max_num_seqs), max(outputs))
+    kv_reads = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
+    decode = (steps * weight_bytes + kv_reads) / copy
+    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
+            "decode_steps": steps}
+
+
+def _percentiles(xs):
+    if not xs:
+        return None, None
+    xs = sorted(xs)
+    return statistics.median(xs), xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
+
+
+def serve(llm, requests) -> dict:
+    """Run the requests through the engine; timings per request and KV use."""
+    from weavelm.engine.sampler import SamplingParams
+    engine, blocks = llm.engine, llm.runner.blocks
+    engine.stop_ids = set()
+    for i, (prompt, out_len) in enumerate(requests):
+        engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=out_len,
+                                                          ignore_eos=True))
+    first, done, peak = {}, {}, 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter() - t0
+        peak = max(peak, blocks.capacity - blocks.num_free)
+        for out in outs:
+            if out.finish_reason and out.finish_reason.startswith("error"):
+                raise RuntimeError(f"request {out.request_id}: {out.finish_reason}")
+            if out.new_token_ids and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = (now, len(out.token_ids))
+                engine.forget(out.request_id)
+    elapsed = time.perf_counter() - t0
+    ttft = [first[r] for r in done]
+    tpot = [(t - first[r]) / (n - 1) for r, (t, n) in done.items() if n > 1]
+    out_tokens = sum(n for _, n in done.values())
+    return dict(elapsed_s=elapsed, requests=len(done), output_tokens=out_tokens,
+                ttft=_percentiles(ttft), tpot=_percentiles(tpot), peak_kv_blocks=peak,
+                kv_blocks=blocks.capacity, preempted=engine.scheduler.num_preempted)
+
+
+def throughput_rank(opts: dict) -> dict | None:
+    from weavelm.bench.prefill import fill_random
+    from weavelm.bench.shapes import shape_config
+    from weavelm.engine.llm import LLM
+    from weavelm.parallel.state import init_parallel
+    state = init_parallel(opts["tp"], opts["device"])
+    hf_cfg = shape_config(opts["shape"], opts["layers"])
+    requests = workload(opts["num_requests"], hf_cfg["vocab_size"], opts["seed"],
+                        opts["input_len"], opts["output_len"], input_max=opts["input_max"])
+    longest = max(len(p) + o for p, o in requests)
+    llm = LLM.from_weights(hf_cfg, lambda model: fill_random(model, opts["seed"]),
+                           tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
+                           max_model_len=min(hf_cfg["max_position_embeddings"], longest + 1),
+                           backend=opts["backend"], mode=opts["mode"], **opts["engine"])
+    flops, copy = measure_rates(state.device)
+    layers, kv_heads, head_dim = llm.model.kv_cache_shape()
+    kv_token = 2 * layers * kv_heads * head_dim * llm.dtype.itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    bound = roofline_seconds(llm.config, opts["tp"], requests, llm.runner.config.max_num_seqs,
+                             flops, copy, weight_bytes, kv_token)
+    result = serve(llm, requests)
+    if not state.is_first:
+        return None
+    in_tokens = sum(len(p) for p, _ in requests)
+    e = result["elapsed_s"]
+    return dict(meta=dict(shape=opts["shape"], layers=llm.config.num_layers, tp=opts["tp"],
+                          mode=opts["mode"], device=torch.cuda.get_device_name()
+                          if state.device.type == "cuda" else "cpu",
+                          requests=len(requests), seed=opts["seed"],
+                          gemm_tflops=flops / 1e12, copy_tbs=copy / 1e12),
+                result=result, bound=bound,
+                rates=dict(requests_s=len(requests) / e, input_tok_s=in_tokens / e,
+                           output_tok_s=result["output_tokens"] / e,
+                           fraction_of_bound=bound["total_s"] / e))
+
+
+def format_result(r: dict) -> str:
+    m, res, b, rates = r["meta"], r["result"], r["bound"], r["rates"]
+
+    def ms(pair):
+        return "—" if pair[0] is None else f"{pair[0] * 1e3:.1f} / {pair[1] * 1e3:.1f}"
+    return "\n".join([
+        f"throughput, {m['shape']} ({m['layers']} layers), TP={m['tp']}, mode {m['mode']}, "
+        f"{m['device']}, {m['requests']} requests (seed {m['seed']}); GEMM "
+        f"{m['gemm_tflops']:.1f} TFLOP/s, copy {m['copy_tbs']:.2f} TB/s measured in this run",
+        "",
+        "| requests/s | input tok/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+        "peak KV | preempted | seconds | roofline bound s | bound / measured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {rates['requests_s']:.2f} | {rates['input_tok_s']:.0f} | {rates['output_tok_s']:.0f} "
+        f"| {ms(res['ttft'])} | {ms(res['tpot'])} | "
+        f"{res['peak_kv_blocks']}/{res['kv_blocks']} blocks | {res['preempted']} | "
+        f"{res['elapsed_s']:.2f} | {b['total_s']:.2f} (prefill {b['prefill_s']:.2f}, decode "
+        f"{b['decode_s']:.2f}) | {rates['fraction_of_bound']:.2f} |"])
