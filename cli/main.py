@@ -248,6 +248,8 @@ def bench_throughput(
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
     backend: str = typer.Option("auto", help="Communicator: auto, p2p, multimem, torch."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
+    compare: Optional[str] = typer.Option(None, help="hf: also time transformers on the same "
+                                                     "requests (static batches of 16; TP 1)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
 ):
     """Serve a seeded synthetic workload; throughput, TTFT/TPOT and the roofline bound."""
@@ -265,6 +267,8 @@ def bench_throughput(
     if mode != "auto":
         parse_mode(mode)
     check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    check(compare in (None, "hf"), f"--compare takes hf, got {compare!r}")
+    check(compare is None or tp == 1, "--compare hf runs transformers on one device: use --tp 1")
     for name, v in (("--input-len", input_len), ("--output-len", output_len)):
         check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
     engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
@@ -273,7 +277,7 @@ def bench_throughput(
     opts = dict(shape=shape, layers=layers, tp=tp, mode=mode, num_requests=num_requests,
                 input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
                 backend=backend if dev.type == "cuda" else "torch", device=str(dev),
-                dtype=None, engine=engine)
+                dtype=None, engine=engine, compare=compare)
     result = run_ranks(throughput_rank, tp, opts)
     if result is None:
         return

@@ -30,6 +30,14 @@ def test_workload_is_seeded_and_capped():
     assert {len(p) for p, _ in workload(5, 256, 1, input_len=7, output_len=3)} == {7}
 
 
+def test_compare_hf_times_transformers_on_the_same_requests():
+    from weavelm.bench.throughput import format_result
+    opts = dict(_opts(1, "baseline"), compare="hf", num_requests=5)
+    r = _bench(1, opts)
+    assert r["compare"]["transformers_s"] > 0 and r["compare"]["speedup"] > 0
+    assert "transformers (static batches of 16" in format_result(r)
+
+
 def test_bench_throughput_cpu_tp1_and_tp2_weave():
     from weavelm.bench.throughput import format_result
     for tp, mode in ((1, "baseline"), (2, "weave")):

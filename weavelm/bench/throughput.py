@@ -5,7 +5,8 @@ Workload (seeded, `--seed`): `--num-requests` requests, all arriving at once (of
 throughput, as vLLM's benchmark). Prompt lengths log-normal with median `--input-median` (1024)
 and sigma 0.8, capped at `--input-max` (8192); output lengths log-normal with median 128 and
 sigma 0.8, capped at 512; token ids uniform over the vocabulary; greedy, EOS ignored.
-`--input-len/--output-len` give every request the same lengths instead.
+`--input-len/--output-len` give every request the same lengths instead. `--compare hf` also
+times transformers on the same requests (static batches of 16, padded, eager; TP 1).
 
 Roofline bound of the same workload, from rates measured in the same run: prefill = the
 workload's prefill FLOPs per rank (2 x weights x prompt tokens + causal attention) at the bf16
@@ -122,6 +123,38 @@ def serve(llm, requests) -> dict:
                 kv_blocks=blocks.capacity, preempted=engine.scheduler.num_preempted)
 
 
+def transformers_seconds(hf_cfg: dict, requests, device, dtype, batch: int = 16) -> float:
+    """Seconds for transformers to serve the same requests in static batches of `batch`
+    (prompts left-padded to the batch's longest, every request run to the batch's longest
+    output, eager `generate`, greedy), random weights of the same shape."""
+    import transformers as tf
+    cfg = {k: v for k, v in hf_cfg.items() if k != "architectures"}
+    kind = "llama" if "Llama" in hf_cfg["architectures"][0] else "qwen2"
+    config = tf.AutoConfig.for_model(kind, **cfg)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(requests), batch):
+            chunk = requests[i:i + batch]
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.int64)
+            mask = torch.zeros_like(ids)
+            for r, (p, _) in enumerate(chunk):
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            new = max(o for _, o in chunk)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    del model
+    return seconds
+
+
 def throughput_rank(opts: dict) -> dict | None:
     from weavelm.bench.prefill import fill_random
     from weavelm.bench.shapes import shape_config
@@ -147,6 +180,11 @@ def throughput_rank(opts: dict) -> dict | None:
         return None
     in_tokens = sum(len(p) for p, _ in requests)
     e = result["elapsed_s"]
+    compare = None
+    if opts.get("compare") == "hf":
+        hf_s = transformers_seconds(hf_cfg, requests, state.device, llm.dtype)
+        compare = dict(transformers_s=hf_s, speedup=hf_s / e,
+                       transformers_output_tok_s=result["output_tokens"] / hf_s)
     return dict(meta=dict(shape=opts["shape"], layers=llm.config.num_layers, tp=opts["tp"],
                           mode=opts["mode"], device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
@@ -155,7 +193,7 @@ def throughput_rank(opts: dict) -> dict | None:
                 result=result, bound=bound,
                 rates=dict(requests_s=len(requests) / e, input_tok_s=in_tokens / e,
                            output_tok_s=result["output_tokens"] / e,
-                           fraction_of_bound=bound["total_s"] / e))
+                           fraction_of_bound=bound["total_s"] / e), compare=compare)
 
 
 def format_result(r: dict) -> str:
@@ -175,4 +213,8 @@ def format_result(r: dict) -> str:
         f"| {ms(res['ttft'])} | {ms(res['tpot'])} | "
         f"{res['peak_kv_blocks']}/{res['kv_blocks']} blocks | {res['preempted']} | "
         f"{res['elapsed_s']:.2f} | {b['total_s']:.2f} (prefill {b['prefill_s']:.2f}, decode "
-        f"{b['decode_s']:.2f}) | {rates['fraction_of_bound']:.2f} |"])
+        f"{b['decode_s']:.2f}) | {rates['fraction_of_bound']:.2f} |"]
+        + ([] if not r.get("compare") else [
+            "", f"transformers (static batches of 16, padded, eager) on the same requests: "
+                f"{r['compare']['transformers_s']:.2f} s ({r['compare']['transformers_output_tok_s']:.0f}"
+                f" output tok/s); weavelm {r['compare']['speedup']:.2f}x"]))
