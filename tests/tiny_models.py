@@ -51,3 +51,13 @@ def pickle_copy(src, dst):
         state.update(load_file(f))
     torch.save(state, dst / "pytorch_model.bin")
     return dst
+
+
+def save_tiny_tokenizer(directory, vocab_size: int = 103):
+    """A word-level tokenizer whose words are the token ids "0".."vocab_size-1" (so "1 2 3"
+    encodes to [1, 2, 3]), saved beside a tiny checkpoint for CLI runs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({str(i): i for i in range(vocab_size)}, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="2").save_pretrained(str(directory))

@@ -12,6 +12,7 @@ file's absolute path, size, mtime and the transformers version: a replaced file 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -25,18 +26,37 @@ from weavelm.errors import WeavelmError
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
+def refuse_remote_code(directory: pathlib.Path) -> None:
+    """Model repository code is never executed: a tokenizer that names its own Python classes
+    (`auto_map` with an AutoTokenizer entry, in tokenizer_config.json or config.json) is refused
+    before transformers could offer to run them."""
+    for name in ("tokenizer_config.json", "config.json"):
+        f = directory / name
+        try:
+            data = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError):
+            continue              # unreadable: transformers reports it, weavelm runs no code
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+            raise WeavelmError(f"{f} names custom code (auto_map), which weavelm never runs: "
+                               f"use a model whose tokenizer transformers ships, or remove "
+                               f"auto_map if you have checked the code yourself")
+
+
 def load_tokenizer(source: str | os.PathLike):
-    """A transformers fast tokenizer from a `.gguf` file or a local HF model directory."""
+    """A transformers fast tokenizer from a `.gguf` file or a local HF model directory; never
+    with repository code (`trust_remote_code=False`, and `auto_map` refused up front)."""
     from transformers import AutoTokenizer
 
     path = pathlib.Path(source)
     if not path.exists():
         raise WeavelmError(f"tokenizer source not found: {path}")
+    refuse_remote_code(path.parent if path.is_file() else path)
     try:
         if path.is_file():
             tokenizer = _gguf_tokenizer(path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         # transformers' messages span lines; the CLI prints one, so flatten (and bound) it.
         reason = " ".join(str(e).split())[:300] or type(e).__name__
@@ -59,7 +79,7 @@ def _gguf_tokenizer(path: pathlib.Path):
     cached = _cache_entry(path)
     if cached is not None and cached.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(cached))
+            return AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
         except Exception:  # noqa: BLE001 - a damaged entry: convert again and overwrite it
             shutil.rmtree(cached, ignore_errors=True)
     tokenizer = _convert_gguf_tokenizer(path)
@@ -72,7 +92,8 @@ def _convert_gguf_tokenizer(path: pathlib.Path):
     """transformers' own (slow) conversion of the GGUF vocabulary into a fast tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                         trust_remote_code=False)
 
 
 def _cache_entry(path: pathlib.Path) -> pathlib.Path | None:

@@ -39,6 +39,23 @@ def materialize(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
+def check_whole(loaded, shape: tuple, what: str) -> None:
+    """The checkpoint tensor as a whole must have the model's unsharded `shape` and a floating
+    dtype: a slice that happens to fit is not enough (an oversized tensor would load silently)."""
+    got = loaded_shape(loaded)
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"{what}: checkpoint tensor has shape {tuple(got)}, the model's "
+                         f"(unsharded) shape is {tuple(shape)}")
+    if isinstance(loaded, torch.Tensor):
+        floating, name = loaded.dtype.is_floating_point, str(loaded.dtype)
+    else:
+        name = str(loaded.get_dtype())
+        floating = name.upper().startswith(("F", "BF"))
+    if not floating:
+        raise ValueError(f"{what}: checkpoint tensor has dtype {name}, weights must be floating "
+                         f"point")
+
+
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"{what}: checkpoint shard has shape {tuple(src.shape)}, "
@@ -48,6 +65,7 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     """Replicated parameters (norms): copy the whole tensor."""
+    check_whole(loaded, param.shape, "replicated parameter")
     copy_checked(param.data, materialize(loaded), "replicated parameter")
 
 
@@ -87,6 +105,7 @@ class ColumnParallelLinear(TPLayer):
                 p.shard_ids = self.shard_ids       # the packed shards the loader must see
 
     def weight_loader(self, param, loaded, shard_id=None):
+        check_whole(loaded, (self.output_size,) + tuple(param.shape[1:]), "column-parallel")
         size = param.shape[0]
         copy_checked(param.data, narrow(loaded, 0, self.tp_rank * size, size), "column shard")
 
@@ -105,6 +124,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, params_dtype, device)
 
     def weight_loader(self, param, loaded, shard_id=None):
+        check_whole(loaded, (self.output_sizes[shard_id],) + tuple(param.shape[1:]),
+                    f"merged projection {shard_id}")
         sizes = [divide(s, self.tp_size) for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
         copy_checked(param.data.narrow(0, offset, size),
@@ -122,6 +143,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  bias: bool = False, params_dtype=None, device=None):
         tp = get_state().world_size
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp)
         if tp >= num_kv_heads:
             divide(tp, num_kv_heads)
@@ -135,6 +157,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, total, bias, params_dtype, device)
 
     def weight_loader(self, param, loaded, shard_id=None):
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        check_whole(loaded, (heads * self.head_dim,) + tuple(param.shape[1:]),
+                    f"{shard_id} projection")
         if shard_id == "q":
             offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         else:
@@ -167,6 +192,7 @@ class RowParallelLinear(TPLayer):
             self.bias.weight_loader = default_weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None):
+        check_whole(loaded, (self.output_size, self.input_size), "row-parallel")
         size = param.shape[1]
         copy_checked(param.data, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
 
@@ -200,10 +226,7 @@ class VocabParallelEmbedding(TPLayer):
 
     def weight_loader(self, param, loaded, shard_id=None):
         rows = max(0, self.vocab_end - self.vocab_start)
-        shape = loaded_shape(loaded)
-        if shape[0] != self.num_embeddings:
-            raise ValueError(f"vocabulary shard: checkpoint has {shape[0]} rows, model expects "
-                             f"{self.num_embeddings}")
+        check_whole(loaded, (self.num_embeddings, self.embedding_dim), "vocabulary")
         param.data.zero_()
         if rows:
             copy_checked(param.data[:rows], narrow(loaded, 0, self.vocab_start, rows),

@@ -1,0 +1,124 @@
+"""Hostile and broken checkpoints (issue: hardening). Each case is built here from a tiny random
+Llama checkpoint, loaded through `weavelm generate`, and must end with exit code 2, one line that
+names the problem, and nothing executed or left running.
+
+Covered so far: tensors larger or smaller than the config says (whole-tensor shape check, not
+only the rank's slice), a config with fewer heads than the weights, integer weights, and
+repository tokenizer code (`auto_map` + `tokenization_*.py`) with "y" on stdin."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_models import make_tiny, save_tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile") / "llama"
+    make_tiny("llama", d, seed=2)
+    save_tiny_tokenizer(d)
+    return d
+
+
+def test_the_unbroken_checkpoint_generates(tiny):
+    code, out, err = _generate(tiny)
+    assert code == 0, err
+
+
+def _copy(src, dst, tensors=None, config=None):
+    """dst: src's checkpoint with `tensors(state) -> state` and `config(cfg) -> cfg` applied."""
+    import shutil
+    shutil.copytree(src, dst)
+    f = next(dst.glob("*.safetensors"))
+    state = load_file(f)
+    if tensors:
+        state = tensors(state)
+    save_file(state, f)
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(config(cfg)))
+    return dst
+
+
+def _grow_rows(name, extra):
+    def edit(state):
+        w = state[name]
+        state[name] = torch.cat([w, torch.randn(extra, *w.shape[1:], dtype=w.dtype)])
+        return state
+    return edit
+
+
+def _replace(name, shape=None, dtype=None):
+    def edit(state):
+        w = state[name]
+        state[name] = torch.ones(shape or w.shape, dtype=dtype or w.dtype)
+        return state
+    return edit
+
+
+def _heads(n):
+    def edit(cfg):
+        cfg["num_attention_heads"] = n
+        return cfg
+    return edit
+
+
+CASES = {
+    # name: (tensor edit, config edit, words the one-line error must contain)
+    "up_proj has more rows than intermediate_size": (
+        _grow_rows("model.layers.0.mlp.up_proj.weight", 16), None, ["up_proj", "shape"]),
+    "q_proj 640x64 for a 64x64 model": (
+        _replace("model.layers.1.self_attn.q_proj.weight", (640, 64)), None,
+        ["q_proj", "(640, 64)"]),
+    "config says 2 heads for a 4-head checkpoint": (
+        None, _heads(2), ["does not fit", "unsharded) shape"]),
+    "int32 weights": (
+        _replace("model.layers.0.mlp.down_proj.weight", dtype=torch.int32), None,
+        ["down_proj", "floating"]),
+    "embedding narrower than hidden_size": (
+        _replace("model.embed_tokens.weight", (103, 32)), None, ["embed_tokens", "shape"]),
+}
+
+
+def _generate(path, stdin=None):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(path), "-p", "1 2 3",
+                        "--no-chat", "--device", "cpu", "-n", "2"], cwd=ROOT, env=env,
+                       input=stdin, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _one_line_error(code, out, err, words):
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_broken_checkpoint_is_refused(tiny, tmp_path, case):
+    tensors, config, words = CASES[case]
+    d = _copy(tiny, tmp_path / "bad", tensors, config)
+    _one_line_error(*_generate(d), words)
+
+
+def test_repository_tokenizer_code_never_runs(tiny, tmp_path):
+    d = _copy(tiny, tmp_path / "remote")
+    marker = tmp_path / "ran.txt"
+    (d / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('code ran')\n"
+        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text()) \
+        if (d / "tokenizer_config.json").exists() else {}
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _one_line_error(*_generate(d, stdin="y\ny\n"), ["auto_map", "never runs"])
+    assert not marker.exists()
