@@ -141,7 +141,15 @@ def env():
                    f"peer access to {peers or 'none'}")
     allowed, reason = multicast_allowed(0 if n else None)
     typer.echo(f"multicast: {'allowed' if allowed else 'not allowed'} ({reason})")
-    typer.echo(f"communicator backends: {', '.join(available_backends())}")
+    peers = n >= 2 and all(torch.cuda.can_device_access_peer(i, j)
+                           for i in range(n) for j in range(n) if i != j)
+    usable = {"torch": "here (NCCL on GPUs, gloo on CPU)",
+              "p2p": "here" if peers else "not here: needs 2 or more GPUs with peer access",
+              "multimem": "here" if peers and allowed else
+                          "not here: needs multicast allowed and GPUs with peer access"}
+    typer.echo("communicator backends (auto picks the first usable of multimem, p2p, torch):")
+    for name in available_backends()[:-1]:
+        typer.echo(f"  {name}: {usable[name]}")
     typer.echo("CPU ranks: gloo (any --tp on --device cpu)")
 
 

@@ -136,7 +136,11 @@ def test_env_reports_backends_and_multicast():
     code, out, err = weavelm("env", env={"WEAVELM_DISABLE_MULTICAST": "1"})
     assert code == 0, err
     assert "multicast: not allowed (WEAVELM_DISABLE_MULTICAST is set)" in out
-    assert "torch" in out
+    assert "torch: here" in out
+    assert "multimem: not here" in out                  # multicast is switched off
+    import torch
+    if not torch.cuda.is_available():
+        assert "p2p: not here" in out
 
 
 @pytest.mark.parametrize("args,needle", [

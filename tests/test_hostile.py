@@ -122,3 +122,61 @@ def test_repository_tokenizer_code_never_runs(tiny, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     _one_line_error(*_generate(d, stdin="y\ny\n"), ["auto_map", "never runs"])
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- API misuse
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    from weavelm import LLM
+    return LLM(str(tiny), device="cpu", progress=False)
+
+
+MISUSE = {
+    "generate([123])": lambda llm: llm.generate([123]),
+    "generate([None])": lambda llm: llm.generate([None]),
+    "generate(None)": lambda llm: llm.generate(None),
+    "params as a dict": lambda llm: llm.generate(["1 2"], {"max_new_tokens": 3}),
+    "generate_from_ids([])": lambda llm: llm.generate_from_ids([], None),
+    "token id out of range": lambda llm: llm.generate_from_ids([[1, 500]], None),
+    "negative token id": lambda llm: llm.generate_from_ids([[1, -4]], None),
+}
+
+
+@pytest.mark.parametrize("case", list(MISUSE))
+def test_api_misuse_is_a_one_line_error(llm, case):
+    from weavelm.errors import WeavelmError
+    with pytest.raises(WeavelmError) as e:
+        MISUSE[case](llm)
+    assert "\n" not in str(e.value)
+    assert llm.runner.blocks.num_free == llm.runner.blocks.capacity   # nothing left behind
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(temperature="hot"), "temperature"), (dict(seed="abc"), "seed"),
+    (dict(seed=10 ** 23), "seed"), (dict(top_p="x"), "top_p"),
+    (dict(max_new_tokens=True), "max_new_tokens")])
+def test_bad_sampling_params(kwargs, needle):
+    from weavelm import SamplingParams
+    from weavelm.errors import WeavelmError
+    with pytest.raises(WeavelmError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_tiny_temperature_samples_greedily(llm):
+    from weavelm import SamplingParams
+    greedy = llm.generate_from_ids([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    tiny_t = llm.generate_from_ids([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=1e-40,
+                                                               ignore_eos=True, seed=1))
+    assert greedy[0].token_ids == tiny_t[0].token_ids
+
+
+def test_bad_mode_fails_before_loading(tiny, monkeypatch):
+    from weavelm import LLM
+    from weavelm.errors import WeavelmError
+    from weavelm.engine import llm as llm_module
+    monkeypatch.setattr(llm_module, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(WeavelmError, match="unknown mode 'turbo'"):
+        LLM(str(tiny), device="cpu", progress=False, mode="turbo")
+    with pytest.raises(WeavelmError, match="gpu_memory_utilization"):
+        LLM(str(tiny), device="cpu", progress=False, gpu_memory_utilization=2.0)

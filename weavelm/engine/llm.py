@@ -110,6 +110,8 @@ class LLM:
 
     def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress,
                mode, engine: dict):
+        if mode != "auto":
+            parse_mode(mode)                  # a bad mode fails before any weight loads
         self.config = ModelConfig.from_hf(hf_config)
         if tp is not None:
             self.config.check_tp(tp)
@@ -122,6 +124,7 @@ class LLM:
               f"max_model_len={max_model_len} is outside this model's context (1..{limit}): "
               f"lower it")
         self.max_model_len = max_model_len or limit
+        runner_cfg = runner_config(self.max_model_len, engine)    # checked before weights load
         self._tokenizer = None
         self.comm = make_communicator(backend, state)     # None: auto on GPUs at TP > 1
         cls = family_for(self.config.architecture).model_class
@@ -135,7 +138,7 @@ class LLM:
         self.model.eval()
         self.policy = SchedulePolicy(mode, self.config, self.state)
         self.runner = ModelRunner(self.model, self.comm, state, self.policy,
-                                  runner_config(self.max_model_len, engine))
+                                  runner_cfg)
         self.executor = self.runner.executor
         self.engine = LLMEngine(self.runner, self.comm, set(), self.max_model_len)
         self._calls = 0
@@ -194,10 +197,35 @@ class LLM:
         on rank 0 as each token is sampled (streaming)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        check(len(prompts) > 0, "no prompts given: pass at least one prompt")
-        params = params or SamplingParams()
+        check(isinstance(prompts, (list, tuple)) and len(prompts) > 0
+              and all(isinstance(p, str) for p in prompts),
+              f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}: "
+              f"pass token ids to generate_from_ids")
+        params = self._check_params(params)
         token_lists = [self.encode(p, chat) for p in prompts]
         return self.generate_from_ids(token_lists, params, on_token, prompts)
+
+    @staticmethod
+    def _check_params(params) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        check(isinstance(params, SamplingParams), f"params must be a SamplingParams, got "
+                                                  f"{type(params).__name__}: use "
+                                                  f"SamplingParams(**your_dict)")
+        return params
+
+    def _check_ids(self, token_lists) -> None:
+        """Token ids: a non-empty list of non-empty lists of ints within the vocabulary."""
+        vocab = self.config.vocab_size
+        check(isinstance(token_lists, (list, tuple)) and len(token_lists) > 0,
+              "no prompts given: pass a non-empty list of token-id lists")
+        for toks in token_lists:
+            check(isinstance(toks, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in toks),
+                f"a prompt must be a list of int token ids, got {toks!r:.80}")
+            bad = [t for t in toks if not 0 <= t < vocab]
+            check(not bad, f"token id {bad[0] if bad else ''} is outside this model's "
+                           f"vocabulary (0..{vocab - 1}): the tokenizer and model disagree")
 
     @torch.no_grad()
     def generate_from_ids(self, token_lists: list[list[int]], params: SamplingParams,
@@ -206,6 +234,8 @@ class LLM:
         chunked prefill while prompts are being admitted, then (once every running sequence
         is decoding and the cache can hold them all to the end) the decode loop one step ahead
         of the host."""
+        self._check_ids(token_lists)
+        params = self._check_params(params)
         prompts = prompts or [""] * len(token_lists)
         stop_ids = self.stop_ids      # may load the tokenizer: do it before any collective
         for toks in token_lists:

@@ -11,6 +11,9 @@ import torch
 from weavelm.errors import check
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -21,17 +24,26 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+              and self.max_new_tokens >= 1,
               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got "
-                                     f"{self.temperature}")
+        check(number(self.temperature) and self.temperature >= 0,
+              f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         check(isinstance(self.top_k, int) and self.top_k >= 0,
               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(number(self.top_p) and 0 < self.top_p <= 1,
+              f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+              f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW sample as greedy: dividing logits by them overflows
+        (as the anchors do)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
