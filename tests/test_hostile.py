@@ -180,3 +180,34 @@ def test_bad_mode_fails_before_loading(tiny, monkeypatch):
         LLM(str(tiny), device="cpu", progress=False, mode="turbo")
     with pytest.raises(WeavelmError, match="gpu_memory_utilization"):
         LLM(str(tiny), device="cpu", progress=False, gpu_memory_utilization=2.0)
+
+
+# ----------------------------------------------------------------------------- shard index
+
+def _sharded(tmp_path, edit):
+    d = tmp_path / "sharded"
+    make_tiny("llama", d, shard=True)
+    save_tiny_tokenizer(d)
+    index = d / "model.safetensors.index.json"
+    index.write_text(edit(index.read_text()))
+    return d
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda text: text[: len(text) // 2], ["not valid JSON"]),
+    (lambda text: json.dumps({"metadata": {}}), ["no weight_map"]),
+    (lambda text: json.dumps({"weight_map": {
+        k: "../other/model.safetensors" for k in json.loads(text)["weight_map"]}}),
+     ["outside the model directory"]),
+])
+def test_bad_shard_index_is_refused(tmp_path, edit, words):
+    _one_line_error(*_generate(_sharded(tmp_path, edit)), words)
+
+
+def test_invalid_utf8_prompt(tiny):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(tiny), "-p",
+                        b"caf\xe9 \xff".decode("utf-8", "surrogateescape"), "--no-chat",
+                        "--device", "cpu", "-n", "2"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    _one_line_error(p.returncode, p.stdout, p.stderr, ["not valid UTF-8"])

@@ -49,7 +49,20 @@ def _read_config(directory: Path) -> dict:
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            data = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise WeavelmError(f"{index} is not valid JSON ({e.msg}, line {e.lineno}): "
+                               f"re-download the model") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        check(isinstance(weight_map, dict) and weight_map,
+              f"{index} has no weight_map (tensor name -> file): re-download the model")
+        root = directory.resolve()
+        for name in set(weight_map.values()):
+            target = (directory / str(name)).resolve()
+            check(target.parent == root,
+                  f"{index} points tensor files outside the model directory ({name}): refused; "
+                  f"shard files must sit beside the index")
         files = sorted({directory / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         check(not missing, f"missing checkpoint shard {', '.join(missing)} listed in "

@@ -131,13 +131,25 @@ def _save_entry(tokenizer, entry: pathlib.Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_text(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise WeavelmError(f"a prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WeavelmError("the prompt is not valid UTF-8 (it holds a lone surrogate, e.g. from "
+                           "undecodable bytes on the command line): pass UTF-8 text") from None
+
+
 def encode(tokenizer, prompt: str) -> list[int]:
     """Token ids of a raw prompt, with the special tokens the tokenizer adds by default (BOS...)."""
+    _check_text(prompt)
     return list(tokenizer(prompt).input_ids)
 
 
 def apply_chat(tokenizer, prompt: str) -> list[int]:
     """Token ids of `prompt` as one user turn in the model's chat format, ready for the reply."""
+    _check_text(prompt)
     if not tokenizer.chat_template:
         raise WeavelmError("this tokenizer has no chat template: pass a raw prompt instead of chat")
     text = tokenizer.apply_chat_template(
