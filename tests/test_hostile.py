@@ -211,3 +211,29 @@ def test_invalid_utf8_prompt(tiny):
                         "--device", "cpu", "-n", "2"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     _one_line_error(p.returncode, p.stdout, p.stderr, ["not valid UTF-8"])
+
+
+# ----------------------------------------------------------------------------- config.json
+
+CONFIGS = {
+    "a list": (lambda cfg: [cfg], ["JSON object"]),
+    "no hidden_size": (lambda cfg: {k: v for k, v in cfg.items() if k != "hidden_size"},
+                       ["no hidden_size"]),
+    "heads as a string": (lambda cfg: {**cfg, "num_attention_heads": "4"},
+                          ["num_attention_heads", "positive integer"]),
+    "zero heads": (lambda cfg: {**cfg, "num_attention_heads": 0}, ["num_attention_heads"]),
+    "negative layers": (lambda cfg: {**cfg, "num_hidden_layers": -2}, ["num_hidden_layers"]),
+    "hidden not divisible by heads": (
+        lambda cfg: {**cfg, "num_attention_heads": 3, "num_key_value_heads": 3},
+        ["not divisible by num_attention_heads"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_bad_config_names_field_and_file(tiny, tmp_path, case):
+    edit, words = CONFIGS[case]
+    d = _copy(tiny, tmp_path / "cfg")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("head_dim", None)
+    (d / "config.json").write_text(json.dumps(edit(cfg)))
+    _one_line_error(*_generate(d), words + ["config.json"])

@@ -92,7 +92,7 @@ class LLM:
         source = resolve_model(model, allow_pickle=allow_pickle)
         self.source = source
         self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress,
-                    mode, engine)
+                    mode, engine, source.config_file)
 
     @classmethod
     def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
@@ -109,10 +109,10 @@ class LLM:
         return self
 
     def _build(self, hf_config, weights, tp, device, dtype, max_model_len, backend, progress,
-               mode, engine: dict):
+               mode, engine: dict, source: str = "config"):
         if mode != "auto":
             parse_mode(mode)                  # a bad mode fails before any weight loads
-        self.config = ModelConfig.from_hf(hf_config)
+        self.config = ModelConfig.from_hf(hf_config, source)
         if tp is not None:
             self.config.check_tp(tp)
         state = init_parallel(tp, device)

@@ -36,7 +36,11 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        """`source` names the file in errors (a config.json path, or a GGUF file)."""
+        check(isinstance(cfg, dict), f"{source} must hold a JSON object of settings, got a "
+                                     f"{type(cfg).__name__}: re-download the model")
+        _check_shape_fields(cfg, source)
         archs = cfg.get("architectures") or []
         family = family_for(archs[0] if archs else None)
         act = cfg.get("hidden_act", "silu")
@@ -82,3 +86,30 @@ class ModelConfig:
                 f"TP={tp} cannot split this model ({self.num_heads} attention heads, "
                 f"{self.num_kv_heads} KV heads, MLP {self.intermediate_size}): "
                 f"use one of TP = {valid}")
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+_OPTIONAL = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_shape_fields(cfg: dict, source: str) -> None:
+    """Every size a positive integer, and the heads consistent, each error naming field and
+    file (rather than a traceback deep in the model's constructor)."""
+    def positive_int(name, value):
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              f"{source}: {name} must be a positive integer, got {value!r}")
+
+    for name in _REQUIRED:
+        check(name in cfg, f"{source} has no {name}: re-download or re-convert the model")
+        positive_int(name, cfg[name])
+    for name in _OPTIONAL:
+        if cfg.get(name) is not None:
+            positive_int(name, cfg[name])
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or \
+        cfg["num_attention_heads"]
+    check(heads % kv == 0, f"{source}: num_attention_heads ({heads}) is not a multiple of "
+                           f"num_key_value_heads ({kv})")
+    check(cfg.get("head_dim") is not None or cfg["hidden_size"] % heads == 0,
+          f"{source}: hidden_size ({cfg['hidden_size']}) is not divisible by "
+          f"num_attention_heads ({heads}) and no head_dim is given")

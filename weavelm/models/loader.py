@@ -34,6 +34,11 @@ class ModelSource:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def config_file(self) -> str:
+        """Where the config came from, for error messages."""
+        return str(self.path if self.kind == "gguf" else self.path / "config.json")
+
 
 def _read_config(directory: Path) -> dict:
     cfg_path = directory / "config.json"
