@@ -175,6 +175,15 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _report(table: str, result: dict, json_out: str | None) -> None:
+    """Print a benchmark's table (rank 0) and keep its numbers as JSON if asked."""
+    typer.echo(table)
+    if json_out:
+        import json
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 @bench_app.command("prefill")
 @user_errors
 def bench_prefill(
@@ -231,11 +240,7 @@ def bench_prefill(
     result = run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return
-    typer.echo(format_table(result))
-    if json_out:
-        import json
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=1)
+    _report(format_table(result), result, json_out)
     if plot:
         plot_fn(result, plot)
         typer.echo(f"plot written to {plot}")
@@ -294,11 +299,7 @@ def bench_throughput(
     result = run_ranks(throughput_rank, tp, opts)
     if result is None:
         return
-    typer.echo(format_result(result))
-    if json_out:
-        import json
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=1)
+    _report(format_result(result), result, json_out)
 
 
 @app.command()
