@@ -175,6 +175,15 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _check_plot(path: str | None) -> None:
+    """Refuse --plot before the benchmark runs when matplotlib is missing."""
+    import importlib.util
+
+    from weavelm.errors import check
+    check(path is None or importlib.util.find_spec("matplotlib") is not None,
+          "--plot needs matplotlib: pip install 'weavelm[plot]' or drop --plot")
+
+
 def _report(table: str, result: dict, json_out: str | None) -> None:
     """Print a benchmark's table (rank 0) and keep its numbers as JSON if asked."""
     typer.echo(table)
@@ -237,6 +246,7 @@ def bench_prefill(
                 repeats=repeats, device=str(dev),
                 ctas=_int_list(ctas, "--ctas") if ctas else None,
                 carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
+    _check_plot(plot)
     result = run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return
@@ -269,10 +279,11 @@ def bench_throughput(
     compare: Optional[str] = typer.Option(None, help="hf: also time transformers on the same "
                                                      "requests (static batches of 16; TP 1)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
 ):
     """Serve a seeded synthetic workload; throughput, TTFT/TPOT and the roofline bound."""
     from weavelm.bench.shapes import shape_config
-    from weavelm.bench.throughput import format_result, throughput_rank
+    from weavelm.bench.throughput import format_result, plot as plot_fn, throughput_rank
     from weavelm.engine.llm import runner_config
     from weavelm.engine.schedule import parse_mode
     from weavelm.errors import check
@@ -296,10 +307,14 @@ def bench_throughput(
                 input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
                 backend=backend if dev.type == "cuda" else "torch", device=str(dev),
                 dtype=None, engine=engine, compare=compare)
+    _check_plot(plot)
     result = run_ranks(throughput_rank, tp, opts)
     if result is None:
         return
     _report(format_result(result), result, json_out)
+    if plot:
+        plot_fn(result, plot)
+        typer.echo(f"plot written to {plot}")
 
 
 @app.command()

@@ -48,3 +48,14 @@ def test_bench_throughput_cpu_tp1_and_tp2_weave():
         assert r["result"]["peak_kv_blocks"] <= r["result"]["kv_blocks"]
         table = format_result(r)
         assert "TTFT" in table and "bound / measured" in table and f"TP={tp}" in table
+
+
+def test_plot_draws_throughput_and_latency_distributions(tmp_path):
+    import pytest
+    pytest.importorskip("matplotlib")
+    from weavelm.bench.throughput import plot
+    r = _bench(1, dict(_opts(1, "baseline"), num_requests=4))
+    assert len(r["result"]["ttft_s"]) == 4 and r["result"]["ttft_s"] == sorted(r["result"]["ttft_s"])
+    path = tmp_path / "t.png"
+    plot(r, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -18,6 +18,7 @@ Every rank runs this; rank 0 prints.
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -120,7 +121,8 @@ def serve(llm, requests) -> dict:
     out_tokens = sum(n for _, n in done.values())
     return dict(elapsed_s=elapsed, requests=len(done), output_tokens=out_tokens,
                 ttft=_percentiles(ttft), tpot=_percentiles(tpot), peak_kv_blocks=peak,
-                kv_blocks=blocks.capacity, preempted=engine.scheduler.num_preempted)
+                kv_blocks=blocks.capacity, preempted=engine.scheduler.num_preempted,
+                ttft_s=sorted(ttft), tpot_s=sorted(tpot))
 
 
 def transformers_seconds(hf_cfg: dict, requests, device, dtype, batch: int = 16) -> float:
@@ -176,16 +178,21 @@ def throughput_rank(opts: dict) -> dict | None:
     bound = roofline_seconds(llm.config, opts["tp"], requests, llm.runner.config.max_num_seqs,
                              flops, copy, weight_bytes, kv_token)
     result = serve(llm, requests)
+    config, dtype = llm.config, llm.dtype
+    del llm  # transformers needs the memory the KV cache held
+    gc.collect()
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()
     if not state.is_first:
         return None
     in_tokens = sum(len(p) for p, _ in requests)
     e = result["elapsed_s"]
     compare = None
     if opts.get("compare") == "hf":
-        hf_s = transformers_seconds(hf_cfg, requests, state.device, llm.dtype)
+        hf_s = transformers_seconds(hf_cfg, requests, state.device, dtype)
         compare = dict(transformers_s=hf_s, speedup=hf_s / e,
                        transformers_output_tok_s=result["output_tokens"] / hf_s)
-    return dict(meta=dict(shape=opts["shape"], layers=llm.config.num_layers, tp=opts["tp"],
+    return dict(meta=dict(shape=opts["shape"], layers=config.num_layers, tp=opts["tp"],
                           mode=opts["mode"], device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
                           requests=len(requests), seed=opts["seed"],
@@ -218,3 +225,31 @@ def format_result(r: dict) -> str:
             "", f"transformers (static batches of 16, padded, eager) on the same requests: "
                 f"{r['compare']['transformers_s']:.2f} s ({r['compare']['transformers_output_tok_s']:.0f}"
                 f" output tok/s); weavelm {r['compare']['speedup']:.2f}x"]))
+
+
+def plot(r: dict, path: str) -> None:
+    """Output tokens/s of weavelm, its roofline bound (and transformers), and the TTFT / TPOT
+    distributions, in one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m, res = r["meta"], r["result"]
+    out = res["output_tokens"]
+    bars = {"weavelm": out / res["elapsed_s"], "roofline bound": out / r["bound"]["total_s"]}
+    if r.get("compare"):
+        bars["transformers"] = r["compare"]["transformers_output_tok_s"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
+    a1.bar(list(bars), list(bars.values()), color=["C0", "C7", "C1"][:len(bars)])
+    a1.set_ylabel("output tokens/s")
+    for ax, key, label in ((a2, "ttft_s", "TTFT (s)"), (a3, "tpot_s", "TPOT (ms)")):
+        xs = res[key] if key == "ttft_s" else [t * 1e3 for t in res[key]]
+        if xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))])
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{m['shape']} ({m['layers']} layers), TP {m['tp']}, mode {m['mode']}, "
+                 f"{m['device']}, {m['requests']} requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
