@@ -93,8 +93,10 @@ def _percentiles(xs):
     return statistics.median(xs), xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
 
 
-def serve(llm, requests) -> dict:
+def serve(llm, requests, progress: bool = False) -> dict:
     """Run the requests through the engine; timings per request and KV use."""
+    from tqdm.auto import tqdm
+
     from weavelm.engine.sampler import SamplingParams
     engine, blocks = llm.engine, llm.runner.blocks
     engine.stop_ids = set()
@@ -102,6 +104,7 @@ def serve(llm, requests) -> dict:
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=out_len,
                                                           ignore_eos=True))
     first, done, peak = {}, {}, 0
+    bar = tqdm(total=len(requests), desc="weavelm", unit=" requests", disable=not progress)
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         outs = engine.step()
@@ -115,7 +118,9 @@ def serve(llm, requests) -> dict:
             if out.finished:
                 done[out.request_id] = (now, len(out.token_ids))
                 engine.forget(out.request_id)
+                bar.update()
     elapsed = time.perf_counter() - t0
+    bar.close()
     ttft = [first[r] for r in done]
     tpot = [(t - first[r]) / (n - 1) for r, (t, n) in done.items() if n > 1]
     out_tokens = sum(n for _, n in done.values())
@@ -125,21 +130,24 @@ def serve(llm, requests) -> dict:
                 ttft_s=sorted(ttft), tpot_s=sorted(tpot))
 
 
-def transformers_seconds(hf_cfg: dict, requests, device, dtype, batch: int = 16) -> float:
+def transformers_seconds(hf_cfg: dict, requests, device, dtype, batch: int = 16,
+                         progress: bool = False) -> float:
     """Seconds for transformers to serve the same requests in static batches of `batch`
     (prompts left-padded to the batch's longest, every request run to the batch's longest
     output, eager `generate`, greedy), random weights of the same shape."""
     import transformers as tf
+    from tqdm.auto import tqdm
     cfg = {k: v for k, v in hf_cfg.items() if k != "architectures"}
     kind = "llama" if "Llama" in hf_cfg["architectures"][0] else "qwen2"
     config = tf.AutoConfig.for_model(kind, **cfg)
     with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(requests), batch):
+        for i in tqdm(range(0, len(requests), batch), desc="transformers", unit=" batches",
+                      disable=not progress):
             chunk = requests[i:i + batch]
             width = max(len(p) for p, _ in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.int64)
@@ -177,7 +185,7 @@ def throughput_rank(opts: dict) -> dict | None:
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     bound = roofline_seconds(llm.config, opts["tp"], requests, llm.runner.config.max_num_seqs,
                              flops, copy, weight_bytes, kv_token)
-    result = serve(llm, requests)
+    result = serve(llm, requests, progress=state.is_first)
     config, dtype = llm.config, llm.dtype
     del llm  # transformers needs the memory the KV cache held
     gc.collect()
@@ -189,7 +197,7 @@ def throughput_rank(opts: dict) -> dict | None:
     e = result["elapsed_s"]
     compare = None
     if opts.get("compare") == "hf":
-        hf_s = transformers_seconds(hf_cfg, requests, state.device, dtype)
+        hf_s = transformers_seconds(hf_cfg, requests, state.device, dtype, progress=True)
         compare = dict(transformers_s=hf_s, speedup=hf_s / e,
                        transformers_output_tok_s=result["output_tokens"] / hf_s)
     return dict(meta=dict(shape=opts["shape"], layers=config.num_layers, tp=opts["tp"],
