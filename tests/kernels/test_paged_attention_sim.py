@@ -66,6 +66,11 @@ def test_reference_matches_float64(window):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_head_group_divides_the_kv_share():
+    assert [P.head_group(h, kv) for h, kv in ((32, 8), (64, 8), (28, 4), (12, 4), (8, 8))] \
+        == [4, 4, 1, 3, 1]
+
+
 def test_lanes_and_support():
     assert P.lanes_per_key(torch.bfloat16, 128) == 16 and P.lanes_per_key(torch.float32, 128) == 32
     assert P.lanes_per_key(torch.bfloat16, 24) is None        # 3 vectors: not a power of two
@@ -86,4 +91,21 @@ def test_sim_kernel_matches_reference(dtype, D, splits, window):
     want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
                                         scale, window)
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits)
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@sim
+@pytest.mark.parametrize("dtype,group,splits,window", [
+    (torch.bfloat16, 4, 1, None), (torch.bfloat16, 2, 3, None), (torch.float32, 4, 2, 5),
+    (torch.float16, 1, 1, None)])
+def test_sim_grouped_heads_match_reference(dtype, group, splits, window):
+    """One CTA serving `group` of the 4 query heads that share each KV head: every head's
+    output (and the mapping of heads to KV heads) matches the reference."""
+    lens = [3, 17, 9]
+    q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 32, 4, lens, dtype, seed=group + 7 * splits)
+    scale = 1 / math.sqrt(32)
+    want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
+                                        scale, window)
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
+                                        group=group)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])

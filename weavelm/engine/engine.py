@@ -124,19 +124,27 @@ class LLMEngine:
             del self.seqs[request_id]
 
     def _sample(self, logits, owners: list[Sequence]) -> list[int]:
-        """One token per owner; rows that share parameters and a generator are sampled
-        together. Rank 0 decides and broadcasts, so ranks never diverge."""
+        """One token per owner; rows that sample alike (every greedy row; else the same
+        temperature, top-k, top-p and generator) are sampled in one call. Rank 0 decides and
+        broadcasts, so ranks never diverge."""
         if not owners:
             return []
-        tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
         groups: dict[tuple, list[int]] = {}
         for row, seq in enumerate(owners):
-            groups.setdefault((id(seq.params), id(seq.generator)), []).append(row)
-        for rows in groups.values():
-            seq = owners[rows[0]]
-            index = torch.tensor(rows, device=logits.device)
-            tokens[index] = sample(logits.index_select(0, index), seq.params,
-                                   seq.generator or self.generator)
+            p = seq.params
+            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p,
+                                                id(seq.generator))
+            groups.setdefault(key, []).append(row)
+        if len(groups) == 1:
+            seq = owners[0]
+            tokens = sample(logits, seq.params, seq.generator or self.generator)
+        else:
+            tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
+            for rows in groups.values():
+                seq = owners[rows[0]]
+                index = torch.tensor(rows, device=logits.device)
+                tokens[index] = sample(logits.index_select(0, index), seq.params,
+                                       seq.generator or self.generator)
         tokens = self.comm.broadcast(tokens, src=0).tolist()
         check_errors = getattr(self.comm, "check_errors", None)
         if check_errors is not None:        # a fused kernel timed out inside a graph replay

@@ -16,15 +16,18 @@ cache in place, with no host sync and no per-step gather of every sequence's key
 copy (the gather costs as much memory traffic again as the keys themselves); torch's built-in
 varlen attention has no block table on the torch the GPU machines run.
 
-Kernel layout: one CTA per (query head, sequence, split), heads fastest so the CTAs that share a
-KV head run together and its keys come from L2 after the first read. The CTA's 4 warps take keys
-round-robin; within a warp, L lanes hold one key row (each lane one 16-byte vector of K and V),
-so a warp scores 32 / L keys at once (two such rows per iteration, so the loads of both are in
-flight together: decode attention is bound by memory latency, not bandwidth), reduces the dot product over its L lanes with shuffles,
-and keeps an online softmax (running max m, sum l, and its E output elements). The CTA merges
-its warps' states in shared memory. With S = 1 it writes the output; with S > 1 each split
-writes (m, l, unnormalised output) in fp32 and `_combine` merges the splits (a second launch).
-S is chosen from (B, H, SMs) alone, so it is the same on every replay of a captured graph.
+Kernel layout: one CTA per (group of query heads sharing a KV head, sequence, split), groups
+fastest. Each key row is loaded once and scored against every head of the group (up to
+MAX_GROUP), so a KV head's keys leave memory once for all the query heads that read them (one
+CTA per query head read them H / Hkv times and was latency-bound at 0.1-0.9 TB/s; RESULTS.md).
+The CTA's 4 warps take keys round-robin; within a warp, L lanes hold one key row (each lane one
+16-byte vector of K and V), so a warp scores 32 / L keys at once (two rows per iteration, both
+loads in flight together: decode attention is bound by memory latency), reduces each head's dot
+product over its L lanes with shuffles, and keeps an online softmax per head (running max m, sum
+l, its E output elements). The CTA merges its warps' states in shared memory. With S = 1 it
+writes the output; with S > 1 each split writes (m, l, unnormalised output) in fp32 and
+`_combine` merges the splits (a second launch). The grid is split over the keys until it has
+CTAS_PER_SM CTAs per SM. S is chosen from (B, H, Hkv, SMs) alone, so it is the same on every replay of a captured graph.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ from weavelm.kernels.common import DTYPES, ELEMS, remember
 WARPS = 4                       # per CTA
 NEG = -1.0e30                   # "minus infinity" that keeps exp() and max() NaN-free
 MAX_SPLITS = 16
+MAX_GROUP = 4                   # query heads per CTA (registers: 2 x 8 floats per head a lane)
+CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
@@ -97,25 +102,33 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 _sms: dict[int, int] = {}
 
 
-def num_splits(batch: int, heads: int, device: int) -> int:
-    """S: enough CTAs for two per SM, at most MAX_SPLITS (the same for every replay of a
-    captured batch size, whatever the context lengths)."""
+def num_splits(batch: int, ctas: int, device: int) -> int:
+    """S: enough CTAs for CTAS_PER_SM per SM, at most MAX_SPLITS (the same for every replay of
+    a captured batch size, whatever the context lengths). `ctas`: CTAs per sequence at S = 1."""
     sms = _sms.get(device)
     if sms is None:
         sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
             if torch.cuda.is_available() else 4
-    return max(1, min(MAX_SPLITS, -(-2 * sms // max(1, batch * heads))))
+    return max(1, min(MAX_SPLITS, -(-CTAS_PER_SM * sms // max(1, batch * ctas))))
+
+
+def head_group(heads: int, kv_heads: int) -> int:
+    """Query heads one CTA serves: the largest divisor of H / Hkv up to MAX_GROUP (they share
+    a KV head, so its keys are read once for all of them)."""
+    share = heads // kv_heads
+    return max(d for d in range(1, min(share, MAX_GROUP) + 1) if share % d == 0)
 
 
 _plans: dict = {}
 
 
-def _kernels(dt: str, lanes: int):
-    key = (dt, lanes)
+def _kernels(dt: str, lanes: int, group: int):
+    key = (dt, lanes, group)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
-        main = launcher.kernel(("paged_decode", dt, lanes), lambda: _build_kernel(dt, lanes),
+        main = launcher.kernel(("paged_decode", dt, lanes, group),
+                               lambda: _build_kernel(dt, lanes, group),
                                SIGNATURE, max_threads=32 * WARPS)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
                                   lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
@@ -134,8 +147,10 @@ def _checked(name, t, shape, dtype, device):
 
 
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                                window: int | None = None, out=None, splits: int | None = None):
-    """Launcher (same contract as the reference). `splits` forces S (tests)."""
+                                window: int | None = None, out=None, splits: int | None = None,
+                                group: int | None = None):
+    """Launcher (same contract as the reference). `splits` forces S, `group` the query heads
+    per CTA (tests)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -151,15 +166,16 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     if B == 0:
         return out
     index = max(dev.index if dev.index is not None else 0, 0)
-    S = splits or num_splits(B, H, index)
-    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D))
+    group = group or head_group(H, Hkv)
+    S = splits or num_splits(B, H // group, index)
+    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group)
     part = ml = None
     pp = mp = 0
     if S > 1:
         part = torch.empty(B * H * S * D, dtype=torch.float32, device=dev)
         ml = torch.empty(B * H * S * 2, dtype=torch.float32, device=dev)
         pp, mp = part.data_ptr(), ml.data_ptr()
-    main.launch(H * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, op, pp, mp,
+    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, op, pp, mp,
                 B, H, Hkv, D, M, bs, S, window or 0, float(scale))
     if S > 1:
         combine.launch(H * B, 32, index, pp, mp, op, B * H, S, D)
@@ -171,8 +187,9 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, lanes: int):
-    """The decode kernel's Python function for one dtype and L (not yet jitted)."""
+def _build_kernel(dt: str, lanes: int, group: int):
+    """The decode kernel's Python function for one dtype, L and query-head group (not yet
+    jitted)."""
     global cuda
     from numba import float32, int64
 
@@ -184,10 +201,12 @@ def _build_kernel(dt: str, lanes: int):
     unpack, pack, E = codec(dt)
     itemsize = 16 // E
     kpw = 32 // lanes                       # keys a warp scores at once
-    slots = WARPS * kpw                     # independent softmax states per CTA
+    slots = WARPS * kpw                     # independent softmax states per CTA and head
     step = 2 * slots                        # keys per CTA iteration: two per key slot, so
     #                                         each lane has two keys' loads in flight
     width = lanes * E                       # D, fixed by the shape class
+    GE = group * E                          # a lane's query / output elements, all heads
+    ML = 2 * group                          # a lane's (max, sum) per head
     simulator = ptx.SIMULATOR               # no warp shuffles there: shared memory instead
     threads = 32 * WARPS
     load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
@@ -211,16 +230,24 @@ def _build_kernel(dt: str, lanes: int):
 
     lane_sum = device(lane_sum)
 
-    def online_softmax(m, lsum, acc, score, v):
-        """Fold one key (its score and value vector) into the running (max, sum, output)."""
-        m_new = max(m, score)
-        alpha = math.exp(m - m_new)
-        p = math.exp(score - m_new)
-        for e in range(E):
-            acc[e] = acc[e] * alpha + p * v[e]
-        return m_new, lsum * alpha + p
+    def score_and_fold(ml, acc, qv, k, v, ok, red, tid, vec):
+        """Score one key row against each head of the group and fold it into that head's
+        running (max, sum, output): ml[2i], ml[2i+1], acc[i*E:(i+1)*E]."""
+        for i in range(group):
+            d = float32(0.0)
+            for e in range(E):
+                d += qv[i * E + e] * k[e]
+            d = lane_sum(d, red, tid, vec)
+            if ok:
+                m_new = max(ml[2 * i], d)
+                alpha = math.exp(ml[2 * i] - m_new)
+                p = math.exp(d - m_new)
+                for e in range(E):
+                    acc[i * E + e] = acc[i * E + e] * alpha + p * v[e]
+                ml[2 * i] = m_new
+                ml[2 * i + 1] = ml[2 * i + 1] * alpha + p
 
-    online_softmax = device(online_softmax)
+    score_and_fold = device(score_and_fold)
 
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr,
                             ml_ptr, B, H, Hkv, D, M, bs, S, window, scale):
@@ -230,10 +257,11 @@ def _build_kernel(dt: str, lanes: int):
         sub = lane // lanes                  # which of the warp's keys
         vec = lane % lanes                   # which 16-byte vector of the row
         cta = cuda.blockIdx.x
-        h = cta % H
-        b = (cta // H) % B
-        s = cta // (H * B)
-        g = h // (H // Hkv)
+        groups = H // group
+        h0 = (cta % groups) * group          # the CTA's first query head
+        b = (cta // groups) % B
+        s = cta // (groups * B)
+        g = h0 // (H // Hkv)                 # the KV head every head of the group reads
         length = int64(load_u32(lens_ptr + b * 4))
         first = 0
         if window > 0 and length > window:
@@ -242,25 +270,26 @@ def _build_kernel(dt: str, lanes: int):
         lo = first + s * chunk
         hi = min(length, lo + chunk)
 
-        red = cuda.shared.array(threads, float32)         # simulator: dot-product partials
-        m_sh = cuda.shared.array(32, float32)            # per slot: running max
-        l_sh = cuda.shared.array(32, float32)            # per slot: running sum
-        acc_sh = cuda.shared.array((slots, width), float32)  # per slot: unnormalised output
-        qv = cuda.local.array(8, float32)
+        red = cuda.shared.array(threads, float32)            # simulator: dot-product partials
+        ml_sh = cuda.shared.array((group, slots, 2), float32)  # per head and slot: max, sum
+        acc_sh = cuda.shared.array((group, slots, width), float32)  # unnormalised outputs
+        qv = cuda.local.array(GE, float32)
+        ml = cuda.local.array(ML, float32)
         k0 = cuda.local.array(8, float32)
         k1 = cuda.local.array(8, float32)
         v0 = cuda.local.array(8, float32)
         v1 = cuda.local.array(8, float32)
-        acc = cuda.local.array(8, float32)
+        acc = cuda.local.array(GE, float32)
 
         row_bytes = D * itemsize
-        unpack(load_nc(q_ptr + (b * H + h) * row_bytes + vec * 16), qv)
         sc = float32(scale)
-        for e in range(E):
-            qv[e] *= sc
-            acc[e] = float32(0.0)
-        m = float32(NEG)
-        lsum = float32(0.0)
+        for i in range(group):
+            unpack(load_nc(q_ptr + (b * H + h0 + i) * row_bytes + vec * 16), k0)
+            for e in range(E):
+                qv[i * E + e] = k0[e] * sc
+                acc[i * E + e] = float32(0.0)
+            ml[2 * i] = float32(NEG)
+            ml[2 * i + 1] = float32(0.0)
         base = lo
         while base < hi:                     # uniform over the CTA
             j0 = base + warp * kpw + sub
@@ -279,54 +308,49 @@ def _build_kernel(dt: str, lanes: int):
             unpack(load_nc(k_ptr + a1), k1)
             unpack(load_nc(v_ptr + a0), v0)
             unpack(load_nc(v_ptr + a1), v1)
-            d0 = float32(0.0)
-            d1 = float32(0.0)
-            for e in range(E):
-                d0 += qv[e] * k0[e]
-                d1 += qv[e] * k1[e]
-            d0 = lane_sum(d0, red, tid, vec)
-            d1 = lane_sum(d1, red, tid, vec)
-            if ok0:
-                m, lsum = online_softmax(m, lsum, acc, d0, v0)
-            if ok1:
-                m, lsum = online_softmax(m, lsum, acc, d1, v1)
+            score_and_fold(ml, acc, qv, k0, v0, ok0, red, tid, vec)
+            score_and_fold(ml, acc, qv, k1, v1, ok1, red, tid, vec)
             base += step
 
         slot = warp * kpw + sub
-        if vec == 0:
-            m_sh[slot] = m
-            l_sh[slot] = lsum
-        for e in range(E):
-            acc_sh[slot, vec * E + e] = acc[e]
+        for i in range(group):
+            if vec == 0:
+                ml_sh[i, slot, 0] = ml[2 * i]
+                ml_sh[i, slot, 1] = ml[2 * i + 1]
+            for e in range(E):
+                acc_sh[i, slot, vec * E + e] = acc[i * E + e]
         cuda.syncthreads()
-        if tid < lanes:                      # thread t merges vector t of every slot
+        if tid < lanes * group:              # thread t merges vector t % L of head t // L
+            i = tid // lanes
+            t = tid % lanes
             mx = float32(NEG)
-            for i in range(slots):
-                mx = max(mx, m_sh[i])
+            for j in range(slots):
+                mx = max(mx, ml_sh[i, j, 0])
             total = float32(0.0)
             for e in range(E):
-                acc[e] = float32(0.0)
-            for i in range(slots):
-                w = math.exp(m_sh[i] - mx)
-                total += l_sh[i] * w
+                k0[e] = float32(0.0)
+            for j in range(slots):
+                w = math.exp(ml_sh[i, j, 0] - mx)
+                total += ml_sh[i, j, 1] * w
                 for e in range(E):
-                    acc[e] += acc_sh[i, tid * E + e] * w
+                    k0[e] += acc_sh[i, j, t * E + e] * w
+            h = h0 + i
             if S == 1:
                 inv = float32(1.0) / total
                 for e in range(E):
-                    acc[e] *= inv
-                r = pack(acc)
-                store(out_ptr + (b * H + h) * row_bytes + tid * 16, r[0], r[1], r[2], r[3])
+                    k0[e] *= inv
+                r = pack(k0)
+                store(out_ptr + (b * H + h) * row_bytes + t * 16, r[0], r[1], r[2], r[3])
             else:
                 row = (b * H + h) * S + s
                 for e4 in range(0, E, 4):
-                    store(part_ptr + (row * D + tid * E + e4) * 4, as_u32(acc[e4]),
-                          as_u32(acc[e4 + 1]), as_u32(acc[e4 + 2]), as_u32(acc[e4 + 3]))
-                if tid == 0:
+                    store(part_ptr + (row * D + t * E + e4) * 4, as_u32(k0[e4]),
+                          as_u32(k0[e4 + 1]), as_u32(k0[e4 + 2]), as_u32(k0[e4 + 3]))
+                if t == 0:
                     ptx.store_u32(ml_ptr + row * 8, as_u32(mx))
                     ptx.store_u32(ml_ptr + row * 8 + 4, as_u32(total))
 
-    paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}"
+    paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}_g{group}"
     return paged_decode_kernel
 
 
