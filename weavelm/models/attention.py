@@ -169,10 +169,27 @@ def _sdpa(q, k, v, **kwargs):
     """SDPA with grouped-query heads. On CUDA the KV heads are expanded so the flash kernel
     always applies (GQA support varies by backend and torch version); the CPU kernels take
     enable_gqa directly."""
-    if q.is_cuda and k.shape[-3] != q.shape[-3]:
-        k, v = _expand_kv(q, k, v)
+    if q.is_cuda:
+        if k.shape[-3] != q.shape[-3]:
+            k, v = _expand_kv(q, k, v)
+        if _plan_free(q, k):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
+def _plan_free(q, k) -> bool:
+    """Shapes that should not go to cuDNN: it builds an execution plan for every new shape
+    (tens of ms of host time, then cached), so the arbitrary prompt and chunk lengths of a
+    serving engine would each pay one. Lengths that are multiples of PLAN_ROWS recur (fixed
+    prefill sizes, full chunks) and keep cuDNN, the fastest kernel on Hopper."""
+    return q.shape[-2] % PLAN_ROWS != 0 or k.shape[-2] % PLAN_ROWS != 0
+
+
+PLAN_ROWS = 128
 
 
 def _expand_kv(q, k, v):
@@ -190,7 +207,9 @@ _LSE_BACKENDS = ["cudnn", "flash"]
 def _sdpa_lse(q, k, v, causal: bool, scale: float):
     """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies."""
     k, v = _expand_kv(q, k, v)
-    for name in list(_LSE_BACKENDS):
+    order = sorted(_LSE_BACKENDS, key=lambda n: n != "flash") if _plan_free(q, k) \
+        else list(_LSE_BACKENDS)
+    for name in order:
         try:
             if name == "cudnn":
                 r = torch.ops.aten._scaled_dot_product_cudnn_attention(
