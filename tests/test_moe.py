@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import make_tiny, reference_logits
+from tiny_models import make_tiny, reference_logits, save_tiny_tokenizer
 from weavelm.errors import WeavelmError
 from weavelm.kernels.moe import group_by_expert, moe_experts, moe_experts_reference, route
 from weavelm.parallel.launch import spawn
@@ -246,3 +246,22 @@ def test_missing_expert_tensor_is_refused(checkpoints, tmp_path):
     save_file(state, d / "model.safetensors")
     with pytest.raises(WeavelmError, match="missing 1 tensors .*experts.w13"):
         LLM(str(d), tp=1, device="cpu", progress=False)
+
+
+def test_cli_generate_runs_tiny_mixtral_at_tp2(checkpoints, tmp_path):
+    # The tokenizer's words are the token ids: stdout is transformers' greedy continuation.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    d = tmp_path / "mixtral"
+    shutil.copytree(checkpoints["mixtral"]["path"], d)
+    save_tiny_tokenizer(d)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(d), "-p", "1 5 9 14",
+                        "--no-chat", "--device", "cpu", "-n", "4", "--tp", "2"], cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    model = make_tiny("mixtral", tmp_path / "again", seed=3)       # the same weights
+    assert p.stdout.split() == [str(t) for t in _greedy(model, [1, 5, 9, 14], 4)], p.stdout
