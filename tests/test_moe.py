@@ -265,3 +265,41 @@ def test_cli_generate_runs_tiny_mixtral_at_tp2(checkpoints, tmp_path):
     assert p.returncode == 0, p.stderr
     model = make_tiny("mixtral", tmp_path / "again", seed=3)       # the same weights
     assert p.stdout.split() == [str(t) for t in _greedy(model, [1, 5, 9, 14], 4)], p.stdout
+
+
+# -- the splitter's cost model and the prefill benchmark know MoE layers ----------------------
+def test_named_moe_shapes_and_their_grouped_gemms():
+    from weavelm.bench.shapes import shape_config
+    from weavelm.engine.wave_model import gemm_waves
+    from weavelm.models.config import ModelConfig
+    from weavelm.models.registry import GemmShape, family_for
+    for name, E, K in (("mixtral-8x7b", 8, 2), ("mixtral-8x22b", 8, 2), ("qwen3-30b-a3b", 128, 8)):
+        cfg = ModelConfig.from_hf(shape_config(name, 4))
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_layers) == (E, K, [0, 1, 2, 3])
+        cfg.check_tp(8)
+        gemms = {g.name: g for g in family_for(cfg.architecture).layer_gemms(cfg, 2)}
+        up = gemms["experts_gate_up"]
+        assert (up.n, up.k, up.experts, up.top_k) == (cfg.moe_intermediate_size,
+                                                      cfg.hidden_size, E, K)
+        # uniform routing: 8192 tokens put 8192 K / E rows on each expert's GEMM
+        one = GemmShape(up.n, up.k)
+        tiles = -(-8192 * K // E // 128) * -(-up.n // 256)
+        assert gemm_waves(8192, up) == -(-E * tiles // 132)
+        assert gemm_waves(8192 * K // E, one) == -(-tiles // 132)
+
+
+def test_bench_prefill_runs_a_random_moe_shape():
+    from weavelm.bench import shapes
+    from weavelm.bench.prefill import bench_prefill_rank, format_table
+    shapes.SHAPES["test-tiny-moe"] = dict(
+        architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096)
+    try:
+        result = bench_prefill_rank(dict(shape="test-tiny-moe", layers=2, tp=1, tokens=[40],
+                                         seq_len=None, repeats=1, modes=["baseline"],
+                                         backend="torch", device="cpu", verbose=False))
+    finally:
+        shapes.SHAPES.pop("test-tiny-moe")
+    assert result["rows"][0]["baseline"] > 0
+    assert "2 of 4 experts" in format_table(result) and "uniform" in result["meta"]["moe"]
