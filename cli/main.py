@@ -197,7 +197,9 @@ def _report(table: str, result: dict, json_out: str | None) -> None:
 @user_errors
 def bench_prefill(
     shape: str = typer.Option("llama3-70b", help="Model shape: llama3-8b, llama3-70b, "
-                                                 "qwen2.5-72b (random weights)."),
+                                                 "qwen2.5-72b, mixtral-8x7b, mixtral-8x22b, "
+                                                 "qwen3-30b-a3b (random weights; MoE routing "
+                                                 "about uniform)."),
     layers: int = typer.Option(8, help="Decoder layers to build."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     tokens: str = typer.Option("1k,2k,4k,8k,16k", help="Prefill token counts."),
@@ -260,7 +262,8 @@ def bench_prefill(
 @user_errors
 def bench_throughput(
     shape: str = typer.Option("llama3-8b", help="Model shape (random weights): llama3-8b, "
-                                                "llama3-70b, qwen2.5-72b."),
+                                                "llama3-70b, qwen2.5-72b, mixtral-8x7b, "
+                                                "mixtral-8x22b, qwen3-30b-a3b."),
     layers: Optional[int] = typer.Option(None, help="Decoder layers to build \\[default: all]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),

@@ -7,9 +7,23 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
+# Mixture of experts: Mixtral (top-2 of 8, expert size 96: 24 per rank at TP 4) and Qwen3-MoE
+# (top-4 of 16, expert size 40, no renormalisation; layer 1 a dense MLP via mlp_only_layers).
+MOE = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=96),
+    "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=40,
+                      norm_topk_prob=False, mlp_only_layers=[1], head_dim=24),
+}
+ROUTER_STD = 0.3   # router logits a few units apart: rounding cannot swap a token's experts
+EXPERT_SCALE = 5   # experts' weights N(0, 0.1): their outputs weigh in the logits
+
+
 def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed: int = 0,
               layers: int = 2, heads: int = 4):
-    """Save a random `kind` model (llama, qwen2, qwen3, mistral) to `directory`; return it."""
+    """Save a random `kind` model (llama, qwen2, qwen3, mistral, mixtral, qwen3_moe) to
+    `directory`; return it. MoE routers get N(0, ROUTER_STD) weights: with transformers'
+    N(0, 0.02) every router logit is near zero, and a rounding difference could pick another
+    expert (a different, not a wrong, result). Expert weights are scaled by EXPERT_SCALE."""
     import transformers as tf
     torch.manual_seed(seed)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -20,9 +34,17 @@ def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=24)),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=16)),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, MOE["mixtral"]),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, MOE["qwen3_moe"]),
     }[kind]
     config_cls, model_cls, extra = cls
-    model = model_cls(config_cls(**common, **extra)).eval()
+    model = model_cls(config_cls(**{**common, **extra})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if kind in MOE and name.endswith("gate.weight") and p.dim() == 2:
+                p.normal_(0.0, ROUTER_STD)
+            elif kind in MOE and "experts" in name:
+                p.mul_(EXPERT_SCALE)
     if kind == "qwen2":   # random q/k/v biases, so the bias path is really exercised
         with torch.no_grad():
             for layer in model.model.layers:

@@ -30,7 +30,8 @@ def random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0,
 
 
 def fill_random(model, seed: int = 0) -> None:
-    """N(0, 0.02) weights, each rank drawing its own shard; norms 1 (replicated)."""
+    """N(0, 0.02) weights, each rank drawing its own shard; norms 1 and other replicated
+    weights (an MoE router: `replicated`) drawn alike on every rank."""
     from weavelm.parallel.state import get_state
     p0 = next(model.parameters())
     gen = torch.Generator(device=p0.device)
@@ -40,7 +41,8 @@ def fill_random(model, seed: int = 0) -> None:
             if name.endswith("norm.weight"):
                 p.fill_(1.0)                          # replicated: identical on every rank
             else:
-                gen.manual_seed(seed * 1000 + rank * 7919 + zlib.crc32(name.encode()))
+                shard = 0 if getattr(p, "replicated", False) else rank
+                gen.manual_seed(seed * 1000 + shard * 7919 + zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=gen)   # this rank's shard
 
 
@@ -184,9 +186,19 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
         meta = dict(shape=opts["shape"], layers=opts["layers"], tp=opts["tp"],
                     backend=runner.backend, device=torch.cuda.get_device_name()
                     if state.device.type == "cuda" else "cpu", seq_len=opts["seq_len"],
-                    graph=graph, carveout=schedule.sm_carveout)
+                    graph=graph, carveout=schedule.sm_carveout, moe=moe_note(runner.cfg))
         return {"meta": meta, "rows": rows}
     return None
+
+
+def moe_note(cfg) -> str | None:
+    """What a random-weight MoE shape routes: about T * top_k / E tokens per expert."""
+    if not cfg.num_experts:
+        return None
+    return (f"MoE: {len(cfg.moe_layers)} of {cfg.num_layers} layers route each token to "
+            f"{cfg.num_experts_per_tok} of {cfg.num_experts} experts; random router weights "
+            f"route about uniformly (T*{cfg.num_experts_per_tok}/{cfg.num_experts} tokens per "
+            f"expert), trained routers less evenly")
 
 
 def format_table(result: dict) -> str:
@@ -197,7 +209,7 @@ def format_table(result: dict) -> str:
             f"{meta['device']}, fused backend {meta['backend']}, "
             f"{'CUDA graphs' if meta.get('graph') else 'eager'}, weave SM carveout "
             f"{meta.get('carveout', 'auto')}; ms, median; ratios from this run")
-    lines = [head, "",
+    lines = [head] + ([meta["moe"]] if meta.get("moe") else []) + ["",
              "| tokens | split | " + " | ".join(f"{m} ms" for m in modes)
              + " | weave vs baseline | fused vs baseline | weave / nocomm |",
              "| --- | --- | " + " | ".join("---" for _ in modes) + " | --- | --- | --- |"]

@@ -20,12 +20,16 @@ A per-rank GEMM `[M, k] @ [k, n]` is computed in output tiles of `tile_m x tile_
 The unsplit batch costs time(T); a split at s costs time(s) + time(T - s). A good s makes both
 halves fill whole waves, so their sum is no more than the unsplit cost.
 
+A mixture-of-experts layer's expert GEMMs are grouped GEMMs (`GemmShape.experts`, `top_k`):
+each of E experts runs on its routed rows, m * top_k / E of them when routing is uniform, so
+its tiles are E * ceil(m * top_k / E / tile_m) * ceil(n / tile_n).
+
 Assumptions (each is why `tune` exists): one fixed tile shape (real libraries choose per shape,
 and may use split-K or stream-K); one resident tile per SM; every tile costs the same, in
-proportion to k; a partial wave costs a full wave; GEMMs run one after another. Attention, norms
-and element-wise kernels are left out: their cost scales smoothly with tokens. `num_sms` is the
-SMs the GEMMs get: pass fewer than the card has when the other half's communication kernel holds
-some of them.
+proportion to k; routing is uniform over the experts; a partial wave costs a full wave; GEMMs
+run one after another. Attention, norms and element-wise kernels are left out: their cost
+scales smoothly with tokens. `num_sms` is the SMs the GEMMs get: pass fewer than the card has
+when the other half's communication kernel holds some of them.
 
 Causal attention
 ----------------
@@ -70,8 +74,10 @@ __all__ = ["GemmShape", "gemm_waves", "modeled_time", "default_align", "split_wi
 
 def gemm_waves(m: int, gemm: GemmShape, num_sms: int = DEFAULT_NUM_SMS, *,
                tile_m: int = TILE_M, tile_n: int = TILE_N) -> int:
-    """Waves of `num_sms` tiles that an `m`-token GEMM of this shape needs (0 for m = 0)."""
-    tiles = -(-m // tile_m) * -(-gemm.n // tile_n)
+    """Waves of `num_sms` tiles that an `m`-token GEMM of this shape needs (0 for m = 0); a
+    grouped (expert) GEMM: the tiles of every expert's ceil(m * top_k / experts) rows."""
+    rows = -(-m * gemm.top_k // gemm.experts)
+    tiles = gemm.experts * -(-rows // tile_m) * -(-gemm.n // tile_n)
     return -(-tiles // num_sms)
 
 

@@ -34,6 +34,12 @@ class ModelConfig:
     sliding_window: int | None = None
     rope_scaling: dict = field(default_factory=dict)
     eos_token_ids: list[int] = field(default_factory=list)
+    # Mixture of experts (set by an MoE family's config hook; 0 experts: a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0       # each expert's intermediate size
+    norm_topk_prob: bool = True          # renormalise the top-k routing weights
+    moe_layers: list[int] = field(default_factory=list)   # layers whose MLP is the experts
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -77,6 +83,7 @@ class ModelConfig:
         """TP degrees that split the heads, KV heads and MLP evenly."""
         return [tp for tp in range(1, limit + 1)
                 if self.num_heads % tp == 0 and self.intermediate_size % tp == 0
+                and self.moe_intermediate_size % tp == 0
                 and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0)]
 
     def check_tp(self, tp: int) -> None:
@@ -84,8 +91,12 @@ class ModelConfig:
             valid = ", ".join(map(str, self.valid_tp_degrees()))
             raise WeavelmError(
                 f"TP={tp} cannot split this model ({self.num_heads} attention heads, "
-                f"{self.num_kv_heads} KV heads, MLP {self.intermediate_size}): "
+                f"{self.num_kv_heads} KV heads, MLP {self.intermediate_size}"
+                f"{self._experts_note()}): "
                 f"use one of TP = {valid}")
+
+    def _experts_note(self) -> str:
+        return f", experts {self.moe_intermediate_size}" if self.num_experts else ""
 
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

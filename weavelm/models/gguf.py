@@ -9,7 +9,8 @@ Face, so this module translates both sides and nothing else:
   weight loader can stream them into each rank's shard exactly as it streams safetensors.
 
 Supported: the families whose registry entry names a `gguf_architecture` (llama, which also
-covers Mistral GGUFs; qwen2; qwen3).
+covers Mistral GGUFs, and with `llama.expert_count` Mixtral; qwen2; qwen3). Mixtral's experts
+come stacked (`blk.N.ffn_gate_exps` [E, I, D]) and are yielded one HF tensor per expert.
 
 The file is read by `gguf_reader.GGUFHeader`, not `gguf.GGUFReader`: the header is parsed lazily
 in milliseconds (the vocabulary is skipped, not decoded) and tensor data is memory-mapped; the
@@ -30,7 +31,7 @@ from gguf.quants import dequantize
 
 from weavelm.errors import WeavelmError
 from weavelm.models.gguf_reader import TensorInfo, read_header
-from weavelm.models.registry import ModelFamily, family_for_gguf
+from weavelm.models.registry import ModelFamily, family_for, family_for_gguf
 
 __all__ = ["default_model_path", "gguf_config", "iter_gguf_tensors", "read_header"]
 
@@ -58,7 +59,8 @@ def gguf_config(path: str | os.PathLike) -> dict:
     reader = read_header(path)
     get = reader.get
     arch = get("general.architecture")
-    family = family_for_gguf(arch)
+    experts = get(f"{arch}.expert_count") or 0
+    family = family_for_gguf(arch, experts=experts > 0)
     shapes = {t.name: _hf_shape(t) for t in reader.tensors}
     heads = get(f"{arch}.attention.head_count")
     config = {
@@ -90,6 +92,9 @@ def gguf_config(path: str | os.PathLike) -> dict:
         config["head_dim"] = head_dim
     if family.gguf_permute_qk:
         config["attention_bias"] = "blk.0.attn_q.bias" in shapes
+    if experts:
+        config["num_local_experts"] = experts
+        config["num_experts_per_tok"] = get(f"{arch}.expert_used_count")
     rope_scaling = _rope_scaling(reader, arch, config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
@@ -109,7 +114,7 @@ def iter_gguf_tensors(
     """
     reader = read_header(path)
     config = gguf_config(path)
-    family = family_for_gguf(config["model_type"])
+    family = family_for(config["architectures"][0])
     # Map every name before dequantizing anything, so an unknown tensor fails fast.
     plan = [(t, _hf_name(t.name, family, path)) for t in reader.tensors
             if t.name not in _SKIPPED]
@@ -131,6 +136,10 @@ def iter_gguf_tensors(
             kv = ".k_proj." in hf_name
             heads = config["num_key_value_heads" if kv else "num_attention_heads"]
             weights = _unpermute_rotary(weights, heads)
+        if "*" in hf_name:      # experts stacked [E, ...]: one HF tensor per expert
+            for e in range(weights.shape[0]):
+                yield hf_name.replace("*", str(e)), torch.from_numpy(weights[e])
+            continue
         yield hf_name, torch.from_numpy(weights)
 
 

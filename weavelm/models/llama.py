@@ -81,8 +81,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device, max_positions: int):
+    """`make_mlp(cfg, layer_idx, dtype, device)` builds each layer's MLP block (a family with
+    mixture-of-experts layers passes its own)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, max_positions: int, make_mlp=None):
         super().__init__()
+        make_mlp = make_mlp or (lambda cfg, i, dtype, device: LlamaMLP(cfg, dtype, device))
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                                    params_dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
@@ -90,7 +94,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([
             DecoderLayer(
                 self_attn=LlamaAttention(cfg, i, self.rotary, dtype, device),
-                mlp=LlamaMLP(cfg, dtype, device),
+                mlp=make_mlp(cfg, i, dtype, device),
                 input_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device),
                 post_attention_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                  device))
@@ -99,11 +103,14 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    make_mlp = None              # LlamaModel's dense MLP; subclasses may build other blocks
+
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu",
                  max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, device, max_positions or cfg.max_position_embeddings)
+        self.model = LlamaModel(cfg, dtype, device, max_positions or cfg.max_position_embeddings,
+                                self.make_mlp)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, params_dtype=dtype,
                                       device=device)
         if cfg.tie_word_embeddings:

@@ -25,15 +25,22 @@ from typing import Any, Callable
 
 from weavelm.errors import check
 
-BUILTIN_FAMILY_MODULES = ("weavelm.models.llama",)
+BUILTIN_FAMILY_MODULES = ("weavelm.models.llama", "weavelm.models.moe")
 
 
 @dataclass(frozen=True)
 class GemmShape:
-    """One per-rank GEMM of a decoder layer: `n` output features on this rank, `k` input features."""
+    """One per-rank GEMM of a decoder layer: `n` output features on this rank, `k` input features.
+
+    A grouped GEMM over `experts` experts, each token routed to `top_k` of them, runs once per
+    expert on its routed rows: m tokens give ceil(m * top_k / experts) rows per expert when
+    routing is uniform (the wave model's assumption; random router weights route about so).
+    """
     n: int
     k: int
     name: str = ""
+    experts: int = 1
+    top_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class ModelFamily:
     gguf_architecture: str | None = None       # GGUF `general.architecture`
     gguf_block_names: dict[str, str] = field(default_factory=dict)  # blk.N.<gguf> -> HF name
     gguf_permute_qk: bool = False              # llama.cpp's llama converter permutes q/k rows
+    gguf_moe: bool = False                     # its GGUFs have `{arch}.expert_count` > 0
 
     def map_checkpoint_name(self, name: str) -> tuple[str, Any]:
         """(parameter name, shard id or None) for a checkpoint tensor name."""
@@ -86,13 +94,17 @@ def family_for(architecture: str | None) -> ModelFamily:
     return families[architecture]
 
 
-def family_for_gguf(gguf_architecture: str | None) -> ModelFamily:
-    """The family a GGUF file's `general.architecture` loads as (the first registered)."""
+def family_for_gguf(gguf_architecture: str | None, experts: bool = False) -> ModelFamily:
+    """The family a GGUF file's `general.architecture` loads as (the first registered), with
+    experts or without (`{arch}.expert_count` > 0: llama.cpp writes Mixtral as "llama")."""
     families = [f for f in _families().values() if f.gguf_architecture is not None]
     for family in families:
-        if family.gguf_architecture == gguf_architecture:
+        if family.gguf_architecture == gguf_architecture and family.gguf_moe == experts:
             return family
     names = sorted({f.gguf_architecture for f in families})
+    check(gguf_architecture not in names,
+          f"GGUF architecture {gguf_architecture!r} {'with' if experts else 'without'} experts "
+          f"is not supported")
     check(False, f"GGUF architecture {gguf_architecture!r} is not supported: use one of "
                  f"{', '.join(names)}")
 

@@ -1,0 +1,102 @@
+"""Tensor-parallel mixture-of-experts weights, and the replicated router.
+
+N = TP world size, r = this rank, E = experts, D = hidden size, I = expert intermediate size.
+
+Every rank holds every expert, each split 1/N along I, as Megatron splits a dense MLP: the
+gate and up projections (w1, w3) column-parallel, packed into one [E, 2I/N, D] parameter, and
+the down projection (w2) row-parallel, [E, D, I/N]. An expert's output on rank r is then its
+partial sum, and so is the weighted sum over the experts a token is routed to: the MoE block
+ends, like a dense MLP, in one reduction of partial sums that the schedules fuse with the
+residual add and the next norm. (Expert parallelism, each rank holding E/N whole experts, would
+need an all-to-all of tokens instead; see docs/architecture.md.)
+
+Checkpoints store one tensor per expert and projection; the family's packed-module table maps
+`experts.<e>.w1` to shard id (e, 0), `experts.<e>.w3` to (e, 1) and `experts.<e>.w2` to
+(e, None), and each loader reads only this rank's slice of that expert.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weavelm.parallel.layers import (
+    TPLayer, check_whole, copy_checked, default_weight_loader, narrow,
+)
+from weavelm.parallel.state import divide
+
+
+def _param(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ReplicatedLinear(TPLayer):
+    """Y = XA with A whole on every rank (the MoE router: every rank routes every token the
+    same way). Its weight is marked `replicated` (random initialisers draw it once)."""
+
+    def __init__(self, input_size: int, output_size: int, params_dtype=None, device=None):
+        super().__init__(params_dtype, device)
+        self.weight = _param((output_size, input_size), self.params_dtype, self.device)
+        self.weight.weight_loader = default_weight_loader
+        self.weight.replicated = True
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight.t())                     # [T, out]
+
+
+class MergedExpertColumnParallel(TPLayer):
+    """E experts' gate and up projections, each split along its output (I) dimension: rank r
+    holds rows [r I/N, (r+1) I/N) of every expert's w1, then of its w3, as `weight`
+    [E, 2I/N, D]. Loads from shard id (e, 0) (w1) and (e, 1) (w3)."""
+
+    def __init__(self, num_experts: int, input_size: int, intermediate_size: int,
+                 params_dtype=None, device=None):
+        super().__init__(params_dtype, device)
+        self.num_experts, self.input_size = num_experts, input_size
+        self.intermediate_size = intermediate_size
+        self.size_per_partition = divide(intermediate_size, self.tp_size)
+        self.weight = _param((num_experts, 2 * self.size_per_partition, input_size),
+                             self.params_dtype, self.device)
+        self.weight.weight_loader = self.weight_loader
+        self.weight.shard_ids = tuple((e, j) for e in range(num_experts) for j in (0, 1))
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        expert, j = _expert_shard(shard_id, self.num_experts, (0, 1))
+        check_whole(loaded, (self.intermediate_size, self.input_size), f"expert {expert} w{j}")
+        size = self.size_per_partition
+        copy_checked(param.data[expert].narrow(0, j * size, size),
+                     narrow(loaded, 0, self.tp_rank * size, size), f"expert {expert} shard")
+
+
+class ExpertRowParallel(TPLayer):
+    """E experts' down projections, each split along its input (I) dimension: rank r holds
+    columns [r I/N, (r+1) I/N) of every expert's w2 as `weight` [E, D, I/N]. Loads from shard
+    id (e, None)."""
+
+    def __init__(self, num_experts: int, intermediate_size: int, output_size: int,
+                 params_dtype=None, device=None):
+        super().__init__(params_dtype, device)
+        self.num_experts, self.output_size = num_experts, output_size
+        self.intermediate_size = intermediate_size
+        self.size_per_partition = divide(intermediate_size, self.tp_size)
+        self.weight = _param((num_experts, output_size, self.size_per_partition),
+                             self.params_dtype, self.device)
+        self.weight.weight_loader = self.weight_loader
+        self.weight.shard_ids = tuple((e, None) for e in range(num_experts))
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        expert, _ = _expert_shard(shard_id, self.num_experts, (None,))
+        check_whole(loaded, (self.output_size, self.intermediate_size), f"expert {expert} w2")
+        size = self.size_per_partition
+        copy_checked(param.data[expert], narrow(loaded, 1, self.tp_rank * size, size),
+                     f"expert {expert} shard")
+
+
+def _expert_shard(shard_id, num_experts: int, parts: tuple):
+    ok = (isinstance(shard_id, tuple) and len(shard_id) == 2
+          and isinstance(shard_id[0], int) and shard_id[1] in parts)
+    if not ok:
+        raise ValueError(f"expert weight needs a shard id (expert, part), got {shard_id!r}")
+    if not 0 <= shard_id[0] < num_experts:
+        raise ValueError(f"expert index {shard_id[0]} is outside the model's {num_experts} "
+                         f"experts")
+    return shard_id
