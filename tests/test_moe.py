@@ -212,6 +212,22 @@ def test_qwen3_moe_sparse_step_and_dense_layers():
     assert ModelConfig.from_hf(_config("mixtral")).moe_layers == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_missing_norm_eps_and_rope_theta_mean_transformers_defaults(kind):
+    """A config.json without rms_norm_eps / rope_theta means the values transformers' own
+    config class fills in (Mixtral's differ from Llama's)."""
+    import transformers
+    from weavelm.models.config import ModelConfig
+    base = {k: v for k, v in _config(kind).items()
+            if k not in ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling")}
+    cls = transformers.MixtralConfig if kind == "mixtral" else transformers.Qwen3MoeConfig
+    want = cls()
+    theta = (getattr(want, "rope_parameters", None) or {}).get("rope_theta") \
+        or getattr(want, "rope_theta", None)
+    cfg = ModelConfig.from_hf(base)
+    assert (cfg.rms_norm_eps, cfg.rope_theta) == (want.rms_norm_eps, theta)
+
+
 @pytest.mark.parametrize("kind,changes,words", [
     ("qwen3_moe", dict(decoder_sparse_step=0), "decoder_sparse_step"),
     ("qwen3_moe", dict(mlp_only_layers="all"), "mlp_only_layers"),

@@ -88,6 +88,13 @@ def _experts(hf: dict, fields: dict, experts_key, inter_key: str) -> None:
 
 def _mixtral(hf: dict, fields: dict) -> None:
     _experts(hf, fields, ("num_local_experts",), "intermediate_size")
+    # transformers' MixtralConfig defaults, where they differ from Llama's (a config.json
+    # without these fields means these values)
+    if "rms_norm_eps" not in hf:
+        fields["rms_norm_eps"] = 1e-5
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not (rope.get("rope_theta") or hf.get("rope_theta")):
+        fields["rope_theta"] = 1e6
     fields.update(norm_topk_prob=True, moe_layers=list(range(fields["num_layers"])))
 
 
