@@ -133,7 +133,7 @@ def env():
     """Report devices, NVLink peers, runnable communicator backends and multicast policy."""
     import torch
 
-    from weavelm.parallel.backends import available_backends
+    from weavelm.parallel.backends import available_backends, fused_choice
     from weavelm.parallel.multicast_guard import multicast_allowed
     typer.echo(f"torch {torch.__version__}")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -155,6 +155,11 @@ def env():
     typer.echo("communicator backends (auto picks the first usable of multimem, p2p, torch):")
     for name in available_backends()[:-1]:
         typer.echo(f"  {name}: {usable[name]}")
+    if n >= 2:
+        transport, why = fused_choice(0, n)
+    else:
+        transport, why = "none", "fewer than 2 GPUs: collectives go through torch"
+    typer.echo(f"fused transport: {transport} ({why})")
     typer.echo("CPU ranks: gloo (any --tp on --device cpu)")
 
 

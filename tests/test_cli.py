@@ -141,6 +141,9 @@ def test_env_reports_backends_and_multicast():
     import torch
     if not torch.cuda.is_available():
         assert "p2p: not here" in out
+        assert "fused transport: none (fewer than 2 GPUs" in out
+    else:
+        assert "fused transport: multimem" not in out
 
 
 @pytest.mark.parametrize("args,needle", [

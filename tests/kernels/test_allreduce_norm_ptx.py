@@ -197,3 +197,74 @@ def test_allreduce_transports_share_everything_else():
     p2p, mm = allreduce_ptx("p2p", unroll=U), allreduce_ptx("multimem", unroll=U)
     for pat in BARRIER + [r"cvt\.rn\.bf16x2\.f32"]:
         assert count(p2p, pat) == count(mm, pat), pat
+
+
+# ----------------------------------------------------------------------------- machine code
+
+def _nvdisasm() -> str | None:
+    """nvdisasm on PATH, else the one of the nvidia-cuda-nvdisasm wheel (the [test] extra)."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for sub in ("cu13", "cuda_nvdisasm"):
+            path = os.path.join(root, sub, "bin", "nvdisasm")
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+# What ptxas 13.0 makes of each multimem instruction for sm_90a, one SASS instruction per PTX
+# one. ld_reduce is its own opcode (LDGMC: f32 adds, round to nearest); st and red are strong
+# global stores / reductions, multicast only through the address (the MMU maps it onto the
+# multicast object): they are counted, since the multimem kernels have no other such accesses.
+MULTIMEM_SASS = {
+    "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2":
+        r"LDGMC\.E\.F32ADD\.BF16x8\.RN\.STRONG\.SYS",
+    "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2":
+        r"LDGMC\.E\.F32ADD\.F16x8\.RN\.STRONG\.SYS",
+    "multimem.ld_reduce.relaxed.sys.global.add.v4.f32": r"LDGMC\.E\.ADD\.F32x4\.RN\.STRONG\.SYS",
+    "multimem.st.relaxed.sys.global.v4.f32": r"STG\.E\.128\.STRONG\.SYS",
+    "multimem.red.relaxed.sys.global.add.u32": r"REDG\.E\.ADD\.STRONG\.SYS",
+}
+
+
+def sass(ptx: str, tmp_path) -> str:
+    tool = _nvdisasm()
+    if PTXAS is None or tool is None:
+        pytest.skip("machine-code check needs ptxas and nvdisasm (pip install "
+                    "'weavelm[test]' brings nvdisasm); neither cuobjdump -sass nor nvdisasm "
+                    "works without nvdisasm")
+    assemble(ptx, tmp_path, no_spill=False)
+    r = subprocess.run([tool, str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("which", ["fused_bf16", "fused_f16", "fused_f32", "allreduce_push",
+                                   "allreduce_oneshot"])
+def test_multimem_kernels_machine_code(which, tmp_path):
+    """The cubin has exactly the multimem instructions the PTX asked for, as the SASS above
+    (no load-reduce lowered to plain loads, none of another type or rounding)."""
+    ptx = {"fused_bf16": lambda: fused_ptx("multimem"),
+           "fused_f16": lambda: fused_ptx("multimem", dt="f16", world=2, vpt=1),
+           "fused_f32": lambda: fused_ptx("multimem", dt="f32", world=2, vpt=1),
+           "allreduce_push": lambda: allreduce_ptx("multimem", push=True),
+           "allreduce_oneshot": lambda: allreduce_ptx("multimem", push=False)}[which]()
+    code = sass(ptx, tmp_path)
+    asked = 0
+    for ins, op in MULTIMEM_SASS.items():
+        n = ptx.count(ins + " ")
+        asked += n
+        assert count(code, rf"\b{op}\b") == n, (ins, op, n)
+    assert asked >= 2 and count(code, r"\bLDGMC\b") == count(ptx, r"multimem\.ld_reduce")
+
+
+def test_p2p_kernel_machine_code_has_no_multimem(tmp_path):
+    code = sass(fused_ptx("p2p"), tmp_path)
+    assert count(code, r"\bLDGMC\b") == 0 and count(code, r"\bLDG\.E\.128\.STRONG\.SYS\b") > 0

@@ -1,12 +1,10 @@
 """The p2p all-reduce kernels (fused + plain), the same source the GPU compiles, in the simulator.
 
-N ranks are simulated in one process: each rank's "symmetric buffer" is a CPU tensor and the
-peer table holds their host addresses (the ptx primitives' simulator models read and write host
-memory at an address). The simulator runs one kernel at a time, so ranks run one after another;
-that is faithful for the data path because ranks own disjoint rows. The barriers cannot meet
-sequentially, so each test pre-arrives the peers (fills the slots as if they had signalled) -
-except the timeout tests, where a rank is left missing on purpose. Cross-GPU ordering itself is
-tested on GPUs only (tests/gpu/test_fused_comm_multigpu.py).
+N ranks are simulated in one process (`sim_ranks.Ranks`: CPU tensors as symmetric buffers, their
+host addresses as peer pointers; ranks run one after another, the barriers' signals of the ranks
+not yet run are lent). Cross-GPU ordering itself is tested on GPUs only
+(tests/gpu/test_fused_comm_multigpu.py). The multimem transport:
+test_allreduce_norm_multimem_sim.py.
 
 Like test_rmsnorm_sim.py, `test_in_simulator` re-runs this file with NUMBA_ENABLE_CUDASIM=1.
 T = tokens, D = hidden size, N = ranks.
@@ -15,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sim_ranks import Ranks
+from sim_ranks import rand as _rand
 from simulator_run import IN_SIM, run_sim_tests
 
 from weavelm.kernels import allreduce_norm as A
-from weavelm.kernels.allreduce_norm_layout import (
-    EPOCH_OFF, ERR_OFF, MAX_CTAS, MAX_RANKS, SIG_BYTES, decode_error,
-)
+from weavelm.kernels.allreduce_norm_layout import EPOCH_OFF, ERR_OFF, MAX_CTAS, decode_error
 from weavelm.parallel.communicator import row_range
 
 sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
@@ -33,50 +31,6 @@ TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}  # rtol
 @pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
 def test_in_simulator():
     run_sim_tests(__file__, timeout=600)
-
-
-class Ranks:
-    """N simulated ranks: buffers [data | signal area], the peer table, helpers."""
-
-    def __init__(self, n: int, data_bytes: int):
-        self.n, self.data = n, data_bytes
-        self.bufs = [torch.zeros(data_bytes + SIG_BYTES, dtype=torch.uint8) for _ in range(n)]
-        self.tab = torch.tensor([b.data_ptr() for b in self.bufs], dtype=torch.int64)
-        self.err_host = torch.zeros(n, dtype=torch.int32)
-
-    def peers(self, r: int) -> A.Peers:
-        return A.Peers(self.tab.data_ptr(), self.bufs[r].data_ptr(), 0, r, self.n, self.data,
-                       self.err_host.data_ptr() + 4 * r, 0)
-
-    def sig(self, r: int) -> torch.Tensor:
-        return self.bufs[r][self.data:].view(torch.int32)
-
-    def slots(self, r: int) -> torch.Tensor:
-        return self.sig(r)[:MAX_CTAS * MAX_RANKS].view(MAX_CTAS, MAX_RANKS)
-
-    def pre_arrive(self, barriers: int = 2, missing: int | None = None) -> None:
-        """Add `barriers` to every slot [b][src], as if every rank but `missing` had signalled."""
-        for r in range(self.n):
-            for src in range(self.n):
-                if src != r and src != missing:  # a rank's own signal comes from its own launch
-                    self.slots(r)[:, src] += barriers
-
-    def run_round(self, launch, barriers: int = 2) -> None:
-        """launch(r) for every rank in turn. Before rank r runs, the ranks after it have not
-        signalled yet: lend r their `barriers` signals, and take the loan back once they ran, so
-        the slots end exactly as N concurrent launches leave them."""
-        for r in range(self.n):
-            self.slots(r)[:, r + 1:self.n] += barriers
-            launch(r)
-        for r in range(self.n):
-            self.slots(r)[:, r + 1:self.n] -= barriers
-
-    def x(self, r: int, T: int, D: int, dtype) -> torch.Tensor:
-        return self.bufs[r][: T * D * torch.finfo(dtype).bits // 8].view(dtype).view(T, D)
-
-
-def _rand(shape, dtype, seed):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def _check_sharded_outputs(R, T, D, dtype, want_y, want_res, res_rows):

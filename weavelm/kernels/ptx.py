@@ -19,8 +19,9 @@ Conventions
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) intrinsics cannot run, so every name is bound
 to a plain-Python model instead: memory primitives read and write host memory at the address
 (the simulator's "device" memory is host memory, so a kernel handed `tensor.data_ptr()` of CPU
-tensors runs unchanged); conversions are modelled bit-exactly with numpy. Multimem has no model
-and raises NotImplementedError.
+tensors runs unchanged); conversions are modelled bit-exactly with numpy. Multimem instructions
+act on an emulated multicast object (`multicast_sim.py`: a multicast address is a group table of
+every rank's buffer and an offset).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import time
 
 import numpy as np
 
+from weavelm.kernels import multicast_sim
 from weavelm.kernels._numba_compat import simulator_enabled
 
 SIMULATOR = simulator_enabled()
@@ -352,27 +354,33 @@ f32_as_u32 = _ir(
 # ----------------------------------------------------------------------------- Hopper multimem
 # Only valid on a multicast address (cuMulticast*) on sm_90+. Never executed on the shared
 # machines (docs/architecture.md, "Why multicast is guarded"): compiled and assembled by the
-# tests only.
+# tests, and run by the CUDA simulator on an emulated multicast object (`multicast_sim.py`, which
+# cites the PTX ISA's semantics).
 
 multimem_ld_reduce_add_v4_bf16x2 = _asm(
     "multimem_ld_reduce_add_v4_bf16x2",
     "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=True)  # sum over ranks of 8 bf16, accumulated in f32
+    ("u32",) * 4, ("u64",), memory=True,
+    model=multicast_sim.ld_reduce_add_v4_bf16x2)  # sum over ranks of 8 bf16, accumulated in f32
 
 multimem_ld_reduce_add_v4_f16x2 = _asm(
     "multimem_ld_reduce_add_v4_f16x2",
     "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=True)  # sum over ranks of 8 f16, accumulated in f32
+    ("u32",) * 4, ("u64",), memory=True,
+    model=multicast_sim.ld_reduce_add_v4_f16x2)  # sum over ranks of 8 f16, accumulated in f32
 
 multimem_ld_reduce_add_v4_f32 = _asm(
     "multimem_ld_reduce_add_v4_f32",
     "multimem.ld_reduce.relaxed.sys.global.add.v4.f32 {$0, $1, $2, $3}, [$4];",
-    ("u32",) * 4, ("u64",), memory=True)  # words are f32 bits (u32_as_f32 to use them)
+    ("u32",) * 4, ("u64",), memory=True,
+    model=multicast_sim.ld_reduce_add_v4_f32)  # words are f32 bits (u32_as_f32 to use them)
 
 multimem_st_v4_f32 = _asm(
     "multimem_st_v4_f32", "multimem.st.relaxed.sys.global.v4.f32 [$0], {$1, $2, $3, $4};",
-    (), ("u64",) + ("u32",) * 4, memory=True)  # 16 bytes to every rank; any payload bits
+    (), ("u64",) + ("u32",) * 4, memory=True,
+    model=multicast_sim.st_v4)  # 16 bytes to every rank; any payload bits
 
 multimem_red_add_u32 = _asm(
     "multimem_red_add_u32", "multimem.red.relaxed.sys.global.add.u32 [$0], $1;",
-    (), ("u64", "u32"), memory=True)  # add to the word on every rank (barrier signal)
+    (), ("u64", "u32"), memory=True,
+    model=multicast_sim.red_add_u32)  # add to the word on every rank (barrier signal)

@@ -6,6 +6,8 @@
 fused kernels over peer pointers or a multicast address (`fused_communicator.py`), imported only
 when asked for (they need numba and CUDA). Multicast is never chosen, or even probed, where the
 environment forbids it (`multicast_guard.py`; docs/architecture.md, "Why multicast is guarded").
+Once the multimem transport failed its first-use self-check (`transport_check.py`), the process
+uses p2p wherever it would have used multimem.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from weavelm.errors import WeavelmError
 from weavelm.parallel.communicator import Communicator, TorchCommunicator
+from weavelm.parallel import transport_check
 from weavelm.parallel.multicast_guard import multicast_allowed
 from weavelm.parallel.state import ParallelState
 
@@ -41,18 +44,23 @@ def select_backend(state: ParallelState) -> str:
         why = "the TP group spans more than this host's GPUs"
     else:
         index = state.device.index if state.device.index is not None else 0
-        mc_ok, mc_reason = multicast_allowed(index)
-        if mc_ok and torch.cuda.get_device_capability(index) >= (9, 0):
-            name, why = "multimem", mc_reason
-        else:
-            n = state.world_size
-            peer = all(torch.cuda.can_device_access_peer(i, j)
-                       for i in range(n) for j in range(n) if i != j)
-            name = "p2p" if peer else "torch"
-            why = f"multicast off ({mc_reason}); " + \
-                ("peer access between all GPUs" if peer else "no peer access between all GPUs")
+        name, why = fused_choice(index, state.world_size)
     log.info("weavelm communicator: auto -> %s (%s)", name, why)
     return name
+
+
+def fused_choice(index: int, n: int) -> tuple[str, str]:
+    """(multimem | p2p | torch, why) for n GPUs of this host, asked on device `index`."""
+    mc_ok, mc_reason = multicast_allowed(index)
+    if mc_ok and torch.cuda.get_device_capability(index) >= (9, 0):
+        if transport_check.fallback():
+            return "p2p", transport_check.fallback()
+        return "multimem", (f"{mc_reason}; its first call of each kernel is checked against "
+                            "p2p, and a mismatch switches the process to p2p")
+    peer = all(torch.cuda.can_device_access_peer(i, j)
+               for i in range(n) for j in range(n) if i != j)
+    return ("p2p" if peer else "torch"), f"multicast off ({mc_reason}); " + \
+        ("peer access between all GPUs" if peer else "no peer access between all GPUs")
 
 
 def default_backend(state: ParallelState) -> str:
@@ -71,6 +79,10 @@ def make_communicator(backend: str | None, state: ParallelState) -> Communicator
         raise WeavelmError(f"unknown communicator backend {backend!r}: "
                            f"choose one of {', '.join(available_backends())}")
     from weavelm.parallel import fused_communicator
+    if backend == "multimem" and transport_check.fallback():
+        log.warning("weavelm communicator: multimem asked for, p2p used (%s)",
+                    transport_check.fallback())
+        backend = "p2p"
     cls = fused_communicator.P2PCommunicator if backend == "p2p" else \
         fused_communicator.MultimemCommunicator
     return cls(state)

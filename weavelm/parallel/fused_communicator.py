@@ -15,6 +15,10 @@ Everything else (reduce_scatter, all_gather, ...) is the torch backend's.
 Zero-copy input: write the GEMM output into `comm.staging(T, D, dtype)` (e.g. `torch.matmul(a,
 b, out=comm.staging(T, D, a.dtype))`). Any other tensor is copied in first (correct, slower).
 
+The multimem backend checks itself on first use (`transport_check.py`): the first call of each
+kernel also runs p2p on the same input and compares; on a mismatch it logs one line and uses
+p2p for the rest of the process.
+
 Ranks must call the same collectives with the same shapes in the same order, on one stream (as
 with NCCL). A rank that does not arrive makes the others' kernels time out (`timeout_s`); the
 next call (or `check_errors()`) raises `WeavelmError` naming the missing rank, and the
@@ -32,7 +36,7 @@ import torch
 from weavelm.errors import WeavelmError
 from weavelm.kernels import allreduce_norm as K
 from weavelm.kernels.allreduce_norm_layout import BARRIER_NAMES, ERR_OFF, decode_error
-from weavelm.parallel import symmetric
+from weavelm.parallel import symmetric, transport_check
 from weavelm.parallel.communicator import Communicator, TorchCommunicator, row_range
 from weavelm.parallel.multicast_guard import multicast_allowed
 
@@ -78,6 +82,7 @@ class FusedCommunicator(Communicator):
         self.buf: symmetric.SymmetricBuffer | None = None
         self._retired: list = []  # outgrown buffers: views of them may still be alive
         self._warm: set[str] = set()
+        self._checked: set[str] = set()  # kernels whose first-use check ran (multimem only)
         self._err = None
         self.slot_bytes = 0       # stride between staging slots (two halves of the weave)
         # with inboxes each staging slot is followed by its inbox: [slot 0 | inbox 0 | slot 1 ...]
@@ -217,14 +222,53 @@ class FusedCommunicator(Communicator):
         return int(max(self.timeout_s, FIRST_LAUNCH_TIMEOUT_S) * 1e9)
 
     def _fused(self, dt, *, x_off, n_vec, row_start, n_rows, max_rows, has_residual, res_ptr,
-               w_ptr, out_ptr, eps, push, ctas, inbox_off=-1, n_total=0):
-        kern, _, _ = K.plan_fused(self.transport, dt, self.world_size, n_vec, max_rows, ctas,
+               w_ptr, out_ptr, eps, push, ctas, inbox_off=-1, n_total=0, transport=None):
+        transport = transport or self.transport
+        kern, _, _ = K.plan_fused(transport, dt, self.world_size, n_vec, max_rows, ctas,
                                   push, has_residual, inbox_off >= 0)
-        K.launch_fused(self.buf.peers(), self.transport, dt, x_off=x_off, n_vec=n_vec,
+        K.launch_fused(self.buf.peers(), transport, dt, x_off=x_off, n_vec=n_vec,
                        row_start=row_start, n_rows=n_rows, max_rows=max_rows,
                        has_residual=has_residual, res_ptr=res_ptr, w_ptr=w_ptr, out_ptr=out_ptr,
                        eps=eps, push=push, ctas=ctas, timeout_ns=self._timeout_ns(kern),
                        inbox_off=inbox_off, n_total=n_total)
+
+    def _allreduce(self, transport, dt, *, x_off, v_start, n_vecs, max_vecs, out_ptr, push, ctas):
+        kern, _, _ = K.plan_allreduce(transport, dt, self.world_size, max_vecs, ctas, push)
+        K.launch_allreduce(self.buf.peers(), transport, dt, x_off=x_off, v_start=v_start,
+                           n_vecs=n_vecs, max_vecs=max_vecs, out_ptr=out_ptr, push=push,
+                           ctas=ctas, timeout_ns=self._timeout_ns(kern))
+
+    def _run(self, key: str, launch, inputs, outputs) -> None:
+        """launch(self.transport); the first time for `key` on the multimem transport, the
+        first-use check instead (`transport_check`): multimem, then p2p on the same input, the
+        verdict agreed by every rank, p2p from then on if any rank saw a mismatch."""
+        if self.transport != "multimem" or key in self._checked:
+            launch(self.transport)
+            return
+        if torch.cuda.is_current_stream_capturing():
+            raise WeavelmError(f"{self.name} communicator: its first {key} call checks multimem "
+                               "against p2p and cannot be captured; run the same shapes once "
+                               "before capturing")
+        got = transport_check.run(transport_check.first_use_steps(launch, inputs, outputs))
+        problem = transport_check.mismatch(got, outputs, self.world_size, key)
+        self._checked.add(key)
+        problem = self._agree(problem)
+        if problem is not None:
+            transport_check.fall_back(f"rank {self.rank}: {problem}")
+            self.transport = "p2p"
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first-use verdict of every rank: a problem if any rank saw one (all ranks must
+        switch transport together, or their kernels would wait for each other in vain)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return problem
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.state.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.state.group)
+        if problem is None and float(flag.item()) > 0:
+            return "a mismatch on another rank"
+        return problem
 
     def _supported(self, x, weight=None) -> bool:
         d = x.shape[-1] if x.dim() else 0
@@ -246,17 +290,17 @@ class FusedCommunicator(Communicator):
         off, in_buf = self._stage(x)
         if total * 16 <= self.oneshot_max_bytes:
             out = torch.empty_like(x) if in_buf else x
-            kern, _, _ = K.plan_allreduce(self.transport, dt, n, total, ctas, False)
-            K.launch_allreduce(self.buf.peers(), self.transport, dt, x_off=off, v_start=0,
-                               n_vecs=total, max_vecs=total, out_ptr=out.data_ptr(), push=False,
-                               ctas=ctas, timeout_ns=self._timeout_ns(kern))
+            self._run("one-shot all-reduce",
+                      lambda t: self._allreduce(t, dt, x_off=off, v_start=0, n_vecs=total,
+                                                max_vecs=total, out_ptr=out.data_ptr(),
+                                                push=False, ctas=ctas), [], [out])
             return out
         s, e = row_range(total, self.rank, n)
-        max_vecs = -(-total // n)
-        kern, _, _ = K.plan_allreduce(self.transport, dt, n, max_vecs, ctas, True)
-        K.launch_allreduce(self.buf.peers(), self.transport, dt, x_off=off, v_start=s,
-                           n_vecs=e - s, max_vecs=max_vecs, out_ptr=0, push=True, ctas=ctas,
-                           timeout_ns=self._timeout_ns(kern))
+        staged = self.buf.view(x.numel(), 1, x.dtype, off)
+        self._run("two-shot all-reduce",
+                  lambda t: self._allreduce(t, dt, x_off=off, v_start=s, n_vecs=e - s,
+                                            max_vecs=-(-total // n), out_ptr=0, push=True,
+                                            ctas=ctas), [staged], [staged])
         if not in_buf:
             x.copy_(self.buf.view(x.numel(), 1, x.dtype).view(x.shape))
         return x
@@ -284,12 +328,18 @@ class FusedCommunicator(Communicator):
             inbox_off = self._slot_base(slot) + self.slot_bytes
         off, _ = self._stage(x, slot)
         n_vec = D * x.element_size() // 16
-        self._fused(K.DTYPES[x.dtype], x_off=off, n_vec=n_vec, row_start=s, n_rows=e - s,
-                    max_rows=-(-T // self.world_size), has_residual=True,
-                    res_ptr=residual_rows.data_ptr() if e > s else weight.data_ptr(),
-                    w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True,
-                    ctas=ctas or self.ctas, inbox_off=inbox_off, n_total=T)
-        return self.buf.view(T, D, x.dtype, off)
+        y = self.buf.view(T, D, x.dtype, off)  # x in place: the output overwrites it
+        self._run("fused op",
+                  lambda t: self._fused(K.DTYPES[x.dtype], x_off=off, n_vec=n_vec, row_start=s,
+                                        n_rows=e - s, max_rows=-(-T // self.world_size),
+                                        has_residual=True,
+                                        res_ptr=residual_rows.data_ptr() if e > s
+                                        else weight.data_ptr(),
+                                        w_ptr=weight.data_ptr(), out_ptr=0, eps=eps, push=True,
+                                        ctas=ctas or self.ctas, inbox_off=inbox_off, n_total=T,
+                                        transport=t),
+                  [y, residual_rows], [y, residual_rows])
+        return y
 
     # -- the rest: torch collectives ---------------------------------------------------------
     def reduce_scatter(self, x):
