@@ -160,11 +160,13 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, tmp_path):
     that is not a compile-time constant passes there and fails here) with its per-head state in
     registers, and assembles for sm_90a."""
     from weavelm.kernels import paged_attention as PA
-    k = Kernel("t", lambda: PA._build_kernel(dt, lanes, group), PA.SIGNATURE,
-               max_threads=32 * PA.WARPS)
+    from weavelm.kernels import paged_attention_kernels as PK
+    k = Kernel("t", lambda: PK._build_kernel(dt, lanes, group), PA.SIGNATURE,
+               max_threads=32 * PK.WARPS)
     ptx = k.ptx()
     for ins in ["ld.global.nc.v4.u32", "shfl.sync.bfly.b32", "ex2.approx"]:
         assert ins in ptx, ins
+    assert "ex2.approx.f32" in ptx and "lg2" not in ptx  # exponentials are one ex2 each
     assert ".local" not in ptx, "per-head softmax state spilled to local memory"
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)

@@ -1,0 +1,242 @@
+"""The device code of paged decode attention (weavelm/kernels/paged_attention.py holds the
+contract, the reference and the launcher; names as there).
+
+The kernel is bound by instruction issue as much as by memory (RESULTS.md, issue 13: 1.2-1.6
+TB/s of ~4 at 8 instructions per key byte), so its inner loop is kept lean:
+- scores live in the log2 domain (q is scaled by scale * log2(e) once), so every exponential is
+  one `ex2.approx` instead of a range-reduced `exp`;
+- the two keys a lane holds per iteration are folded together: one rescale of the running
+  output per head and iteration, not one per key;
+- block sizes are powers of two, so a key's block and offset are a shift and a mask (a runtime
+  integer division costs tens of instructions).
+"""
+from __future__ import annotations
+
+import math
+
+WARPS = 4                       # per CTA
+NEG = -1.0e30                   # "minus infinity" that keeps exp2() and max() NaN-free
+LOG2E = 1.4426950408889634
+
+cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
+
+
+def _build_kernel(dt: str, lanes: int, group: int):
+    """The decode kernel's Python function for one dtype, L and query-head group (not yet
+    jitted)."""
+    global cuda
+    from numba import float32, int64
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec, device
+
+    cuda = numba_cuda()
+    unpack, pack, E = codec(dt)
+    itemsize = 16 // E
+    kpw = 32 // lanes                       # keys a warp scores at once
+    slots = WARPS * kpw                     # independent softmax states per CTA and head
+    step = 2 * slots                        # keys per CTA iteration: two per key slot, so
+    #                                         each lane has two keys' loads in flight
+    width = lanes * E                       # D, fixed by the shape class
+    GE = group * E                          # a lane's query / output elements, all heads
+    ML = 2 * group                          # a lane's (max, sum) per head
+    simulator = ptx.SIMULATOR               # no warp shuffles there: shared memory instead
+    threads = 32 * WARPS
+    load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
+    as_u32 = ptx.f32_as_u32
+
+    def lane_sum(x, red, tid, vec):
+        """Sum of x over the `lanes` lanes that hold one key row (all lanes call it)."""
+        if simulator:                     # no warp shuffles in the simulator
+            red[tid] = x
+            cuda.syncthreads()
+            t = float32(0.0)
+            for i in range(lanes):
+                t += red[tid - vec + i]
+            cuda.syncthreads()
+            return t
+        k = lanes >> 1
+        while k > 0:
+            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
+            k >>= 1
+        return x
+
+    lane_sum = device(lane_sum)
+
+    def score_and_fold(ml, acc, qv, k0, v0, k1, v1, ok0, ok1, red, tid, vec):
+        """Score two key rows against each head of the group and fold both into that head's
+        running (max, sum, output): ml[2i], ml[2i+1], acc[i*E:(i+1)*E]. Only the tail's rows
+        are masked, so ok1 implies ok0 (row 1 comes `slots` keys after row 0)."""
+        for i in range(group):
+            d0 = float32(0.0)
+            d1 = float32(0.0)
+            for e in range(E):
+                d0 += qv[i * E + e] * k0[e]
+                d1 += qv[i * E + e] * k1[e]
+            d0 = lane_sum(d0, red, tid, vec)
+            d1 = lane_sum(d1, red, tid, vec)
+            if ok0:
+                if not ok1:
+                    d1 = float32(NEG)
+                m_new = max(ml[2 * i], max(d0, d1))
+                alpha = math.exp2(ml[2 * i] - m_new)
+                p0 = math.exp2(d0 - m_new)
+                p1 = math.exp2(d1 - m_new)
+                for e in range(E):
+                    acc[i * E + e] = acc[i * E + e] * alpha + p0 * v0[e] + p1 * v1[e]
+                ml[2 * i] = m_new
+                ml[2 * i + 1] = ml[2 * i + 1] * alpha + p0 + p1
+
+    score_and_fold = device(score_and_fold)
+
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr,
+                            ml_ptr, B, H, Hkv, D, M, bs_shift, S, window, scale):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        sub = lane // lanes                  # which of the warp's keys
+        vec = lane % lanes                   # which 16-byte vector of the row
+        cta = cuda.blockIdx.x
+        groups = H // group
+        h0 = (cta % groups) * group          # the CTA's first query head
+        b = (cta // groups) % B
+        s = cta // (groups * B)
+        g = h0 // (H // Hkv)                 # the KV head every head of the group reads
+        length = int64(load_u32(lens_ptr + b * 4))
+        first = 0
+        if window > 0 and length > window:
+            first = length - window
+        chunk = (length - first + S - 1) // S
+        lo = first + s * chunk
+        hi = min(length, lo + chunk)
+        bs_mask = (int64(1) << bs_shift) - 1
+
+        red = cuda.shared.array(threads, float32)            # simulator: dot-product partials
+        ml_sh = cuda.shared.array((group, slots, 2), float32)  # per head and slot: max, sum
+        acc_sh = cuda.shared.array((group, slots, width), float32)  # unnormalised outputs
+        qv = cuda.local.array(GE, float32)
+        ml = cuda.local.array(ML, float32)
+        k0 = cuda.local.array(8, float32)
+        k1 = cuda.local.array(8, float32)
+        v0 = cuda.local.array(8, float32)
+        v1 = cuda.local.array(8, float32)
+        acc = cuda.local.array(GE, float32)
+
+        row_bytes = D * itemsize
+        sc = float32(scale * LOG2E)          # scores in log2 units: exp2 below, not exp
+        for i in range(group):
+            unpack(load_nc(q_ptr + (b * H + h0 + i) * row_bytes + vec * 16), k0)
+            for e in range(E):
+                qv[i * E + e] = k0[e] * sc
+                acc[i * E + e] = float32(0.0)
+            ml[2 * i] = float32(NEG)
+            ml[2 * i + 1] = float32(0.0)
+        base = lo
+        while base < hi:                     # uniform over the CTA
+            j0 = base + warp * kpw + sub
+            j1 = j0 + slots
+            ok0 = j0 < hi
+            ok1 = j1 < hi
+            if not ok0:
+                j0 = lo
+            if not ok1:
+                j1 = lo
+            blk0 = int64(load_u32(table_ptr + (b * M + (j0 >> bs_shift)) * 4))
+            blk1 = int64(load_u32(table_ptr + (b * M + (j1 >> bs_shift)) * 4))
+            a0 = (((blk0 << bs_shift) + (j0 & bs_mask)) * Hkv + g) * row_bytes + vec * 16
+            a1 = (((blk1 << bs_shift) + (j1 & bs_mask)) * Hkv + g) * row_bytes + vec * 16
+            unpack(load_nc(k_ptr + a0), k0)
+            unpack(load_nc(k_ptr + a1), k1)
+            unpack(load_nc(v_ptr + a0), v0)
+            unpack(load_nc(v_ptr + a1), v1)
+            score_and_fold(ml, acc, qv, k0, v0, k1, v1, ok0, ok1, red, tid, vec)
+            base += step
+
+        slot = warp * kpw + sub
+        for i in range(group):
+            if vec == 0:
+                ml_sh[i, slot, 0] = ml[2 * i]
+                ml_sh[i, slot, 1] = ml[2 * i + 1]
+            for e in range(E):
+                acc_sh[i, slot, vec * E + e] = acc[i * E + e]
+        cuda.syncthreads()
+        if tid < lanes * group:              # thread t merges vector t % L of head t // L
+            i = tid // lanes
+            t = tid % lanes
+            mx = float32(NEG)
+            for j in range(slots):
+                mx = max(mx, ml_sh[i, j, 0])
+            total = float32(0.0)
+            for e in range(E):
+                k0[e] = float32(0.0)
+            for j in range(slots):
+                w = math.exp2(ml_sh[i, j, 0] - mx)
+                total += ml_sh[i, j, 1] * w
+                for e in range(E):
+                    k0[e] += acc_sh[i, j, t * E + e] * w
+            h = h0 + i
+            if S == 1:
+                inv = float32(1.0) / total
+                for e in range(E):
+                    k0[e] *= inv
+                r = pack(k0)
+                store(out_ptr + (b * H + h) * row_bytes + t * 16, r[0], r[1], r[2], r[3])
+            else:
+                row = (b * H + h) * S + s
+                for e4 in range(0, E, 4):
+                    store(part_ptr + (row * D + t * E + e4) * 4, as_u32(k0[e4]),
+                          as_u32(k0[e4 + 1]), as_u32(k0[e4 + 2]), as_u32(k0[e4 + 3]))
+                if t == 0:
+                    ptx.store_u32(ml_ptr + row * 8, as_u32(mx))
+                    ptx.store_u32(ml_ptr + row * 8 + 4, as_u32(total))
+
+    paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}_g{group}"
+    return paged_decode_kernel
+
+
+def _build_combine(dt: str, lanes: int):
+    """Merges S splits (their maxima in log2 units): thread t of CTA (b, h) writes vector t of
+    out[b, h]."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec
+
+    cuda = numba_cuda()
+    _, pack, E = codec(dt)
+    itemsize = 16 // E
+    load, store = ptx.load_v4_u32, ptx.store_v4_u32
+    load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
+
+    def paged_decode_combine(part_ptr, ml_ptr, out_ptr, rows, S, D):
+        tid = cuda.threadIdx.x
+        row = cuda.blockIdx.x
+        if tid >= lanes or row >= rows:
+            return
+        acc = cuda.local.array(8, float32)
+        mx = float32(NEG)
+        for s in range(S):
+            mx = max(mx, as_f32(load_u32(ml_ptr + (row * S + s) * 8)))
+        total = float32(0.0)
+        for e in range(E):
+            acc[e] = float32(0.0)
+        for s in range(S):
+            w = math.exp2(as_f32(load_u32(ml_ptr + (row * S + s) * 8)) - mx)
+            total += as_f32(load_u32(ml_ptr + (row * S + s) * 8 + 4)) * w
+            for e4 in range(0, E, 4):
+                x = load(part_ptr + ((row * S + s) * D + tid * E + e4) * 4)
+                acc[e4] += as_f32(x[0]) * w
+                acc[e4 + 1] += as_f32(x[1]) * w
+                acc[e4 + 2] += as_f32(x[2]) * w
+                acc[e4 + 3] += as_f32(x[3]) * w
+        inv = float32(1.0) / total
+        for e in range(E):
+            acc[e] *= inv
+        r = pack(acc)
+        store(out_ptr + (row * D + tid * E) * itemsize, r[0], r[1], r[2], r[3])
+
+    paged_decode_combine.__name__ = f"paged_decode_combine_{dt}_l{lanes}"
+    return paged_decode_combine
