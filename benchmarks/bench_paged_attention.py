@@ -1,7 +1,7 @@
 """Decode attention over the paged KV cache, one GPU: weavelm's Numba kernel vs the torch path
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
-    python3 benchmarks/bench_paged_attention.py
+    python3 benchmarks/bench_paged_attention.py [--variants]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
@@ -66,6 +66,43 @@ def main():
               f"{kv_bytes / (t_ours * 1e-6) / 1e12:.2f} | "
               f"{(ours.float() - ref).abs().max().item():.2e} | "
               f"{(theirs.float() - ref).abs().max().item():.2e} |", flush=True)
+    if "--variants" in sys.argv:
+        variants(P, H, Hkv, D, bs)
+
+
+def case(B, ctx, H, Hkv, D, bs):
+    per = -(-ctx // bs)
+    NB = B * per + 1
+    g = torch.Generator(device="cuda").manual_seed(B * ctx)
+    kc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
+    tables = (torch.randperm(NB - 1, device="cuda", generator=g)[:B * per] + 1).int()
+    lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, H, D, device="cuda", generator=g).bfloat16()
+    return q, kc, vc, tables.view(B, per).contiguous(), lens
+
+
+def variants(P, H, Hkv, D, bs):
+    """The kernel's shape choices side by side: query heads per CTA x key rows per lane."""
+    shapes = ((64, 2048), (256, 1024), (16, 4096))
+    print("\n## kernel variants: query heads per CTA (group) x key rows per lane and iteration "
+          "(rows); µs per call, TB/s\n")
+    print("| group | rows | " + " | ".join(f"{B} x {ctx}" for B, ctx in shapes) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+    cases = [case(B, ctx, H, Hkv, D, bs) for B, ctx in shapes]
+    for group, rows in ((4, 2), (4, 4), (2, 2), (2, 4), (4, 1)):
+        cells = []
+        for (B, ctx), (q, kc, vc, tables, lens) in zip(shapes, cases):
+            scale = 1 / math.sqrt(D)
+            ref = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens,
+                                               scale)
+            run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
+                                                        group=group, rows=rows)
+            err = (run().float() - ref).abs().max().item()
+            assert err < 2e-2, (group, rows, err)
+            t = graph_us(run)
+            cells.append(f"{t:.1f} ({2 * B * ctx * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
+        print(f"| {group} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

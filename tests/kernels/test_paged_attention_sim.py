@@ -95,17 +95,18 @@ def test_sim_kernel_matches_reference(dtype, D, splits, window):
 
 
 @sim
-@pytest.mark.parametrize("dtype,group,splits,window", [
-    (torch.bfloat16, 4, 1, None), (torch.bfloat16, 2, 3, None), (torch.float32, 4, 2, 5),
-    (torch.float16, 1, 1, None)])
-def test_sim_grouped_heads_match_reference(dtype, group, splits, window):
-    """One CTA serving `group` of the 4 query heads that share each KV head: every head's
-    output (and the mapping of heads to KV heads) matches the reference."""
+@pytest.mark.parametrize("dtype,group,splits,window,rows", [
+    (torch.bfloat16, 4, 1, None, 2), (torch.bfloat16, 2, 3, None, 4), (torch.float32, 4, 2, 5, 4),
+    (torch.float16, 1, 1, None, 1)])
+def test_sim_grouped_heads_match_reference(dtype, group, splits, window, rows):
+    """One CTA serving `group` of the 4 query heads that share each KV head, `rows` keys per
+    lane and iteration (masked tails of every length): every head's output (and the mapping of
+    heads to KV heads) matches the reference."""
     lens = [3, 17, 9]
     q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 32, 4, lens, dtype, seed=group + 7 * splits)
     scale = 1 / math.sqrt(32)
     want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
                                         scale, window)
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
-                                        group=group)
+                                        group=group, rows=rows)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.kernels.common import DTYPES, ELEMS, remember
-from weavelm.kernels.paged_attention_kernels import WARPS
+from weavelm.kernels.paged_attention_kernels import ROWS, WARPS
 
 MAX_SPLITS = 16
 MAX_GROUP = 4                   # query heads per CTA (registers: 2 x 8 floats per head a lane)
@@ -123,14 +123,14 @@ def head_group(heads: int, kv_heads: int) -> int:
 _plans: dict = {}
 
 
-def _kernels(dt: str, lanes: int, group: int):
-    key = (dt, lanes, group)
+def _kernels(dt: str, lanes: int, group: int, rows: int):
+    key = (dt, lanes, group, rows)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.paged_attention_kernels import _build_combine, _build_kernel
-        main = launcher.kernel(("paged_decode", dt, lanes, group),
-                               lambda: _build_kernel(dt, lanes, group),
+        main = launcher.kernel(("paged_decode", dt, lanes, group, rows),
+                               lambda: _build_kernel(dt, lanes, group, rows),
                                SIGNATURE, max_threads=32 * WARPS)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
                                   lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
@@ -150,9 +150,9 @@ def _checked(name, t, shape, dtype, device):
 
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                 window: int | None = None, out=None, splits: int | None = None,
-                                group: int | None = None):
+                                group: int | None = None, rows: int = ROWS):
     """Launcher (same contract as the reference). `splits` forces S, `group` the query heads
-    per CTA (tests)."""
+    per CTA, `rows` the key rows per lane and iteration (tests, benchmarks)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -172,7 +172,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     index = max(dev.index if dev.index is not None else 0, 0)
     group = group or head_group(H, Hkv)
     S = splits or num_splits(B, H // group, index)
-    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group)
+    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows)
     part = ml = None
     pp = mp = 0
     if S > 1:

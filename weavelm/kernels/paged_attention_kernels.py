@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 
 WARPS = 4                       # per CTA
+ROWS = 2                        # key rows per lane and iteration
 NEG = -1.0e30                   # "minus infinity" that keeps exp2() and max() NaN-free
 LOG2E = 1.4426950408889634
 
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, lanes: int, group: int):
-    """The decode kernel's Python function for one dtype, L and query-head group (not yet
-    jitted)."""
+def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
+    """The decode kernel's Python function for one dtype, L, query-head group and key rows
+    per lane and iteration (not yet jitted)."""
     global cuda
     from numba import float32, int64
 
@@ -36,11 +37,12 @@ def _build_kernel(dt: str, lanes: int, group: int):
     itemsize = 16 // E
     kpw = 32 // lanes                       # keys a warp scores at once
     slots = WARPS * kpw                     # independent softmax states per CTA and head
-    step = 2 * slots                        # keys per CTA iteration: two per key slot, so
-    #                                         each lane has two keys' loads in flight
+    step = rows * slots                     # keys per CTA iteration: `rows` per key slot, so
+    #                                         each lane has 2 x rows loads in flight
     width = lanes * E                       # D, fixed by the shape class
     GE = group * E                          # a lane's query / output elements, all heads
     ML = 2 * group                          # a lane's (max, sum) per head
+    RE = rows * 8                           # a lane's key (value) elements, all rows
     simulator = ptx.SIMULATOR               # no warp shuffles there: shared memory instead
     threads = 32 * WARPS
     load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
@@ -64,29 +66,34 @@ def _build_kernel(dt: str, lanes: int, group: int):
 
     lane_sum = device(lane_sum)
 
-    def score_and_fold(ml, acc, qv, k0, v0, k1, v1, ok0, ok1, red, tid, vec):
-        """Score two key rows against each head of the group and fold both into that head's
-        running (max, sum, output): ml[2i], ml[2i+1], acc[i*E:(i+1)*E]. Only the tail's rows
-        are masked, so ok1 implies ok0 (row 1 comes `slots` keys after row 0)."""
+    def score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec):
+        """Score the lane's `rows` key rows (kf, vf: row r at [r*E, (r+1)*E)) against each
+        head of the group and fold the first `nvalid` into that head's running (max, sum,
+        output): ml[2i], ml[2i+1], acc[i*E:(i+1)*E]; one rescale per head for all rows. Only
+        the tail is masked, so the valid rows are a prefix."""
         for i in range(group):
-            d0 = float32(0.0)
-            d1 = float32(0.0)
-            for e in range(E):
-                d0 += qv[i * E + e] * k0[e]
-                d1 += qv[i * E + e] * k1[e]
-            d0 = lane_sum(d0, red, tid, vec)
-            d1 = lane_sum(d1, red, tid, vec)
-            if ok0:
-                if not ok1:
-                    d1 = float32(NEG)
-                m_new = max(ml[2 * i], max(d0, d1))
-                alpha = math.exp2(ml[2 * i] - m_new)
-                p0 = math.exp2(d0 - m_new)
-                p1 = math.exp2(d1 - m_new)
+            for r in range(rows):
+                t = float32(0.0)
                 for e in range(E):
-                    acc[i * E + e] = acc[i * E + e] * alpha + p0 * v0[e] + p1 * v1[e]
+                    t += qv[i * E + e] * kf[r * E + e]
+                d[r] = lane_sum(t, red, tid, vec)
+            if nvalid > 0:
+                m_new = ml[2 * i]
+                for r in range(rows):
+                    if r >= nvalid:
+                        d[r] = float32(NEG)
+                    m_new = max(m_new, d[r])
+                alpha = math.exp2(ml[2 * i] - m_new)
+                total = ml[2 * i + 1] * alpha
+                for e in range(E):
+                    acc[i * E + e] *= alpha
+                for r in range(rows):
+                    p = math.exp2(d[r] - m_new)
+                    total += p
+                    for e in range(E):
+                        acc[i * E + e] += p * vf[r * E + e]
                 ml[2 * i] = m_new
-                ml[2 * i + 1] = ml[2 * i + 1] * alpha + p0 + p1
+                ml[2 * i + 1] = total
 
     score_and_fold = device(score_and_fold)
 
@@ -118,9 +125,9 @@ def _build_kernel(dt: str, lanes: int, group: int):
         qv = cuda.local.array(GE, float32)
         ml = cuda.local.array(ML, float32)
         k0 = cuda.local.array(8, float32)
-        k1 = cuda.local.array(8, float32)
-        v0 = cuda.local.array(8, float32)
-        v1 = cuda.local.array(8, float32)
+        kf = cuda.local.array(RE, float32)
+        vf = cuda.local.array(RE, float32)
+        d = cuda.local.array(rows, float32)
         acc = cuda.local.array(GE, float32)
 
         row_bytes = D * itemsize
@@ -134,23 +141,23 @@ def _build_kernel(dt: str, lanes: int, group: int):
             ml[2 * i + 1] = float32(0.0)
         base = lo
         while base < hi:                     # uniform over the CTA
-            j0 = base + warp * kpw + sub
-            j1 = j0 + slots
-            ok0 = j0 < hi
-            ok1 = j1 < hi
-            if not ok0:
-                j0 = lo
-            if not ok1:
-                j1 = lo
-            blk0 = int64(load_u32(table_ptr + (b * M + (j0 >> bs_shift)) * 4))
-            blk1 = int64(load_u32(table_ptr + (b * M + (j1 >> bs_shift)) * 4))
-            a0 = (((blk0 << bs_shift) + (j0 & bs_mask)) * Hkv + g) * row_bytes + vec * 16
-            a1 = (((blk1 << bs_shift) + (j1 & bs_mask)) * Hkv + g) * row_bytes + vec * 16
-            unpack(load_nc(k_ptr + a0), k0)
-            unpack(load_nc(k_ptr + a1), k1)
-            unpack(load_nc(v_ptr + a0), v0)
-            unpack(load_nc(v_ptr + a1), v1)
-            score_and_fold(ml, acc, qv, k0, v0, k1, v1, ok0, ok1, red, tid, vec)
+            j = base + warp * kpw + sub      # this lane's first key; row r is j + r * slots
+            nvalid = 0
+            for r in range(rows):            # (ptxas issues all rows' loads before use)
+                jr = j + r * slots
+                if jr < hi:
+                    nvalid += 1
+                else:
+                    jr = lo
+                blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
+                a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
+                unpack(load_nc(k_ptr + a), k0)
+                for e in range(E):
+                    kf[r * E + e] = k0[e]
+                unpack(load_nc(v_ptr + a), k0)
+                for e in range(E):
+                    vf[r * E + e] = k0[e]
+            score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
             base += step
 
         slot = warp * kpw + sub
