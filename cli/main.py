@@ -20,8 +20,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 DEFAULT_PROMPT = "What is the capital of France?"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a service manager sends): handled like Ctrl-C, every rank is stopped."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def user_errors(fn):
-    """Turn WeavelmError (and Ctrl-C) into one line on stderr instead of a traceback."""
+    """Turn WeavelmError (and Ctrl-C, SIGTERM) into one line on stderr instead of a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from weavelm.errors import WeavelmError
@@ -30,6 +38,9 @@ def user_errors(fn):
         except WeavelmError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except Terminated:
+            typer.echo("terminated (SIGTERM): all ranks stopped", err=True)
+            raise typer.Exit(143)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
@@ -74,12 +85,17 @@ def generate(
                                        help="No CUDA graphs for decode."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave (weave "
                                           "splits prefill; decode then runs baseline)."),
+    collective_timeout: Optional[float] = typer.Option(
+        None, "--collective-timeout", help="Seconds a rank waits for its peers before the run "
+                                           "fails \\[default: $WEAVELM_COLLECTIVE_TIMEOUT, "
+                                           "else 30 on CPU, 300 on GPUs]."),
 ):
     """Generate text, streaming tokens as they come."""
     from weavelm.engine.sampler import SamplingParams
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.models.loader import resolve_model
+    from weavelm.parallel.state import collective_timeout as timeout_of
     from weavelm.parallel.state import max_tp_for_device, resolve_device
 
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -90,6 +106,9 @@ def generate(
     available = max_tp_for_device(device)
     check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
                            f"lower --tp or use --device cpu")
+    check(collective_timeout is None or collective_timeout > 0,
+          f"--collective-timeout must be above 0 seconds, got {collective_timeout}")
+    timeout_of(dev.type, collective_timeout)               # $WEAVELM_COLLECTIVE_TIMEOUT too
     source = resolve_model(model, allow_pickle=allow_pickle)
     config = ModelConfig.from_hf(source.config, source.config_file)
     config.check_tp(tp)
@@ -117,7 +136,7 @@ def generate(
     opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
                 engine=engine,
                 mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
-                token_lists=token_lists, sampling=sampling)
+                token_lists=token_lists, sampling=sampling, collective_timeout=collective_timeout)
     cores = os.cpu_count() or 1
     if dev.type == "cpu" and tp > cores:
         typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
@@ -358,6 +377,8 @@ def tune(
 
 
 def main():
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

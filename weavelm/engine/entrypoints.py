@@ -31,7 +31,8 @@ def generate_rank(opts: dict) -> None:
     params = SamplingParams(**opts["sampling"])
     llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
               allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"],
-              backend=opts["backend"], mode=opts["mode"], **opts.get("engine", {}))
+              backend=opts["backend"], mode=opts["mode"],
+              collective_timeout=opts.get("collective_timeout"), **opts.get("engine", {}))
     printer = TokenPrinter(llm.tokenizer) if llm.state.is_first else None
     outs = llm.generate_from_ids(opts["token_lists"], params, on_token=printer,
                                  prompts=opts["prompts"])

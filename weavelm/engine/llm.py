@@ -83,26 +83,30 @@ class LLM:
     weights + activations + KV cache may take), `max_num_seqs` (sequences in flight; also the
     largest captured decode batch), `max_num_batched_tokens` (tokens in one prefill step),
     `enforce_eager` (no CUDA graphs). `num_kv_blocks` fixes the cache size instead of measuring
-    it; `block_size` is the tokens per cache block (16)."""
+    it; `block_size` is the tokens per cache block (16). `collective_timeout` (seconds) bounds
+    every wait of a rank for its peers (default: $WEAVELM_COLLECTIVE_TIMEOUT, else 30 on CPU)."""
 
     def __init__(self, model: str | None = None, tp: int | None = None,
                  device: str | None = None, dtype=None, max_model_len: int | None = None,
                  allow_pickle: bool = False, backend: str | None = None,
-                 mode: str = "auto", progress: bool = True, **engine):
+                 mode: str = "auto", progress: bool = True,
+                 collective_timeout: float | None = None, **engine):
         source = resolve_model(model, allow_pickle=allow_pickle)
         self.source = source
+        self._timeout = collective_timeout
         self._build(source.config, source, tp, device, dtype, max_model_len, backend, progress,
                     mode, engine, source.config_file)
 
     @classmethod
     def from_weights(cls, config: dict, weights, tp: int | None = None, device=None, dtype=None,
                      max_model_len: int | None = None, backend: str | None = None,
-                     tokenizer=None, mode: str = "auto", **engine) -> "LLM":
+                     tokenizer=None, mode: str = "auto", collective_timeout: float | None = None,
+                     **engine) -> "LLM":
         """An LLM from a Hugging Face config dict and (name, tensor) pairs already in memory,
         e.g. `LLM.from_weights(hf.config.to_dict(), hf.state_dict().items())`, or a callable
         that fills the built model in place (each rank its own shard)."""
         self = cls.__new__(cls)
-        self.source = None
+        self.source, self._timeout = None, collective_timeout
         self._build(config, weights, tp, device, dtype, max_model_len, backend, False, mode,
                     engine)
         self._tokenizer = tokenizer
@@ -115,7 +119,7 @@ class LLM:
         self.config = ModelConfig.from_hf(hf_config, source)
         if tp is not None:
             self.config.check_tp(tp)
-        state = init_parallel(tp, device)
+        state = init_parallel(tp, device, getattr(self, "_timeout", None))
         self.config.check_tp(state.world_size)      # a launcher may have set the degree
         self.state, self.device = state, state.device
         self.dtype = resolve_dtype(dtype, self.device)

@@ -1,21 +1,43 @@
 """Start N ranks on this host when no launcher (torchrun, accelerate) did.
 
 `spawn(fn, nprocs, *args)` runs `fn(*args)` in N fresh processes with the same environment
-variables torchrun would set, so `init_parallel` treats both alike. If any rank fails, the others
-are stopped and the failure is raised here: a `WeavelmError` stays a `WeavelmError` (one line for
-the CLI), anything else becomes a RuntimeError carrying the rank's traceback.
+variables torchrun would set, so `init_parallel` treats both alike. Each rank reports through its
+own pipe; the parent watches the pipes and the processes together, so it learns at once when a
+rank dies. Failures come back as one line, the cause first:
+
+- a rank killed by a signal: "rank 1 died (signal 9, SIGKILL)" (the others' collective errors
+  that follow are its consequence and are not shown);
+- a `WeavelmError` on a rank stays a `WeavelmError`;
+- a rank that stops answering (stopped, stuck) makes the others' collectives time out after the
+  collective timeout (`init_parallel`); the parent names the silent rank;
+- anything else (a bug) becomes a RuntimeError carrying the rank's traceback.
+
+Once one rank has failed, the parent stops the rest (SIGTERM, then SIGKILL after a grace).
+Ranks never outlive the parent: they ask the kernel for SIGKILL when it dies (Linux
+`PR_SET_PDEATHSIG`) and also watch their parent id, and they leave Ctrl-C to the parent.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import queue as queue_mod
+import signal
 import socket
+import sys
+import threading
+import time
 import traceback
+from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
 from weavelm.errors import WeavelmError
+
+REPORT_GRACE_S = 2.0   # after the first failure: how long the other ranks get to report
+FINISH_GRACE_S = 5.0   # after rank 0's result: how long the others get to exit
+STOP_GRACE_S = 2.0     # between SIGTERM and SIGKILL when stopping ranks
+# Words of gloo / NCCL / store errors that mean "a peer went away or never answered".
+PEER_ERRORS = ("connection reset", "connection closed", "connection refused", "timed out",
+               "timeout", "broken pipe", "socket closed", "peer", "read error", "eof")
 
 
 def free_port() -> int:
@@ -24,7 +46,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, nprocs, port, fn, args, results):
+def _die_with_parent(parent_pid: int, rank: int) -> None:
+    """SIGKILL this rank when the parent dies, however it dies; name it `weavelm-rankN` in ps."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)                  # PR_SET_PDEATHSIG
+            libc.prctl(15, f"weavelm-rank{rank}".encode(), 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:                  # it died before the request took effect
+        os._exit(1)
+
+    def watch():                                    # other systems, or a lost signal
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="weavelm-parent-watch", daemon=True).start()
+
+
+def _peer_failure(exc: BaseException) -> str | None:
+    """The first line of a collective's error when a peer vanished or timed out, else None."""
+    import torch.distributed as dist
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    is_dist = isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text.lower()
+    if is_dist or any(w in text.lower() for w in PEER_ERRORS):
+        return first[:200]
+    return None
+
+
+def _worker(rank, nprocs, port, parent_pid, fn, args, conn):
+    _die_with_parent(parent_pid, rank)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the parent stops every rank
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -33,13 +88,18 @@ def _worker(rank, nprocs, port, fn, args, results):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         value = fn(*args)
-        # Plain pickle copies tensor data; torch's queue pickler would share memory that dies
-        # with this process.
-        results.put((rank, "ok", pickle.dumps(value) if rank == 0 else None))
+        # Plain pickle copies tensor data; torch's pickler would share memory that dies with
+        # this process.
+        report = ("ok", pickle.dumps(value) if rank == 0 else None)
     except WeavelmError as e:
-        results.put((rank, "user", str(e)))
-    except BaseException:                                  # noqa: BLE001 - reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
+        report = ("user", str(e))
+    except BaseException as e:                             # noqa: BLE001 - reported to the parent
+        peer = _peer_failure(e)
+        report = ("peer", peer) if peer else ("error", traceback.format_exc())
+    try:
+        from weavelm.parallel.state import _STATE
+        timeout = _STATE.timeout_s if _STATE is not None else None
+        conn.send_bytes(pickle.dumps(report + (timeout,)))
     finally:
         from weavelm.parallel.state import destroy_parallel
         try:
@@ -48,48 +108,137 @@ def _worker(rank, nprocs, port, fn, args, results):
             pass
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return f"signal {number}, {signal.Signals(number).name}"
+    except ValueError:
+        return f"signal {number}"
+
+
+def _proc_state(pid: int) -> str:
+    """The kernel's one-letter state of `pid` (R, S, D, T = stopped, Z, ...); '' if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _failure(procs, reports) -> BaseException | None:
+    """The one error that explains what went wrong, the cause before its consequences."""
+    for r, p in enumerate(procs):
+        if r not in reports and p.exitcode is not None and p.exitcode < 0:
+            return WeavelmError(
+                f"rank {r} died ({_signal_name(-p.exitcode)}); the other ranks were stopped: "
+                f"if nobody sent that signal, look for the out-of-memory killer (dmesg) and "
+                f"lower --tp or the model size")
+    user = [rep[1] for r, rep in sorted(reports.items()) if rep[0] == "user"]
+    if user:
+        return WeavelmError(user[0])
+    for r, p in enumerate(procs):
+        if r not in reports and p.exitcode not in (None, 0):
+            return WeavelmError(f"rank {r} exited with code {p.exitcode} without a report; "
+                                f"the other ranks were stopped: see its output above")
+    errors = [rep[1] for r, rep in sorted(reports.items()) if rep[0] == "error"]
+    if errors:
+        return RuntimeError(f"a rank failed:\n{errors[0]}")
+    peers = [(r, rep) for r, rep in sorted(reports.items()) if rep[0] == "peer"]
+    if not peers:
+        return None
+    silent = [r for r, p in enumerate(procs) if r not in reports and p.exitcode is None]
+    r0, (_, line, timeout) = peers[0]
+    limit = f"the {timeout:g} s collective timeout" if timeout else "the collective timeout"
+    if silent:
+        r = silent[0]
+        if _proc_state(procs[r].pid) == "T":
+            return WeavelmError(f"rank {r} is stopped (SIGSTOP or a debugger) and the others gave "
+                                f"up waiting for it after {limit}: all ranks were ended; do not "
+                                f"stop a rank while it runs")
+        return WeavelmError(f"rank {r} stopped answering and the others gave up after {limit}: "
+                            f"all ranks were ended; if it was only slow, raise "
+                            f"--collective-timeout (or WEAVELM_COLLECTIVE_TIMEOUT)")
+    return WeavelmError(f"rank {r0}: a collective failed ({line}); all ranks were ended: if a "
+                        f"rank was only slow, raise --collective-timeout (or "
+                        f"WEAVELM_COLLECTIVE_TIMEOUT)")
+
+
+def _stop(procs, finished: bool) -> None:
+    """SIGTERM every live rank, SIGKILL those still there after STOP_GRACE_S; reap them all.
+    `finished`: every rank reported, so give them FINISH_GRACE_S to exit on their own first."""
+    deadline = time.monotonic() + FINISH_GRACE_S
+    for p in procs if finished else ():
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()                                # also ends a stopped (SIGSTOP) rank
+            p.join()
+
+
+def _collect(procs, conns, reports) -> None:
+    """Wait for every rank's report or exit; after the first failure (or rank 0's result) wait
+    only a grace period for the rest."""
+    open_conns = dict(enumerate(conns))
+    deadline = None
+    while len(reports) < len(procs):
+        alive = [r for r, p in enumerate(procs) if r not in reports and p.exitcode is None]
+        if not alive and not open_conns:
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = wait(list(open_conns.values()) + [procs[r].sentinel for r in alive], timeout)
+        if not ready:
+            return                                  # grace over: the rest are stuck
+        for r, conn in list(open_conns.items()):
+            if conn in ready or conn.poll():
+                try:
+                    reports[r] = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    pass
+                del open_conns[r]
+        for r in alive:
+            if procs[r].sentinel in ready:
+                procs[r].join(timeout=0)
+        if deadline is None:
+            failed = any(k != "ok" for k, *_ in reports.values()) or any(
+                p.exitcode not in (None, 0) for p in procs)
+            if failed:
+                deadline = time.monotonic() + REPORT_GRACE_S
+            elif 0 in reports:
+                deadline = time.monotonic() + FINISH_GRACE_S
+
+
 def spawn(fn, nprocs: int, *args):
     """Run fn(*args) on ranks 0..nprocs-1; return rank 0's result. `fn` must be picklable."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, results), daemon=False)
-             for r in range(nprocs)]
-    for p in procs:
-        p.start()
-    value, failure, done = None, None, 0
+    procs, conns = [], []
+    reports: dict[int, tuple] = {}
+    failure = None
     try:
-        while done < nprocs:
-            try:
-                rank, kind, payload = results.get(timeout=1.0)
-            except queue_mod.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and failure is None:
-                    failure = ("error", f"rank {procs.index(dead[0])} died with exit code "
-                                        f"{dead[0].exitcode}")
-                if failure is not None:
-                    break
-                continue
-            done += 1
-            if kind == "ok":
-                if rank == 0:
-                    value = pickle.loads(payload)
-            elif failure is None:
-                failure = (kind, payload)
-                break                                      # others may wait forever on that rank
+        for r in range(nprocs):
+            receiver, sender = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker, name=f"weavelm-rank{r}", daemon=False,
+                            args=(r, nprocs, port, os.getpid(), fn, args, sender))
+            p.start()
+            sender.close()                          # EOF on the receiver once the rank is gone
+            procs.append(p)
+            conns.append(receiver)
+        _collect(procs, conns, reports)
+        failure = _failure(procs, reports)
+        if failure is None and reports.get(0, ("",))[0] != "ok":
+            failure = WeavelmError("rank 0 ended without a result: see the output above")
     finally:
-        for p in procs:
-            p.join(timeout=5.0 if failure is None else 0.5)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
+        _stop(procs, finished=failure is None and len(reports) == nprocs)
+        for c in conns:
+            c.close()
     if failure is not None:
-        kind, payload = failure
-        if kind == "user":
-            raise WeavelmError(payload)
-        raise RuntimeError(f"a rank failed:\n{payload}")
-    return value
+        raise failure
+    return pickle.loads(reports[0][1])
 
 
 def run_ranks(fn, tp: int, *args):

@@ -25,12 +25,21 @@ def divide(numerator: int, denominator: int) -> int:
     return numerator // denominator
 
 
+# Every collective gives up after this long waiting for a peer (a dead, stopped or stuck rank),
+# instead of torch's 30 minutes. Startup (joining the group) may take longer: ranks import torch
+# and load weights at their own pace on a busy host.
+TIMEOUT_ENV = "WEAVELM_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = {"cpu": 30.0, "cuda": 300.0}
+STARTUP_TIMEOUT_S = 120.0
+
+
 @dataclass
 class ParallelState:
     rank: int
     world_size: int
     device: torch.device
     group: "dist.ProcessGroup | None"   # None when world_size == 1
+    timeout_s: float = DEFAULT_TIMEOUT_S["cpu"]   # the collective timeout
 
     @property
     def is_first(self) -> bool:
@@ -66,11 +75,28 @@ def resolve_device(device: str | None) -> torch.device:
     return parsed
 
 
+def collective_timeout(device_type: str, timeout_s: float | None = None) -> float:
+    """Seconds a collective waits for a peer: `timeout_s`, else $WEAVELM_COLLECTIVE_TIMEOUT,
+    else 30 on CPU and 300 on GPUs."""
+    where = "collective_timeout"
+    if timeout_s is None and os.environ.get(TIMEOUT_ENV, "").strip():
+        timeout_s, where = os.environ[TIMEOUT_ENV].strip(), f"${TIMEOUT_ENV}"
+    if timeout_s is None:
+        return DEFAULT_TIMEOUT_S.get(device_type, DEFAULT_TIMEOUT_S["cuda"])
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        value = float("nan")
+    check(0 < value < 1e6, f"{where} must be a number of seconds above 0, got {timeout_s!r}")
+    return value
+
+
 def init_parallel(tp: int | None = None, device: str | None = None,
-                  timeout_s: float = 600.0) -> ParallelState:
+                  timeout_s: float | None = None) -> ParallelState:
     """Join (or create) the TP process group and pick this rank's device.
 
     `tp` is the expected TP degree; it must match the launcher's WORLD_SIZE when one is set.
+    `timeout_s` bounds every collective's wait for a peer (see `collective_timeout`).
     Calling it again returns the existing state.
     """
     global _STATE
@@ -92,6 +118,7 @@ def init_parallel(tp: int | None = None, device: str | None = None,
           f"without a launcher")
 
     dev = resolve_device(device)
+    timeout = collective_timeout(dev.type, timeout_s)
     if dev.type == "cuda":
         local_rank = _env_int("LOCAL_RANK")
         if local_rank is None:
@@ -109,10 +136,15 @@ def init_parallel(tp: int | None = None, device: str | None = None,
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            startup = datetime.timedelta(seconds=max(timeout, STARTUP_TIMEOUT_S))
             dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                    timeout=startup, **kwargs)
         group = dist.group.WORLD
-    _STATE = ParallelState(rank=rank, world_size=world, device=dev, group=group)
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is not None:                # private in torch 2.x; startup bound if gone
+            set_timeout(datetime.timedelta(seconds=timeout), group)
+    _STATE = ParallelState(rank=rank, world_size=world, device=dev, group=group,
+                           timeout_s=timeout)
     return _STATE
 
 
@@ -136,5 +168,5 @@ def max_tp_for_device(device: str | None) -> int:
     return torch.cuda.device_count() if dev.type == "cuda" else 1 << 30
 
 
-__all__ = ["ParallelState", "divide", "init_parallel", "get_state", "destroy_parallel",
+__all__ = ["ParallelState", "divide", "init_parallel", "collective_timeout", "get_state", "destroy_parallel",
            "resolve_device", "max_tp_for_device", "WeavelmError"]
