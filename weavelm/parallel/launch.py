@@ -83,6 +83,11 @@ def _worker(rank, nprocs, port, parent_pid, fn, args, conn):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    try:           # tqdm's default lock is a semaphore that a killed rank would leave behind
+        from tqdm import tqdm
+        tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     import torch
     # N CPU ranks share this host's cores; oversubscription makes gloo runs crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))

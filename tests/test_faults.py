@@ -1,0 +1,186 @@
+"""Faults (issue: hardening, items 3, 4, 5, 15): a killed or stopped rank, a killed parent, a hub
+that never answers, and the accelerate example run as documented.
+
+Each case runs `weavelm generate` on a tiny random Llama at TP 2 as a subprocess, does something
+hostile to it once tokens stream, and asserts the exit code, the one-line message, the time it
+took, and that none of the processes it started (recorded from /proc before the fault: ranks and
+multiprocessing's resource tracker) is alive 10 s later."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tiny_models import make_tiny, save_tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 3           # --collective-timeout of the runs (seconds)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults") / "llama"
+    make_tiny("llama", d, seed=2)
+    save_tiny_tokenizer(d)
+    return d
+
+
+# -- processes, from /proc (no psutil) ------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Run:
+    """`weavelm generate` in its own session; stdout and stderr collected by threads."""
+
+    def __init__(self, args, env=None):
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
+                                  env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+        self.out, self.err = bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self._read, args=(s, b), daemon=True)
+                        for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
+        for t in self.readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, buf):
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            buf.extend(chunk)
+
+    def wait_for_tokens(self, limit=240.0):
+        """Until rank 0 streams its first tokens (ranks loaded, collectives running)."""
+        while not self.out.strip():
+            assert self.p.poll() is None, (self.p.returncode, self.err.decode())
+            assert time.monotonic() - self.t0 < limit, "no tokens streamed"
+            time.sleep(0.02)
+
+    def ranks(self) -> dict[int, int]:
+        return {int(_comm(pid)[len("weavelm-rank"):]): pid
+                for pid in _descendants(self.p.pid) if _comm(pid).startswith("weavelm-rank")}
+
+    def finish(self, limit=120.0):
+        try:
+            code = self.p.wait(timeout=limit)
+        finally:
+            if self.p.poll() is None:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        for t in self.readers:
+            t.join(timeout=5)
+        return code, self.out.decode(errors="replace"), self.err.decode(errors="replace")
+
+
+def _gone_within(pids, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return
+        time.sleep(0.1)
+    left = [(p, _comm(p), _cmdline(p)[:120]) for p in pids if _alive(p)]
+    for p, *_ in left:                   # do not leave them to the next test
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    raise AssertionError(f"still alive {seconds} s after the fault: {left}")
+
+
+def _one_line(err, words):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("time to first token")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert "Traceback" not in err
+
+
+# -- a running generate, then a fault ---------------------------------------------------------------
+# name: (whom to signal, signal, exit code, words of the one stderr line, seconds it may take
+# from the signal to the exit)
+FAULTS = {
+    "parent SIGTERM": ("parent", signal.SIGTERM, 143, ["terminated", "ranks stopped"], 10),
+    "parent SIGKILL": ("parent", signal.SIGKILL, -9, None, 5),
+    "rank 1 SIGKILL": (1, signal.SIGKILL, 2, ["rank 1 died (signal 9", "SIGKILL"], 10),
+    "rank 1 SIGSTOP": (1, signal.SIGSTOP, 2, ["rank 1 is stopped", f"{TIMEOUT} s collective"],
+                       TIMEOUT + 12),
+    "rank 0 SIGSTOP": (0, signal.SIGSTOP, 2, ["rank 0 is stopped"], TIMEOUT + 12),
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_fault_during_generate(tiny, case):
+    who, sig, want_code, words, limit = FAULTS[case]
+    run = Run(["generate", str(tiny), "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "250",
+               "--tp", "2", "--collective-timeout", str(TIMEOUT)])
+    try:
+        run.wait_for_tokens()
+        ranks = run.ranks()
+        started = _descendants(run.p.pid)
+        assert sorted(ranks) == [0, 1], (ranks, [(p, _comm(p)) for p in started])
+        assert any("resource_tracker" in _cmdline(p) for p in started), started
+        t_fault = time.monotonic()
+        os.kill(run.p.pid if who == "parent" else ranks[who], sig)
+    finally:
+        code, out, err = run.finish()
+    took = time.monotonic() - t_fault
+    assert code == want_code, (code, err)
+    assert took < limit, f"{case}: exit {took:.1f} s after the signal (limit {limit} s)"
+    if words is not None:
+        _one_line(err, words)
+    _gone_within(started)
+
+
+def test_bad_collective_timeout_is_refused(tiny):
+    code, out, err = Run(["generate", str(tiny), "-p", "1", "--device", "cpu", "--tp", "2"],
+                         env={"WEAVELM_COLLECTIVE_TIMEOUT": "soon"}).finish()
+    assert code == 2, err
+    _one_line(err, ["WEAVELM_COLLECTIVE_TIMEOUT", "soon"])
