@@ -7,6 +7,7 @@ took, and that none of the processes it started (recorded from /proc before the 
 multiprocessing's resource tracker) is alive 10 s later."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,3 +185,55 @@ def test_bad_collective_timeout_is_refused(tiny):
                          env={"WEAVELM_COLLECTIVE_TIMEOUT": "soon"}).finish()
     assert code == 2, err
     _one_line(err, ["WEAVELM_COLLECTIVE_TIMEOUT", "soon"])
+
+
+# -- the Hub ------------------------------------------------------------------------------------
+def _silent_server():
+    """A loopback server that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, held
+
+
+def _closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, []                      # bound, not listening: connections are refused
+
+
+# name: (server factory, words of the one line besides the host)
+HUB = {
+    "accepts and never answers": (_silent_server, ["did not answer for 2 s", "HF_ENDPOINT"]),
+    "refuses connections": (_closed_port, ["could not reach", "HF_ENDPOINT"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB))
+def test_hub_that_does_not_answer(tmp_path, case):
+    make, words = HUB[case]
+    srv, held = make()
+    host = f"127.0.0.1:{srv.getsockname()[1]}"
+    env = {"HF_ENDPOINT": f"http://{host}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HUB_OFFLINE": "0"}
+    try:
+        run = Run(["generate", "weavelm-test/no-such-model", "-p", "1", "--device", "cpu"],
+                  env=env)
+        code, out, err = run.finish(limit=120)
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+    assert code == 2, err
+    assert time.monotonic() - run.t0 < 90
+    _one_line(err, [host, "weavelm-test/no-such-model", *words])
+    assert not _descendants(run.p.pid)

@@ -104,12 +104,8 @@ def _resolve_repo_id(repo_id: str) -> Path:
         if "Repo id must" in str(e) or "repo_id" in str(e):
             raise WeavelmError(f"{repo_id!r} is neither a local path nor a valid Hugging Face "
                                f"repo id: check the model name") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HF_FILE_PATTERNS))
-    except Exception as e:                              # noqa: BLE001 - network, auth, 404
-        raise WeavelmError(f"could not download {repo_id!r} from the Hugging Face Hub "
-                           f"({type(e).__name__}): check the name, your network, or pass a "
-                           f"local path") from None
+    from weavelm.models.hub import download
+    return download(repo_id, HF_FILE_PATTERNS)         # bounded: names the host on a stall
 
 
 def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -> ModelSource:
