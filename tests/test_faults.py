@@ -237,3 +237,55 @@ def test_hub_that_does_not_answer(tmp_path, case):
     assert time.monotonic() - run.t0 < 90
     _one_line(err, [host, "weavelm-test/no-such-model", *words])
     assert not _descendants(run.p.pid)
+
+
+# -- examples/generate_accelerate.py under `accelerate launch`, as its docstring says -------------
+@pytest.fixture(scope="module")
+def tiny_tp3(tmp_path_factory):
+    """A tiny Llama that splits 3 ways (6 heads, 3 KV heads, MLP 96) with a chat template."""
+    import json
+
+    import torch
+    import transformers as tf
+    d = tmp_path_factory.mktemp("faults") / "llama-tp3"
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=3, vocab_size=103,
+                         max_position_embeddings=256, eos_token_id=2, bos_token_id=1)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    save_tiny_tokenizer(d)
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return d
+
+
+# name: (accelerate launch options, words in stdout, words in stderr)
+ACCELERATE = {
+    "--multi_gpu --num_processes 3 (documented: 3 gloo ranks on CPU)": (
+        ["--multi_gpu", "--num_processes", "3"], ["[TP=3, cpu]"], []),
+    "--cpu --num_processes 3 (one process: says so)": (
+        ["--cpu", "--num_processes", "3"], ["[TP=1, cpu]"], ["runs at TP 1", "--multi_gpu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCELERATE))
+def test_accelerate_example_runs_as_documented(tiny_tp3, case):
+    import shutil
+    options, stdout_words, stderr_words = ACCELERATE[case]
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate is not installed (pip install 'weavelm[accelerate]')")
+    doc = open(os.path.join(ROOT, "examples", "generate_accelerate.py")).read()
+    if "--multi_gpu" in options:
+        assert "accelerate launch --multi_gpu --num_processes 3" in doc
+    p = subprocess.run([accelerate, "launch", *options, "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "examples/generate_accelerate.py", str(tiny_tp3), "--max-new-tokens", "4"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for w in stdout_words:
+        assert w in p.stdout, p.stdout
+    for w in stderr_words:
+        assert w in p.stderr, p.stderr
