@@ -36,8 +36,8 @@ REPORT_GRACE_S = 2.0   # after the first failure: how long the other ranks get t
 FINISH_GRACE_S = 5.0   # after rank 0's result: how long the others get to exit
 STOP_GRACE_S = 2.0     # between SIGTERM and SIGKILL when stopping ranks
 # Words of gloo / NCCL / store errors that mean "a peer went away or never answered".
-PEER_ERRORS = ("connection reset", "connection closed", "connection refused", "timed out",
-               "timeout", "broken pipe", "socket closed", "peer", "read error", "eof")
+PEER_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
+               "timed out", "broken pipe", "socket closed", "read error")
 
 
 def free_port() -> int:
@@ -68,12 +68,14 @@ def _die_with_parent(parent_pid: int, rank: int) -> None:
 
 def _peer_failure(exc: BaseException) -> str | None:
     """The first line of a collective's error when a peer vanished or timed out, else None."""
+    import re
+
     import torch.distributed as dist
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    is_dist = isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text.lower()
-    if is_dist or any(w in text.lower() for w in PEER_ERRORS):
-        return first[:200]
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(w in text.lower()
+                                                               for w in PEER_ERRORS):
+        return re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]     # drop gloo's [file.cc:line]
     return None
 
 
@@ -175,7 +177,10 @@ def _stop(procs, finished: bool) -> None:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.exitcode is None:
-            p.terminate()
+            if _proc_state(p.pid) == "T":           # stopped: SIGTERM would wait for SIGCONT
+                p.kill()
+            else:
+                p.terminate()
     deadline = time.monotonic() + STOP_GRACE_S
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
