@@ -104,8 +104,14 @@ class Run:
             time.sleep(0.02)
 
     def ranks(self) -> dict[int, int]:
-        return {int(_comm(pid)[len("weavelm-rank"):]): pid
-                for pid in _descendants(self.p.pid) if _comm(pid).startswith("weavelm-rank")}
+        """rank -> pid: by the name ranks give themselves (`weavelm-rankN` in ps), else the
+        multiprocessing children in start order."""
+        kids = _descendants(self.p.pid)
+        named = {int(_comm(pid)[len("weavelm-rank"):]): pid
+                 for pid in kids if _comm(pid).startswith("weavelm-rank")}
+        spawned = sorted(pid for pid in kids if "multiprocessing" in _cmdline(pid)
+                         and "resource_tracker" not in _cmdline(pid))
+        return named or dict(enumerate(spawned))
 
     def finish(self, limit=120.0):
         try:
