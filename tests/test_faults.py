@@ -156,6 +156,7 @@ def _one_line(err, words):
 FAULTS = {
     "parent SIGTERM": ("parent", signal.SIGTERM, 143, ["terminated", "ranks stopped"], 10),
     "parent SIGKILL": ("parent", signal.SIGKILL, -9, None, 5),
+    "Ctrl-C (SIGINT to the group)": ("group", signal.SIGINT, 130, ["interrupted"], 10),
     "rank 1 SIGKILL": (1, signal.SIGKILL, 2, ["rank 1 died (signal 9", "SIGKILL"], 10),
     "rank 1 SIGSTOP": (1, signal.SIGSTOP, 2, ["rank 1 is stopped", f"{TIMEOUT} s collective"],
                        TIMEOUT + 12),
@@ -175,7 +176,10 @@ def test_fault_during_generate(tiny, case):
         assert sorted(ranks) == [0, 1], (ranks, [(p, _comm(p)) for p in started])
         assert any("resource_tracker" in _cmdline(p) for p in started), started
         t_fault = time.monotonic()
-        os.kill(run.p.pid if who == "parent" else ranks[who], sig)
+        if who == "group":
+            os.killpg(run.p.pid, sig)       # the parent leads its own session (start_new_session)
+        else:
+            os.kill(run.p.pid if who == "parent" else ranks[who], sig)
     finally:
         code, out, err = run.finish()
     took = time.monotonic() - t_fault
@@ -186,11 +190,29 @@ def test_fault_during_generate(tiny, case):
     _gone_within(started)
 
 
-def test_bad_collective_timeout_is_refused(tiny):
-    code, out, err = Run(["generate", str(tiny), "-p", "1", "--device", "cpu", "--tp", "2"],
-                         env={"WEAVELM_COLLECTIVE_TIMEOUT": "soon"}).finish()
-    assert code == 2, err
-    _one_line(err, ["WEAVELM_COLLECTIVE_TIMEOUT", "soon"])
+@pytest.mark.parametrize("env, arg, words", [
+    ("soon", None, ["$WEAVELM_COLLECTIVE_TIMEOUT", "'soon'"]),
+    ("-1", None, ["$WEAVELM_COLLECTIVE_TIMEOUT", "above 0"]),
+    (None, 0, ["collective_timeout", "above 0"]),
+    (None, float("nan"), ["collective_timeout", "nan"]),
+])
+def test_bad_collective_timeout_is_refused(monkeypatch, env, arg, words):
+    from weavelm.errors import WeavelmError
+    from weavelm.parallel.state import collective_timeout
+    if env is not None:
+        monkeypatch.setenv("WEAVELM_COLLECTIVE_TIMEOUT", env)
+    with pytest.raises(WeavelmError) as e:
+        collective_timeout("cpu", arg)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_collective_timeout_defaults(monkeypatch):
+    from weavelm.parallel.state import collective_timeout
+    monkeypatch.delenv("WEAVELM_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout("cpu") == 30.0 and collective_timeout("cuda") == 300.0
+    monkeypatch.setenv("WEAVELM_COLLECTIVE_TIMEOUT", "7.5")
+    assert collective_timeout("cpu") == 7.5 and collective_timeout("cpu", 2) == 2.0
 
 
 # -- the Hub ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from weavelm.errors import WeavelmError
 
-REPORT_GRACE_S = 2.0   # after the first failure: how long the other ranks get to report
+REPORT_GRACE_S = 1.0   # after the first failure: how long the other ranks get to report
 FINISH_GRACE_S = 5.0   # after rank 0's result: how long the others get to exit
 STOP_GRACE_S = 2.0     # between SIGTERM and SIGKILL when stopping ranks
 # Words of gloo / NCCL / store errors that mean "a peer went away or never answered".
