@@ -215,6 +215,43 @@ def test_collective_timeout_defaults(monkeypatch):
     assert collective_timeout("cpu") == 7.5 and collective_timeout("cpu", 2) == 2.0
 
 
+# -- which line the parent prints, from the ranks' reports and exit codes (no processes) ----------
+def _proc(exitcode):
+    from types import SimpleNamespace
+    return SimpleNamespace(exitcode=exitcode, pid=os.getpid())     # this process: running
+
+
+PEER = ("peer", "Timed out waiting 3000ms for recv operation to complete", 3.0)
+# name: (exit codes of ranks 0, 1 (None = running), reports by rank, exception type, words)
+VERDICTS = {
+    "killed rank beats its peers' errors": (
+        (0, -9), {0: PEER}, "WeavelmError", ["rank 1 died (signal 9, SIGKILL)"]),
+    "a rank's user error beats its peers' errors": (
+        (0, 0), {0: PEER, 1: ("user", "bad prompt: fix it", 3.0)}, "WeavelmError",
+        ["bad prompt: fix it"]),
+    "exit without a report": ((0, 3), {0: PEER}, "WeavelmError", ["rank 1 exited with code 3"]),
+    "a bug keeps its traceback": (
+        (0, 0), {0: ("error", "Traceback ...\nZeroDivisionError", None), 1: PEER},
+        "RuntimeError", ["ZeroDivisionError"]),
+    "silent rank after a peer timeout": (
+        (0, None), {0: PEER}, "WeavelmError",
+        ["rank 1 stopped answering", "3 s collective timeout", "--collective-timeout"]),
+    "all ok": ((0, 0), {0: ("ok", None, 3.0), 1: ("ok", None, 3.0)}, None, []),
+}
+
+
+@pytest.mark.parametrize("case", list(VERDICTS))
+def test_parent_names_the_cause(case):
+    from weavelm.parallel.launch import _failure
+    codes, reports, kind, words = VERDICTS[case]
+    error = _failure([_proc(c) for c in codes], reports)
+    assert type(error).__name__ == kind if kind else error is None, error
+    for w in words:
+        assert w in str(error), str(error)
+    if kind == "WeavelmError":
+        assert "\n" not in str(error)
+
+
 # -- the Hub ------------------------------------------------------------------------------------
 def _silent_server():
     """A loopback server that accepts connections and never answers."""
