@@ -164,6 +164,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(FAULTS))
 def test_fault_during_generate(tiny, case):
     who, sig, want_code, words, limit = FAULTS[case]
@@ -334,6 +335,7 @@ ACCELERATE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ACCELERATE))
 def test_accelerate_example_runs_as_documented(tiny_tp3, case):
     import shutil
