@@ -356,3 +356,60 @@ def test_accelerate_example_runs_as_documented(tiny_tp3, case):
         assert w in p.stdout, p.stdout
     for w in stderr_words:
         assert w in p.stderr, p.stderr
+
+
+def _trickle_to_cache(folder, path):
+    """A download that writes a byte into the repository's cache folder every 0.3 s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "blob.incomplete", "ab") as f:
+        for _ in range(8):
+            f.write(b"x")
+            f.flush()
+            time.sleep(0.3)
+    return path
+
+
+def _first_byte_then_quiet(folder, path):
+    """Files start to arrive after 0.5 s, then nothing new for 2.5 s (a big file's next read:
+    huggingface_hub's own read timeout governs it)."""
+    time.sleep(0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "blob.incomplete").write_bytes(b"x")
+    time.sleep(2.5)
+    return path
+
+
+def _silent(folder, path):
+    time.sleep(4)
+    return path
+
+
+# name: (what snapshot_download does, error words or None); the timeout is 1 s
+DOWNLOADS = {
+    "slow but steady into the cache": (_trickle_to_cache, None),
+    "first bytes in time, then a long read": (_first_byte_then_quiet, None),
+    "nothing for longer than the timeout": (_silent, ["did not answer for 1 s", "org/name"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DOWNLOADS))
+def test_hub_download_is_bounded_only_while_nothing_arrives(tmp_path, monkeypatch, case):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from weavelm.errors import WeavelmError
+    from weavelm.models.hub import download
+    body, words = DOWNLOADS[case]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    folder = tmp_path / "models--org--name"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: body(folder, str(tmp_path / "snap")))
+    if words is None:
+        assert download("org/name", ["*"]) == tmp_path / "snap"
+    else:
+        with pytest.raises(WeavelmError) as e:
+            download("org/name", ["*"])
+        for w in words:
+            assert w in str(e.value), str(e.value)

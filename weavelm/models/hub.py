@@ -2,10 +2,11 @@
 
 huggingface_hub (2.x) sends its metadata calls (`repo_info`, the file listing) with no timeout:
 an endpoint that accepts the connection and never answers holds them for good. `download` runs
-`snapshot_download` in a daemon thread and watches the repository's cache folder: when no byte
-arrives for HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT seconds (the larger; huggingface_hub's
-own settings, 10 s by default) it gives up with one line naming the host (HF_ENDPOINT).
-A download that makes progress may take as long as it needs.
+`snapshot_download` in a daemon thread and watches the repository's cache folder: when nothing
+has arrived there after HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT seconds (the larger;
+huggingface_hub's own settings, 10 s by default) it gives up with one line naming the host
+(HF_ENDPOINT). Once files arrive, the file downloads run under huggingface_hub's own read
+timeouts (HF_HUB_DOWNLOAD_TIMEOUT per read) and may take as long as they need.
 """
 from __future__ import annotations
 
@@ -80,13 +81,12 @@ def download(repo_id: str, patterns: list[str]) -> Path:
 
     worker = threading.Thread(target=fetch, name="weavelm-hub-download", daemon=True)
     worker.start()
-    seen, last = _bytes_under(folder), time.monotonic()
+    start, began = _bytes_under(folder), time.monotonic()
     while worker.is_alive():
         worker.join(POLL_S)
-        size = _bytes_under(folder)
-        if size != seen:
-            seen, last = size, time.monotonic()
-        elif worker.is_alive() and time.monotonic() - last > limit:
+        if _bytes_under(folder) != start:
+            worker.join()       # files arrive: huggingface_hub's own read timeouts apply now
+        elif worker.is_alive() and time.monotonic() - began > limit:
             # The thread stays blocked on its socket; as a daemon it does not hold the exit.
             raise WeavelmError(f"the Hugging Face Hub at {host} did not answer for {limit:g} s "
                                f"while fetching {repo_id!r}: check your network or HF_ENDPOINT, "
