@@ -30,7 +30,7 @@ from weavelm.models.decoder import StepInput
 from weavelm.models.loader import load_weights, resolve_model
 from weavelm.models.registry import family_for
 from weavelm.parallel.backends import make_communicator
-from weavelm.parallel.state import get_state, init_parallel
+from weavelm.parallel.state import arm_collective_timeout, get_state, init_parallel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -145,6 +145,7 @@ class LLM:
                                   runner_cfg)
         self.executor = self.runner.executor
         self.engine = LLMEngine(self.runner, self.comm, set(), self.max_model_len)
+        arm_collective_timeout(state)       # every rank is loaded: short waits from here on
         self._calls = 0
         self._stop = None
         self.stats: dict = {}

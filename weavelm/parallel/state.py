@@ -26,8 +26,9 @@ def divide(numerator: int, denominator: int) -> int:
 
 
 # Every collective gives up after this long waiting for a peer (a dead, stopped or stuck rank),
-# instead of torch's 30 minutes. Startup (joining the group) may take longer: ranks import torch
-# and load weights at their own pace on a busy host.
+# instead of torch's 30 minutes. Startup (joining the group, loading weights: see
+# `arm_collective_timeout`) may take longer: ranks import torch and load weights at their own
+# pace on a busy host.
 TIMEOUT_ENV = "WEAVELM_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = {"cpu": 30.0, "cuda": 300.0}
 STARTUP_TIMEOUT_S = 120.0
@@ -140,12 +141,24 @@ def init_parallel(tp: int | None = None, device: str | None = None,
             dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                     timeout=startup, **kwargs)
         group = dist.group.WORLD
-        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-        if set_timeout is not None:                # private in torch 2.x; startup bound if gone
-            set_timeout(datetime.timedelta(seconds=timeout), group)
+        _set_group_timeout(group, max(timeout, STARTUP_TIMEOUT_S))   # a launcher's group too
     _STATE = ParallelState(rank=rank, world_size=world, device=dev, group=group,
                            timeout_s=timeout)
     return _STATE
+
+
+def _set_group_timeout(group, seconds: float) -> None:
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:           # private in torch 2.x; without it the startup bound
+        set_timeout(datetime.timedelta(seconds=seconds), group)
+
+
+def arm_collective_timeout(state: ParallelState) -> None:
+    """From now on every collective waits at most `state.timeout_s` for a peer. Until this is
+    called (the model is built and loaded on every rank: ranks load at their own pace) the
+    bound is max(timeout, STARTUP_TIMEOUT_S)."""
+    if state.group is not None:
+        _set_group_timeout(state.group, state.timeout_s)
 
 
 def get_state() -> ParallelState:
@@ -168,5 +181,6 @@ def max_tp_for_device(device: str | None) -> int:
     return torch.cuda.device_count() if dev.type == "cuda" else 1 << 30
 
 
-__all__ = ["ParallelState", "divide", "init_parallel", "collective_timeout", "get_state", "destroy_parallel",
+__all__ = ["ParallelState", "divide", "init_parallel", "collective_timeout",
+           "arm_collective_timeout", "get_state", "destroy_parallel",
            "resolve_device", "max_tp_for_device", "WeavelmError"]
