@@ -3,8 +3,14 @@ or never end, old pickle checkpoints, models and benchmarks too large for the ma
 cost of `from weavelm import LLM`. Each failure must end with exit code 2 and one line that names
 the problem, with nothing executed or left running."""
 import os
+import shutil
 import subprocess
 import sys
+import time
+
+import pytest
+
+from tiny_models import make_tiny, save_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +55,56 @@ def test_import_llm_pulls_in_nothing_heavy():
     assert heavy == "[]", f"from weavelm import LLM imported {heavy}"
     print(f"from weavelm import LLM after import torch: {float(seconds):.3f} s")
     assert float(seconds) < 0.75          # 0.5 s asked, with slack for a busy 2-core machine
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("edges") / "llama"
+    make_tiny("llama", d, seed=3)
+    save_tiny_tokenizer(d)
+    return d
+
+
+def _with_template(tiny, tmp_path, template):
+    d = tmp_path / "templated"
+    shutil.copytree(tiny, d)
+    (d / "chat_template.jinja").write_text(template)
+    return d
+
+
+GOOD_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+TEMPLATES = {
+    # name: (template, words the one-line error must contain)
+    "raises": ("{{ raise_exception('no system role here') }}", ["chat template", "no system role"]),
+    "syntax error": ("{% for m in messages %}{{ m['content'] }}", ["chat template",
+                                                                   "TemplateSyntaxError"]),
+    "undefined field": ("{{ messages[0].nope.deeper }}", ["chat template", "UndefinedError"]),
+    "reaches for Python internals": ("{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                                     ["chat template", "SecurityError"]),
+    "recursive macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                        ["chat template", "Recursion"]),
+    "nested loops that never end": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        ["chat template", "did not finish within 2 s"]),
+    "writes 100 MB": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+                      ["chat template", "characters"]),
+}
+
+
+def test_a_plain_chat_template_renders(tiny, tmp_path):
+    d = _with_template(tiny, tmp_path, GOOD_TEMPLATE)
+    code, out, err = _cli("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("case", list(TEMPLATES))
+def test_bad_chat_template_is_one_line(tiny, tmp_path, case):
+    template, words = TEMPLATES[case]
+    d = _with_template(tiny, tmp_path, template)
+    t = time.monotonic()
+    result = _cli("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2",
+                  env={"WEAVELM_CHAT_TEMPLATE_TIMEOUT": "2"}, timeout=120)
+    _one_line_error(*result, words)
+    assert time.monotonic() - t < 60
