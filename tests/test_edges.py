@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tiny_models import make_tiny, save_tiny_tokenizer
 
@@ -108,3 +109,49 @@ def test_bad_chat_template_is_one_line(tiny, tmp_path, case):
                   env={"WEAVELM_CHAT_TEMPLATE_TIMEOUT": "2"}, timeout=120)
     _one_line_error(*result, words)
     assert time.monotonic() - t < 60
+
+
+# ----------------------------------------------------------------------------- pickle checkpoints
+
+def _as_pickle(tiny, tmp_path, state_edit=None, **save_kwargs):
+    """tiny's checkpoint as pytorch_model.bin (torch.save with `save_kwargs`), no safetensors."""
+    from safetensors.torch import load_file
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny, d)
+    f = next(d.glob("*.safetensors"))
+    state = load_file(f)
+    f.unlink()
+    torch.save(state_edit(state) if state_edit else state, d / "pytorch_model.bin", **save_kwargs)
+    return d
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip format", "legacy format"])
+def test_pickle_checkpoint_loads_with_allow_pickle(tiny, tmp_path, zipped):
+    d = _as_pickle(tiny, tmp_path, _use_new_zipfile_serialization=zipped)
+    args = ["generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "2"]
+    _one_line_error(*_cli(*args), ["pickle", "--allow-pickle"])
+    code, out, err = _cli(*args, "--allow-pickle")
+    assert code == 0, err
+
+
+class _Planted:
+    """Unpickling this would create the marker file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda marker: (lambda s: {**s, "extra": _Planted(marker)}), ["more than tensors",
+                                                                  "io.open"]),
+    (lambda marker: (lambda s: list(s.values())), ["not a dict", "list"]),
+    (lambda marker: (lambda s: {**s, "step": 3}), ["'step' is not a tensor"]),
+], ids=["code in the pickle", "a list", "a number among the tensors"])
+def test_bad_pickle_checkpoint_is_one_line(tiny, tmp_path, edit, words):
+    marker = tmp_path / "ran.txt"
+    d = _as_pickle(tiny, tmp_path, edit(str(marker)), _use_new_zipfile_serialization=False)
+    _one_line_error(*_cli("generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "2",
+                          "--allow-pickle"), words)
+    assert not marker.exists()
