@@ -2,6 +2,7 @@
 or never end, old pickle checkpoints, models and benchmarks too large for the machine, and the
 cost of `from weavelm import LLM`. Each failure must end with exit code 2 and one line that names
 the problem, with nothing executed or left running."""
+import json
 import os
 import shutil
 import subprocess
@@ -155,3 +156,83 @@ def test_bad_pickle_checkpoint_is_one_line(tiny, tmp_path, edit, words):
     _one_line_error(*_cli("generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "2",
                           "--allow-pickle"), words)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "qwen2.5-72b", "mixtral-8x7b", "qwen3-30b-a3b"])
+def test_weight_estimate_is_the_built_model(shape):
+    """The estimate's weights are the bytes of the model's parameters (built on `meta`)."""
+    from weavelm.bench.shapes import shape_config
+    from weavelm.engine.memory import PROCESS_BYTES, estimate
+    from weavelm.models.config import ModelConfig
+    from weavelm.models.registry import family_for
+    from weavelm.parallel.state import init_parallel
+    init_parallel(1, "cpu")
+    cfg = ModelConfig.from_hf(shape_config(shape, 2))
+    model = family_for(cfg.architecture).model_class(cfg, dtype=torch.bfloat16, device="meta",
+                                                     max_positions=1024)
+    built = sum(p.numel() * p.element_size() for p in model.parameters())
+    est = estimate(cfg, 1, 2, tokens=1)
+    assert est.fixed - PROCESS_BYTES + est.per_layer * est.layers == pytest.approx(built,
+                                                                                  rel=1e-4)
+
+
+def test_readme_bench_on_a_small_machine_is_refused(monkeypatch):
+    """The README's `bench prefill --shape llama3-70b --layers 8 --tp 4` on a 16 GiB CPU
+    machine: one line with the estimate and what fits, before any rank starts."""
+    from typer.testing import CliRunner
+
+    import cli.main as cli_main
+    from weavelm.engine import memory
+    from weavelm.parallel import launch
+    monkeypatch.setattr(memory, "available_bytes",
+                        lambda device: (16 << 30, "this machine has 16.0 GiB available"))
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("ranks started"))
+    r = CliRunner().invoke(cli_main.app, ["bench", "prefill", "--shape", "llama3-70b",
+                                          "--layers", "8", "--tp", "4", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for words in ("llama3-70b", "GiB for 4 ranks", "16.0 GiB available", "--layers",
+                  "fits at 1,024 tokens"):
+        assert words in lines[0], (words, lines[0])
+
+
+def _mem_available_gib():
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) >> 20
+
+
+@pytest.mark.skipif(_mem_available_gib() > 140, reason="this machine may fit llama3-70b")
+def test_bench_too_big_for_this_machine_is_one_line():
+    t = time.monotonic()
+    _one_line_error(*_cli("bench", "prefill", "--shape", "llama3-70b", "--layers", "80",
+                          "--device", "cpu"), ["needs about", "GiB", "MemAvailable", "--layers"])
+    assert time.monotonic() - t < 60                      # refused, not attempted
+
+
+def _huge(tiny, tmp_path):
+    """tiny's checkpoint with a config whose MLP would take ~100 GB in fp32."""
+    d = tmp_path / "huge"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 1 << 26}))
+    return d
+
+
+@pytest.mark.skipif(_mem_available_gib() > 90, reason="this machine may fit the model")
+def test_generate_with_a_model_too_big_is_one_line(tiny, tmp_path):
+    _one_line_error(*_cli("generate", _huge(tiny, tmp_path), "-p", "1 2 3", "--no-chat",
+                          "--device", "cpu", "-n", "2"), ["huge", "needs about", "GiB"])
+
+
+@pytest.mark.skipif(_mem_available_gib() > 90, reason="this machine may fit the model")
+def test_llm_with_a_model_too_big_fails_before_loading(tiny, tmp_path, monkeypatch):
+    from weavelm import LLM
+    from weavelm.engine import llm as llm_module
+    from weavelm.errors import WeavelmError
+    monkeypatch.setattr(llm_module, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(WeavelmError, match="needs about .* GiB") as e:
+        LLM(str(_huge(tiny, tmp_path)), device="cpu", progress=False)
+    assert "\n" not in str(e.value)

@@ -103,13 +103,17 @@ def check_fits(est: Estimate, tp: int, device: str, what: str, budget: float = 1
     scope = "per GPU" if device.startswith("cuda") else f"for {tp} rank{'s' * (tp > 1)}"
     fit = []
     per_rank = have // ranks
-    if layers_flag:
-        layers = (per_rank - est.fixed - est.per_token * est.tokens) // max(est.per_layer, 1)
-        fit.append(f"{layers_flag} {min(layers, est.layers - 1)} fits at {est.tokens} tokens"
-                   if layers >= 1 else f"no {layers_flag} fits at {est.tokens} tokens")
+
+    def layers_at(tokens: int) -> int:
+        return min((per_rank - est.fixed - est.per_token * tokens) // max(est.per_layer, 1),
+                   est.layers - 1)
+    if layers_flag and layers_at(est.tokens) >= 1:
+        fit.append(f"{layers_flag} {layers_at(est.tokens)} fits at {est.tokens:,} tokens")
     tokens = (per_rank - est.fixed - est.per_layer * est.layers) // max(est.per_token, 1)
     if tokens >= 1 and est.tokens > 1:
         fit.append(f"steps of {min(tokens, est.tokens - 1):,} tokens fit at {est.layers} layers")
+    if layers_flag and not fit and est.tokens > 1024 and layers_at(1024) >= 1:
+        fit.append(f"{layers_flag} {layers_at(1024)} fits at 1,024 tokens")
     raise WeavelmError(
         f"{what} needs about {need / GiB:.1f} GiB {scope} ({est.per_rank / GiB:.1f} GiB a rank: "
         f"weights {(est.fixed - PROCESS_BYTES + est.per_layer * est.layers) / GiB:.1f}, "
