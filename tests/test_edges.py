@@ -236,3 +236,20 @@ def test_llm_with_a_model_too_big_fails_before_loading(tiny, tmp_path, monkeypat
     with pytest.raises(WeavelmError, match="needs about .* GiB") as e:
         LLM(str(_huge(tiny, tmp_path)), device="cpu", progress=False)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- test summary
+
+@pytest.mark.parametrize("sim", [False, True], ids=["main run", "simulator run"])
+def test_simulator_tests_are_collected_only_in_the_simulator(sim):
+    """Outside the simulator the test_sim_* tests are not collected (not skipped placeholders,
+    not deselected): the summary counts every test once."""
+    env = {"NUMBA_ENABLE_CUDASIM": "1"} if sim else {}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"} | env
+    r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
+                        "tests/kernels/test_rope_activation_sim.py"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = [line for line in r.stdout.splitlines() if "::" in line]
+    assert any("::test_sim_" in n for n in names) == sim, names
+    assert "deselected" not in r.stdout and "skipped" not in r.stdout, r.stdout
