@@ -127,7 +127,9 @@ def generate(
     step = max_num_batched_tokens if dev.type == "cuda" else \
         min(max_num_batched_tokens, sum(map(len, token_lists)))
     width = resolve_dtype(dtype, dev).itemsize
-    check_fits(estimate(config, tp, width, step, step + max_new_tokens * len(token_lists)), tp,
+    from weavelm.engine.model_runner import CPU_KV_BYTES
+    check_fits(estimate(config, tp, width, step, step + max_new_tokens * len(token_lists),
+                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES), tp,
                str(dev), f"{source.name} ({width}-byte weights, TP {tp})",
                budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
     from weavelm.engine.entrypoints import generate_rank
@@ -332,7 +334,9 @@ def bench_throughput(
     from weavelm.engine.llm import resolve_dtype
     from weavelm.engine.memory import check_fits, estimate
     cfg = ModelConfig.from_hf(shape_config(shape, layers))
-    check_fits(estimate(cfg, tp, resolve_dtype(None, dev).itemsize, max_num_batched_tokens),
+    from weavelm.engine.model_runner import CPU_KV_BYTES
+    check_fits(estimate(cfg, tp, resolve_dtype(None, dev).itemsize, max_num_batched_tokens,
+                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES),
                tp, str(dev), f"bench throughput of {shape} ({cfg.num_layers} layers, TP {tp})",
                budget=gpu_memory_utilization if dev.type == "cuda" else 1.0,
                layers_flag="--layers")

@@ -37,9 +37,11 @@ class Estimate:
         return self.fixed + self.per_layer * self.layers + self.per_token * self.tokens
 
 
-def estimate(cfg, tp: int, dtype_bytes: int, tokens: int, kv_tokens: int | None = None) -> Estimate:
+def estimate(cfg, tp: int, dtype_bytes: int, tokens: int, kv_tokens: int | None = None,
+             kv_cap: int | None = None) -> Estimate:
     """Bytes per rank for `cfg` (a ModelConfig) at TP `tp`: weights in a `dtype_bytes` type, a
-    prefill step of `tokens` tokens and a KV cache of `kv_tokens` (default: `tokens`) tokens."""
+    prefill step of `tokens` tokens and a KV cache of `kv_tokens` (default: `tokens`) tokens,
+    at most `kv_cap` bytes (the CPU cache's fixed size)."""
     D, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
     heads = _ceil_div(cfg.num_heads, tp)
     kv_heads = _ceil_div(cfg.num_kv_heads, tp)           # replicated when N exceeds them
@@ -60,7 +62,8 @@ def estimate(cfg, tp: int, dtype_bytes: int, tokens: int, kv_tokens: int | None 
     # ([T, D] each), q/k/v, and the MLP's gate-up, activation and product; 1.25x for the fp32
     # temporaries (llama3-8b, one layer, bf16 on CPU: 212 KB a token measured, 220 estimated).
     act = (6 * D + (heads + 2 * kv_heads) * hd + 4 * widest) * dtype_bytes * 5 // 4
-    kv_share = kv * (kv_tokens if kv_tokens is not None else tokens) // max(tokens, 1)
+    kv_total = kv * (kv_tokens if kv_tokens is not None else tokens)
+    kv_share = min(kv_total, kv_cap if kv_cap is not None else kv_total) // max(tokens, 1)
     return Estimate(fixed, per_layer, act + kv_share, L, tokens)
 
 
