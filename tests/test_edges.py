@@ -253,3 +253,22 @@ def test_simulator_tests_are_collected_only_in_the_simulator(sim):
     names = [line for line in r.stdout.splitlines() if "::" in line]
     assert any("::test_sim_" in n for n in names) == sim, names
     assert "deselected" not in r.stdout and "skipped" not in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------- CPU installs
+
+def test_a_cpu_run_never_loads_numba_or_the_cuda_toolkit(tiny):
+    """README (why the CUDA toolkit wheels are not an extra): a CPU run uses the torch
+    references; it imports neither numba nor llvmlite and maps none of the toolkit's libraries
+    (NVRTC, NVVM, nvJitLink). torch itself imports cuda-bindings' Python modules if present."""
+    code = ("import sys; from weavelm import LLM, SamplingParams;"
+            f"llm = LLM({str(tiny)!r}, device='cpu', progress=False);"
+            "out = llm.generate(['1 2 3'], SamplingParams(max_new_tokens=3));"
+            "libs = {l.split()[-1].rsplit('/', 1)[-1] for l in open('/proc/self/maps')"
+            " if '/' in l};"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite'))"
+            " + sorted(l for l in libs if any(k in l.lower() for k in ('nvrtc', 'nvvm',"
+            " 'nvjitlink', 'libcuda.'))))")
+    r = _python(code, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
