@@ -56,7 +56,7 @@ from weavelm.kernels.common import DTYPES, ELEMS, remember
 
 MAX_TOKENS = 8
 NMAX = 64                       # T * K <= NMAX (moe_gemv_kernels.NMAX)
-WARPS = 8                       # per CTA
+WARPS = 4                       # per CTA (~90 registers at T = 1: 5 CTAs, 20 warps per SM)
 # per TMAX class: (P intermediates per unit, U columns in flight) of the gate/up kernel and
 # (R rows per unit, U) of the down kernel: 2P x U and R x U loads in flight per lane; fewer
 # for many tokens, whose x / h vectors take registers too.
