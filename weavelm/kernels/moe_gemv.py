@@ -60,8 +60,8 @@ WARPS = 4                       # per CTA (~90 registers at T = 1: 5 CTAs, 20 wa
 # per TMAX class: (P intermediates per unit, U columns in flight) of the gate/up kernel and
 # (R rows per unit, U) of the down kernel: 2P x U and R x U loads in flight per lane; fewer
 # for many tokens, whose x / h vectors take registers too.
-GATE_UP = {1: (2, 2), 2: (2, 2), 4: (2, 1), 8: (1, 1)}
-DOWN = {1: (2, 4), 2: (2, 4), 4: (2, 2), 8: (2, 1)}
+GATE_UP = {1: (2, 2), 2: (2, 2), 4: (2, 2), 8: (1, 2)}
+DOWN = {1: (2, 4), 2: (2, 4), 4: (2, 2), 8: (2, 2)}
 SIG_GATE_UP = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
 SIG_DOWN = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 6) + ")"
 

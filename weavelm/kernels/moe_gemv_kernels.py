@@ -126,7 +126,7 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
     rows = 2 * pairs
     nw = unroll * rows * 4                                 # words a lane loads per step
     red_n = SIM_THREADS if simulator else 1
-    n_tab, n_acc, n_x = NMAX * tmax, tmax * rows, tmax * E   # compile-time array sizes
+    n_tab, n_acc, n_w = NMAX * tmax, tmax * rows, rows * E   # compile-time array sizes
     load_w, load_x = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc
     store_u32, as_u32 = ptx.store_u32, ptx.f32_as_u32
 
@@ -140,10 +140,10 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
         nu_sh = cuda.shared.array(1, int32)
         red = cuda.shared.array(red_n, float32)
         acc = cuda.local.array(n_acc, float32)       # [token, row] lane partials
-        xs = cuda.local.array(n_x, float32)           # one vector of every token's x
+        ws = cuda.local.array(n_w, float32)           # one column of every row, unpacked
         wv = cuda.local.array(nw, uint32)                  # [column, row] raw weight vectors
         wf = cuda.local.array(E, float32)
-        kt = cuda.local.array(tmax, int64)
+        kt = cuda.local.array(tmax, int32)
 
         nu = table(ids_ptr, id_bytes, T * K, K, n_exp, ids, first, rank, experts, slot_of,
                    nu_sh)
@@ -160,7 +160,7 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
             g = unit - u * groups
             base = w_ptr + (experts[u] * 2 * I + g * pairs) * row_bytes
             for t in range(tmax):
-                kt[t] = int64(slot_of[u * tmax + t]) if active else -1
+                kt[t] = slot_of[u * tmax + t] if active else -1
             for i in range(n_acc):
                 acc[i] = float32(0.0)
             for c in range(steps):
@@ -175,27 +175,26 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
                                 a += up
                             w = load_w(a)
                             wv[o], wv[o + 1], wv[o + 2], wv[o + 3] = w[0], w[1], w[2], w[3]
-                for j in range(unroll):
+                for j in range(unroll):                     # then every token against them
                     v = v0 + j * lanes
                     if active and v < Dv:
+                        for r in range(rows):
+                            unpack4(wv, (j * rows + r) * 4, wf)
+                            for e in range(E):
+                                ws[r * E + e] = wf[e]
                         for t in range(tmax):
                             if kt[t] >= 0:
                                 unpack(load_x(x_ptr + t * row_bytes + v * 16), wf)
-                                for e in range(E):
-                                    xs[t * E + e] = wf[e]
-                        for r in range(rows):
-                            unpack4(wv, (j * rows + r) * 4, wf)
-                            for t in range(tmax):
-                                if kt[t] >= 0:
+                                for r in range(rows):
                                     s = acc[t * rows + r]
                                     for e in range(E):
-                                        s += wf[e] * xs[t * E + e]
+                                        s += ws[r * E + e] * wf[e]
                                     acc[t * rows + r] = s
             for t in range(tmax):
                 if t < T:                                   # uniform: every lane sums
                     for r in range(rows):
                         acc[t * rows + r] = lane_sum(acc[t * rows + r], red, tid)
-                    k = kt[t]
+                    k = int64(kt[t])
                     if q == 0 and k >= 0:
                         for p in range(pairs):
                             gate = acc[t * rows + p]
@@ -222,7 +221,7 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
     simulator = ptx.SIMULATOR
     nw = unroll * rows * 4
     red_n = SIM_THREADS if simulator else 1
-    n_tab, n_acc, n_x = NMAX * tmax, tmax * rows, tmax * E   # compile-time array sizes
+    n_tab, n_acc, n_w = NMAX * tmax, tmax * rows, rows * E   # compile-time array sizes
     itemsize = 16 // E
     load_w, load_h, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     store_u32, as_u32, as_f32 = ptx.store_u32, ptx.f32_as_u32, ptx.u32_as_f32
@@ -238,10 +237,10 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
         nu_sh = cuda.shared.array(1, int32)
         red = cuda.shared.array(red_n, float32)
         tot = cuda.local.array(n_acc, float32)       # [token, row] lane partials
-        hs = cuda.local.array(n_x, float32)           # one weighted vector of every h
+        ws = cuda.local.array(n_w, float32)           # one column of every row, unpacked
         wv = cuda.local.array(nw, uint32)
         wf = cuda.local.array(E, float32)
-        kt = cuda.local.array(tmax, int64)
+        kt = cuda.local.array(tmax, int32)
         wt = cuda.local.array(tmax, float32)
 
         nu = table(ids_ptr, id_bytes, T * K, K, n_exp, ids, first, rank, experts, slot_of,
@@ -276,23 +275,24 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
                     for j in range(unroll):
                         v = v0 + j * lanes
                         if active and v < Iv:
+                            for r in range(rows):
+                                unpack4(wv, (j * rows + r) * 4, wf)
+                                for e in range(E):
+                                    ws[r * E + e] = wf[e]
                             for t in range(tmax):
-                                k = kt[t]
+                                k = int64(kt[t])
                                 if k >= 0:
                                     a = h_ptr + ((t * K + k) * inter + v * E) * 4
                                     for e4 in range(0, E, 4):
                                         x = load_h(a + e4 * 4)
-                                        hs[t * E + e4] = as_f32(x[0]) * wt[t]
-                                        hs[t * E + e4 + 1] = as_f32(x[1]) * wt[t]
-                                        hs[t * E + e4 + 2] = as_f32(x[2]) * wt[t]
-                                        hs[t * E + e4 + 3] = as_f32(x[3]) * wt[t]
-                            for r in range(rows):
-                                unpack4(wv, (j * rows + r) * 4, wf)
-                                for t in range(tmax):
-                                    if kt[t] >= 0:
+                                        wf[e4] = as_f32(x[0]) * wt[t]
+                                        wf[e4 + 1] = as_f32(x[1]) * wt[t]
+                                        wf[e4 + 2] = as_f32(x[2]) * wt[t]
+                                        wf[e4 + 3] = as_f32(x[3]) * wt[t]
+                                    for r in range(rows):
                                         s = tot[t * rows + r]
                                         for e in range(E):
-                                            s += wf[e] * hs[t * E + e]
+                                            s += ws[r * E + e] * wf[e]
                                         tot[t * rows + r] = s
             for t in range(tmax):
                 if t < T:                                   # uniform: every lane sums
