@@ -136,14 +136,16 @@ def unsupported(x, w13, w2, weights, ids, out=None) -> str | None:
 
 def moe_gemv(x, w13, w2, weights, ids, out=None, params: dict | None = None) -> torch.Tensor:
     """`moe_experts` for 1..8 tokens by the two kernels (same contract); `params` overrides
-    the launch plan (tests, benchmarks): warps, lanes, pairs, rows, unroll, max_ctas."""
+    the launch plan (tests, benchmarks): warps, lanes, pairs, rows, unroll, max_ctas, for both
+    kernels or per kernel under "gate_up" / "down"."""
     if weights.dtype != torch.float32 or not weights.is_contiguous():
         weights = weights.float().contiguous()
     why = unsupported(x, w13, w2, weights, ids, out)
     if why:
         raise ValueError(f"moe_gemv: {why}")
-    h = moe_gate_up_cuda(x, w13, ids, params=params, checked=True)
-    return moe_down_cuda(h, w2, weights, ids, out, params=params, checked=True)
+    p = params or {}
+    h = moe_gate_up_cuda(x, w13, ids, params=p.get("gate_up", p), checked=True)
+    return moe_down_cuda(h, w2, weights, ids, out, params=p.get("down", p), checked=True)
 
 
 def moe_gate_up_cuda(x, w13, ids, h=None, params=None, checked=False) -> torch.Tensor:
