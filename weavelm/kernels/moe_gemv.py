@@ -240,7 +240,7 @@ def _plan(kind: str, shape: tuple, units: int, lanes: int, device: int, p: dict)
                                SIG_GATE_UP if kind == "gate_up" else SIG_DOWN,
                                max_threads=32 * WARPS)
         block = 32 * min(p.get("warps", WARPS), WARPS)
-        fit = _sm_count(device) * kern.blocks_per_sm(block, device)
+        fit = _sm_count(device) * kern.blocks_per_sm(block, device, default=4)
         need = -(-units // (block // 32 * (32 // lanes)))
         grid = max(1, min(p.get("max_ctas", fit), fit, need))
         plan = remember(_plans, key, (kern, grid, block))
