@@ -132,7 +132,7 @@ def decode_impls(block, x1, device) -> list[str]:
 # Launch-plan variants of the GEMV kernels (`--decode-variants`): more loads in flight per lane,
 # wider units, bigger CTAs. The default plan is moe_gemv.GATE_UP[1] / DOWN[1], 4 warps.
 VARIANTS = {"default": {},
-            "gate P1 U4, down R2 U8": dict(gate_up=dict(pairs=1, unroll=4),
+            "gate P2 U2, down R2 U8": dict(gate_up=dict(pairs=2, unroll=2),
                                           down=dict(rows=2, unroll=8)),
             "gate P4 U1, down R4 U2": dict(gate_up=dict(pairs=4, unroll=1),
                                           down=dict(rows=4, unroll=2)),

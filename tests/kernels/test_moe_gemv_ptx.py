@@ -25,6 +25,7 @@ CVT = {"bf16": None, "f16": "cvt.f32.f16", "f32": None}
 # (kind, dtype, TMAX, L, P or R, U): the T = 1 plans of the decode benchmark, a larger TMAX
 # class of each kernel, narrow row slots, fp16 / fp32.
 VARIANTS = [("gate_up", "bf16", 1, 32, *M.GATE_UP[1]), ("down", "bf16", 1, 32, *M.DOWN[1]),
+            ("gate_up", "bf16", 1, 32, 2, 2),
             ("gate_up", "f16", 4, 8, *M.GATE_UP[4]), ("down", "f32", 8, 16, *M.DOWN[8])]
 
 

@@ -58,9 +58,11 @@ MAX_TOKENS = 8
 NMAX = 64                       # T * K <= NMAX (moe_gemv_kernels.NMAX)
 WARPS = 4                       # per CTA (~90 registers at T = 1: 5 CTAs, 20 warps per SM)
 # per TMAX class: (P intermediates per unit, U columns in flight) of the gate/up kernel and
-# (R rows per unit, U) of the down kernel: 2P x U and R x U loads in flight per lane; fewer
-# for many tokens, whose x / h vectors take registers too.
-GATE_UP = {1: (2, 2), 2: (2, 2), 4: (2, 2), 8: (1, 2)}
+# (R rows per unit, U) of the down kernel: 2P x U and R x U loads in flight per lane (8 at
+# T <= 2, 92-106 registers: 5 and 4 CTAs per SM). Small units keep the tail short: at T = 1 the
+# mixtral-8x7b gate/up has 28672 units for ~2640 warps (the last of 11 rounds 86% full), the
+# down 2048 units, one per warp.
+GATE_UP = {1: (1, 4), 2: (1, 4), 4: (2, 2), 8: (1, 2)}
 DOWN = {1: (2, 4), 2: (2, 4), 4: (2, 2), 8: (2, 2)}
 SIG_GATE_UP = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
 SIG_DOWN = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 6) + ")"
