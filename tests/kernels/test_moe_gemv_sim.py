@@ -66,6 +66,14 @@ def test_bad_impl_is_refused():
                     torch.zeros(1, 1, dtype=torch.long), impl="gemm")
 
 
+def test_launch_classes():
+    from weavelm.kernels import moe_gemv as M
+    assert [M._tmax(t) for t in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [M._lanes(n) for n in (1, 3, 5, 12, 31, 32, 1792)] == [4, 4, 4, 8, 16, 32, 32]
+    assert all(k in M.GATE_UP and k in M.DOWN for k in (1, 2, 4, 8))
+    assert all(r % 2 == 0 for r, _ in M.DOWN.values())          # 16-bit outputs in pairs
+
+
 # ----------------------------------------------------------------------------- simulator only
 
 @sim
