@@ -31,9 +31,9 @@ Expert ids are read on the device (each CTA builds the table of distinct experts
 memory: an expert that several tokens share is read once for all of them), so there is no host
 sync and decode stays capturable in a CUDA graph. The grid depends only on the shapes (T, K, E,
 D, I), never on the routing: units go to row slots in balanced contiguous ranges, and the grid is
-the CTAs that fit on the GPU at once (the driver's occupancy of the compiled kernel), or fewer
-when the units are fewer. `unsupported` says why an input does not fit; `moe_experts` then takes
-its grouped path.
+at most the CTAs that fit on the GPU at once (the driver's occupancy of the compiled kernel),
+the fewest that keep each row slot's rounds of units (`_plan`). `unsupported` says why an
+input does not fit; `moe_experts` then takes its grouped path.
 
 Prediction (mixtral-8x7b shape, bf16, one H200, `benchmarks/bench_moe.py` part 3): per layer the
 two kernels read 2 x 3 x 14336 x 4096 x 2 B = 705 MB. A GEMV with >= 16 warps per SM, each with
