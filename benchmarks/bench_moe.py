@@ -130,13 +130,18 @@ def decode_impls(block, x1, device) -> list[str]:
 
 
 # Launch-plan variants of the GEMV kernels (`--decode-variants`): more loads in flight per lane,
-# wider units, bigger CTAs. The default plan is moe_gemv.GATE_UP[1] / DOWN[1], 4 warps.
+# wider units, fewer registers (more CTAs). The default plan is moe_gemv.GATE_UP[1] / DOWN[1], 4 warps. "auto"
+# times them when the run so far took under VARIANTS_BUDGET_S (6 compiles, ~1 minute).
 VARIANTS = {"default": {},
-            "gate P2 U2, down R2 U8": dict(gate_up=dict(pairs=2, unroll=2),
+            "gate P1 U8, down R2 U8": dict(gate_up=dict(pairs=1, unroll=8),
                                           down=dict(rows=2, unroll=8)),
-            "gate P4 U1, down R4 U2": dict(gate_up=dict(pairs=4, unroll=1),
+            "gate P2 U2, down R4 U2": dict(gate_up=dict(pairs=2, unroll=2),
                                           down=dict(rows=4, unroll=2)),
-            "8 warps": dict(warps=8)}
+            "gate P1 U2, down R2 U2": dict(gate_up=dict(pairs=1, unroll=2),
+                                          down=dict(rows=2, unroll=2))}
+
+
+VARIANTS_BUDGET_S = 200
 
 
 def gemv_variants(x1, w13, w2, w, i, device, nbytes: int, copy: float) -> dict:
@@ -151,10 +156,11 @@ def gemv_variants(x1, w13, w2, w, i, device, nbytes: int, copy: float) -> dict:
 
 
 def run(shape: str, layers: int, tokens: int, device: str, dtype, repeats: int,
-        variants: bool = False) -> dict:
+        variants: str = "off") -> dict:
     from weavelm.bench.shapes import shape_config
     from weavelm.kernels.moe import group_by_expert, moe_experts, route
     from weavelm.models.moe import SparseMoeBlock
+    start = time.perf_counter()
     device = torch.device(device)
     cfg_dict = shape_config(shape, layers)
     hf, llm = build(cfg_dict, device, dtype, tokens)
@@ -219,7 +225,8 @@ def run(shape: str, layers: int, tokens: int, device: str, dtype, repeats: int,
         first = next(iter(out["decode"].values()))               # gemv on a GPU
         out.update(decode_us=first["us"], decode_read_gbs=first["read_gbs"],
                    decode_vs_copy=first["vs_copy"])
-        if variants and device.type == "cuda":
+        if device.type == "cuda" and "gemv" in out["decode"] and (variants == "on" or (
+                variants == "auto" and time.perf_counter() - start < VARIANTS_BUDGET_S)):
             out["gemv_variants"] = gemv_variants(x1, w13, w2, w, i, device, exp_bytes, copy)
     return out
 
@@ -253,8 +260,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--decode-variants", action="store_true",
-                   help="also time the GEMV kernels' launch-plan variants (a few compiles)")
+    p.add_argument("--decode-variants", default="auto", choices=["auto", "on", "off"],
+                   help="also time the GEMV kernels' launch-plan variants (6 compiles); auto: "
+                        f"when the run so far took under {VARIANTS_BUDGET_S} s")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     result = run(args.shape, args.layers, args.tokens, args.device,
