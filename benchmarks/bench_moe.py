@@ -194,11 +194,22 @@ def run(shape: str, layers: int, tokens: int, device: str, dtype, repeats: int,
         ids_t = torch.tensor([ids], device=device)
         ours = llm.logits([ids])
         theirs = hf(ids_t, use_cache=False).logits[0]
-        out["max_logit_diff"] = (ours.float() - theirs.float()).abs().max().item()
-        del ours, theirs
+        diff = ours.float() - theirs.float()
+        # bf16 logits of random weights are large; the scale and a relative L2 say what the
+        # largest difference means
+        out.update(max_logit_diff=diff.abs().max().item(),
+                   logit_scale=theirs.float().abs().max().item(),
+                   logit_rel_l2=(diff.norm() / theirs.float().norm()).item())
+        del ours, theirs, diff
         t_ours = timeit(lambda: llm.logits([ids]), device, repeats)
         t_hf = timeit(lambda: hf(ids_t, use_cache=False), device, repeats)
         out.update(prefill_ms=t_ours * 1e3, hf_prefill_ms=t_hf * 1e3, prefill_speedup=t_hf / t_ours)
+        # transformers' per-expert loop ("eager"), its default before grouped_mm
+        if out["hf_experts_implementation"] not in (None, "eager") and hasattr(
+                hf, "set_experts_implementation"):
+            hf.set_experts_implementation("eager")
+            t_eager = timeit(lambda: hf(ids_t, use_cache=False), device, repeats)
+            out.update(hf_eager_prefill_ms=t_eager * 1e3, prefill_speedup_eager=t_eager / t_ours)
         # 3. batch-1 decode: the active experts' weights read vs the copy rate, for the decode
         #    GEMV kernels ("gemv", what "auto" runs for 1..8 tokens on a GPU) and the grouped
         #    path ("grouped": sort, gather, grouped GEMMs), each as a CUDA graph of the blocks
@@ -242,7 +253,10 @@ def format_result(r: dict) -> str:
         f"{r['dense_tflops']:.0f} TFLOP/s; ratio {r['moe_tflops'] / r['dense_tflops']:.2f}",
         f"2. prefill ({r['layers']} layers, {r['tokens']} tokens): weavelm {r['prefill_ms']:.2f} ms,"
         f" transformers ({r['hf_experts_implementation']}) {r['hf_prefill_ms']:.2f} ms; "
-        f"{r['prefill_speedup']:.2f}x (max |logit diff| {r['max_logit_diff']:.3g})",
+        f"{r['prefill_speedup']:.2f}x (max |logit diff| {r['max_logit_diff']:.3g} of logits up "
+        f"to {r['logit_scale']:.3g}, relative L2 {r['logit_rel_l2']:.3g})"
+        + (f"; transformers (eager expert loop) {r['hf_eager_prefill_ms']:.2f} ms, "
+           f"{r['prefill_speedup_eager']:.2f}x" if "hf_eager_prefill_ms" in r else ""),
         f"3. batch-1 decode of the MoE blocks (CUDA graph, router included), active experts' "
         f"weights read vs copy {r['copy_gbs']:.0f} GB/s (bytes read + written):",
         *[f"   {impl:8s} {d['us']:8.1f} us  {d['read_gbs']:5.0f} GB/s  ratio {d['vs_copy']:.2f}"
