@@ -129,6 +129,8 @@ def bench_serve(
                                        help="Arrivals per second (Poisson); inf = all at once."),
     shape: str = typer.Option("llama3-8b", help="Shape whose vocabulary the prompts' token "
                                                 "ids come from (as `bench throughput`)."),
+    vocab: Optional[int] = typer.Option(None, help="Token ids of the prompts below this "
+                                                   "\\[default: the shape's vocabulary]."),
     num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
     input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
                                             "\\[default: log-normal, median 1024, max 8192]."),
@@ -151,7 +153,8 @@ def bench_serve(
     check(timeout > 0, f"--timeout must be > 0, got {timeout}")
     for name, v in (("--input-len", input_len), ("--output-len", output_len)):
         check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
-    vocab = shape_config(shape)["vocab_size"]
+    check(vocab is None or vocab >= 1, f"--vocab must be at least 1, got {vocab}")
+    vocab = vocab or shape_config(shape)["vocab_size"]
     result = run_load(url.rstrip("/"), model, dict(
         num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
         output_len=output_len, input_max=input_max), concurrency, request_rate, timeout)
