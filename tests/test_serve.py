@@ -5,6 +5,7 @@ and `LLM.generate` on the same checkpoint as the reference for every greedy text
 One TP 1 server is shared by the module (it is stopped by SIGTERM in the last test); a TP 2
 server checks the followers and that SIGTERM ends every rank."""
 import asyncio
+import json
 import os
 import random
 import re
@@ -278,11 +279,26 @@ def test_bench_serve_loads_the_server(server, tmp_path):
                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr
-    import json
     r = json.loads(out.read_text())
     assert r["ok"] == 12 and r["failed"] == 0 and r["output_tokens"] == 12 * 5
     assert r["ttft"][0] > 0 and r["tpot"][0] > 0 and r["e2e"][1] >= r["e2e"][0]
     assert "TTFT p50 / p99" in p.stdout
+
+
+def test_fast_stream_chunks_are_the_models_json():
+    """Each token's chunk is joined from a template of the pydantic model's own JSON."""
+    from weavelm.serve.app import _chunk_template
+    from weavelm.serve.protocol import (ChatChunk, ChatChunkChoice, Completion,
+                                        CompletionChoice, Delta)
+    text, ids = 'é "quoted"\n\\', [5, 60]
+    for chunk, model_of in (
+            (lambda t, i: Completion(id="c", created=3, model="m", choices=[
+                CompletionChoice(text=t, token_ids=i)]), "text"),
+            (lambda t, i: ChatChunk(id="c", created=3, model="m", choices=[
+                ChatChunkChoice(delta=Delta(content=t), token_ids=i)]), "content")):
+        head, mid, tail = _chunk_template(chunk("", []), model_of)
+        fast = head + json.dumps(text, ensure_ascii=False) + mid + "5,60" + tail
+        assert fast == f"data: {chunk(text, ids).model_dump_json()}\n\n"
 
 
 def _descendants(pid) -> set[int]:

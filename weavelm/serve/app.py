@@ -224,19 +224,39 @@ async def _collect(gen):
     return "".join(parts), toks, reason
 
 
+def _chunk_template(chunk, key: str) -> tuple[str, str, str]:
+    """A chunk's JSON cut around its (empty) text and (empty) token ids, so each token's chunk
+    is two string joins instead of a model build and dump (the same JSON)."""
+    s = chunk.model_dump_json()
+    i = s.index(f'"{key}":""') + len(key) + 3
+    j = s.index('"token_ids":[]') + len('"token_ids":[')
+    return "data: " + s[:i], s[i + 2:j], s[j:] + "\n\n"
+
+
 async def _stream(gen, rid: str, model: str, n_prompt: int, req, chat: bool):
     """The request's server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
     created, toks = int(time.time()), []
     if chat:
         yield _sse(ChatChunk(id=rid, created=created, model=model, choices=[
             ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
+        head, mid, tail = _chunk_template(ChatChunk(id=rid, created=created, model=model,
+                                                    choices=[ChatChunkChoice(
+                                                        delta=Delta(content=""))]), "content")
+    else:
+        head, mid, tail = _chunk_template(Completion(id=rid, created=created, model=model,
+                                                     choices=[CompletionChoice(text="")]),
+                                          "text")
     async with contextlib.aclosing(gen):
         async for delta, new, reason in gen:
             toks.extend(new)
-            if reason is not None and reason not in ("stop", "length"):
+            if reason is None:
+                yield (f"{head}{json.dumps(delta, ensure_ascii=False)}{mid}"
+                       f"{','.join(map(str, new))}{tail}")
+                continue
+            if reason not in ("stop", "length"):
                 yield _sse(_end_error(reason).body())
                 break
-            usage = _usage(n_prompt, toks) if reason is not None else None
+            usage = _usage(n_prompt, toks)
             if chat:
                 chunk = ChatChunk(id=rid, created=created, model=model, usage=usage, choices=[
                     ChatChunkChoice(delta=Delta(content=delta), finish_reason=reason,
@@ -245,7 +265,7 @@ async def _stream(gen, rid: str, model: str, n_prompt: int, req, chat: bool):
                 chunk = Completion(id=rid, created=created, model=model, usage=usage, choices=[
                     CompletionChoice(text=delta, finish_reason=reason, token_ids=new)])
             yield _sse(chunk)
-            if reason is not None and req.stream_options and req.stream_options.include_usage:
+            if req.stream_options and req.stream_options.include_usage:
                 cls = ChatChunk if chat else Completion
                 yield _sse(cls(id=rid, created=created, model=model, choices=[], usage=usage))
     yield "data: [DONE]\n\n"

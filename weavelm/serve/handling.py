@@ -54,7 +54,10 @@ def prompt_ids(served: Served, prompt) -> list[int]:
 def chat_ids(served: Served, messages) -> list[int]:
     """The messages in the model's chat format, ready for the assistant's reply."""
     tok = served.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
+    if tok is None:
+        raise _bad("this server has no tokenizer (random weights of a shape): use "
+                   "/v1/completions with the prompt as token ids", "messages")
+    if not getattr(tok, "chat_template", None):
         raise _bad("this model has no chat template: use /v1/completions with a raw prompt",
                    "messages")
     convo = [{"role": m.role, "content": m.text()} for m in messages]
