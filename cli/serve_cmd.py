@@ -72,7 +72,8 @@ def serve(
         from weavelm.models.loader import resolve_model
         check(layers is None, "--layers goes with --shape: drop it")
         source = resolve_model(model, allow_pickle=allow_pickle)
-        hf_config, name = source.config, model or os.path.basename(str(source.path))
+        hf_config = source.config
+        name = model or os.path.basename(str(source.path)).split(".")[0]   # SmolLM2-135M-Instruct
         model = str(source.path)
     config = ModelConfig.from_hf(hf_config)
     config.check_tp(tp)
