@@ -49,12 +49,15 @@ def broadcast_inputs(comm, device, message=None):
 
 def apply(engine, commands) -> list[tuple[str, str]]:
     """Apply adds and ends to the engine (the same on every rank); returns the (id, reason) of
-    the requests that ended here."""
+    the requests that ended here (an add the engine refused ends with an error)."""
     ended = []
     for cmd in commands:
         if cmd[0] == "add":
             _, rid, tokens, params = cmd
-            engine.add_request(rid, tokens, params)
+            try:
+                engine.add_request(rid, tokens, params)
+            except Exception as e:                   # noqa: BLE001 - that request fails alone
+                ended.append((rid, f"error: {e}"))
         else:                                        # ("end", rid, reason)
             _, rid, reason = cmd
             seq = engine.seqs.get(rid)
