@@ -19,6 +19,7 @@ import random
 import time
 
 from weavelm.bench.throughput import _percentiles, workload
+from weavelm.errors import WeavelmError
 
 
 async def _one(client, url: str, model: str, prompt: list[int], out_len: int) -> dict:
@@ -53,10 +54,15 @@ async def _load(url, model, requests, concurrency, rate, timeout_s, seed) -> tup
     import httpx
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-        if model is None:
-            r = await client.get(f"{url}/v1/models")
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+        try:
+            r = await client.get(f"{url}/v1/models", timeout=30)
+        except httpx.TransportError as e:
+            raise WeavelmError(f"cannot reach a server at {url} ({type(e).__name__}): start "
+                               f"`weavelm serve` first or check --url") from None
+        if r.status_code != 200:
+            raise WeavelmError(f"{url}/v1/models answered {r.status_code} ({r.text[:200]}): "
+                               f"wait until the server is ready (GET /health)")
+        model = model or r.json()["data"][0]["id"]
         gate = asyncio.Semaphore(concurrency)
         gaps = random.Random(seed)
 
