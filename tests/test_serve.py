@@ -270,6 +270,21 @@ def test_stop_strings_end_the_text(server, tiny):
     assert "".join(c.choices[0].text for c in chunks) == want
 
 
+def test_seeded_sampling_repeats_itself(server):
+    proc, url, _ = server
+    client = _client(url)
+
+    def sample(seed):
+        r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=NEW,
+                                      temperature=1.5, top_p=0.95, seed=seed, extra_body={
+                                          "top_k": 50, "ignore_eos": True})
+        return r.choices[0].token_ids
+    first = sample(11)
+    assert len(first) == NEW and all(0 <= t < 103 for t in first)
+    assert sample(11) == first
+    assert any(sample(s) != first for s in (12, 13, 14))
+
+
 def test_bench_serve_loads_the_server(server, tmp_path):
     proc, url, _ = server
     out = tmp_path / "load.json"

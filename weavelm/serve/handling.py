@@ -86,7 +86,9 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
         raise _bad(f"the request may grow to {n_prompt + max_tokens} tokens but the KV cache "
                    f"holds {served.kv_tokens}: lower max_tokens", "max_tokens")
     top_k = req.top_k if req.top_k not in (None, -1) else 0
-    return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature or 0.0,
+    # OpenAI's defaults: temperature 1, top_p 1 (send temperature 0 for greedy).
+    return SamplingParams(max_new_tokens=max_tokens,
+                          temperature=1.0 if req.temperature is None else req.temperature,
                           top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
                           seed=req.seed, ignore_eos=req.ignore_eos)
 
