@@ -301,22 +301,6 @@ def test_bench_serve_loads_the_server(server, tmp_path):
     assert "TTFT p50 / p99" in p.stdout
 
 
-def test_fast_stream_chunks_are_the_models_json():
-    """Each token's chunk is joined from a template of the pydantic model's own JSON."""
-    from weavelm.serve.app import _chunk_template
-    from weavelm.serve.protocol import (ChatChunk, ChatChunkChoice, Completion,
-                                        CompletionChoice, Delta)
-    text, ids = 'é "quoted"\n\\', [5, 60]
-    for chunk, model_of in (
-            (lambda t, i: Completion(id="c", created=3, model="m", choices=[
-                CompletionChoice(text=t, token_ids=i)]), "text"),
-            (lambda t, i: ChatChunk(id="c", created=3, model="m", choices=[
-                ChatChunkChoice(delta=Delta(content=t), token_ids=i)]), "content")):
-        head, mid, tail = _chunk_template(chunk("", []), model_of)
-        fast = head + json.dumps(text, ensure_ascii=False) + mid + "5,60" + tail
-        assert fast == f"data: {chunk(text, ids).model_dump_json()}\n\n"
-
-
 def _descendants(pid) -> set[int]:
     out = set()
     try:
