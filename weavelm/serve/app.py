@@ -58,12 +58,14 @@ class BodyLimit:
             response = _error(413, f"the request body has {size} bytes, over the limit of "
                                    f"{self.limit}: send a smaller request", code="body_too_large")
             return await response(scope, receive, send)
-        data = b"".join(body)
+        replayed = False
 
-        async def replay():
-            nonlocal data
-            chunk, data = data, b""
-            return {"type": "http.request", "body": chunk, "more_body": False}
+        async def replay():                          # the body once, then the real channel
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
         return await self.app(scope, replay, send)
 
 
@@ -111,7 +113,9 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
 
     def served() -> Served:
         if loop.error is not None:
-            raise APIError(503, f"the model failed to load: {loop.error}", type="server_error")
+            what = "the model failed to load: " if loop.llm is None else ""
+            raise APIError(503, f"{what}{loop.error}: see the server's log and restart it",
+                           type="server_error")
         if not loop.ready.is_set():
             raise APIError(503, "the model is loading: retry in a moment", type="server_error",
                            code="loading")

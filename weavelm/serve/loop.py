@@ -132,7 +132,15 @@ class EngineLoop:
             self.metrics.set_capacity(self.llm.runner.blocks.capacity)
         self.ready.set()
         log.info("engine ready")
-        self._run(self.llm)
+        try:
+            self._run(self.llm)
+        except BaseException as e:                   # noqa: BLE001 - e.g. a rank went away
+            log.error("the engine loop stopped:\n%s", traceback.format_exc())
+            self.error = f"the engine loop stopped ({type(e).__name__}: {e})"
+            ended = [self._ended(rid, f"error: {self.error}") for rid in list(self._sinks)]
+            self._deliver([d for d in ended if d is not None])
+            if self.on_failure is not None:
+                self.on_failure()
 
     def _take(self, block: bool) -> tuple[list, bool]:
         """The commands waiting in the inbox (waiting up to IDLE_S for one when idle)."""
