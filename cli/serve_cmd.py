@@ -105,19 +105,29 @@ def serve(
     from weavelm.parallel.launch import run_ranks
     from weavelm.serve.server import serve_rank
     if tp > 1 and "WORLD_SIZE" not in os.environ:
-        _forward_signals()
+        _forward_signals(shutdown_timeout + 60)
     run_ranks(serve_rank, tp, opts)
 
 
-def _forward_signals() -> None:
+def _forward_signals(bound_s: float) -> None:
     """The ranks are this process's children: SIGINT/SIGTERM here asks rank 0 (the first one
-    started) to shut down, and it stops the others; this process waits for all of them."""
+    started) to shut down, and it stops the others; any rank still running `bound_s` later
+    (one stuck in a collective, say) is killed."""
     import multiprocessing
+    import threading
+
+    def kill_all():
+        for p in multiprocessing.active_children():
+            p.kill()
 
     def forward(signum, frame):
         ranks = sorted(multiprocessing.active_children(), key=lambda p: p._identity)
-        if ranks:
-            os.kill(ranks[0].pid, signal.SIGTERM)
+        if not ranks:
+            raise KeyboardInterrupt
+        os.kill(ranks[0].pid, signal.SIGTERM)
+        timer = threading.Timer(bound_s, kill_all)
+        timer.daemon = True
+        timer.start()
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
 
