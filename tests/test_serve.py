@@ -232,6 +232,9 @@ BAD = [  # (what, route, body or raw text, status, text the message must hold)
     ("empty messages", "chat/completions", {"messages": []}, 400, "messages"),
     ("message of a wrong role", "chat/completions",
      {"messages": [{"role": "robot", "content": "1"}]}, 400, "role"),
+    ("a field weavelm cannot honour", "completions",
+     {"prompt": "1 2", "tools": [{"type": "function"}]}, 400, "tools"),
+    ("a JSON array, not an object", "completions", [1, 2], 400, "JSON object"),
     ("huge body", "completions", {"prompt": "1 " * (5 << 20)}, 413, "limit"),
     ("unknown route", "nothing/here", {"prompt": "1 2"}, 404, "/v1/completions"),
 ]

@@ -139,9 +139,10 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
                                f"({err.get('ctx', {}).get('error', 'parse error')}): send a JSON "
                                f"object")
         param = ".".join(loc) or None
-        if param is None:
-            return _error(400, "the request body is not a JSON object: send one, with "
-                               "Content-Type: application/json")
+        if param is None and err.get("type") in ("model_attributes_type", "dict_type",
+                                                 "model_type", "missing"):
+            return _error(400, "the request body is missing or not a JSON object: send one, "
+                               "with Content-Type: application/json")
         msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
         return _error(400, f"{param + ': ' if param else ''}{msg}", param,
                       str(err.get("type")) if err.get("type") else None)
@@ -152,6 +153,9 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
             return _error(404, f"no route {request.url.path}: the API is /v1/completions, "
                                f"/v1/chat/completions, /v1/models, /health and /metrics",
                           code="unknown_url")
+        if e.status_code == 405:
+            return _error(405, f"method {request.method} is not allowed on {request.url.path}: "
+                               f"the completions take POST, the others GET")
         return _error(e.status_code, str(e.detail))
 
     @app.get("/health")

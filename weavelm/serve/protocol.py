@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -35,9 +35,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields weavelm cannot honour, and the values of theirs that change nothing.
+UNSUPPORTED = {"tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
+               "logit_bias": ({}, None), "best_of": (1, None), "top_logprobs": (0, None),
+               "response_format": ({"type": "text"}, None)}
+
+
 class _Sampling(BaseModel):
-    """Fields common to completions and chat completions."""
-    model_config = ConfigDict(extra="ignore")
+    """Fields common to completions and chat completions (other unknown fields are ignored)."""
+    model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -84,6 +90,13 @@ class _Sampling(BaseModel):
         if v not in (None, False, 0):
             raise ValueError("logprobs are not supported: leave the field out")
         return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise ValueError(f"{name} is not supported by weavelm: leave it out")
+        return self
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
