@@ -105,7 +105,7 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         import asyncio
         loop.start(asyncio.get_running_loop())
         yield
-        loop.stop(shutdown_timeout_s)
+        await asyncio.to_thread(loop.stop, shutdown_timeout_s)
 
     app = FastAPI(title="weavelm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body)

@@ -48,7 +48,7 @@ def prompt_ids(served: Served, prompt) -> list[int]:
         raise _bad("this server has no tokenizer (random weights of a shape): send the prompt "
                    "as a list of token ids", "prompt")
     from weavelm.models.tokenizer import encode
-    return encode(served.tokenizer, prompt)
+    return check_tokens(served, encode(served.tokenizer, prompt))
 
 
 def chat_ids(served: Served, messages) -> list[int]:
@@ -63,7 +63,7 @@ def chat_ids(served: Served, messages) -> list[int]:
     convo = [{"role": m.role, "content": m.text()} for m in messages]
     text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
     # The template writes BOS and friends itself (as weavelm.models.tokenizer.apply_chat).
-    return list(tok(text, add_special_tokens=False).input_ids)
+    return check_tokens(served, list(tok(text, add_special_tokens=False).input_ids))
 
 
 def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
