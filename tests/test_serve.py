@@ -2,7 +2,7 @@
 word-level tokenizer whose words are token ids), the official `openai` package as the client,
 and `LLM.generate` on the same checkpoint as the reference for every greedy text.
 
-One TP 1 server is shared by the module (it is stopped by SIGTERM in the last test); a TP 2
+One TP 1 server is shared by the module (it is stopped by SIGINT in the last test); a TP 2
 server checks the followers and that SIGTERM ends every rank."""
 import asyncio
 import json
@@ -324,8 +324,8 @@ def _alive(pid) -> bool:
         return False
 
 
-def _sigterm_mid_stream(proc, url, tokens, finishes):
-    """SIGTERM while a stream runs: it completes if it can within the shutdown timeout, else it
+def _signal_mid_stream(proc, url, tokens, finishes, sig=signal.SIGTERM):
+    """A signal while a stream runs: it completes if it can within the shutdown timeout, else it
     is cancelled; the server and all its processes exit within the bound."""
     kids = _descendants(proc.pid)
     got = {"lines": []}
@@ -346,7 +346,7 @@ def _sigterm_mid_stream(proc, url, tokens, finishes):
     while len(got["lines"]) < 3 and time.time() < deadline:
         time.sleep(0.05)                             # the request is decoding
     start = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(60) == 0
     t.join(30)
     chunks = [json.loads(line[6:]) for line in got["lines"] if line != "data: [DONE]"]
@@ -372,11 +372,11 @@ def test_tp2_gets_generates_text_and_sigterm_ends_every_rank(tiny, tmp_path):
         try:
             assert len(_descendants(proc.pid)) >= 2          # both ranks are children
             _check_same_as_generate(url, tiny[1])
-            _sigterm_mid_stream(proc, url, 240, finishes=False)
+            _signal_mid_stream(proc, url, 240, finishes=False)
         finally:
             _stop(proc)
 
 
-def test_sigterm_tp1_lets_the_running_request_finish(server):
+def test_sigint_tp1_lets_the_running_request_finish(server):
     proc, url, _ = server
-    _sigterm_mid_stream(proc, url, 200, finishes=True)
+    _signal_mid_stream(proc, url, 200, finishes=True, sig=signal.SIGINT)
