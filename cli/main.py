@@ -381,6 +381,10 @@ def tune(
         typer.echo(f"saved to {result['path']}")
 
 
+from .serve_cmd import register  # noqa: E402 - registers `serve` and `bench serve`
+register(app, bench_app, user_errors)
+
+
 def main():
     app()
 
