@@ -103,7 +103,13 @@ def serve(
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
                 access_log=access_log)
     from weavelm.parallel.launch import run_ranks
-    from weavelm.serve.server import serve_rank
+    try:
+        from weavelm.serve.server import serve_rank
+    except ModuleNotFoundError as e:
+        from weavelm.errors import WeavelmError
+        raise WeavelmError(f"weavelm serve needs the package '{e.name}', which is not installed: "
+                           f"reinstall weavelm (pip install weavelm) or pip install {e.name}"
+                           ) from None
     if tp > 1 and "WORLD_SIZE" not in os.environ:
         _forward_signals(shutdown_timeout + 60)
     run_ranks(serve_rank, tp, opts)
