@@ -52,18 +52,24 @@ def test_grouped_gemm_equals_loop_and_reference(T, E, K):
     assert (native.double() - ref).abs().max().item() <= 3e-2 * scale
 
 
-def test_moe_block_is_captured_in_a_cuda_graph():
+@pytest.mark.parametrize("dtype,T,impl", [(torch.bfloat16, 4, "grouped"),
+                                          (torch.float32, 16, "auto")])
+def test_moe_block_is_captured_in_a_cuda_graph(dtype, T, impl):
+    # bf16: torch's grouped GEMM; fp32 at 16 tokens: neither it nor the gemv kernels take it,
+    # so the loop of mm runs, masked (no host read of the offsets) while capturing
     from weavelm.kernels.moe import moe_experts, moe_experts_reference, route
-    _needs_native()
-    T, E, K, D, inter = 4, 8, 2, 256, 128
-    w13, w2 = _weights(E, D, inter, seed=0)
+    if dtype == torch.bfloat16:
+        _needs_native()
+    E, K, D, inter = 8, 2, 256, 128
+    w13, w2 = (w.to(dtype) for w in _weights(E, D, inter, seed=0))
     x, weights, ids = _inputs(T, E, K, D, seed=1)
+    x = x.to(dtype)
     logits = torch.randn(T, E, device="cuda")
-    out = torch.empty(T, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(T, D, device="cuda", dtype=dtype)
 
     def block():
         w, i = route(logits, K, True)
-        moe_experts(x, w13, w2, w, i, out=out)
+        moe_experts(x, w13, w2, w, i, out=out, impl=impl)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -81,7 +87,8 @@ def test_moe_block_is_captured_in_a_cuda_graph():
         torch.cuda.synchronize()
         w, i = route(logits, K, True)
         ref = moe_experts_reference(x.double(), w13.double(), w2.double(), w.double(), i)
-        assert (out.double() - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-3
+        assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 def test_graph_decode_of_tiny_mixtral_equals_eager(tmp_path):
