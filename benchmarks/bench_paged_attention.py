@@ -90,7 +90,7 @@ def variants(P, H, Hkv, D, bs):
     print("| group | rows | " + " | ".join(f"{B} x {ctx}" for B, ctx in shapes) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in shapes) + " |")
     cases = [case(B, ctx, H, Hkv, D, bs) for B, ctx in shapes]
-    for group, rows in ((4, 2), (4, 4), (2, 2), (2, 4), (4, 1)):
+    for group, rows in ((2, 4), (4, 4), (4, 2), (2, 2), (2, 8), (1, 4), (1, 8)):
         cells = []
         for (B, ctx), (q, kc, vc, tables, lens) in zip(shapes, cases):
             scale = 1 / math.sqrt(D)

@@ -141,6 +141,16 @@ def generate(
     if dev.type == "cpu" and tp > cores:
         typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
                    f"TP {tp} will run slower than a smaller TP here", err=True)
+    from weavelm.engine.llm import resolve_dtype
+    from weavelm.engine.memory import check_fits, estimate
+    step = max_num_batched_tokens if dev.type == "cuda" else \
+        min(max_num_batched_tokens, sum(map(len, token_lists)))
+    width = resolve_dtype(dtype, dev).itemsize
+    from weavelm.engine.model_runner import CPU_KV_BYTES
+    check_fits(estimate(config, tp, width, step, step + max_new_tokens * len(token_lists),
+                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES), tp,
+               str(dev), f"{source.name} ({width}-byte weights, TP {tp})",
+               budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
     from weavelm.engine.entrypoints import generate_rank
     from weavelm.parallel.launch import run_ranks
     run_ranks(generate_rank, tp, opts)
@@ -273,6 +283,11 @@ def bench_prefill(
                 ctas=_int_list(ctas, "--ctas") if ctas else None,
                 carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
     _check_plot(plot)
+    from weavelm.engine.memory import check_fits, estimate
+    T = max(token_list)
+    check_fits(estimate(ModelConfig.from_hf(shape_config(shape, layers)), tp, 2, T), tp,
+               str(dev), f"bench prefill of {shape} ({layers} layers, {T} tokens, TP {tp})",
+               layers_flag="--layers")
     result = run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return
@@ -335,6 +350,15 @@ def bench_throughput(
                 backend=backend if dev.type == "cuda" else "torch", device=str(dev),
                 dtype=None, engine=engine, compare=compare)
     _check_plot(plot)
+    from weavelm.engine.llm import resolve_dtype
+    from weavelm.engine.memory import check_fits, estimate
+    cfg = ModelConfig.from_hf(shape_config(shape, layers))
+    from weavelm.engine.model_runner import CPU_KV_BYTES
+    check_fits(estimate(cfg, tp, resolve_dtype(None, dev).itemsize, max_num_batched_tokens,
+                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES),
+               tp, str(dev), f"bench throughput of {shape} ({cfg.num_layers} layers, TP {tp})",
+               budget=gpu_memory_utilization if dev.type == "cuda" else 1.0,
+               layers_flag="--layers")
     result = run_ranks(throughput_rank, tp, opts)
     if result is None:
         return
@@ -374,6 +398,10 @@ def tune(
         import json
         typer.echo(json.dumps(result["table"], indent=1))
         typer.echo(f"saved to {result['path']}")
+
+
+from .serve_cmd import register  # noqa: E402 - registers `serve` and `bench serve`
+register(app, bench_app, user_errors)
 
 
 def main():

@@ -42,6 +42,9 @@ def test_generate_tp3_spawns_its_own_ranks():
                              "--device", "cpu", "-n", "12")
     assert code == 0, err
     assert "Paris" in out
+    # on a machine with fewer than 3 cores this run is also the oversubscription case
+    if (os.cpu_count() or 1) < 3:
+        assert f"warning: 3 CPU ranks share {os.cpu_count() or 1} cores" in err, err
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +194,8 @@ def test_more_cpu_ranks_than_cores_warns():
     n = (os.cpu_count() or 1) + 1
     if 9 % n:                                   # SmolLM2 has 9 heads and 3 KV heads
         pytest.skip(f"TP {n} does not split SmolLM2 (9 heads)")
+    if n == 3:
+        pytest.skip("TP 3 on 2 cores: checked by test_generate_tp3_spawns_its_own_ranks")
     code, out, err = weavelm("generate", "-p", "Hi", "--tp", str(n), "--device", "cpu", "-n", "2")
     assert code == 0, err
     assert f"warning: {n} CPU ranks share" in err

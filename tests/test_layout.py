@@ -7,7 +7,7 @@ import weavelm
 
 PKG = pathlib.Path(weavelm.__file__).parent
 # Each layer may import itself and the layers after it in this list, never one before it.
-LAYERS = ["bench", "engine", "models", "parallel", "kernels"]
+LAYERS = ["serve", "bench", "engine", "models", "parallel", "kernels"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -66,6 +66,18 @@ def test_grouped_compute_equals_float64_reference(impl, T, E, K):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (37, 16, 4), (64, 4, 4)])
+def test_masked_grouped_mm_equals_the_loop(T, E, K):
+    # the loop's form for CUDA-graph capture (no host read of the offsets), checked on CPU
+    from weavelm.kernels.moe import grouped_mm_loop, grouped_mm_masked
+    g = torch.Generator().manual_seed(T + E)
+    _, ids = route(torch.randn(T, E, generator=g), K, True)
+    _, offsets = group_by_expert(ids, E)
+    a, b = torch.randn(T * K, 12, generator=g), torch.randn(E, 12, 5, generator=g)
+    torch.testing.assert_close(grouped_mm_masked(a, b, offsets), grouped_mm_loop(a, b, offsets),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_group_by_expert_orders_rows_and_counts():
     ids = torch.tensor([[3, 0], [0, 2], [3, 1]])
     order, offsets = group_by_expert(ids, 5)

@@ -18,7 +18,7 @@ PROMPTS = [
     "Explain what a GPU is in one sentence.",
     "Translate 'good morning' into Spanish.",
 ]
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 
 
 def _weavelm_greedy(tp, token_lists):

@@ -79,7 +79,7 @@ def test_weave_equals_baseline_smollm2_tp3():
     prompts = [apply_chat(tok, p) for p in ("What is the capital of France?",
                                             "Write one sentence about rivers.",
                                             "Name a prime number larger than ten.")]
-    result = spawn(_compare_modes, 3, 3, {"smollm2": None}, prompts, 16)["smollm2"]
+    result = spawn(_compare_modes, 3, 3, {"smollm2": None}, prompts, 8)["smollm2"]
     assert result["straddles"]
     assert result["err"]["weave"] < 1e-3, result["err"]
     assert result["tokens"]["weave"] == result["tokens"]["baseline"]

@@ -5,7 +5,7 @@
 source benchmarks/device/env.sh
 
 if [ -d .wheels ] && [ -z "${WEAVELM_WHEELS_DONE:-}" ]; then
-  pip install --no-index --no-deps --quiet .wheels/*.whl > "$OUT/pip.txt" 2>&1 || cat "$OUT/pip.txt"
+  python3 -m pip install --no-index --no-deps --quiet --root-user-action=ignore .wheels/*.whl > "$OUT/pip.txt" 2>&1 || cat "$OUT/pip.txt"
   export WEAVELM_WHEELS_DONE=1
 fi
 

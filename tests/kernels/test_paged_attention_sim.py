@@ -66,9 +66,10 @@ def test_reference_matches_float64(window):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_head_group_divides_the_kv_share():
-    assert [P.head_group(h, kv) for h, kv in ((32, 8), (64, 8), (28, 4), (12, 4), (8, 8))] \
-        == [4, 4, 1, 3, 1]
+@pytest.mark.parametrize("cap,want", [(2, [2, 2, 1, 1, 1]), (4, [4, 4, 1, 3, 1])])
+def test_head_group_divides_the_kv_share(monkeypatch, cap, want):
+    monkeypatch.setattr(P, "MAX_GROUP", cap)
+    assert [P.head_group(h, kv) for h, kv in ((32, 8), (64, 8), (28, 4), (12, 4), (8, 8))] == want
 
 
 def test_lanes_and_support():

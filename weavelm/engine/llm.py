@@ -129,6 +129,8 @@ class LLM:
               f"lower it")
         self.max_model_len = max_model_len or limit
         runner_cfg = runner_config(self.max_model_len, engine)    # checked before weights load
+        if state.world_size == 1:   # ranks started together would see each other's memory
+            self._check_memory(runner_cfg)
         self._tokenizer = None
         self.comm = make_communicator(backend, state)     # None: auto on GPUs at TP > 1
         cls = family_for(self.config.architecture).model_class
@@ -149,6 +151,16 @@ class LLM:
         self._calls = 0
         self._stop = None
         self.stats: dict = {}
+
+    def _check_memory(self, runner_cfg) -> None:
+        """Refuse a model that cannot fit before any weight is allocated: on GPUs its weights
+        and a full step (the KV cache gets the rest); on CPU its weights and a short step."""
+        from weavelm.engine.memory import check_fits, estimate
+        cuda = self.device.type == "cuda"
+        step = runner_cfg.max_num_batched_tokens if cuda else 16
+        check_fits(estimate(self.config, 1, self.dtype.itemsize, step), 1, self.device.type,
+                   f"this model ({self.config.num_layers} layers, {self.dtype})",
+                   budget=runner_cfg.gpu_memory_utilization if cuda else 1.0)
 
     @property
     def mode(self) -> str | Mode:

@@ -139,6 +139,20 @@ class Kernel:
         kern = self._cufuncs[device] = overload._codelibrary.get_cufunc().kernel
         return kern
 
+    def blocks_per_sm(self, block: int, device: int = 0, default: int = 1) -> int:
+        """CTAs of `block` threads that fit on one SM at once (the driver's occupancy of the
+        compiled kernel: registers, static shared memory); `default` under the simulator or
+        where the query fails. Compiles the kernel on first use."""
+        if self._sim:
+            return default
+        try:
+            kern = self._cufuncs.get(device) or self._load_cufunc(device)
+            return max(1, int(kern.occupancy.max_active_blocks_per_multiprocessor(block, 0)))
+        except Exception as e:  # noqa: BLE001 - cuda.core API differences: keep launching
+            log.warning("occupancy query of %s failed (%s: %s); assuming %d CTA(s) per SM",
+                        self.name, type(e).__name__, e, default)
+            return default
+
     def ptx(self, cc=(9, 0, "a")) -> str:
         """PTX of this kernel for `cc`, compiled without a GPU (always pass cc: see research)."""
         from numba.cuda.core import sigutils

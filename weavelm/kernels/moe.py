@@ -16,6 +16,10 @@ experts (`grouped_mm_loop`), which reads the offsets on the host: the plain torc
 and on GPUs without the grouped kernel (fp32, pre-Hopper) a path that syncs and cannot be
 captured.
 
+For 1-8 tokens on a GPU (decode) `moe_experts` runs two GEMV kernels instead (`moe_gemv`: each
+active expert's weights streamed once, the expert ids read on the device), which read the
+weights near the copy bandwidth where the grouped GEMMs reach half of it.
+
 `moe_experts_reference` is the plain definition (per expert: its tokens, its MLP, weighted
 sum), the tests' reference.
 """
@@ -50,13 +54,29 @@ def group_by_expert(ids: torch.Tensor, num_experts: int):
 
 def grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """a [R, k], b [E, k, n], offsets [E] -> [R, n]: rows offsets[e-1]:offsets[e] times b[e]
-    (a loop of mm over the experts that have rows; reads the offsets on the host)."""
+    (a loop of mm over the experts that have rows; reads the offsets on the host, except while
+    a CUDA graph is being captured, where it takes `grouped_mm_masked`)."""
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():
+        return grouped_mm_masked(a, b, offsets)
     out = a.new_empty(a.shape[0], b.shape[2])
     start = 0
     for e, end in enumerate(offsets.tolist()):
         if end > start:
             torch.mm(a[start:end], b[e], out=out[start:end])
         start = end
+    return out
+
+
+def grouped_mm_masked(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm_loop without reading the offsets on the host (inside CUDA graphs, for dtypes
+    torch's grouped GEMM does not take): every expert's mm runs over all R rows and each row
+    keeps its own expert's result — E times the FLOPs, fixed shapes, no sync. Decode steps are
+    small and read every expert's weights anyway once the batch is large."""
+    rows = torch.arange(a.shape[0], device=a.device, dtype=offsets.dtype)
+    expert = torch.searchsorted(offsets, rows, right=True).unsqueeze(1)   # [R, 1]
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    for e in range(b.shape[0]):
+        out = torch.where(expert == e, a @ b[e], out)
     return out
 
 
@@ -85,6 +105,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
     return grouped_mm_loop(a, b, offsets)
 
 
+IMPLS = ("auto", "gemv", "grouped", "native", "loop")
+
+
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 ids: torch.Tensor, out: torch.Tensor | None = None,
                 impl: str = "auto") -> torch.Tensor:
@@ -92,7 +115,23 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
 
     x [T, D]; w13 [E, 2I, D] (gate rows, then up rows, per expert); w2 [E, D, I];
     weights [T, K]; ids [T, K] -> [T, D]. At TP > 1 each rank holds 1/N of every expert's I,
-    so the result is this rank's partial sums."""
+    so the result is this rank's partial sums.
+
+    impl: "gemv" (the decode kernels of `moe_gemv`: 1..8 tokens on a GPU), "grouped" (sort,
+    gather, grouped GEMMs: "native" torch._grouped_mm or "loop" of mm, as `grouped_mm` picks),
+    "native" / "loop" (the grouped path with that GEMM), or "auto": gemv where it takes the
+    operands (CUDA, T <= 8), else grouped."""
+    if impl not in IMPLS:
+        raise ValueError(f"moe_experts: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "gemv" or (impl == "auto" and x.is_cuda and x.shape[0] <= 8):
+        from weavelm.kernels import moe_gemv
+        why = moe_gemv.unsupported(x, w13, w2, weights, ids, out)
+        if why is None:
+            return moe_gemv.moe_gemv(x, w13, w2, weights, ids, out)
+        if impl == "gemv":
+            raise ValueError(f"moe_experts: impl='gemv' cannot take these operands: {why}")
+    if impl in ("auto", "grouped", "gemv"):
+        impl = "auto"
     T, K = ids.shape
     order, offsets = group_by_expert(ids, w13.shape[0])
     rows = x.index_select(0, order // K)                             # [R, D] grouped by expert

@@ -21,8 +21,8 @@ fastest. Each key row is loaded once and scored against every head of the group 
 MAX_GROUP), so a KV head's keys leave memory once for all the query heads that read them (one
 CTA per query head read them H / Hkv times and was latency-bound at 0.1-0.9 TB/s; RESULTS.md).
 The CTA's 4 warps take keys round-robin; within a warp, L lanes hold one key row (each lane one
-16-byte vector of K and V), so a warp scores 32 / L keys at once (two rows per iteration, both
-loads in flight together: decode attention is bound by memory latency), reduces each head's dot
+16-byte vector of K and V), so a warp scores 32 / L keys at once (ROWS rows per lane and iteration,
+all loads in flight together: decode attention is bound by memory latency), reduces each head's dot
 product over its L lanes with shuffles, and keeps an online softmax per head (running max m, sum
 l, its E output elements). The CTA merges its warps' states in shared memory. With S = 1 it
 writes the output; with S > 1 each split writes (m, l, unnormalised output) in fp32 and
@@ -40,7 +40,7 @@ from weavelm.kernels.common import DTYPES, ELEMS, remember
 from weavelm.kernels.paged_attention_kernels import ROWS, WARPS
 
 MAX_SPLITS = 16
-MAX_GROUP = 4                   # query heads per CTA (registers: 2 x 8 floats per head a lane)
+MAX_GROUP = 2                   # query heads per CTA (RESULTS.md: 2 beat 4 at rows 4; more CTAs)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 
 

@@ -250,6 +250,8 @@ load_v4_u32 = _load("load_v4_u32", "ld.global", 4, memory=False)
 load_u32 = _load("load_u32", "ld.global", 1, memory=False)
 # Read-only (texture) path: only for data no thread writes during the kernel.
 load_v4_u32_nc = _load("load_v4_u32_nc", "ld.global.nc", 4, memory=False)
+# Read-only, read once (streamed weights): not kept in L1, so the data reused beside it stays.
+load_v4_u32_stream = _load("load_v4_u32_stream", "ld.global.nc.L1::no_allocate", 4, memory=False)
 store_v4_u32 = _store("store_v4_u32", "st.global", 4)
 store_u32 = _store("store_u32", "st.global", 1)
 

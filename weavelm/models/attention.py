@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from weavelm.kernels.paged_attention import paged_decode_attention
 from weavelm.kernels.rope_cache import rope_and_cache
@@ -224,6 +223,13 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float):
         lse = r[1].reshape(q.shape[0], q.shape[1], -1)[..., :n].unsqueeze(-1).float()
         return r[0], lse
     return None
+
+
+def causal_lower_right(num_queries: int, num_keys: int):
+    """torch's lower-right causal mask, imported on first use: `torch.nn.attention.bias` pulls
+    in torch._dynamo (~1 s), which `from weavelm import LLM` must not pay."""
+    from torch.nn.attention.bias import causal_lower_right as mask
+    return mask(num_queries, num_keys)
 
 
 def _continuation_attention(qs, keys, values, start: int, scale: float):

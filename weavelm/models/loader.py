@@ -148,12 +148,7 @@ def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
         return
     if source.kind == "pickle":
         for f in source.weight_files:
-            try:
-                state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:                  # noqa: BLE001 - legacy format, bad pickle
-                raise WeavelmError(f"could not read pickle checkpoint {f.name} "
-                                   f"({type(e).__name__}): convert it to safetensors") from None
-            yield from state.items()
+            yield from _load_pickle(f).items()
         return
     from safetensors import SafetensorError, safe_open
     for f in source.weight_files:
@@ -164,6 +159,43 @@ def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
                                f"re-download it") from None
         for name in handle.keys():
             yield name, handle.get_slice(name)
+
+
+def _load_pickle(f: Path) -> dict:
+    """A pickle checkpoint's tensors, with torch's weights-only unpickler (no code runs).
+    The zip format of torch.save (torch >= 1.6) is memory-mapped; the legacy format (before 1.6,
+    or `_use_new_zipfile_serialization=False`) cannot be, and is read whole."""
+    import pickle
+    import re
+    import warnings
+    import zipfile
+    zipped = zipfile.is_zipfile(f)
+    try:
+        with warnings.catch_warnings():             # torch warns about pickle protocols
+            warnings.simplefilter("ignore")
+            state = torch.load(f, map_location="cpu", mmap=zipped, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message: paragraphs about weights_only around the reason; keep the reason.
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it names {named.group(1)}" if named else \
+            (re.findall(r"Unsupported [^.\n]*", str(e)) or [type(e).__name__])[0][:120]
+        raise WeavelmError(f"pickle checkpoint {f.name} holds more than tensors, which weavelm "
+                           f"never unpickles ({reason}): convert it to safetensors where you "
+                           f"trust it") from None
+    except Exception as e:                          # noqa: BLE001 - not a torch.save file at all
+        raise WeavelmError(f"could not read pickle checkpoint {f.name} ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:160]}): weavelm reads torch.save files "
+                           f"(zip or legacy format) holding a dict of tensors; convert it to "
+                           f"safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]                 # a training checkpoint's weights
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:1] \
+        if isinstance(state, dict) else None
+    check(isinstance(state, dict) and not bad,
+          f"pickle checkpoint {f.name} is not a dict of tensor names to tensors "
+          f"({type(state).__name__}{f', {bad[0]!r} is not a tensor' if bad else ''}): save "
+          f"model.state_dict(), or convert it to safetensors")
+    return state
 
 
 def load_weights(model: nn.Module, source, progress: bool = False) -> None:

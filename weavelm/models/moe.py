@@ -4,9 +4,11 @@ T = tokens, D = hidden size, E = experts, K = experts per token, I = expert inte
 
 `SparseMoeBlock` replaces the dense MLP: a replicated router picks each token's top K experts
 (`weavelm.kernels.moe.route`, the routing maths of transformers' Mixtral and Qwen3-MoE), and
-the experts, every one split 1/N along I over the TP ranks (`weavelm.parallel.experts`), run
-as grouped GEMMs over the tokens routed to them. The block returns partial sums, like a dense
-MLP, so every schedule (baseline, fused, weave) takes it unchanged: one reduction per block.
+the experts, every one split 1/N along I over the TP ranks (`weavelm.parallel.experts`), run as
+grouped GEMMs over the tokens routed to them (for 1-8 tokens on a GPU, as GEMV kernels that
+stream each active expert once: `weavelm.kernels.moe_gemv`). The block returns partial sums,
+like a dense MLP, so every schedule (baseline, fused, weave) takes it unchanged: one reduction
+per block.
 
 Mixtral routes every layer through its experts (top-2 of 8, renormalised). Qwen3-MoE has
 q/k norm, renormalises only with `norm_topk_prob`, and runs a dense MLP (`intermediate_size`)
@@ -40,11 +42,12 @@ class SparseMoeBlock(nn.Module):
         self.experts.w13 = MergedExpertColumnParallel(E, D, inter, params_dtype=dtype,
                                                       device=device)
         self.experts.w2 = ExpertRowParallel(E, inter, D, params_dtype=dtype, device=device)
+        self.impl = "auto"                    # `moe_experts`' choice (benchmarks compare them)
 
     def forward(self, x, out=None):
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)   # [T, K] each
         return moe_experts(x, self.experts.w13.weight, self.experts.w2.weight, weights, ids,
-                           out=out)                                       # [T, D] partial
+                           out=out, impl=self.impl)                       # [T, D] partial
 
 
 class MoeForCausalLM(LlamaForCausalLM):

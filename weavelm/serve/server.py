@@ -1,0 +1,79 @@
+"""What every rank runs for `weavelm serve` (the CLI checks its input, then starts the ranks with
+`parallel.launch.run_ranks`).
+
+Rank 0 answers HTTP at once (503 while the model loads) with uvicorn in its main thread, and
+loads and drives the model in the engine loop's thread; the other ranks load the model and
+follow rank 0's steps. SIGINT or SIGTERM (a second one changes nothing): uvicorn stops taking
+connections and gives the open ones `shutdown_timeout` seconds to finish, the engine loop then
+aborts what is left and tells the other ranks to stop, and every rank returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+
+log = logging.getLogger("weavelm.serve")
+
+
+def build_llm(opts: dict):
+    """The LLM of `opts`: a checkpoint, or random weights of a named shape (`shape`)."""
+    from weavelm.engine.llm import LLM
+    common = dict(tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
+                  max_model_len=opts["max_model_len"], backend=opts["backend"],
+                  mode=opts["mode"], **opts["engine"])
+    if opts.get("shape"):
+        from weavelm.bench.prefill import fill_random
+        from weavelm.bench.shapes import shape_config
+        cfg = shape_config(opts["shape"], opts.get("layers"))
+        seed = opts.get("seed", 0)
+        return LLM.from_weights(cfg, lambda model: fill_random(model, seed), **common)
+    return LLM(opts["model"], allow_pickle=opts["allow_pickle"], progress=False, **common)
+
+
+def serve_rank(opts: dict) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        from weavelm.serve.loop import follow
+        # Rank 0 decides when to stop; a terminal's Ctrl-C reaches this process too.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        follow(build_llm(opts))
+        return None
+    from weavelm.errors import WeavelmError
+    from weavelm.serve.app import create_app
+    from weavelm.serve.loop import EngineLoop
+    from weavelm.serve.metrics import ServerMetrics
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # Two threads share the GIL here: the engine loop (which lets go of it while it waits for
+    # the device) and the event loop. Python hands it over only every 5 ms by default, which
+    # could hold a step back that long; 1 ms keeps the engine loop waiting less.
+    sys.setswitchinterval(0.001)
+    metrics = ServerMetrics()
+    loop = EngineLoop(lambda: build_llm(opts), metrics)
+    app = create_app(loop, opts["served_name"], metrics,
+                     shutdown_timeout_s=opts["shutdown_timeout"] + 30)
+    config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",
+                            access_log=opts.get("access_log", False),
+                            timeout_graceful_shutdown=opts["shutdown_timeout"])
+    server = GracefulServer(config)
+    loop.on_failure = server.request_exit
+    log.info("serving %s on http://%s:%d (TP %d)", opts["served_name"], opts["host"],
+             opts["port"], opts["tp"])
+    server.run()
+    if loop.error is not None:
+        raise WeavelmError(loop.error)
+    return None
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, but a second signal does not skip the graceful shutdown (a Ctrl-C
+    reaches every process of the terminal's group, and the launcher forwards it as well)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        self.should_exit = True
+
+    def request_exit(self) -> None:
+        self.should_exit = True
