@@ -14,3 +14,12 @@ def check(condition: bool, message: str) -> None:
     """Raise `WeavelmError(message)` unless `condition` holds."""
     if not condition:
         raise WeavelmError(message)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a service manager sends), handled like Ctrl-C: every rank is stopped."""
+
+
+def raise_terminated(signum=None, frame=None):
+    """A SIGTERM handler (the CLI installs it): raise `Terminated` in the main thread."""
+    raise Terminated()

@@ -14,7 +14,8 @@ rank dies. Failures come back as one line, the cause first:
 
 Once one rank has failed, the parent stops the rest (SIGTERM, then SIGKILL after a grace).
 Ranks never outlive the parent: they ask the kernel for SIGKILL when it dies (Linux
-`PR_SET_PDEATHSIG`) and also watch their parent id, and they leave Ctrl-C to the parent.
+`PR_SET_PDEATHSIG`) and also watch their parent id, and they leave Ctrl-C to the parent. SIGTERM
+to the parent is handled like Ctrl-C while the ranks run.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
-from weavelm.errors import WeavelmError
+from weavelm.errors import WeavelmError, raise_terminated
 
 REPORT_GRACE_S = 1.0   # after the first failure: how long the other ranks get to report
 FINISH_GRACE_S = 5.0   # after rank 0's result: how long the others get to exit
@@ -222,6 +223,17 @@ def _collect(procs, conns, reports) -> None:
                 deadline = time.monotonic() + FINISH_GRACE_S
 
 
+def _terminate_like_ctrl_c():
+    """While ranks run, SIGTERM (a service manager's stop) raises `Terminated`, a
+    KeyboardInterrupt, so the ranks get Ctrl-C's bounded shutdown. Only in the main thread and
+    only over the default action (`weavelm serve` installs its own). Returns the undo."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return lambda: None
+    signal.signal(signal.SIGTERM, raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def spawn(fn, nprocs: int, *args):
     """Run fn(*args) on ranks 0..nprocs-1; return rank 0's result. `fn` must be picklable."""
     ctx = mp.get_context("spawn")
@@ -229,6 +241,7 @@ def spawn(fn, nprocs: int, *args):
     procs, conns = [], []
     reports: dict[int, tuple] = {}
     failure = None
+    restore = _terminate_like_ctrl_c()
     try:
         for r in range(nprocs):
             receiver, sender = ctx.Pipe(duplex=False)
@@ -246,6 +259,7 @@ def spawn(fn, nprocs: int, *args):
         _stop(procs, finished=failure is None and len(reports) == nprocs)
         for c in conns:
             c.close()
+        restore()
     if failure is not None:
         raise failure
     return pickle.loads(reports[0][1])

@@ -79,7 +79,7 @@ def resolve_device(device: str | None) -> torch.device:
 def collective_timeout(device_type: str, timeout_s: float | None = None) -> float:
     """Seconds a collective waits for a peer: `timeout_s`, else $WEAVELM_COLLECTIVE_TIMEOUT,
     else 30 on CPU and 300 on GPUs."""
-    where = "collective_timeout"
+    where = "--collective-timeout (collective_timeout)"
     if timeout_s is None and os.environ.get(TIMEOUT_ENV, "").strip():
         timeout_s, where = os.environ[TIMEOUT_ENV].strip(), f"${TIMEOUT_ENV}"
     if timeout_s is None:
