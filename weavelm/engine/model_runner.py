@@ -17,6 +17,7 @@ the graph's static buffers and padded rows pointed at the scratch block 0.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ class ModelRunner:
         n = max(min(cfg.max_num_seqs, tokens), -(-tokens // cfg.max_model_len))
         lengths = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
         torch.cuda.synchronize()
+        gc.collect()            # an earlier LLM in a reference cycle still holds its KV cache
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -156,10 +158,13 @@ class ModelRunner:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
                                          group=self.state.group)
             blocks = int(t.item())
+        gib = 2 ** 30
         check(blocks >= 2, f"no GPU memory is left for the KV cache (gpu_memory_utilization="
-                           f"{cfg.gpu_memory_utilization}, weights and a "
-                           f"{tokens}-token step's activations use the rest): raise "
-                           f"gpu_memory_utilization or lower max_num_batched_tokens")
+                           f"{cfg.gpu_memory_utilization} of {total / gib:.1f} GiB; "
+                           f"{(total - free) / gib:.1f} GiB already in use on the GPU, by this "
+                           f"model's weights and anything else, and {activation_peak / gib:.1f} "
+                           f"GiB for a {tokens}-token step's activations): raise "
+                           f"gpu_memory_utilization, lower max_num_batched_tokens, or free the GPU")
         return blocks
 
     # -- steps ------------------------------------------------------------------------------------
