@@ -78,7 +78,7 @@ def generate(
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave (weave "
                                           "splits prefill; decode then runs baseline)."),
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
-        "Seconds a rank waits for its peers \\[default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 s].")),
+        "Seconds a rank waits for peers \\[default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
 ):
     """Generate text, streaming tokens as they come."""
     from weavelm.engine.sampler import SamplingParams

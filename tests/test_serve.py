@@ -235,6 +235,10 @@ BAD = [  # (what, route, body or raw text, status, text the message must hold)
     ("a field weavelm cannot honour", "completions",
      {"prompt": "1 2", "tools": [{"type": "function"}]}, 400, "tools"),
     ("a JSON array, not an object", "completions", [1, 2], 400, "JSON object"),
+    ("a lone surrogate in the prompt", "completions", '{"prompt": "1 \\ud800 2"}', 400,
+     "UTF-8"),
+    ("a lone surrogate in a message", "chat/completions",
+     '{"messages": [{"role": "user", "content": "1 \\ud800"}]}', 400, "UTF-8"),
     ("huge body", "completions", {"prompt": "1 " * (5 << 20)}, 413, "limit"),
     ("unknown route", "nothing/here", {"prompt": "1 2"}, 404, "/v1/completions"),
 ]

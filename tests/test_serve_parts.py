@@ -81,3 +81,58 @@ def test_a_model_that_fails_to_load_ends_the_server_with_one_line(tmp_path):
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "safetensors" in errors[0].lower(), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_client_that_left_is_aborted_while_tokens_still_flow():
+    """`results` asks whether the client is still there once a second even when the engine
+    sends a token every step (a non-streaming request never waits a whole second for one)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from weavelm.serve.handling import results
+
+    class Loop:
+        aborted: list = []
+
+        def submit(self, rid, tokens, params, q):
+            async def feed():
+                while True:                          # a decoding request: a token per step
+                    await q.put(SimpleNamespace(new_token_ids=[5], finished=False,
+                                                finish_reason=None))
+                    await asyncio.sleep(0.01)
+            self.feeder = asyncio.get_running_loop().create_task(feed())
+
+        def abort(self, rid, reason=None):
+            self.aborted.append(rid)
+
+    async def main():
+        loop, asked, got = Loop(), [], 0
+
+        async def is_disconnected():
+            asked.append(1)
+            return True                              # the client has gone
+
+        start = asyncio.get_running_loop().time()
+        async for _ in results(loop, "r1", [1], None, [], None, is_disconnected):
+            got += 1
+            assert asyncio.get_running_loop().time() - start < 5, "never asked"
+        loop.feeder.cancel()
+        return loop.aborted, asked, got
+
+    aborted, asked, got = asyncio.run(main())
+    assert aborted == ["r1"] and asked == [1] and 10 < got < 400
+
+
+def test_unset_max_tokens_fits_a_kv_cache_smaller_than_the_context():
+    from types import SimpleNamespace
+
+    from weavelm.serve.handling import Served, sampling
+    from weavelm.serve.protocol import APIError
+    served = Served("m", None, 100, max_model_len=8192, kv_tokens=1360)
+    req = SimpleNamespace(top_k=None, temperature=0.0, top_p=None, seed=None, ignore_eos=False)
+    assert sampling(served, req, 60, None, None).max_new_tokens == 1300
+    assert sampling(served, req, 60, None, 16).max_new_tokens == 16
+    with pytest.raises(APIError, match="KV cache holds 1360"):
+        sampling(served, req, 60, 2000, None)          # asked for more than the cache holds
+    with pytest.raises(APIError, match="shorten the prompt"):
+        sampling(served, req, 1400, None, None)

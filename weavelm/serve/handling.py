@@ -47,8 +47,12 @@ def prompt_ids(served: Served, prompt) -> list[int]:
     if served.tokenizer is None:
         raise _bad("this server has no tokenizer (random weights of a shape): send the prompt "
                    "as a list of token ids", "prompt")
+    from weavelm.errors import WeavelmError
     from weavelm.models.tokenizer import encode
-    return check_tokens(served, encode(served.tokenizer, prompt))
+    try:
+        return check_tokens(served, encode(served.tokenizer, prompt))
+    except WeavelmError as e:
+        raise _bad(str(e), "prompt") from None
 
 
 def chat_ids(served: Served, messages) -> list[int]:
@@ -61,7 +65,17 @@ def chat_ids(served: Served, messages) -> list[int]:
         raise _bad("this model has no chat template: use /v1/completions with a raw prompt",
                    "messages")
     convo = [{"role": m.role, "content": m.text()} for m in messages]
-    text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    from weavelm.errors import WeavelmError
+    from weavelm.models.tokenizer import render_chat_template
+    try:
+        for m in convo:
+            m["content"].encode("utf-8")
+        text = render_chat_template(tok, convo)
+    except UnicodeEncodeError:
+        raise _bad("a message is not valid UTF-8 (it holds a lone surrogate): send UTF-8 text",
+                   "messages") from None
+    except WeavelmError as e:
+        raise _bad(str(e), "messages") from None
     # The template writes BOS and friends itself (as weavelm.models.tokenizer.apply_chat).
     return check_tokens(served, list(tok(text, add_special_tokens=False).input_ids))
 
@@ -77,7 +91,13 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
                    f"the prompt", "prompt", "context_length_exceeded")
     room = limit - n_prompt
     if max_tokens is None:
-        max_tokens = min(room, default_max or room)
+        # unset: as much as the context and the KV cache leave (the cache may hold less than
+        # the context), never a refusal for a limit the client did not set
+        max_tokens = min(room, default_max or room, served.kv_tokens - n_prompt)
+        if max_tokens < 1:
+            raise _bad(f"the prompt has {n_prompt} tokens but the KV cache holds "
+                       f"{served.kv_tokens}: shorten the prompt", "prompt",
+                       "context_length_exceeded")
     elif max_tokens > room:
         raise _bad(f"max_tokens={max_tokens} with a prompt of {n_prompt} tokens exceeds the "
                    f"context of {limit}: lower max_tokens to {room} or shorten the prompt",
@@ -143,6 +163,8 @@ async def results(loop, rid: str, tokens: list[int], params: SamplingParams, sto
     text = TextStream(tokenizer, stops)
     done = False
     loop.submit(rid, tokens, params, q)
+    clock = asyncio.get_running_loop().time
+    checked = clock()
     try:
         while not done:
             if is_disconnected is None:
@@ -151,8 +173,14 @@ async def results(loop, rid: str, tokens: list[int], params: SamplingParams, sto
                 try:
                     out = await asyncio.wait_for(q.get(), 1.0)
                 except asyncio.TimeoutError:
+                    out = None
+                # once a second whether or not tokens came: a decoding request sends one
+                # every step, and a client that left must not keep it running to max_tokens
+                if out is None or clock() - checked >= 1.0:
+                    checked = clock()
                     if await is_disconnected():
                         return
+                if out is None:
                     continue
             delta = text.add(out.new_token_ids, out.finished)
             reason = out.finish_reason if out.finished else None

@@ -180,6 +180,8 @@ class EngineLoop:
                     outs = engine.step()
                 except Exception:                    # noqa: BLE001 - fail the running requests
                     log.error("engine step failed:\n%s", traceback.format_exc())
+                    if llm.state.world_size > 1:
+                        raise        # the followers are mid-step: end every rank, not just these
                     for rid in list(self._sinks):
                         engine.abort_request(rid)
                         engine.seqs.pop(rid, None)
