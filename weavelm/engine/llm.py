@@ -157,10 +157,14 @@ class LLM:
         and a full step (the KV cache gets the rest); on CPU its weights and a short step."""
         from weavelm.engine.memory import check_fits, estimate
         cuda = self.device.type == "cuda"
-        step = runner_cfg.max_num_batched_tokens if cuda else 16
-        check_fits(estimate(self.config, 1, self.dtype.itemsize, step), 1, self.device.type,
-                   f"this model ({self.config.num_layers} layers, {self.dtype})",
-                   budget=runner_cfg.gpu_memory_utilization if cuda else 1.0)
+        rc = runner_cfg
+        # the runner's own floor: its largest step's activations and a cache of 2 blocks (or
+        # the fixed cache asked for, which it allocates whatever the budget)
+        step = min(rc.max_num_batched_tokens, rc.max_num_seqs * rc.max_model_len) if cuda else 16
+        kv_tokens = (rc.num_kv_blocks or 2) * rc.block_size if cuda else None
+        check_fits(estimate(self.config, 1, self.dtype.itemsize, step, kv_tokens=kv_tokens), 1,
+                   self.device.type, f"this model ({self.config.num_layers} layers, {self.dtype})",
+                   budget=rc.gpu_memory_utilization if cuda and not rc.num_kv_blocks else 1.0)
 
     @property
     def mode(self) -> str | Mode:
