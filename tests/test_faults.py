@@ -384,11 +384,14 @@ def _silent(folder, path):
     return path
 
 
-# name: (what snapshot_download does, error words or None); the timeout is 1 s
+# name: (what snapshot_download does, error words or None, whole snapshot already cached);
+# the timeout is 1 s
 DOWNLOADS = {
-    "slow but steady into the cache": (_trickle_to_cache, None),
-    "first bytes in time, then a long read": (_first_byte_then_quiet, None),
-    "nothing for longer than the timeout": (_silent, ["did not answer for 1 s", "org/name"]),
+    "slow but steady into the cache": (_trickle_to_cache, None, False),
+    "first bytes in time, then a long read": (_first_byte_then_quiet, None, False),
+    "nothing for longer than the timeout": (_silent, ["did not answer for 1 s", "org/name"],
+                                            False),
+    "a silent hub, the snapshot in the cache": (_silent, None, True),
 }
 
 
@@ -399,13 +402,19 @@ def test_hub_download_is_bounded_only_while_nothing_arrives(tmp_path, monkeypatc
 
     from weavelm.errors import WeavelmError
     from weavelm.models.hub import download
-    body, words = DOWNLOADS[case]
+    body, words, cached = DOWNLOADS[case]
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
     folder = tmp_path / "models--org--name"
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, allow_patterns: body(folder, str(tmp_path / "snap")))
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        if local_files_only:
+            if not cached:
+                raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+            return str(tmp_path / "snap")
+        return body(folder, str(tmp_path / "snap"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     if words is None:
         assert download("org/name", ["*"]) == tmp_path / "snap"
     else:

@@ -87,7 +87,14 @@ def download(repo_id: str, patterns: list[str]) -> Path:
         if _bytes_under(folder) != start:
             worker.join()       # files arrive: huggingface_hub's own read timeouts apply now
         elif worker.is_alive() and time.monotonic() - began > limit:
-            # The thread stays blocked on its socket; as a daemon it does not hold the exit.
+            # A complete snapshot already in the cache needs no bytes: use it rather than fail
+            # on a slow metadata call. The thread stays blocked on its socket; as a daemon it
+            # does not hold the exit.
+            try:
+                return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                              local_files_only=True))
+            except Exception:                        # noqa: BLE001 - not (all) cached
+                pass
             raise WeavelmError(f"the Hugging Face Hub at {host} did not answer for {limit:g} s "
                                f"while fetching {repo_id!r}: check your network or HF_ENDPOINT, "
                                f"raise HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT, or pass "
