@@ -256,10 +256,10 @@ def spawn(fn, nprocs: int, *args):
         if failure is None and reports.get(0, ("",))[0] != "ok":
             failure = WeavelmError("rank 0 ended without a result: see the output above")
     finally:
+        restore()           # a second SIGTERM while stopping ends this process (ranks follow)
         _stop(procs, finished=failure is None and len(reports) == nprocs)
         for c in conns:
             c.close()
-        restore()
     if failure is not None:
         raise failure
     return pickle.loads(reports[0][1])

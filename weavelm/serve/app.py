@@ -9,6 +9,7 @@ an unknown route, 413 for a body over `max_body`, 503 while the model loads (or 
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -184,7 +185,7 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         check_model(s, req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported: leave it out", "suffix")
-        ids = prompt_ids(s, req.prompt)
+        ids = await asyncio.to_thread(prompt_ids, s, req.prompt)   # off the event loop
         params = sampling(s, req, len(ids), req.max_tokens, COMPLETION_MAX_TOKENS)
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
@@ -199,7 +200,7 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
     async def chat(req: ChatRequest, request: Request):
         s = served()
         check_model(s, req.model)
-        ids = chat_ids(s, req.messages)
+        ids = await asyncio.to_thread(chat_ids, s, req.messages)
         params = sampling(s, req, len(ids), req.max_completion_tokens or req.max_tokens, None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
