@@ -109,6 +109,13 @@ def _worker(rank, nprocs, port, parent_pid, fn, args, conn):
         timeout = _STATE.timeout_s if _STATE is not None else None
         conn.send_bytes(pickle.dumps(report + (timeout,)))
     finally:
+        if report[0] == "peer":
+            # A peer is gone or stuck: tearing the group down would wait on it, and gloo's
+            # threads then abort the process with "terminate called..." on stderr. The report
+            # is sent; leave without destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         from weavelm.parallel.state import destroy_parallel
         try:
             destroy_parallel()
