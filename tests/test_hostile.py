@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_run import assert_one_line_error
 from tiny_models import make_tiny, save_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,19 +96,11 @@ def _generate(path, stdin=None):
     return p.returncode, p.stdout, p.stderr
 
 
-def _one_line_error(code, out, err, words):
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_broken_checkpoint_is_refused(tiny, tmp_path, case):
     tensors, config, words = CASES[case]
     d = _copy(tiny, tmp_path / "bad", tensors, config)
-    _one_line_error(*_generate(d), words)
+    assert_one_line_error(*_generate(d), words)
 
 
 def test_repository_tokenizer_code_never_runs(tiny, tmp_path):
@@ -120,7 +113,7 @@ def test_repository_tokenizer_code_never_runs(tiny, tmp_path):
         if (d / "tokenizer_config.json").exists() else {}
     cfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    _one_line_error(*_generate(d, stdin="y\ny\n"), ["auto_map", "never runs"])
+    assert_one_line_error(*_generate(d, stdin="y\ny\n"), ["auto_map", "never runs"])
     assert not marker.exists()
 
 
@@ -144,7 +137,7 @@ MISUSE = {
 
 
 @pytest.mark.parametrize("case", list(MISUSE))
-def test_api_misuse_is_a_one_line_error(llm, case):
+def test_api_misuse_is_aassert_one_line_error(llm, case):
     from weavelm.errors import WeavelmError
     with pytest.raises(WeavelmError) as e:
         MISUSE[case](llm)
@@ -201,7 +194,7 @@ def _sharded(tmp_path, edit):
      ["outside the model directory"]),
 ])
 def test_bad_shard_index_is_refused(tmp_path, edit, words):
-    _one_line_error(*_generate(_sharded(tmp_path, edit)), words)
+    assert_one_line_error(*_generate(_sharded(tmp_path, edit)), words)
 
 
 def test_invalid_utf8_prompt(tiny):
@@ -210,7 +203,7 @@ def test_invalid_utf8_prompt(tiny):
                         b"caf\xe9 \xff".decode("utf-8", "surrogateescape"), "--no-chat",
                         "--device", "cpu", "-n", "2"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
-    _one_line_error(p.returncode, p.stdout, p.stderr, ["not valid UTF-8"])
+    assert_one_line_error(p.returncode, p.stdout, p.stderr, ["not valid UTF-8"])
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -236,4 +229,4 @@ def test_bad_config_names_field_and_file(tiny, tmp_path, case):
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("head_dim", None)
     (d / "config.json").write_text(json.dumps(edit(cfg)))
-    _one_line_error(*_generate(d), words + ["config.json"])
+    assert_one_line_error(*_generate(d), words + ["config.json"])
