@@ -86,23 +86,27 @@ def variants(P, H, Hkv, D, bs):
     """The kernel's shape choices side by side: query heads per CTA x key rows per lane."""
     shapes = ((64, 2048), (256, 1024), (16, 4096))
     print("\n## kernel variants: query heads per CTA (group) x key rows per lane and iteration "
-          "(rows); µs per call, TB/s\n")
-    print("| group | rows | " + " | ".join(f"{B} x {ctx}" for B, ctx in shapes) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+          "(rows), loads one iteration ahead (pipelined); µs per call, TB/s\n")
+    print("| group | rows | pipelined | " + " | ".join(f"{B} x {ctx}" for B, ctx in shapes)
+          + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
     cases = [case(B, ctx, H, Hkv, D, bs) for B, ctx in shapes]
-    for group, rows in ((2, 4), (4, 4), (4, 2), (2, 2), (2, 8), (1, 4), (1, 8)):
+    for group, rows, pipeline in ((2, 4, False), (2, 4, True), (2, 2, True), (4, 4, True),
+                                  (4, 2, True), (2, 8, False), (1, 4, True)):
         cells = []
         for (B, ctx), (q, kc, vc, tables, lens) in zip(shapes, cases):
             scale = 1 / math.sqrt(D)
             ref = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens,
                                                scale)
             run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
-                                                        group=group, rows=rows)
+                                                        group=group, rows=rows,
+                                                        pipeline=pipeline)
             err = (run().float() - ref).abs().max().item()
-            assert err < 2e-2, (group, rows, err)
+            assert err < 2e-2, (group, rows, pipeline, err)
             t = graph_us(run)
             cells.append(f"{t:.1f} ({2 * B * ctx * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
-        print(f"| {group} | {rows} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {group} | {rows} | {'yes' if pipeline else 'no'} | " + " | ".join(cells)
+              + " |", flush=True)
 
 
 if __name__ == "__main__":

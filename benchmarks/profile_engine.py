@@ -118,7 +118,7 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
             start = sum(p.start_pos for p in pieces) / len(pieces)
             print(f"== torch.profiler: {kind} step, {len(pieces)} pieces, {T} tokens, mean "
                   f"start position {start:.0f}")
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                             max_name_column_width=50))
             return out
         sync()

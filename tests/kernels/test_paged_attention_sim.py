@@ -96,18 +96,20 @@ def test_sim_kernel_matches_reference(dtype, D, splits, window):
 
 
 @sim
-@pytest.mark.parametrize("dtype,group,splits,window,rows", [
-    (torch.bfloat16, 4, 1, None, 2), (torch.bfloat16, 2, 3, None, 4), (torch.float32, 4, 2, 5, 4),
-    (torch.float16, 1, 1, None, 1)])
-def test_sim_grouped_heads_match_reference(dtype, group, splits, window, rows):
+@pytest.mark.parametrize("dtype,group,splits,window,rows,pipeline", [
+    (torch.bfloat16, 4, 1, None, 2, False), (torch.bfloat16, 2, 3, None, 4, False),
+    (torch.float32, 4, 2, 5, 4, False), (torch.float16, 1, 1, None, 1, False),
+    (torch.bfloat16, 2, 1, None, 4, True), (torch.float32, 4, 3, 5, 2, True),
+    (torch.float16, 2, 2, None, 1, True)])
+def test_sim_grouped_heads_match_reference(dtype, group, splits, window, rows, pipeline):
     """One CTA serving `group` of the 4 query heads that share each KV head, `rows` keys per
-    lane and iteration (masked tails of every length): every head's output (and the mapping of
-    heads to KV heads) matches the reference."""
+    lane and iteration (masked tails of every length), loads issued one iteration ahead or
+    not: every head's output (and the mapping of heads to KV heads) matches the reference."""
     lens = [3, 17, 9]
     q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 32, 4, lens, dtype, seed=group + 7 * splits)
     scale = 1 / math.sqrt(32)
     want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
                                         scale, window)
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
-                                        group=group, rows=rows)
+                                        group=group, rows=rows, pipeline=pipeline)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])

@@ -60,6 +60,23 @@ def test_sim_rope_cache_matches_reference(dtype, D):
 
 @sim
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sim_rope_cache_returns_the_rotated_k(dtype):
+    """return_k (prefill steps): the rotated k comes back as a tensor equal to what went into
+    the cache, and q and the cache are as without it."""
+    q, k, v, rope, positions, slots, (kc, vc, kc_ref, vc_ref) = _rope_case(6, 4, 2, 32, dtype, 3)
+    want_q, want_k = R.rope_and_cache_ref(q, k, v, positions, rope.cos, rope.sin, kc_ref, vc_ref,
+                                          slots, return_k=True)
+    got_q, got_k = R.rope_and_cache_cuda(q, k, v, positions, rope.cos, rope.sin, kc, vc, slots,
+                                         return_k=True)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got_q.float(), want_q.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k.float(), want_k.float(), rtol=tol, atol=tol)
+    assert torch.equal(kc.view(-1, 2, 32)[slots], got_k)
+    assert torch.equal(vc, vc_ref)
+
+
+@sim
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sim_silu_and_mul_matches_reference(dtype):
     g = torch.Generator().manual_seed(1)
     x = (3 * torch.randn(7, 2 * 48, generator=g)).to(dtype)     # 7 rows, I = 48

@@ -22,7 +22,8 @@ MAX_GROUP), so a KV head's keys leave memory once for all the query heads that r
 CTA per query head read them H / Hkv times and was latency-bound at 0.1-0.9 TB/s; RESULTS.md).
 The CTA's 4 warps take keys round-robin; within a warp, L lanes hold one key row (each lane one
 16-byte vector of K and V), so a warp scores 32 / L keys at once (ROWS rows per lane and iteration,
-all loads in flight together: decode attention is bound by memory latency), reduces each head's dot
+all loads in flight together, and with PIPELINE the next iteration's loads are issued before
+this one is scored: decode attention is bound by memory latency), reduces each head's dot
 product over its L lanes with shuffles, and keeps an online softmax per head (running max m, sum
 l, its E output elements). The CTA merges its warps' states in shared memory. With S = 1 it
 writes the output; with S > 1 each split writes (m, l, unnormalised output) in fp32 and
@@ -37,10 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.kernels.common import DTYPES, ELEMS, remember
-from weavelm.kernels.paged_attention_kernels import ROWS, WARPS
+from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
 MAX_SPLITS = 16
-MAX_GROUP = 2                   # query heads per CTA (RESULTS.md: 2 beat 4 at rows 4; more CTAs)
+MAX_GROUP = 4                   # query heads per CTA (RESULTS.md: with loads one iteration ahead,
+#                                 4 beat 2: keys read half as often, 2.2 -> 2.8 TB/s)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 
 
@@ -123,14 +125,14 @@ def head_group(heads: int, kv_heads: int) -> int:
 _plans: dict = {}
 
 
-def _kernels(dt: str, lanes: int, group: int, rows: int):
-    key = (dt, lanes, group, rows)
+def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool):
+    key = (dt, lanes, group, rows, pipeline)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.paged_attention_kernels import _build_combine, _build_kernel
-        main = launcher.kernel(("paged_decode", dt, lanes, group, rows),
-                               lambda: _build_kernel(dt, lanes, group, rows),
+        main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline),
+                               lambda: _build_kernel(dt, lanes, group, rows, pipeline),
                                SIGNATURE, max_threads=32 * WARPS)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
                                   lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
@@ -150,9 +152,11 @@ def _checked(name, t, shape, dtype, device):
 
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                 window: int | None = None, out=None, splits: int | None = None,
-                                group: int | None = None, rows: int = ROWS):
+                                group: int | None = None, rows: int = ROWS,
+                                pipeline: bool = PIPELINE):
     """Launcher (same contract as the reference). `splits` forces S, `group` the query heads
-    per CTA, `rows` the key rows per lane and iteration (tests, benchmarks)."""
+    per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one iteration ahead
+    (tests, benchmarks)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -172,7 +176,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     index = max(dev.index if dev.index is not None else 0, 0)
     group = group or head_group(H, Hkv)
     S = splits or num_splits(B, H // group, index)
-    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows)
+    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
+                            pipeline)
     part = ml = None
     pp = mp = 0
     if S > 1:

@@ -9,6 +9,9 @@ TB/s of ~4 at 8 instructions per key byte), so its inner loop is kept lean:
   output per head and iteration, not one per key;
 - block sizes are powers of two, so a key's block and offset are a shift and a mask (a runtime
   integer division costs tens of instructions).
+And since each iteration waits on a table -> key/value load chain, the pipelined form (the
+default) issues iteration i + 1's loads before scoring iteration i, so loads stay in flight while
+the lane computes (twice the words in registers; 2.2 -> 2.8 TB/s, RESULTS.md).
 """
 from __future__ import annotations
 
@@ -16,17 +19,20 @@ import math
 
 WARPS = 4                       # per CTA
 ROWS = 4                        # key rows per lane and iteration (RESULTS.md: 4 beat 1 and 2)
+PIPELINE = True                 # loads one iteration ahead (see _build_kernel; RESULTS.md:
+#                                 2.2 -> 2.5 TB/s at 2 heads x 4 rows, 2.8 at 4 x 4)
 NEG = -1.0e30                   # "minus infinity" that keeps exp2() and max() NaN-free
 LOG2E = 1.4426950408889634
 
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
+def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE):
     """The decode kernel's Python function for one dtype, L, query-head group and key rows
-    per lane and iteration (not yet jitted)."""
+    per lane and iteration (not yet jitted). `pipeline`: the loads of iteration i + 1 are
+    issued before iteration i is scored (two sets of key/value words in registers)."""
     global cuda
-    from numba import float32, int64
+    from numba import float32, int64, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
@@ -43,6 +49,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
     GE = group * E                          # a lane's query / output elements, all heads
     ML = 2 * group                          # a lane's (max, sum) per head
     RE = rows * 8                           # a lane's key (value) elements, all rows
+    W = rows * 4                            # a lane's key (value) words, all rows
     simulator = ptx.SIMULATOR               # no warp shuffles there: shared memory instead
     threads = 32 * WARPS
     load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
@@ -97,6 +104,28 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
 
     score_and_fold = device(score_and_fold)
 
+    def fetch(k_ptr, v_ptr, table_ptr, kw, vw, j, lo, hi, b, M, bs_shift, bs_mask, Hkv, g,
+              row_bytes, vec):
+        """Issue the loads of the lane's `rows` key and value vectors starting at key j (row r
+        at j + r * slots; rows at or past hi read key lo, a valid address, and are masked
+        later) into kw / vw; returns how many rows are valid."""
+        nvalid = 0
+        for r in range(rows):
+            jr = j + r * slots
+            if jr < hi:
+                nvalid += 1
+            else:
+                jr = lo
+            blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
+            a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
+            w = load_nc(k_ptr + a)
+            kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3] = w[0], w[1], w[2], w[3]
+            w = load_nc(v_ptr + a)
+            vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3] = w[0], w[1], w[2], w[3]
+        return nvalid
+
+    fetch = device(fetch)
+
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr,
                             ml_ptr, B, H, Hkv, D, M, bs_shift, S, window, scale):
         tid = cuda.threadIdx.x
@@ -139,26 +168,55 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
                 acc[i * E + e] = float32(0.0)
             ml[2 * i] = float32(NEG)
             ml[2 * i + 1] = float32(0.0)
-        base = lo
-        while base < hi:                     # uniform over the CTA
-            j = base + warp * kpw + sub      # this lane's first key; row r is j + r * slots
-            nvalid = 0
-            for r in range(rows):            # (ptxas issues all rows' loads before use)
-                jr = j + r * slots
-                if jr < hi:
-                    nvalid += 1
-                else:
-                    jr = lo
-                blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
-                a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
-                unpack(load_nc(k_ptr + a), k0)
-                for e in range(E):
-                    kf[r * E + e] = k0[e]
-                unpack(load_nc(v_ptr + a), k0)
-                for e in range(E):
-                    vf[r * E + e] = k0[e]
-            score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
-            base += step
+        j_off = warp * kpw + sub             # this lane's first key of an iteration; row r
+        #                                      is that + r * slots
+        if pipeline:
+            kw = cuda.local.array(W, uint32)  # raw words of the iteration being scored
+            vw = cuda.local.array(W, uint32)
+            nk = cuda.local.array(W, uint32)  # ... and of the next one, in flight meanwhile
+            nv = cuda.local.array(W, uint32)
+            nvalid_next = fetch(k_ptr, v_ptr, table_ptr, nk, nv, lo + j_off, lo, hi, b, M,
+                                bs_shift, bs_mask, Hkv, g, row_bytes, vec)
+            base = lo
+            while base < hi:                 # uniform over the CTA
+                for x in range(W):
+                    kw[x] = nk[x]
+                    vw[x] = nv[x]
+                nvalid = nvalid_next
+                if base + step < hi:         # a branch, so the next loads stay ahead of use
+                    nvalid_next = fetch(k_ptr, v_ptr, table_ptr, nk, nv, base + step + j_off,
+                                        lo, hi, b, M, bs_shift, bs_mask, Hkv, g, row_bytes,
+                                        vec)
+                for r in range(rows):
+                    unpack((kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3]), k0)
+                    for e in range(E):
+                        kf[r * E + e] = k0[e]
+                    unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
+                    for e in range(E):
+                        vf[r * E + e] = k0[e]
+                score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
+                base += step
+        else:
+            base = lo
+            while base < hi:                 # uniform over the CTA
+                j = base + j_off
+                nvalid = 0
+                for r in range(rows):        # (ptxas issues all rows' loads before use)
+                    jr = j + r * slots
+                    if jr < hi:
+                        nvalid += 1
+                    else:
+                        jr = lo
+                    blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
+                    a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
+                    unpack(load_nc(k_ptr + a), k0)
+                    for e in range(E):
+                        kf[r * E + e] = k0[e]
+                    unpack(load_nc(v_ptr + a), k0)
+                    for e in range(E):
+                        vf[r * E + e] = k0[e]
+                score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
+                base += step
 
         slot = warp * kpw + sub
         for i in range(group):
@@ -198,7 +256,8 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS):
                     ptx.store_u32(ml_ptr + row * 8, as_u32(mx))
                     ptx.store_u32(ml_ptr + row * 8 + 4, as_u32(total))
 
-    paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}_g{group}"
+    paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}_g{group}_r{rows}" \
+        + ("_p" if pipeline else "")
     return paged_decode_kernel
 
 

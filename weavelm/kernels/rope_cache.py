@@ -4,16 +4,21 @@ T = tokens, H / Hkv = query / KV heads, D = head dim, P = table positions, E = e
 16-byte vector, NB / bs = cache blocks / tokens per block.
 
     q_rot = rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    q_rot, k_rot = rope_and_cache(..., return_k=True)   # the rotated k as a tensor too
 
 q [T, H, D], k / v [T, Hkv, D] (rows may be strided: views into the fused qkv projection; the
 heads of a row contiguous); cos / sin [P, D] float32 (Hugging Face's rotate-half layout: the
 rotation pairs element i with i + D/2); positions, slot_mapping [T] int64; caches
 [NB, bs, Hkv, D]. Returns the rotated q [T, H, D]; the rotated k and v go to cache slot
 slot_mapping[t] (= block * bs + offset). Math in fp32, rounded once to the tensors' dtype.
+With return_k, the rotated k [T, Hkv, D] is returned as well (prefill: a fresh prompt attends
+to its own keys straight from it).
 
 Why: in a decode step the rotary embedding and the cache writes are some 16 small torch kernels
 per layer (gathers of the tables, casts, the half rotation, two index copies), each a few
-microseconds: more than the attention itself. One CTA per token does all of it.
+microseconds: more than the attention itself. In a prefill step the same torch ops move the
+activations in fp32 several times over (about a tenth of an 8192-token step on an H200,
+RESULTS.md). One CTA per token does all of it.
 """
 from __future__ import annotations
 
@@ -31,13 +36,14 @@ def rotate_half_ref(x, cos, sin):
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-def rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+def rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                       return_k: bool = False):
     """The torch reference (and CPU path)."""
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     q_rot, k_rot = rotate_half_ref(q, c, s), rotate_half_ref(k, c, s)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k_rot)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-    return q_rot
+    return (q_rot, k_rot) if return_k else q_rot
 
 
 def supported(q, k_cache) -> bool:
@@ -46,13 +52,16 @@ def supported(q, k_cache) -> bool:
             and q.stride(-1) == 1 and q.stride(-2) == D)
 
 
-def rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+def rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                   return_k: bool = False):
     if q.is_cuda and supported(q, k_cache) and supported(k, k_cache) and supported(v, k_cache):
-        return rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
-    return rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+        return rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                                   return_k)
+    return rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                              return_k)
 
 
-SIGNATURE = "void(" + ", ".join(["uint64"] * 10 + ["int64"] * 6) + ")"
+SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 6) + ")"
 _plans: dict = {}
 
 
@@ -65,7 +74,8 @@ def _kernel(dt: str):
     return k
 
 
-def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                        return_k: bool = False):
     """Launcher: one CTA per token (same contract as the reference)."""
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -78,6 +88,7 @@ def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_map
     if positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64:
         raise ValueError("rope_and_cache: positions and slot_mapping must be int64")
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device) if return_k else None
     if T:
         E = ELEMS[DTYPES[q.dtype]]
         items = (H + Hkv) * D // (2 * E) + Hkv * D // E
@@ -85,8 +96,9 @@ def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_map
             T, warps_for(items, MAX_THREADS), max(q.get_device(), 0), q.data_ptr(), k.data_ptr(), v.data_ptr(),
             positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), slot_mapping.data_ptr(), out.data_ptr(),
-            H, Hkv, D, q.stride(0), k.stride(0), v.stride(0))
-    return out
+            0 if k_out is None else k_out.data_ptr(), H, Hkv, D, q.stride(0), k.stride(0),
+            v.stride(0))
+    return (out, k_out) if return_k else out
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -111,7 +123,8 @@ def _build_kernel(dt: str):
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
 
     def rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
-                          slot_ptr, out_ptr, H, Hkv, D, q_stride, k_stride, v_stride):
+                          slot_ptr, out_ptr, kout_ptr, H, Hkv, D, q_stride, k_stride,
+                          v_stride):
         t = cuda.blockIdx.x
         a = cuda.local.array(8, float32)            # x[i..i+E)
         b = cuda.local.array(8, float32)            # x[i+D/2..)
@@ -127,12 +140,15 @@ def _build_kernel(dt: str):
             if item < rot_items:
                 head = item // half_vecs
                 i = (item % half_vecs) * E             # element offset in the first half
+                dst2 = 0                               # a second copy: the rotated k
                 if head < H:
                     src = q_ptr + (t * q_stride + head * D) * itemsize
                     dst = out_ptr + ((t * H + head) * D) * itemsize
                 else:
                     src = k_ptr + (t * k_stride + (head - H) * D) * itemsize
                     dst = kc_ptr + ((slot * Hkv + head - H) * D) * itemsize
+                    if kout_ptr != 0:
+                        dst2 = kout_ptr + ((t * Hkv + head - H) * D) * itemsize
                 unpack(load_nc(src + i * itemsize), a)
                 unpack(load_nc(src + (i + D // 2) * itemsize), b)
                 trig = pos * D + i                     # element index into cos / sin
@@ -143,6 +159,8 @@ def _build_kernel(dt: str):
                         r[e4 + e] = a[e4 + e] * as_f32(w[e]) - b[e4 + e] * as_f32(z[e])
                 w4 = pack(r)
                 store(dst + i * itemsize, w4[0], w4[1], w4[2], w4[3])
+                if dst2 != 0:
+                    store(dst2 + i * itemsize, w4[0], w4[1], w4[2], w4[3])
                 trig += D // 2
                 for e4 in range(0, E, 4):              # out2 = b cos2 + a sin2
                     w = load_nc(cos_ptr + (trig + e4) * 4)
@@ -151,6 +169,8 @@ def _build_kernel(dt: str):
                         r[e4 + e] = b[e4 + e] * as_f32(w[e]) + a[e4 + e] * as_f32(z[e])
                 w4 = pack(r)
                 store(dst + (i + D // 2) * itemsize, w4[0], w4[1], w4[2], w4[3])
+                if dst2 != 0:
+                    store(dst2 + (i + D // 2) * itemsize, w4[0], w4[1], w4[2], w4[3])
             else:
                 j = item - rot_items
                 head = j // (D // E)

@@ -270,11 +270,14 @@ def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
 
 
 def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch,
-                     scale: float, window: int | None = None) -> torch.Tensor:
-    """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]."""
+                     scale: float, window: int | None = None,
+                     cached: bool = False) -> torch.Tensor:
+    """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]. `cached`: k and v
+    are already in the cache at batch.slot_mapping."""
     kc, vc = cache.k[layer], cache.v[layer]
-    kc.view(-1, *kc.shape[2:]).index_copy_(0, batch.slot_mapping, k)
-    vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
+    if not cached:
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, batch.slot_mapping, k)
+        vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
     if batch.decode:
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window)
@@ -313,14 +316,15 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
 
 def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int,
                      batch: AttentionBatch, scale: float, window: int | None = None):
-    """Rotate q and k (`rotary`: a RotaryEmbedding), write k and v into the cache, attend.
-    Decode steps take the fused rotary + cache-write kernel and the paged kernel (on CPU their
-    torch references); other steps the rotary module and `cached_attention`."""
+    """Rotate q and k (`rotary`: a RotaryEmbedding, its cos / sin tables), write k and v into
+    the cache, attend. Every step rotates and writes the cache in one fused kernel (on CPU its
+    torch reference); decode steps then take the paged kernel, other steps `cached_attention`."""
+    kc, vc = cache.k[layer], cache.v[layer]
     if batch.decode:
-        kc, vc = cache.k[layer], cache.v[layer]
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window)
-    q, k = rotary(positions, q, k)
-    return cached_attention(q, k, v, cache, layer, batch, scale, window)
+    q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
+                          batch.slot_mapping, return_k=True)
+    return cached_attention(q, k, v, cache, layer, batch, scale, window, cached=True)
