@@ -112,7 +112,8 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
         if profile_steps and kind not in profiled \
                 and len(pieces) >= (200 if kind == "mixed" else 64):
             profiled.add(kind)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                         record_shapes=True) as prof:
                 out = run_step(pieces, ids)
                 sync()
             start = sum(p.start_pos for p in pieces) / len(pieces)
@@ -120,6 +121,10 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
                   f"start position {start:.0f}")
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                             max_name_column_width=50))
+            print("   by input shape (torch ops):")
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=30,
+                max_shapes_column_width=70))
             return out
         sync()
         t = time.perf_counter()

@@ -91,8 +91,8 @@ class Scheduler:
         """Blocks for seq's next n tokens, preempting the newest other running sequences if the
         cache is full (those already in this step stay). False: seq itself was preempted."""
         need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
-        in_step = {id(p.seq) for p in scheduled}
-        while need > self.blocks.num_free:
+        in_step = {id(p.seq) for p in scheduled} if need > self.blocks.num_free else ()
+        while need > self.blocks.num_free:       # (the set only then: it is O(running))
             victims = [s for s in self.running if s is not seq and id(s) not in in_step]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
