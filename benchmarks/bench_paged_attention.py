@@ -86,13 +86,15 @@ def variants(P, H, Hkv, D, bs):
     """The kernel's shape choices side by side: query heads per CTA x key rows per lane."""
     shapes = ((64, 2048), (256, 1024), (16, 4096))
     print("\n## kernel variants: query heads per CTA (group) x key rows per lane and iteration "
-          "(rows), loads one iteration ahead (pipelined); µs per call, TB/s\n")
-    print("| group | rows | pipelined | " + " | ".join(f"{B} x {ctx}" for B, ctx in shapes)
-          + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+          "(rows), loads one iteration ahead (pipelined), CTAs per SM the registers must allow; "
+          "µs per call, TB/s\n")
+    print("| group | rows | pipelined | CTAs per SM bound | "
+          + " | ".join(f"{B} x {ctx}" for B, ctx in shapes) + " |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
     cases = [case(B, ctx, H, Hkv, D, bs) for B, ctx in shapes]
-    for group, rows, pipeline in ((2, 4, False), (2, 4, True), (2, 2, True), (4, 4, True),
-                                  (4, 2, True), (2, 8, False), (1, 4, True)):
+    for group, rows, pipeline, resident in ((2, 4, False, 0), (4, 4, True, 0), (4, 4, True, 3),
+                                            (4, 2, True, 3), (4, 2, True, 4), (2, 4, True, 3),
+                                            (2, 4, True, 4)):
         cells = []
         for (B, ctx), (q, kc, vc, tables, lens) in zip(shapes, cases):
             scale = 1 / math.sqrt(D)
@@ -100,12 +102,13 @@ def variants(P, H, Hkv, D, bs):
                                                scale)
             run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
                                                         group=group, rows=rows,
-                                                        pipeline=pipeline)
+                                                        pipeline=pipeline, resident=resident)
             err = (run().float() - ref).abs().max().item()
             assert err < 2e-2, (group, rows, pipeline, err)
             t = graph_us(run)
             cells.append(f"{t:.1f} ({2 * B * ctx * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
-        print(f"| {group} | {rows} | {'yes' if pipeline else 'no'} | " + " | ".join(cells)
+        print(f"| {group} | {rows} | {'yes' if pipeline else 'no'} | {resident or '-'} | "
+              + " | ".join(cells)
               + " |", flush=True)
 
 

@@ -163,12 +163,13 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, tmp_path):
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
     k = Kernel("t", lambda: PK._build_kernel(dt, lanes, group, rows, pipeline), PA.SIGNATURE,
-               max_threads=32 * PK.WARPS)
+               max_threads=32 * PK.WARPS, min_blocks=3)
     ptx = k.ptx()
     for ins in ["ld.global.nc.v4.u32", "shfl.sync.bfly.b32", "ex2.approx"]:
         assert ins in ptx, ins
     assert "ex2.approx.f32" in ptx and "lg2" not in ptx  # exponentials are one ex2 each
     assert ".local" not in ptx, "per-head softmax state spilled to local memory"
+    assert ".minnctapersm 3" in ptx                  # the `resident` bound reaches ptxas
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr

@@ -104,12 +104,15 @@ class Kernel:
 
     `build()` returns the kernel's Python function; `signature` is a numba signature string of
     8-byte parameters, e.g. "void(uint64, uint64, int64, float64)". `max_threads` becomes the
-    kernel's launch bound (`.maxntid`), which caps its registers so that block size launches.
+    kernel's launch bound (`.maxntid`), which caps its registers so that block size launches;
+    `min_blocks` (with max_threads) asks ptxas to fit that many CTAs per SM (`.minnctapersm`):
+    fewer registers per thread, more CTAs resident.
     """
 
-    def __init__(self, name: str, build, signature: str, max_threads: int | None = None):
+    def __init__(self, name: str, build, signature: str, max_threads: int | None = None,
+                 min_blocks: int | None = None):
         self.name, self._build, self.signature = name, build, signature
-        self.max_threads = max_threads
+        self.max_threads, self.min_blocks = max_threads, min_blocks
         self.path: str | None = None  # None: follow default_path()
         self._dispatcher = None
         self._cufuncs: dict[int, object] = {}  # device index -> cuda.core Kernel
@@ -120,8 +123,7 @@ class Kernel:
         """The numba dispatcher (compiles for the eager signature on first access, on a GPU)."""
         if self._dispatcher is None:
             cuda = numba_cuda()
-            opts = {} if self._sim or not self.max_threads else \
-                {"launch_bounds": self.max_threads}
+            opts = {} if self._sim else self._bounds()
             self._dispatcher = cuda.jit(self.signature, **opts)(self._build())
         return self._dispatcher
 
@@ -158,9 +160,14 @@ class Kernel:
         from numba.cuda.core import sigutils
 
         args, _ = sigutils.normalize_signature(self.signature)
-        opts = {"launch_bounds": self.max_threads} if self.max_threads else {}
-        ptx, _ = numba_cuda().compile_ptx(self._build(), args, cc=cc, **opts)
+        ptx, _ = numba_cuda().compile_ptx(self._build(), args, cc=cc, **self._bounds())
         return ptx
+
+    def _bounds(self) -> dict:
+        if not self.max_threads:
+            return {}
+        return {"launch_bounds": (self.max_threads, self.min_blocks) if self.min_blocks
+                else self.max_threads}
 
     def launch(self, grid: int, block: int, device: int, *args) -> None:
         """Launch on torch's current stream of `device`; args are ints (pointers) and floats."""
@@ -190,9 +197,11 @@ class Kernel:
 _kernels: dict[tuple, Kernel] = {}
 
 
-def kernel(key: tuple, build, signature: str, max_threads: int | None = None) -> Kernel:
+def kernel(key: tuple, build, signature: str, max_threads: int | None = None,
+           min_blocks: int | None = None) -> Kernel:
     """The cached Kernel for `key` (e.g. (op, dtype, shape class)); `build` runs on first launch."""
     k = _kernels.get(key)
     if k is None:
-        k = _kernels[key] = Kernel("/".join(map(str, key)), build, signature, max_threads)
+        k = _kernels[key] = Kernel("/".join(map(str, key)), build, signature, max_threads,
+                                   min_blocks)
     return k

@@ -44,6 +44,8 @@ MAX_SPLITS = 16
 MAX_GROUP = 4                   # query heads per CTA (RESULTS.md: with loads one iteration ahead,
 #                                 4 beat 2: keys read half as often, 2.2 -> 2.8 TB/s)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
+RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). RESULTS.md: a bound
+#                                 of 3 (registers 206 -> 168, no spills) measured 8% slower
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
@@ -125,15 +127,15 @@ def head_group(heads: int, kv_heads: int) -> int:
 _plans: dict = {}
 
 
-def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool):
-    key = (dt, lanes, group, rows, pipeline)
+def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int):
+    key = (dt, lanes, group, rows, pipeline, resident)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.paged_attention_kernels import _build_combine, _build_kernel
-        main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline),
+        main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline, resident),
                                lambda: _build_kernel(dt, lanes, group, rows, pipeline),
-                               SIGNATURE, max_threads=32 * WARPS)
+                               SIGNATURE, max_threads=32 * WARPS, min_blocks=resident or None)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
                                   lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
                                   max_threads=32)
@@ -153,10 +155,10 @@ def _checked(name, t, shape, dtype, device):
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                 window: int | None = None, out=None, splits: int | None = None,
                                 group: int | None = None, rows: int = ROWS,
-                                pipeline: bool = PIPELINE):
+                                pipeline: bool = PIPELINE, resident: int = RESIDENT):
     """Launcher (same contract as the reference). `splits` forces S, `group` the query heads
-    per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one iteration ahead
-    (tests, benchmarks)."""
+    per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one iteration ahead,
+    `resident` the CTAs per SM the registers must allow (0: no bound) (tests, benchmarks)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -177,7 +179,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     group = group or head_group(H, Hkv)
     S = splits or num_splits(B, H // group, index)
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
-                            pipeline)
+                            pipeline, resident)
     part = ml = None
     pp = mp = 0
     if S > 1:

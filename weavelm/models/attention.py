@@ -165,19 +165,37 @@ def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, **kwargs):
-    """SDPA with grouped-query heads. On CUDA the KV heads are expanded so the flash kernel
-    always applies (GQA support varies by backend and torch version); the CPU kernels take
-    enable_gqa directly."""
+    """SDPA with grouped-query heads. On CUDA the flash kernel reads grouped KV heads in place
+    where it applies (half precision, no mask); otherwise the KV heads are expanded so the
+    flash or cuDNN kernel always applies (GQA support varies by backend and torch version); the
+    CPU kernels take enable_gqa directly."""
     if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        if _plan_free(q, k) and "attn_mask" not in kwargs and _flash_gqa(q, k):
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+            except RuntimeError:         # no flash kernel on this GPU: not tried again
+                _FLASH_GQA[0] = False
         if k.shape[-3] != q.shape[-3]:
             k, v = _expand_kv(q, k, v)
         if _plan_free(q, k):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                               SDPBackend.MATH]):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
+_FLASH_GQA = [True]
+
+
+def _flash_gqa(q, k) -> bool:
+    """The flash kernel reads a group of query heads' shared KV head in place (no copy of the
+    keys and values expanded to every query head, which cost ~4% of a mixed serving step on an
+    H200, RESULTS.md): half precision, head dim up to 256."""
+    return _FLASH_GQA[0] and q.dtype in (torch.float16, torch.bfloat16) \
+        and q.shape[-1] <= 256 and q.shape[-3] % k.shape[-3] == 0
 
 
 def _plan_free(q, k) -> bool:
@@ -205,17 +223,23 @@ _LSE_BACKENDS = ["cudnn", "flash"]
 
 def _sdpa_lse(q, k, v, causal: bool, scale: float):
     """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies."""
-    k, v = _expand_kv(q, k, v)
     order = sorted(_LSE_BACKENDS, key=lambda n: n != "flash") if _plan_free(q, k) \
         else list(_LSE_BACKENDS)
+    grouped = k, v                      # flash reads grouped heads in place (_flash_gqa)
+    expanded = None
     for name in order:
         try:
+            if name == "flash" and _flash_gqa(q, k):
+                kk, vv = grouped
+            else:
+                expanded = expanded or _expand_kv(q, k, v)
+                kk, vv = expanded
             if name == "cudnn":
                 r = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    q, k, v, None, True, 0.0, causal, False, scale=scale)
+                    q, kk, vv, None, True, 0.0, causal, False, scale=scale)
             else:
                 r = torch.ops.aten._scaled_dot_product_flash_attention(
-                    q, k, v, 0.0, causal, False, scale=scale)
+                    q, kk, vv, 0.0, causal, False, scale=scale)
         except (RuntimeError, AttributeError, NotImplementedError):
             _LSE_BACKENDS.remove(name)
             continue
