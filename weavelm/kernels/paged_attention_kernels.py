@@ -170,15 +170,17 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
             ml[2 * i + 1] = float32(0.0)
         j_off = warp * kpw + sub             # this lane's first key of an iteration; row r
         #                                      is that + r * slots
+        kw = cuda.local.array(W, uint32)      # raw words of the iteration being scored
+        vw = cuda.local.array(W, uint32)
+        nk = cuda.local.array(W, uint32)      # pipelined: the next iteration's, in flight
+        nv = cuda.local.array(W, uint32)
+        nvalid_next = 0
         if pipeline:
-            kw = cuda.local.array(W, uint32)  # raw words of the iteration being scored
-            vw = cuda.local.array(W, uint32)
-            nk = cuda.local.array(W, uint32)  # ... and of the next one, in flight meanwhile
-            nv = cuda.local.array(W, uint32)
             nvalid_next = fetch(k_ptr, v_ptr, table_ptr, nk, nv, lo + j_off, lo, hi, b, M,
                                 bs_shift, bs_mask, Hkv, g, row_bytes, vec)
-            base = lo
-            while base < hi:                 # uniform over the CTA
+        base = lo
+        while base < hi:                     # uniform over the CTA
+            if pipeline:
                 for x in range(W):
                     kw[x] = nk[x]
                     vw[x] = nv[x]
@@ -187,36 +189,18 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                     nvalid_next = fetch(k_ptr, v_ptr, table_ptr, nk, nv, base + step + j_off,
                                         lo, hi, b, M, bs_shift, bs_mask, Hkv, g, row_bytes,
                                         vec)
-                for r in range(rows):
-                    unpack((kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3]), k0)
-                    for e in range(E):
-                        kf[r * E + e] = k0[e]
-                    unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
-                    for e in range(E):
-                        vf[r * E + e] = k0[e]
-                score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
-                base += step
-        else:
-            base = lo
-            while base < hi:                 # uniform over the CTA
-                j = base + j_off
-                nvalid = 0
-                for r in range(rows):        # (ptxas issues all rows' loads before use)
-                    jr = j + r * slots
-                    if jr < hi:
-                        nvalid += 1
-                    else:
-                        jr = lo
-                    blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
-                    a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
-                    unpack(load_nc(k_ptr + a), k0)
-                    for e in range(E):
-                        kf[r * E + e] = k0[e]
-                    unpack(load_nc(v_ptr + a), k0)
-                    for e in range(E):
-                        vf[r * E + e] = k0[e]
-                score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
-                base += step
+            else:                            # (ptxas issues all rows' loads before use)
+                nvalid = fetch(k_ptr, v_ptr, table_ptr, kw, vw, base + j_off, lo, hi, b, M,
+                               bs_shift, bs_mask, Hkv, g, row_bytes, vec)
+            for r in range(rows):
+                unpack((kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3]), k0)
+                for e in range(E):
+                    kf[r * E + e] = k0[e]
+                unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
+                for e in range(E):
+                    vf[r * E + e] = k0[e]
+            score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
+            base += step
 
         slot = warp * kpw + sub
         for i in range(group):
