@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from weavelm.cli import options
+from . import options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False,

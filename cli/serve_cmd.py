@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from weavelm.cli import options
+from . import options
 
 SHAPES_HELP = "llama3-8b, llama3-70b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b"
 
