@@ -84,8 +84,6 @@ def test_3d_input_and_side_stream():
 
 
 def test_both_launch_paths_agree():
-    from weavelm.kernels import launcher
-
     x, res, w = rand((333, 8192), torch.bfloat16, 9), rand((333, 8192), torch.bfloat16, 10), \
         rand((8192,), torch.bfloat16, 11)
     y_core, r_core = R.fused_add_rms_norm(x, res, w, EPS, inplace_residual=False)
