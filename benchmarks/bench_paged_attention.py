@@ -1,11 +1,12 @@
 """Decode attention over the paged KV cache, one GPU: weavelm's Numba kernel vs the torch path
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
-    python3 benchmarks/bench_paged_attention.py [--variants]
+    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
-replays; the check is the largest difference from the float32 reference.
+replays; the check is the largest difference from the float32 reference. --schedules compares
+how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths.
 """
 from __future__ import annotations
 
@@ -68,18 +69,88 @@ def main():
               f"{(theirs.float() - ref).abs().max().item():.2e} |", flush=True)
     if "--variants" in sys.argv:
         variants(P, H, Hkv, D, bs)
+    if "--schedules" in sys.argv:
+        schedules(P, H, Hkv, D, bs)
 
 
-def case(B, ctx, H, Hkv, D, bs):
-    per = -(-ctx // bs)
-    NB = B * per + 1
+def case(B, ctx, H, Hkv, D, bs, lengths=None):
+    """Random q and cache for B sequences of ctx keys (or of `lengths`), blocks shuffled."""
+    lengths = lengths or [ctx] * B
+    per = -(-max(lengths) // bs)
+    NB = sum(-(-n // bs) for n in lengths) + 1
     g = torch.Generator(device="cuda").manual_seed(B * ctx)
     kc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
     vc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
-    tables = (torch.randperm(NB - 1, device="cuda", generator=g)[:B * per] + 1).int()
-    lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    blocks = (torch.randperm(NB - 1, device="cuda", generator=g) + 1).int().tolist()
+    tables = torch.zeros(B, per, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        k = -(-n // bs)
+        tables[b, :k] = torch.tensor(blocks[:k], dtype=torch.int32)
+        blocks = blocks[k:]
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     q = torch.randn(B, H, D, device="cuda", generator=g).bfloat16()
-    return q, kc, vc, tables.view(B, per).contiguous(), lens
+    return q, kc, vc, tables.cuda(), lens
+
+
+def serving_lengths(B, seed=0):
+    """Key counts as in `bench throughput`'s running batch: log-normal, median 1100, sigma
+    0.8, capped at 8700 (prompt up to 8192 plus output up to 512)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(B).log_normal_(math.log(1100), 0.8, generator=g)
+    return [max(1, min(8700, int(v))) for v in x.tolist()]
+
+
+def schedules(P, H, Hkv, D, bs):
+    """How keys are spread over CTAs: the old uniform S (every sequence cut into S equal
+    splits, S from occupancy alone) against per-sequence splits, longest first or not."""
+    shapes = [(B, ctx, None) for B, ctx in ((64, 2048), (256, 1024), (16, 4096))] \
+        + [(B, 0, serving_lengths(B)) for B in (256, 100, 16)]
+    print("\n## schedules: S CTAs per sequence and keys per split; µs per call, TB/s of KV "
+          "read (columns: batch x keys, 'serving' = log-normal lengths)\n")
+    print("| schedule | " + " | ".join(f"{B} x {ctx or 'serving'}" for B, ctx, _ in shapes)
+          + " |")
+    print("|" + " --- |" * (len(shapes) + 1))
+    cases = [case(B, ctx or 1, H, Hkv, D, bs, lengths) for B, ctx, lengths in shapes]
+    group = P.head_group(H, Hkv)
+    plans = [("uniform S (old)", lambda B, lens: dict(splits=P.num_splits(B, H // group, 0),
+                                                      split_keys=1)),
+             ("per-sequence splits, longest first (default)",
+              lambda B, lens: dict(order=P.longest_first(lens))),
+             ("per-sequence splits, in order", lambda B, lens: dict()),
+             ("uniform S, longest first", lambda B, lens: dict(
+                 splits=P.num_splits(B, H // group, 0), split_keys=1,
+                 order=P.longest_first(lens))),
+             ("S >= 8, longest first", lambda B, lens: dict(
+                 splits=max(8, P.split_plan(B, H // group, 0)[0]),
+                 order=P.longest_first(lens))),
+             ("twice the keys per split, longest first", lambda B, lens: dict(
+                 split_keys=2 * P.split_plan(B, H // group, 0)[1], order=P.longest_first(lens))),
+             ("occupancy S, per-sequence splits of 256, longest first", lambda B, lens: dict(
+                 splits=P.num_splits(B, H // group, 0), split_keys=256,
+                 order=P.longest_first(lens))),
+             ("S >= 4, 1024 keys per split, longest first", lambda B, lens: dict(
+                 splits=max(4, P.num_splits(B, H // group, 0)), split_keys=1024,
+                 order=P.longest_first(lens))),
+             ("S >= 4, 2048 keys per split, longest first", lambda B, lens: dict(
+                 splits=max(4, P.num_splits(B, H // group, 0)), split_keys=2048,
+                 order=P.longest_first(lens)))]
+    scale = 1 / math.sqrt(D)
+    # the check: the uniform schedule's output (the tests compare that one with the reference;
+    # a float32 reference of these batches would need tens of GB)
+    refs = [P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale, **plans[0][1](B, lens))
+            .float() for (B, _, _), (q, kc, vc, tables, lens) in zip(shapes, cases)]
+    for name, plan in plans:
+        cells = []
+        for (B, ctx, lengths), (q, kc, vc, tables, lens), ref in zip(shapes, cases, refs):
+            kw = plan(B, lens)
+            run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
+                                                        **kw)
+            err = (run().float() - ref).abs().max().item()
+            assert err < 2e-2, (name, B, err)
+            t = graph_us(run)
+            keys = sum(lengths) if lengths else B * ctx
+            cells.append(f"{t:.1f} ({2 * keys * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def variants(P, H, Hkv, D, bs):

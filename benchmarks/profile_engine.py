@@ -2,6 +2,7 @@
 
     python3 benchmarks/profile_engine.py --num-requests 300            # GPU, llama3-8b shape
     python3 benchmarks/profile_engine.py --num-requests 20 --device cpu   # tiny shape, CPU
+    python3 benchmarks/profile_engine.py --num-requests 1000 --whole-run  # GPU time by kernel
 
 1. Single steps timed alone (best of 3, synchronised): one fresh 8192-token prompt; a
    7936-token prompt beside 256 decode tokens at context --ctx; 256 decode tokens run eagerly;
@@ -12,6 +13,10 @@
    sampling. The first large mixed and decode-only steps also run under torch.profiler (top
    kernels by GPU time). The syncs cost the engine its one-step lookahead: totals here are an
    upper bound of `bench throughput`'s.
+With --whole-run, instead: the workload runs as `bench throughput` runs it (no syncs between
+steps) under torch.profiler, and the GPU time of the whole run is summed by kind of kernel
+(GEMM, attention, paged decode, norms, ...) beside the wall time: what the GPU did, and how
+long it sat idle.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default=None, help="default: llama3-8b on cuda, a tiny one on cpu")
     ap.add_argument("--ctx", type=int, default=None, help="decode context of the single steps")
+    ap.add_argument("--whole-run", action="store_true",
+                    help="GPU time of the whole workload by kind of kernel (no per-step syncs)")
     args = ap.parse_args()
     dev = args.device
     SHAPES.setdefault("tiny", TINY)
@@ -51,6 +58,8 @@ def main():
                            max_model_len=8192 + 513, max_num_seqs=256,
                            max_num_batched_tokens=8192)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    if args.whole_run:
+        return whole_run(llm, workload(args.num_requests, hf["vocab_size"], 0), sync)
     single_steps(llm, hf["vocab_size"], ctx, sync)
     engine_loop(llm, workload(args.num_requests, hf["vocab_size"], 0), sync, dev == "cuda")
 
@@ -163,6 +172,69 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
     for kind, (n, t, T) in stats.items():
         print(f"  {kind:13s} {n:5d} x {t / max(n, 1) * 1e3:7.2f} ms = {t:7.2f} s, "
               f"{T:8d} tokens, {T / max(t, 1e-9):9.0f} tok/s")
+
+
+# kernel-name patterns -> kind, first match wins (names as torch.profiler reports them)
+KINDS = [("paged decode attention", ("paged_decode",)),
+         ("flash / cuDNN attention", ("flash", "fmha", "cudnn", "attention")),
+         ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
+         ("rope + cache write", ("rope",)),
+         ("RMSNorm (+ residual)", ("rmsnorm", "rms_norm", "add_norm")),
+         ("SiLU x mul", ("silu", "act_and_mul", "swiglu")),
+         ("sampling (argmax, softmax, topk)", ("argmax", "softmax", "topk", "sort", "max")),
+         ("copies, gathers, casts", ("copy", "index", "gather", "cat", "memcpy", "memset",
+                                     "fill", "elementwise", "scatter", "reduce"))]
+
+
+def kind_of_kernel(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def whole_run(llm, requests, sync):
+    """The workload as `bench throughput` serves it, under torch.profiler: GPU time by kind."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = llm.engine
+    engine.stop_ids = set()
+    for i, (prompt, n) in enumerate(requests[:8]):     # warm-up: kernels built, graphs captured
+        engine.add_request(f"w{i}", prompt[:512], SamplingParams(max_new_tokens=4,
+                                                                ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                engine.forget(out.request_id)
+    sync()
+    for i, (prompt, n) in enumerate(requests):
+        engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    gpu = llm.runner.device.type == "cuda"       # on CPU: torch ops' CPU time instead
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        t0, steps = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    engine.forget(out.request_id)
+            steps += 1
+        sync()
+        wall = time.perf_counter() - t0
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) \
+            if gpu else e.self_cpu_time_total
+        if us <= 0 or e.key.startswith("cuda") or e.key.startswith("Activity"):
+            continue
+        by_kind[kind_of_kernel(e.key)] += us / 1e6
+        by_name[e.key[:90]] += us / 1e6
+    busy = sum(by_kind.values())
+    print(f"{len(requests)} requests, {steps} steps: wall {wall:.2f} s under the profiler, "
+          f"GPU busy {busy:.2f} s ({busy / wall:.0%}), idle {wall - busy:.2f} s")
+    for kind, s in by_kind.most_common():
+        print(f"  {kind:34s} {s:8.2f} s  {s / wall:6.1%} of wall")
+    print("top kernels:")
+    for name, s in by_name.most_common(25):
+        print(f"  {s:8.2f} s  {name}")
 
 
 if __name__ == "__main__":

@@ -82,17 +82,41 @@ def test_lanes_and_support():
 # ----------------------------------------------------------------------------- simulator only
 
 @sim
-@pytest.mark.parametrize("dtype,D,splits,window", [
-    (torch.bfloat16, 32, 1, None), (torch.bfloat16, 32, 3, None), (torch.float16, 64, 2, 6),
-    (torch.float32, 16, 1, 5), (torch.float32, 16, 4, None)])
-def test_sim_kernel_matches_reference(dtype, D, splits, window):
+@pytest.mark.parametrize("dtype,D,splits,split_keys,window,ordered", [
+    (torch.bfloat16, 32, 1, None, None, False), (torch.bfloat16, 32, 3, 1, None, False),
+    (torch.float16, 64, 4, 3, 6, True), (torch.float32, 16, 1, None, 5, False),
+    (torch.float32, 16, 4, 4, None, True)])
+def test_sim_kernel_matches_reference(dtype, D, splits, split_keys, window, ordered):
+    """S CTAs per sequence, each sequence using one per `split_keys` visible keys (1: all S,
+    some of them empty; 4 with lengths 1, 7, 13: 1, 2 and 4 splits; with a window of 6: 1, 2,
+    2), CTAs started longest first or in order."""
     lens = [1, 7, 13]                        # one key; a partial block; several blocks
     q, kc, vc, tables, lens_t = paged_case(3, 4, 2, D, 4, lens, dtype, seed=D + splits)
     scale = 1 / math.sqrt(D)
     want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
                                         scale, window)
-    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits)
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
+                                        split_keys=split_keys,
+                                        order=P.longest_first(lens_t) if ordered else None)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
+def test_split_plan(monkeypatch):
+    """Occupancy splits of SPLIT_KEYS keys for small batches; LONG_SPLITS CTAs per sequence,
+    used by long sequences only, for middling ones; big batches one CTA per sequence (132 SMs,
+    8 CTAs per sequence at S = 1); and the longest-first order."""
+    from weavelm.kernels.paged_attention_kernels import split_count
+    monkeypatch.setitem(P._sms, 0, 132)
+    assert P.split_plan(1, 8, 0) == (16, P.SPLIT_KEYS)            # 66 by occupancy, capped
+    assert P.split_plan(16, 8, 0) == (5, P.SPLIT_KEYS)
+    S, keys = P.split_plan(100, 8, 0)
+    assert (S, keys) == (P.LONG_SPLITS, P.LONG_SPLIT_KEYS)
+    assert [split_count(n, S, keys) for n in (1, keys, keys + 1, 100 * keys)] == [1, 1, 2, S]
+    assert P.split_plan(256, 8, 0) == (1, P.SPLIT_KEYS)
+    lens = torch.tensor([5, 90, 7, 90, 1], dtype=torch.int32)
+    order = P.longest_first(lens)
+    assert order.dtype == torch.int32 and lens[order.long()].tolist() == [90, 90, 7, 5, 1]
 
 
 @sim

@@ -27,9 +27,12 @@ this one is scored: decode attention is bound by memory latency), reduces each h
 product over its L lanes with shuffles, and keeps an online softmax per head (running max m, sum
 l, its E output elements). The CTA merges its warps' states in shared memory. With S = 1 it
 writes the output; with S > 1 each split writes (m, l, unnormalised output) in fp32 and
-`_combine` merges the splits (a second launch). The grid is split over the keys until it has
-CTAS_PER_SM CTAs per SM. S is chosen from (B, H, Hkv, SMs) alone, so it is the same on every
-replay of a captured graph. The device code, and why its inner loop looks as it does, is in
+`_combine` merges the splits (a second launch). The grid has S CTAs per (group, sequence), S
+enough for CTAS_PER_SM CTAs per SM; each sequence uses one of them per `split_keys` keys (the
+rest exit at once). With `order` (`longest_first`) the long sequences' CTAs start first, so no
+long CTA starts after the others and runs on alone; in smaller batches S is raised so that one
+long sequence among short ones is split (`split_plan`). S and split_keys are chosen from (B, H,
+Hkv, SMs) alone, so they are the same on every replay of a captured graph. The device code, and why its inner loop looks as it does, is in
 paged_attention_kernels.py.
 """
 from __future__ import annotations
@@ -41,6 +44,12 @@ from weavelm.kernels.common import DTYPES, ELEMS, remember
 from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
 MAX_SPLITS = 16
+SPLIT_KEYS = 256                # keys per split where the grid is split for occupancy
+# Batches of at most LONG_BATCH_CTAS CTAs (at one per group and sequence) get LONG_SPLITS CTAs
+# per sequence, used by sequences longer than LONG_SPLIT_KEYS. RESULTS.md (serving-like
+# lengths, 100 sequences): 392 -> 217 µs; bigger batches lose more to the unused CTAs (each
+# still starts, reads its length and exits) than the longest-first order leaves to gain.
+LONG_SPLITS, LONG_SPLIT_KEYS, LONG_BATCH_CTAS = 4, 2048, 1024
 MAX_GROUP = 4                   # query heads per CTA (RESULTS.md: with loads one iteration ahead,
 #                                 4 beat 2: keys read half as often, 2.2 -> 2.8 TB/s)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
@@ -68,11 +77,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           window: int | None = None, out=None) -> torch.Tensor:
-    """CUDA tensors the kernel takes -> the kernel; anything else -> the reference."""
+                           window: int | None = None, out=None, order=None) -> torch.Tensor:
+    """CUDA tensors the kernel takes -> the kernel; anything else -> the reference. `order`:
+    `longest_first(context_lens)` (optional; only the kernel's schedule depends on it)."""
     if q.is_cuda and supported(q, k_cache):
         return paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
-                                           scale, window, out)
+                                           scale, window, out, order=order)
     o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                    window)
     return o if out is None else out.copy_(o)
@@ -80,8 +90,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 # ----------------------------------------------------------------------------- launchers
 
-SIGNATURE = "void(" + ", ".join(["uint64"] * 8 + ["int64"] * 8 + ["float64"]) + ")"
-COMBINE_SIGNATURE = "void(uint64, uint64, uint64, int64, int64, int64)"
+SIGNATURE = "void(" + ", ".join(["uint64"] * 9 + ["int64"] * 9 + ["float64"]) + ")"
+COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
 
 
 def lanes_per_key(dtype: torch.dtype, head_dim: int) -> int | None:
@@ -115,6 +125,23 @@ def num_splits(batch: int, ctas: int, device: int) -> int:
         sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
             if torch.cuda.is_available() else 4
     return max(1, min(MAX_SPLITS, -(-CTAS_PER_SM * sms // max(1, batch * ctas))))
+
+
+def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
+    """(S, split_keys) for a batch (a sequence uses one of its S CTAs per split_keys keys):
+    S from occupancy (`num_splits`) with SPLIT_KEYS keys per split; where that leaves fewer
+    than LONG_SPLITS in a batch of at most LONG_BATCH_CTAS CTAs, LONG_SPLITS for sequences
+    longer than LONG_SPLIT_KEYS (one long sequence among short ones)."""
+    base = num_splits(batch, ctas, device)
+    if base < LONG_SPLITS and batch * ctas <= LONG_BATCH_CTAS:
+        return LONG_SPLITS, LONG_SPLIT_KEYS
+    return base, SPLIT_KEYS
+
+
+def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
+    """The kernel's `order`: sequence indices by key count, longest first (int32, on device;
+    once per step, shared by every layer)."""
+    return torch.argsort(context_lens, descending=True).to(torch.int32)
 
 
 def head_group(heads: int, kv_heads: int) -> int:
@@ -155,10 +182,13 @@ def _checked(name, t, shape, dtype, device):
 def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                 window: int | None = None, out=None, splits: int | None = None,
                                 group: int | None = None, rows: int = ROWS,
-                                pipeline: bool = PIPELINE, resident: int = RESIDENT):
-    """Launcher (same contract as the reference). `splits` forces S, `group` the query heads
-    per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one iteration ahead,
-    `resident` the CTAs per SM the registers must allow (0: no bound) (tests, benchmarks)."""
+                                pipeline: bool = PIPELINE, resident: int = RESIDENT,
+                                order=None, split_keys: int | None = None):
+    """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
+    order their CTAs should start (`longest_first`). For tests and benchmarks: `splits` forces
+    S and `split_keys` the keys per split (1: every sequence uses all S CTAs), `group` the
+    query heads per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one
+    iteration ahead, `resident` the CTAs per SM the registers must allow (0: no bound)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -177,7 +207,10 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
         return out
     index = max(dev.index if dev.index is not None else 0, 0)
     group = group or head_group(H, Hkv)
-    S = splits or num_splits(B, H // group, index)
+    S, keys_per_split = split_plan(B, H // group, index)
+    S = splits or S
+    keys_per_split = split_keys or keys_per_split
+    odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
                             pipeline, resident)
     part = ml = None
@@ -186,8 +219,10 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
         part = torch.empty(B * H * S * D, dtype=torch.float32, device=dev)
         ml = torch.empty(B * H * S * 2, dtype=torch.float32, device=dev)
         pp, mp = part.data_ptr(), ml.data_ptr()
-    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, op, pp, mp,
-                B, H, Hkv, D, M, bs.bit_length() - 1, S, window or 0, float(scale))
+    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, op, pp, mp,
+                B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
+                float(scale))
     if S > 1:
-        combine.launch(H * B, 32, index, pp, mp, op, B * H, S, D)
+        combine.launch(H * B, 32, index, pp, mp, op, lp, B * H, H, S, D, keys_per_split,
+                       window or 0)
     return out

@@ -27,6 +27,13 @@ LOG2E = 1.4426950408889634
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
+def split_count(keys, S, split_keys):
+    """How many of its S CTAs a sequence with `keys` visible keys uses: one per `split_keys`
+    keys, at least one (kernel, combine and tests share it)."""
+    n = (keys + split_keys - 1) // split_keys
+    return max(1, min(S, n))
+
+
 def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE):
     """The decode kernel's Python function for one dtype, L, query-head group and key rows
     per lane and iteration (not yet jitted). `pipeline`: the loads of iteration i + 1 are
@@ -125,9 +132,11 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
         return nvalid
 
     fetch = device(fetch)
+    splits_of = device(split_count)
 
-    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr,
-                            ml_ptr, B, H, Hkv, D, M, bs_shift, S, window, scale):
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, order_ptr, out_ptr,
+                            part_ptr, ml_ptr, B, H, Hkv, D, M, bs_shift, S, split_keys, window,
+                            scale):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -136,14 +145,19 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
         cta = cuda.blockIdx.x
         groups = H // group
         h0 = (cta % groups) * group          # the CTA's first query head
-        b = (cta // groups) % B
-        s = cta // (groups * B)
+        s = (cta // groups) % S              # splits before sequences: a long sequence's
+        b = cta // (groups * S)              # pieces start together
+        if order_ptr != 0:                   # longest first: no long CTA starts last
+            b = int64(load_u32(order_ptr + b * 4))
         g = h0 // (H // Hkv)                 # the KV head every head of the group reads
         length = int64(load_u32(lens_ptr + b * 4))
         first = 0
         if window > 0 and length > window:
             first = length - window
-        chunk = (length - first + S - 1) // S
+        n_split = splits_of(length - first, S, split_keys)
+        if s >= n_split:                     # a short sequence uses fewer of the S CTAs
+            return
+        chunk = (length - first + n_split - 1) // n_split
         lo = first + s * chunk
         hi = min(length, lo + chunk)
         bs_mask = (int64(1) << bs_shift) - 1
@@ -225,7 +239,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                 for e in range(E):
                     k0[e] += acc_sh[i, j, t * E + e] * w
             h = h0 + i
-            if S == 1:
+            if n_split == 1:
                 inv = float32(1.0) / total
                 for e in range(E):
                     k0[e] *= inv
@@ -246,34 +260,43 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
 
 
 def _build_combine(dt: str, lanes: int):
-    """Merges S splits (their maxima in log2 units): thread t of CTA (b, h) writes vector t of
-    out[b, h]."""
+    """Merges a row's splits (their maxima in log2 units): thread t of CTA (b, h) writes vector
+    t of out[b, h]; rows of one split were written by the main kernel."""
     global cuda
-    from numba import float32
+    from numba import float32, int64
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec
+    from weavelm.kernels.common import codec, device
 
     cuda = numba_cuda()
+    splits_of = device(split_count)
     _, pack, E = codec(dt)
     itemsize = 16 // E
     load, store = ptx.load_v4_u32, ptx.store_v4_u32
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
 
-    def paged_decode_combine(part_ptr, ml_ptr, out_ptr, rows, S, D):
+    def paged_decode_combine(part_ptr, ml_ptr, out_ptr, lens_ptr, rows, H, S, D, split_keys,
+                             window):
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x
         if tid >= lanes or row >= rows:
             return
+        length = int64(load_u32(lens_ptr + (row // H) * 4))
+        first = 0
+        if window > 0 and length > window:
+            first = length - window
+        n_split = splits_of(length - first, S, split_keys)
+        if n_split == 1:                     # the main kernel wrote this row itself
+            return
         acc = cuda.local.array(8, float32)
         mx = float32(NEG)
-        for s in range(S):
+        for s in range(n_split):
             mx = max(mx, as_f32(load_u32(ml_ptr + (row * S + s) * 8)))
         total = float32(0.0)
         for e in range(E):
             acc[e] = float32(0.0)
-        for s in range(S):
+        for s in range(n_split):
             w = math.exp2(as_f32(load_u32(ml_ptr + (row * S + s) * 8)) - mx)
             total += as_f32(load_u32(ml_ptr + (row * S + s) * 8 + 4)) * w
             for e4 in range(0, E, 4):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from weavelm.kernels.paged_attention import paged_decode_attention
+from weavelm.kernels.paged_attention import longest_first, paged_decode_attention
 from weavelm.kernels.rope_cache import rope_and_cache
 
 
@@ -51,6 +51,9 @@ class AttentionBatch:
     decode: bool = False
     singles: tuple | None = None               # (token indices [n], tables [n, M], lens [n])
     single_offsets: tuple = ()                 # the same token indices, on the host
+    # The paged kernel's schedule (`longest_first` of the decode tokens' key counts): made on
+    # the first layer's call, shared by the others (in a captured graph: one sort per replay).
+    order: torch.Tensor | None = None
 
     @classmethod
     def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
@@ -96,8 +99,8 @@ class AttentionBatch:
                 first.append(replace(p, length=k))
                 second.append(replace(p, start_pos=p.start_pos + k, length=p.length - k,
                                       offset=0))
-        a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first])
-        b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:])
+        a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first], order=None)
+        b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:], order=None)
         if self.singles is not None:       # token order: the first half's singles come first
             k = sum(1 for o in self.single_offsets if o < n_first)
             rows, tables, lens = self.singles
@@ -285,6 +288,14 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
+def _order(batch: AttentionBatch, q, lens):
+    """The paged kernel's longest-first order of the decode tokens whose key counts are `lens`
+    (the step's decode tokens, or a mixed step's singles), made once per batch; None on CPU."""
+    if batch.order is None and q.is_cuda:
+        batch.order = longest_first(lens)
+    return batch.order
+
+
 def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
     """Keys (or values) 0..end-1 of piece p's sequence, gathered from its blocks: [end, Hkv, Dh]."""
     bs = cache_layer.shape[1]
@@ -303,12 +314,13 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
         vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
     if batch.decode:
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window)
+                                      window, order=_order(batch, q, batch.context_lens))
     out = torch.empty_like(q)
     done = set()
     if batch.singles is not None:          # a mixed step's decode tokens: one paged call
         rows, tables, lens = batch.singles
-        o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window)
+        o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
+                                   order=_order(batch, q, lens))
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     for p in batch.pieces:
@@ -347,7 +359,7 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window)
+                                      window, order=_order(batch, q, batch.context_lens))
     q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                           batch.slot_mapping, return_k=True)
     return cached_attention(q, k, v, cache, layer, batch, scale, window, cached=True)
