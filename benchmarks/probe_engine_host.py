@@ -5,7 +5,7 @@ steps of each kind `bench throughput`'s workload makes.
     python3 benchmarks/probe_engine_host.py [--num-requests 1000] [--decoding 256]
 
 1. `--decoding` sequences decoding (prompts 500..3000 tokens), 100 engine steps timed; the stub
-   runner fills the decode graph's host staging as ModelRunner._replay does.
+   runner fills the decode graph's host staging with ModelRunner._replay's function.
 2. The `bench throughput` workload (seed 0) through the scheduler: steps per kind and tokens.
 """
 from __future__ import annotations
@@ -24,15 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from weavelm.bench.throughput import workload  # noqa: E402
 from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
 from weavelm.engine.engine import LLMEngine  # noqa: E402
-from weavelm.engine.model_runner import RunnerConfig  # noqa: E402
+from weavelm.engine.model_runner import RunnerConfig, stage_decode_rows  # noqa: E402
 from weavelm.engine.sampler import SamplingParams  # noqa: E402
 
 MAX_LEN, VOCAB, BS = 8192 + 513, 128256, 16
 
 
 class StubRunner:
-    """The runner's interface without a model: logits of zeros; decode steps fill pinned-like
-    host staging row by row as the graph replay does."""
+    """The runner's interface without a model: logits of zeros; decode steps fill host staging
+    with the graph replay's own `stage_decode_rows`."""
 
     def __init__(self, num_blocks: int, max_num_seqs: int = 256):
         self.config = RunnerConfig(max_model_len=MAX_LEN, max_num_seqs=max_num_seqs)
@@ -49,15 +49,7 @@ class StubRunner:
         self.kinds[kind] += 1
         self.tokens[kind] += sum(len(p.token_ids) for p in pieces)
         if decode:
-            G, h = self.config.max_num_seqs, self.h_rows
-            width = max(len(p.blocks) for p in pieces)
-            t = self.h_tables[:G * width].reshape(G, width)
-            t[:] = 0
-            for i, p in enumerate(pieces):
-                pos = p.start_pos
-                h[0, i], h[1, i] = p.token_ids[0], pos
-                h[2, i] = p.blocks[pos // BS] * BS + pos % BS
-                t[i, :len(p.blocks)] = p.blocks
+            stage_decode_rows(pieces, BS, self.h_rows, self.h_tables, self.config.max_num_seqs)
         return torch.zeros(sum(p.sample for p in pieces), 8)
 
 

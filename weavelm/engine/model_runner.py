@@ -18,10 +18,12 @@ the graph's static buffers and padded rows pointed at the scratch block 0.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from weavelm.engine.block_manager import BLOCK_SIZE, BlockAllocator
@@ -203,17 +205,17 @@ class ModelRunner:
         ids, positions, laid, tables, last = self._layout(pieces)
         dev = self.device
         batch = AttentionBatch.build(laid, tables, self.block_size, dev)
-        step = StepInput(torch.tensor(positions).to(dev, non_blocking=True), cache, batch)
+        step = StepInput(_host_int64(positions).to(dev, non_blocking=True), cache, batch)
         if batch.decode:
             mode, split = self.policy.decode(), None
         else:
             mode, split = self.policy.prefill(len(ids), [p.length for p in laid])
         if device_ids is None:
-            device_ids = torch.tensor(ids).to(dev, non_blocking=True)
+            device_ids = _host_int64(ids).to(dev, non_blocking=True)
         hidden = self.executor.run(device_ids, step, mode, split)
         if not last:          # a step of prompt chunks only: nothing to sample (every rank alike)
             return hidden.new_empty(0, self.model.lm_head.num_embeddings, dtype=torch.float32)
-        rows = torch.tensor(last, dtype=torch.int64).to(dev, non_blocking=True)
+        rows = _host_int64(last).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, rows), self.comm)
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -269,16 +271,7 @@ class ModelRunner:
         h_rows, h_tables = self.h_rows[self._turn], self.h_tables[self._turn]
         if self.h_copied[self._turn] is not None:
             self.h_copied[self._turn].synchronize()      # its last copies have run
-        h = h_rows.numpy()                               # ids, positions, slots
-        width = max(len(p.blocks) for p in pieces)
-        t = h_tables[:G * width].numpy().reshape(G, width)
-        t[:] = 0
-        for i, p in enumerate(pieces):
-            pos = p.start_pos
-            h[0, i], h[1, i], h[2, i] = p.token_ids[0], pos, p.blocks[pos // bs] * bs + pos % bs
-            t[i, :len(p.blocks)] = p.blocks
-        h[:, B:G] = 0            # padded rows: token 0 at position 0, its one key in the
-        #                          scratch block 0 (table rows of zeros)
+        width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
         self.s_rows.copy_(h_rows, non_blocking=True)     # 3 x max_num_seqs: one copy
         if ids is not None:
             self.s_rows[0, :B].copy_(ids)                # tokens still on the device
@@ -289,3 +282,34 @@ class ModelRunner:
         self.s_tables[:G, :width].copy_(tables.view(G, width))
         self.graphs[G].replay()
         return self.s_logits[:B]
+
+
+def _host_int64(values: list[int]) -> torch.Tensor:
+    """A list of Python ints as an int64 CPU tensor, through numpy: torch.tensor(list) costs
+    ~0.2 µs per element (1.5 ms for a 8192-token step's ids on a 2-core host, time the GPU
+    waits between steps), numpy a tenth of that."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
+def stage_decode_rows(pieces: list[StepPiece], block_size: int, rows: np.ndarray,
+                      tables: np.ndarray, G: int) -> int:
+    """Fill a decode graph's host staging for `pieces` padded to G rows: rows[0:3, :G] = token
+    ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
+    scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
+    blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
+    decode step on a 2-core host."""
+    B = len(pieces)
+    counts = np.fromiter((len(p.blocks) for p in pieces), dtype=np.int64, count=B)
+    width = int(counts.max())
+    t = tables[:G * width].reshape(G, width)
+    t[:] = 0
+    t[:B][np.arange(width) < counts[:, None]] = np.fromiter(   # row by row, in order
+        itertools.chain.from_iterable(p.blocks for p in pieces), dtype=np.int32,
+        count=int(counts.sum()))
+    pos = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=B)
+    rows[0, :B] = np.fromiter((p.token_ids[0] for p in pieces), dtype=np.int64, count=B)
+    rows[1, :B] = pos
+    rows[2, :B] = t[np.arange(B), pos // block_size].astype(np.int64) * block_size \
+        + pos % block_size
+    rows[:, B:G] = 0
+    return width

@@ -32,8 +32,8 @@ enough for CTAS_PER_SM CTAs per SM; each sequence uses one of them per `split_ke
 rest exit at once). With `order` (`longest_first`) the long sequences' CTAs start first, so no
 long CTA starts after the others and runs on alone; in smaller batches S is raised so that one
 long sequence among short ones is split (`split_plan`). S and split_keys are chosen from (B, H,
-Hkv, SMs) alone, so they are the same on every replay of a captured graph. The device code, and why its inner loop looks as it does, is in
-paged_attention_kernels.py.
+Hkv, SMs) alone, so they are the same on every replay of a captured graph. The device code, and
+why its inner loop looks as it does, is in paged_attention_kernels.py.
 """
 from __future__ import annotations
 

@@ -17,8 +17,10 @@ from its blocks first.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,28 +61,36 @@ class AttentionBatch:
     def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
               max_blocks: int | None = None) -> "AttentionBatch":
         """From Python block lists (row r of `tables` = the blocks of the sequence that pieces
-        with row r belong to): slot mapping and tensors built on the host, copied once."""
-        slots = []
-        for p in pieces:
-            blocks = tables[p.row]
-            slots.extend(blocks[pos // block_size] * block_size + pos % block_size
-                         for pos in range(p.start_pos, p.start_pos + p.length))
-        width = max_blocks or max((len(t) for t in tables), default=1)
-        table = torch.zeros(len(tables), max(width, 1), dtype=torch.int32)
-        for r, blocks in enumerate(tables):
-            table[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        with row r belong to): slot mapping and tensors built on the host with numpy (the GPU
+        waits for this between steps: 30 ms per element-wise Python loop for a 8192-token step
+        on a 2-core host, ~1 ms so), copied once."""
+        width = max(1, max_blocks or max((len(t) for t in tables), default=1))
+        counts = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        table[np.arange(width) < counts[:, None]] = np.fromiter(   # row by row, in order
+            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(counts.sum()))
+        lengths = np.fromiter((p.length for p in pieces), dtype=np.int64, count=len(pieces))
+        starts = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=len(pieces))
+        rows = np.fromiter((p.row for p in pieces), dtype=np.int64, count=len(pieces))
+        # every token's position: its piece's start plus its index within the piece
+        first = np.cumsum(lengths) - lengths
+        total = int(lengths.sum())
+        pos = np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
+        token_rows = np.repeat(rows, lengths)
+        slots = table[token_rows, pos // block_size].astype(np.int64) * block_size \
+            + pos % block_size
         decode = bool(pieces) and all(p.length == 1 and p.row == i for i, p in
                                       enumerate(pieces))
-        lens = torch.tensor([p.start_pos + 1 for p in pieces], dtype=torch.int32) \
-            if decode else None
+        lens = torch.from_numpy((starts + 1).astype(np.int32)) if decode else None
         to = dict(device=device, non_blocking=True)
-        batch = cls(list(pieces), torch.tensor(slots, dtype=torch.int64).to(**to),
-                    table.to(**to), None if lens is None else lens.to(**to), decode)
+        batch = cls(list(pieces), torch.from_numpy(slots).to(**to),
+                    torch.from_numpy(table).to(**to), None if lens is None else lens.to(**to),
+                    decode)
         singles = [p for p in pieces if p.length == 1 and p.start_pos > 0]
         if singles and not decode:
             batch.single_offsets = tuple(p.offset for p in singles)
             batch.singles = (torch.tensor(batch.single_offsets).to(**to),
-                             table[[p.row for p in singles]].to(**to),
+                             torch.from_numpy(table[[p.row for p in singles]]).to(**to),
                              torch.tensor([p.start_pos + 1 for p in singles],
                                           dtype=torch.int32).to(**to))
         return batch
