@@ -7,12 +7,16 @@ steps of each kind `bench throughput`'s workload makes.
 1. `--decoding` sequences decoding (prompts 500..3000 tokens), 100 engine steps timed; the stub
    runner fills the decode graph's host staging with ModelRunner._replay's function.
 2. The `bench throughput` workload (seed 0) through the scheduler: steps per kind and tokens.
+3. The runner's own host work for one 8192-token mixed step (256 decode tokens beside four
+   prompt chunks): `ModelRunner._run_eager` of a tiny CPU model whose layers are stubbed out
+   (step layout, attention batch, input tensors), median of 30.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))       # profile_engine's TINY
 
 from weavelm.bench.throughput import workload  # noqa: E402
 from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
@@ -93,6 +98,42 @@ def main():
     print(f"{args.num_requests} requests of bench throughput's workload: "
           f"{time.perf_counter() - t:.2f} s of host time; steps "
           + ", ".join(f"{k} {v} ({runner.tokens[k]} tokens)" for k, v in runner.kinds.items()))
+    print(f"{mixed_step_host_ms():.2f} ms of the runner's host time per 8192-token mixed step "
+          f"(256 decode tokens + 4 prompt chunks, model layers stubbed)")
+
+
+def mixed_step_host_ms(reps: int = 30) -> float:
+    from profile_engine import TINY
+
+    from weavelm.bench.prefill import fill_random
+    from weavelm.bench.shapes import SHAPES, shape_config
+    from weavelm.engine.llm import LLM
+    from weavelm.engine.model_runner import StepPiece
+    from weavelm.parallel.state import init_parallel
+    SHAPES.setdefault("tiny", TINY)
+    init_parallel(1, "cpu")
+    llm = LLM.from_weights(shape_config("tiny", None), lambda m: fill_random(m, 0), tp=1,
+                           device="cpu", max_model_len=MAX_LEN, max_num_seqs=256,
+                           max_num_batched_tokens=8192)
+    runner = llm.runner
+    hidden = TINY["hidden_size"]
+    runner.executor.run = lambda ids, step, mode, split=None: torch.zeros(len(ids), hidden)
+    pieces, nxt = [], 1
+    for i in range(256):
+        n = 1000 + 7 * i
+        k = -(-(n + 1) // BS)
+        pieces.append(StepPiece([5], n, list(range(nxt, nxt + k)), True))
+        nxt += k
+    for n, start in ((3000, 0), (2000, 517), (1936, 0), (1000, 33)):
+        k = -(-(n + start) // BS)
+        pieces.append(StepPiece(list(range(n)), start, list(range(nxt, nxt + k)), False))
+        nxt += k
+    times = []
+    for _ in range(reps + 3):
+        t = time.perf_counter()
+        runner._run_eager(pieces, runner.kv)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[3:]) * 1e3
 
 
 if __name__ == "__main__":

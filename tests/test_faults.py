@@ -23,10 +23,20 @@ TIMEOUT = 3           # --collective-timeout of the runs (seconds)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    import json
     d = tmp_path_factory.mktemp("faults") / "llama"
     make_tiny("llama", d, seed=2)
     save_tiny_tokenizer(d)
+    # a long context, so a generate of N_TOKENS is still running when the fault comes, however
+    # slowly a loaded machine gets there (250 tokens, the most 256 positions allowed, could
+    # finish first: exit 0 instead of the fault's code)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = N_TOKENS + 96
+    (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+N_TOKENS = 4000
 
 
 # -- processes, from /proc (no psutil) ------------------------------------------------------------
@@ -168,8 +178,8 @@ FAULTS = {
 @pytest.mark.parametrize("case", list(FAULTS))
 def test_fault_during_generate(tiny, case):
     who, sig, want_code, words, limit = FAULTS[case]
-    run = Run(["generate", str(tiny), "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n", "250",
-               "--tp", "2", "--collective-timeout", str(TIMEOUT)])
+    run = Run(["generate", str(tiny), "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n",
+               str(N_TOKENS), "--tp", "2", "--collective-timeout", str(TIMEOUT)])
     try:
         run.wait_for_tokens()
         ranks = run.ranks()
