@@ -62,8 +62,8 @@ class AttentionBatch:
               max_blocks: int | None = None) -> "AttentionBatch":
         """From Python block lists (row r of `tables` = the blocks of the sequence that pieces
         with row r belong to): slot mapping and tensors built on the host with numpy (the GPU
-        waits for this between steps: 30 ms per element-wise Python loop for a 8192-token step
-        on a 2-core host, ~1 ms so), copied once."""
+        waits for this between steps: Python loops over tokens and rows took 9.6 ms for an
+        8192-token step on a 2-core host, numpy 1.6 ms), copied once."""
         width = max(1, max_blocks or max((len(t) for t in tables), default=1))
         counts = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         table = np.zeros((len(tables), width), dtype=np.int32)
