@@ -62,6 +62,28 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _as_from_a_terminal():
+    """In the child before exec: SIGINT at its default, not blocked, as a shell starts a
+    command (the test runner's process may have changed either, and both are inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _sigint_state(pid: int) -> str:
+    """How process pid takes SIGINT, from /proc/pid/status: caught, ignored, blocked or default."""
+    masks = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("SigBlk", "SigIgn", "SigCgt"):
+                masks[key] = int(value.strip(), 16)
+    bit = 1 << (signal.SIGINT - 1)
+    for key, name in (("SigBlk", "blocked"), ("SigIgn", "ignored"), ("SigCgt", "caught")):
+        if masks.get(key, 0) & bit:
+            return name
+    return "default"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,7 +116,7 @@ class Run:
         self.p = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
                                   env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=_as_from_a_terminal)
         self.out, self.err = bytearray(), bytearray()
         self.readers = [threading.Thread(target=self._read, args=(s, b), daemon=True)
                         for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
@@ -186,6 +208,8 @@ def test_fault_during_generate(tiny, case):
         started = _descendants(run.p.pid)
         assert sorted(ranks) == [0, 1], (ranks, [(p, _comm(p)) for p in started])
         assert any("resource_tracker" in _cmdline(p) for p in started), started
+        if sig == signal.SIGINT:       # Ctrl-C reaches a parent that handles it
+            assert _sigint_state(run.p.pid) == "caught", _sigint_state(run.p.pid)
         t_fault = time.monotonic()
         if who == "group":
             os.killpg(run.p.pid, sig)       # the parent leads its own session (start_new_session)
