@@ -87,9 +87,9 @@ def test_lanes_and_support():
     (torch.float16, 64, 4, 3, 6, True), (torch.float32, 16, 1, None, 5, False),
     (torch.float32, 16, 4, 4, None, True)])
 def test_sim_kernel_matches_reference(dtype, D, splits, split_keys, window, ordered):
-    """S CTAs per sequence, each sequence using one per `split_keys` visible keys (1: all S,
-    some of them empty; 4 with lengths 1, 7, 13: 1, 2 and 4 splits; with a window of 6: 1, 2,
-    2), CTAs started longest first or in order."""
+    """S CTAs per sequence, each sequence using one per `split_keys` visible keys (1: as many
+    of the S as it has keys, lengths 1, 7, 13 at S = 3: 1, 3 and 3 splits; 4: 1, 2 and 4; with a
+    window of 6 and 3: 1, 2, 2), CTAs started longest first or in order."""
     lens = [1, 7, 13]                        # one key; a partial block; several blocks
     q, kc, vc, tables, lens_t = paged_case(3, 4, 2, D, 4, lens, dtype, seed=D + splits)
     scale = 1 / math.sqrt(D)
