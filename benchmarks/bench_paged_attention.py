@@ -122,7 +122,7 @@ def schedules(P, H, Hkv, D, bs):
                  order=P.longest_first(lens))),
              ("S >= 8, longest first", lambda B, lens: dict(
                  splits=max(8, P.split_plan(B, H // group, 0)[0]),
-                 order=P.longest_first(lens))),
+                 split_keys=P.split_plan(B, H // group, 0)[1], order=P.longest_first(lens))),
              ("twice the keys per split, longest first", lambda B, lens: dict(
                  split_keys=2 * P.split_plan(B, H // group, 0)[1], order=P.longest_first(lens))),
              ("occupancy S, per-sequence splits of 256, longest first", lambda B, lens: dict(

@@ -48,11 +48,19 @@ def pytest_collection_modifyitems(config, items):
     n = _gpu_count()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    # With xdist (`-n 2 --dist loadgroup`, the README's command): a file's tests stay on one
+    # worker (module fixtures are built once), and every GPU test runs on the same worker, so
+    # two never share a GPU at once (each sizes its KV cache from the memory it finds free).
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
+        on_gpu = "gpu" in item.keywords or "multigpu" in item.keywords
         if "gpu" in item.keywords and n < 1:
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n < 2:
             item.add_marker(skip_multi)
+        if xdist:
+            group = "gpu" if on_gpu else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

@@ -201,7 +201,8 @@ FAULTS = {
 def test_fault_during_generate(tiny, case):
     who, sig, want_code, words, limit = FAULTS[case]
     run = Run(["generate", str(tiny), "-p", "1 2 3", "--no-chat", "--device", "cpu", "-n",
-               str(N_TOKENS), "--tp", "2", "--collective-timeout", str(TIMEOUT)])
+               str(N_TOKENS), "--max-num-seqs", "1", "--tp", "2", "--collective-timeout",
+               str(TIMEOUT)])
     try:
         run.wait_for_tokens()
         ranks = run.ranks()

@@ -121,12 +121,13 @@ def test_split_plan(monkeypatch):
 
 @sim
 @pytest.mark.parametrize("dtype,group,splits,window,rows,pipeline", [
-    (torch.bfloat16, 4, 1, None, 2, False), (torch.bfloat16, 2, 3, None, 4, True),
+    (torch.bfloat16, 4, 1, None, 2, False), (torch.bfloat16, 2, 4, None, 4, True),
     (torch.float32, 4, 3, 5, 2, True), (torch.float16, 1, 2, None, 1, True)])
 def test_sim_grouped_heads_match_reference(dtype, group, splits, window, rows, pipeline):
     """One CTA serving `group` of the 4 query heads that share each KV head, `rows` keys per
     lane and iteration (masked tails of every length), loads issued one iteration ahead or
-    not: every head's output (and the mapping of heads to KV heads) matches the reference."""
+    not, forced splits (9 keys over 4 CTAs: 3, 3, 3 and an empty one): every head's output (and
+    the mapping of heads to KV heads) matches the reference."""
     lens = [3, 17, 9]
     q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 32, 4, lens, dtype, seed=group + 7 * splits)
     scale = 1 / math.sqrt(32)

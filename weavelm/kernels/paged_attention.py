@@ -186,7 +186,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                 order=None, split_keys: int | None = None):
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
     order their CTAs should start (`longest_first`). For tests and benchmarks: `splits` forces
-    S and `split_keys` the keys per split (1: every sequence uses all S CTAs), `group` the
+    S, every sequence using all S CTAs it has keys for unless `split_keys` (keys per split) is
+    given too, `group` the
     query heads per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one
     iteration ahead, `resident` the CTAs per SM the registers must allow (0: no bound)."""
     B, H, D = q.shape
@@ -208,7 +209,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     index = max(dev.index if dev.index is not None else 0, 0)
     group = group or head_group(H, Hkv)
     S, keys_per_split = split_plan(B, H // group, index)
-    S = splits or S
+    if splits:                    # forced S: every sequence uses as many as it has keys for
+        S, keys_per_split = splits, 1
     keys_per_split = split_keys or keys_per_split
     odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,

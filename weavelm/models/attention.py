@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weavelm.kernels.paged_attention import longest_first, paged_decode_attention
+from weavelm.errors import check
+from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
 from weavelm.kernels.rope_cache import rope_and_cache
 
 
@@ -77,8 +78,11 @@ class AttentionBatch:
         total = int(lengths.sum())
         pos = np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
         token_rows = np.repeat(rows, lengths)
-        slots = table[token_rows, pos // block_size].astype(np.int64) * block_size \
-            + pos % block_size
+        block_index = pos // block_size
+        check(bool((block_index < counts[token_rows]).all()),
+              "a piece reaches past its sequence's blocks: give every sequence the blocks for "
+              "all of its positions")
+        slots = table[token_rows, block_index].astype(np.int64) * block_size + pos % block_size
         decode = bool(pieces) and all(p.length == 1 and p.row == i for i, p in
                                       enumerate(pieces))
         lens = torch.from_numpy((starts + 1).astype(np.int32)) if decode else None
@@ -298,10 +302,11 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
-def _order(batch: AttentionBatch, q, lens):
+def _order(batch: AttentionBatch, q, k_cache, lens):
     """The paged kernel's longest-first order of the decode tokens whose key counts are `lens`
-    (the step's decode tokens, or a mixed step's singles), made once per batch; None on CPU."""
-    if batch.order is None and q.is_cuda:
+    (the step's decode tokens, or a mixed step's singles), made once per batch; None where the
+    torch reference runs instead of the kernel."""
+    if batch.order is None and q.is_cuda and supported(q, k_cache):
         batch.order = longest_first(lens)
     return batch.order
 
@@ -324,13 +329,13 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
         vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
     if batch.decode:
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=_order(batch, q, batch.context_lens))
+                                      window, order=_order(batch, q, kc, batch.context_lens))
     out = torch.empty_like(q)
     done = set()
     if batch.singles is not None:          # a mixed step's decode tokens: one paged call
         rows, tables, lens = batch.singles
         o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
-                                   order=_order(batch, q, lens))
+                                   order=_order(batch, q, kc, lens))
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     for p in batch.pieces:
@@ -369,7 +374,7 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=_order(batch, q, batch.context_lens))
+                                      window, order=_order(batch, q, kc, batch.context_lens))
     q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                           batch.slot_mapping, return_k=True)
     return cached_attention(q, k, v, cache, layer, batch, scale, window, cached=True)
