@@ -47,15 +47,7 @@ def main():
           "kernel TB/s | max err kernel | max err torch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for B, ctx in ((1, 256), (1, 4096), (16, 256), (16, 2048), (64, 256), (64, 2048)):
-        per = -(-ctx // bs)
-        NB = B * per + 1
-        g = torch.Generator(device="cuda").manual_seed(B * ctx)
-        kc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
-        vc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=g).bfloat16()
-        tables = (torch.randperm(NB - 1, device="cuda", generator=g)[:B * per] + 1).int()
-        tables = tables.view(B, per).contiguous()
-        lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(B, H, D, device="cuda", generator=g).bfloat16()
+        q, kc, vc, tables, lens = case(B, ctx, H, Hkv, D, bs)
         scale = 1 / math.sqrt(D)
         ref = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens, scale)
         ours = P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale)

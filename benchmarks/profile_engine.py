@@ -159,12 +159,8 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
     engine.stop_ids = set()
     for i, (prompt, n) in enumerate(requests):
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-    t0, steps = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                engine.forget(out.request_id)
-        steps += 1
+    t0 = time.perf_counter()
+    steps = drain(engine)
     total = time.perf_counter() - t0
     print(f"{len(requests)} requests: {total:.1f} s, {steps} steps, prompt tokens "
           f"{sum(len(p) for p, _ in requests)}, output tokens {sum(n for _, n in requests)} "
@@ -172,6 +168,18 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
     for kind, (n, t, T) in stats.items():
         print(f"  {kind:13s} {n:5d} x {t / max(n, 1) * 1e3:7.2f} ms = {t:7.2f} s, "
               f"{T:8d} tokens, {T / max(t, 1e-9):9.0f} tok/s")
+
+
+def drain(engine) -> int:
+    """Step the engine until every request has finished (as a server would, forgetting each
+    finished one); returns the number of steps."""
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                engine.forget(out.request_id)
+        steps += 1
+    return steps
 
 
 # kernel-name patterns -> kind, first match wins (names as torch.profiler reports them)
@@ -202,21 +210,14 @@ def whole_run(llm, requests, sync):
     for i, (prompt, n) in enumerate(requests[:8]):     # warm-up: kernels built, graphs captured
         engine.add_request(f"w{i}", prompt[:512], SamplingParams(max_new_tokens=4,
                                                                 ignore_eos=True))
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                engine.forget(out.request_id)
+    drain(engine)
     sync()
     for i, (prompt, n) in enumerate(requests):
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
     gpu = llm.runner.device.type == "cuda"       # on CPU: torch ops' CPU time instead
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        t0, steps = time.perf_counter(), 0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    engine.forget(out.request_id)
-            steps += 1
+        t0 = time.perf_counter()
+        steps = drain(engine)
         sync()
         wall = time.perf_counter() - t0
     by_kind, by_name = collections.Counter(), collections.Counter()
