@@ -97,7 +97,7 @@ def test_engine_greedy_equals_transformers(tiny, tp, budget):
     _check(_run(tp, path, budget, None, "baseline"), want)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_preemption_recomputes_and_keeps_tokens(tiny, tp):
     path, want = tiny
     # 10 blocks: a (7 at its end) and b (4) cannot both finish at once; c (10) fits alone
