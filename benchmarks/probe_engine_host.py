@@ -48,7 +48,7 @@ class StubRunner:
         self.kinds = collections.Counter()
         self.tokens = collections.Counter()
 
-    def step(self, pieces, ids=None):
+    def step(self, pieces, ids=None, late=None):
         decode = all(len(p.token_ids) == 1 for p in pieces)
         kind = "decode-only" if decode else "mixed"
         self.kinds[kind] += 1

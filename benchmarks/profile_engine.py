@@ -115,7 +115,7 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
         return "decode-only" if decode == len(pieces) else ("mixed" if decode else
                                                             "prefill-only")
 
-    def step(pieces, ids=None):
+    def step(pieces, ids=None, late=None):
         kind = kind_of(pieces)
         T = sum(len(p.token_ids) for p in pieces)
         if profile_steps and kind not in profiled \
@@ -123,7 +123,7 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
             profiled.add(kind)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                          record_shapes=True) as prof:
-                out = run_step(pieces, ids)
+                out = run_step(pieces, ids, late)
                 sync()
             start = sum(p.start_pos for p in pieces) / len(pieces)
             print(f"== torch.profiler: {kind} step, {len(pieces)} pieces, {T} tokens, mean "
@@ -137,7 +137,7 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
             return out
         sync()
         t = time.perf_counter()
-        out = run_step(pieces, ids)
+        out = run_step(pieces, ids, late)
         sync()
         s = stats[kind]
         s[0], s[1], s[2] = s[0] + 1, s[1] + time.perf_counter() - t, s[2] + T

@@ -113,3 +113,44 @@ def test_weave_on_mixed_steps_equals_baseline(tiny, tp):
     r = _run(tp, path, 64, None, "weave")
     _check(r, want)
     assert r["mixed_woven"] > 0            # some step mixed decode tokens and a prefill chunk
+
+
+def _drive_stop(tp, path, stop_id):
+    """All four prompts at once, `stop_id` as EOS: every output the engine gives back."""
+    from weavelm import LLM, SamplingParams
+    llm = LLM(path, tp=tp, device="cpu", progress=False, block_size=BLOCK,
+              max_num_batched_tokens=16, max_model_len=64)
+    engine = llm.engine
+    engine.stop_ids = {stop_id}
+    for name, prompt in _prompts().items():
+        engine.add_request(name, prompt, SamplingParams(max_new_tokens=NEW))
+    seen, done = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.append((list(out.token_ids), list(out.new_token_ids)))
+            if out.finished:
+                done[out.request_id] = (out.token_ids, out.finish_reason)
+    return dict(done=done, seen=seen,
+                blocks_left=engine.runner.blocks.capacity - engine.runner.blocks.num_free)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_stop_while_the_next_step_is_in_flight(tiny, tp):
+    """The engine queues step k + 1 before it reads step k: a sequence that stops at step k
+    has already been given step k + 1, whose token must be dropped. Outputs never show a token
+    the host has not read."""
+    from weavelm.engine.engine import PLACEHOLDER
+    path, want = tiny
+    stop_id = want["a"][3]                          # a stops at its 4th token
+    r = spawn(_drive_stop, tp, tp, path, stop_id) if tp > 1 else _drive_stop(1, path, stop_id)
+    stopped = 0
+    for name, tokens in want.items():
+        if stop_id in tokens:
+            n = tokens.index(stop_id) + 1
+            assert r["done"][name] == (tokens[:n], "stop"), name
+            stopped += n < NEW
+        else:
+            assert r["done"][name] == (tokens, "length"), name
+    assert stopped >= 1                             # some sequence stopped before its budget
+    assert all(PLACEHOLDER not in t and PLACEHOLDER not in new for t, new in r["seen"])
+    assert r["blocks_left"] == 0

@@ -83,3 +83,55 @@ def test_fp32_graph_decode_equals_transformers_greedy(tmp_path, kind):
               max_num_seqs=4)
     got = llm.generate_from_ids(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert [o.token_ids for o in got] == want
+
+
+def test_engine_steps_equal_transformers_greedy(tmp_path):
+    """The step-level engine on a GPU, one step ahead of the host: prompts chunked into mixed
+    steps, requests joining while others decode, decode-only steps replayed as CUDA graphs with
+    the tokens the host has not read taken from the device, and a sequence stopping on EOS
+    while its next step is in flight. fp32: greedy tokens equal a transformers greedy loop."""
+    from weavelm import LLM, SamplingParams
+    model = make_tiny("llama", tmp_path / "llama", seed=6, kv_heads=2).to("cuda")
+    prompts = {"a": [1, 5, 9, 14, 20, 7, 7, 3, 44, 12, 90], "b": [4, 8],
+               "c": [30 + i for i in range(37)], "d": [2, 3, 5, 7, 11, 13]}
+    new = 16
+    want = {}
+    with torch.no_grad():
+        for name, p in prompts.items():
+            ids = list(p)
+            for _ in range(new):
+                ids.append(int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax()))
+            want[name] = ids[len(p):]
+    stop_id = want["c"][5]
+    llm = LLM(str(tmp_path / "llama"), tp=1, device="cuda", dtype="float32", progress=False,
+              max_num_seqs=4, max_num_batched_tokens=16)
+    runner, engine = llm.runner, llm.engine
+    assert runner.graphs
+    replays = []
+    replay = runner._replay
+    runner._replay = lambda *a: replays.append(a[2] is not None) or replay(*a)
+    engine.stop_ids = {stop_id}
+    params = SamplingParams(max_new_tokens=new)
+    done = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (out.token_ids, out.finish_reason)
+
+    engine.add_request("a", prompts["a"], params)
+    engine.add_request("b", prompts["b"], params)
+    while len(engine.seqs["a"].read_token_ids) < 3:
+        step()
+    engine.add_request("c", prompts["c"], params)      # joins while a and b decode
+    engine.add_request("d", prompts["d"], params)
+    while engine.has_unfinished_requests():
+        step()
+    for name, tokens in want.items():
+        if stop_id in tokens:
+            n = tokens.index(stop_id) + 1
+            assert done[name] == (tokens[:n], "stop"), name
+        else:
+            assert done[name] == (tokens, "length"), name
+    assert any(replays)            # graph steps that took tokens from the device
+    assert runner.blocks.num_free == runner.blocks.capacity

@@ -277,18 +277,22 @@ class LLM:
         self.stats = dict(ttft_s=None, decode_s=0.0, decode_tokens=0)
         emit = (lambda i, tok: on_token(i, tok)) if on_token is not None and self.state.is_first \
             else None
+
+        def take(outputs):
+            for out in outputs:
+                if out.finish_reason and out.finish_reason.startswith("error"):
+                    raise WeavelmError(out.finish_reason[len("error: "):])
+                if self.stats["ttft_s"] is None and out.new_token_ids:
+                    self.stats["ttft_s"] = time.perf_counter() - t0
+                if emit is not None:
+                    for tok in out.new_token_ids:
+                        emit(index[out.request_id], tok)
+
         try:
             while engine.has_unfinished_requests():
-                if self._decode_ahead(engine, params, index, emit):
+                if self._decode_ahead(engine, params, index, emit, take):
                     continue
-                for out in engine.step():
-                    if out.finish_reason and out.finish_reason.startswith("error"):
-                        raise WeavelmError(out.finish_reason[len("error: "):])
-                    if self.stats["ttft_s"] is None and out.new_token_ids:
-                        self.stats["ttft_s"] = time.perf_counter() - t0
-                    if emit is not None:
-                        for tok in out.new_token_ids:
-                            emit(index[out.request_id], tok)
+                take(engine.step())
         finally:
             for rid in ids:
                 engine.abort_request(rid)           # nothing left behind after an error
@@ -306,22 +310,30 @@ class LLM:
                 o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return outs
 
-    def _decode_ahead(self, engine, params, index, emit) -> bool:
+    def _decode_ahead(self, engine, params, index, emit, take) -> bool:
         """Run the rest with `LookaheadDecoder` when that is safe: nothing waits, every running
         sequence is decoding, and the cache holds them all to their last token (so nothing can
-        need preempting). False: take ordinary engine steps."""
+        need preempting). False: take ordinary engine steps. The engine's step in flight is
+        read first (its outputs go to `take`)."""
         sched, blocks = engine.scheduler, self.runner.blocks
         running = sched.running
         if sched.waiting or not running or any(s.num_uncomputed != 1 for s in running):
             return False
-        limits = [min(self.max_model_len, len(s.prompt_token_ids) + params.max_new_tokens)
-                  for s in running]
+
+        def limits():
+            return [min(self.max_model_len, len(s.prompt_token_ids) + params.max_new_tokens)
+                    for s in running]
+
         need = sum(max(0, blocks.blocks_for(lim - 1) - len(s.blocks))
-                   for s, lim in zip(running, limits))
+                   for s, lim in zip(running, limits()))
         if need > blocks.num_free:
             return False
+        take(engine.settle())             # (sequences may only end here: the blocks suffice)
+        running = list(sched.running)
+        if not running:
+            return True
         views = [Running(len(s.prompt_token_ids), s.output_token_ids, s.blocks, lim)
-                 for s, lim in zip(running, limits)]
+                 for s, lim in zip(running, limits())]
         stream = None if emit is None else \
             (lambda row, tok: emit(index[running[row].request_id], tok))
         decoder = LookaheadDecoder(self.runner, self.comm, params, engine.generator,

@@ -31,7 +31,8 @@ from weavelm.engine.policy import SchedulePolicy
 from weavelm.engine.schedule import Executor
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
-from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
+from weavelm.models.attention import (AttentionBatch, PagedKVCache, Piece,
+                                      host_to_device)
 from weavelm.models.decoder import CausalLM, StepInput
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.state import ParallelState
@@ -171,18 +172,20 @@ class ModelRunner:
 
     # -- steps ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, pieces: list[StepPiece], ids: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, pieces: list[StepPiece], ids: torch.Tensor | None = None,
+             late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order.
 
         It does not wait for the GPU (unless the caller is two steps ahead of it: then for the
-        copies of the step before last). `ids`: the step's token ids as a device tensor (int64,
-        one per token) instead of the pieces' `token_ids`, e.g. tokens the previous step sampled
-        that the host has not read yet (the engine's one-step lookahead)."""
+        copies of the step before last). Tokens the previous step sampled that the host has not
+        read yet (a caller one step ahead) come as device tensors: `ids`, the step's token ids
+        (int64, one per token) instead of the pieces' `token_ids`; or `late` = (indices into
+        the step's run of tokens, their ids), which replace just those."""
         check(len(pieces) > 0, "a step needs at least one piece")
         if self.graphs and all(len(p.token_ids) == 1 and p.sample for p in pieces) \
                 and len(pieces) <= max(self.graphs):
-            return self._replay(pieces, ids)
-        return self._run_eager(pieces, self.kv, ids)
+            return self._replay(pieces, ids, late)
+        return self._run_eager(pieces, self.kv, ids, late)
 
     def _layout(self, pieces: list[StepPiece]):
         """(ids, positions, pieces with rows and offsets, block lists, rows that sample)."""
@@ -201,21 +204,24 @@ class ModelRunner:
         return ids, positions, laid, tables, last
 
     def _run_eager(self, pieces: list[StepPiece], cache: PagedKVCache,
-                   device_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   device_ids: torch.Tensor | None = None,
+                   late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         ids, positions, laid, tables, last = self._layout(pieces)
         dev = self.device
         batch = AttentionBatch.build(laid, tables, self.block_size, dev)
-        step = StepInput(_host_int64(positions).to(dev, non_blocking=True), cache, batch)
+        step = StepInput(_to_device(positions, dev), cache, batch)
         if batch.decode:
             mode, split = self.policy.decode(), None
         else:
             mode, split = self.policy.prefill(len(ids), [p.length for p in laid])
         if device_ids is None:
-            device_ids = _host_int64(ids).to(dev, non_blocking=True)
+            device_ids = _to_device(ids, dev)
+        if late is not None:
+            device_ids = _patched(device_ids, late)
         hidden = self.executor.run(device_ids, step, mode, split)
         if not last:          # a step of prompt chunks only: nothing to sample (every rank alike)
             return hidden.new_empty(0, self.model.lm_head.num_embeddings, dtype=torch.float32)
-        rows = _host_int64(last).to(dev, non_blocking=True)
+        rows = _to_device(last, dev)
         return self.model.compute_logits(hidden.index_select(0, rows), self.comm)
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -263,7 +269,8 @@ class ModelRunner:
         log.info("weavelm: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
                  len(self.graphs), self.config.max_num_seqs, self.capture_seconds)
 
-    def _replay(self, pieces: list[StepPiece], ids: torch.Tensor | None) -> torch.Tensor:
+    def _replay(self, pieces: list[StepPiece], ids: torch.Tensor | None,
+                late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         B = len(pieces)
         G = min(g for g in self.graphs if g >= B)
         bs = self.block_size
@@ -275,6 +282,8 @@ class ModelRunner:
         self.s_rows.copy_(h_rows, non_blocking=True)     # 3 x max_num_seqs: one copy
         if ids is not None:
             self.s_rows[0, :B].copy_(ids)                # tokens still on the device
+        if late is not None:
+            _patched(self.s_rows[0], late)
         tables = self.d_tables[:G * width]
         tables.copy_(h_tables[:G * width], non_blocking=True)
         self.h_copied[self._turn] = torch.cuda.Event()
@@ -284,11 +293,18 @@ class ModelRunner:
         return self.s_logits[:B]
 
 
-def _host_int64(values: list[int]) -> torch.Tensor:
-    """A list of Python ints as an int64 CPU tensor, through numpy: torch.tensor(list) costs
-    ~0.2 µs per element (1.5 ms for a 8192-token step's ids on a 2-core host, time the GPU
-    waits between steps), numpy a tenth of that."""
-    return torch.from_numpy(np.array(values, dtype=np.int64))
+def _to_device(values: list[int], device) -> torch.Tensor:
+    """A list of Python ints as an int64 tensor on `device`, through numpy: torch.tensor(list)
+    costs ~0.2 µs per element (1.5 ms for a 8192-token step's ids on a 2-core host), numpy a
+    tenth of that."""
+    return host_to_device(np.array(values, dtype=np.int64), device)
+
+
+def _patched(ids: torch.Tensor, late: tuple[list[int], torch.Tensor]) -> torch.Tensor:
+    """ids with ids[late[0]] = late[1], in place: the tokens of a step the host has not read."""
+    where, values = late
+    index = _to_device(where, ids.device)
+    return ids.index_copy_(0, index, values)
 
 
 def stage_decode_rows(pieces: list[StepPiece], block_size: int, rows: np.ndarray,

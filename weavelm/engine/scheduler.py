@@ -12,7 +12,9 @@ prompt left, then waiting ones (first come, first served) while fewer than `max_
 A chunk may stop anywhere in a prompt; the next step continues it. When the cache has no block
 for a running sequence's next tokens, the newest running sequence is preempted: its blocks go
 back and it waits at the front of the queue to be recomputed (prompt and outputs prefilled
-again), as vLLM's recompute preemption. Admitting a waiting sequence never preempts.
+again), as vLLM's recompute preemption. Admitting a waiting sequence never preempts. A
+sequence whose token in flight is its last by length (the engine runs one step ahead) gets no
+piece and is not preempted: it ends when that token is read.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class Scheduler:
         # Running sequences, oldest first: decode tokens, then the rest of started prompts.
         for decoding in (True, False):
             for seq in list(self.running):
-                if budget == 0 or seq.status is not Status.RUNNING \
+                if budget == 0 or seq.status is not Status.RUNNING or seq.last_in_flight \
                         or (seq.num_uncomputed == 1) is not decoding or seq.num_uncomputed == 0:
                     continue
                 n = min(budget, seq.num_uncomputed)
@@ -93,7 +95,10 @@ class Scheduler:
         need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
         in_step = {id(p.seq) for p in scheduled} if need > self.blocks.num_free else ()
         while need > self.blocks.num_free:       # (the set only then: it is O(running))
-            victims = [s for s in self.running if s is not seq and id(s) not in in_step]
+            # (not one whose last token is in flight: it ends at the next read, and recomputed
+            # it would be given one token too many)
+            victims = [s for s in self.running if s is not seq and id(s) not in in_step
+                       and not s.last_in_flight]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
             if victim is seq:

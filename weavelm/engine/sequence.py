@@ -26,6 +26,13 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None           # "stop", "length", "abort", or an error message
     generator: object = None                   # torch.Generator of a seeded sampled request
+    # The engine runs one step ahead of the host: a token sampled on the device that the host
+    # has not read yet sits at the end of output_token_ids as a placeholder. `pending_row` is
+    # the newest one's row among the tokens its step sampled; `last_in_flight`: that token is
+    # the sequence's last by length, so the scheduler gives it no further step.
+    num_pending: int = 0
+    pending_row: int = 0
+    last_in_flight: bool = False
 
     @property
     def tokens(self) -> list[int]:
@@ -38,6 +45,11 @@ class Sequence:
             return self.output_token_ids[start - n:start - n + length]
         head = self.prompt_token_ids[start:start + length]
         return head + self.output_token_ids[:length - len(head)]
+
+    @property
+    def read_token_ids(self) -> list[int]:
+        """The generated tokens the host has read (the placeholders left out)."""
+        return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
 
     @property
     def num_tokens(self) -> int:

@@ -85,18 +85,18 @@ class AttentionBatch:
         slots = table[token_rows, block_index].astype(np.int64) * block_size + pos % block_size
         decode = bool(pieces) and all(p.length == 1 and p.row == i for i, p in
                                       enumerate(pieces))
-        lens = torch.from_numpy((starts + 1).astype(np.int32)) if decode else None
-        to = dict(device=device, non_blocking=True)
-        batch = cls(list(pieces), torch.from_numpy(slots).to(**to),
-                    torch.from_numpy(table).to(**to), None if lens is None else lens.to(**to),
-                    decode)
+        lens = (starts + 1).astype(np.int32) if decode else None
+        batch = cls(list(pieces), host_to_device(slots, device),
+                    host_to_device(table, device),
+                    None if lens is None else host_to_device(lens, device), decode)
         singles = [p for p in pieces if p.length == 1 and p.start_pos > 0]
         if singles and not decode:
             batch.single_offsets = tuple(p.offset for p in singles)
-            batch.singles = (torch.tensor(batch.single_offsets).to(**to),
-                             torch.from_numpy(table[[p.row for p in singles]]).to(**to),
-                             torch.tensor([p.start_pos + 1 for p in singles],
-                                          dtype=torch.int32).to(**to))
+            batch.singles = (
+                host_to_device(np.array(batch.single_offsets, dtype=np.int64), device),
+                host_to_device(table[[p.row for p in singles]], device),
+                host_to_device(np.array([p.start_pos + 1 for p in singles], dtype=np.int32),
+                               device))
         return batch
 
     def split(self, n_first: int) -> tuple["AttentionBatch", "AttentionBatch"]:
@@ -130,6 +130,17 @@ class AttentionBatch:
                 self.context_lens[n_first:]
             b.pieces = [replace(p, row=p.row - n_first) for p in second]
         return a, b
+
+
+def host_to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A step input built on the host, on `device`. To a GPU through pinned memory (torch's
+    caching host allocator, which keeps the block until the copy has run): a copy from pageable
+    memory may wait for the work already queued on the stream, and the engine queues a step
+    while the one before it runs."""
+    t = torch.from_numpy(array)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def fresh_layout(lengths: list[int], block_size: int) -> list[list[int]]:
@@ -239,7 +250,11 @@ _LSE_BACKENDS = ["cudnn", "flash"]
 
 
 def _sdpa_lse(q, k, v, causal: bool, scale: float):
-    """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies."""
+    """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies.
+    Half precision only: both kernels are fp16/bf16 kernels (an fp32 call is not refused by
+    every torch version, and gave a GPU fp32 engine test NaN for every continuing chunk)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
     order = sorted(_LSE_BACKENDS, key=lambda n: n != "flash") if _plan_free(q, k) \
         else list(_LSE_BACKENDS)
     expanded = None
