@@ -251,8 +251,9 @@ _LSE_BACKENDS = ["cudnn", "flash"]
 
 def _sdpa_lse(q, k, v, causal: bool, scale: float):
     """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies.
-    Half precision only: both kernels are fp16/bf16 kernels (an fp32 call is not refused by
-    every torch version, and gave a GPU fp32 engine test NaN for every continuing chunk)."""
+    Half precision only: both kernels are fp16/bf16 kernels. An fp32 call is not refused by
+    every torch version: a GPU fp32 engine test sampled token 0 (NaN logits) after every
+    continuing chunk until fp32 was kept off them."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return None
     order = sorted(_LSE_BACKENDS, key=lambda n: n != "flash") if _plan_free(q, k) \
