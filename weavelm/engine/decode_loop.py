@@ -19,7 +19,7 @@ import torch
 
 from weavelm.engine.block_manager import BlockAllocator
 from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.sampler import SamplingParams, sample
+from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.parallel.communicator import Communicator
 
 
@@ -38,8 +38,7 @@ class Running:
 class _InFlight:
     rows: list[int]              # indices into the running list, in step order
     tokens: torch.Tensor         # [B] int64 on the device
-    host: torch.Tensor           # [>= B] pinned copy, valid once `event` has passed
-    event: object                # torch.cuda.Event, or None on CPU
+    pending: tuple               # TokenReadback.start's, for `read`
 
 
 class LookaheadDecoder:
@@ -50,10 +49,9 @@ class LookaheadDecoder:
         self.is_stop, self.on_token = is_stop, on_token
         self.cuda = runner.device.type == "cuda"
         size = runner.config.max_num_seqs
-        # Pinned and used in turn, so copies in either direction never wait for the stream:
-        # sampled tokens back to the host, and the row index of the next step to the device.
-        self._host = [torch.zeros(size, dtype=torch.int64, pin_memory=self.cuda)
-                      for _ in range(2)]
+        self._readback = TokenReadback(size, runner.device)
+        # Pinned and used in turn, so the row index of the next step goes to the device
+        # without waiting for the stream.
         self._index = [torch.zeros(size, dtype=torch.int64, pin_memory=self.cuda)
                        for _ in range(2)]
         self._turn = 0
@@ -111,24 +109,11 @@ class LookaheadDecoder:
         tokens = self.comm.broadcast(tokens.contiguous(), src=0)   # rank 0 decides
         for i in rows:
             seqs[i].launched += 1
-        host = self._host[self._turn]
-        event = None
-        if self.cuda:
-            host[:len(rows)].copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host[:len(rows)] = tokens
-        return _InFlight(rows, tokens, host, event)
+        return _InFlight(rows, tokens, self._readback.start(tokens))
 
     def _settle(self, seqs, inflight: _InFlight) -> None:
         """Read a launched step's tokens; a sequence that has stopped drops its token."""
-        if inflight.event is not None:
-            inflight.event.synchronize()
-        check_errors = getattr(self.comm, "check_errors", None)
-        if check_errors is not None:        # a fused kernel timed out inside a graph replay
-            check_errors(sync=False)
-        for i, tok in zip(inflight.rows, inflight.host[:len(inflight.rows)].tolist()):
+        for i, tok in zip(inflight.rows, self._readback.read(inflight.pending, self.comm)):
             s = seqs[i]
             if s.done:
                 continue

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.sampler import SamplingParams, sample
+from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
 from weavelm.errors import check
-from weavelm.models.attention import host_to_device
+from weavelm.models.host_inputs import host_to_device
 from weavelm.parallel.communicator import Communicator
 
 
@@ -54,8 +54,7 @@ class _Launched:
     """A step on the GPU whose tokens the host has not read."""
     owners: list[tuple[Sequence, int]]   # (sequence, index of its placeholder), in sampling order
     tokens: torch.Tensor                 # [n] int64 on the device
-    host: torch.Tensor                   # [>= n] copy, valid once `event` has passed
-    event: object                        # torch.cuda.Event, or None on CPU
+    pending: tuple                       # TokenReadback.start's, for `read`
 
 
 PLACEHOLDER = -1                         # a sampled token not read yet (never a real id)
@@ -74,12 +73,7 @@ class LLMEngine:
         self.generator = torch.Generator(device=runner.device)
         self.generator.manual_seed(0)
         self._in_flight: _Launched | None = None
-        # Pinned and used in turn: step k + 1's tokens are copied back while the host reads
-        # step k's.
-        self._cuda = runner.device.type == "cuda"
-        self._host = [torch.zeros(cfg.max_num_seqs, dtype=torch.int64, pin_memory=self._cuda)
-                      for _ in range(2)]
-        self._turn = 0
+        self._readback = TokenReadback(cfg.max_num_seqs, runner.device)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -178,26 +172,13 @@ class LLMEngine:
             seq.pending_row = row
             seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
                 or seq.num_tokens >= self.max_model_len
-        self._turn ^= 1
-        host, event = self._host[self._turn], None
-        if self._cuda:
-            host[:len(owners)].copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host[:len(owners)] = tokens
-        return _Launched(placed, tokens, host, event)
+        return _Launched(placed, tokens, self._readback.start(tokens))
 
     def _read(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens and put them in place; stops end sequences."""
-        if launched.event is not None:
-            launched.event.synchronize()
-        check_errors = getattr(self.comm, "check_errors", None)
-        if check_errors is not None:        # a fused kernel timed out inside a graph replay
-            check_errors(sync=False)
         outputs = []
         for (seq, index), tok in zip(launched.owners,
-                                     launched.host[:len(launched.owners)].tolist()):
+                                     self._readback.read(launched.pending, self.comm)):
             if seq.finished:                # stopped, aborted or failed meanwhile: dropped
                 continue
             seq.output_token_ids[index] = tok

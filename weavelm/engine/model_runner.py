@@ -18,7 +18,6 @@ the graph's static buffers and padded rows pointed at the scratch block 0.
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from weavelm.engine.policy import SchedulePolicy
 from weavelm.engine.schedule import Executor
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
-from weavelm.models.attention import (AttentionBatch, PagedKVCache, Piece,
-                                      host_to_device)
+from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
+from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.decoder import CausalLM, StepInput
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.state import ParallelState
@@ -319,9 +318,7 @@ def stage_decode_rows(pieces: list[StepPiece], block_size: int, rows: np.ndarray
     width = int(counts.max())
     t = tables[:G * width].reshape(G, width)
     t[:] = 0
-    t[:B][np.arange(width) < counts[:, None]] = np.fromiter(   # row by row, in order
-        itertools.chain.from_iterable(p.blocks for p in pieces), dtype=np.int32,
-        count=int(counts.sum()))
+    fill_block_table(t[:B], (p.blocks for p in pieces), counts)
     pos = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=B)
     rows[0, :B] = np.fromiter((p.token_ids[0] for p in pieces), dtype=np.int64, count=B)
     rows[1, :B] = pos

@@ -64,3 +64,41 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TokenReadback:
+    """Sampled tokens copied back to the host without waiting for the GPU, for callers that
+    queue step k + 1 before they read step k (the engine, the decode loop): two pinned buffers
+    used in turn, an event per copy.
+
+        pending = readback.start(tokens)        # right after sampling step k
+        ... queue step k + 1 ...
+        values = readback.read(pending, comm)    # step k's tokens as Python ints
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._host = [torch.zeros(size, dtype=torch.int64, pin_memory=self.cuda)
+                      for _ in range(2)]
+        self._turn = 0
+
+    def start(self, tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
+        self._turn ^= 1
+        host = self._host[self._turn][:len(tokens)]
+        if not self.cuda:
+            host.copy_(tokens)
+            return host, None
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def read(pending: tuple[torch.Tensor, object], comm) -> list[int]:
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        check_errors = getattr(comm, "check_errors", None)
+        if check_errors is not None:        # a fused kernel timed out inside a graph replay
+            check_errors(sync=False)
+        return host.tolist()

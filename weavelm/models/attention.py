@@ -17,7 +17,6 @@ from its blocks first.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
 from weavelm.kernels.rope_cache import rope_and_cache
+from weavelm.models.host_inputs import fill_block_table, host_to_device
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ class AttentionBatch:
         width = max(1, max_blocks or max((len(t) for t in tables), default=1))
         counts = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         table = np.zeros((len(tables), width), dtype=np.int32)
-        table[np.arange(width) < counts[:, None]] = np.fromiter(   # row by row, in order
-            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(counts.sum()))
+        fill_block_table(table, tables, counts)
         lengths = np.fromiter((p.length for p in pieces), dtype=np.int64, count=len(pieces))
         starts = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=len(pieces))
         rows = np.fromiter((p.row for p in pieces), dtype=np.int64, count=len(pieces))
@@ -130,17 +129,6 @@ class AttentionBatch:
                 self.context_lens[n_first:]
             b.pieces = [replace(p, row=p.row - n_first) for p in second]
         return a, b
-
-
-def host_to_device(array: np.ndarray, device) -> torch.Tensor:
-    """A step input built on the host, on `device`. To a GPU through pinned memory (torch's
-    caching host allocator, which keeps the block until the copy has run): a copy from pageable
-    memory may wait for the work already queued on the stream, and the engine queues a step
-    while the one before it runs."""
-    t = torch.from_numpy(array)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def fresh_layout(lengths: list[int], block_size: int) -> list[list[int]]:
