@@ -119,7 +119,7 @@ def generate(
                         kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES), tp,
                str(dev), f"{source.name} ({width}-byte weights, TP {tp})",
                budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
-    from weavelm.engine.entrypoints import generate_rank
+    from .generate_cmd import generate_rank
     from weavelm.parallel.launch import run_ranks
     run_ranks(generate_rank, tp, opts)
 
@@ -225,7 +225,7 @@ def bench_prefill(
     """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
     from weavelm.bench.prefill import bench_prefill_rank, format_table, plot as plot_fn
     from weavelm.bench.shapes import shape_config
-    from weavelm.engine.schedule import parse_mode
+    from weavelm.engine.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.parallel.launch import run_ranks
@@ -295,7 +295,7 @@ def bench_throughput(
     from weavelm.bench.shapes import shape_config
     from weavelm.bench.throughput import format_result, plot as plot_fn, throughput_rank
     from weavelm.engine.llm import runner_config
-    from weavelm.engine.schedule import parse_mode
+    from weavelm.engine.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.parallel.launch import run_ranks

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def weavelm(*args, env=None, timeout=300, stdin=None):
     """Run the CLI from the source tree; return (exit code, stdout, stderr)."""
     full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", *map(str, args)], cwd=ROOT,
                        env=full_env, input=stdin, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 

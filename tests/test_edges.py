@@ -169,7 +169,7 @@ def test_readme_bench_on_a_small_machine_is_refused(monkeypatch):
     machine: one line with the estimate and what fits, before any rank starts."""
     from typer.testing import CliRunner
 
-    import cli.main as cli_main
+    import weavelm.cli.main as cli_main
     from weavelm.engine import memory
     from weavelm.parallel import launch
     monkeypatch.setattr(memory, "available_bytes",

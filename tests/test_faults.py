@@ -113,7 +113,7 @@ class Run:
 
     def __init__(self, args, env=None):
         self.t0 = time.monotonic()
-        self.p = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
+        self.p = subprocess.Popen([sys.executable, "-m", "weavelm.cli.main", *args], cwd=ROOT,
                                   env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   start_new_session=True, preexec_fn=_as_from_a_terminal)

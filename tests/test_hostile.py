@@ -90,7 +90,7 @@ CASES = {
 
 def _generate(path, stdin=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(path), "-p", "1 2 3",
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "generate", str(path), "-p", "1 2 3",
                         "--no-chat", "--device", "cpu", "-n", "2"], cwd=ROOT, env=env,
                        input=stdin, capture_output=True, text=True, timeout=300)
     return p.returncode, p.stdout, p.stderr
@@ -199,7 +199,7 @@ def test_bad_shard_index_is_refused(tmp_path, edit, words):
 
 def test_invalid_utf8_prompt(tiny):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(tiny), "-p",
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "generate", str(tiny), "-p",
                         b"caf\xe9 \xff".decode("utf-8", "surrogateescape"), "--no-chat",
                         "--device", "cpu", "-n", "2"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)

@@ -1,19 +1,29 @@
 """The package's shape (docs/architecture.md): imports go down the layers only, no import
-circle between modules, and no module grows past 400 lines."""
+circle between modules, and no module grows past 400 lines; the CLI (top-level cli/, imported as
+`weavelm.cli` from a checkout as from an install) included."""
 import ast
 import pathlib
 
 import weavelm
+import weavelm.cli
 
 PKG = pathlib.Path(weavelm.__file__).parent
+CLI = pathlib.Path(weavelm.cli.__path__[0])
 # Each layer may import itself and the layers after it in this list, never one before it.
-LAYERS = ["serve", "bench", "engine", "models", "parallel", "kernels"]
+LAYERS = ["cli", "serve", "bench", "engine", "models", "parallel", "kernels"]
+
+
+def _files() -> list[tuple[pathlib.Path, tuple[str, ...]]]:
+    """(path, module name parts) of every module of weavelm and its CLI."""
+    out = [(p, p.relative_to(PKG.parent).with_suffix("").parts) for p in PKG.rglob("*.py")]
+    out += [(p, ("weavelm", "cli") + p.relative_to(CLI).with_suffix("").parts)
+            for p in CLI.rglob("*.py")]
+    return out
 
 
 def _modules() -> dict[str, pathlib.Path]:
     out = {}
-    for path in PKG.rglob("*.py"):
-        parts = path.relative_to(PKG.parent).with_suffix("").parts
+    for path, parts in _files():
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
     return out
@@ -86,6 +96,17 @@ def test_no_import_circle():
 
 
 def test_no_module_over_400_lines():
-    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py")
+    long = {".".join(parts): n for p, parts in _files()
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_the_cli_is_one_package():
+    """`weavelm.cli` is the top-level cli/ folder, and nothing imports it as plain `cli`."""
+    assert CLI.resolve() == (PKG.parent / "cli").resolve()
+    plain = [str(p) for p, _ in _files()
+             if any(isinstance(n, (ast.Import, ast.ImportFrom)) and any(
+                 (getattr(n, "module", None) or a.name).split(".")[0] == "cli"
+                 for a in n.names) and not getattr(n, "level", 0)
+                 for n in ast.walk(ast.parse(p.read_text())))]
+    assert not plain, plain

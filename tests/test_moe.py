@@ -110,7 +110,7 @@ def checkpoints(tmp_path_factory):
 
 def _run(tp, paths, weave):
     from weavelm import LLM, SamplingParams
-    from weavelm.engine.schedule import Mode
+    from weavelm.engine.weave.executor import Mode
     from weavelm.parallel.state import destroy_parallel
     result = {}
     for name, path in paths.items():
@@ -286,7 +286,7 @@ def test_cli_generate_runs_tiny_mixtral_at_tp2(checkpoints, tmp_path):
     shutil.copytree(checkpoints["mixtral"]["path"], d)
     save_tiny_tokenizer(d)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-m", "cli.main", "generate", str(d), "-p", "1 5 9 14",
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "generate", str(d), "-p", "1 5 9 14",
                         "--no-chat", "--device", "cpu", "-n", "4", "--tp", "2"], cwd=root,
                        env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
                        timeout=300)
@@ -298,7 +298,7 @@ def test_cli_generate_runs_tiny_mixtral_at_tp2(checkpoints, tmp_path):
 # -- the splitter's cost model and the prefill benchmark know MoE layers ----------------------
 def test_named_moe_shapes_and_their_grouped_gemms():
     from weavelm.bench.shapes import shape_config
-    from weavelm.engine.wave_model import gemm_waves
+    from weavelm.engine.weave.wave_model import gemm_waves
     from weavelm.models.config import ModelConfig
     from weavelm.models.registry import GemmShape, family_for
     for name, E, K in (("mixtral-8x7b", 8, 2), ("mixtral-8x22b", 8, 2), ("qwen3-30b-a3b", 128, 8)):

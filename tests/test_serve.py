@@ -62,7 +62,7 @@ def tiny(tmp_path_factory):
 
 def _start(path, tp, log, shutdown_timeout=20):
     port = free_port()
-    cmd = [sys.executable, "-m", "cli.main", "serve", path, "--device", "cpu", "--port",
+    cmd = [sys.executable, "-m", "weavelm.cli.main", "serve", path, "--device", "cpu", "--port",
            str(port), "--tp", str(tp), "--served-model-name", "tiny", "--shutdown-timeout",
            str(shutdown_timeout)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
@@ -295,7 +295,7 @@ def test_seeded_sampling_repeats_itself(server):
 def test_bench_serve_loads_the_server(server, tmp_path):
     proc, url, _ = server
     out = tmp_path / "load.json"
-    p = subprocess.run([sys.executable, "-m", "cli.main", "bench", "serve", "--url", url,
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "bench", "serve", "--url", url,
                         "--vocab", "103", "--num-requests", "12", "--input-len", "6",
                         "--output-len", "5", "--concurrency", "4", "--request-rate", "50",
                         "--timeout", "120", "--json", str(out)], cwd=ROOT,

@@ -73,7 +73,7 @@ def test_a_model_that_fails_to_load_ends_the_server_with_one_line(tmp_path):
     make_tiny("llama", tmp_path, seed=1)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])        # cut short
-    p = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(tmp_path), "--device",
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "serve", str(tmp_path), "--device",
                         "cpu", "--port", str(free_port())], cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=300)

@@ -1,7 +1,17 @@
 """weavelm: tensor-parallel LLM inference that hides all-reduce behind compute (TokenWeave)."""
+import os as _os
+
 from weavelm.errors import WeavelmError
 
 __version__ = "0.1.0"
+
+# The CLI's source is the top-level cli/ (the product's layout). An install maps it to
+# `weavelm.cli` (pyproject's package-dir); in a checkout this does the same, so the CLI is
+# imported and run one way everywhere: `import weavelm.cli`, `python -m weavelm.cli.main`.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "cli", "main.py")) \
+        and _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
+    __path__.append(_root)
 
 
 def __getattr__(name):

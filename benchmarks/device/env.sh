@@ -12,14 +12,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # The `weavelm` CLI (it starts its own ranks for --tp N), as a command array so that `timeout`
-# can run it: this checkout's module, else the installed entry point.
-if [ -f weavelm/cli/main.py ]; then
-  WEAVELM=(python3 -m weavelm.cli.main)
-elif [ -f cli/main.py ]; then
-  WEAVELM=(python3 -m cli.main)
-else
-  WEAVELM=(weavelm)
-fi
+# can run it: this checkout's, as `weavelm.cli` (weavelm/__init__.py maps cli/ there).
+WEAVELM=(python3 -m weavelm.cli.main)
 
 # use_gpus N: check that N is a GPU count this machine has, and show the run only GPUs 0..N-1
 # (an existing CUDA_VISIBLE_DEVICES is left as it is).

@@ -20,9 +20,9 @@ from weavelm.engine.block_manager import BLOCK_SIZE
 from weavelm.engine.decode_loop import LookaheadDecoder, Running
 from weavelm.engine.engine import LLMEngine
 from weavelm.engine.model_runner import ModelRunner, RunnerConfig
-from weavelm.engine.policy import SchedulePolicy
+from weavelm.engine.weave.policy import SchedulePolicy
 from weavelm.engine.sampler import SamplingParams
-from weavelm.engine.schedule import Mode, parse_mode
+from weavelm.engine.weave.executor import Mode, parse_mode
 from weavelm.errors import WeavelmError, check
 from weavelm.models.attention import prefill_batch
 from weavelm.models.config import ModelConfig
@@ -168,7 +168,7 @@ class LLM:
 
     @property
     def mode(self) -> str | Mode:
-        """The schedule setting: "auto" or a `Mode` (see `weavelm.engine.policy`)."""
+        """The schedule setting: "auto" or a `Mode` (see `weavelm.engine.weave.policy`)."""
         return "auto" if self.policy.auto else self.policy.mode
 
     @mode.setter

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from weavelm.engine.block_manager import BLOCK_SIZE, BlockAllocator
-from weavelm.engine.policy import SchedulePolicy
-from weavelm.engine.schedule import Executor
+from weavelm.engine.weave.policy import SchedulePolicy
+from weavelm.engine.weave.executor import Executor
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece

@@ -5,7 +5,7 @@ T = tokens in the step, D = hidden size, V = vocabulary.
 A model is an embedding, a stack of `DecoderLayer`s and a final norm, and each layer is two
 blocks, attention and MLP, that end in a row-parallel GEMM and so return *partial sums* on
 each rank. Models never reduce them and know nothing of streams or communicators' buffers: the
-schedules in `weavelm.engine.schedule` reduce every block's partial sums together with the
+schedules in `weavelm.engine.weave.executor` reduce every block's partial sums together with the
 residual add and the next norm, in whatever order and on whatever stream they choose
 (docs/architecture.md, "Schedules").
 """
@@ -80,7 +80,7 @@ class CausalLM(nn.Module):
     """Base of every family's `...ForCausalLM`: Hugging Face's layout (`model.embed_tokens`,
     `model.layers`, `model.norm`, `lm_head`) and the views of it the engine uses.
 
-    Models have no `forward`: a schedule runs them (`weavelm.engine.schedule.Executor`).
+    Models have no `forward`: a schedule runs them (`weavelm.engine.weave.executor.Executor`).
     """
 
     config: "object"

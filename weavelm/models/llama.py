@@ -5,7 +5,7 @@ I = intermediate size, V = vocabulary.
 
 Classes and attribute names mirror Hugging Face's, so checkpoint names map one to one except for
 the packed projections in `PACKED_MODULES`. The model composes TP layers only: each block
-returns partial sums, and a schedule (`weavelm.engine.schedule`) reduces them, adds the residual
+returns partial sums, and a schedule (`weavelm.engine.weave.executor`) reduces them, adds the residual
 and applies the *next* norm. The four architectures share this implementation: they are four
 registry entries at the bottom of this file.
 """

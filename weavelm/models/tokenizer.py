@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 
-from weavelm.cache import cache_root
+from weavelm.cache_dir import cache_root
 from weavelm.errors import WeavelmError
 
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Phi-3, Gemma). A chat model stops

@@ -1,4 +1,4 @@
-"""What every rank runs for `weavelm generate` (the CLI checks its input, then starts the ranks
+"""`weavelm generate` on each rank (the CLI checks its input, then starts the ranks
 with `parallel.launch.run_ranks`; this module is what they execute)."""
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from weavelm.engine.split_table import SplitTable, cached_table, model_key, table_key
-from weavelm.engine.wave_model import DEFAULT_NUM_SMS, causal_bias, choose_split
+from weavelm.engine.weave.split_table import SplitTable, cached_table, model_key, table_key
+from weavelm.engine.weave.wave_model import DEFAULT_NUM_SMS, causal_bias, choose_split
 from weavelm.models.registry import family_for
 
 # The engine prefills eagerly (no CUDA graphs for prefill yet), and two eager halves are

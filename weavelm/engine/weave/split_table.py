@@ -18,8 +18,8 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 
-from weavelm.cache import cache_root
-from weavelm.engine.wave_model import DEFAULT_MIN_TOKENS
+from weavelm.cache_dir import cache_root
+from weavelm.engine.weave.wave_model import DEFAULT_MIN_TOKENS
 
 TABLE_VERSION = 1
 
