@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))       # profile_e
 from weavelm.bench.throughput import workload  # noqa: E402
 from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
 from weavelm.engine.engine import LLMEngine  # noqa: E402
-from weavelm.engine.model_runner import RunnerConfig, stage_decode_rows  # noqa: E402
+from weavelm.engine.config import EngineConfig  # noqa: E402
+from weavelm.engine.model_runner import stage_decode_rows  # noqa: E402
 from weavelm.engine.sampler import SamplingParams  # noqa: E402
 
 MAX_LEN, VOCAB, BS = 8192 + 513, 128256, 16
@@ -40,7 +41,7 @@ class StubRunner:
     with the graph replay's own `stage_decode_rows`."""
 
     def __init__(self, num_blocks: int, max_num_seqs: int = 256):
-        self.config = RunnerConfig(max_model_len=MAX_LEN, max_num_seqs=max_num_seqs)
+        self.config = EngineConfig(max_model_len=MAX_LEN, max_num_seqs=max_num_seqs)
         self.blocks = BlockAllocator(num_blocks, BS)
         self.device, self.block_size = torch.device("cpu"), BS
         G, M = max_num_seqs, -(-MAX_LEN // BS)
@@ -48,7 +49,7 @@ class StubRunner:
         self.kinds = collections.Counter()
         self.tokens = collections.Counter()
 
-    def step(self, pieces, ids=None, late=None):
+    def step(self, pieces, late=None):
         decode = all(len(p.token_ids) == 1 for p in pieces)
         kind = "decode-only" if decode else "mixed"
         self.kinds[kind] += 1
@@ -70,7 +71,7 @@ def main():
     args = ap.parse_args()
 
     runner = StubRunner(60000, max(args.decoding, 1))
-    engine = LLMEngine(runner, LocalComm(), set(), MAX_LEN)
+    engine = LLMEngine(runner, LocalComm(), runner.config)
     rng = np.random.default_rng(0)
     for i in range(args.decoding):
         engine.add_request(str(i), [1] * int(rng.integers(500, 3000)),
@@ -85,16 +86,14 @@ def main():
           f"{len(engine.scheduler.running)} sequences")
 
     runner = StubRunner(55848)
-    engine = LLMEngine(runner, LocalComm(), set(), MAX_LEN)
+    engine = LLMEngine(runner, LocalComm(), runner.config)
     requests = workload(args.num_requests, VOCAB, 0)
     for i, (prompt, out_len) in enumerate(requests):
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=out_len,
                                                           ignore_eos=True))
     t = time.perf_counter()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                engine.forget(out.request_id)
+        engine.step()
     print(f"{args.num_requests} requests of bench throughput's workload: "
           f"{time.perf_counter() - t:.2f} s of host time; steps "
           + ", ".join(f"{k} {v} ({runner.tokens[k]} tokens)" for k, v in runner.kinds.items()))

@@ -171,13 +171,10 @@ def engine_loop(llm, requests, sync, profile_steps: bool):
 
 
 def drain(engine) -> int:
-    """Step the engine until every request has finished (as a server would, forgetting each
-    finished one); returns the number of steps."""
+    """Step the engine until every request has finished; returns the number of steps."""
     steps = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                engine.forget(out.request_id)
+        engine.step()
         steps += 1
     return steps
 

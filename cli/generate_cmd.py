@@ -24,17 +24,13 @@ class TokenPrinter:
 
 
 def generate_rank(opts: dict) -> None:
-    """Build the LLM on this rank and generate for already-tokenized prompts; rank 0 streams
-    the first answer and prints the others after it."""
+    """Build the LLM of `opts["config"]` (an EngineConfig the CLI checked) on this rank and
+    generate for already-tokenized prompts; rank 0 streams the first answer and prints the
+    others after it."""
     from weavelm.engine.llm import LLM
-    from weavelm.engine.sampler import SamplingParams
-    params = SamplingParams(**opts["sampling"])
-    llm = LLM(opts["model"], tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
-              allow_pickle=opts["allow_pickle"], max_model_len=opts["max_model_len"],
-              backend=opts["backend"], mode=opts["mode"],
-              collective_timeout=opts.get("collective_timeout"), **opts.get("engine", {}))
+    llm = LLM.from_config(opts["config"])
     printer = TokenPrinter(llm.tokenizer) if llm.state.is_first else None
-    outs = llm.generate_from_ids(opts["token_lists"], params, on_token=printer,
+    outs = llm.generate_from_ids(opts["token_lists"], opts["params"], on_token=printer,
                                  prompts=opts["prompts"])
     if llm.state.is_first:
         sys.stdout.write("\n")

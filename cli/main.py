@@ -71,57 +71,56 @@ def generate(
         "Seconds a rank waits for peers \\[default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
 ):
     """Generate text, streaming tokens as they come."""
+    from weavelm.engine.config import check_prompt
+    from weavelm.engine.model_loading import resolve_dtype
     from weavelm.engine.sampler import SamplingParams
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.models.loader import resolve_model
     from weavelm.parallel.state import collective_timeout as timeout_of
 
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed)
-    SamplingParams(**sampling)                              # validate before starting ranks
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed)   # checked before ranks start
     dev = options.check_tp(tp, device)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
+    options.check_mode(mode)
     source = resolve_model(model, allow_pickle=allow_pickle)
-    config = ModelConfig.from_hf(source.config, source.config_file)
-    config.check_tp(tp)
+    model_config = ModelConfig.from_hf(source.config, source.config_file)
+    config = options.engine_config(
+        model_config, model=str(source.path), tp=tp, device=str(dev), dtype=dtype,
+        max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+        collective_timeout=collective_timeout)
     # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
     from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
     tokenizer = load_tokenizer(source.path)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    context = max_model_len or config.max_position_embeddings
     token_lists = []
     for p in prompt:
         ids = apply_chat(tokenizer, p) if chat else encode(tokenizer, p)
         check(len(ids) > 0, "the prompt is empty: give some text with -p")
-        check(len(ids) < context, f"the prompt has {len(ids)} tokens but the context holds "
-                                  f"{context}: shorten the prompt")
+        check_prompt(len(ids), config.max_model_len)
         token_lists.append(ids)
-    options.check_schedule(mode, backend)
-    engine = options.engine_options(context, gpu_memory_utilization, max_num_seqs,
-                                    max_num_batched_tokens, enforce_eager)
-    opts = dict(model=str(source.path), tp=tp, device=str(dev), dtype=dtype, backend=backend,
-                engine=engine,
-                mode=mode, allow_pickle=allow_pickle, max_model_len=max_model_len, prompts=list(prompt),
-                token_lists=token_lists, sampling=sampling, collective_timeout=collective_timeout)
     cores = os.cpu_count() or 1
     if dev.type == "cpu" and tp > cores:
         typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
                    f"TP {tp} will run slower than a smaller TP here", err=True)
-    from weavelm.engine.llm import resolve_dtype
     from weavelm.engine.memory import check_fits, estimate
+    from weavelm.engine.model_runner import CPU_KV_BYTES
     step = max_num_batched_tokens if dev.type == "cuda" else \
         min(max_num_batched_tokens, sum(map(len, token_lists)))
     width = resolve_dtype(dtype, dev).itemsize
-    from weavelm.engine.model_runner import CPU_KV_BYTES
-    check_fits(estimate(config, tp, width, step, step + max_new_tokens * len(token_lists),
+    check_fits(estimate(model_config, tp, width, step, step + max_new_tokens * len(token_lists),
                         kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES), tp,
                str(dev), f"{source.name} ({width}-byte weights, TP {tp})",
                budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
-    from .generate_cmd import generate_rank
     from weavelm.parallel.launch import run_ranks
-    run_ranks(generate_rank, tp, opts)
+
+    from .generate_cmd import generate_rank
+    run_ranks(generate_rank, tp, dict(config=config, params=params, token_lists=token_lists,
+                                      prompts=list(prompt)))
 
 
 @app.command()
@@ -294,7 +293,7 @@ def bench_throughput(
     """Serve a seeded synthetic workload; throughput, TTFT/TPOT and the roofline bound."""
     from weavelm.bench.shapes import shape_config
     from weavelm.bench.throughput import format_result, plot as plot_fn, throughput_rank
-    from weavelm.engine.llm import runner_config
+    from weavelm.engine.config import EngineConfig
     from weavelm.engine.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
@@ -310,16 +309,16 @@ def bench_throughput(
     check(compare is None or tp == 1, "--compare hf runs transformers on one device: use --tp 1")
     for name, v in (("--input-len", input_len), ("--output-len", output_len)):
         check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
-    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=max_num_batched_tokens)
-    runner_config(8192, engine)
-    opts = dict(shape=shape, layers=layers, tp=tp, mode=mode, num_requests=num_requests,
+    config = EngineConfig(tp=tp, device=str(dev), mode=mode,
+                          backend=backend if dev.type == "cuda" else "torch",
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    opts = dict(shape=shape, layers=layers, config=config, num_requests=num_requests,
                 input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
-                backend=backend if dev.type == "cuda" else "torch", device=str(dev),
-                dtype=None, engine=engine, compare=compare)
+                compare=compare)
     _check_plot(plot)
-    from weavelm.engine.llm import resolve_dtype
     from weavelm.engine.memory import check_fits, estimate
+    from weavelm.engine.model_loading import resolve_dtype
     cfg = ModelConfig.from_hf(shape_config(shape, layers))
     from weavelm.engine.model_runner import CPU_KV_BYTES
     check_fits(estimate(cfg, tp, resolve_dtype(None, dev).itemsize, max_num_batched_tokens,

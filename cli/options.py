@@ -49,21 +49,15 @@ def check_tp(tp: int, device: str | None):
     return dev
 
 
-def check_schedule(mode: str, backend: str | None) -> None:
+def check_mode(mode: str) -> None:
+    """The commands serve a schedule: nocomm (wrong output, analysis only) is for benchmarks."""
     from weavelm.errors import check
     check(mode in ("auto", "baseline", "fused", "weave"),
           f"unknown --mode {mode!r}: choose auto, baseline, fused or weave")
-    check(backend in (None, "auto", "torch", "p2p", "multimem"),
-          f"unknown --backend {backend!r}: choose auto, torch, p2p or multimem")
 
 
-def engine_options(context: int, gpu_memory_utilization: float, max_num_seqs: int,
-                   max_num_batched_tokens: int, enforce_eager: bool, **extra) -> dict:
-    """The engine's options as the ranks take them, checked (one line each) before any rank
-    starts."""
-    from weavelm.engine.llm import runner_config
-    engine = dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
-                  **{k: v for k, v in extra.items() if v is not None})
-    runner_config(context, engine)
-    return engine
+def engine_config(model_config, **options):
+    """The EngineConfig of a command's options, checked once (one line each) and resolved
+    against the model (TP degree, context) before any rank starts; the ranks take it as is."""
+    from weavelm.engine.config import EngineConfig
+    return EngineConfig(**options).for_model(model_config)

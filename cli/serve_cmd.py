@@ -64,16 +64,13 @@ def serve(
         hf_config = source.config
         name = model or os.path.basename(str(source.path)).split(".")[0]   # SmolLM2-135M-Instruct
         model = str(source.path)
-    config = ModelConfig.from_hf(hf_config)
-    config.check_tp(tp)
-    options.check_schedule(mode, backend)
-    context = max_model_len or config.max_position_embeddings
-    check(0 < context <= config.max_position_embeddings,
-          f"--max-model-len {context} is outside this model's context "
-          f"(1..{config.max_position_embeddings}): lower it")
-    engine = options.engine_options(context, gpu_memory_utilization, max_num_seqs,
-                                    max_num_batched_tokens, enforce_eager,
-                                    num_kv_blocks=num_kv_blocks)
+    options.check_mode(mode)
+    config = options.engine_config(
+        ModelConfig.from_hf(hf_config), model=model, tp=tp, device=str(dev), dtype=dtype,
+        max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+        num_kv_blocks=num_kv_blocks)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
@@ -81,9 +78,7 @@ def serve(
             from weavelm.errors import WeavelmError
             raise WeavelmError(f"cannot listen on {host}:{port} ({e.strerror}): pick another "
                                f"--port or --host") from None
-    opts = dict(model=model, shape=shape, layers=layers, seed=seed, tp=tp, device=str(dev),
-                dtype=dtype, max_model_len=max_model_len, allow_pickle=allow_pickle,
-                backend=backend, mode=mode, engine=engine, host=host, port=port,
+    opts = dict(config=config, shape=shape, layers=layers, seed=seed, host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
                 access_log=access_log)
     from weavelm.parallel.launch import run_ranks

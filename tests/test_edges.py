@@ -216,9 +216,10 @@ def test_generate_with_a_model_too_big_is_one_line(tiny, tmp_path):
 @pytest.mark.skipif(_mem_available_gib() > 90, reason="this machine may fit the model")
 def test_llm_with_a_model_too_big_fails_before_loading(tiny, tmp_path, monkeypatch):
     from weavelm import LLM
-    from weavelm.engine import llm as llm_module
+    from weavelm.engine import model_loading
     from weavelm.errors import WeavelmError
-    monkeypatch.setattr(llm_module, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(model_loading, "load_weights",
+                        lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(WeavelmError, match="needs about .* GiB") as e:
         LLM(str(_huge(tiny, tmp_path)), device="cpu", progress=False)
     assert "\n" not in str(e.value)

@@ -64,7 +64,7 @@ def _drive(tp, path, budget, blocks, mode):
     engine.add_request("d", [7] * 70, params)        # longer than the context (64)
     engine.add_request("e", prompts["e"], params)
     step(2)
-    engine.abort_request("e")                        # its blocks come back at once
+    aborted = engine.abort_request("e")              # its blocks come back at once
     free_after_abort = engine.runner.blocks.num_free
     while engine.has_unfinished_requests():
         step()
@@ -72,8 +72,8 @@ def _drive(tp, path, budget, blocks, mode):
     mixed_woven = sum(1 for n, lens, (m, split) in woven
                       if split is not None and 1 in lens and max(lens) > 1)
     return dict(done=done, preempted=engine.scheduler.num_preempted, blocks_left=blocks_left,
-                aborted=engine.seqs["e"].finish_reason, free_after_abort=free_after_abort,
-                mixed_woven=mixed_woven)
+                aborted=aborted, free_after_abort=free_after_abort, mixed_woven=mixed_woven,
+                records_left=sorted(engine.seqs))
 
 
 def _run(tp, *args):
@@ -86,8 +86,9 @@ def _check(r, want):
     tokens, reason = r["done"]["d"]
     assert tokens == [] and reason.startswith("error: ") and "context holds 64" in reason
     assert "\n" not in reason
-    assert r["aborted"] == "abort" and "e" not in r["done"]
+    assert r["aborted"] is True and "e" not in r["done"]
     assert r["blocks_left"] == 0
+    assert r["records_left"] == []          # finished and aborted requests left the engine
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -57,7 +57,7 @@ def test_seeded_sampling_and_eos(tiny):
 
     # Make the 4th greedy token of sequence 0 the EOS: generation must stop right there.
     stop = greedy[0].token_ids[3]
-    llm._stop = {stop}
+    llm.engine.stop_ids = {stop}
     out = llm.generate_from_ids([PROMPTS[0]], SamplingParams(max_new_tokens=16))[0]
     first = greedy[0].token_ids.index(stop)
     assert out.token_ids == greedy[0].token_ids[: first + 1]
@@ -67,12 +67,13 @@ def test_seeded_sampling_and_eos(tiny):
 def test_sampler_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = [int(sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g))
-             for _ in range(300)]
+    def draw(params):
+        return int(sample(logits, [params], [None], g))
+    draws = [draw(SamplingParams(temperature=1.0, top_p=0.7)) for _ in range(300)]
     assert set(draws) == {0, 1}                       # 0.5 + 0.3 covers top_p = 0.7
-    draws = [int(sample(logits, SamplingParams(temperature=1.0, top_k=3), g)) for _ in range(300)]
+    draws = [draw(SamplingParams(temperature=1.0, top_k=3)) for _ in range(300)]
     assert set(draws) == {0, 1, 2}
-    assert int(sample(logits, SamplingParams(), None)) == 0
+    assert draw(SamplingParams()) == 0
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),

@@ -167,8 +167,9 @@ def test_tiny_temperature_samples_greedily(llm):
 def test_bad_mode_fails_before_loading(tiny, monkeypatch):
     from weavelm import LLM
     from weavelm.errors import WeavelmError
-    from weavelm.engine import llm as llm_module
-    monkeypatch.setattr(llm_module, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    from weavelm.engine import model_loading
+    monkeypatch.setattr(model_loading, "load_weights",
+                        lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(WeavelmError, match="unknown mode 'turbo'"):
         LLM(str(tiny), device="cpu", progress=False, mode="turbo")
     with pytest.raises(WeavelmError, match="gpu_memory_utilization"):

@@ -118,7 +118,7 @@ def _stop_mid_batch(path, prompts, blocks, stop):
     from weavelm import LLM, SamplingParams
     llm = LLM(path, tp=1, device="cpu", progress=False, block_size=BLOCK, num_kv_blocks=blocks,
               max_num_batched_tokens=BUDGET)
-    llm._stop = {stop}
+    llm.engine.stop_ids = {stop}
     outs = llm.generate_from_ids(prompts, SamplingParams(max_new_tokens=NEW))
     return outs, llm.runner.blocks.capacity - llm.runner.blocks.num_free
 

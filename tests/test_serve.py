@@ -18,8 +18,8 @@ import time
 import httpx
 import pytest
 
+from serve_run import start_server as _start, stop_server as _stop
 from tiny_models import make_tiny, save_tiny_tokenizer
-from weavelm.parallel.launch import free_port
 
 openai = pytest.importorskip("openai")
 
@@ -58,38 +58,6 @@ def tiny(tmp_path_factory):
         "many": [o.text for o in llm.generate(MANY, params)],
     }
     return str(path), want
-
-
-def _start(path, tp, log, shutdown_timeout=20):
-    port = free_port()
-    cmd = [sys.executable, "-m", "weavelm.cli.main", "serve", path, "--device", "cpu", "--port",
-           str(port), "--tp", str(tp), "--served-model-name", "tiny", "--shutdown-timeout",
-           str(shutdown_timeout)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                            stdout=log, stderr=subprocess.STDOUT)
-    url, deadline, loading = f"http://127.0.0.1:{port}", time.time() + 180, []
-    while time.time() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}"
-        try:
-            r = httpx.get(f"{url}/health", timeout=5)
-            if r.status_code == 200:
-                return proc, url, loading
-            loading.append(r)                        # 503 while the model loads
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not become healthy within 180 s")
-
-
-def _stop(proc, timeout=60):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_engine_steps_equal_transformers_greedy(tmp_path):
     assert runner.graphs
     replays = []
     replay = runner._replay
-    runner._replay = lambda *a: replays.append(a[2] is not None) or replay(*a)
+    runner._replay = lambda *a: replays.append(a[1] is not None) or replay(*a)
     engine.stop_ids = {stop_id}
     params = SamplingParams(max_new_tokens=new)
     done = {}

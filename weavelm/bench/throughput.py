@@ -18,6 +18,7 @@ Every rank runs this; rank 0 prints.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import statistics
@@ -117,7 +118,6 @@ def serve(llm, requests, progress: bool = False) -> dict:
                 first[out.request_id] = now
             if out.finished:
                 done[out.request_id] = (now, len(out.token_ids))
-                engine.forget(out.request_id)
                 bar.update()
     elapsed = time.perf_counter() - t0
     bar.close()
@@ -170,23 +170,24 @@ def throughput_rank(opts: dict) -> dict | None:
     from weavelm.bench.shapes import shape_config
     from weavelm.engine.llm import LLM
     from weavelm.parallel.state import init_parallel
-    state = init_parallel(opts["tp"], opts["device"])
+    config = opts["config"]
+    state = init_parallel(config.tp, config.device)
     hf_cfg = shape_config(opts["shape"], opts["layers"])
     requests = workload(opts["num_requests"], hf_cfg["vocab_size"], opts["seed"],
                         opts["input_len"], opts["output_len"], input_max=opts["input_max"])
     longest = max(len(p) + o for p, o in requests)
-    llm = LLM.from_weights(hf_cfg, lambda model: fill_random(model, opts["seed"]),
-                           tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
-                           max_model_len=min(hf_cfg["max_position_embeddings"], longest + 1),
-                           backend=opts["backend"], mode=opts["mode"], **opts["engine"])
+    config = dataclasses.replace(config, max_model_len=min(hf_cfg["max_position_embeddings"],
+                                                           longest + 1))
+    llm = LLM.from_config(config, hf_cfg, lambda model: fill_random(model, opts["seed"]),
+                          progress=False)
     flops, copy = measure_rates(state.device)
     layers, kv_heads, head_dim = llm.model.kv_cache_shape()
     kv_token = 2 * layers * kv_heads * head_dim * llm.dtype.itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    bound = roofline_seconds(llm.config, opts["tp"], requests, llm.runner.config.max_num_seqs,
+    bound = roofline_seconds(llm.config, config.tp, requests, llm.runner.config.max_num_seqs,
                              flops, copy, weight_bytes, kv_token)
     result = serve(llm, requests, progress=state.is_first)
-    config, dtype = llm.config, llm.dtype
+    model_config, dtype = llm.config, llm.dtype
     del llm  # transformers needs the memory the KV cache held
     gc.collect()
     if state.device.type == "cuda":
@@ -200,8 +201,8 @@ def throughput_rank(opts: dict) -> dict | None:
         hf_s = transformers_seconds(hf_cfg, requests, state.device, dtype, progress=True)
         compare = dict(transformers_s=hf_s, speedup=hf_s / e,
                        transformers_output_tok_s=result["output_tokens"] / hf_s)
-    return dict(meta=dict(shape=opts["shape"], layers=config.num_layers, tp=opts["tp"],
-                          mode=opts["mode"], device=torch.cuda.get_device_name()
+    return dict(meta=dict(shape=opts["shape"], layers=model_config.num_layers, tp=config.tp,
+                          mode=config.mode, device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
                           requests=len(requests), seed=opts["seed"],
                           gemm_tflops=flops / 1e12, copy_tbs=copy / 1e12),

@@ -1,11 +1,15 @@
-"""The step-level engine that servers drive (vLLM's names): requests join and leave between
-steps.
+"""The engine (vLLM's names): requests join and leave between steps. It is the one decode loop:
+`LLM.generate`, `weavelm serve` and the benchmarks all drive `step`.
 
+    engine = LLMEngine.from_config(EngineConfig(model=..., tp=...))
     engine.add_request("a", prompt_token_ids, SamplingParams(max_new_tokens=32))
     while engine.has_unfinished_requests():
         for out in engine.step():            # RequestOutput of every request that got a token
             ...
     engine.abort_request("a")                # frees its KV blocks at once
+
+A request leaves the engine once its last output is returned (or when it is aborted): its id
+can be used again, and the engine keeps no record of it.
 
 Each step: the scheduler picks the tokens (decode tokens first, then prefill chunks, within
 `max_num_batched_tokens`), the model runner runs them (the weave on big steps, CUDA graphs for
@@ -22,6 +26,11 @@ overrun.
 At TP > 1 every rank runs the same engine with the same requests, so every rank makes the same
 steps. A request that cannot run (too long for the context or the cache) finishes at once with
 an error in its `finish_reason`; the others go on.
+
+A request owns its randomness: one with a `seed` samples from its own generator (rows of a
+step are sampled together, each with its own noise: `sampler.sample`), so its tokens depend on
+nothing else in the batch, nor on the front end that carried it. Requests without a seed share
+the engine's generator (seeded by `EngineConfig.seed`).
 """
 from __future__ import annotations
 
@@ -30,11 +39,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from weavelm.engine.config import EngineConfig, prompt_refusal
 from weavelm.engine.model_runner import ModelRunner, StepPiece
 from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
-from weavelm.errors import check
+from weavelm.errors import WeavelmError, check
 from weavelm.models.host_inputs import host_to_device
 from weavelm.parallel.communicator import Communicator
 
@@ -61,30 +71,92 @@ PLACEHOLDER = -1                         # a sampled token not read yet (never a
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, comm: Communicator, stop_ids: set[int],
-                 max_model_len: int):
-        cfg = runner.config
-        self.runner, self.comm, self.stop_ids = runner, comm, stop_ids
-        self.max_model_len = max_model_len
-        self.scheduler = Scheduler(runner.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.seqs: dict[str, Sequence] = {}
+    def __init__(self, runner: ModelRunner, comm: Communicator, config: EngineConfig,
+                 model_config=None, source=None, tokenizer=None):
+        """An engine over a built runner; `from_config` builds one from an EngineConfig.
+        `config.max_model_len` must be resolved (`EngineConfig.for_model`)."""
+        self.runner, self.comm, self.config = runner, comm, config
+        self.model_config, self.source, self._tokenizer = model_config, source, tokenizer
+        self.max_model_len = config.max_model_len
+        self.scheduler = Scheduler(runner.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}       # the requests not yet finished and returned
         self._arrivals = 0
         self._failed: list[Sequence] = []     # finished at add_request, reported by step()
         self.generator = torch.Generator(device=runner.device)
-        self.generator.manual_seed(0)
+        self.generator.manual_seed(config.seed)
         self._in_flight: _Launched | None = None
-        self._readback = TokenReadback(cfg.max_num_seqs, runner.device)
+        self._readback = TokenReadback(config.max_num_seqs, runner.device)
+        self._stop_ids: set[int] | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, hf_config: dict | None = None, weights=None,
+                    tokenizer=None, progress: bool = True) -> "LLMEngine":
+        """Build this rank's engine: join the process group, build the model on this rank's
+        shard and load its weights (from `config.model`; or from `hf_config` and `weights`:
+        (name, tensor) pairs or a callable that fills the built model), then the runner (KV
+        cache, decode graphs) and the scheduler."""
+        from weavelm.engine.model_loading import load_model
+        loaded = load_model(config, hf_config, weights, progress)
+        engine = cls(loaded.runner, loaded.comm, loaded.config, loaded.model_config,
+                     loaded.source, tokenizer)
+        loaded.arm()                   # every rank is loaded: short collective waits from here
+        return engine
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def state(self):
+        return self.runner.state
+
+    @property
+    def device(self):
+        return self.runner.device
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use (token-id use needs none)."""
+        if self._tokenizer is None:
+            check(self.source is not None, "this engine was built from in-memory weights "
+                                           "without a tokenizer: pass tokenizer= or use token ids")
+            from weavelm.models.tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.source.path)
+        return self._tokenizer
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a sequence: EOS and the chat template's end-of-turn marker."""
+        if self._stop_ids is None:
+            from weavelm.models.tokenizer import stop_token_ids
+            eos = list(self.model_config.eos_token_ids) if self.model_config else []
+            try:
+                tokenizer = self.tokenizer
+            except WeavelmError:            # token-id-only use of a model without tokenizer files
+                tokenizer = None
+            self._stop_ids = set(eos)
+            if tokenizer is not None:
+                self._stop_ids |= stop_token_ids(tokenizer, {"eos_token_id": eos})
+        return self._stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, ids) -> None:
+        self._stop_ids = set(ids)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> None:
+        """Queue a request. One that cannot run finishes with an error output at the next step
+        (`check_request` raises that error instead)."""
         check(request_id not in self.seqs, f"request id {request_id!r} is already in use: give "
                                            f"each request its own id")
         params = params or SamplingParams()
+        self.stop_ids                       # the tokenizer loads here, never inside a step
         seq = Sequence(request_id, list(prompt_token_ids), params, self._arrivals)
         self._arrivals += 1
         self.seqs[request_id] = seq
-        error = self._refusal(seq)
+        error = self.refusal(seq.prompt_token_ids, params)
         if error is not None:
             seq.status, seq.finish_reason = Status.FINISHED, f"error: {error}"
             self._failed.append(seq)
@@ -94,14 +166,21 @@ class LLMEngine:
             seq.generator.manual_seed(params.seed)
         self.scheduler.add(seq)
 
-    def _refusal(self, seq: Sequence) -> str | None:
-        n = len(seq.prompt_token_ids)
-        if n == 0:
-            return "the prompt is empty: give at least one token"
-        if n >= self.max_model_len:
-            return (f"the prompt has {n} tokens but the context holds {self.max_model_len}: "
-                    f"shorten the prompt")
-        longest = min(self.max_model_len, n + seq.params.max_new_tokens)
+    def refusal(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
+        """Why a request cannot run (bad ids, too long for the context or the cache), or None."""
+        ids = np.asarray(prompt_token_ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            return f"a prompt must be a list of int token ids, got {prompt_token_ids!r:.80}"
+        vocab = self.model_config.vocab_size if self.model_config else None
+        if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            return (f"token id {bad} is outside this model's vocabulary (0..{vocab - 1}): the "
+                    f"tokenizer and model disagree")
+        n = len(prompt_token_ids)
+        reason = prompt_refusal(n, self.max_model_len)
+        if reason is not None:
+            return reason
+        longest = min(self.max_model_len, n + params.max_new_tokens)
         blocks = self.runner.blocks
         if blocks.blocks_for(longest - 1) > blocks.capacity:
             return (f"the request may grow to {longest} tokens but the KV cache holds "
@@ -109,11 +188,23 @@ class LLMEngine:
                     f"cache more memory")
         return None
 
-    def abort_request(self, request_id: str) -> None:
-        """End a request now; its blocks are free at once (unknown or finished ids: nothing)."""
-        seq = self.seqs.get(request_id)
-        if seq is not None and not seq.finished:
-            self._finish(seq, "abort")
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """`refusal` as a WeavelmError (front ends that fail a whole call at once)."""
+        reason = self.refusal(prompt_token_ids, params)
+        check(reason is None, reason or "")
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now and forget it; its blocks are free at once. False: no such
+        request was running (unknown, or finished and returned already)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self._failed:
+            self._failed.remove(seq)
+        if seq.finished:
+            return False
+        self._finish(seq, "abort")
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._failed) \
@@ -131,6 +222,8 @@ class LLMEngine:
         """Queue the next step, then read the one before it: the outputs of that one (and of
         requests that failed at `add_request`)."""
         outputs = [self._output(seq, []) for seq in self._failed]
+        for seq in self._failed:
+            self._leave(seq)
         self._failed = []
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled else None
@@ -138,11 +231,6 @@ class LLMEngine:
         if previous is not None:
             outputs += self._read(previous)
         return outputs
-
-    def settle(self) -> list[RequestOutput]:
-        """Read the step in flight, if any, without queueing another; its outputs."""
-        previous, self._in_flight = self._in_flight, None
-        return self._read(previous) if previous is not None else []
 
     def _launch(self, scheduled) -> _Launched:
         pieces, late_at, late_rows, offset = [], [], [], 0
@@ -157,8 +245,11 @@ class LLMEngine:
         late = None
         if late_at:
             previous = self._in_flight.tokens
-            rows = host_to_device(np.array(late_rows, dtype=np.int64), previous.device)
-            late = (late_at, previous.index_select(0, rows))
+            if late_rows == list(range(len(previous))):    # steady decode: every row, in order
+                late = (late_at, previous)
+            else:
+                rows = host_to_device(np.array(late_rows, dtype=np.int64), previous.device)
+                late = (late_at, previous.index_select(0, rows))
         logits = self.runner.step(pieces, late=late)
         owners = [p.seq for p in scheduled if p.sample]
         tokens = self._sample(logits, owners)
@@ -187,36 +278,22 @@ class LLMEngine:
             if reason is not None:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [tok]))
+            if seq.finished:
+                self._leave(seq)
         return outputs
 
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's record (servers call it once they have its output)."""
-        seq = self.seqs.get(request_id)
-        if seq is not None and seq.finished:
-            del self.seqs[request_id]
+    def _leave(self, seq: Sequence) -> None:
+        """A finished request whose last output is being returned leaves the engine."""
+        if self.seqs.get(seq.request_id) is seq:
+            del self.seqs[seq.request_id]
 
     def _sample(self, logits, owners: list[Sequence]) -> torch.Tensor:
-        """One token per owner, on the device; rows that sample alike (every greedy row; else
-        the same temperature, top-k, top-p and generator) are sampled in one call. Rank 0
-        decides and broadcasts, so ranks never diverge."""
+        """One token per owner, on the device, each row with its request's parameters and
+        generator. Rank 0 decides and broadcasts, so ranks never diverge."""
         if not owners:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
-        for row, seq in enumerate(owners):
-            p = seq.params
-            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p,
-                                                id(seq.generator))
-            groups.setdefault(key, []).append(row)
-        if len(groups) == 1:
-            seq = owners[0]
-            tokens = sample(logits, seq.params, seq.generator or self.generator)
-        else:
-            tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
-            for rows in groups.values():
-                seq = owners[rows[0]]
-                index = host_to_device(np.array(rows, dtype=np.int64), logits.device)
-                tokens[index] = sample(logits.index_select(0, index), seq.params,
-                                       seq.generator or self.generator)
+        tokens = sample(logits, [s.params for s in owners], [s.generator for s in owners],
+                        self.generator)
         return self.comm.broadcast(tokens.contiguous(), src=0)
 
     def _stop_reason(self, seq: Sequence, token: int, generated: int) -> str | None:

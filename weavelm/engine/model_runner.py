@@ -4,7 +4,7 @@ replays CUDA graphs.
 B = sequences in a decode step, G = the captured batch size that holds them, T = tokens in a
 step, M = block-table width (blocks of the longest sequence the engine allows), V = vocabulary.
 
-    runner = ModelRunner(model, comm, state, policy, RunnerConfig(max_model_len=4096))
+    runner = ModelRunner(model, comm, state, policy, engine_config)   # max_model_len resolved
     blocks = runner.blocks.allocate(...)                 # the caller owns sequences and blocks
     logits = runner.step([StepPiece(token_ids, start_pos, blocks, sample=True), ...])
 
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from weavelm.engine.block_manager import BLOCK_SIZE, BlockAllocator
-from weavelm.engine.weave.policy import SchedulePolicy
+from weavelm.engine.block_manager import BlockAllocator
+from weavelm.engine.config import EngineConfig
 from weavelm.engine.weave.executor import Executor
+from weavelm.engine.weave.policy import SchedulePolicy
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
@@ -39,17 +40,6 @@ from weavelm.parallel.state import ParallelState
 log = logging.getLogger("weavelm")
 
 CPU_KV_BYTES = 512 << 20     # the CPU cache's default size per rank (tests, small models)
-
-
-@dataclass
-class RunnerConfig:
-    max_model_len: int
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.90
-    enforce_eager: bool = False
-    block_size: int = BLOCK_SIZE
-    num_kv_blocks: int | None = None     # fixes the cache size instead of measuring it
 
 
 @dataclass
@@ -69,7 +59,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, comm: Communicator, state: ParallelState,
-                 policy: SchedulePolicy, config: RunnerConfig):
+                 policy: SchedulePolicy, config: EngineConfig):
         self.model, self.comm, self.state, self.policy = model, comm, state, policy
         self.config = config
         self.device = state.device
@@ -115,8 +105,6 @@ class ModelRunner:
     def _num_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
-            check(cfg.num_kv_blocks >= 2, f"num_kv_blocks={cfg.num_kv_blocks}: the cache needs "
-                                          f"at least 2 blocks (one is scratch)")
             return cfg.num_kv_blocks
         if self.device.type != "cuda":
             want = 1 + cfg.max_num_seqs * self.max_blocks
@@ -171,20 +159,19 @@ class ModelRunner:
 
     # -- steps ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, pieces: list[StepPiece], ids: torch.Tensor | None = None,
+    def step(self, pieces: list[StepPiece],
              late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order.
 
         It does not wait for the GPU (unless the caller is two steps ahead of it: then for the
         copies of the step before last). Tokens the previous step sampled that the host has not
-        read yet (a caller one step ahead) come as device tensors: `ids`, the step's token ids
-        (int64, one per token) instead of the pieces' `token_ids`; or `late` = (indices into
-        the step's run of tokens, their ids), which replace just those."""
+        read yet (the engine runs one step ahead) come as `late` = (indices into the step's
+        run of tokens, their ids on the device), which replace the pieces' placeholders."""
         check(len(pieces) > 0, "a step needs at least one piece")
         if self.graphs and all(len(p.token_ids) == 1 and p.sample for p in pieces) \
                 and len(pieces) <= max(self.graphs):
-            return self._replay(pieces, ids, late)
-        return self._run_eager(pieces, self.kv, ids, late)
+            return self._replay(pieces, late)
+        return self._run_eager(pieces, self.kv, late)
 
     def _layout(self, pieces: list[StepPiece]):
         """(ids, positions, pieces with rows and offsets, block lists, rows that sample)."""
@@ -203,7 +190,6 @@ class ModelRunner:
         return ids, positions, laid, tables, last
 
     def _run_eager(self, pieces: list[StepPiece], cache: PagedKVCache,
-                   device_ids: torch.Tensor | None = None,
                    late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         ids, positions, laid, tables, last = self._layout(pieces)
         dev = self.device
@@ -213,8 +199,7 @@ class ModelRunner:
             mode, split = self.policy.decode(), None
         else:
             mode, split = self.policy.prefill(len(ids), [p.length for p in laid])
-        if device_ids is None:
-            device_ids = _to_device(ids, dev)
+        device_ids = _to_device(ids, dev)
         if late is not None:
             device_ids = _patched(device_ids, late)
         hidden = self.executor.run(device_ids, step, mode, split)
@@ -268,7 +253,7 @@ class ModelRunner:
         log.info("weavelm: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
                  len(self.graphs), self.config.max_num_seqs, self.capture_seconds)
 
-    def _replay(self, pieces: list[StepPiece], ids: torch.Tensor | None,
+    def _replay(self, pieces: list[StepPiece],
                 late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         B = len(pieces)
         G = min(g for g in self.graphs if g >= B)
@@ -279,8 +264,6 @@ class ModelRunner:
             self.h_copied[self._turn].synchronize()      # its last copies have run
         width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
         self.s_rows.copy_(h_rows, non_blocking=True)     # 3 x max_num_seqs: one copy
-        if ids is not None:
-            self.s_rows[0, :B].copy_(ids)                # tokens still on the device
         if late is not None:
             _patched(self.s_rows[0], late)
         tables = self.d_tables[:G * width]
@@ -300,8 +283,12 @@ def _to_device(values: list[int], device) -> torch.Tensor:
 
 
 def _patched(ids: torch.Tensor, late: tuple[list[int], torch.Tensor]) -> torch.Tensor:
-    """ids with ids[late[0]] = late[1], in place: the tokens of a step the host has not read."""
+    """ids with ids[late[0]] = late[1], in place: the tokens of a step the host has not read
+    (`late[0]` ascending)."""
     where, values = late
+    if where[-1] == len(where) - 1:     # the first rows (a decode step): no index to copy over
+        ids[:len(where)].copy_(values)
+        return ids
     index = _to_device(where, ids.device)
     return ids.index_copy_(0, index, values)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from weavelm.errors import check
+from weavelm.models.host_inputs import host_to_device
 
 
 GREEDY_BELOW = 1e-5
@@ -46,24 +48,60 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]."""
-    if params.greedy:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
+           default: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]: row i with params[i] (greedy, temperature,
+    top-k, top-p), its randomness drawn from generators[i] (a seeded request's own) or, where
+    that is None, from `default`.
+
+    Sampling is an exponential race (argmax of probs / q, q ~ Exp(1), which picks token i with
+    probability probs[i]) with each row's q drawn from its own generator: a seeded row's token
+    depends on its logits and its generator alone, never on the other rows of the batch."""
+    B, V = logits.shape
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy_rows) == B:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p
+    controls = [(p.temperature, p.top_k, p.top_p) for p in params]
+    uniform = all(c == controls[0] for c in controls)
+    scale = _per_row([1.0 if p.greedy else p.temperature for p in params], uniform, logits)
+    logits = logits / scale
+    top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) < V or min(top_p) < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)      # [B, V]
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if min(top_k) < V:      # below the k-th largest (ties with it stay)
+            k = _per_row([k - 1 for k in top_k], uniform, logits, torch.int64)
+            kth = sorted_logits[:, k:k + 1] if uniform else sorted_logits.gather(1, k)
+            drop |= sorted_logits < kth                                      # kth: [B, 1]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        if min(top_p) < 1.0:    # the mass before it already reaches top_p
+            probs = sorted_logits.softmax(dim=-1)
+            drop |= probs.cumsum(dim=-1) - probs >= _per_row(top_p, uniform, logits)
+        drop[:, 0] = False      # the most likely token always stays (a tiny top_p drops none)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    q = torch.empty_like(probs)
+    own = [i for i, g in enumerate(generators) if g is not None]
+    if len(own) < B:
+        q.exponential_(generator=default)
+    for i in own:
+        q[i].exponential_(generator=generators[i])
+    tokens = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
+    if greedy_rows:
+        index = host_to_device(np.array(greedy_rows, dtype=np.int64), logits.device)
+        tokens[index] = logits.index_select(0, index).argmax(dim=-1)
+    return tokens
+
+
+def _per_row(values: list, uniform: bool, like: torch.Tensor, dtype=torch.float32):
+    """One value per row as a [B, 1] tensor on the logits' device (a Python scalar when every
+    row has the same parameters: no copy to the device)."""
+    if uniform:
+        return values[0]
+    return host_to_device(np.array(values, dtype=np.float32 if dtype is torch.float32
+                                   else np.int64), like.device).view(-1, 1)
 
 
 class TokenReadback:

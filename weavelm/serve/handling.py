@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from weavelm.engine.config import prompt_refusal
 from weavelm.engine.sampler import SamplingParams
 from weavelm.serve.protocol import APIError
 
@@ -83,12 +84,10 @@ def chat_ids(served: Served, messages) -> list[int]:
 def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
              default_max: int | None) -> SamplingParams:
     """SamplingParams of a request whose prompt has `n_prompt` tokens (400 when it cannot run)."""
-    if n_prompt == 0:
-        raise _bad("the prompt is empty: give at least one token", "prompt")
     limit = served.max_model_len
-    if n_prompt >= limit:
-        raise _bad(f"the prompt has {n_prompt} tokens but the context holds {limit}: shorten "
-                   f"the prompt", "prompt", "context_length_exceeded")
+    refusal = prompt_refusal(n_prompt, limit)
+    if refusal is not None:
+        raise _bad(refusal, "prompt", "context_length_exceeded" if n_prompt else None)
     room = limit - n_prompt
     if max_tokens is None:
         # unset: as much as the context and the KV cache leave (the cache may hold less than

@@ -1,8 +1,7 @@
-"""The engine loop: one thread on rank 0 owns the `LLM` and drives its step-level engine; the
-HTTP side talks to it only through a queue, and the outputs go back to each request's asyncio
-queue.
+"""The engine loop: one thread on rank 0 owns the `LLMEngine` and drives its steps; the HTTP side
+talks to it only through a queue, and the outputs go back to each request's asyncio queue.
 
-    loop = EngineLoop(build_llm, metrics)        # build_llm runs in the loop's thread
+    loop = EngineLoop(build_engine, metrics)     # build_engine runs in the loop's thread
     loop.start(asyncio_loop)
     loop.submit(rid, prompt_ids, params, queue)  # outputs: RequestOutput, put on `queue`
     loop.abort(rid)                              # a client went away: its KV blocks are freed
@@ -60,34 +59,27 @@ def apply(engine, commands) -> list[tuple[str, str]]:
                 ended.append((rid, f"error: {e}"))
         else:                                        # ("end", rid, reason)
             _, rid, reason = cmd
-            seq = engine.seqs.get(rid)
-            if seq is not None and not seq.finished:
-                engine.abort_request(rid)
+            if engine.abort_request(rid):
                 ended.append((rid, reason))
-            engine.seqs.pop(rid, None)
     return ended
 
 
-def follow(llm) -> None:
+def follow(engine) -> None:
     """What ranks other than 0 run: rank 0's commands, then the same step, until told to stop."""
-    engine = llm.engine
-    engine.stop_ids = llm.stop_ids
     while True:
-        commands, stop = broadcast_inputs(llm.comm, llm.device)
+        commands, stop = broadcast_inputs(engine.comm, engine.device)
         apply(engine, commands)
         if stop:
             return
         if engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    engine.forget(out.request_id)
+            engine.step()
 
 
 class EngineLoop:
     def __init__(self, build, metrics=None):
         self.build, self.metrics = build, metrics
         self.inbox: queue.Queue = queue.Queue()
-        self.llm = self.tokenizer = None
+        self.engine = self.tokenizer = None
         self.ready = threading.Event()
         self.error: str | None = None                # why the model could not load
         self.on_failure = None                       # called (in the loop thread) if it fails
@@ -117,9 +109,9 @@ class EngineLoop:
     # -- the loop thread --------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            self.llm = self.build()
-            self.llm.engine.stop_ids = self.llm.stop_ids
-            self.tokenizer = _tokenizer(self.llm)
+            self.engine = self.build()
+            self.engine.stop_ids                     # the tokenizer loads here, not mid-step
+            self.tokenizer = _tokenizer(self.engine)
         except BaseException as e:                   # noqa: BLE001 - reported to the server
             self.error = str(e) if str(e) else type(e).__name__
             log.error("the model could not be loaded: %s", self.error)
@@ -129,11 +121,11 @@ class EngineLoop:
                 self.on_failure()
             return
         if self.metrics is not None:
-            self.metrics.set_capacity(self.llm.runner.blocks.capacity)
+            self.metrics.set_capacity(self.engine.runner.blocks.capacity)
         self.ready.set()
         log.info("engine ready")
         try:
-            self._run(self.llm)
+            self._run(self.engine)
         except BaseException as e:                   # noqa: BLE001 - e.g. a rank went away
             log.error("the engine loop stopped:\n%s", traceback.format_exc())
             self.error = f"the engine loop stopped ({type(e).__name__}: {e})"
@@ -161,13 +153,12 @@ class EngineLoop:
             pass
         return commands, stop
 
-    def _run(self, llm) -> None:
-        engine = llm.engine
+    def _run(self, engine) -> None:
         while True:
             commands, stop = self._take(block=not engine.has_unfinished_requests())
             if stop:                                 # every request left ends now
                 commands += [("end", rid, "abort") for rid in list(self._sinks)]
-            broadcast_inputs(llm.comm, llm.device, (commands, stop))
+            broadcast_inputs(engine.comm, engine.device, (commands, stop))
             deliveries = []
             for rid, reason in apply(engine, commands):
                 deliveries.append(self._ended(rid, reason))
@@ -180,17 +171,14 @@ class EngineLoop:
                     outs = engine.step()
                 except Exception:                    # noqa: BLE001 - fail the running requests
                     log.error("engine step failed:\n%s", traceback.format_exc())
-                    if llm.state.world_size > 1:
+                    if engine.state.world_size > 1:
                         raise        # the followers are mid-step: end every rank, not just these
                     for rid in list(self._sinks):
                         engine.abort_request(rid)
-                        engine.seqs.pop(rid, None)
                         deliveries.append(self._ended(rid, "error: the engine step failed"))
             now = time.perf_counter()
             for out in outs:
                 deliveries.append(self._output(out, now))
-                if out.finished:
-                    engine.forget(out.request_id)
             if self.metrics is not None:
                 self.metrics.update(engine)
             self._deliver([d for d in deliveries if d is not None])
@@ -233,10 +221,10 @@ class EngineLoop:
                 pass
 
 
-def _tokenizer(llm):
+def _tokenizer(engine):
     from weavelm.errors import WeavelmError
     try:
-        return llm.tokenizer
+        return engine.tokenizer
     except WeavelmError:                 # random weights of a shape: token ids only
         return None
 

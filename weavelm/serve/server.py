@@ -19,19 +19,18 @@ import uvicorn
 log = logging.getLogger("weavelm.serve")
 
 
-def build_llm(opts: dict):
-    """The LLM of `opts`: a checkpoint, or random weights of a named shape (`shape`)."""
-    from weavelm.engine.llm import LLM
-    common = dict(tp=opts["tp"], device=opts["device"], dtype=opts["dtype"],
-                  max_model_len=opts["max_model_len"], backend=opts["backend"],
-                  mode=opts["mode"], **opts["engine"])
+def build_engine(opts: dict):
+    """The engine of `opts["config"]`: its checkpoint, or random weights of a named shape
+    (`shape`)."""
+    from weavelm.engine.engine import LLMEngine
     if opts.get("shape"):
         from weavelm.bench.prefill import fill_random
         from weavelm.bench.shapes import shape_config
         cfg = shape_config(opts["shape"], opts.get("layers"))
         seed = opts.get("seed", 0)
-        return LLM.from_weights(cfg, lambda model: fill_random(model, seed), **common)
-    return LLM(opts["model"], allow_pickle=opts["allow_pickle"], progress=False, **common)
+        return LLMEngine.from_config(opts["config"], cfg, lambda model: fill_random(model, seed),
+                                     progress=False)
+    return LLMEngine.from_config(opts["config"], progress=False)
 
 
 def serve_rank(opts: dict) -> None:
@@ -40,7 +39,7 @@ def serve_rank(opts: dict) -> None:
         from weavelm.serve.loop import follow
         # Rank 0 decides when to stop; a terminal's Ctrl-C reaches this process too.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        follow(build_llm(opts))
+        follow(build_engine(opts))
         return None
     from weavelm.errors import WeavelmError
     from weavelm.serve.app import create_app
@@ -52,7 +51,7 @@ def serve_rank(opts: dict) -> None:
     # could hold a step back that long; 1 ms keeps the engine loop waiting less.
     sys.setswitchinterval(0.001)
     metrics = ServerMetrics()
-    loop = EngineLoop(lambda: build_llm(opts), metrics)
+    loop = EngineLoop(lambda: build_engine(opts), metrics)
     app = create_app(loop, opts["served_name"], metrics,
                      shutdown_timeout_s=opts["shutdown_timeout"] + 30)
     config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",
@@ -61,7 +60,7 @@ def serve_rank(opts: dict) -> None:
     server = GracefulServer(config)
     loop.on_failure = server.request_exit
     log.info("serving %s on http://%s:%d (TP %d)", opts["served_name"], opts["host"],
-             opts["port"], opts["tp"])
+             opts["port"], opts["config"].tp)
     server.run()
     if loop.error is not None:
         raise WeavelmError(loop.error)
