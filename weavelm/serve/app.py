@@ -114,17 +114,17 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
 
     def served() -> Served:
         if loop.error is not None:
-            what = "the model failed to load: " if loop.llm is None else ""
+            what = "the model failed to load: " if loop.engine is None else ""
             raise APIError(503, f"{what}{loop.error}: see the server's log and restart it",
                            type="server_error")
         if not loop.ready.is_set():
             raise APIError(503, "the model is loading: retry in a moment", type="server_error",
                            code="loading")
         if "served" not in state:
-            llm = loop.llm
-            blocks = llm.runner.blocks
-            state["served"] = Served(served_name, loop.tokenizer, llm.config.vocab_size,
-                                     llm.max_model_len, blocks.capacity * blocks.block_size)
+            engine = loop.engine
+            blocks = engine.runner.blocks
+            state["served"] = Served(served_name, loop.tokenizer, engine.model_config.vocab_size,
+                                     engine.max_model_len, blocks.capacity * blocks.block_size)
         return state["served"]
 
     @app.exception_handler(APIError)
