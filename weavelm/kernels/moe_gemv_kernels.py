@@ -20,23 +20,32 @@ SIM_THREADS = 1024              # the simulator's block sums: one float per thre
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def _helpers(dt: str, tmax: int, lanes: int):
-    """(table, lane_sum, unpack, unpack4, slot_range, E): device functions of both kernels."""
+def _helpers(dt: str, tmax: int, lanes: int, rows: int):
+    """(table, slot_range, columns, fma_rows, sum_rows, unpack, E): device functions of both
+    kernels, for `rows` rows per work unit."""
     global cuda
     from numba import int32, int64
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import codec, device
+    from weavelm.kernels.paged_attention_kernels import lane_sum_fn
 
     cuda = numba_cuda()
     unpack, _, E = codec(dt)
-    simulator = ptx.SIMULATOR
+    lane_sum = lane_sum_fn(lanes)
     load_u32 = ptx.load_u32
     n_tab = NMAX * tmax
 
-    def table(ids_ptr, id_bytes, n, K, n_exp, ids, first, rank, experts, slot_of, nu):
-        """Builds the routing tables in shared memory (all threads call it); returns nu."""
+    def table(ids_ptr, id_bytes, n, K, n_exp):
+        """Builds the routing tables in shared memory (all threads call it); returns (nu,
+        experts, slot_of)."""
+        ids = cuda.shared.array(NMAX, int32)
+        first = cuda.shared.array(NMAX, int32)
+        rank = cuda.shared.array(NMAX, int32)
+        experts = cuda.shared.array(NMAX, int64)
+        slot_of = cuda.shared.array(n_tab, int32)
+        nu = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         for i in range(tid, n_tab, nthreads):
@@ -75,28 +84,7 @@ def _helpers(dt: str, tmax: int, lanes: int):
                 t = j // K
                 slot_of[rank[f] * tmax + t] = j - t * K
         cuda.syncthreads()
-        return nu[0]
-
-    def lane_sum(x, red, tid):
-        """Sum of x over the `lanes` lanes of a row slot (every thread of the CTA calls it)."""
-        if simulator:                     # no warp shuffles in the simulator
-            red[tid] = x
-            cuda.syncthreads()
-            base = tid - (tid % lanes)
-            s = x - x
-            for i in range(lanes):
-                s += red[base + i]
-            cuda.syncthreads()
-            return s
-        k = lanes >> 1
-        while k > 0:
-            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
-            k >>= 1
-        return x
-
-    def unpack4(w, o, buf):
-        """buf[0:E] <- the 16-byte vector held as words w[o:o+4]."""
-        unpack((w[o], w[o + 1], w[o + 2], w[o + 3]), buf)
+        return nu[0], experts, slot_of
 
     def slot_range(units):
         """(lo, hi, iterations): this row slot's balanced contiguous range of `units` work
@@ -108,7 +96,31 @@ def _helpers(dt: str, tmax: int, lanes: int):
         return slot * units // nslots, (slot + 1) * units // nslots, \
             (units + nslots - 1) // nslots
 
-    return device(table), device(lane_sum), unpack, device(unpack4), device(slot_range), E
+    def columns(wv, j, ws, wf):
+        """ws[r * E:(r + 1) * E] <- column j of the step's raw vectors wv ([column, row]) of
+        every row r, unpacked (once for all tokens)."""
+        for r in range(rows):
+            o = (j * rows + r) * 4
+            unpack((wv[o], wv[o + 1], wv[o + 2], wv[o + 3]), wf)
+            for e in range(E):
+                ws[r * E + e] = wf[e]
+
+    def fma_rows(acc, t, ws, wf):
+        """acc[t * rows + r] += ws[r] . wf for every row r (wf: token t's E elements)."""
+        for r in range(rows):
+            s = acc[t * rows + r]
+            for e in range(E):
+                s += ws[r * E + e] * wf[e]
+            acc[t * rows + r] = s
+
+    def sum_rows(acc, t, red, tid):
+        """Token t's lane partials acc[t * rows + r] -> their sums over the row slot (every
+        thread of the CTA calls it)."""
+        for r in range(rows):
+            acc[t * rows + r] = lane_sum(acc[t * rows + r], red, tid)
+
+    return (device(table), device(slot_range), device(columns), device(fma_rows),
+            device(sum_rows), unpack, E)
 
 
 def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
@@ -121,23 +133,16 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
 
     from weavelm.kernels import ptx
 
-    table, lane_sum, unpack, unpack4, slot_range, E = _helpers(dt, tmax, lanes)
-    simulator = ptx.SIMULATOR
     rows = 2 * pairs
+    table, slot_range, columns, fma_rows, sum_rows, unpack, E = _helpers(dt, tmax, lanes, rows)
     nw = unroll * rows * 4                                 # words a lane loads per step
-    red_n = SIM_THREADS if simulator else 1
-    n_tab, n_acc, n_w = NMAX * tmax, tmax * rows, rows * E   # compile-time array sizes
+    red_n = SIM_THREADS if ptx.SIMULATOR else 1
+    n_acc, n_w = tmax * rows, rows * E                     # compile-time array sizes
     load_w, load_x = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc
     store_u32, as_u32 = ptx.store_u32, ptx.f32_as_u32
 
     def moe_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, T, K, n_exp, Dv, I, id_bytes):
         tid = cuda.threadIdx.x
-        ids = cuda.shared.array(NMAX, int32)
-        first = cuda.shared.array(NMAX, int32)
-        rank = cuda.shared.array(NMAX, int32)
-        experts = cuda.shared.array(NMAX, int64)
-        slot_of = cuda.shared.array(n_tab, int32)
-        nu_sh = cuda.shared.array(1, int32)
         red = cuda.shared.array(red_n, float32)
         acc = cuda.local.array(n_acc, float32)       # [token, row] lane partials
         ws = cuda.local.array(n_w, float32)           # one column of every row, unpacked
@@ -145,8 +150,7 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
         wf = cuda.local.array(E, float32)
         kt = cuda.local.array(tmax, int32)
 
-        nu = table(ids_ptr, id_bytes, T * K, K, n_exp, ids, first, rank, experts, slot_of,
-                   nu_sh)
+        nu, experts, slot_of = table(ids_ptr, id_bytes, T * K, K, n_exp)
         q = tid & (lanes - 1)
         groups = I // pairs
         lo, hi, iters = slot_range(nu * groups)
@@ -178,22 +182,14 @@ def _build_gate_up(dt: str, tmax: int, lanes: int, pairs: int, unroll: int):
                 for j in range(unroll):                     # then every token against them
                     v = v0 + j * lanes
                     if active and v < Dv:
-                        for r in range(rows):
-                            unpack4(wv, (j * rows + r) * 4, wf)
-                            for e in range(E):
-                                ws[r * E + e] = wf[e]
+                        columns(wv, j, ws, wf)
                         for t in range(tmax):
                             if kt[t] >= 0:
                                 unpack(load_x(x_ptr + t * row_bytes + v * 16), wf)
-                                for r in range(rows):
-                                    s = acc[t * rows + r]
-                                    for e in range(E):
-                                        s += ws[r * E + e] * wf[e]
-                                    acc[t * rows + r] = s
+                                fma_rows(acc, t, ws, wf)
             for t in range(tmax):
                 if t < T:                                   # uniform: every lane sums
-                    for r in range(rows):
-                        acc[t * rows + r] = lane_sum(acc[t * rows + r], red, tid)
+                    sum_rows(acc, t, red, tid)
                     k = int64(kt[t])
                     if q == 0 and k >= 0:
                         for p in range(pairs):
@@ -217,11 +213,10 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
 
     from weavelm.kernels import ptx
 
-    table, lane_sum, unpack, unpack4, slot_range, E = _helpers(dt, tmax, lanes)
-    simulator = ptx.SIMULATOR
+    table, slot_range, columns, fma_rows, sum_rows, _, E = _helpers(dt, tmax, lanes, rows)
     nw = unroll * rows * 4
-    red_n = SIM_THREADS if simulator else 1
-    n_tab, n_acc, n_w = NMAX * tmax, tmax * rows, rows * E   # compile-time array sizes
+    red_n = SIM_THREADS if ptx.SIMULATOR else 1
+    n_acc, n_w = tmax * rows, rows * E                     # compile-time array sizes
     itemsize = 16 // E
     load_w, load_h, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     store_u32, as_u32, as_f32 = ptx.store_u32, ptx.f32_as_u32, ptx.u32_as_f32
@@ -229,12 +224,6 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
 
     def moe_down_kernel(h_ptr, w_ptr, ids_ptr, wt_ptr, out_ptr, T, K, n_exp, D, Iv, id_bytes):
         tid = cuda.threadIdx.x
-        ids = cuda.shared.array(NMAX, int32)
-        first = cuda.shared.array(NMAX, int32)
-        rank = cuda.shared.array(NMAX, int32)
-        experts = cuda.shared.array(NMAX, int64)
-        slot_of = cuda.shared.array(n_tab, int32)
-        nu_sh = cuda.shared.array(1, int32)
         red = cuda.shared.array(red_n, float32)
         tot = cuda.local.array(n_acc, float32)       # [token, row] lane partials
         ws = cuda.local.array(n_w, float32)           # one column of every row, unpacked
@@ -243,8 +232,7 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
         kt = cuda.local.array(tmax, int32)
         wt = cuda.local.array(tmax, float32)
 
-        nu = table(ids_ptr, id_bytes, T * K, K, n_exp, ids, first, rank, experts, slot_of,
-                   nu_sh)
+        nu, experts, slot_of = table(ids_ptr, id_bytes, T * K, K, n_exp)
         q = tid & (lanes - 1)
         lo, hi, iters = slot_range(D // rows)
         row_bytes = Iv * 16
@@ -275,10 +263,7 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
                     for j in range(unroll):
                         v = v0 + j * lanes
                         if active and v < Iv:
-                            for r in range(rows):
-                                unpack4(wv, (j * rows + r) * 4, wf)
-                                for e in range(E):
-                                    ws[r * E + e] = wf[e]
+                            columns(wv, j, ws, wf)
                             for t in range(tmax):
                                 k = int64(kt[t])
                                 if k >= 0:
@@ -289,15 +274,10 @@ def _build_down(dt: str, tmax: int, lanes: int, rows: int, unroll: int):
                                         wf[e4 + 1] = as_f32(x[1]) * wt[t]
                                         wf[e4 + 2] = as_f32(x[2]) * wt[t]
                                         wf[e4 + 3] = as_f32(x[3]) * wt[t]
-                                    for r in range(rows):
-                                        s = tot[t * rows + r]
-                                        for e in range(E):
-                                            s += ws[r * E + e] * wf[e]
-                                        tot[t * rows + r] = s
+                                    fma_rows(tot, t, ws, wf)
             for t in range(tmax):
                 if t < T:                                   # uniform: every lane sums
-                    for r in range(rows):
-                        tot[t * rows + r] = lane_sum(tot[t * rows + r], red, tid)
+                    sum_rows(tot, t, red, tid)
                     if q == 0 and active:
                         a = out_ptr + (t * D + d0) * itemsize
                         if E == 4:                          # fp32 out

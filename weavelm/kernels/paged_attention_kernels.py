@@ -34,6 +34,39 @@ def split_count(keys, S, split_keys):
     return max(1, min(S, n))
 
 
+def lane_sum_fn(lanes: int):
+    """Device function lane_sum(x, red, tid): the sum of x over the `lanes` lanes that hold one
+    row (every thread of the CTA calls it; `red`, one float per thread, serves the simulator,
+    which has no warp shuffles). The MoE GEMV kernels use it too."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import device
+
+    cuda = numba_cuda()
+    simulator = ptx.SIMULATOR
+
+    def lane_sum(x, red, tid):
+        if simulator:
+            red[tid] = x
+            cuda.syncthreads()
+            base = tid - (tid % lanes)           # the row's first lane
+            t = float32(0.0)
+            for i in range(lanes):
+                t += red[base + i]
+            cuda.syncthreads()
+            return t
+        k = lanes >> 1
+        while k > 0:
+            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
+            k >>= 1
+        return x
+
+    return device(lane_sum)
+
+
 def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE):
     """The decode kernel's Python function for one dtype, L, query-head group and key rows
     per lane and iteration (not yet jitted). `pipeline`: the loads of iteration i + 1 are
@@ -57,30 +90,13 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     ML = 2 * group                          # a lane's (max, sum) per head
     RE = rows * 8                           # a lane's key (value) elements, all rows
     W = rows * 4                            # a lane's key (value) words, all rows
-    simulator = ptx.SIMULATOR               # no warp shuffles there: shared memory instead
     threads = 32 * WARPS
     load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
     as_u32 = ptx.f32_as_u32
 
-    def lane_sum(x, red, tid, vec):
-        """Sum of x over the `lanes` lanes that hold one key row (all lanes call it)."""
-        if simulator:                     # no warp shuffles in the simulator
-            red[tid] = x
-            cuda.syncthreads()
-            t = float32(0.0)
-            for i in range(lanes):
-                t += red[tid - vec + i]
-            cuda.syncthreads()
-            return t
-        k = lanes >> 1
-        while k > 0:
-            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
-            k >>= 1
-        return x
+    lane_sum = lane_sum_fn(lanes)           # over the lanes of one key row
 
-    lane_sum = device(lane_sum)
-
-    def score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec):
+    def score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid):
         """Score the lane's `rows` key rows (kf, vf: row r at [r*E, (r+1)*E)) against each
         head of the group and fold the first `nvalid` into that head's running (max, sum,
         output): ml[2i], ml[2i+1], acc[i*E:(i+1)*E]; one rescale per head for all rows. Only
@@ -90,7 +106,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                 t = float32(0.0)
                 for e in range(E):
                     t += qv[i * E + e] * kf[r * E + e]
-                d[r] = lane_sum(t, red, tid, vec)
+                d[r] = lane_sum(t, red, tid)
             if nvalid > 0:
                 m_new = ml[2 * i]
                 for r in range(rows):
@@ -213,7 +229,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                 unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
                 for e in range(E):
                     vf[r * E + e] = k0[e]
-            score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid, vec)
+            score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid)
             base += step
 
         slot = warp * kpw + sub

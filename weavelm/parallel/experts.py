@@ -43,48 +43,58 @@ class ReplicatedLinear(TPLayer):
         return torch.matmul(x, self.weight.t())                     # [T, out]
 
 
-class MergedExpertColumnParallel(TPLayer):
+class _ExpertParallel(TPLayer):
+    """E experts' slices of one projection, each expert split 1/N along I, as one `weight`
+    [E, ...] loaded from the shard ids (e, p) for each part p of PARTS."""
+    PARTS: tuple = ()
+
+    def __init__(self, num_experts: int, intermediate_size: int, params_dtype, device):
+        super().__init__(params_dtype, device)
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.size_per_partition = divide(intermediate_size, self.tp_size)
+
+    def _make_weight(self, *shape):
+        """`weight` [E, *shape], loaded by this layer's weight_loader."""
+        self.weight = _param((self.num_experts, *shape), self.params_dtype, self.device)
+        self.weight.weight_loader = self.weight_loader
+        self.weight.shard_ids = tuple((e, p) for e in range(self.num_experts)
+                                      for p in self.PARTS)
+
+
+class MergedExpertColumnParallel(_ExpertParallel):
     """E experts' gate and up projections, each split along its output (I) dimension: rank r
     holds rows [r I/N, (r+1) I/N) of every expert's w1, then of its w3, as `weight`
     [E, 2I/N, D]. Loads from shard id (e, 0) (w1) and (e, 1) (w3)."""
+    PARTS = (0, 1)
 
     def __init__(self, num_experts: int, input_size: int, intermediate_size: int,
                  params_dtype=None, device=None):
-        super().__init__(params_dtype, device)
-        self.num_experts, self.input_size = num_experts, input_size
-        self.intermediate_size = intermediate_size
-        self.size_per_partition = divide(intermediate_size, self.tp_size)
-        self.weight = _param((num_experts, 2 * self.size_per_partition, input_size),
-                             self.params_dtype, self.device)
-        self.weight.weight_loader = self.weight_loader
-        self.weight.shard_ids = tuple((e, j) for e in range(num_experts) for j in (0, 1))
+        super().__init__(num_experts, intermediate_size, params_dtype, device)
+        self.input_size = input_size
+        self._make_weight(2 * self.size_per_partition, input_size)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        expert, j = _expert_shard(shard_id, self.num_experts, (0, 1))
+        expert, j = _expert_shard(shard_id, self.num_experts, self.PARTS)
         check_whole(loaded, (self.intermediate_size, self.input_size), f"expert {expert} w{j}")
         size = self.size_per_partition
         copy_checked(param.data[expert].narrow(0, j * size, size),
                      narrow(loaded, 0, self.tp_rank * size, size), f"expert {expert} shard")
 
 
-class ExpertRowParallel(TPLayer):
+class ExpertRowParallel(_ExpertParallel):
     """E experts' down projections, each split along its input (I) dimension: rank r holds
     columns [r I/N, (r+1) I/N) of every expert's w2 as `weight` [E, D, I/N]. Loads from shard
     id (e, None)."""
+    PARTS = (None,)
 
     def __init__(self, num_experts: int, intermediate_size: int, output_size: int,
                  params_dtype=None, device=None):
-        super().__init__(params_dtype, device)
-        self.num_experts, self.output_size = num_experts, output_size
-        self.intermediate_size = intermediate_size
-        self.size_per_partition = divide(intermediate_size, self.tp_size)
-        self.weight = _param((num_experts, output_size, self.size_per_partition),
-                             self.params_dtype, self.device)
-        self.weight.weight_loader = self.weight_loader
-        self.weight.shard_ids = tuple((e, None) for e in range(num_experts))
+        super().__init__(num_experts, intermediate_size, params_dtype, device)
+        self.output_size = output_size
+        self._make_weight(output_size, self.size_per_partition)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        expert, _ = _expert_shard(shard_id, self.num_experts, (None,))
+        expert, _ = _expert_shard(shard_id, self.num_experts, self.PARTS)
         check_whole(loaded, (self.output_size, self.intermediate_size), f"expert {expert} w2")
         size = self.size_per_partition
         copy_checked(param.data[expert], narrow(loaded, 1, self.tp_rank * size, size),

@@ -174,43 +174,47 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         s = served()
         return ModelList(data=[ModelCard(id=s.name, max_model_len=s.max_model_len)])
 
-    def check_model(s: Served, name):
+    def served_as(name) -> Served:
+        """The served model, if the request names it or none (400 otherwise)."""
+        s = served()
         if name is not None and name != s.name:
             raise APIError(400, f"model {name!r} is not served here: this server serves "
                                 f"{s.name!r}", "model", "model_not_found")
+        return s
+
+    async def answer(s: Served, req, request: Request, ids: list[int], max_tokens,
+                     default_max, chat: bool):
+        """Runs a request whose prompt is `ids`: its event stream, or its whole response."""
+        params = sampling(s, req, len(ids), max_tokens, default_max)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
+                      None if req.stream else request.is_disconnected)
+        if req.stream:
+            return EventStream(_stream(gen, rid, s.name, len(ids), req, chat=chat))
+        text, toks, reason = await _collect(gen)
+        usage = _usage(len(ids), toks)
+        if chat:
+            return ChatCompletion(id=rid, model=s.name, usage=usage, choices=[ChatChoice(
+                message=Delta(role="assistant", content=text), finish_reason=reason,
+                token_ids=toks)])
+        return Completion(id=rid, model=s.name, usage=usage, choices=[CompletionChoice(
+            text=text, finish_reason=reason, token_ids=toks)])
 
     @app.post("/v1/completions", response_model=Completion)
     async def completions(req: CompletionRequest, request: Request):
-        s = served()
-        check_model(s, req.model)
+        s = served_as(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported: leave it out", "suffix")
         ids = await asyncio.to_thread(prompt_ids, s, req.prompt)   # off the event loop
-        params = sampling(s, req, len(ids), req.max_tokens, COMPLETION_MAX_TOKENS)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
-                      None if req.stream else request.is_disconnected)
-        if req.stream:
-            return EventStream(_stream(gen, rid, s.name, len(ids), req, chat=False))
-        text, toks, reason = await _collect(gen)
-        return Completion(id=rid, model=s.name, choices=[CompletionChoice(
-            text=text, finish_reason=reason, token_ids=toks)], usage=_usage(len(ids), toks))
+        return await answer(s, req, request, ids, req.max_tokens, COMPLETION_MAX_TOKENS,
+                            chat=False)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(req: ChatRequest, request: Request):
-        s = served()
-        check_model(s, req.model)
+        s = served_as(req.model)
         ids = await asyncio.to_thread(chat_ids, s, req.messages)
-        params = sampling(s, req, len(ids), req.max_completion_tokens or req.max_tokens, None)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
-                      None if req.stream else request.is_disconnected)
-        if req.stream:
-            return EventStream(_stream(gen, rid, s.name, len(ids), req, chat=True))
-        text, toks, reason = await _collect(gen)
-        return ChatCompletion(id=rid, model=s.name, choices=[ChatChoice(
-            message=Delta(role="assistant", content=text), finish_reason=reason,
-            token_ids=toks)], usage=_usage(len(ids), toks))
+        return await answer(s, req, request, ids, req.max_completion_tokens or req.max_tokens,
+                            None, chat=True)
 
     return app
 

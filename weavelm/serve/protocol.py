@@ -142,6 +142,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class _Response(BaseModel):
+    """The envelope of a completion, chat completion or chunk; each sets `object` and the type
+    of its choices (fields keep this order in the JSON when a subclass redeclares them)."""
+    id: str
+    object: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list
+    usage: Optional[Usage] = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -150,13 +161,9 @@ class CompletionChoice(BaseModel):
     token_ids: list[int] = []
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Response):
     object: str = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
 
 
 class Delta(BaseModel):
@@ -172,13 +179,9 @@ class ChatChoice(BaseModel):
     token_ids: list[int] = []
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Response):
     object: str = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Optional[Usage] = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -189,13 +192,10 @@ class ChatChunkChoice(BaseModel):
     token_ids: list[int] = []
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(_Response):
     object: str = "chat.completion.chunk"
-    created: int
-    model: str
+    created: int                                  # one time for all the stream's chunks
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
 
 
 class ModelCard(BaseModel):
