@@ -17,10 +17,11 @@ def _bench(tp, opts):
 
 
 def _opts(tp, mode):
-    return dict(shape="test-tiny", layers=None, tp=tp, mode=mode, num_requests=12,
-                input_len=None, output_len=None, input_max=96, seed=3, backend="torch",
-                device="cpu", dtype=None,
-                engine=dict(max_num_seqs=4, max_num_batched_tokens=64))
+    from weavelm.engine.config import EngineConfig
+    config = EngineConfig(tp=tp, mode=mode, backend="torch", device="cpu", max_num_seqs=4,
+                          max_num_batched_tokens=64)
+    return dict(shape="test-tiny", layers=None, config=config, num_requests=12,
+                input_len=None, output_len=None, input_max=96, seed=3)
 
 
 def test_workload_is_seeded_and_capped():
