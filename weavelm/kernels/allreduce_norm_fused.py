@@ -63,8 +63,7 @@ def make_fused_kernel(kind: str, dt: str, world: int, vpt: int, push: bool, has_
       D. normalises and stores (push: to every rank) each row.
     Software-pipelined: A of the next iteration is issued right after B (its registers are free
     once B consumed them), so its loads fly during this iteration's C and D; a CTA no longer
-    waits a full remote round trip per iteration (4xH100, 16K tokens: 2370 -> 1640 us at 8
-    CTAs, 1559 us at 32 -> 1427 us at 16; benchmarks/RESULTS.md, round 3).
+    waits a full remote round trip per iteration (the gain: benchmarks/HISTORY.md, round 3).
     Row r goes to the same CTA as with R = 1; missing rows (past n_rows) are skipped.
     """
     global cuda

@@ -1,9 +1,9 @@
 """Low-overhead launching of Numba kernels on torch's current stream.
 
-Why: numba's default launch path costs 20-60 us of host time per call (typeof, argument
-marshalling, stream wrapping); calling `cuda.core.launch` on the compiled function directly costs
-about 5 us on an H100 (benchmarks/RESULTS.md, host launch overhead), less than torch's own
-elementwise op. So every weavelm kernel takes only uint64 pointers, int64 and float64 scalars
+Why: numba's default launch path does costly host work on every call (typeof, argument
+marshalling, stream wrapping); calling `cuda.core.launch` on the compiled function directly skips
+it and costs less host time than torch's own elementwise op (benchmarks/RESULTS.md, host launch
+overhead). So every weavelm kernel takes only uint64 pointers, int64 and float64 scalars
 (all 8-byte parameters, which cuda.core marshals from plain Python ints and floats), is compiled
 once for one eager signature, and is launched through `Kernel.launch`:
 
@@ -52,7 +52,8 @@ _raw_stream = None  # torch's current raw stream handle getter, resolved on firs
 
 
 def current_stream_handle(device: int) -> int:
-    """Raw cudaStream_t of torch's current stream on `device` (about 0.1 us via the private API)."""
+    """Raw cudaStream_t of torch's current stream on `device` (the private API when torch has
+    it: a plain int, no Stream object built per call)."""
     global _raw_stream
     if _raw_stream is None:
         import torch

@@ -14,7 +14,7 @@ x [T, D]; w13 [E, 2I, D] (gate rows, then up rows); w2 [E, D, I]; ids [T, K] int
 
 Why: at batch 1 an MoE block is K matrix-vector products per projection, bound by reading the K
 active experts' weights (3 I D each). The grouped-GEMM path sorts, gathers and runs GEMM tiles
-of 64-128 rows for 1-8 rows (measured on an H200: 0.50 of the copy bandwidth). Here:
+of 64-128 rows for 1-8 rows (about half the copy bandwidth: benchmarks/RESULTS.md, MoE). Here:
 
 1. `moe_gate_up`: a work unit is (expert, P consecutive i): the 2P rows gate_i.., up_i.. of w13[e].
    A row slot of L lanes streams them with 16-byte loads L vectors apart (coalesced 512-byte
@@ -35,15 +35,12 @@ at most the CTAs that fit on the GPU at once (the driver's occupancy of the comp
 the fewest that keep each row slot's rounds of units (`_plan`). `unsupported` says why an
 input does not fit; `moe_experts` then takes its grouped path.
 
-Prediction (mixtral-8x7b shape, bf16, one H200, `benchmarks/bench_moe.py` part 3): per layer the
-two kernels read 2 x 3 x 14336 x 4096 x 2 B = 705 MB. A GEMV with >= 16 warps per SM, each with
-8 independent 512-byte loads in flight (~64 KB per SM, twice what Little's law asks at ~4.5 TB/s
-and ~1 us loaded latency), and ~20 instructions per 16-byte vector at T = 1 (the SM's issue rate
-allows ~120), should read at 85-95% of the HBM rate a plain read reaches (a little above the
-copy's 4.1 TB/s of bytes read + written): ~170-190 us per layer for both kernels, plus ~15 us
-of router, softmax and top-k kernels in the graph. So 4 layers take ~0.75-0.85 ms: **0.80-0.90
-of the copy bandwidth** (today 1.37 ms, 0.50). The risk is the tail of each kernel (a few us
-each while the last units finish) and the down kernel's 2048 units, which give ~16 warps per SM.
+Why these launch shapes: a GEMV reads each weight once, so it runs at the memory rate only
+if every SM keeps enough independent loads in flight to cover the memory latency (Little's law)
+and spends few instructions per loaded vector; hence several 16-byte loads per lane issued
+before any is used, and small units, so that the last ones leave a short tail. The prediction
+made from this before the kernels were measured: benchmarks/HISTORY.md; the measurement:
+benchmarks/RESULTS.md (MoE).
 """
 from __future__ import annotations
 

@@ -14,26 +14,32 @@ context_lens[b] - 1) sees only the last `window` keys, as Mistral's sliding wind
 Why a kernel of our own: the decode step runs under CUDA graphs, so attention must read the
 cache in place, with no host sync and no per-step gather of every sequence's keys into a padded
 copy (the gather costs as much memory traffic again as the keys themselves); torch's built-in
-varlen attention has no block table on the torch the GPU machines run.
+varlen attention has no block table on the torch the GPU machines run. How the kernel compares
+with torch's gather + SDPA, and what each choice below was worth: benchmarks/RESULTS.md (paged
+decode attention) and benchmarks/HISTORY.md.
 
-Kernel layout: one CTA per (group of query heads sharing a KV head, sequence, split), groups
-fastest. Each key row is loaded once and scored against every head of the group (up to
-MAX_GROUP), so a KV head's keys leave memory once for all the query heads that read them (one
-CTA per query head read them H / Hkv times and was latency-bound at 0.1-0.9 TB/s; RESULTS.md).
-The CTA's 4 warps take keys round-robin; within a warp, L lanes hold one key row (each lane one
-16-byte vector of K and V), so a warp scores 32 / L keys at once (ROWS rows per lane and iteration,
-all loads in flight together, and with PIPELINE the next iteration's loads are issued before
-this one is scored: decode attention is bound by memory latency), reduces each head's dot
-product over its L lanes with shuffles, and keeps an online softmax per head (running max m, sum
-l, its E output elements). The CTA merges its warps' states in shared memory. With S = 1 it
-writes the output; with S > 1 each split writes (m, l, unnormalised output) in fp32 and
-`_combine` merges the splits (a second launch). The grid has S CTAs per (group, sequence), S
-enough for CTAS_PER_SM CTAs per SM; each sequence uses one of them per `split_keys` keys (the
-rest exit at once). With `order` (`longest_first`) the long sequences' CTAs start first, so no
-long CTA starts after the others and runs on alone; in smaller batches S is raised so that one
-long sequence among short ones is split (`split_plan`). S and split_keys are chosen from (B, H,
-Hkv, SMs) alone, so they are the same on every replay of a captured graph. The device code, and
-why its inner loop looks as it does, is in paged_attention_kernels.py.
+Grid: one CTA per (group of query heads sharing a KV head, sequence, split), groups fastest.
+Each key row is loaded once and scored against every head of the group (up to MAX_GROUP), so a
+KV head's keys leave memory once for all the query heads that read them: decode attention is
+bound by reading the cache, and a CTA per query head would read each key H / Hkv times.
+
+Inside a CTA: its 4 warps take keys round-robin; within a warp, L lanes hold one key row (each
+lane one 16-byte vector of K and V), so a warp scores 32 / L keys at once. Decode attention is
+bound by memory latency, so a lane keeps many loads in flight: ROWS rows per lane and iteration,
+loaded together, and with PIPELINE the next iteration's loads are issued before this one is
+scored. Each head's dot product is reduced over its L lanes with shuffles into an online softmax
+per head (running max m, sum l, its E output elements); the CTA merges its warps' states in
+shared memory.
+
+Splits: with S = 1 the CTA writes the output; with S > 1 each split writes (m, l, unnormalised
+output) in fp32 and `_combine` merges the splits (a second launch). The grid has S CTAs per
+(group, sequence), S enough for CTAS_PER_SM CTAs per SM, so that small batches still fill the
+GPU; each sequence uses one of them per `split_keys` keys (the rest exit at once). With `order`
+(`longest_first`) the long sequences' CTAs start first, so no long CTA starts after the others
+and runs on alone; in smaller batches S is raised so that one long sequence among short ones is
+split (`split_plan`). S and split_keys are chosen from (B, H, Hkv, SMs) alone, so they are the
+same on every replay of a captured graph. The device code, and why its inner loop looks as it
+does, is in paged_attention_kernels.py.
 """
 from __future__ import annotations
 
@@ -46,15 +52,18 @@ from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 MAX_SPLITS = 16
 SPLIT_KEYS = 256                # keys per split where the grid is split for occupancy
 # Batches of at most LONG_BATCH_CTAS CTAs (at one per group and sequence) get LONG_SPLITS CTAs
-# per sequence, used by sequences longer than LONG_SPLIT_KEYS. RESULTS.md (serving-like
-# lengths, 100 sequences): 392 -> 217 µs; bigger batches lose more to the unused CTAs (each
-# still starts, reads its length and exits) than the longest-first order leaves to gain.
+# per sequence, used by sequences longer than LONG_SPLIT_KEYS: in a small batch one long
+# sequence would otherwise outlast the rest on a single CTA. Bigger batches lose more to the
+# unused CTAs (each still starts, reads its length and exits) than the longest-first order
+# leaves to gain. How much: benchmarks/RESULTS.md (paged decode attention, schedules).
 LONG_SPLITS, LONG_SPLIT_KEYS, LONG_BATCH_CTAS = 4, 2048, 1024
-MAX_GROUP = 4                   # query heads per CTA (RESULTS.md: with loads one iteration ahead,
-#                                 4 beat 2: keys read half as often, 2.2 -> 2.8 TB/s)
+MAX_GROUP = 4                   # query heads per CTA: the group's keys are read once for all
+#                                 of them (4 against 2: benchmarks/HISTORY.md, 2026-12-02)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
-RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). RESULTS.md: a bound
-#                                 of 3 (registers 206 -> 168, no spills) measured 8% slower
+RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). Unbounded: forcing
+#                                 more CTAs per SM takes registers from the pipelined loads and
+#                                 costs more than the extra CTAs bring (benchmarks/HISTORY.md,
+#                                 2026-12-02)
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,

@@ -17,8 +17,8 @@ to its own keys straight from it).
 Why: in a decode step the rotary embedding and the cache writes are some 16 small torch kernels
 per layer (gathers of the tables, casts, the half rotation, two index copies), each a few
 microseconds: more than the attention itself. In a prefill step the same torch ops move the
-activations in fp32 several times over (about a tenth of an 8192-token step on an H200,
-RESULTS.md). One CTA per token does all of it.
+activations in fp32 several times over (how much: benchmarks/HISTORY.md, 2026-12-02). One CTA
+per token does all of it.
 """
 from __future__ import annotations
 

@@ -47,9 +47,10 @@ from weavelm.parallel.communicator import (
 )
 from weavelm.parallel.sm_carveout import gemm_sm_carveout
 
-# CTAs of the fused kernel while the other half computes. 8 was the best of 4/8/16 at every
-# size from 1K to 16K tokens under CUDA graphs on 4xH100 (benchmarks/RESULTS.md, round 3); the
-# weave's GEMMs leave that many SMs free (gemm_sm_carveout).
+# CTAs of the fused kernel while the other half computes: the weave's GEMMs leave that many SMs
+# free (gemm_sm_carveout), so few enough that the GEMMs keep most of the GPU, yet enough to move
+# the half's rows in the time the other half computes. The value was chosen by measurement
+# (benchmarks/HISTORY.md, round 3); the prefill it gives is in benchmarks/RESULTS.md.
 WEAVE_CTAS = 8
 
 

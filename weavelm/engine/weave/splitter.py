@@ -16,10 +16,9 @@ from weavelm.engine.weave.wave_model import DEFAULT_NUM_SMS, causal_bias, choose
 from weavelm.models.registry import family_for
 
 # The engine prefills eagerly (no CUDA graphs for prefill yet), and two eager halves are
-# host-bound on small batches: on 4xH100 with llama3-70b the eager weave lost to the fused
-# schedule at 4K tokens (37.85 vs 32.07 ms) and won at 8K (61.65 vs 64.06; benchmarks/RESULTS.md,
-# round 3). Without a tuned table this is the engine's threshold; `weavelm tune` measures the
-# machine's own.
+# host-bound on small batches, so below this size the weave loses to the fused schedule
+# (benchmarks/RESULTS.md, prefill eager). Without a tuned table this is the engine's threshold;
+# `weavelm tune` measures the machine's own.
 EAGER_MIN_TOKENS = 8192
 
 

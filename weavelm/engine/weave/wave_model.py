@@ -36,11 +36,10 @@ Causal attention
 The wave model balances GEMM work, but when one sequence straddles the cut, causal attention is
 lopsided: half A's queries see only A's keys, half B's see all of them. In the weave, B's
 post-MLP reduction hides behind A's attention block, the shortest block of a layer, and it is
-the one reduction the compute stream waits for (profile under CUDA graphs, 4xH100, llama3-70b,
-16K tokens cut at T/2: 330 us per layer, 2.6 ms in all; cut at T/2 + T/8: 0.5 ms). So when one
-sequence holds more than half the batch, the model centres its window on T/2 + T/8
-(`CAUSAL_BIAS`, `causal_bias`): on 4xH100 weave vs baseline went from 1.090x to 1.120x at 4K and
-from 1.092x to 1.107x at 16K, and was level at 8K (benchmarks/RESULTS.md, round 4).
+the one reduction the compute stream waits for. So when one sequence holds more than half the
+batch, the model centres its window on T/2 + T/8 (`CAUSAL_BIAS`, `causal_bias`): a larger A
+gives B's reduction a longer attention block to hide behind. The profile and the gain:
+benchmarks/RESULTS.md (where the weave's time goes) and benchmarks/HISTORY.md (round 4).
 
 Alignment rule
 --------------
