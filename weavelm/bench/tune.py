@@ -31,7 +31,7 @@ def candidate_splits(num_tokens: int, tp: int, gemms: Iterable[GemmShape],
     attention block is the cheaper one, and the reduction that hides behind it (B's, after the
     MLP) is the one the compute stream waits for (benchmarks/profile_weave.py); a larger A
     evens that out. On 4xH100, llama3-70b at 4K tokens: 1.120x over baseline at +T/8 against
-    1.090x at T/2 (benchmarks/RESULTS.md, round 4)."""
+    1.090x at T/2 (benchmarks/HISTORY.md, round 4)."""
     align = default_align(tp) if align is None else align
     gemms = tuple(gemms)
     best = choose_split(num_tokens, tp, gemms, num_sms, min_tokens=0, align=align,

@@ -1,8 +1,8 @@
 """The device code of paged decode attention (weavelm/kernels/paged_attention.py holds the
 contract, the reference and the launcher; names as there).
 
-The kernel is bound by instruction issue as much as by memory (RESULTS.md, issue 13: 1.2-1.6
-TB/s of ~4 at 8 instructions per key byte), so its inner loop is kept lean:
+The kernel is bound by instruction issue as much as by memory, so its inner loop is kept lean
+(the measurements behind each choice: benchmarks/HISTORY.md, issue 13):
 - scores live in the log2 domain (q is scaled by scale * log2(e) once), so every exponential is
   one `ex2.approx` instead of a range-reduced `exp`;
 - the two keys a lane holds per iteration are folded together: one rescale of the running
@@ -11,16 +11,15 @@ TB/s of ~4 at 8 instructions per key byte), so its inner loop is kept lean:
   integer division costs tens of instructions).
 And since each iteration waits on a table -> key/value load chain, the pipelined form (the
 default) issues iteration i + 1's loads before scoring iteration i, so loads stay in flight while
-the lane computes (twice the words in registers; 2.2 -> 2.8 TB/s, RESULTS.md).
+the lane computes, at the price of twice the words in registers.
 """
 from __future__ import annotations
 
 import math
 
 WARPS = 4                       # per CTA
-ROWS = 4                        # key rows per lane and iteration (RESULTS.md: 4 beat 1 and 2)
-PIPELINE = True                 # loads one iteration ahead (see _build_kernel; RESULTS.md:
-#                                 2.2 -> 2.5 TB/s at 2 heads x 4 rows, 2.8 at 4 x 4)
+ROWS = 4                        # key rows per lane and iteration (the fastest of 1, 2, 4)
+PIPELINE = True                 # loads one iteration ahead (see _build_kernel)
 NEG = -1.0e30                   # "minus infinity" that keeps exp2() and max() NaN-free
 LOG2E = 1.4426950408889634
 

@@ -209,7 +209,7 @@ _FLASH_GQA = [True]
 def _flash_gqa(q, k) -> bool:
     """The flash kernel reads a group of query heads' shared KV head in place (no copy of the
     keys and values expanded to every query head; copies were 8.5 of 206 ms of a mixed serving
-    step's GPU time on an H200, RESULTS.md): half precision, head dim up to 256."""
+    step's GPU time on an H200, benchmarks/HISTORY.md): half precision, head dim up to 256."""
     return _FLASH_GQA[0] and q.dtype in (torch.float16, torch.bfloat16) \
         and q.shape[-1] <= 256 and q.shape[-3] % k.shape[-3] == 0
 
@@ -282,7 +282,7 @@ def _continuation_attention(qs, keys, values, start: int, scale: float):
     fast attention kernels - all earlier keys (no mask) and the piece's own keys (square causal)
     - merged by their log-sum-exps: softmax over the union = sigmoid(lse1 - lse2) blend. A single
     call with a lower-right causal mask falls to a slower kernel on H100 (FA2 instead of cuDNN;
-    benchmarks/RESULTS.md, round 3)."""
+    benchmarks/HISTORY.md, round 3)."""
     if not qs.is_cuda or qs.shape[-2] == 1:
         if qs.shape[-2] == 1:                 # one query sees every key: no mask at all
             return _sdpa(qs, keys, values, scale=scale)

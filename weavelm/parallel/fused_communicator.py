@@ -43,7 +43,7 @@ from weavelm.parallel.multicast_guard import multicast_allowed
 log = logging.getLogger("weavelm")
 
 # 16: with the pipelined kernel the best standalone time on 4xH100 at 128, 1K, 4K and 16K tokens,
-# 32 no faster (benchmarks/RESULTS.md, round 3); the weave asks for fewer per call.
+# 32 no faster (benchmarks/HISTORY.md, round 3); the weave asks for fewer per call.
 DEFAULT_CTAS = int(os.environ.get("WEAVELM_COMM_CTAS", "16"))
 # Ranks drift apart on the host (a tokenizer loading on one rank, the first compile of a
 # kernel, a slow print): 5 s proved too short in `weavelm generate` on 4 GPUs. A minute still
@@ -55,7 +55,7 @@ _MIN_BUFFER = 1 << 20
 # p2p's fused op pulls the peers' partials with remote loads. WEAVELM_P2P_SCATTER=1 selects the
 # stores-only "scatter" kernel instead (peers push their partials into this rank's inbox, then
 # every load is local). On 4xH100 it was not faster overall: ahead at 16 CTAs at 4K-8K tokens,
-# behind at 8 and 32 CTAs, equal within noise inside the weave (benchmarks/RESULTS.md, round 3).
+# behind at 8 and 32 CTAs, equal within noise inside the weave (benchmarks/HISTORY.md, round 3).
 P2P_SCATTER = os.environ.get("WEAVELM_P2P_SCATTER", "0") == "1"
 
 
