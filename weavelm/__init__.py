@@ -22,7 +22,14 @@ def __getattr__(name):
     if name == "SamplingParams":
         from weavelm.engine.sampler import SamplingParams
         return SamplingParams
+    if name == "EngineConfig":
+        from weavelm.engine.config import EngineConfig
+        return EngineConfig
+    if name == "LLMEngine":
+        from weavelm.engine.engine import LLMEngine
+        return LLMEngine
     raise AttributeError(f"module 'weavelm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "Completion", "SamplingParams", "WeavelmError", "__version__"]
+__all__ = ["LLM", "Completion", "SamplingParams", "EngineConfig", "LLMEngine", "WeavelmError",
+           "__version__"]
