@@ -103,7 +103,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     from weavelm.bench.prefill import PrefillTimer
-    from weavelm.engine.weave.executor import WEAVE_CTAS
+    from weavelm.weave.executor import WEAVE_CTAS
     from weavelm.parallel.state import init_parallel
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     state = init_parallel(tp, "cuda")
@@ -112,7 +112,7 @@ def main():
     T = args.tokens
     split = runner.split_for(T)
     if args.shift is not None:
-        from weavelm.engine.weave.wave_model import default_align
+        from weavelm.weave.wave_model import default_align
         align = default_align(tp)
         split = round((T / 2 + args.shift * T) / align) * align
     inputs = runner._inputs(T)

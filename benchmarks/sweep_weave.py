@@ -26,8 +26,8 @@ def main():
     args = ap.parse_args()
 
     from weavelm.bench.prefill import PrefillTimer
-    from weavelm.engine.weave.executor import WEAVE_CTAS
-    from weavelm.engine.weave.wave_model import default_align
+    from weavelm.weave.executor import WEAVE_CTAS
+    from weavelm.weave.wave_model import default_align
     from weavelm.parallel.state import init_parallel
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     state = init_parallel(tp, "cuda")

@@ -224,7 +224,7 @@ def bench_prefill(
     """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
     from weavelm.bench.prefill import bench_prefill_rank, format_table, plot as plot_fn
     from weavelm.bench.shapes import shape_config
-    from weavelm.engine.weave.executor import parse_mode
+    from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.parallel.launch import run_ranks
@@ -294,7 +294,7 @@ def bench_throughput(
     from weavelm.bench.shapes import shape_config
     from weavelm.bench.throughput import format_result, plot as plot_fn, throughput_rank
     from weavelm.engine.config import EngineConfig
-    from weavelm.engine.weave.executor import parse_mode
+    from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
     from weavelm.parallel.launch import run_ranks

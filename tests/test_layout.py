@@ -10,7 +10,7 @@ import weavelm.cli
 PKG = pathlib.Path(weavelm.__file__).parent
 CLI = pathlib.Path(weavelm.cli.__path__[0])
 # Each layer may import itself and the layers after it in this list, never one before it.
-LAYERS = ["cli", "serve", "bench", "engine", "models", "parallel", "kernels"]
+LAYERS = ["cli", "serve", "bench", "engine", "models", "weave", "parallel", "kernels"]
 
 
 def _files() -> list[tuple[pathlib.Path, tuple[str, ...]]]:

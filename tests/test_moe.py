@@ -110,7 +110,7 @@ def checkpoints(tmp_path_factory):
 
 def _run(tp, paths, weave):
     from weavelm import LLM, SamplingParams
-    from weavelm.engine.weave.executor import Mode
+    from weavelm.weave.executor import Mode
     from weavelm.parallel.state import destroy_parallel
     result = {}
     for name, path in paths.items():
@@ -298,7 +298,7 @@ def test_cli_generate_runs_tiny_mixtral_at_tp2(checkpoints, tmp_path):
 # -- the splitter's cost model and the prefill benchmark know MoE layers ----------------------
 def test_named_moe_shapes_and_their_grouped_gemms():
     from weavelm.bench.shapes import shape_config
-    from weavelm.engine.weave.wave_model import gemm_waves
+    from weavelm.weave.wave_model import gemm_waves
     from weavelm.models.config import ModelConfig
     from weavelm.models.registry import GemmShape, family_for
     for name, E, K in (("mixtral-8x7b", 8, 2), ("mixtral-8x22b", 8, 2), ("qwen3-30b-a3b", 128, 8)):

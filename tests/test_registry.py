@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weavelm.models.decoder import CausalLM, DecoderLayer, RMSNorm
+from weavelm.models.decoder import WovenDecoder, WovenDecoderLayer, RMSNorm
 from weavelm.models.registry import GemmShape, ModelFamily, register_family
 from weavelm.parallel.launch import spawn
 from weavelm.parallel.layers import (
@@ -62,14 +62,14 @@ class ToyExperts(TPLayer):
         return self.down(h, out=out)                                 # [T, D] partial sums
 
 
-class ToyForCausalLM(CausalLM):
+class ToyForCausalLM(WovenDecoder):
     def __init__(self, cfg, dtype=torch.float32, device="cpu", max_positions=None):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(V, D, params_dtype=dtype, device=device)
         self.model.layers = nn.ModuleList([
-            DecoderLayer(ToyMixer(dtype, device), ToyExperts(dtype, device),
+            WovenDecoderLayer(ToyMixer(dtype, device), ToyExperts(dtype, device),
                          RMSNorm(D, cfg.rms_norm_eps, dtype, device),
                          RMSNorm(D, cfg.rms_norm_eps, dtype, device))
             for _ in range(cfg.num_layers)])

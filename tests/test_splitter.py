@@ -5,9 +5,9 @@ import random
 import pytest
 
 from weavelm.bench.tune import candidate_splits, tune
-from weavelm.engine.weave.split_table import SplitTable, model_key, table_key
-from weavelm.engine.weave.splitter import Splitter
-from weavelm.engine.weave.wave_model import (
+from weavelm.weave.split_table import SplitTable, model_key, table_key
+from weavelm.weave.splitter import Splitter
+from weavelm.weave.wave_model import (
     GemmShape, choose_split, default_align, gemm_waves, modeled_time,
 )
 from weavelm.models.config import ModelConfig
@@ -233,10 +233,10 @@ def test_engine_auto_threshold_eager_default_or_tuned(cache_dir):
 
     import torch
 
-    from weavelm.engine.weave.policy import SchedulePolicy
-    from weavelm.engine.weave.executor import Mode
-    from weavelm.engine.weave.split_table import _cached_load
-    from weavelm.engine.weave.splitter import EAGER_MIN_TOKENS, current_gpu
+    from weavelm.weave.policy import SchedulePolicy
+    from weavelm.weave.executor import Mode
+    from weavelm.weave.split_table import _cached_load
+    from weavelm.weave.splitter import EAGER_MIN_TOKENS, current_gpu
     _cached_load.cache_clear()
     gpus = SimpleNamespace(device=torch.device("cuda"), world_size=4)
     auto = SchedulePolicy("auto", LLAMA_70B, gpus)
@@ -259,7 +259,7 @@ def test_causal_bias_moves_the_cut_up_for_one_long_sequence():
     """One sequence holding most of the batch: the wave model's window moves up by T/8 (half A's
     causal attention is the cheaper one), never beyond max_imbalance; many short sequences, or
     unknown lengths, keep the unbiased choice; a tuned table's offset is used as measured."""
-    from weavelm.engine.weave.wave_model import CAUSAL_BIAS, causal_bias
+    from weavelm.weave.wave_model import CAUSAL_BIAS, causal_bias
     assert causal_bias(4096, [4096]) == CAUSAL_BIAS
     assert causal_bias(4096, [3000, 1096]) == CAUSAL_BIAS
     assert causal_bias(4096, [1024] * 4) == 0.0 and causal_bias(4096, None) == 0.0
@@ -298,7 +298,7 @@ def test_a_bad_mode_leaves_the_policy_as_it_was():
 
     import torch
 
-    from weavelm.engine.weave.policy import SchedulePolicy
+    from weavelm.weave.policy import SchedulePolicy
     from weavelm.errors import WeavelmError
     policy = SchedulePolicy("auto", LLAMA_70B, SimpleNamespace(device=torch.device("cpu"),
                                                                world_size=1))

@@ -15,7 +15,7 @@ PROMPTS = [[1, 5, 9, 14, 20, 7, 7, 3, 44, 12, 90], [4, 8, 15, 16, 23, 42, 4, 8, 
 
 def _compare_modes(tp, paths, prompts, new_tokens):
     from weavelm import LLM, SamplingParams
-    from weavelm.engine.weave.executor import Mode
+    from weavelm.weave.executor import Mode
     from weavelm.parallel.state import destroy_parallel
     result = {}
     for name, path in paths.items():

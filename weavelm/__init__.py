@@ -22,6 +22,12 @@ def __getattr__(name):
     if name == "SamplingParams":
         from weavelm.engine.sampler import SamplingParams
         return SamplingParams
+    if name in ("WovenDecoderLayer", "WovenDecoder", "RMSNorm", "StepInput"):
+        from weavelm.models import decoder
+        return getattr(decoder, name)
+    if name == "load_weights":
+        from weavelm.models.loader import load_weights
+        return load_weights
     if name == "EngineConfig":
         from weavelm.engine.config import EngineConfig
         return EngineConfig
@@ -31,5 +37,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'weavelm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "Completion", "SamplingParams", "EngineConfig", "LLMEngine", "WeavelmError",
-           "__version__"]
+__all__ = ["LLM", "Completion", "SamplingParams", "EngineConfig", "LLMEngine", "WovenDecoderLayer",
+           "WovenDecoder", "RMSNorm", "StepInput", "load_weights", "WeavelmError", "__version__"]

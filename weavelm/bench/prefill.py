@@ -1,7 +1,7 @@
 """`weavelm bench prefill` and `weavelm tune`: prefill latency of a random-weight model of a real
 shape, per schedule, all measured in one run on the same model and inputs.
 
-Modes (`weavelm.engine.weave.executor`): baseline (NCCL all-reduce + fused add/RMSNorm), fused and
+Modes (`weavelm.weave.executor`): baseline (NCCL all-reduce + fused add/RMSNorm), fused and
 weave (the fused communicator: `--backend p2p`, or `torch` to run the same schedule over
 NCCL/gloo), nocomm (every all-reduce removed: wrong output, the bound). Ratios are against baseline and nocomm from
 the same run. Every rank runs this; rank 0 prints.
@@ -57,8 +57,8 @@ class PrefillTimer:
 
     def __init__(self, shape: str, layers: int, tp: int, backend: str, seq_len: int | None,
                  dtype=torch.bfloat16):
-        from weavelm.engine.weave.executor import Executor
-        from weavelm.engine.weave.splitter import Splitter
+        from weavelm.weave.executor import Executor
+        from weavelm.weave.splitter import Splitter
         from weavelm.parallel.backends import make_communicator
         from weavelm.parallel.state import get_state
         self.state = get_state()
@@ -146,7 +146,7 @@ class PrefillTimer:
 
 
 def bench_prefill_rank(opts: dict) -> list[dict] | None:
-    from weavelm.engine.weave.executor import WEAVE_CTAS
+    from weavelm.weave.executor import WEAVE_CTAS
     from weavelm.parallel.state import init_parallel
     state = init_parallel(opts["tp"], opts["device"])
     runner = PrefillTimer(opts["shape"], opts["layers"], opts["tp"], opts["backend"],

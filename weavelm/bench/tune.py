@@ -1,5 +1,5 @@
 """`weavelm tune`: measure a few split points per token bucket on this machine and save the
-table the engine's splitter then uses (`weavelm/engine/weave/split_table.py`).
+table the engine's splitter then uses (`weavelm/weave/split_table.py`).
 
 Instead of a grid search, each bucket times the unsplit prefill and a handful of candidates
 around the wave model's choice (`candidate_splits`), a few times each, and keeps the fastest.
@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from weavelm.engine.weave.split_table import SplitTable
-from weavelm.engine.weave.wave_model import (
+from weavelm.weave.split_table import SplitTable
+from weavelm.weave.wave_model import (
     DEFAULT_NUM_SMS, TILE_M, TILE_N, GemmShape, choose_split, default_align, split_window,
 )
 from weavelm.errors import check
@@ -109,7 +109,7 @@ def tune(measure: Callable[[int, int | None], float], buckets: Iterable[int], tp
 def tune_rank(opts: dict):
     """Measure a few split points per token bucket and save the table the engine will use."""
     from weavelm.bench.prefill import PrefillTimer
-    from weavelm.engine.weave.split_table import model_key, table_key
+    from weavelm.weave.split_table import model_key, table_key
     from weavelm.parallel.state import init_parallel
     state = init_parallel(opts["tp"], opts["device"])
     check(state.device.type == "cuda", "weavelm tune measures GPU kernels: run it with GPUs")

@@ -17,16 +17,13 @@ from typing import Callable
 
 import torch
 
-from weavelm.engine.block_manager import BLOCK_SIZE
 from weavelm.engine.config import EngineConfig, check_prompt
 from weavelm.engine.engine import LLMEngine
 from weavelm.engine.model_loading import resolve_dtype
 from weavelm.engine.sampler import SamplingParams
-from weavelm.engine.weave.executor import Mode, parse_mode
-from weavelm.engine.weave.policy import SchedulePolicy
+from weavelm.weave.executor import Mode, parse_mode
+from weavelm.weave.policy import SchedulePolicy
 from weavelm.errors import WeavelmError, check
-from weavelm.models.attention import prefill_batch
-from weavelm.models.decoder import StepInput
 from weavelm.parallel.state import get_state
 
 
@@ -135,7 +132,7 @@ class LLM:
 
     @property
     def mode(self) -> str | Mode:
-        """The schedule setting: "auto" or a `Mode` (see `weavelm.engine.weave.policy`)."""
+        """The schedule setting: "auto" or a `Mode` (see `weavelm.weave.policy`)."""
         return "auto" if self.policy.auto else self.policy.mode
 
     @mode.setter
@@ -239,20 +236,16 @@ class LLM:
     @torch.no_grad()
     def logits(self, token_lists: list[list[int]], mode=None, split: int | None = None
                ) -> torch.Tensor:
-        """Logits [T, V] for every position of the given sequences (a cache of their own, not
-        the engine's; tests use it).
-        `mode`/`split` force a schedule; by default the prefill schedule is used."""
+        """Logits [T, V] for every position of the given sequences: the model's own forward (a
+        cache of its own, not the engine's). `mode`/`split` force a schedule; by default the
+        prefill schedule the engine would pick, and the splitter's cut for the weave."""
         lengths = [len(t) for t in token_lists]
-        batch, positions, num_blocks = prefill_batch(lengths, BLOCK_SIZE, self.device)
-        cache = self.model.make_kv_cache(num_blocks, BLOCK_SIZE)
-        ids = torch.tensor([t for toks in token_lists for t in toks], device=self.device)
         if mode is None:
-            mode, split = self.prefill_schedule(len(ids), lengths)
+            mode, split = self.prefill_schedule(sum(lengths), lengths)
         elif parse_mode(mode) is Mode.WEAVE and split is None:
             split = SchedulePolicy(Mode.WEAVE, self.config, self.state).prefill(
-                len(ids), lengths)[1]
-        hidden = self.executor.run(ids, StepInput(positions, cache, batch), mode, split)
-        return self.model.compute_logits(hidden, self.comm)
+                sum(lengths), lengths)[1]
+        return self.model(token_lists, mode=mode, split=split, comm=self.comm)
 
 
 __all__ = ["LLM", "Completion", "EngineConfig", "SamplingParams", "WeavelmError", "get_state",

@@ -9,7 +9,7 @@ import torch
 
 from weavelm.engine.config import EngineConfig
 from weavelm.engine.model_runner import ModelRunner
-from weavelm.engine.weave.policy import SchedulePolicy
+from weavelm.weave.policy import SchedulePolicy
 from weavelm.errors import check
 from weavelm.models.config import ModelConfig
 from weavelm.models.loader import load_weights, resolve_model

@@ -27,13 +27,13 @@ import torch
 
 from weavelm.engine.block_manager import BlockAllocator
 from weavelm.engine.config import EngineConfig
-from weavelm.engine.weave.executor import Executor
-from weavelm.engine.weave.policy import SchedulePolicy
+from weavelm.weave.executor import Executor
+from weavelm.weave.policy import SchedulePolicy
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
 from weavelm.models.host_inputs import fill_block_table, host_to_device
-from weavelm.models.decoder import CausalLM, StepInput
+from weavelm.models.decoder import WovenDecoder, StepInput
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.state import ParallelState
 
@@ -58,7 +58,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, comm: Communicator, state: ParallelState,
+    def __init__(self, model: WovenDecoder, comm: Communicator, state: ParallelState,
                  policy: SchedulePolicy, config: EngineConfig):
         self.model, self.comm, self.state, self.policy = model, comm, state, policy
         self.config = config

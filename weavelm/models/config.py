@@ -86,6 +86,11 @@ class ModelConfig:
                 and self.moe_intermediate_size % tp == 0
                 and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0)]
 
+    def layer_gemms(self, tp: int) -> list:
+        """The per-rank GEMMs of one decoder layer at TP `tp` (the family's `layer_gemms`): what
+        the weave's splitter models."""
+        return family_for(self.architecture).layer_gemms(self, tp)
+
     def check_tp(self, tp: int) -> None:
         if tp < 1 or tp not in self.valid_tp_degrees(max(tp, 64)):
             valid = ", ".join(map(str, self.valid_tp_degrees()))

@@ -5,7 +5,7 @@ I = intermediate size, V = vocabulary.
 
 Classes and attribute names mirror Hugging Face's, so checkpoint names map one to one except for
 the packed projections in `PACKED_MODULES`. The model composes TP layers only: each block
-returns partial sums, and a schedule (`weavelm.engine.weave.executor`) reduces them, adds the residual
+returns partial sums, and a schedule (`weavelm.weave.executor`) reduces them, adds the residual
 and applies the *next* norm. The four architectures share this implementation: they are four
 registry entries at the bottom of this file.
 """
@@ -18,7 +18,7 @@ from weavelm.errors import check
 from weavelm.kernels.activation import silu_and_mul
 from weavelm.models.attention import rotary_attention
 from weavelm.models.config import ModelConfig
-from weavelm.models.decoder import CausalLM, DecoderLayer, RMSNorm, StepInput
+from weavelm.models.decoder import WovenDecoder, WovenDecoderLayer, RMSNorm, StepInput
 from weavelm.models.registry import GemmShape, ModelFamily, register_family
 from weavelm.models.rope import RotaryEmbedding
 from weavelm.parallel.layers import (
@@ -92,7 +92,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       cfg.rope_scaling, device=device)
         self.layers = nn.ModuleList([
-            DecoderLayer(
+            WovenDecoderLayer(
                 self_attn=LlamaAttention(cfg, i, self.rotary, dtype, device),
                 mlp=make_mlp(cfg, i, dtype, device),
                 input_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device),
@@ -102,7 +102,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(WovenDecoder):
     make_mlp = None              # LlamaModel's dense MLP; subclasses may build other blocks
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu",

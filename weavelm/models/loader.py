@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from weavelm.errors import WeavelmError, check
+from weavelm.parallel.layers import default_weight_loader
 
 HF_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
@@ -198,18 +199,27 @@ def _load_pickle(f: Path) -> dict:
     return state
 
 
-def load_weights(model: nn.Module, source, progress: bool = False) -> None:
+def load_weights(model: nn.Module, source, progress: bool = False,
+                 packed_modules: dict | None = None) -> None:
     """Stream a checkpoint into `model`'s shards; fail on any missing or unexpected tensor.
 
-    `source` is a `ModelSource` or any iterable of (Hugging Face name, tensor) pairs (e.g. a
-    transformers model's `state_dict().items()`). Checkpoint names map to parameters through
-    the model family's packed-module table (`ModelFamily.map_checkpoint_name`); a packed
-    parameter is complete when every id in its `shard_ids` has arrived.
+    `source` is a `ModelSource`, a path or repo id (`resolve_model`), or any iterable of
+    (Hugging Face name, tensor) pairs (e.g. a transformers model's `state_dict().items()`).
+    Checkpoint names map to parameters through a packed-module table: `packed_modules`, else
+    the model family's (`ModelFamily.packed_modules`, for a model with a registered
+    `config.architecture`), else none (every name is a parameter name). A packed parameter is
+    complete when every id in its `shard_ids` has arrived. Any TP-built model loads this way,
+    a model of one's own too: each parameter's `weight_loader` takes its rank's slice.
     """
-    from weavelm.models.registry import family_for
-    family = family_for(model.config.architecture)
+    from weavelm.models.registry import family_for, map_checkpoint_name
+    config = getattr(model, "config", None)
+    if packed_modules is None:
+        packed_modules = family_for(config.architecture).packed_modules \
+            if getattr(config, "architecture", None) else {}
+    if isinstance(source, (str, os.PathLike)):
+        source = resolve_model(source)
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = getattr(config, "tie_word_embeddings", False)
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
     shards: dict[str, set] = {}           # parameter name -> shard ids loaded into it
     unexpected: list[str] = []
@@ -224,13 +234,13 @@ def load_weights(model: nn.Module, source, progress: bool = False) -> None:
     for name, tensor in items:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = family.map_checkpoint_name(name)
+        target, shard_id = map_checkpoint_name(name, packed_modules)
         param = params.get(target)
         if param is None:
             unexpected.append(name)
             continue
         try:
-            param.weight_loader(param, tensor, shard_id)
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
         except ValueError as e:
             raise WeavelmError(f"checkpoint tensor {name} does not fit the model ({e}): "
                                f"config.json and weights disagree") from None

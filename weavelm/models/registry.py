@@ -24,23 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from weavelm.errors import check
+from weavelm.weave.wave_model import GemmShape  # noqa: F401 - families import it from here
 
 BUILTIN_FAMILY_MODULES = ("weavelm.models.llama", "weavelm.models.moe")
-
-
-@dataclass(frozen=True)
-class GemmShape:
-    """One per-rank GEMM of a decoder layer: `n` output features on this rank, `k` input features.
-
-    A grouped GEMM over `experts` experts, each token routed to `top_k` of them, runs once per
-    expert on its routed rows: m tokens give ceil(m * top_k / experts) rows per expert when
-    routing is uniform (the wave model's assumption; random router weights route about so).
-    """
-    n: int
-    k: int
-    name: str = ""
-    experts: int = 1
-    top_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,13 +45,20 @@ class ModelFamily:
 
     def map_checkpoint_name(self, name: str) -> tuple[str, Any]:
         """(parameter name, shard id or None) for a checkpoint tensor name."""
-        for pattern, (target, shard) in _compiled(self.packed_modules):
-            match = pattern.search(name)
-            if match:
-                index = match.groupdict().get("index")
-                shard_id = shard if index is None else (int(index), shard)
-                return name[:match.start()] + f".{target}." + name[match.end():], shard_id
-        return name, None
+        return map_checkpoint_name(name, self.packed_modules)
+
+
+def map_checkpoint_name(name: str, packed_modules: dict[str, tuple[str, Any]]
+                        ) -> tuple[str, Any]:
+    """(parameter name, shard id or None) for a checkpoint tensor name, through a packed-module
+    table (`{"q_proj": ("qkv_proj", "q"), ...}`; a `*` captures an expert index)."""
+    for pattern, (target, shard) in _compiled(packed_modules):
+        match = pattern.search(name)
+        if match:
+            index = match.groupdict().get("index")
+            shard_id = shard if index is None else (int(index), shard)
+            return name[:match.start()] + f".{target}." + name[match.end():], shard_id
+    return name, None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

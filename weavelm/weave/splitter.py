@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from weavelm.engine.weave.split_table import SplitTable, cached_table, model_key, table_key
-from weavelm.engine.weave.wave_model import DEFAULT_NUM_SMS, causal_bias, choose_split
-from weavelm.models.registry import family_for
+from weavelm.weave.split_table import SplitTable, cached_table, model_key, table_key
+from weavelm.weave.wave_model import DEFAULT_NUM_SMS, causal_bias, choose_split
 
 # The engine prefills eagerly (no CUDA graphs for prefill yet), and two eager halves are
 # host-bound on small batches, so below this size the weave loses to the fused schedule
@@ -49,7 +48,7 @@ class Splitter:
         self.config, self.tp = config, tp
         self.gpu_name = gpu_name or name
         self.num_sms = num_sms or sms
-        self.gemms = tuple(family_for(config.architecture).layer_gemms(config, tp))
+        self.gemms = tuple(config.layer_gemms(tp))
         self.table: SplitTable | None = cached_table(
             table_key(model_key(config), tp, self.gpu_name))
         if min_tokens is None and self.table is None:

@@ -58,14 +58,30 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
-from weavelm.models.registry import GemmShape
 
 DEFAULT_MIN_TOKENS = 1024      # TokenWeave's threshold for Llama/Qwen2; below it: fused kernel only
 CAUSAL_BIAS = 1 / 8            # first half larger by T/8 when one sequence dominates (see below)
 DEFAULT_NUM_SMS = 132          # H100 SXM / H200
 TILE_M, TILE_N = 128, 256      # bf16 Hopper GEMM output tile (tokens x output features)
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """One per-rank GEMM of a decoder layer: `n` output features on this rank, `k` input features.
+
+    A grouped GEMM over `experts` experts, each token routed to `top_k` of them, runs once per
+    expert on its routed rows: m tokens give ceil(m * top_k / experts) rows per expert when
+    routing is uniform (the wave model's assumption; random router weights route about so).
+    """
+    n: int
+    k: int
+    name: str = ""
+    experts: int = 1
+    top_k: int = 1
+
 
 __all__ = ["GemmShape", "gemm_waves", "modeled_time", "default_align", "split_window",
            "causal_bias", "choose_split"]

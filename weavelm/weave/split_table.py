@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from weavelm.cache_dir import cache_root
-from weavelm.engine.weave.wave_model import DEFAULT_MIN_TOKENS
+from weavelm.weave.wave_model import DEFAULT_MIN_TOKENS
 
 TABLE_VERSION = 1
 

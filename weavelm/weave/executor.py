@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
 from weavelm.errors import WeavelmError
 from weavelm.kernels.rmsnorm import fused_add_rms_norm
-from weavelm.models.decoder import CausalLM, StepInput
 from weavelm.parallel.communicator import (
     Communicator, FusedCollective, TorchCommunicator, row_range,
 )
@@ -81,10 +81,27 @@ class ScheduleConfig:
     sm_carveout: int | str = "auto"
 
 
+class Step(Protocol):
+    """What a step carries for attention besides the hidden states (the models' `StepInput`:
+    positions, KV cache, pieces); the weave only cuts it in two."""
+
+    def split(self, n_first: int) -> tuple["Step", "Step"]: ...
+
+
+class Stack(Protocol):
+    """A decoder stack as the executor runs it (`weavelm.models.decoder.WovenDecoder`): the
+    embedding's partial sums, layers with their two blocks and norms, the final norm."""
+
+    layers: Sequence
+    final_norm: object
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
 class _Half:
     """One half of the batch in the fused/weave schedules: its tokens and residual rows."""
 
-    def __init__(self, x, residual_rows, step: StepInput, slot=0):
+    def __init__(self, x, residual_rows, step: Step, slot=0):
         self.x, self.residual_rows, self.step = x, residual_rows, step
         self.slot = slot          # the communicator's staging region for this half
         self.ready = None         # CUDA event: x is valid
@@ -106,7 +123,7 @@ class Executor:
     run's baseline is the same unfused reference whichever backend `comm` is.
     """
 
-    def __init__(self, model: CausalLM, comm: Communicator, config: ScheduleConfig | None = None):
+    def __init__(self, model: Stack, comm: Communicator, config: ScheduleConfig | None = None):
         self.model, self.comm = model, comm
         self.torch_comm = comm if isinstance(comm, TorchCommunicator) else \
             TorchCommunicator(comm.state)
@@ -114,7 +131,7 @@ class Executor:
         self.config = config or ScheduleConfig()
         self._comm_stream = None
 
-    def run(self, ids, step: StepInput, mode: Mode = Mode.BASELINE,
+    def run(self, ids, step: Step, mode: Mode = Mode.BASELINE,
             split: int | None = None) -> torch.Tensor:
         """ids [T] -> final-normed hidden states [T, D], identical on every rank."""
         mode = parse_mode(mode)
@@ -135,12 +152,12 @@ class Executor:
         """(layer index, block name) in execution order."""
         return [(i, block) for i in range(len(self.layers)) for block in ("attn", "mlp")]
 
-    def _block(self, i: int, block: str, x, step: StepInput, out=None):
+    def _block(self, i: int, block: str, x, step: Step, out=None):
         layer = self.layers[i]
         return layer.attention_block(x, step, out) if block == "attn" else layer.mlp_block(x, out)
 
     # -- baseline and nocomm: all rows, replicated residual ---------------------------------
-    def _run_replicated(self, h, step: StepInput, reduce: bool):
+    def _run_replicated(self, h, step: Step, reduce: bool):
         if reduce:
             h = self.torch_comm.all_reduce(h)
         residual = h.clone()                                             # [T, D]
@@ -154,7 +171,7 @@ class Executor:
         return x                                                         # [T, D]
 
     # -- fused and weave: sequence-sharded residual -----------------------------------------
-    def _start_half(self, h, step: StepInput, slot=0) -> _Half:
+    def _start_half(self, h, step: Step, slot=0) -> _Half:
         """A half whose residual shard starts at zero: its first reduction (of the embedding's
         partial sums `h`, see `_embed`) makes the shard the embedding rows."""
         lo, hi = row_range(h.shape[0], self.comm.rank, self.comm.world_size)
@@ -182,7 +199,7 @@ class Executor:
         if isinstance(self.comm, FusedCollective):    # one staging region per half in flight
             self.comm.reserve_slots(rows, h.shape[1], h.dtype, slots=slots)
 
-    def _run_fused(self, h, step: StepInput):
+    def _run_fused(self, h, step: Step):
         half = self._start_half(h, step)
         self._reserve(h.shape[0], h, slots=1)
         self._embed(half)
@@ -190,7 +207,7 @@ class Executor:
             self._reduce(half, self._block_partials(half, i, block), self._norm_after(i, block))
         return half.x.clone()           # fused backends return a view of their staging buffer
 
-    def _run_weave(self, h, step: StepInput, split: int):
+    def _run_weave(self, h, step: Step, split: int):
         step_a, step_b = step.split(split)
         a = self._start_half(h[:split], step_a, slot=0)
         b = self._start_half(h[split:], step_b, slot=1)

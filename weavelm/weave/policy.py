@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from weavelm.engine.weave.executor import Mode, parse_mode
-from weavelm.engine.weave.splitter import Splitter
+from weavelm.weave.executor import Mode, parse_mode
+from weavelm.weave.splitter import Splitter
 from weavelm.parallel.state import ParallelState
 
 
