@@ -103,17 +103,9 @@ class LLMEngine:
         loaded.arm()                   # every rank is loaded: short collective waits from here
         return engine
 
-    @property
-    def model(self):
-        return self.runner.model
-
-    @property
-    def state(self):
-        return self.runner.state
-
-    @property
-    def device(self):
-        return self.runner.device
+    model = property(lambda self: self.runner.model)
+    state = property(lambda self: self.runner.state)
+    device = property(lambda self: self.runner.device)
 
     @property
     def tokenizer(self):

@@ -11,6 +11,7 @@ broadcasts it, so all ranks stay in step. `LLM` is a thin front end: `llm.engine
 """
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +35,12 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"     # "stop" (EOS), "length" (max_new_tokens or context)
+
+
+def _engine_view(path: str, doc: str | None = None) -> property:
+    """A read-only view of the engine's `path` (`LLM` is a front end over its engine)."""
+    get = operator.attrgetter(path)
+    return property(lambda self: get(self.engine), doc=doc or f"The engine's `{path}`.")
 
 
 # torch.no_grad rather than inference_mode: on CPU, inference_mode sends grouped-query SDPA with
@@ -77,58 +84,19 @@ class LLM:
         self.stats: dict = {}
 
     # -- what the engine holds, under the names users know ------------------------------------
-    @property
-    def config(self):
-        """The model's config (`weavelm.models.config.ModelConfig`)."""
-        return self.engine.model_config
-
-    @property
-    def runner(self):
-        return self.engine.runner
-
-    @property
-    def model(self):
-        return self.engine.model
-
-    @property
-    def comm(self):
-        return self.engine.comm
-
-    @property
-    def state(self):
-        return self.engine.state
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def policy(self) -> SchedulePolicy:
-        return self.runner.policy
-
-    @property
-    def executor(self):
-        return self.runner.executor
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def stop_ids(self) -> set[int]:
-        return self.engine.stop_ids
-
-    @property
-    def source(self):
-        return self.engine.source
+    config = _engine_view("model_config", "The model's config (`models.config.ModelConfig`).")
+    runner = _engine_view("runner")
+    model = _engine_view("model")
+    comm = _engine_view("comm")
+    state = _engine_view("state")
+    device = _engine_view("device")
+    dtype = _engine_view("model.lm_head.weight.dtype")
+    max_model_len = _engine_view("max_model_len")
+    policy = _engine_view("runner.policy")
+    executor = _engine_view("runner.executor")
+    tokenizer = _engine_view("tokenizer")
+    stop_ids = _engine_view("stop_ids")
+    source = _engine_view("source")
 
     @property
     def mode(self) -> str | Mode:
