@@ -106,7 +106,7 @@ def _per_row(values: list, uniform: bool, like: torch.Tensor, dtype=torch.float3
 
 class TokenReadback:
     """Sampled tokens copied back to the host without waiting for the GPU, for callers that
-    queue step k + 1 before they read step k (the engine, the decode loop): two pinned buffers
+    queue step k + 1 before they read step k (the engine): two pinned buffers
     used in turn, an event per copy.
 
         pending = readback.start(tokens)        # right after sampling step k
