@@ -72,6 +72,8 @@ def serve(
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
         num_kv_blocks=num_kv_blocks)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # as uvicorn binds: TIME_WAIT entries of an earlier run on this port do not block it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

@@ -12,10 +12,11 @@ from weavelm.parallel.launch import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_server(path, tp, log, *extra, shutdown_timeout=20):
-    """A server of the checkpoint `path` at TP `tp` (more CLI options in `extra`), once its
-    /health answers 200: (process, base url, the 503 answers seen while it loaded)."""
-    port = free_port()
+def start_server(path, tp, log, *extra, shutdown_timeout=20, port=None):
+    """A server of the checkpoint `path` at TP `tp` (more CLI options in `extra`; on `port`,
+    else a free one), once its /health answers 200: (process, base url, the 503 answers seen
+    while it loaded)."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "weavelm.cli.main", "serve", str(path), "--device", "cpu",
            "--port", str(port), "--tp", str(tp), "--served-model-name", "tiny",
            "--shutdown-timeout", str(shutdown_timeout), *map(str, extra)]

@@ -19,7 +19,7 @@ EXPERT_SCALE = 5   # experts' weights N(0, 0.1): their outputs weigh in the logi
 
 
 def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed: int = 0,
-              layers: int = 2, heads: int = 4):
+              layers: int = 2, heads: int = 4, **config):
     """Save a random `kind` model (llama, qwen2, qwen3, mistral, mixtral, qwen3_moe) to
     `directory`; return it. MoE routers get N(0, ROUTER_STD) weights: with transformers'
     N(0, 0.02) every router logit is near zero, and a rounding difference could pick another
@@ -38,7 +38,7 @@ def make_tiny(kind: str, directory, kv_heads: int = 2, shard: bool = False, seed
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, MOE["qwen3_moe"]),
     }[kind]
     config_cls, model_cls, extra = cls
-    model = model_cls(config_cls(**{**common, **extra})).eval()
+    model = model_cls(config_cls(**{**common, **extra, **config})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if kind in MOE and name.endswith("gate.weight") and p.dim() == 2:

@@ -139,16 +139,21 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> None:
-        """Queue a request. One that cannot run finishes with an error output at the next step
-        (`check_request` raises that error instead)."""
+        """Queue a request. Token ids that are not this model's are refused here (one-line
+        WeavelmError, nothing queued); a request too long for the context or the cache finishes
+        with an error output at the next step (`check_request` raises that error instead)."""
         check(request_id not in self.seqs, f"request id {request_id!r} is already in use: give "
                                            f"each request its own id")
         params = params or SamplingParams()
+        check(isinstance(params, SamplingParams), f"params must be a SamplingParams, got "
+                                                  f"{type(params).__name__}")
+        bad_ids = self._bad_ids(prompt_token_ids)       # misuse: refused here, nothing queued
+        check(bad_ids is None, bad_ids or "")
         self.stop_ids                       # the tokenizer loads here, never inside a step
         seq = Sequence(request_id, list(prompt_token_ids), params, self._arrivals)
         self._arrivals += 1
         self.seqs[request_id] = seq
-        error = self.refusal(seq.prompt_token_ids, params)
+        error = self._length_refusal(len(seq.prompt_token_ids), params)
         if error is not None:
             seq.status, seq.finish_reason = Status.FINISHED, f"error: {error}"
             self._failed.append(seq)
@@ -158,17 +163,26 @@ class LLMEngine:
             seq.generator.manual_seed(params.seed)
         self.scheduler.add(seq)
 
-    def refusal(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
-        """Why a request cannot run (bad ids, too long for the context or the cache), or None."""
-        ids = np.asarray(prompt_token_ids)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+    def _bad_ids(self, prompt_token_ids) -> str | None:
+        """Why `prompt_token_ids` is not a list of this model's token ids, or None."""
+        ids = np.asarray(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) \
+            else None
+        if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
             return f"a prompt must be a list of int token ids, got {prompt_token_ids!r:.80}"
         vocab = self.model_config.vocab_size if self.model_config else None
         if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             return (f"token id {bad} is outside this model's vocabulary (0..{vocab - 1}): the "
                     f"tokenizer and model disagree")
-        n = len(prompt_token_ids)
+        return None
+
+    def refusal(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
+        """Why a request cannot run (bad ids, too long for the context or the cache), or None."""
+        return self._bad_ids(prompt_token_ids) or \
+            self._length_refusal(len(prompt_token_ids), params)
+
+    def _length_refusal(self, n: int, params: SamplingParams) -> str | None:
+        """Why a prompt of n tokens cannot run to its end in this context and cache, or None."""
         reason = prompt_refusal(n, self.max_model_len)
         if reason is not None:
             return reason

@@ -12,6 +12,7 @@ broadcasts it, so all ranks stay in step. `LLM` is a thin front end: `llm.engine
 from __future__ import annotations
 
 import operator
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -82,6 +83,9 @@ class LLM:
         self.engine = engine
         self._calls = 0
         self.stats: dict = {}
+        # One generate at a time: a call steps the engine until its own requests finish, and
+        # two threads stepping one engine would interleave their steps.
+        self._generating = threading.Lock()
 
     # -- what the engine holds, under the names users know ------------------------------------
     config = _engine_view("model_config", "The model's config (`models.config.ModelConfig`).")
@@ -148,6 +152,10 @@ class LLM:
                           prompts: list[str] | None = None) -> list[Completion]:
         """Generate through the engine: every prompt is a request, and the engine is stepped
         until all have finished (continuous batching, chunked prefill, decode graphs)."""
+        with self._generating:
+            return self._generate_from_ids(token_lists, params, on_token, prompts)
+
+    def _generate_from_ids(self, token_lists, params, on_token, prompts) -> list[Completion]:
         check(isinstance(token_lists, (list, tuple)) and len(token_lists) > 0,
               "no prompts given: pass a non-empty list of token-id lists")
         check(all(isinstance(t, (list, tuple)) for t in token_lists),

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -33,6 +35,7 @@ import torch.multiprocessing as mp
 
 from weavelm.errors import WeavelmError, raise_terminated
 
+STORE_ENV = "WEAVELM_RENDEZVOUS_FILE"   # set by `spawn`: the ranks' rendezvous file (a FileStore)
 REPORT_GRACE_S = 1.0   # after the first failure: how long the other ranks get to report
 FINISH_GRACE_S = 5.0   # after rank 0's result: how long the others get to exit
 STOP_GRACE_S = 2.0     # between SIGTERM and SIGKILL when stopping ranks
@@ -80,12 +83,16 @@ def _peer_failure(exc: BaseException) -> str | None:
     return None
 
 
-def _worker(rank, nprocs, port, parent_pid, fn, args, conn):
+def _worker(rank, nprocs, store, parent_pid, fn, args, conn):
     _die_with_parent(parent_pid, rank)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the parent stops every rank
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                      LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(nprocs), **{STORE_ENV: store})
+    # Ranks of one host talk over loopback only: gloo's and NCCL's sockets bind there (the
+    # rendezvous is a file, `init_parallel`), so nothing listens on other interfaces unless
+    # the user names one.
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(name, "lo")
     try:           # tqdm's default lock is a semaphore that a killed rank would leave behind
         from tqdm import tqdm
         tqdm.set_lock(threading.RLock())
@@ -244,7 +251,8 @@ def _terminate_like_ctrl_c():
 def spawn(fn, nprocs: int, *args):
     """Run fn(*args) on ranks 0..nprocs-1; return rank 0's result. `fn` must be picklable."""
     ctx = mp.get_context("spawn")
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="weavelm-rendezvous-")
+    store = os.path.join(store_dir, "store")
     procs, conns = [], []
     reports: dict[int, tuple] = {}
     failure = None
@@ -253,7 +261,7 @@ def spawn(fn, nprocs: int, *args):
         for r in range(nprocs):
             receiver, sender = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker, name=f"weavelm-rank{r}", daemon=False,
-                            args=(r, nprocs, port, os.getpid(), fn, args, sender))
+                            args=(r, nprocs, store, os.getpid(), fn, args, sender))
             p.start()
             sender.close()                          # EOF on the receiver once the rank is gone
             procs.append(p)
@@ -267,6 +275,7 @@ def spawn(fn, nprocs: int, *args):
         _stop(procs, finished=failure is None and len(reports) == nprocs)
         for c in conns:
             c.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if failure is not None:
         raise failure
     return pickle.loads(reports[0][1])

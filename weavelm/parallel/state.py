@@ -138,6 +138,9 @@ def init_parallel(tp: int | None = None, device: str | None = None,
             backend = "nccl" if dev.type == "cuda" else "gloo"
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             startup = datetime.timedelta(seconds=max(timeout, STARTUP_TIMEOUT_S))
+            rendezvous = os.environ.get("WEAVELM_RENDEZVOUS_FILE")
+            if rendezvous:        # ranks `spawn` started on this host: a file, not a socket
+                kwargs["store"] = dist.FileStore(rendezvous, world)
             dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                     timeout=startup, **kwargs)
         group = dist.group.WORLD

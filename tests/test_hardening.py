@@ -1,0 +1,129 @@
+"""Hardening, second round: one bad request never hurts another, and nothing listens where it
+should not. Each test is one of the failures a probe of hostile inputs found:
+a tiny top_p (it became 0.0 in float32 and emptied the nucleus) samples the top token and the
+requests beside it finish with their reference tokens, at TP 1 and TP 3; a server restarts on
+the port it just served on; two threads calling `generate` get correct tokens; a bad step-API
+request fails in `add_request` with one line and the `LLM` keeps working; at TP 3 every socket
+the server's process tree listens on is on loopback."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from serve_run import start_server, stop_server
+from tiny_models import make_tiny
+
+PROMPTS = [[5, 17, 33, 8], [44, 3, 71, 9, 28], [12, 19, 7, 7, 30, 2], [61, 90]]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    """A tiny Llama that splits three ways (3 heads, 3 KV heads, MLP 96), and LLM.generate's
+    greedy tokens for PROMPTS."""
+    from weavelm import LLM, SamplingParams
+    path = tmp_path_factory.mktemp("hardening") / "llama3way"
+    make_tiny("llama", path, seed=8, heads=3, kv_heads=3, hidden_size=48, intermediate_size=96)
+    llm = LLM(str(path), tp=1, device="cpu", progress=False)
+    want = [o.token_ids for o in llm.generate_from_ids(
+        PROMPTS, SamplingParams(max_new_tokens=NEW, ignore_eos=True))]
+    return str(path), llm, want
+
+
+def test_a_tiny_top_p_samples_the_top_token(tiny3):
+    from weavelm import SamplingParams
+    _, llm, want = tiny3
+    outs = llm.generate_from_ids(PROMPTS, SamplingParams(max_new_tokens=NEW, temperature=1.0,
+                                                        top_p=1e-300, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+
+
+def _listening(proc) -> list[str]:
+    """host:port of every listening TCP socket of `proc` and its descendants."""
+    found = []
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found += [f"{c.laddr.ip}:{c.laddr.port}" for c in conns
+                  if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_a_tiny_top_p_request_hurts_no_other(tiny3, tp, tmp_path):
+    path, _, want = tiny3
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, url, _ = start_server(path, tp, log)
+        try:
+            if tp > 1:
+                listening = _listening(psutil.Process(proc.pid))
+                assert listening and all(a.startswith(("127.", "::1")) for a in listening), \
+                    listening
+
+            def complete(prompt, **kw):
+                body = dict(dict(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
+                                 ignore_eos=True), **kw)
+                return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+            with ThreadPoolExecutor(5) as pool:
+                tiny_p = pool.submit(complete, PROMPTS[0], temperature=1.0, top_p=1e-300)
+                greedy = [pool.submit(complete, p) for p in PROMPTS]
+                answers = [f.result() for f in greedy]
+            assert tiny_p.result().status_code == 200, tiny_p.result().text
+            assert tiny_p.result().json()["choices"][0]["token_ids"] == want[0]
+            assert [a.json()["choices"][0]["token_ids"] for a in answers] == want
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        finally:
+            stop_server(proc)
+        if tp == 1:                     # the same port again at once (TIME_WAIT left behind)
+            port = int(url.rsplit(":", 1)[1])
+            t = time.monotonic()
+            proc, url, _ = start_server(path, 1, log, port=port)
+            try:
+                assert complete(PROMPTS[1]).json()["choices"][0]["token_ids"] == want[1]
+            finally:
+                stop_server(proc)
+            assert "cannot listen" not in open(tmp_path / "server.log").read()
+            assert time.monotonic() - t < 120
+
+
+def test_generate_from_two_threads_gives_correct_tokens(tiny3):
+    from weavelm import SamplingParams
+    _, llm, want = tiny3
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            for k in range(3):
+                results[(i, k)] = [o.token_ids for o in llm.generate_from_ids(PROMPTS, params)]
+        except Exception as e:                       # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(results) == 6 and all(r == want for r in results.values())
+
+
+@pytest.mark.parametrize("ids", [[10 ** 9], [1, -4], [1, 2.5], "1 2 3", [[1, 2]]])
+def test_a_bad_step_api_request_fails_alone(tiny3, ids):
+    from weavelm import SamplingParams
+    from weavelm.errors import WeavelmError
+    _, llm, want = tiny3
+    engine = llm.engine
+    with pytest.raises(WeavelmError) as e:
+        engine.add_request("r", ids, SamplingParams())
+    assert "\n" not in str(e.value) and "token id" in str(e.value)
+    assert "r" not in engine.seqs and not engine.has_unfinished_requests()
+    assert llm.runner.blocks.num_free == llm.runner.blocks.capacity
+    outs = llm.generate_from_ids(PROMPTS, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
