@@ -81,6 +81,9 @@ def generate(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed)   # checked before ranks start
+    if chat is not False:               # the template's renderer imports while the model resolves
+        from weavelm.models.chat_template import warm_up
+        warm_up()
     dev = options.check_tp(tp, device)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
     options.check_mode(mode)

@@ -78,6 +78,12 @@ TEMPLATES = {
         ["chat template", "did not finish within 2 s"]),
     "writes 100 MB": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
                       ["chat template", "characters"]),
+    # one C call that holds the interpreter lock: only a process can be stopped
+    "a number of a billion digits": ("{{ (10 ** (10 ** 9)) % 7 }}",
+                                     ["chat template", "did not finish within 2 s"]),
+    # 12 GB in one multiplication, before any size check could see it: refused for its memory
+    # (or, on a loaded machine, for its time: building the first 1 GB can take 2 s)
+    "a string of 12 GB": ("{{ ('a' * 10 ** 9) * 12 }}", ["chat template"]),
 }
 
 

@@ -127,3 +127,75 @@ def test_a_bad_step_api_request_fails_alone(tiny3, ids):
     assert llm.runner.blocks.num_free == llm.runner.blocks.capacity
     outs = llm.generate_from_ids(PROMPTS, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
     assert [o.token_ids for o in outs] == want
+
+
+HOSTILE = {"a number of a billion digits": "{{ (10 ** (10 ** 9)) % 7 }}",
+           "a string of 12 GB": "{{ ('a' * 10 ** 9) * 12 }}"}
+
+
+def test_hostile_chat_templates_end_in_one_line_while_the_server_answers(tiny3, tmp_path):
+    import shutil
+
+    from tiny_models import save_tiny_tokenizer
+    path = tmp_path / "hostile"
+    shutil.copytree(tiny3[0], path)
+    save_tiny_tokenizer(path)
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, url, _ = start_server(path, 1, log)
+        try:
+            for name, template in HOSTILE.items():
+                (path / "chat_template.jinja").write_text(template)
+                # the server read its tokenizer at start: a fresh one per template
+                stop_server(proc)
+                proc, url, _ = start_server(path, 1, log)
+                health, done = [], threading.Event()
+
+                def poll():
+                    while not done.is_set():
+                        t = time.monotonic()
+                        ok = httpx.get(f"{url}/health", timeout=5).status_code == 200
+                        health.append((ok, time.monotonic() - t))
+                        time.sleep(0.2)
+
+                watcher = threading.Thread(target=poll)
+                watcher.start()
+                t = time.monotonic()
+                r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json=dict(
+                    model="tiny", max_tokens=2, messages=[{"role": "user", "content": "1 2"}]))
+                elapsed = time.monotonic() - t
+                done.set()
+                watcher.join()
+                assert r.status_code == 400, (name, r.text)
+                message = r.json()["error"]["message"]
+                assert "chat template" in message and "\n" not in message, (name, message)
+                assert elapsed < 15, (name, elapsed)
+                assert health and all(ok and s < 2 for ok, s in health), (name, health)
+        finally:
+            stop_server(proc)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(temperature=10 ** 400), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=True), "top_k"), (dict(seed=True), "seed"), (dict(ignore_eos="yes"), "ignore_eos")])
+def test_loose_sampling_values_are_refused(kwargs, needle):
+    from weavelm import SamplingParams
+    from weavelm.errors import WeavelmError
+    with pytest.raises(WeavelmError, match=needle) as e:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(tp="2"), "tp"), (dict(max_model_len="100"), "max_model_len"),
+    (dict(max_num_seqs=True), "max_num_seqs"), (dict(dtype="int8"), "dtype"),
+    (dict(num_kv_blocks=1), "num_kv_blocks"), (dict(gpu_memory_utilization=float("nan")),
+                                               "gpu_memory_utilization")])
+def test_loose_engine_options_are_refused_before_anything_loads(kwargs, needle):
+    import torch
+
+    from weavelm import EngineConfig
+    from weavelm.errors import WeavelmError
+    for kw in (kwargs, dict(dtype=torch.int8)):
+        with pytest.raises(WeavelmError, match=needle if kw is kwargs else "dtype") as e:
+            EngineConfig(**kw)
+        assert "\n" not in str(e.value)

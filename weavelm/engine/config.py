@@ -47,9 +47,8 @@ class EngineConfig:
 
     def __post_init__(self):
         check(self.tp is None or _positive_int(self.tp), f"tp must be at least 1, got {self.tp!r}")
-        check(isinstance(self.dtype, (type(None), str)) or type(self.dtype).__name__ == "dtype",
-              f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        check(not isinstance(self.dtype, str) or self.dtype in DTYPES,
+        check(self.dtype is None or self.dtype in DTYPES
+              or str(self.dtype) in ("torch.float32", "torch.bfloat16", "torch.float16"),
               f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         check(self.max_model_len is None or _positive_int(self.max_model_len),
               f"max_model_len must be a positive integer, got {self.max_model_len!r}")

@@ -4,6 +4,7 @@ B = sequences, V = vocabulary.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,20 +27,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        def number(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        def integer(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
 
-        check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-              and self.max_new_tokens >= 1,
+        def number(x) -> bool:        # finite: 10**400 or inf would overflow the division
+            try:
+                return (integer(x) or isinstance(x, float)) and math.isfinite(float(x))
+            except OverflowError:
+                return False
+
+        check(integer(self.max_new_tokens) and self.max_new_tokens >= 1,
               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         check(number(self.temperature) and self.temperature >= 0,
-              f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0,
+              f"temperature must be a finite number >= 0 (0 = greedy), got "
+              f"{self.temperature!r:.40}")
+        check(integer(self.top_k) and self.top_k >= 0,
               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         check(number(self.top_p) and 0 < self.top_p <= 1,
               f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-              f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        check(self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**63),
+              f"seed must be an integer in [0, 2**63), got {self.seed!r:.40}")
+        check(isinstance(self.ignore_eos, bool),
+              f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

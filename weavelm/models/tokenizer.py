@@ -11,14 +11,12 @@ file's absolute path, size, mtime and the transformers version: a replaced file 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-import threading
 
 from weavelm.cache_dir import cache_root
 from weavelm.errors import WeavelmError
@@ -174,54 +172,12 @@ def _template_seconds() -> float:
 
 
 def render_chat_template(tokenizer, messages: list[dict]) -> str:
-    """The chat template rendered for `messages` (transformers' sandboxed jinja environment),
-    within a time and size bound: a template that raises, never ends (nested loops over
-    `range`) or writes more than `TEMPLATE_CHARS` is one `WeavelmError` naming the problem.
-
-    The template renders in a daemon thread; past the deadline the thread is stopped by an
-    exception raised into it (`PyThreadState_SetAsyncExc`, delivered at the template's next
-    bytecode: jinja compiles templates to Python, so every loop iteration is one)."""
-    result: dict = {}
-
-    def render():
-        try:
-            result["text"] = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the caller; _Stopped included
-            result["error"] = e
-
-    seconds = _template_seconds()
-    worker = threading.Thread(target=render, name="weavelm-chat-template", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident),
-                                                   ctypes.py_object(_Stopped))
-        worker.join(5)
-        raise WeavelmError(f"the chat template did not finish within {seconds:g} s (a loop that "
-                           f"never ends?): fix the template, or pass --no-chat (chat=False)")
-    error = result.get("error")
-    if error is not None:
-        reason = " ".join(str(error).split())[:200]
-        if getattr(error, "lineno", None):              # jinja's syntax errors know the line
-            reason += f" (template line {error.lineno})"
-        raise WeavelmError(f"the chat template failed ({type(error).__name__}"
-                           f"{': ' + reason if reason else ''}): fix the template, or pass "
-                           f"--no-chat (chat=False)")
-    text = result.get("text")
-    if not isinstance(text, str):
-        raise WeavelmError(f"the chat template rendered {type(text).__name__}, not text: fix "
-                           f"the template, or pass --no-chat (chat=False)")
-    if len(text) > TEMPLATE_CHARS:
-        raise WeavelmError(f"the chat template wrote {len(text):,} characters for a "
-                           f"{sum(len(str(m.get('content', ''))) for m in messages):,}-character "
-                           f"prompt (over {TEMPLATE_CHARS:,}): fix the template, or pass "
-                           f"--no-chat (chat=False)")
-    return text
-
-
-class _Stopped(Exception):
-    """Raised into a chat template's render thread past its deadline."""
+    """The chat template rendered for `messages` (transformers' sandboxed jinja environment) in
+    a child process bounded in time (`WEAVELM_CHAT_TEMPLATE_TIMEOUT`, 10 s), memory and output
+    (`TEMPLATE_CHARS`): a template that raises, never ends, computes without end or writes too
+    much is one `WeavelmError` naming the problem (`models/chat_template.py`)."""
+    from weavelm.models import chat_template
+    return chat_template.render(tokenizer, messages, _template_seconds(), TEMPLATE_CHARS)
 
 
 def stop_token_ids(tokenizer, config: dict | None = None) -> frozenset[int]:

@@ -50,6 +50,8 @@ def serve_rank(opts: dict) -> None:
     # the device) and the event loop. Python hands it over only every 5 ms by default, which
     # could hold a step back that long; 1 ms keeps the engine loop waiting less.
     sys.setswitchinterval(0.001)
+    from weavelm.models.chat_template import warm_up
+    warm_up()                           # chat requests render their template in this child
     metrics = ServerMetrics()
     loop = EngineLoop(lambda: build_engine(opts), metrics)
     app = create_app(loop, opts["served_name"], metrics,
