@@ -208,6 +208,16 @@ BAD = [  # (what, route, body or raw text, status, text the message must hold)
     ("a lone surrogate in a message", "chat/completions",
      '{"messages": [{"role": "user", "content": "1 \\ud800"}]}', 400, "UTF-8"),
     ("huge body", "completions", {"prompt": "1 " * (5 << 20)}, 413, "limit"),
+    ("a prompt longer than the context could hold", "completions",
+     {"prompt": "1 " * (3 << 20)}, 400, "characters"),
+    ("max_tokens true", "completions", {"prompt": "1 2", "max_tokens": True}, 400, "max_tokens"),
+    ("max_tokens as a string", "completions", {"prompt": "1 2", "max_tokens": "2"}, 400,
+     "max_tokens"),
+    ("a prompt of booleans", "completions", {"prompt": [True, False]}, 400, "prompt"),
+    ("ignore_eos as a string", "completions", {"prompt": "1 2", "ignore_eos": "yes"}, 400,
+     "ignore_eos"),
+    ("an infinite temperature", "completions", '{"prompt": "1 2", "temperature": Infinity}', 400,
+     "temperature"),
     ("unknown route", "nothing/here", {"prompt": "1 2"}, 404, "/v1/completions"),
 ]
 
@@ -226,6 +236,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
             assert "\n" not in err["message"], what
             ok = http.post(f"{url}/v1/completions", json={"prompt": "1 2", "max_tokens": 2})
             assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2, what
+    for nulls in ({"n": None}, {"stream": None}, {"ignore_eos": None}):   # as OpenAI takes them
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"prompt": "1 2", "max_tokens": 2, **nulls})
+        assert r.status_code == 200, (nulls, r.text)
     with pytest.raises(openai.BadRequestError):      # the client sees them as such too
         _client(url).completions.create(model="tiny", prompt="1 2", n=3)
 

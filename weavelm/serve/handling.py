@@ -36,6 +36,18 @@ def check_tokens(served: Served, ids: list[int]) -> list[int]:
     return ids
 
 
+# No tokenizer's token is longer than this many characters: text longer than the context times
+# this cannot fit, and is refused before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def _check_size(served: Served, chars: int, param: str) -> None:
+    if chars > served.max_model_len * MAX_CHARS_PER_TOKEN:
+        raise _bad(f"the {param} has {chars:,} characters, more than a context of "
+                   f"{served.max_model_len} tokens can hold: shorten it", param,
+                   "context_length_exceeded")
+
+
 def prompt_ids(served: Served, prompt) -> list[int]:
     """A completion's prompt: text, token ids, or a list holding one of either."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -48,6 +60,7 @@ def prompt_ids(served: Served, prompt) -> list[int]:
     if served.tokenizer is None:
         raise _bad("this server has no tokenizer (random weights of a shape): send the prompt "
                    "as a list of token ids", "prompt")
+    _check_size(served, len(prompt), "prompt")
     from weavelm.errors import WeavelmError
     from weavelm.models.tokenizer import encode
     try:
@@ -66,6 +79,7 @@ def chat_ids(served: Served, messages) -> list[int]:
         raise _bad("this model has no chat template: use /v1/completions with a raw prompt",
                    "messages")
     convo = [{"role": m.role, "content": m.text()} for m in messages]
+    _check_size(served, sum(len(m["content"]) for m in convo), "messages")
     from weavelm.errors import WeavelmError
     from weavelm.models.tokenizer import render_chat_template
     try:
@@ -109,7 +123,7 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
     return SamplingParams(max_new_tokens=max_tokens,
                           temperature=1.0 if req.temperature is None else req.temperature,
                           top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
-                          seed=req.seed, ignore_eos=req.ignore_eos)
+                          seed=req.seed, ignore_eos=bool(req.ignore_eos))
 
 
 class TextStream:

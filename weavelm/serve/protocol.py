@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator,
+)
 
 
 class APIError(Exception):
@@ -45,17 +47,19 @@ class _Sampling(BaseModel):
     """Fields common to completions and chat completions (other unknown fields are ignored)."""
     model_config = ConfigDict(extra="allow")
 
+    # Strict types: "2" is not a number, true is not 2, "yes" is not a boolean, Infinity is
+    # not a temperature. null is the default, as OpenAI takes it.
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[StrictInt] = Field(None, ge=-1)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
     stop: Optional[Union[str, list[str]]] = None
-    n: int = 1
-    stream: bool = False
+    n: Optional[StrictInt] = 1
+    stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
-    ignore_eos: bool = False
+    ignore_eos: Optional[StrictBool] = False
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logprobs: Optional[Union[bool, int]] = None
@@ -64,7 +68,7 @@ class _Sampling(BaseModel):
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v):
-        if v != 1:
+        if v not in (None, 1):
             raise ValueError(f"n={v} is not supported: weavelm returns one choice per request; "
                              f"send n=1 (or several requests)")
         return v
@@ -103,8 +107,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    echo: bool = False
+    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    echo: Optional[StrictBool] = False
     suffix: Optional[str] = None
 
     @field_validator("echo")
@@ -132,7 +136,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
 
 
 # -- responses ------------------------------------------------------------------------------------
