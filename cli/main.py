@@ -8,7 +8,6 @@ User errors print one line (`error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import typer
@@ -81,12 +80,12 @@ def generate(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed)   # checked before ranks start
-    if chat is not False:               # the template's renderer imports while the model resolves
-        from weavelm.models.chat_template import warm_up
-        warm_up()
     dev = options.check_tp(tp, device)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
     options.check_mode(mode)
+    if chat is not False:               # the template's renderer imports while the model resolves
+        from weavelm.models.chat_template import warm_up
+        warm_up()
     source = resolve_model(model, allow_pickle=allow_pickle)
     model_config = ModelConfig.from_hf(source.config, source.config_file)
     config = options.engine_config(
@@ -106,7 +105,8 @@ def generate(
         check(len(ids) > 0, "the prompt is empty: give some text with -p")
         check_prompt(len(ids), config.max_model_len)
         token_lists.append(ids)
-    cores = os.cpu_count() or 1
+    from weavelm.parallel.launch import usable_cores
+    cores = usable_cores()
     if dev.type == "cpu" and tp > cores:
         typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
                    f"TP {tp} will run slower than a smaller TP here", err=True)

@@ -4,19 +4,24 @@ A chat template is code from a model repository. jinja's sandbox stops it from r
 objects, but not from computing `10 ** (10 ** 9)` (one C call that holds the interpreter lock:
 a thread cannot stop it, and a server rendering it in-process stops answering) or building a
 string of many GB before any size check sees it. So templates render in one long-lived child
-process (spawned: safe beside the server's threads), with an address-space limit a little above
-what it holds after its imports; past the deadline it is killed (SIGKILL needs no lock) and the
-next render starts a fresh one. Each tokenizer is sent to it once; it calls transformers'
-`apply_chat_template` itself, so rendering is exactly transformers' own.
+process (`python -m weavelm.models.chat_template`: a fresh interpreter, safe beside the server's
+threads, and unlike multiprocessing's spawn it never re-runs the caller's script), with an
+address-space limit a little above what it holds after its imports; past the deadline it is
+killed (SIGKILL needs no lock) and the next render starts a fresh one. Requests and replies are
+pickles framed by their length on its stdin and stdout. Each tokenizer is sent to it once; it
+calls transformers' `apply_chat_template` itself, so rendering is exactly transformers' own.
 
     text = render(tokenizer, messages, seconds=10.0, max_chars=10_000_000)
     warm_up()          # start the child early (its imports take a second) where chat will follow
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
+import select
+import struct
+import subprocess
+import sys
 import threading
 
 from weavelm.errors import WeavelmError
@@ -35,10 +40,34 @@ def _address_space() -> int:
         return 0
 
 
-def _serve(conn) -> None:
-    """The child: render requests until the pipe closes."""
-    import resource
+def _send(f, obj) -> None:
+    data = pickle.dumps(obj)
+    f.write(struct.pack("<Q", len(data)) + data)
+    f.flush()
 
+
+def _read_exact(f, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = f.read(n)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(f):
+    return pickle.loads(_read_exact(f, struct.unpack("<Q", _read_exact(f, 8))[0]))
+
+
+def _serve() -> None:
+    """The child: render requests from stdin until it closes; replies on the real stdout (fd 1
+    then points at stderr, so nothing else can write into the channel)."""
+    import resource
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    inp = os.fdopen(0, "rb", buffering=0)
     import transformers  # noqa: F401 - imported before the limit is measured
     used = _address_space()
     if used:
@@ -46,10 +75,13 @@ def _serve(conn) -> None:
         limit = used + MEMORY_HEADROOM
         resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
     tokenizers: dict[int, object] = {}
-    conn.send("ready")
+    try:
+        _send(out, "ready")
+    except OSError:                       # the parent is gone already (it failed early)
+        return
     while True:
         try:
-            key, blob, messages, max_chars = conn.recv()
+            key, blob, messages, max_chars = _recv(inp)
         except (EOFError, OSError):
             return
         try:
@@ -66,61 +98,78 @@ def _serve(conn) -> None:
         except BaseException as e:        # noqa: BLE001 - the template's error, sent back
             reply = ("error", (type(e).__name__, " ".join(str(e).split())[:200],
                                getattr(e, "lineno", None)))
-        conn.send(reply)
+        text = None
+        try:
+            _send(out, reply)
+        except OSError:
+            return
 
 
 class _Renderer:
     def __init__(self):
         self._lock = threading.Lock()
-        self._proc = self._conn = None
+        self._proc = None
         self._sent: set[int] = set()        # tokenizers the current child holds
 
+    def _ready(self, seconds: float) -> bool:
+        """Whether the child's reply is there within `seconds`."""
+        return bool(select.select([self._proc.stdout], [], [], seconds)[0])
+
     def _ensure(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is None:
             return
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child,), name="weavelm-chat-template",
-                                 daemon=True)
-        self._proc.start()
-        child.close()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self._proc = subprocess.Popen([sys.executable, "-m", "weavelm.models.chat_template"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, env=env, bufsize=0)
         self._sent = set()
         # its imports take a second or more: not part of any render's time
         try:
-            ready = self._conn.poll(STARTUP_SECONDS) and self._conn.recv() == "ready"
-        except (EOFError, OSError):
+            ready = self._ready(STARTUP_SECONDS) and _recv(self._proc.stdout) == "ready"
+        except (EOFError, OSError, pickle.UnpicklingError):
             ready = False
         if not ready:
             self._kill()
-            raise WeavelmError(f"the chat template renderer did not start within "
-                               f"{STARTUP_SECONDS} s: {_FIX}")
+            raise WeavelmError(f"the chat template renderer did not start (python -m "
+                               f"weavelm.models.chat_template): {_FIX}")
 
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join(5)
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+            self._proc.wait(5)
+            for f in (self._proc.stdin, self._proc.stdout):
+                f.close()
+        self._proc = None
 
     def warm_up(self) -> None:
+        """Start the child now (in the background of whatever the caller does next)."""
         with self._lock:
-            self._ensure()
+            if self._proc is None or self._proc.poll() is not None:
+                threading.Thread(target=self._start_quietly, daemon=True).start()
+
+    def _start_quietly(self) -> None:
+        with self._lock:
+            try:
+                self._ensure()
+            except WeavelmError:
+                pass                         # the render that needs it will say so
 
     def render(self, tokenizer, messages: list[dict], seconds: float, max_chars: int) -> str:
         with self._lock:
             self._ensure()
             key = id(tokenizer)
             blob = None if key in self._sent else pickle.dumps(tokenizer)
-            self._conn.send((key, blob, messages, max_chars))
-            self._sent.add(key)
-            if not self._conn.poll(seconds):
-                self._kill()
-                raise WeavelmError(f"the chat template did not finish within {seconds:g} s (a "
-                                   f"loop that never ends, or a huge computation?): {_FIX}")
             try:
-                kind, value = self._conn.recv()
-            except (EOFError, OSError):
+                _send(self._proc.stdin, (key, blob, messages, max_chars))
+                self._sent.add(key)
+                if not self._ready(seconds):
+                    self._kill()
+                    raise WeavelmError(f"the chat template did not finish within {seconds:g} s "
+                                       f"(a loop that never ends, or a huge computation?): {_FIX}")
+                kind, value = _recv(self._proc.stdout)
+            except (EOFError, OSError, BrokenPipeError):
                 self._kill()
                 raise WeavelmError(f"the chat template's renderer died (it used more memory "
                                    f"than {MEMORY_HEADROOM >> 30} GiB?): {_FIX}") from None
@@ -145,3 +194,6 @@ class _Renderer:
 _RENDERER = _Renderer()
 render = _RENDERER.render
 warm_up = _RENDERER.warm_up
+
+if __name__ == "__main__":
+    _serve()

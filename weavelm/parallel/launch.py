@@ -44,6 +44,14 @@ PEER_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "connect
                "timed out", "broken pipe", "socket closed", "read error")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -99,8 +107,9 @@ def _worker(rank, nprocs, store, parent_pid, fn, args, conn):
     except ImportError:
         pass
     import torch
-    # N CPU ranks share this host's cores; oversubscription makes gloo runs crawl.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    # N CPU ranks share the cores this process may run on (its affinity, not the host's count);
+    # oversubscription makes gloo runs crawl.
+    torch.set_num_threads(max(1, usable_cores() // nprocs))
     try:
         value = fn(*args)
         # Plain pickle copies tensor data; torch's pickler would share memory that dies with
