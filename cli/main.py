@@ -257,7 +257,7 @@ def bench_prefill(
     T = max(token_list)
     check_fits(estimate(ModelConfig.from_hf(shape_config(shape, layers)), tp, 2, T), tp,
                str(dev), f"bench prefill of {shape} ({layers} layers, {T} tokens, TP {tp})",
-               layers_flag="--layers")
+               layers_flag="--layers", tokens_flag="--tokens")
     result = run_ranks(bench_prefill_rank, tp, opts)
     if result is None:
         return

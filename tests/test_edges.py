@@ -186,8 +186,8 @@ def test_readme_bench_on_a_small_machine_is_refused(monkeypatch):
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for words in ("llama3-70b", "GiB for 4 ranks", "16.0 GiB available", "--layers",
-                  "fits at 1,024 tokens"):
+    for words in ("llama3-70b", "GiB for 4 ranks", "16.0 GiB available", "--layers 5",
+                  "--tokens 1024 fits"):
         assert words in lines[0], (words, lines[0])
 
 

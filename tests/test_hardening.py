@@ -199,3 +199,19 @@ def test_loose_engine_options_are_refused_before_anything_loads(kwargs, needle):
         with pytest.raises(WeavelmError, match=needle if kw is kwargs else "dtype") as e:
             EngineConfig(**kw)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (dict(max_position_embeddings=10 ** 12), "max_position_embeddings"),
+    (dict(rms_norm_eps=-1), "rms_norm_eps"), (dict(head_dim=7), "head_dim")])
+def test_a_hostile_config_is_one_line(tiny3, tmp_path, edit, needle):
+    import json
+    import shutil
+
+    from cli_run import assert_one_line_error, weavelm
+    d = tmp_path / "hostile"
+    shutil.copytree(tiny3[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+    assert_one_line_error(*weavelm("generate", d, "-p", "1 2", "--no-chat", "--device", "cpu",
+                                   "-n", "2"), needle)

@@ -86,12 +86,13 @@ def available_bytes(device: str) -> tuple[int, str] | None:
 
 
 def check_fits(est: Estimate, tp: int, device: str, what: str, budget: float = 1.0,
-               layers_flag: str | None = None) -> None:
+               layers_flag: str | None = None, tokens_flag: str | None = None) -> None:
     """Refuse, in one line with the estimate and what would fit, a run that cannot fit.
 
     On CPU the N ranks share the machine's memory; on GPUs each rank has its own (times
     `budget`, e.g. gpu_memory_utilization). `layers_flag`: the option that sets the number of
-    layers (a benchmark's --layers), so the message can say how many would fit."""
+    layers (a benchmark's --layers), so the message can say how many would fit; `tokens_flag`
+    the one that sets the tokens of a step (bench prefill's --tokens)."""
     if os.environ.get("WEAVELM_SKIP_MEMORY_CHECK") == "1":
         return
     found = available_bytes(device)
@@ -114,9 +115,12 @@ def check_fits(est: Estimate, tp: int, device: str, what: str, budget: float = 1
         fit.append(f"{layers_flag} {layers_at(est.tokens)} fits at {est.tokens:,} tokens")
     tokens = (per_rank - est.fixed - est.per_layer * est.layers) // max(est.per_token, 1)
     if tokens >= 1 and est.tokens > 1:
-        fit.append(f"steps of {min(tokens, est.tokens - 1):,} tokens fit at {est.layers} layers")
+        fits = min(tokens, est.tokens - 1)
+        fit.append(f"{tokens_flag} up to {fits:,} fits at {est.layers} layers" if tokens_flag
+                   else f"steps of {fits:,} tokens fit at {est.layers} layers")
     if layers_flag and not fit and est.tokens > 1024 and layers_at(1024) >= 1:
-        fit.append(f"{layers_flag} {layers_at(1024)} fits at 1,024 tokens")
+        fit.append(f"{layers_flag} {layers_at(1024)} {tokens_flag} 1024 fits" if tokens_flag
+                   else f"{layers_flag} {layers_at(1024)} fits at 1,024 tokens")
     raise WeavelmError(
         f"{what} needs about {need / GiB:.1f} GiB {scope} ({est.per_rank / GiB:.1f} GiB a rank: "
         f"weights {(est.fixed - PROCESS_BYTES + est.per_layer * est.layers) / GiB:.1f}, "

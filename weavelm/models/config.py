@@ -104,6 +104,7 @@ class ModelConfig:
         return f", experts {self.moe_intermediate_size}" if self.num_experts else ""
 
 
+MAX_POSITIONS = 1 << 24        # 16 M positions: past every published context length
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
 _OPTIONAL = ("num_key_value_heads", "head_dim", "max_position_embeddings")
@@ -129,3 +130,13 @@ def _check_shape_fields(cfg: dict, source: str) -> None:
     check(cfg.get("head_dim") is not None or cfg["hidden_size"] % heads == 0,
           f"{source}: hidden_size ({cfg['hidden_size']}) is not divisible by "
           f"num_attention_heads ({heads}) and no head_dim is given")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    check(head_dim % 2 == 0, f"{source}: head_dim {head_dim} is odd: rotary embeddings rotate "
+                             f"pairs of features, so it must be even")
+    longest = cfg.get("max_position_embeddings") or 0
+    check(longest <= MAX_POSITIONS, f"{source}: max_position_embeddings {longest:,} is past "
+                                    f"{MAX_POSITIONS:,}, more than any model is trained for: "
+                                    f"fix config.json")
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1,
+          f"{source}: rms_norm_eps must be a small positive number, got {eps!r}")
