@@ -340,8 +340,10 @@ def _signal_mid_stream(proc, url, tokens, finishes, sig=signal.SIGTERM):
     if finishes:
         assert got["lines"][-1] == "data: [DONE]" and tokens_seen == tokens
         assert '"finish_reason":"length"' in got["lines"][-2]
-    else:
-        assert tokens_seen < tokens and got["lines"][-1] != "data: [DONE]"
+    else:            # ended before the bound: a "cancelled" error event, then [DONE]
+        assert tokens_seen < tokens and got["lines"][-1] == "data: [DONE]", got["lines"][-3:]
+        assert json.loads(got["lines"][-2][6:])["error"]["code"] == "cancelled"
+        assert "error" not in got
         assert time.time() - start < 30
     deadline = time.time() + 10
     while any(_alive(k) for k in kids) and time.time() < deadline:

@@ -98,6 +98,10 @@ class EngineLoop:
     def abort(self, rid: str, reason: str = "abort") -> None:
         self.inbox.put(("end", rid, reason))
 
+    def end_all(self, reason: str = "abort") -> None:
+        """End every open request now (shutdown: their streams get their last event)."""
+        self.inbox.put(("end_all", reason))
+
     def stop(self, timeout_s: float = 30.0) -> None:
         self.inbox.put(("stop",))
         self._thread.join(timeout_s)
@@ -142,6 +146,8 @@ class EngineLoop:
             while True:
                 if item[0] == "stop":
                     stop = True
+                elif item[0] == "end_all":
+                    commands += [("end", rid, item[1]) for rid in self._sinks]
                 elif item[0] == "add":
                     _, rid, tokens, params, sink, arrival = item
                     self._sinks[rid] = [sink, arrival, None]

@@ -61,6 +61,7 @@ def serve_rank(opts: dict) -> None:
                             timeout_graceful_shutdown=opts["shutdown_timeout"])
     server = GracefulServer(config)
     loop.on_failure = server.request_exit
+    server.on_deadline = loop.end_all
     log.info("serving %s on http://%s:%d (TP %d)", opts["served_name"], opts["host"],
              opts["port"], opts["config"].tp)
     server.run()
@@ -71,10 +72,23 @@ def serve_rank(opts: dict) -> None:
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, but a second signal does not skip the graceful shutdown (a Ctrl-C
-    reaches every process of the terminal's group, and the launcher forwards it as well)."""
+    reaches every process of the terminal's group, and the launcher forwards it as well), and
+    requests still open shortly before the shutdown timeout are ended by the engine loop: their
+    responses finish with a 503 "cancelled" error (streams: an error event, then `[DONE]`)
+    instead of being cut when uvicorn cancels the connections."""
+
+    on_deadline = None               # called shortly before uvicorn cancels open connections
 
     def handle_exit(self, sig, frame) -> None:
         self.should_exit = True
 
     def request_exit(self) -> None:
         self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        import asyncio
+        grace = self.config.timeout_graceful_shutdown or 0
+        if self.on_deadline is not None:
+            asyncio.get_running_loop().call_later(max(0.0, grace - min(1.0, grace / 2)),
+                                                  self.on_deadline)
+        await super().shutdown(sockets)
