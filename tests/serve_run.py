@@ -12,7 +12,7 @@ from weavelm.parallel.launch import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_server(path, tp, log, *extra, shutdown_timeout=20, port=None):
+def start_server(path, tp, log, *extra, shutdown_timeout=20, port=None, env=None):
     """A server of the checkpoint `path` at TP `tp` (more CLI options in `extra`; on `port`,
     else a free one), once its /health answers 200: (process, base url, the 503 answers seen
     while it loaded)."""
@@ -20,7 +20,7 @@ def start_server(path, tp, log, *extra, shutdown_timeout=20, port=None):
     cmd = [sys.executable, "-m", "weavelm.cli.main", "serve", str(path), "--device", "cpu",
            "--port", str(port), "--tp", str(tp), "--served-model-name", "tiny",
            "--shutdown-timeout", str(shutdown_timeout), *map(str, extra)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
                             stdout=log, stderr=subprocess.STDOUT)
     url, deadline, loading = f"http://127.0.0.1:{port}", time.time() + 180, []
     while time.time() < deadline:

@@ -215,3 +215,35 @@ def test_a_hostile_config_is_one_line(tiny3, tmp_path, edit, needle):
     (d / "config.json").write_text(json.dumps({**cfg, **edit}))
     assert_one_line_error(*weavelm("generate", d, "-p", "1 2", "--no-chat", "--device", "cpu",
                                    "-n", "2"), needle)
+
+
+def test_a_stopped_rank_turns_health_red_and_is_named(tiny3, tmp_path):
+    """`kill -STOP` of a follower rank under `serve --tp 3`: /health says 503 (no step for a
+    while) as soon as a request waits, and the server ends with a line naming the rank."""
+    import os
+    import signal
+    path, _, _ = tiny3
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, url, _ = start_server(path, 3, log, env={"WEAVELM_COLLECTIVE_TIMEOUT": "20"})
+        try:
+            ranks = {c.name(): c for c in psutil.Process(proc.pid).children()}
+            stopped = ranks["weavelm-rank2"]         # a follower (ranks name themselves)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            waiting = threading.Thread(target=lambda: httpx.post(
+                f"{url}/v1/completions", timeout=60,
+                json=dict(model="tiny", prompt=PROMPTS[0], max_tokens=4)))
+            waiting.start()
+            deadline, status = time.monotonic() + 18, None
+            while time.monotonic() < deadline:
+                status = httpx.get(f"{url}/health", timeout=5).status_code
+                if status == 503:
+                    break
+                time.sleep(0.5)
+            assert status == 503
+            assert proc.wait(90) != 0
+            waiting.join(60)
+        finally:
+            stop_server(proc)
+        log.seek(0)
+        text = log.read()
+    assert "rank 2 is stopped" in text, text[-2000:]

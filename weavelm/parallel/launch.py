@@ -78,7 +78,7 @@ def _die_with_parent(parent_pid: int, rank: int) -> None:
     threading.Thread(target=watch, name="weavelm-parent-watch", daemon=True).start()
 
 
-def _peer_failure(exc: BaseException) -> str | None:
+def peer_failure(exc: BaseException) -> str | None:
     """The first line of a collective's error when a peer vanished or timed out, else None."""
     import re
 
@@ -118,7 +118,7 @@ def _worker(rank, nprocs, store, parent_pid, fn, args, conn):
     except WeavelmError as e:
         report = ("user", str(e))
     except BaseException as e:                             # noqa: BLE001 - reported to the parent
-        peer = _peer_failure(e)
+        peer = peer_failure(e)
         report = ("peer", peer) if peer else ("error", traceback.format_exc())
     try:
         from weavelm.parallel.state import _STATE
@@ -179,12 +179,14 @@ def _failure(procs, reports) -> BaseException | None:
     silent = [r for r, p in enumerate(procs) if r not in reports and p.exitcode is None]
     r0, (_, line, timeout) = peers[0]
     limit = f"the {timeout:g} s collective timeout" if timeout else "the collective timeout"
+    # (a rank stuck waiting on the stopped one is silent too: name the stopped one)
+    stopped = [r for r in silent if _proc_state(procs[r].pid) == "T"]
+    if stopped:
+        return WeavelmError(f"rank {stopped[0]} is stopped (SIGSTOP or a debugger) and the others "
+                            f"gave up waiting for it after {limit}: all ranks were ended; do not "
+                            f"stop a rank while it runs")
     if silent:
         r = silent[0]
-        if _proc_state(procs[r].pid) == "T":
-            return WeavelmError(f"rank {r} is stopped (SIGSTOP or a debugger) and the others gave "
-                                f"up waiting for it after {limit}: all ranks were ended; do not "
-                                f"stop a rank while it runs")
         return WeavelmError(f"rank {r} stopped answering and the others gave up after {limit}: "
                             f"all ranks were ended; if it was only slow, raise "
                             f"--collective-timeout (or WEAVELM_COLLECTIVE_TIMEOUT)")

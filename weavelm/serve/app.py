@@ -30,6 +30,9 @@ MAX_BODY = 8 << 20                 # bytes of one request body
 COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions (chat: the context)
 
 
+STALL_S = 10.0       # /health answers 503 once open requests wait this long for a step
+
+
 def _error(status: int, message: str, param=None, code=None, type="invalid_request_error"):
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
@@ -162,6 +165,11 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
     @app.get("/health")
     async def health():
         served()
+        stalled = loop.stalled_seconds()
+        if stalled > STALL_S:
+            raise APIError(503, f"the engine has made no step for {stalled:.0f} s with requests "
+                                f"open (a rank stopped or stuck?): see the server's log",
+                           type="server_error", code="stalled")
         return {"status": "ok"}
 
     @app.get("/metrics")

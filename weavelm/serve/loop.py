@@ -82,9 +82,11 @@ class EngineLoop:
         self.engine = self.tokenizer = None
         self.ready = threading.Event()
         self.error: str | None = None                # why the model could not load
+        self.failure: BaseException | None = None    # what stopped the loop, if anything did
         self.on_failure = None                       # called (in the loop thread) if it fails
         self._sinks: dict[str, tuple] = {}           # id -> (queue, arrival, first token time)
         self._thread = threading.Thread(target=self._main, name="weavelm-engine", daemon=True)
+        self._progress = time.monotonic()             # when the last iteration finished
         self._aloop = None
 
     # -- the HTTP side (event-loop thread) ------------------------------------------------------
@@ -97,6 +99,13 @@ class EngineLoop:
 
     def abort(self, rid: str, reason: str = "abort") -> None:
         self.inbox.put(("end", rid, reason))
+
+    def stalled_seconds(self) -> float:
+        """Seconds since the loop last finished an iteration while requests were open (0 when
+        none are, or it is not stuck)."""
+        if not self._sinks:
+            return 0.0
+        return time.monotonic() - self._progress
 
     def end_all(self, reason: str = "abort") -> None:
         """End every open request now (shutdown: their streams get their last event)."""
@@ -132,6 +141,7 @@ class EngineLoop:
             self._run(self.engine)
         except BaseException as e:                   # noqa: BLE001 - e.g. a rank went away
             log.error("the engine loop stopped:\n%s", traceback.format_exc())
+            self.failure = e
             self.error = f"the engine loop stopped ({type(e).__name__}: {e})"
             ended = [self._ended(rid, f"error: {self.error}") for rid in list(self._sinks)]
             self._deliver([d for d in ended if d is not None])
@@ -187,6 +197,7 @@ class EngineLoop:
                 deliveries.append(self._output(out, now))
             if self.metrics is not None:
                 self.metrics.update(engine)
+            self._progress = time.monotonic()
             self._deliver([d for d in deliveries if d is not None])
             if stop:
                 return

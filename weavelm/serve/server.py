@@ -65,6 +65,9 @@ def serve_rank(opts: dict) -> None:
     log.info("serving %s on http://%s:%d (TP %d)", opts["served_name"], opts["host"],
              opts["port"], opts["config"].tp)
     server.run()
+    from weavelm.parallel.launch import peer_failure
+    if loop.failure is not None and peer_failure(loop.failure):
+        raise loop.failure              # the launcher names the rank that went away
     if loop.error is not None:
         raise WeavelmError(loop.error)
     return None
