@@ -16,6 +16,7 @@ calls transformers' `apply_chat_template` itself, so rendering is exactly transf
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import select
@@ -194,6 +195,7 @@ class _Renderer:
 _RENDERER = _Renderer()
 render = _RENDERER.render
 warm_up = _RENDERER.warm_up
+atexit.register(_RENDERER._kill)        # its pipes closed, no child left behind
 
 if __name__ == "__main__":
     _serve()
