@@ -112,9 +112,10 @@ class _Renderer:
         self._proc = None
         self._sent: set[int] = set()        # tokenizers the current child holds
 
-    def _ready(self, seconds: float) -> bool:
+    @staticmethod
+    def _ready(proc, seconds: float) -> bool:
         """Whether the child's reply is there within `seconds`."""
-        return bool(select.select([self._proc.stdout], [], [], seconds)[0])
+        return bool(select.select([proc.stdout], [], [], seconds)[0])
 
     def _ensure(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -122,14 +123,14 @@ class _Renderer:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self._proc = subprocess.Popen([sys.executable, "-m", "weavelm.models.chat_template"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        proc = self._proc = subprocess.Popen(
+            [sys.executable, "-m", "weavelm.models.chat_template"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
         self._sent = set()
         # its imports take a second or more: not part of any render's time
         try:
-            ready = self._ready(STARTUP_SECONDS) and _recv(self._proc.stdout) == "ready"
-        except (EOFError, OSError, pickle.UnpicklingError):
+            ready = self._ready(proc, STARTUP_SECONDS) and _recv(proc.stdout) == "ready"
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError):   # killed at exit too
             ready = False
         if not ready:
             self._kill()
@@ -137,12 +138,19 @@ class _Renderer:
                                f"weavelm.models.chat_template): {_FIX}")
 
     def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(5)
-            for f in (self._proc.stdin, self._proc.stdout):
+        proc, self._proc = self._proc, None     # (at exit a warm-up thread may be here too)
+        if proc is None:
+            return
+        proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (proc.stdin, proc.stdout):
+            try:
                 f.close()
-        self._proc = None
+            except OSError:
+                pass
 
     def warm_up(self) -> None:
         """Start the child now (in the background of whatever the caller does next)."""
@@ -154,8 +162,8 @@ class _Renderer:
         with self._lock:
             try:
                 self._ensure()
-            except WeavelmError:
-                pass                         # the render that needs it will say so
+            except Exception:                # noqa: BLE001 - the render that needs it will say so
+                pass
 
     def render(self, tokenizer, messages: list[dict], seconds: float, max_chars: int) -> str:
         with self._lock:
@@ -165,7 +173,7 @@ class _Renderer:
             try:
                 _send(self._proc.stdin, (key, blob, messages, max_chars))
                 self._sent.add(key)
-                if not self._ready(seconds):
+                if not self._ready(self._proc, seconds):
                     self._kill()
                     raise WeavelmError(f"the chat template did not finish within {seconds:g} s "
                                        f"(a loop that never ends, or a huge computation?): {_FIX}")
