@@ -21,7 +21,6 @@ import torch
 
 from weavelm.engine.config import EngineConfig, check_prompt
 from weavelm.engine.engine import LLMEngine
-from weavelm.engine.model_loading import resolve_dtype
 from weavelm.engine.sampler import SamplingParams
 from weavelm.weave.executor import Mode, parse_mode
 from weavelm.weave.policy import SchedulePolicy
@@ -224,5 +223,4 @@ class LLM:
         return self.model(token_lists, mode=mode, split=split, comm=self.comm)
 
 
-__all__ = ["LLM", "Completion", "EngineConfig", "SamplingParams", "WeavelmError", "get_state",
-           "resolve_dtype"]
+__all__ = ["LLM", "Completion", "EngineConfig", "SamplingParams", "WeavelmError", "get_state"]
