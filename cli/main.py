@@ -14,7 +14,7 @@ import typer
 
 from . import options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="Tensor-parallel LLM inference that hides all-reduce behind compute.")
 
@@ -54,7 +54,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
-                                        help="Apply the chat template \\[default: if the model "
+                                        help="Apply the chat template [default: if the model "
                                              "has one]."),
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -67,7 +67,7 @@ def generate(
     enforce_eager: options.EnforceEager = False,
     mode: options.Mode = "auto",
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
-        "Seconds a rank waits for peers \\[default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
+        "Seconds a rank waits for peers [default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
 ):
     """Generate text, streaming tokens as they come."""
     from weavelm.engine.config import check_prompt
@@ -80,6 +80,7 @@ def generate(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed)   # checked before ranks start
+    options.check_model_arg(model)
     dev = options.check_tp(tp, device)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
     options.check_mode(mode)
@@ -162,7 +163,7 @@ def env():
     typer.echo("CPU ranks: gloo (any --tp on --device cpu)")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured in one run.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks measured in one run.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -273,14 +274,14 @@ def bench_throughput(
     shape: str = typer.Option("llama3-8b", help="Model shape (random weights): llama3-8b, "
                                                 "llama3-70b, qwen2.5-72b, mixtral-8x7b, "
                                                 "mixtral-8x22b, qwen3-30b-a3b."),
-    layers: Optional[int] = typer.Option(None, help="Decoder layers to build \\[default: all]."),
+    layers: Optional[int] = typer.Option(None, help="Decoder layers to build [default: all]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
     num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
     input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
-                                            "\\[default: log-normal, median 1024, max 8192]."),
+                                            "[default: log-normal, median 1024, max 8192]."),
     output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
-                                             "\\[default: log-normal, median 128, max 512]."),
+                                             "[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
     seed: int = typer.Option(0, help="Workload and weights seed."),
     max_num_seqs: options.MaxNumSeqs = 256,

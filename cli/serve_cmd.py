@@ -25,7 +25,7 @@ def serve(
     layers: Optional[int] = typer.Option(None, help="With --shape: decoder layers to build."),
     seed: int = typer.Option(0, help="With --shape: the weights' seed."),
     served_model_name: Optional[str] = typer.Option(
-        None, "--served-model-name", help="The name clients pass as `model` \\[default: the "
+        None, "--served-model-name", help="The name clients pass as `model` [default: the "
                                           "MODEL argument, the shape, or the default model's]."),
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -52,6 +52,7 @@ def serve(
 
     check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
     check(shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    options.check_model_arg(model)
     dev = options.check_tp(tp, device)
     if shape is not None:
         from weavelm.bench.shapes import shape_config
@@ -121,19 +122,19 @@ def _forward_signals(bound_s: float) -> None:
 
 def bench_serve(
     url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL."),
-    model: Optional[str] = typer.Option(None, help="Model name \\[default: the server's]."),
+    model: Optional[str] = typer.Option(None, help="Model name [default: the server's]."),
     concurrency: int = typer.Option(64, help="Requests in flight at most."),
     request_rate: float = typer.Option(math.inf, "--request-rate",
                                        help="Arrivals per second (Poisson); inf = all at once."),
     shape: str = typer.Option("llama3-8b", help="Shape whose vocabulary the prompts' token "
                                                 "ids come from (as `bench throughput`)."),
     vocab: Optional[int] = typer.Option(None, help="Token ids of the prompts below this "
-                                                   "\\[default: the shape's vocabulary]."),
+                                                   "[default: the shape's vocabulary]."),
     num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
     input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
-                                            "\\[default: log-normal, median 1024, max 8192]."),
+                                            "[default: log-normal, median 1024, max 8192]."),
     output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
-                                             "\\[default: log-normal, median 128, max 512]."),
+                                             "[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
     seed: int = typer.Option(0, help="Workload seed (the same workload as bench throughput)."),
     timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "

