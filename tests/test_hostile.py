@@ -64,6 +64,13 @@ def _replace(name, shape=None, dtype=None):
     return edit
 
 
+def _poison(name, value):
+    def edit(state):
+        state[name].view(-1)[5] = value
+        return state
+    return edit
+
+
 def _heads(n):
     def edit(cfg):
         cfg["num_attention_heads"] = n
@@ -85,6 +92,12 @@ CASES = {
         ["down_proj", "floating"]),
     "embedding narrower than hidden_size": (
         _replace("model.embed_tokens.weight", (103, 32)), None, ["embed_tokens", "shape"]),
+    # NaN or inf weights gave silently wrong tokens, greedy or sampled: refused as they load
+    "a NaN in o_proj": (
+        _poison("model.layers.1.self_attn.o_proj.weight", float("nan")), None,
+        ["o_proj", "NaN or inf"]),
+    "an inf in the norm": (
+        _poison("model.layers.0.input_layernorm.weight", float("inf")), None, ["input_layernorm", "NaN or inf"]),
 }
 
 

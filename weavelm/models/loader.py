@@ -256,3 +256,18 @@ def load_weights(model: nn.Module, source, progress: bool = False,
     check(not missing, f"checkpoint is missing {len(missing)} tensors (e.g. "
                        f"{missing[0] if missing else ''}): incomplete download or wrong "
                        f"config.json")
+    check_finite(model)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse weights holding NaN or inf (a damaged or overflowed checkpoint): they would give
+    silently wrong tokens, greedy or sampled. One pass over the weights, one host sync."""
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.is_floating_point() and p.element_size() > 1]   # fp8: no isfinite in torch
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, flags) if not ok]
+    check(not bad, f"weight {bad[0] if bad else ''} holds NaN or inf values"
+                   f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: the checkpoint is "
+                   f"damaged or overflowed its dtype; re-download or re-export it")
