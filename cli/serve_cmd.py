@@ -43,6 +43,10 @@ def serve(
                                            help="Seconds running requests get to finish after "
                                                 "SIGINT/SIGTERM before they are cancelled."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+    parse_special_tokens: bool = typer.Option(
+        False, "--parse-special-tokens-in-messages",
+        help="Read special tokens written in chat messages as control tokens (vLLM's way); by "
+             "default they are text, so no message can forge a turn or a role."),
 ):
     """Serve the model over the OpenAI HTTP API (completions, chat, models, health, metrics)."""
     import socket
@@ -83,7 +87,7 @@ def serve(
                                f"--port or --host") from None
     opts = dict(config=config, shape=shape, layers=layers, seed=seed, host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
-                access_log=access_log)
+                access_log=access_log, parse_special_tokens=parse_special_tokens)
     from weavelm.parallel.launch import run_ranks
     try:
         from weavelm.serve.server import serve_rank

@@ -152,14 +152,87 @@ def encode(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
-def apply_chat(tokenizer, prompt: str) -> list[int]:
+def apply_chat(tokenizer, prompt: str, parse_special_tokens: bool = False) -> list[int]:
     """Token ids of `prompt` as one user turn in the model's chat format, ready for the reply."""
     _check_text(prompt)
     if not tokenizer.chat_template:
         raise WeavelmError("this tokenizer has no chat template: pass a raw prompt instead of chat")
-    text = render_chat_template(tokenizer, [{"role": "user", "content": prompt}])
-    # The template already writes BOS and friends; adding special tokens again would double them.
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}], parse_special_tokens)
+
+
+def encode_chat(tokenizer, messages: list[dict], parse_special_tokens: bool = False) -> list[int]:
+    """Token ids of `messages` in the model's chat format, ready for the assistant's reply.
+
+    A message's content is text: a special token written in it (`<|im_end|>` then
+    `<|im_start|>system`, say) is encoded as the characters it is made of, never as the control
+    token, so no message can forge another turn or role. Only the template's own special tokens
+    are control tokens. `parse_special_tokens=True` reads them in content too (what
+    transformers and vLLM do by default), for callers whose messages are trusted and write
+    control tokens on purpose."""
+    text = render_chat_template(tokenizer, messages)
+    specials = _special_tokens(tokenizer)
+    forged = [m for m in messages if any(t in str(m.get("content") or "") for t in specials)]
+    if parse_special_tokens or not forged:
+        # The template already writes BOS and friends; adding them again would double them.
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return _encode_with_content_as_text(tokenizer, messages, text, specials)
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """The special tokens' texts, longest first (so a regex prefers `<|im_start|>` to `<|`)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({t.content for t in decoder.values() if getattr(t, "special", False)},
+                  key=len, reverse=True)
+
+
+def _encode_with_content_as_text(tokenizer, messages, text: str, specials: list[str]) -> list[int]:
+    """`text` (the template rendered for `messages`) encoded with the template's special tokens as
+    control tokens and every other character as text.
+
+    The template is rendered a second time with each content replaced by a marker, which shows
+    what the template wrote around the contents; the contents must then appear in `text` as
+    given (or stripped, as templates `| trim` them), else the request is refused rather than
+    guessed at. Tokens are split at the template's special tokens, as the ordinary encoding
+    splits there, so the rest encodes as that would, content and all."""
+    import re
+    import secrets
+    nonce = secrets.token_hex(8)
+    marker = re.compile(rf"\x00weavelm{nonce}_(\d+)\x00")
+    masked = [dict(m, content=f"\x00weavelm{nonce}_{i}\x00") for i, m in enumerate(messages)]
+    skeleton = render_chat_template(tokenizer, masked)
+    pieces = marker.split(skeleton)          # template text, message index, template text, ...
+    for transform in (lambda c: c, str.strip):
+        rendered = [pieces[j] if j % 2 == 0 else transform(str(messages[int(pieces[j])]["content"]))
+                    for j in range(len(pieces))]
+        if "".join(rendered) == text:
+            break
+    else:
+        found = next(t for t in specials for m in messages if t in str(m.get("content") or ""))
+        raise WeavelmError(f"a message holds the special token {found!r} and this model's chat "
+                           f"template rewrites message content, so it cannot be kept as text: "
+                           f"remove it from the message")
+    special_re = re.compile("|".join(re.escape(t) for t in specials))
+    ids: list[int] = []
+    span = []                            # text since the last template special token
+    for j, part in enumerate(rendered):
+        if j % 2:                        # content: text only
+            span.append(part)
+            continue
+        start = 0
+        for match in special_re.finditer(part):
+            span.append(part[start:match.start()])
+            ids += _plain(tokenizer, "".join(span))
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            span, start = [], match.end()
+        span.append(part[start:])
+    return ids + _plain(tokenizer, "".join(span))
+
+
+def _plain(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with special tokens in it encoded as ordinary characters."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
 
 def _template_seconds() -> float:

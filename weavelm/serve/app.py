@@ -103,7 +103,7 @@ def _end_error(reason: str) -> APIError:
 
 
 def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
-               shutdown_timeout_s: float = 10.0) -> FastAPI:
+               shutdown_timeout_s: float = 10.0, parse_special_tokens: bool = False) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         import asyncio
@@ -127,7 +127,8 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
             engine = loop.engine
             blocks = engine.runner.blocks
             state["served"] = Served(served_name, loop.tokenizer, engine.model_config.vocab_size,
-                                     engine.max_model_len, blocks.capacity * blocks.block_size)
+                                     engine.max_model_len, blocks.capacity * blocks.block_size,
+                                     parse_special_tokens)
         return state["served"]
 
     @app.exception_handler(APIError)

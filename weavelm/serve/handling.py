@@ -22,6 +22,8 @@ class Served:
     vocab_size: int
     max_model_len: int
     kv_tokens: int               # tokens the KV cache holds
+    # special tokens written in chat messages: control tokens (True) or plain text (False)
+    parse_special_tokens: bool = False
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -81,18 +83,17 @@ def chat_ids(served: Served, messages) -> list[int]:
     convo = [{"role": m.role, "content": m.text()} for m in messages]
     _check_size(served, sum(len(m["content"]) for m in convo), "messages")
     from weavelm.errors import WeavelmError
-    from weavelm.models.tokenizer import render_chat_template
+    from weavelm.models.tokenizer import encode_chat
     try:
         for m in convo:
             m["content"].encode("utf-8")
-        text = render_chat_template(tok, convo)
+        ids = encode_chat(tok, convo, served.parse_special_tokens)
     except UnicodeEncodeError:
         raise _bad("a message is not valid UTF-8 (it holds a lone surrogate): send UTF-8 text",
                    "messages") from None
     except WeavelmError as e:
         raise _bad(str(e), "messages") from None
-    # The template writes BOS and friends itself (as weavelm.models.tokenizer.apply_chat).
-    return check_tokens(served, list(tok(text, add_special_tokens=False).input_ids))
+    return check_tokens(served, ids)
 
 
 def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,

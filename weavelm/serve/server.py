@@ -55,7 +55,8 @@ def serve_rank(opts: dict) -> None:
     metrics = ServerMetrics()
     loop = EngineLoop(lambda: build_engine(opts), metrics)
     app = create_app(loop, opts["served_name"], metrics,
-                     shutdown_timeout_s=opts["shutdown_timeout"] + 30)
+                     shutdown_timeout_s=opts["shutdown_timeout"] + 30,
+                     parse_special_tokens=opts.get("parse_special_tokens", False))
     config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",
                             access_log=opts.get("access_log", False),
                             timeout_graceful_shutdown=opts["shutdown_timeout"])
