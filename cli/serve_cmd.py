@@ -43,6 +43,9 @@ def serve(
                                            help="Seconds running requests get to finish after "
                                                 "SIGINT/SIGTERM before they are cancelled."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout",
+                                         help="Seconds a connection has to send its request "
+                                              "line and headers before it is closed."),
     parse_special_tokens: bool = typer.Option(
         False, "--parse-special-tokens-in-messages",
         help="Read special tokens written in chat messages as control tokens (vLLM's way); by "
@@ -56,6 +59,8 @@ def serve(
 
     check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
     check(shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    check(header_timeout > 0 and math.isfinite(header_timeout),
+          f"--header-timeout must be a positive number of seconds, got {header_timeout}")
     options.check_model_arg(model)
     dev = options.check_tp(tp, device)
     if shape is not None:
@@ -87,7 +92,8 @@ def serve(
                                f"--port or --host") from None
     opts = dict(config=config, shape=shape, layers=layers, seed=seed, host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
-                access_log=access_log, parse_special_tokens=parse_special_tokens)
+                access_log=access_log, parse_special_tokens=parse_special_tokens,
+                header_timeout=header_timeout)
     from weavelm.parallel.launch import run_ranks
     try:
         from weavelm.serve.server import serve_rank

@@ -174,6 +174,42 @@ def test_hostile_chat_templates_end_in_one_line_while_the_server_answers(tiny3, 
             stop_server(proc)
 
 
+def test_slow_header_connections_are_closed_while_others_are_served(tiny3, tmp_path):
+    """A client that trickles its headers in (slowloris) loses its connections after
+    --header-timeout; a client that sends a whole request in time is answered."""
+    import socket
+    from urllib.parse import urlparse
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, url, _ = start_server(tiny3[0], 1, log, "--header-timeout", "2")
+        try:
+            host, port = urlparse(url).hostname, urlparse(url).port
+            slow = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+            for s in slow:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            start, closed = time.monotonic(), set()
+            while len(closed) < len(slow) and time.monotonic() - start < 8:
+                for i, s in enumerate(slow):        # one more header line each, never the end
+                    if i not in closed:
+                        try:
+                            s.sendall(b"X-Slow: 1\r\n")
+                        except OSError:
+                            closed.add(i)
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+                time.sleep(0.25)
+            elapsed = time.monotonic() - start
+            assert len(closed) == len(slow) and 1.5 < elapsed < 8, (len(closed), elapsed)
+            # a request whose headers come in two parts, well within the deadline, is answered
+            with socket.create_connection((host, port), timeout=10) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\n")
+                time.sleep(0.5)
+                s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.1 200")
+        finally:
+            for s in slow:
+                s.close()
+            stop_server(proc)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(temperature=10 ** 400), "temperature"), (dict(temperature=float("inf")), "temperature"),
     (dict(top_k=True), "top_k"), (dict(seed=True), "seed"), (dict(ignore_eos="yes"), "ignore_eos")])

@@ -57,9 +57,14 @@ def serve_rank(opts: dict) -> None:
     app = create_app(loop, opts["served_name"], metrics,
                      shutdown_timeout_s=opts["shutdown_timeout"] + 30,
                      parse_special_tokens=opts.get("parse_special_tokens", False))
+    from weavelm.serve.connections import (HEADER_TIMEOUT_S, connection_cap,
+                                           header_deadline_protocol)
     config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",
                             access_log=opts.get("access_log", False),
-                            timeout_graceful_shutdown=opts["shutdown_timeout"])
+                            timeout_graceful_shutdown=opts["shutdown_timeout"],
+                            http=header_deadline_protocol(opts.get("header_timeout",
+                                                                   HEADER_TIMEOUT_S)),
+                            limit_concurrency=connection_cap())
     server = GracefulServer(config)
     loop.on_failure = server.request_exit
     server.on_deadline = loop.end_all
