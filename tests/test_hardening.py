@@ -283,3 +283,30 @@ def test_a_stopped_rank_turns_health_red_and_is_named(tiny3, tmp_path):
         log.seek(0)
         text = log.read()
     assert "rank 2 is stopped" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("cores,load,nprocs,threads", [
+    (2, 0.1, 1, 2), (2, 2.3, 1, 1), (16, 3.6, 1, 12), (16, 4.0, 3, 4), (2, 0.0, 3, 1),
+    (8, 20.0, 2, 1)])
+def test_cpu_ranks_take_the_cores_that_are_free(monkeypatch, cores, load, nprocs, threads):
+    """Threads per rank = (cores this process may use - cores kept busy by other work) shared
+    among the ranks: on a busy 2-core machine two threads ran decode 3x slower than one."""
+    import os
+
+    import torch
+
+    from weavelm.parallel import launch
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert launch.cpu_threads(nprocs) == threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        launch.set_cpu_threads(nprocs)
+        assert torch.get_num_threads() == threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")        # the user's word stands
+        torch.set_num_threads(before)
+        launch.set_cpu_threads(nprocs)
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

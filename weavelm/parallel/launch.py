@@ -52,6 +52,28 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_threads(nprocs: int) -> int:
+    """torch threads for each of `nprocs` ranks on this host: the cores this process may run
+    on, less those other work keeps busy (the 1-minute load average), shared among the ranks;
+    at least one. An OpenMP thread waiting for a core that another process holds stalls every
+    operation of its rank: on a busy 2-core machine decode ran 3-7x slower with two threads
+    than with one."""
+    cores = usable_cores()
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy) // nprocs)
+
+
+def set_cpu_threads(nprocs: int) -> None:
+    """Give this rank `cpu_threads(nprocs)` torch threads, unless OMP_NUM_THREADS says how many."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+    torch.set_num_threads(cpu_threads(nprocs))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -106,10 +128,9 @@ def _worker(rank, nprocs, store, parent_pid, fn, args, conn):
         tqdm.set_lock(threading.RLock())
     except ImportError:
         pass
-    import torch
-    # N CPU ranks share the cores this process may run on (its affinity, not the host's count);
+    # N ranks share the cores this process may run on (its affinity, not the host's count);
     # oversubscription makes gloo runs crawl.
-    torch.set_num_threads(max(1, usable_cores() // nprocs))
+    set_cpu_threads(nprocs)
     try:
         value = fn(*args)
         # Plain pickle copies tensor data; torch's pickler would share memory that dies with
@@ -296,6 +317,9 @@ def run_ranks(fn, tp: int, *args):
     """`fn(*args)` on every rank: in this process when TP is 1 or a launcher (torchrun,
     accelerate launch: they set WORLD_SIZE) already started the ranks, else in `tp` spawned
     processes. Returns rank 0's result (None on other ranks)."""
-    if tp == 1 or "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ:       # the launcher's process: its threads are its own
+        return fn(*args)
+    if tp == 1:
+        set_cpu_threads(1)
         return fn(*args)
     return spawn(fn, tp, *args)
