@@ -41,7 +41,8 @@ import torch
 
 from weavelm.engine.config import EngineConfig, prompt_refusal
 from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
+from weavelm.engine.sampler import (MAX_LOGPROBS, SamplingParams, TokenLogprob, TokenReadback,
+                                    logprob_table, sample, unpack_logprobs)
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
 from weavelm.errors import WeavelmError, check
@@ -57,6 +58,10 @@ class RequestOutput:
     new_token_ids: list[int]             # the ones this step added
     finished: bool
     finish_reason: str | None            # "stop", "length", "abort" or "error: ..."
+    # With SamplingParams.logprobs: one per token of token_ids. With prompt_logprobs: one per
+    # prompt token, the first None (nothing predicts it); complete once a token was generated.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -65,6 +70,7 @@ class _Launched:
     owners: list[tuple[Sequence, int]]   # (sequence, index of its placeholder), in sampling order
     tokens: torch.Tensor                 # [n] int64 on the device
     pending: tuple                       # TokenReadback.start's, for `read`
+    logprobs: tuple | None = None        # (rows of owners that want them, their table's pending)
 
 
 PLACEHOLDER = -1                         # a sampled token not read yet (never a real id)
@@ -87,6 +93,7 @@ class LLMEngine:
         self.generator.manual_seed(config.seed)
         self._in_flight: _Launched | None = None
         self._readback = TokenReadback(config.max_num_seqs, runner.device)
+        self._logprob_readback: TokenReadback | None = None      # made on first use
         self._stop_ids: set[int] | None = None
 
     @classmethod
@@ -158,6 +165,8 @@ class LLMEngine:
             seq.status, seq.finish_reason = Status.FINISHED, f"error: {error}"
             self._failed.append(seq)
             return
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]        # the first prompt token: nothing predicts it
         if params.seed is not None and not params.greedy:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
@@ -239,11 +248,15 @@ class LLMEngine:
         return outputs
 
     def _launch(self, scheduled) -> _Launched:
-        pieces, late_at, late_rows, offset = [], [], [], 0
+        pieces, spans, late_at, late_rows, offset, row = [], [], [], [], 0, 0
         for p in scheduled:
             seq = p.seq
+            all_rows = self._covers_wanted_prompt_logprobs(p)
             pieces.append(StepPiece(seq.token_slice(p.start, p.length), p.start, seq.blocks,
-                                    p.sample))
+                                    p.sample, all_rows))
+            count = p.length if all_rows else int(p.sample)      # its rows of the logits
+            spans.append((row, count))
+            row += count
             offset += p.length
             if seq.num_pending and p.start + p.length == seq.num_tokens:
                 late_at.append(offset - 1)         # its last token is still on the device
@@ -257,8 +270,16 @@ class LLMEngine:
                 rows = host_to_device(np.array(late_rows, dtype=np.int64), previous.device)
                 late = (late_at, previous.index_select(0, rows))
         logits = self.runner.step(pieces, late=late)
+        if any(piece.all_rows for piece in pieces):
+            for p, piece, (first, _) in zip(scheduled, pieces, spans):
+                if piece.all_rows:
+                    self._record_prompt_logprobs(p, logits, first)
+            rows = [first + count - 1 for p, (first, count) in zip(scheduled, spans) if p.sample]
+            logits = logits.index_select(0, host_to_device(np.array(rows, dtype=np.int64),
+                                                           logits.device))
         owners = [p.seq for p in scheduled if p.sample]
         tokens = self._sample(logits, owners)
+        wanted = self._start_logprobs(logits, tokens, owners)
         for p in scheduled:
             p.seq.num_computed += p.length
         placed = []
@@ -269,17 +290,63 @@ class LLMEngine:
             seq.pending_row = row
             seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
                 or seq.num_tokens >= self.max_model_len
-        return _Launched(placed, tokens, self._readback.start(tokens))
+        return _Launched(placed, tokens, self._readback.start(tokens), wanted)
+
+    # -- log-probabilities ------------------------------------------------------------------------
+    @staticmethod
+    def _covers_wanted_prompt_logprobs(p) -> bool:
+        """Whether piece p's logits give prompt log-probabilities still wanted: position q
+        predicts prompt token q + 1."""
+        seq = p.seq
+        if not seq.prompt_logprobs_left:
+            return False
+        return p.start + 1 < len(seq.prompt_token_ids) \
+            and p.start + p.length >= len(seq.prompt_logprobs)
+
+    def _record_prompt_logprobs(self, p, logits: torch.Tensor, first_row: int) -> None:
+        """Append the prompt log-probabilities piece p's logits (from row first_row) give. It
+        waits for this step's logits: only requests that want prompt log-probabilities pay."""
+        seq = p.seq
+        begin = len(seq.prompt_logprobs)                   # the prompt token to score first
+        end = min(len(seq.prompt_token_ids), p.start + p.length + 1)
+        targets = seq.prompt_token_ids[begin:end]
+        rows = logits[first_row + begin - 1 - p.start:first_row + end - 1 - p.start]
+        k = seq.params.prompt_logprobs
+        table = logprob_table(rows, host_to_device(np.array(targets, dtype=np.int64),
+                                                   logits.device), k).tolist()
+        seq.prompt_logprobs += [unpack_logprobs(t, r, k) for t, r in zip(targets, table)]
+
+    def _start_logprobs(self, logits, tokens, owners: list[Sequence]):
+        """Start copying the log-probabilities of the sampled tokens that want them to the
+        host (one copy): (their rows, the copy's pending), or None."""
+        rows = [i for i, s in enumerate(owners) if s.params.logprobs is not None]
+        if not rows:
+            return None
+        k = max(owners[i].params.logprobs for i in rows)
+        if len(rows) < len(owners):
+            index = host_to_device(np.array(rows, dtype=np.int64), logits.device)
+            logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+        if self._logprob_readback is None:
+            self._logprob_readback = TokenReadback(
+                self.config.max_num_seqs * (1 + 2 * MAX_LOGPROBS), self.runner.device,
+                torch.float64)
+        return rows, self._logprob_readback.start(logprob_table(logits, tokens, k))
 
     def _read(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens and put them in place; stops end sequences."""
         outputs = []
-        for (seq, index), tok in zip(launched.owners,
-                                     self._readback.read(launched.pending, self.comm)):
+        table = {}
+        if launched.logprobs is not None:
+            rows, pending = launched.logprobs
+            table = dict(zip(rows, TokenReadback.read(pending, self.comm)))
+        for i, ((seq, index), tok) in enumerate(zip(
+                launched.owners, self._readback.read(launched.pending, self.comm))):
             if seq.finished:                # stopped, aborted or failed meanwhile: dropped
                 continue
             seq.output_token_ids[index] = tok
             seq.num_pending -= 1
+            if i in table:
+                seq.logprobs.append(unpack_logprobs(tok, table[i], seq.params.logprobs))
             reason = self._stop_reason(seq, tok, index + 1)
             if reason is not None:
                 self._finish(seq, reason)
@@ -313,5 +380,9 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence, new: list[int]) -> RequestOutput:
+        params = seq.params
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.read_token_ids,
-                             new, seq.finished, seq.finish_reason)
+                             new, seq.finished, seq.finish_reason,
+                             list(seq.logprobs) if params.logprobs is not None else None,
+                             list(seq.prompt_logprobs) if params.prompt_logprobs is not None
+                             else None)

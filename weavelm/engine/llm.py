@@ -35,6 +35,10 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"     # "stop" (EOS), "length" (max_new_tokens or context)
+    # With SamplingParams(logprobs=k) / (prompt_logprobs=k): a TokenLogprob per generated token
+    # / per prompt token (the first None), each with its k most likely alternatives.
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 def _engine_view(path: str, doc: str | None = None) -> property:
@@ -194,7 +198,8 @@ class LLM:
         for rid, prompt, toks in zip(ids, prompts, token_lists):
             out = final[rid]
             outs.append(Completion(prompt, list(toks), list(out.token_ids), "",
-                                   "stop" if out.finish_reason == "stop" else "length"))
+                                   "stop" if out.finish_reason == "stop" else "length",
+                                   out.logprobs, out.prompt_logprobs))
         if self.stats["ttft_s"] is not None:
             self.stats["decode_s"] = time.perf_counter() - t0 - self.stats["ttft_s"]
             self.stats["decode_tokens"] = sum(len(o.token_ids) - 1 for o in outs)

@@ -48,6 +48,7 @@ class StepPiece:
     start_pos: int           # position of its first token in the sequence
     blocks: list[int]        # the sequence's block table (covering start_pos + len(token_ids))
     sample: bool = True      # return the logits after its last token
+    all_rows: bool = False   # return the logits after every one of its tokens (prompt logprobs)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -161,14 +162,16 @@ class ModelRunner:
     @torch.no_grad()
     def step(self, pieces: list[StepPiece],
              late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
-        """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order.
+        """Run one step; logits [n, V] (float32) of the pieces with `sample`, in order (every
+        token's of a piece with `all_rows`).
 
         It does not wait for the GPU (unless the caller is two steps ahead of it: then for the
         copies of the step before last). Tokens the previous step sampled that the host has not
         read yet (the engine runs one step ahead) come as `late` = (indices into the step's
         run of tokens, their ids on the device), which replace the pieces' placeholders."""
         check(len(pieces) > 0, "a step needs at least one piece")
-        if self.graphs and all(len(p.token_ids) == 1 and p.sample for p in pieces) \
+        if self.graphs and all(len(p.token_ids) == 1 and p.sample and not p.all_rows
+                               for p in pieces) \
                 and len(pieces) <= max(self.graphs):
             return self._replay(pieces, late)
         return self._run_eager(pieces, self.kv, late)
@@ -185,7 +188,9 @@ class ModelRunner:
             ids.extend(p.token_ids)
             positions.extend(range(p.start_pos, p.start_pos + n))
             tables.append(p.blocks)
-            if p.sample:
+            if p.all_rows:
+                last.extend(range(len(ids) - n, len(ids)))
+            elif p.sample:
                 last.append(len(ids) - 1)
         return ids, positions, laid, tables, last
 

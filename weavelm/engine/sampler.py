@@ -15,6 +15,7 @@ from weavelm.models.host_inputs import host_to_device
 
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20                     # most alternatives per token (vLLM's default limit)
 
 
 @dataclass
@@ -25,6 +26,10 @@ class SamplingParams:
     top_p: float = 1.0                # 1 = off
     seed: int | None = None
     ignore_eos: bool = False
+    # Log-probabilities (the model's, before temperature and truncation: vLLM's default
+    # "raw_logprobs"): None = none; k = each generated (prompt) token's and its k most likely.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def integer(x) -> bool:
@@ -49,6 +54,10 @@ class SamplingParams:
               f"seed must be an integer in [0, 2**63), got {self.seed!r:.40}")
         check(isinstance(self.ignore_eos, bool),
               f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            check(k is None or (integer(k) and 0 <= k <= MAX_LOGPROBS),
+                  f"{name} must be None or an integer in 0..{MAX_LOGPROBS}, got {k!r:.40}")
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +113,35 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     return tokens
 
 
+@dataclass
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely tokens at its position (id and
+    log-probability, most likely first) under the model's distribution there."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def logprob_table(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of logits [R, V]: the log-softmax at targets [R] and the k largest, packed as
+    float64 [R, 1 + 2k] = (target's, k values, k ids): one tensor, so one copy to the host
+    (float64 holds any vocabulary id exactly)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, targets.view(-1, 1))
+    if k == 0:
+        return chosen.double()
+    values, ids = lp.topk(k, dim=-1)
+    return torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
+
+
+def unpack_logprobs(token: int, row: list[float], k: int) -> TokenLogprob:
+    """`token`'s entry from one row of `logprob_table`'s output (as Python floats), with k of
+    the alternatives the row holds."""
+    width = (len(row) - 1) // 2
+    return TokenLogprob(token, row[0], [(int(row[1 + width + j]), row[1 + j])
+                                        for j in range(k)])
+
+
 def _per_row(values: list, uniform: bool, like: torch.Tensor, dtype=torch.float32):
     """One value per row as a [B, 1] tensor on the logits' device (a Python scalar when every
     row has the same parameters: no copy to the device)."""
@@ -123,15 +161,15 @@ class TokenReadback:
         values = readback.read(pending, comm)    # step k's tokens as Python ints
     """
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, dtype=torch.int64):
         self.cuda = device.type == "cuda"
-        self._host = [torch.zeros(size, dtype=torch.int64, pin_memory=self.cuda)
-                      for _ in range(2)]
+        self._host = [torch.zeros(size, dtype=dtype, pin_memory=self.cuda) for _ in range(2)]
         self._turn = 0
 
     def start(self, tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Start copying `tokens` (any shape of at most `size` elements) to the host."""
         self._turn ^= 1
-        host = self._host[self._turn][:len(tokens)]
+        host = self._host[self._turn][:tokens.numel()].view(tokens.shape)
         if not self.cuda:
             host.copy_(tokens)
             return host, None

@@ -25,6 +25,9 @@ from weavelm.engine.block_manager import BlockAllocator
 from weavelm.engine.sequence import Sequence, Status
 
 
+PROMPT_LOGPROBS_CHUNK = 512
+
+
 @dataclass
 class ScheduledPiece:
     seq: Sequence
@@ -67,14 +70,14 @@ class Scheduler:
                 if budget == 0 or seq.status is not Status.RUNNING or seq.last_in_flight \
                         or (seq.num_uncomputed == 1) is not decoding or seq.num_uncomputed == 0:
                     continue
-                n = min(budget, seq.num_uncomputed)
+                n = self._chunk(seq, budget)
                 if self._reserve(seq, n, pieces):
                     pieces.append(self._piece(seq, n))
                     budget -= n
         # Waiting sequences, first come first served, while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(budget, seq.num_uncomputed)
+            n = self._chunk(seq, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
             if need > self.blocks.num_free:
                 break                                 # admitting never preempts
@@ -85,6 +88,16 @@ class Scheduler:
             pieces.append(self._piece(seq, n))
             budget -= n
         return pieces
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens of seq for this step: all it has left, within the budget; a prompt whose
+        log-probabilities are wanted goes in chunks of PROMPT_LOGPROBS_CHUNK (each of its
+        tokens' logits, [chunk, V] in float32, is alive at once)."""
+        n = min(budget, seq.num_uncomputed)
+        if seq.prompt_logprobs_left:
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        return n
 
     def _piece(self, seq: Sequence, n: int) -> ScheduledPiece:
         return ScheduledPiece(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens)

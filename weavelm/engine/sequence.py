@@ -33,6 +33,17 @@ class Sequence:
     num_pending: int = 0
     pending_row: int = 0
     last_in_flight: bool = False
+    # With params.logprobs / prompt_logprobs: a TokenLogprob per read output token; per prompt
+    # token from the first (None: nothing predicts it) as far as the prefill has reached.
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+    @property
+    def prompt_logprobs_left(self) -> int:
+        """Prompt tokens whose log-probability is wanted and not computed yet."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return len(self.prompt_token_ids) - len(self.prompt_logprobs)
 
     @property
     def tokens(self) -> list[int]:
