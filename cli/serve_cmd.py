@@ -43,6 +43,13 @@ def serve(
                                            help="Seconds running requests get to finish after "
                                                 "SIGINT/SIGTERM before they are cancelled."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="WEAVELM_API_KEY", show_envvar=False,
+        help="Clients must send 'Authorization: Bearer KEY' (/health and /metrics stay open); "
+             "prefer $WEAVELM_API_KEY, which other users of the machine cannot read in ps."),
+    chat_template: Optional[str] = typer.Option(
+        None, "--chat-template", help="A jinja chat template file to use instead of the "
+                                      "model's."),
     header_timeout: float = typer.Option(10.0, "--header-timeout",
                                          help="Seconds a connection has to send its request "
                                               "line and headers before it is closed."),
@@ -93,7 +100,8 @@ def serve(
     opts = dict(config=config, shape=shape, layers=layers, seed=seed, host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
                 access_log=access_log, parse_special_tokens=parse_special_tokens,
-                header_timeout=header_timeout)
+                header_timeout=header_timeout, api_key=api_key or None,
+                chat_template=_read_template(chat_template))
     from weavelm.parallel.launch import run_ranks
     try:
         from weavelm.serve.server import serve_rank
@@ -105,6 +113,26 @@ def serve(
     if tp > 1 and "WORLD_SIZE" not in os.environ:
         _forward_signals(shutdown_timeout + 60)
     run_ranks(serve_rank, tp, opts)
+
+
+def _read_template(path: str | None) -> str | None:
+    """The text of a --chat-template file (checked here, before any rank starts)."""
+    if path is None:
+        return None
+    from weavelm.errors import WeavelmError
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeavelmError(f"cannot read --chat-template {path} "
+                           f"({getattr(e, 'strerror', None) or e}): give a UTF-8 jinja file"
+                           ) from None
+    try:
+        import jinja2.sandbox
+        jinja2.sandbox.ImmutableSandboxedEnvironment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise WeavelmError(f"--chat-template {path} is not valid jinja ({e.message}, line "
+                           f"{e.lineno}): fix the template") from None
+    return text
 
 
 def _forward_signals(bound_s: float) -> None:

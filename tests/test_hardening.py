@@ -67,7 +67,7 @@ def test_a_tiny_top_p_request_hurts_no_other(tiny3, tp, tmp_path):
 
             def complete(prompt, **kw):
                 body = dict(dict(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
-                                 ignore_eos=True), **kw)
+                                 ignore_eos=True, return_token_ids=True), **kw)
                 return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
             with ThreadPoolExecutor(5) as pool:

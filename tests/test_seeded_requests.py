@@ -97,7 +97,8 @@ def test_a_seeded_request_gives_the_same_tokens_everywhere(tiny, reference, tp, 
     with open(tmp_path / "server.log", "w+") as log:
         proc, url, _ = start_server(tiny, tp, log, "--max-num-seqs", max_num_seqs)
         try:
-            body = dict(model="tiny", prompt=P, max_tokens=NEW, ignore_eos=True, **SEEDED)
+            body = dict(model="tiny", prompt=P, max_tokens=NEW, ignore_eos=True,
+                        return_token_ids=True, **SEEDED)
             with httpx.Client(timeout=60) as client:
                 mates = [client.post(f"{url}/v1/completions", json=dict(
                     body, prompt=Q, seed=None, temperature=1.0)) for _ in range(2)]

@@ -83,15 +83,18 @@ def _check_same_as_generate(url, want):
     client = _client(url)
     for i, prompt in enumerate(PROMPTS):
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW,
-                                      temperature=0)
+                                      temperature=0, extra_body={"return_token_ids": True})
         assert r.choices[0].text == want["text"][i]
         assert r.usage.prompt_tokens >= len(prompt.split())    # the tokenizer may add BOS
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
         assert r.usage.completion_tokens == len(r.choices[0].token_ids)
         chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW,
-                                                temperature=0, stream=True))
-        assert "".join(c.choices[0].text for c in chunks) == want["text"][i]
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+                                                temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks[:-1]) == want["text"][i]
+        assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+        # usage once, in a last chunk of its own, as OpenAI streams it
+        assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
         assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
         messages = [{"role": "user", "content": prompt}]
         r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=NEW,
@@ -189,8 +192,8 @@ BAD = [  # (what, route, body or raw text, status, text the message must hold)
     ("temperature < 0", "completions", {"prompt": "1 2", "temperature": -0.5}, 400,
      "temperature"),
     ("top_p > 1", "completions", {"prompt": "1 2", "top_p": 1.5}, 400, "top_p"),
-    ("n = 3", "completions", {"prompt": "1 2", "n": 3}, 400, "n=1"),
-    ("unknown model", "completions", {"prompt": "1 2", "model": "gpt-9"}, 400, "gpt-9"),
+    ("n = 30", "completions", {"prompt": "1 2", "n": 30}, 400, "n"),
+    ("unknown model", "completions", {"prompt": "1 2", "model": "gpt-9"}, 404, "gpt-9"),
     ("prompt over the context", "completions", {"prompt": "5 " * 300}, 400, "context"),
     ("empty prompt", "completions", {"prompt": ""}, 400, "empty"),
     ("token id outside the vocabulary", "completions", {"prompt": [5, 1000]}, 400,
@@ -234,14 +237,18 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
             assert set(err) == {"message", "type", "param", "code"}, what
             assert needle.lower() in err["message"].lower(), (what, err)
             assert "\n" not in err["message"], what
-            ok = http.post(f"{url}/v1/completions", json={"prompt": "1 2", "max_tokens": 2})
+            ok = http.post(f"{url}/v1/completions", json={"prompt": "1 2", "max_tokens": 2,
+                                                          "ignore_eos": True,
+                                                          "return_token_ids": True})
             assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2, what
     for nulls in ({"n": None}, {"stream": None}, {"ignore_eos": None}):   # as OpenAI takes them
         r = httpx.post(f"{url}/v1/completions", timeout=60,
                        json={"prompt": "1 2", "max_tokens": 2, **nulls})
         assert r.status_code == 200, (nulls, r.text)
     with pytest.raises(openai.BadRequestError):      # the client sees them as such too
-        _client(url).completions.create(model="tiny", prompt="1 2", n=3)
+        _client(url).completions.create(model="tiny", prompt="1 2", logit_bias={"5": 10})
+    with pytest.raises(openai.NotFoundError):
+        _client(url).completions.create(model="gpt-9", prompt="1 2")
 
 
 def test_stop_strings_end_the_text(server, tiny):
@@ -266,7 +273,8 @@ def test_seeded_sampling_repeats_itself(server):
     def sample(seed):
         r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=NEW,
                                       temperature=1.5, top_p=0.95, seed=seed, extra_body={
-                                          "top_k": 50, "ignore_eos": True})
+                                          "top_k": 50, "ignore_eos": True,
+                                          "return_token_ids": True})
         return r.choices[0].token_ids
     first = sample(11)
     assert len(first) == NEW and all(0 <= t < 103 for t in first)
@@ -320,7 +328,7 @@ def _signal_mid_stream(proc, url, tokens, finishes, sig=signal.SIGTERM):
         try:
             with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
                     "model": "tiny", "prompt": "9 8 7", "max_tokens": tokens,
-                    "ignore_eos": True, "stream": True}) as r:
+                    "ignore_eos": True, "stream": True, "return_token_ids": True}) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         got["lines"].append(line)

@@ -14,9 +14,11 @@ from weavelm.serve.handling import TextStream
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_fast_stream_chunks_are_the_models_json():
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_fast_stream_chunks_are_the_models_json(usage, with_ids):
     """Each token's chunk is joined from a template of the pydantic model's own JSON."""
-    from weavelm.serve.app import _chunk_template
+    from weavelm.serve.app import MARK_IDS, MARK_TEXT, _chunk_json, _chunk_template
     from weavelm.serve.protocol import (ChatChunk, ChatChunkChoice, Completion,
                                         CompletionChoice, Delta)
     text, ids = 'é "quoted"\n\\', [5, 60]
@@ -25,9 +27,13 @@ def test_fast_stream_chunks_are_the_models_json():
                 CompletionChoice(text=t, token_ids=i)]), "text"),
             (lambda t, i: ChatChunk(id="c", created=3, model="m", choices=[
                 ChatChunkChoice(delta=Delta(content=t), token_ids=i)]), "content")):
-        head, mid, tail = _chunk_template(chunk("", []), key)
-        fast = head + json.dumps(text, ensure_ascii=False) + mid + "5,60" + tail
-        assert fast == f"data: {chunk(text, ids).model_dump_json()}\n\n"
+        head, mid, tail = _chunk_template(_chunk_json(
+            chunk(MARK_TEXT, MARK_IDS if with_ids else None), usage))
+        fast = head + json.dumps(text, ensure_ascii=False) + \
+            (mid + "5,60" if with_ids else "") + tail
+        want = _chunk_json(chunk(text, ids if with_ids else None), usage)
+        assert fast == f"data: {want}\n\n"
+        assert ('"usage":null' in want) == usage and ('"token_ids"' in want) == with_ids
 
 
 def _stream(tok, ids, stops=()):

@@ -24,7 +24,7 @@ from weavelm.errors import WeavelmError
 
 async def _one(client, url: str, model: str, prompt: list[int], out_len: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
     t0 = time.perf_counter()
     first, tokens, error = None, 0, None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP app (FastAPI) over an `EngineLoop`.
 
     POST /v1/completions, POST /v1/chat/completions   (stream: true = server-sent events)
-    GET  /v1/models, /health, /metrics
+    GET  /v1/models, /v1/models/{id}, /version, /health, /metrics
+    POST /tokenize, /detokenize
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
-field (including malformed JSON), a prompt over the context or an unknown model name, 404 for
-an unknown route, 413 for a body over `max_body`, 503 while the model loads (or if it failed to).
+field (including malformed JSON) or a prompt over the context, 401 without the API key (when
+the server has one), 404 for an unknown route or model, 413 for a body over `max_body`, 503 while the model loads (or if it failed to).
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from weavelm.serve.handling import Served, chat_ids, prompt_ids, results, sampling
+from weavelm.serve.handling import Served, chat_ids, check_tokens, prompt_ids, results
 from weavelm.serve.protocol import (APIError, ChatChoice, ChatChunk, ChatChunkChoice,
                                     ChatCompletion, ChatRequest, Completion, CompletionChoice,
-                                    CompletionRequest, Delta, ModelCard, ModelList, Usage,
-                                    error_body)
+                                    CompletionRequest, Delta, DetokenizeRequest, ModelCard,
+                                    ModelList, TokenizeRequest, error_body)
+from weavelm.serve.responses import Job
 
 MAX_BODY = 8 << 20                 # bytes of one request body
 COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions (chat: the context)
@@ -73,6 +75,29 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class ApiKey:
+    """Every route but /health and /metrics needs `Authorization: Bearer <key>` (401 in
+    OpenAI's shape otherwise). The key is compared in constant time and never logged."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        import hmac
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        what = "no API key was given" if not given else "the API key is not this server's"
+        response = _error(401, f"{what}: send the server's key as 'Authorization: Bearer KEY' "
+                               f"(the openai client's api_key)", code="invalid_api_key")
+        return await response(scope, receive, send)
+
+
 class EventStream(StreamingResponse):
     """Server-sent events whose generator is closed however the response ends (a client that
     goes away has its request aborted in the engine at once)."""
@@ -103,7 +128,8 @@ def _end_error(reason: str) -> APIError:
 
 
 def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
-               shutdown_timeout_s: float = 10.0, parse_special_tokens: bool = False) -> FastAPI:
+               shutdown_timeout_s: float = 10.0, parse_special_tokens: bool = False,
+               api_key: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         import asyncio
@@ -113,6 +139,8 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
 
     app = FastAPI(title="weavelm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)         # outermost: checked before the body
     state: dict = {}
 
     def served() -> Served:
@@ -149,6 +177,13 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
             return _error(400, "the request body is missing or not a JSON object: send one, "
                                "with Content-Type: application/json")
         msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        if param is None:           # a field refused by name (protocol._Sampling._unsupported)
+            import re
+            named = re.match(r"(?:unknown field '(\w+)'|(\w+)(?: is not supported|=\d| needs))",
+                             msg)
+            param = next((g for g in named.groups() if g), None) if named else None
+            if param is not None:
+                return _error(400, msg, param, "unsupported_field")
         return _error(400, f"{param + ': ' if param else ''}{msg}", param,
                       str(err.get("type")) if err.get("type") else None)
 
@@ -156,8 +191,8 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
     async def _http(request, e: HTTPException):
         if e.status_code == 404:
             return _error(404, f"no route {request.url.path}: the API is /v1/completions, "
-                               f"/v1/chat/completions, /v1/models, /health and /metrics",
-                          code="unknown_url")
+                               f"/v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+                               f"/version, /health and /metrics", code="unknown_url")
         if e.status_code == 405:
             return _error(405, f"method {request.method} is not allowed on {request.url.path}: "
                                f"the completions take POST, the others GET")
@@ -184,110 +219,238 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         return ModelList(data=[ModelCard(id=s.name, max_model_len=s.max_model_len)])
 
     def served_as(name) -> Served:
-        """The served model, if the request names it or none (400 otherwise)."""
+        """The served model, if the request names it or none (404 otherwise, as OpenAI)."""
         s = served()
         if name is not None and name != s.name:
-            raise APIError(400, f"model {name!r} is not served here: this server serves "
+            raise APIError(404, f"model {name!r} is not served here: this server serves "
                                 f"{s.name!r}", "model", "model_not_found")
         return s
 
-    async def answer(s: Served, req, request: Request, ids: list[int], max_tokens,
-                     default_max, chat: bool):
-        """Runs a request whose prompt is `ids`: its event stream, or its whole response."""
-        params = sampling(s, req, len(ids), max_tokens, default_max)
+    @app.get("/v1/models/{name:path}", response_model=ModelCard)
+    async def model(name: str):
+        s = served_as(name)
+        return ModelCard(id=s.name, max_model_len=s.max_model_len)
+
+    @app.get("/version")
+    async def version():
+        from weavelm import __version__
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        s = served_as(req.model)
+        if req.messages is not None:
+            ids = await asyncio.to_thread(chat_ids, s, req.messages)
+        elif req.prompt is not None:
+            ids = await asyncio.to_thread(prompt_ids, s, req.prompt)
+        else:
+            raise APIError(400, "send a prompt or messages to tokenize", "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": s.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        s = served_as(req.model)
+        check_tokens(s, req.tokens)
+        if s.tokenizer is None:
+            raise APIError(400, "this server has no tokenizer (random weights of a shape)",
+                           "tokens")
+        return {"prompt": s.tokenizer.decode(req.tokens)}
+
+    async def answer(s: Served, req, request: Request, prompts: list[list[int]], texts,
+                     max_tokens, default_max, chat: bool):
+        """Runs a request (one engine request per prompt and sample): its event stream, or its
+        whole response."""
+        job = Job.plan(s, req, prompts, texts, max_tokens, default_max, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gen = results(loop, rid, ids, params, req.stops(), s.tokenizer,
-                      None if req.stream else request.is_disconnected)
+        gens = [results(loop, f"{rid}-{r.index}", r.ids, r.params, req.stops(), s.tokenizer,
+                        None if req.stream else request.is_disconnected)
+                for r in job.requests]
         if req.stream:
-            return EventStream(_stream(gen, rid, s.name, len(ids), req, chat=chat))
-        text, toks, reason = await _collect(gen)
-        usage = _usage(len(ids), toks)
-        if chat:
-            return ChatCompletion(id=rid, model=s.name, usage=usage, choices=[ChatChoice(
-                message=Delta(role="assistant", content=text), finish_reason=reason,
-                token_ids=toks)])
-        return Completion(id=rid, model=s.name, usage=usage, choices=[CompletionChoice(
-            text=text, finish_reason=reason, token_ids=toks)])
+            return EventStream(_stream(gens, job, rid, s.name, req))
+        done = await asyncio.gather(*map(_collect, gens), return_exceptions=True)
+        for d in done:
+            if isinstance(d, BaseException):
+                raise d
+        ids = bool(req.return_token_ids)
+        choices, generated = [], 0
+        for r, (text, toks, reason, out) in zip(job.requests, done):
+            toks, entries = job.generated(toks, out)
+            generated += len(toks)
+            if chat:
+                choices.append(ChatChoice(
+                    index=r.index, message=Delta(role="assistant", content=text),
+                    finish_reason=reason, token_ids=toks if ids else None,
+                    logprobs=job.chat_logprobs(entries) if entries is not None else None,
+                    prompt_logprobs=job.vllm_prompt_logprobs(out)))
+                continue
+            head = job.echo_text(r) if job.echo else ""
+            text = head + ("" if job.score_only else text)
+            logprobs = None
+            if entries is not None:
+                logprobs = job.completion_logprobs(
+                    entries, 0, job.prompt_entries(r, out) if job.echo else None)
+            choices.append(CompletionChoice(
+                index=r.index, text=text, finish_reason=reason, logprobs=logprobs,
+                token_ids=toks if ids else None,
+                prompt_token_ids=r.ids if ids and len(prompts) > 1 else None,
+                prompt_logprobs=job.vllm_prompt_logprobs(out)))
+        cls = ChatCompletion if chat else Completion
+        return cls(id=rid, model=s.name, usage=job.usage(generated), choices=choices,
+                   prompt_token_ids=prompts[0] if ids and len(prompts) == 1 else None)
 
     @app.post("/v1/completions", response_model=Completion)
     async def completions(req: CompletionRequest, request: Request):
         s = served_as(req.model)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported: leave it out", "suffix")
-        ids = await asyncio.to_thread(prompt_ids, s, req.prompt)   # off the event loop
-        return await answer(s, req, request, ids, req.max_tokens, COMPLETION_MAX_TOKENS,
+        prompts = req.prompt_list()
+        ids = await asyncio.to_thread(lambda: [prompt_ids(s, p) for p in prompts])
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return await answer(s, req, request, ids, texts, req.max_tokens, COMPLETION_MAX_TOKENS,
                             chat=False)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(req: ChatRequest, request: Request):
         s = served_as(req.model)
         ids = await asyncio.to_thread(chat_ids, s, req.messages)
-        return await answer(s, req, request, ids, req.max_completion_tokens or req.max_tokens,
-                            None, chat=True)
+        return await answer(s, req, request, [ids], [None],
+                            req.max_completion_tokens or req.max_tokens, None, chat=True)
 
     return app
 
 
-def _usage(n_prompt: int, toks: list[int]) -> Usage:
-    return Usage(prompt_tokens=n_prompt, completion_tokens=len(toks),
-                 total_tokens=n_prompt + len(toks))
-
-
 async def _collect(gen):
-    parts, toks, reason = [], [], None
+    """(text, token ids, finish reason, last engine output) of one engine request."""
+    parts, toks, reason, last = [], [], None, None
     async with contextlib.aclosing(gen):
-        async for delta, new, reason in gen:
+        async for delta, new, reason, out in gen:
             parts.append(delta)
             toks.extend(new)
+            last = out
     if reason is None:                               # the client went away
         raise APIError(499, "the client closed the request")
     if reason not in ("stop", "length"):
         raise _end_error(reason)
-    return "".join(parts), toks, reason
+    return "".join(parts), toks, reason, last
 
 
-def _chunk_template(chunk, key: str) -> tuple[str, str, str]:
-    """A chunk's JSON cut around its (empty) text and (empty) token ids, so each token's chunk
-    is two string joins instead of a model build and dump (the same JSON)."""
-    s = chunk.model_dump_json()
-    i = s.index(f'"{key}":""') + len(key) + 3
-    j = s.index('"token_ids":[]') + len('"token_ids":[')
-    return "data: " + s[:i], s[i + 2:j], s[j:] + "\n\n"
+def _chunk_json(chunk, include_usage: bool) -> str:
+    """A chunk as OpenAI streams it: `usage` null on every chunk when the client asked for
+    usage (it comes in a last chunk of its own), absent otherwise."""
+    data = chunk.model_dump(mode="json")
+    if data.get("usage") is None:
+        if include_usage:
+            data["usage"] = None
+        else:
+            data.pop("usage", None)
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _stream(gen, rid: str, model: str, n_prompt: int, req, chat: bool):
-    """The request's server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
-    created, toks = int(time.time()), []
-    if chat:
-        yield _sse(ChatChunk(id=rid, created=created, model=model, choices=[
-            ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
-        head, mid, tail = _chunk_template(ChatChunk(id=rid, created=created, model=model,
-                                                    choices=[ChatChunkChoice(
-                                                        delta=Delta(content=""))]), "content")
-    else:
-        head, mid, tail = _chunk_template(Completion(id=rid, created=created, model=model,
-                                                     choices=[CompletionChoice(text="")]),
-                                          "text")
-    async with contextlib.aclosing(gen):
-        async for delta, new, reason in gen:
-            toks.extend(new)
-            if reason is None:
-                yield (f"{head}{json.dumps(delta, ensure_ascii=False)}{mid}"
-                       f"{','.join(map(str, new))}{tail}")
+MARK_TEXT, MARK_IDS = "\x00", [-1]
+
+
+def _chunk_template(chunk_json: str) -> tuple[str, str, str]:
+    """A chunk's JSON cut around its text (MARK_TEXT) and token ids (MARK_IDS, if there), so
+    each token's chunk is string joins instead of a model build and dump (the same JSON)."""
+    text = json.dumps(MARK_TEXT)
+    i = chunk_json.index(text)
+    head, rest = chunk_json[:i], chunk_json[i + len(text):]
+    if '"token_ids":[-1]' in rest:
+        j = rest.index('"token_ids":[-1]') + len('"token_ids":[')
+        return "data: " + head, rest[:j], rest[j + 2:] + "\n\n"
+    return "data: " + head, None, rest + "\n\n"
+
+
+async def _merge(gens):
+    """(index, item) of several async generators as their items come; all closed at the end."""
+    if len(gens) == 1:
+        async with contextlib.aclosing(gens[0]) as gen:
+            async for item in gen:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    END = object()
+
+    async def pump(i, gen):
+        try:
+            async with contextlib.aclosing(gen):
+                async for item in gen:
+                    await queue.put((i, item))
+        finally:
+            await queue.put((i, END))
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is END:
+                running -= 1
                 continue
-            if reason not in ("stop", "length"):
-                yield _sse(_end_error(reason).body())
-                break
-            usage = _usage(n_prompt, toks)
-            if chat:
-                chunk = ChatChunk(id=rid, created=created, model=model, usage=usage, choices=[
-                    ChatChunkChoice(delta=Delta(content=delta), finish_reason=reason,
-                                    token_ids=new)])
-            else:
-                chunk = Completion(id=rid, created=created, model=model, usage=usage, choices=[
-                    CompletionChoice(text=delta, finish_reason=reason, token_ids=new)])
-            yield _sse(chunk)
-            if req.stream_options and req.stream_options.include_usage:
-                cls = ChatChunk if chat else Completion
-                yield _sse(cls(id=rid, created=created, model=model, choices=[], usage=usage))
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stream(gens, job: Job, rid: str, model: str, req):
+    """The request's server-sent events in OpenAI's chunk format (each choice's in the order
+    they come), then its usage if asked for, then `data: [DONE]`."""
+    chat, created = job.chat, int(time.time())
+    usage_wanted, ids = req.include_usage(), bool(req.return_token_ids)
+    Chunk = ChatChunk if chat else Completion
+
+    def chunk(index, text, toks=None, reason=None, logprobs=None, role=None):
+        if chat:
+            choice = ChatChunkChoice(index=index, delta=Delta(role=role, content=text),
+                                     finish_reason=reason, logprobs=logprobs,
+                                     token_ids=toks if ids else None)
+        else:
+            choice = CompletionChoice(index=index, text=text, finish_reason=reason,
+                                      logprobs=logprobs, token_ids=toks if ids else None)
+        return Chunk(id=rid, created=created, model=model, choices=[choice])
+
+    templates = {}
+    for r in job.requests:
+        if chat:
+            yield f"data: {_chunk_json(chunk(r.index, '', role='assistant'), usage_wanted)}\n\n"
+        templates[r.index] = _chunk_template(_chunk_json(
+            chunk(r.index, MARK_TEXT, MARK_IDS), usage_wanted))
+    generated, ended, echoed = 0, set(), set()
+    offsets = [0] * len(job.requests)                # completions: where the next text starts
+    async for i, (delta, new, reason, out) in _merge(gens):
+        r = job.requests[i]
+        if reason is not None and reason not in ("stop", "length"):
+            yield _sse(_end_error(reason).body())
+            yield "data: [DONE]\n\n"
+            return
+        if job.echo and i not in echoed:        # the prompt (its logprobs are known by now)
+            echoed.add(i)
+            prompt, text = None, job.echo_text(r)
+            if job.logprobs is not None:
+                prompt = job.completion_logprobs([], 0, job.prompt_entries(r, out))
+            offsets[i] = len(text)
+            yield f"data: {_chunk_json(chunk(r.index, text, [], None, prompt), usage_wanted)}\n\n"
+        toks, entries = job.generated(new, out)
+        generated += len(toks)
+        if job.score_only and reason is None:
+            continue
+        if reason is None and entries is None:
+            head, mid, tail = templates[r.index]
+            text = json.dumps(delta, ensure_ascii=False)
+            yield (f"{head}{text}{mid}{','.join(map(str, toks))}{tail}" if mid is not None
+                   else f"{head}{text}{tail}")
+            continue
+        logprobs = None
+        if entries is not None:
+            logprobs = job.chat_logprobs(entries) if chat else \
+                job.completion_logprobs(entries, offsets[i])
+        text = "" if job.score_only else delta
+        offsets[i] += len(text)
+        yield (f"data: {_chunk_json(chunk(r.index, text, toks, reason, logprobs), usage_wanted)}"
+               f"\n\n")
+        if reason is not None:
+            ended.add(i)
+    if len(ended) < len(job.requests):              # the client went away
+        return
+    if usage_wanted:
+        yield f"data: {_chunk_json(Chunk(id=rid, created=created, model=model, choices=[], usage=job.usage(generated)), True)}\n\n"
     yield "data: [DONE]\n\n"

@@ -97,7 +97,8 @@ def chat_ids(served: Served, messages) -> list[int]:
 
 
 def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
-             default_max: int | None) -> SamplingParams:
+             default_max: int | None, logprobs: int | None = None,
+             prompt_logprobs: int | None = None, seed: int | None = None) -> SamplingParams:
     """SamplingParams of a request whose prompt has `n_prompt` tokens (400 when it cannot run)."""
     limit = served.max_model_len
     refusal = prompt_refusal(n_prompt, limit)
@@ -124,7 +125,8 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
     return SamplingParams(max_new_tokens=max_tokens,
                           temperature=1.0 if req.temperature is None else req.temperature,
                           top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
-                          seed=req.seed, ignore_eos=bool(req.ignore_eos))
+                          seed=seed, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 class TextStream:
@@ -171,7 +173,8 @@ class TextStream:
 
 async def results(loop, rid: str, tokens: list[int], params: SamplingParams, stops, tokenizer,
                   is_disconnected=None):
-    """Yield (text delta, new token ids, finish reason or None) of one request until it ends.
+    """Yield (text delta, new token ids, finish reason or None, the engine's RequestOutput) of
+    one request until it ends.
     Leaving early (the client went away, a stop string) ends the request in the engine."""
     q: asyncio.Queue = asyncio.Queue()
     text = TextStream(tokenizer, stops)
@@ -203,7 +206,7 @@ async def results(loop, rid: str, tokens: list[int], params: SamplingParams, sto
                     loop.abort(rid, "stop")
                 reason = "stop"
             done = reason is not None
-            yield delta, out.new_token_ids, reason
+            yield delta, out.new_token_ids, reason, out
     finally:
         if not done:
             loop.abort(rid)

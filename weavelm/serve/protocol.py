@@ -1,18 +1,21 @@
 """The OpenAI HTTP API's requests and responses as pydantic models, and its error shape.
 
-Only what weavelm can honour is accepted: one choice (`n=1`), no log-probabilities, no echo, no
-penalties; anything else is refused with a 400 naming the field. Extensions (as vLLM's):
-`top_k` (0 or -1 = off) and `ignore_eos` in requests; `token_ids` in every choice and chunk, so
-a client of a tokenizer-less server (`weavelm serve --shape`) still sees what was generated.
+Only what weavelm honours is accepted; any other field is refused with a 400 naming it (never
+dropped). Extensions (vLLM's names): `top_k` (0 or -1 = off), `ignore_eos`, `prompt_logprobs`,
+and `return_token_ids` (each choice then carries its `token_ids`, so a client of a
+tokenizer-less server, `weavelm serve --shape`, sees what was generated).
 """
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_serializer,
+    model_validator,
 )
+
+from weavelm.engine.sampler import MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -34,17 +37,43 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: Optional[StrictBool] = False
 
 
-# OpenAI fields weavelm cannot honour, and the values of theirs that change nothing.
-UNSUPPORTED = {"tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
-               "logit_bias": ({}, None), "best_of": (1, None), "top_logprobs": (0, None),
-               "response_format": ({"type": "text"}, None)}
+# Fields of OpenAI's or vLLM's API that weavelm does not honour yet: a request that sets one
+# (to anything but its neutral value) is refused by name, never run without it.
+UNSUPPORTED = {
+    "tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
+    "parallel_tool_calls": (None, True, False), "function_call": ("none", None),
+    "logit_bias": ({}, None), "response_format": ({"type": "text"}, None),
+    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
+    "repetition_penalty": (1, 1.0, None), "min_p": (0, 0.0, None), "min_tokens": (0, None),
+    "stop_token_ids": ([], None), "include_stop_str_in_output": (False, None),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "structured_outputs": (None,), "guided_whitespace_pattern": (None,),
+    "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
+    "truncate_prompt_tokens": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "use_beam_search": (False, None), "length_penalty": (1, 1.0, None),
+    "add_generation_prompt": (True, None), "continue_final_message": (False, None),
+    "add_special_tokens": (None,), "documents": (None,), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "mm_processor_kwargs": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,),
+    "priority": (0, None), "request_id": (None,), "logits_processors": (None,),
+    "suffix": ("", None),
+}
+# Fields that change nothing in the output (OpenAI's bookkeeping): accepted and not used.
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier",
+           "prompt_cache_key", "stream_options"}
+
+MAX_N = 16                        # choices of one request (n), and prompts in one list
 
 
 class _Sampling(BaseModel):
-    """Fields common to completions and chat completions (other unknown fields are ignored)."""
+    """Fields common to completions and chat completions. An unknown field is refused by name
+    (`UNSUPPORTED` lists what OpenAI and vLLM have that weavelm does not do yet)."""
     model_config = ConfigDict(extra="allow")
 
     # Strict types: "2" is not a number, true is not 2, "yes" is not a boolean, Infinity is
@@ -56,22 +85,16 @@ class _Sampling(BaseModel):
     top_k: Optional[StrictInt] = Field(None, ge=-1)
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
     stop: Optional[Union[str, list[str]]] = None
-    n: Optional[StrictInt] = 1
+    n: Optional[StrictInt] = Field(1, ge=1, le=MAX_N)
+    best_of: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: Optional[StrictBool] = False
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logprobs: Optional[Union[bool, int]] = None
+    # vLLM's: the prompt tokens' log-probabilities with this many alternatives each
+    prompt_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: each choice also carries its `token_ids` (and the response `prompt_token_ids`)
+    return_token_ids: Optional[StrictBool] = False
     user: Optional[str] = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v):
-        if v not in (None, 1):
-            raise ValueError(f"n={v} is not supported: weavelm returns one choice per request; "
-                             f"send n=1 (or several requests)")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -81,42 +104,49 @@ class _Sampling(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v not in (None, 0):
-            raise ValueError("penalties are not supported: leave them out or send 0")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported: leave the field out")
-        return v
-
     @model_validator(mode="after")
     def _unsupported(self):
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
-                raise ValueError(f"{name} is not supported by weavelm: leave it out")
+            if name in IGNORED:
+                continue
+            if name not in UNSUPPORTED:
+                raise ValueError(f"unknown field {name!r}: weavelm does not know it; leave it "
+                                 f"out (see the README's table of supported fields)")
+            if not any(value == neutral and type(value) is type(neutral)
+                       or value is neutral for neutral in UNSUPPORTED[name]):
+                raise ValueError(f"{name} is not supported by weavelm yet: leave it out")
+        if self.best_of not in (None, self.n or 1):
+            raise ValueError(f"best_of={self.best_of} is not supported: weavelm returns every "
+                             f"sequence it samples; send n instead")
         return self
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)   # 0: with echo, score the prompt only
     echo: Optional[StrictBool] = False
-    suffix: Optional[str] = None
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("echo")
+    @field_validator("prompt")
     @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported: leave it out")
+    def _prompts(cls, v):
+        if isinstance(v, list) and (not v or len(v) > MAX_N and not isinstance(v[0], int)):
+            raise ValueError(f"prompt must be a string, a token-id list, or a list of 1 to "
+                             f"{MAX_N} of those")
         return v
+
+    def prompt_list(self) -> list:
+        """The request's prompts: one per choice group (a list of strings or of id lists)."""
+        v = self.prompt
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]
+        return list(v)
 
 
 class TextPart(BaseModel):
@@ -137,32 +167,73 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 # -- responses ------------------------------------------------------------------------------------
+class _Optional(BaseModel):
+    """Keys in `_drop` appear only when set: weavelm's extensions (token ids, prompt
+    log-probabilities) only for requests that ask, and a delta without a role has no role."""
+    _drop: ClassVar[tuple] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler):
+        data = handler(self)
+        for key in self._drop:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0                  # prefix caching: not yet
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
-class _Response(BaseModel):
+class _Response(_Optional):
     """The envelope of a completion, chat completion or chunk; each sets `object` and the type
     of its choices (fields keep this order in the JSON when a subclass redeclares them)."""
+    _drop: ClassVar[tuple] = ("prompt_token_ids",)
     id: str
     object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list
     usage: Optional[Usage] = None
+    prompt_token_ids: Optional[list[int]] = None      # return_token_ids, one prompt
 
 
-class CompletionChoice(BaseModel):
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: per token its text, log-probability, the most likely
+    alternatives (text: log-probability) and where its text starts in the choice's text."""
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(_Optional):
+    _drop: ClassVar[tuple] = ("token_ids", "prompt_logprobs", "prompt_token_ids")
     index: int = 0
     text: str
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
-    logprobs: None = None
-    token_ids: list[int] = []
+    token_ids: Optional[list[int]] = None
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[list] = None
 
 
 class Completion(_Response):
@@ -170,17 +241,34 @@ class Completion(_Response):
     choices: list[CompletionChoice]
 
 
-class Delta(BaseModel):
+class Delta(_Optional):
+    _drop: ClassVar[tuple] = ("role", "content")
     role: Optional[str] = None
     content: Optional[str] = None
 
 
-class ChatChoice(BaseModel):
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatChoice(_Optional):
+    _drop: ClassVar[tuple] = ("token_ids", "prompt_logprobs")
     index: int = 0
     message: Delta
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
-    logprobs: None = None
-    token_ids: list[int] = []
+    token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[list] = None
 
 
 class ChatCompletion(_Response):
@@ -188,18 +276,32 @@ class ChatCompletion(_Response):
     choices: list[ChatChoice]
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Optional):
+    _drop: ClassVar[tuple] = ("token_ids",)
     index: int = 0
     delta: Delta
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
-    logprobs: None = None
-    token_ids: list[int] = []
+    token_ids: Optional[list[int]] = None
 
 
 class ChatChunk(_Response):
     object: str = "chat.completion.chunk"
     created: int                                  # one time for all the stream's chunks
     choices: list[ChatChunkChoice]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Optional[Union[str, list[StrictInt]]] = None
+    messages: Optional[list[ChatMessage]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[StrictInt]
 
 
 class ModelCard(BaseModel):

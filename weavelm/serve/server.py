@@ -30,7 +30,10 @@ def build_engine(opts: dict):
         seed = opts.get("seed", 0)
         return LLMEngine.from_config(opts["config"], cfg, lambda model: fill_random(model, seed),
                                      progress=False)
-    return LLMEngine.from_config(opts["config"], progress=False)
+    engine = LLMEngine.from_config(opts["config"], progress=False)
+    if opts.get("chat_template"):           # --chat-template: before stop_ids read the template
+        engine.tokenizer.chat_template = opts["chat_template"]
+    return engine
 
 
 def serve_rank(opts: dict) -> None:
@@ -56,7 +59,8 @@ def serve_rank(opts: dict) -> None:
     loop = EngineLoop(lambda: build_engine(opts), metrics)
     app = create_app(loop, opts["served_name"], metrics,
                      shutdown_timeout_s=opts["shutdown_timeout"] + 30,
-                     parse_special_tokens=opts.get("parse_special_tokens", False))
+                     parse_special_tokens=opts.get("parse_special_tokens", False),
+                     api_key=opts.get("api_key"))
     from weavelm.serve.connections import (HEADER_TIMEOUT_S, connection_cap,
                                            header_deadline_protocol)
     config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",

@@ -1,0 +1,138 @@
+"""One API request as several engine requests (one per prompt and per sample, `n`), and their
+outputs as OpenAI choices: text, log-probabilities in the completions' and the chat's formats,
+vLLM's `prompt_logprobs`, echo.
+
+    job = Job.plan(served, req, prompts, max_tokens, default_max, chat)   # 400s raised here
+    ... each of job.requests runs through `handling.results` ...
+    choice = job.completion_choice(i, text, toks, reason, out)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from weavelm.engine.sampler import SamplingParams, TokenLogprob
+from weavelm.serve.handling import Served, _bad, sampling
+from weavelm.serve.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs,
+                                    TopLogprob, Usage)
+
+
+@dataclass
+class EngineRequest:
+    index: int                      # the choice's index
+    prompt_index: int
+    ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Job:
+    served: Served
+    chat: bool
+    prompts: list[list[int]]
+    prompt_texts: list[str | None]
+    requests: list[EngineRequest] = field(default_factory=list)
+    logprobs: int | None = None      # alternatives per generated token (None: no logprobs)
+    echo: bool = False               # completions: the prompt (and its logprobs) come first
+    score_only: bool = False         # max_tokens=0: the prompt is scored, nothing generated
+
+    @classmethod
+    def plan(cls, served: Served, req, prompts: list[list[int]], prompt_texts, max_tokens,
+             default_max, chat: bool) -> "Job":
+        job = cls(served, chat, prompts, list(prompt_texts))
+        if chat:
+            job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            job.logprobs, job.echo = req.logprobs, bool(req.echo)
+            job.score_only = max_tokens == 0
+            if job.score_only and not job.echo:
+                raise _bad("max_tokens=0 scores the prompt only: send it with echo: true",
+                           "max_tokens")
+        prompt_k = req.prompt_logprobs
+        if job.echo and job.logprobs is not None:      # the echoed prompt's logprobs too
+            prompt_k = max(prompt_k or 0, job.logprobs)
+        n = req.n or 1
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                seed = None if req.seed is None else (req.seed + j) % 2**63
+                params = sampling(served, req, len(ids), 1 if job.score_only else max_tokens,
+                                  default_max, job.logprobs, prompt_k, seed)
+                job.requests.append(EngineRequest(len(job.requests), p, ids, params))
+        return job
+
+    # -- pieces of a choice -----------------------------------------------------------------------
+    def _token_text(self, token: int) -> str:
+        tok = self.served.tokenizer
+        return tok.decode([token]) if tok is not None else ""
+
+    def usage(self, completion_tokens: int) -> Usage:
+        prompt = sum(len(p) for p in self.prompts)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                     total_tokens=prompt + completion_tokens)
+
+    def generated(self, toks: list[int], out) -> tuple[list[int], list | None]:
+        """The tokens (and their logprobs) a choice reports: none when scoring only."""
+        if self.score_only:
+            return [], [] if self.logprobs is not None else None
+        entries = out.logprobs[-len(toks):] if (out is not None and out.logprobs and toks) \
+            else []
+        return toks, entries if self.logprobs is not None else None
+
+    def echo_text(self, r: EngineRequest) -> str:
+        text = self.prompt_texts[r.prompt_index]
+        if text is None:
+            tok = self.served.tokenizer
+            text = tok.decode(r.ids) if tok is not None else ""
+        return text
+
+    def completion_logprobs(self, entries: list, offset: int,
+                            prompt_entries: list | None = None) -> CompletionLogprobs:
+        """The completions format of token entries (prompt ones first when echoing); text
+        offsets count from `offset`."""
+        out = CompletionLogprobs()
+        for e in list(prompt_entries or []) + list(entries):
+            text = self._token_text(e.token)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if e.logprob is None:               # the prompt's first token: nothing predicts it
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(e.logprob)
+            out.top_logprobs.append({self._token_text(t): v for t, v in e.top[:self.logprobs]})
+        return out
+
+    def prompt_entries(self, r: EngineRequest, out) -> list:
+        """The prompt's entries for an echo: its first token has none."""
+        raw = list(out.prompt_logprobs or []) if out is not None else []
+        first = TokenLogprob(r.ids[0], None, []) if r.ids else None
+        return ([first] if first else []) + [e for e in raw[1:] if e is not None]
+
+    def chat_logprobs(self, entries: list) -> ChatLogprobs:
+        content = []
+        for e in entries:
+            text = self._token_text(e.token)
+            content.append(ChatTokenLogprob(
+                token=text, logprob=e.logprob, bytes=list(text.encode("utf-8")),
+                top_logprobs=[TopLogprob(token=(t_text := self._token_text(t)), logprob=v,
+                                         bytes=list(t_text.encode("utf-8")))
+                              for t, v in e.top[:self.logprobs]]))
+        return ChatLogprobs(content=content)
+
+    def vllm_prompt_logprobs(self, out) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {id: {logprob, rank,
+        decoded_token}} for the token and its alternatives."""
+        if out is None or out.prompt_logprobs is None:
+            return None
+        result = []
+        for e in out.prompt_logprobs:
+            if e is None:
+                result.append(None)
+                continue
+            entry = {str(e.token): {"logprob": e.logprob, "decoded_token":
+                                    self._token_text(e.token)}}
+            for rank, (t, v) in enumerate(e.top, start=1):
+                entry.setdefault(str(t), {"logprob": v, "decoded_token": self._token_text(t)})
+                entry[str(t)]["rank"] = rank
+            result.append(entry)
+        return result
