@@ -280,15 +280,16 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
                 choices.append(ChatChoice(
                     index=r.index, message=Delta(role="assistant", content=text),
                     finish_reason=reason, token_ids=toks if ids else None,
-                    logprobs=job.chat_logprobs(entries) if entries is not None else None,
+                    logprobs=job.chat_logprobs(entries, job.texts(r))
+                    if entries is not None else None,
                     prompt_logprobs=job.vllm_prompt_logprobs(out)))
                 continue
             head = job.echo_text(r) if job.echo else ""
             text = head + ("" if job.score_only else text)
             logprobs = None
             if entries is not None:
-                logprobs = job.completion_logprobs(
-                    entries, 0, job.prompt_entries(r, out) if job.echo else None)
+                prompt = job.prompt_entries(r, out) if job.echo else []
+                logprobs = job.completion_logprobs(prompt + entries, job.texts(r))
             choices.append(CompletionChoice(
                 index=r.index, text=text, finish_reason=reason, logprobs=logprobs,
                 token_ids=toks if ids else None,
@@ -415,7 +416,7 @@ async def _stream(gens, job: Job, rid: str, model: str, req):
         templates[r.index] = _chunk_template(_chunk_json(
             chunk(r.index, MARK_TEXT, MARK_IDS), usage_wanted))
     generated, ended, echoed = 0, set(), set()
-    offsets = [0] * len(job.requests)                # completions: where the next text starts
+    texts = [job.texts(r) for r in job.requests]      # each choice's token texts so far
     async for i, (delta, new, reason, out) in _merge(gens):
         r = job.requests[i]
         if reason is not None and reason not in ("stop", "length"):
@@ -426,8 +427,7 @@ async def _stream(gens, job: Job, rid: str, model: str, req):
             echoed.add(i)
             prompt, text = None, job.echo_text(r)
             if job.logprobs is not None:
-                prompt = job.completion_logprobs([], 0, job.prompt_entries(r, out))
-            offsets[i] = len(text)
+                prompt = job.completion_logprobs(job.prompt_entries(r, out), texts[i])
             yield f"data: {_chunk_json(chunk(r.index, text, [], None, prompt), usage_wanted)}\n\n"
         toks, entries = job.generated(new, out)
         generated += len(toks)
@@ -441,10 +441,9 @@ async def _stream(gens, job: Job, rid: str, model: str, req):
             continue
         logprobs = None
         if entries is not None:
-            logprobs = job.chat_logprobs(entries) if chat else \
-                job.completion_logprobs(entries, offsets[i])
+            logprobs = job.chat_logprobs(entries, texts[i]) if chat else \
+                job.completion_logprobs(entries, texts[i])
         text = "" if job.score_only else delta
-        offsets[i] += len(text)
         yield (f"data: {_chunk_json(chunk(r.index, text, toks, reason, logprobs), usage_wanted)}"
                f"\n\n")
         if reason is not None:

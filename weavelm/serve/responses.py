@@ -16,6 +16,29 @@ from weavelm.serve.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLo
                                     TopLogprob, Usage)
 
 
+class TokenTexts:
+    """Each token's text as it reads in its sequence (a word-level or SentencePiece tokenizer
+    puts the space before a word there, not in the token alone): decoded after the few tokens
+    before it, as incremental detokenizers do. `offset` is where the next token's text
+    starts."""
+
+    CONTEXT = 6
+
+    def __init__(self, tokenizer, context=()):
+        self.tok, self.context, self.offset = tokenizer, list(context)[-self.CONTEXT:], 0
+
+    def text(self, token: int, advance: bool = True) -> str:
+        if self.tok is None:
+            return ""
+        before = self.tok.decode(self.context)
+        after = self.tok.decode(self.context + [token])
+        text = after[len(before):] if after.startswith(before) else self.tok.decode([token])
+        if advance:
+            self.context = (self.context + [token])[-self.CONTEXT:]
+            self.offset += len(text)
+        return text
+
+
 @dataclass
 class EngineRequest:
     index: int                      # the choice's index
@@ -61,6 +84,7 @@ class Job:
 
     # -- pieces of a choice -----------------------------------------------------------------------
     def _token_text(self, token: int) -> str:
+        """A token's text on its own (vLLM's `decoded_token`)."""
         tok = self.served.tokenizer
         return tok.decode([token]) if tok is not None else ""
 
@@ -84,22 +108,23 @@ class Job:
             text = tok.decode(r.ids) if tok is not None else ""
         return text
 
-    def completion_logprobs(self, entries: list, offset: int,
-                            prompt_entries: list | None = None) -> CompletionLogprobs:
-        """The completions format of token entries (prompt ones first when echoing); text
-        offsets count from `offset`."""
+    def texts(self, r: EngineRequest) -> TokenTexts:
+        """The token texts of a choice's logprobs: from the prompt's start when echoing, else
+        after the prompt."""
+        return TokenTexts(self.served.tokenizer, () if self.echo else r.ids)
+
+    def completion_logprobs(self, entries: list, texts: TokenTexts) -> CompletionLogprobs:
+        """The completions format of token entries (the echoed prompt's first); `texts`
+        carries the token texts' context and offset from one call to the next."""
         out = CompletionLogprobs()
-        for e in list(prompt_entries or []) + list(entries):
-            text = self._token_text(e.token)
-            out.tokens.append(text)
-            out.text_offset.append(offset)
-            offset += len(text)
-            if e.logprob is None:               # the prompt's first token: nothing predicts it
-                out.token_logprobs.append(None)
-                out.top_logprobs.append(None)
-                continue
-            out.token_logprobs.append(e.logprob)
-            out.top_logprobs.append({self._token_text(t): v for t, v in e.top[:self.logprobs]})
+        for e in entries:
+            alternatives = None
+            if e.logprob is not None:
+                alternatives = {texts.text(t, advance=False): v for t, v in e.top[:self.logprobs]}
+            out.text_offset.append(texts.offset)
+            out.tokens.append(texts.text(e.token))
+            out.token_logprobs.append(e.logprob)      # None: the prompt's first token
+            out.top_logprobs.append(alternatives)
         return out
 
     def prompt_entries(self, r: EngineRequest, out) -> list:
@@ -108,15 +133,16 @@ class Job:
         first = TokenLogprob(r.ids[0], None, []) if r.ids else None
         return ([first] if first else []) + [e for e in raw[1:] if e is not None]
 
-    def chat_logprobs(self, entries: list) -> ChatLogprobs:
+    def chat_logprobs(self, entries: list, texts: TokenTexts) -> ChatLogprobs:
         content = []
         for e in entries:
-            text = self._token_text(e.token)
-            content.append(ChatTokenLogprob(
-                token=text, logprob=e.logprob, bytes=list(text.encode("utf-8")),
-                top_logprobs=[TopLogprob(token=(t_text := self._token_text(t)), logprob=v,
-                                         bytes=list(t_text.encode("utf-8")))
-                              for t, v in e.top[:self.logprobs]]))
+            top = []
+            for t, v in e.top[:self.logprobs]:
+                t_text = texts.text(t, advance=False)
+                top.append(TopLogprob(token=t_text, logprob=v, bytes=list(t_text.encode())))
+            text = texts.text(e.token)
+            content.append(ChatTokenLogprob(token=text, logprob=e.logprob,
+                                            bytes=list(text.encode()), top_logprobs=top))
         return ChatLogprobs(content=content)
 
     def vllm_prompt_logprobs(self, out) -> list | None:
