@@ -178,6 +178,8 @@ def bench_serve(
     timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "
                                               "open then count as failed."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="Ask each request for "
+                                           "its tokens' logprobs with this many alternatives."),
 ):
     """Load a running server with the synthetic workload of `bench throughput`; TTFT, TPOT,
     end-to-end latency and throughput."""
@@ -194,7 +196,9 @@ def bench_serve(
     vocab = vocab or shape_config(shape)["vocab_size"]
     result = run_load(url.rstrip("/"), model, dict(
         num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
-        output_len=output_len, input_max=input_max), concurrency, request_rate, timeout)
+        output_len=output_len, input_max=input_max,
+        extra={} if logprobs is None else {"logprobs": logprobs}),
+        concurrency, request_rate, timeout)
     typer.echo(format_result(result))
     if json_out:
         import json

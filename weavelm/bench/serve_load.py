@@ -22,9 +22,10 @@ from weavelm.bench.throughput import _percentiles, workload
 from weavelm.errors import WeavelmError
 
 
-async def _one(client, url: str, model: str, prompt: list[int], out_len: int) -> dict:
+async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
+               extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": True, **(extra or {})}
     t0 = time.perf_counter()
     first, tokens, error = None, 0, None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -50,7 +51,8 @@ async def _one(client, url: str, model: str, prompt: list[int], out_len: int) ->
                 tpot=(e2e - first) / (tokens - 1) if first is not None and tokens > 1 else None)
 
 
-async def _load(url, model, requests, concurrency, rate, timeout_s, seed) -> tuple[list, float]:
+async def _load(url, model, requests, concurrency, rate, timeout_s, seed,
+                extra: dict | None = None) -> tuple[list, float]:
     import httpx
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -69,7 +71,7 @@ async def _load(url, model, requests, concurrency, rate, timeout_s, seed) -> tup
         async def run(prompt, out_len):
             async with gate:
                 try:
-                    return await _one(client, url, model, prompt, out_len)
+                    return await _one(client, url, model, prompt, out_len, extra)
                 except Exception as e:                    # noqa: BLE001 - counted as failed
                     return dict(error=f"{type(e).__name__}: {e}")
 
@@ -94,7 +96,7 @@ def run_load(url: str, model: str | None, work: dict, concurrency: int, rate: fl
     requests = workload(work["num_requests"], work["vocab"], work["seed"], work["input_len"],
                         work["output_len"], input_max=work["input_max"])
     results, elapsed = asyncio.run(_load(url, model, requests, concurrency, rate, timeout_s,
-                                         work["seed"]))
+                                         work["seed"], work.get("extra")))
     ok = [r for r in results if r.get("error") is None]
     failed = [r for r in results if r.get("error") is not None]
     out_tokens = sum(r["tokens"] for r in ok)

@@ -12,7 +12,6 @@ hold before it answers new requests with 503, below the process's file-descripto
 from __future__ import annotations
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 4096
@@ -20,15 +19,26 @@ FD_RESERVE = 128        # descriptors kept for the model's files, the ranks' soc
 
 
 def header_deadline_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol class that closes a connection still sending its request line or
-    headers `seconds` after it opened or after its last response (pass as `Config(http=...)`)."""
+    """uvicorn's HTTP protocol class (httptools' where installed, as uvicorn's "auto" picks,
+    else h11's) that closes a connection still sending its request line or headers `seconds`
+    after it opened or after its last response (pass as `Config(http=...)`)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+        import httptools  # noqa: F401 - the module above imports without it
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class HeaderDeadlineProtocol(H11Protocol):
+    class HeaderDeadlineProtocol(Base):
         _header_timer = None
+        _awaiting_headers = True
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
+
+        def on_headers_complete(self) -> None:       # httptools: the headers are all in
+            self._awaiting_headers = False
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -40,6 +50,7 @@ def header_deadline_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
 
         def _arm(self) -> None:
             self._disarm()
+            self._awaiting_headers = True
             self._header_timer = self.loop.call_later(seconds, self._deadline)
 
         def _disarm(self) -> None:
@@ -47,10 +58,16 @@ def header_deadline_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
                 self._header_timer.cancel()
                 self._header_timer = None
 
+        def _still_awaiting_headers(self) -> bool:
+            conn = getattr(self, "conn", None)
+            if conn is not None and hasattr(conn, "their_state"):
+                # h11: IDLE until a whole request line and header block has been parsed
+                return conn.their_state is h11.IDLE
+            return self._awaiting_headers
+
         def _deadline(self) -> None:
             self._header_timer = None
-            # IDLE: h11 has not yet parsed a whole request line and header block from them
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._still_awaiting_headers() and not self.transport.is_closing():
                 self.transport.close()
 
     return HeaderDeadlineProtocol
