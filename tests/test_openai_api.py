@@ -250,10 +250,7 @@ def test_the_extra_routes(server):
 NOT_YET = {
     "guided_json": {"type": "object"}, "guided_choice": ["apple", "pear"],
     "guided_regex": "a+", "guided_grammar": "root ::= 'a'",
-    "structured_outputs": {"choice": ["a"]}, "repetition_penalty": 1.2, "min_p": 0.1,
-    "min_tokens": 3, "stop_token_ids": [5], "include_stop_str_in_output": True,
-    "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 10},
-    "response_format": {"type": "json_object"}, "tools": [{"type": "function"}],
+    "structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}, "tools": [{"type": "function"}],
     "tool_choice": "required", "best_of": 3, "suffix": "end", "no_such_field": 1,
 }
 
@@ -281,6 +278,45 @@ def test_bad_values_of_the_new_fields_are_one_line(server, body, needle):
     r = _post(url, "/v1/completions", body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+
+
+def test_sampling_controls_through_the_server(server):
+    """logit_bias, stop_token_ids, min_tokens and include_stop_str_in_output change the answer
+    as they say; penalties are taken (their formulas: tests/test_logit_controls.py)."""
+    url, _ = server
+
+    def ids(**kw):
+        r = _post(url, "/v1/completions", dict(dict(prompt="5 17 33", max_tokens=5,
+                                                    temperature=0, return_token_ids=True), **kw))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+    assert ids(logit_bias={"42": 100}, ignore_eos=True)["token_ids"] == [42] * 5
+    stopped = ids(logit_bias={"42": 100}, stop_token_ids=[42])
+    assert stopped["token_ids"] == [42] and stopped["finish_reason"] == "stop"
+    late = ids(logit_bias={"42": 100, "43": 50}, stop_token_ids=[42], min_tokens=2)
+    assert late["token_ids"] == [43, 43, 42]
+    plain = ids(logit_bias={"42": 100, "43": 50}, max_tokens=4, ignore_eos=True,
+                stop=["43"])
+    assert plain["text"] == "42 42 42 42"
+    cut = ids(logit_bias={"44": 100}, max_tokens=4, ignore_eos=True, stop=["44 44"])
+    kept = ids(logit_bias={"44": 100}, max_tokens=4, ignore_eos=True, stop=["44 44"],
+               include_stop_str_in_output=True)
+    assert cut["text"] == "" and kept["text"] == "44 44"
+    penalized = ids(max_tokens=12, frequency_penalty=2, presence_penalty=1,
+                    repetition_penalty=1.5, min_p=0.05, ignore_eos=True)
+    assert len(set(penalized["token_ids"])) > 6
+
+
+@pytest.mark.parametrize("body,needle", [
+    (dict(presence_penalty=3), "presence_penalty"), (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 500}), "logit_bias"), (dict(logit_bias={"500": 1}), "vocabulary"),
+    (dict(min_p=2), "min_p"), (dict(stop_token_ids=[5000]), "vocabulary"),
+    (dict(repetition_penalty=0), "repetition_penalty")])
+def test_bad_controls_are_400s(server, body, needle):
+    url, _ = server
+    r = _post(url, "/v1/completions", dict(prompt="5 6", max_tokens=2, **body))
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"], r.json()
 
 
 def test_chat_top_logprobs_needs_logprobs(server):

@@ -135,3 +135,39 @@ def test_engine_steps_equal_transformers_greedy(tmp_path):
             assert done[name] == (tokens, "length"), name
     assert any(replays)            # graph steps that took tokens from the device
     assert runner.blocks.num_free == runner.blocks.capacity
+
+
+def test_logprobs_in_graph_decode_equal_transformers(tmp_path):
+    """Logprobs read from the decode graphs' logits (and the prompt's from an eager prefill)
+    equal transformers' log_softmax in float64 (float32 model), with graphs and without."""
+    from transformers import AutoModelForCausalLM
+
+    from weavelm import LLM, SamplingParams
+    make_tiny("llama", tmp_path / "llama", seed=12, kv_heads=1, heads=2)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"),
+                                              dtype=torch.float64).eval()
+    prompts = [[5, 17, 33, 8, 9], [12, 19, 7], [61, 2, 90, 44, 3, 3, 9]]
+    params = [SamplingParams(max_new_tokens=6, logprobs=4, prompt_logprobs=2, ignore_eos=True),
+              SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, logprobs=1,
+                             ignore_eos=True),
+              SamplingParams(max_new_tokens=6, ignore_eos=True)]
+    for eager in (False, True):
+        llm = LLM(str(tmp_path / "llama"), tp=1, device="cuda", dtype="float32",
+                  progress=False, enforce_eager=eager, max_num_seqs=8)
+        assert bool(llm.engine.runner.graphs) is not eager
+        outs = llm.generate_from_ids(prompts, params)
+        for prompt, p, out in zip(prompts, params, outs):
+            if p.logprobs is None:
+                assert out.logprobs is None
+                continue
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0], -1)
+            for i, e in enumerate(out.logprobs):
+                row = ref[len(prompt) - 1 + i]
+                assert abs(e.logprob - row[e.token].item()) < 1e-3
+                assert [t for t, _ in e.top] == row.topk(p.logprobs).indices.tolist()
+            if p.prompt_logprobs is not None:
+                for i in range(1, len(prompt)):
+                    assert abs(out.prompt_logprobs[i].logprob - ref[i - 1][prompt[i]].item()) \
+                        < 1e-3
+        del llm

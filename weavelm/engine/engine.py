@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from weavelm.engine.config import EngineConfig, prompt_refusal
+from weavelm.engine.logit_controls import Controlled, apply_controls, has_controls
 from weavelm.engine.model_runner import ModelRunner, StepPiece
 from weavelm.engine.sampler import (MAX_LOGPROBS, SamplingParams, TokenLogprob, TokenReadback,
                                     logprob_table, sample, unpack_logprobs)
@@ -156,6 +157,10 @@ class LLMEngine:
                                                   f"{type(params).__name__}")
         bad_ids = self._bad_ids(prompt_token_ids)       # misuse: refused here, nothing queued
         check(bad_ids is None, bad_ids or "")
+        vocab = self.model_config.vocab_size if self.model_config else None
+        named = [t for t in params.token_ids_used() if vocab is not None and t >= vocab]
+        check(not named, f"token id {named[0] if named else ''} in logit_bias or stop_token_ids "
+                         f"is outside this model's vocabulary of {vocab}")
         self.stop_ids                       # the tokenizer loads here, never inside a step
         seq = Sequence(request_id, list(prompt_token_ids), params, self._arrivals)
         self._arrivals += 1
@@ -365,13 +370,32 @@ class LLMEngine:
         generator. Rank 0 decides and broadcasts, so ranks never diverge."""
         if not owners:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
-        tokens = sample(logits, [s.params for s in owners], [s.generator for s in owners],
-                        self.generator)
+        controlled = [self._controlled(i, s) for i, s in enumerate(owners)
+                      if has_controls(s.params)]
+        tokens = sample(apply_controls(logits, controlled), [s.params for s in owners],
+                        [s.generator for s in owners], self.generator)
         return self.comm.broadcast(tokens.contiguous(), src=0)
+
+    def _controlled(self, row: int, seq: Sequence) -> Controlled:
+        """Row `row` of a step's logits as its request's controls need it: its output so far
+        on the device (the token in flight taken from the device), its prompt, its count."""
+        params, output = seq.params, None
+        if params.penalized:
+            known = seq.output_token_ids[:len(seq.output_token_ids) - seq.num_pending]
+            output = host_to_device(np.array(known, dtype=np.int64), self.runner.device)
+            if seq.num_pending:             # one step runs ahead: its token is on the device
+                previous = self._in_flight.tokens
+                output = torch.cat([output, previous[seq.pending_row:seq.pending_row + 1]])
+        return Controlled(row, params, output,
+                          seq.prompt_token_ids if params.repetition_penalty != 1 else None,
+                          len(seq.output_token_ids),
+                          frozenset() if params.ignore_eos else frozenset(self.stop_ids))
 
     def _stop_reason(self, seq: Sequence, token: int, generated: int) -> str | None:
         """Why a sequence ends at its `generated`-th token `token`, or None."""
         if token in self.stop_ids and not seq.params.ignore_eos:
+            return "stop"
+        if seq.params.stop_token_ids and token in seq.params.stop_token_ids:
             return "stop"
         if generated >= seq.params.max_new_tokens \
                 or len(seq.prompt_token_ids) + generated >= self.max_model_len:

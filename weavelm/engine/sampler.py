@@ -30,6 +30,14 @@ class SamplingParams:
     # "raw_logprobs"): None = none; k = each generated (prompt) token's and its k most likely.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Controls of the distribution (vLLM's and OpenAI's formulas; engine/logit_controls.py):
+    presence_penalty: float = 0.0     # minus this for each token the output holds
+    frequency_penalty: float = 0.0    # minus this times its count in the output
+    repetition_penalty: float = 1.0   # tokens of prompt or output: logit / p (> 0), * p (< 0)
+    min_p: float = 0.0                # drop tokens less likely than min_p x the likeliest
+    logit_bias: dict | None = None    # token id -> added to its logit
+    min_tokens: int = 0               # no stop token (EOS, stop_token_ids) before this many
+    stop_token_ids: list | None = None  # these end the request too ("stop"), and are output
 
     def __post_init__(self):
         def integer(x) -> bool:
@@ -58,6 +66,38 @@ class SamplingParams:
             k = getattr(self, name)
             check(k is None or (integer(k) and 0 <= k <= MAX_LOGPROBS),
                   f"{name} must be None or an integer in 0..{MAX_LOGPROBS}, got {k!r:.40}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            check(number(v) and -2 <= v <= 2, f"{name} must be a number in [-2, 2], got "
+                                              f"{v!r:.40}")
+        check(number(self.repetition_penalty) and 0 < self.repetition_penalty <= 100,
+              f"repetition_penalty must be a number in (0, 100] (1 = off), got "
+              f"{self.repetition_penalty!r:.40}")
+        check(number(self.min_p) and 0 <= self.min_p <= 1,
+              f"min_p must be a number in [0, 1], got {self.min_p!r:.40}")
+        check(self.logit_bias is None or (
+            isinstance(self.logit_bias, dict) and len(self.logit_bias) <= 1024 and all(
+                integer(k) and k >= 0 and number(v) and -100 <= v <= 100
+                for k, v in self.logit_bias.items())),
+              f"logit_bias must map token ids (>= 0) to numbers in [-100, 100] (at most 1024), "
+              f"got {self.logit_bias!r:.60}")
+        check(integer(self.min_tokens) and 0 <= self.min_tokens,
+              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        check(self.stop_token_ids is None or (
+            isinstance(self.stop_token_ids, (list, tuple)) and len(self.stop_token_ids) <= 1024
+            and all(integer(t) and t >= 0 for t in self.stop_token_ids)),
+              f"stop_token_ids must be a list of token ids (>= 0), got "
+              f"{self.stop_token_ids!r:.60}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens seen so far change this request's logits."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
+
+    def token_ids_used(self) -> list[int]:
+        """The token ids the parameters name (checked against the vocabulary by the engine)."""
+        return list(self.logit_bias or ()) + list(self.stop_token_ids or ())
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +125,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     logits = logits / scale
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if max(min_p) > 0:          # below min_p x the likeliest token's probability
+        probs = logits.softmax(dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * _per_row(min_p, uniform and len(
+            set(min_p)) == 1, logits)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     if min(top_k) < V or min(top_p) < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)      # [B, V]
         drop = torch.zeros_like(sorted_logits, dtype=torch.bool)

@@ -263,7 +263,8 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         job = Job.plan(s, req, prompts, texts, max_tokens, default_max, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         gens = [results(loop, f"{rid}-{r.index}", r.ids, r.params, req.stops(), s.tokenizer,
-                        None if req.stream else request.is_disconnected)
+                        None if req.stream else request.is_disconnected,
+                        bool(req.include_stop_str_in_output))
                 for r in job.requests]
         if req.stream:
             return EventStream(_stream(gens, job, rid, s.name, req))

@@ -126,7 +126,12 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
                           temperature=1.0 if req.temperature is None else req.temperature,
                           top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
                           seed=seed, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+                          prompt_logprobs=prompt_logprobs,
+                          presence_penalty=req.presence_penalty or 0.0,
+                          frequency_penalty=req.frequency_penalty or 0.0,
+                          repetition_penalty=req.repetition_penalty or 1.0,
+                          min_p=req.min_p or 0.0, logit_bias=req.bias(),
+                          min_tokens=req.min_tokens or 0, stop_token_ids=req.stop_token_ids)
 
 
 class TextStream:
@@ -134,8 +139,8 @@ class TextStream:
     returns the text that is safe to send (text that might be the start of a stop string waits
     until it is known not to be)."""
 
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, stops
+    def __init__(self, tokenizer, stops: list[str], include_stop: bool = False):
+        self.tok, self.stops, self.include_stop = tokenizer, stops, include_stop
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.prefix = self.read = 0
@@ -162,7 +167,7 @@ class TextStream:
         for s in self.stops:
             i = self.text.find(s, max(0, self.sent - len(s)))
             if i != -1 and i < end:
-                end, self.stopped = i, True
+                end, self.stopped = i + (len(s) if self.include_stop else 0), True
         if self.stopped:
             self.text = self.text[:end]
         elif not finished:
@@ -172,12 +177,12 @@ class TextStream:
 
 
 async def results(loop, rid: str, tokens: list[int], params: SamplingParams, stops, tokenizer,
-                  is_disconnected=None):
+                  is_disconnected=None, include_stop: bool = False):
     """Yield (text delta, new token ids, finish reason or None, the engine's RequestOutput) of
     one request until it ends.
     Leaving early (the client went away, a stop string) ends the request in the engine."""
     q: asyncio.Queue = asyncio.Queue()
-    text = TextStream(tokenizer, stops)
+    text = TextStream(tokenizer, stops, include_stop)
     done = False
     loop.submit(rid, tokens, params, q)
     clock = asyncio.get_running_loop().time

@@ -46,10 +46,7 @@ class StreamOptions(BaseModel):
 UNSUPPORTED = {
     "tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
     "parallel_tool_calls": (None, True, False), "function_call": ("none", None),
-    "logit_bias": ({}, None), "response_format": ({"type": "text"}, None),
-    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-    "repetition_penalty": (1, 1.0, None), "min_p": (0, 0.0, None), "min_tokens": (0, None),
-    "stop_token_ids": ([], None), "include_stop_str_in_output": (False, None),
+    "response_format": ({"type": "text"}, None),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "structured_outputs": (None,), "guided_whitespace_pattern": (None,),
@@ -94,6 +91,33 @@ class _Sampling(BaseModel):
     prompt_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM's: each choice also carries its `token_ids` (and the response `prompt_token_ids`)
     return_token_ids: Optional[StrictBool] = False
+    # the controls of the distribution (engine/logit_controls.py)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=100, allow_inf_nan=False)
+    min_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    logit_bias: Optional[dict[str, float]] = None
+    min_tokens: Optional[StrictInt] = Field(None, ge=0)
+    stop_token_ids: Optional[list[StrictInt]] = Field(None, max_length=1024)
+    include_stop_str_in_output: Optional[StrictBool] = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("logit_bias takes at most 1024 tokens")
+        for key, value in v.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not (-100 <= value <= 100) or value != value:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {value}")
+        return v
+
+    def bias(self) -> dict[int, float] | None:
+        return {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias \
+            else None
     user: Optional[str] = None
 
     @field_validator("stop")
