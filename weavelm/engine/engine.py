@@ -41,6 +41,7 @@ import torch
 
 from weavelm.engine.config import EngineConfig, prompt_refusal
 from weavelm.engine.logit_controls import Controlled, apply_controls, has_controls
+from weavelm.engine.structured import Grammars, constraint_rows
 from weavelm.engine.model_runner import ModelRunner, StepPiece
 from weavelm.engine.sampler import (MAX_LOGPROBS, SamplingParams, TokenLogprob, TokenReadback,
                                     logprob_table, sample, unpack_logprobs)
@@ -72,6 +73,7 @@ class _Launched:
     tokens: torch.Tensor                 # [n] int64 on the device
     pending: tuple                       # TokenReadback.start's, for `read`
     logprobs: tuple | None = None        # (rows of owners that want them, their table's pending)
+    constrained: bool = False            # structured-output rows: read before the next launch
 
 
 PLACEHOLDER = -1                         # a sampled token not read yet (never a real id)
@@ -96,6 +98,7 @@ class LLMEngine:
         self._readback = TokenReadback(config.max_num_seqs, runner.device)
         self._logprob_readback: TokenReadback | None = None      # made on first use
         self._stop_ids: set[int] | None = None
+        self._grammars: Grammars | None = None     # structured output: made on first use
 
     @classmethod
     def from_config(cls, config: EngineConfig, hf_config: dict | None = None, weights=None,
@@ -144,6 +147,15 @@ class LLMEngine:
     def stop_ids(self, ids) -> None:
         self._stop_ids = set(ids)
 
+    @property
+    def grammars(self) -> Grammars:
+        """Structured output's compiled grammars for this model's tokenizer (made on first use:
+        xgrammar reads the vocabulary once)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size,
+                                      self.stop_ids)
+        return self._grammars
+
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> None:
@@ -162,7 +174,11 @@ class LLMEngine:
         check(not named, f"token id {named[0] if named else ''} in logit_bias or stop_token_ids "
                          f"is outside this model's vocabulary of {vocab}")
         self.stop_ids                       # the tokenizer loads here, never inside a step
-        seq = Sequence(request_id, list(prompt_token_ids), params, self._arrivals)
+        matcher = None
+        if params.structured is not None:           # a constraint that does not compile: here
+            matcher = self.grammars.matcher(params.structured)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self._arrivals,
+                       matcher=matcher)
         self._arrivals += 1
         self.seqs[request_id] = seq
         error = self._length_refusal(len(seq.prompt_token_ids), params)
@@ -245,6 +261,10 @@ class LLMEngine:
         for seq in self._failed:
             self._leave(seq)
         self._failed = []
+        if self._in_flight is not None and self._in_flight.constrained:
+            # a constrained row's next mask needs this token: read it before going on
+            outputs += self._read(self._in_flight)
+            self._in_flight = None
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled else None
         previous, self._in_flight = self._in_flight, launched
@@ -295,7 +315,8 @@ class LLMEngine:
             seq.pending_row = row
             seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
                 or seq.num_tokens >= self.max_model_len
-        return _Launched(placed, tokens, self._readback.start(tokens), wanted)
+        return _Launched(placed, tokens, self._readback.start(tokens), wanted,
+                         any(s.matcher is not None for s in owners))
 
     # -- log-probabilities ------------------------------------------------------------------------
     @staticmethod
@@ -352,6 +373,12 @@ class LLMEngine:
             seq.num_pending -= 1
             if i in table:
                 seq.logprobs.append(unpack_logprobs(tok, table[i], seq.params.logprobs))
+            if seq.matcher is not None and not seq.matcher.accept_token(tok):
+                self._finish(seq, f"error: token {tok} breaks the request's structured-output "
+                                  f"constraint (a grammar the tokenizer cannot follow?)")
+                outputs.append(self._output(seq, [tok]))
+                self._leave(seq)
+                continue
             reason = self._stop_reason(seq, tok, index + 1)
             if reason is not None:
                 self._finish(seq, reason)
@@ -372,8 +399,14 @@ class LLMEngine:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
         controlled = [self._controlled(i, s) for i, s in enumerate(owners)
                       if has_controls(s.params)]
-        tokens = sample(apply_controls(logits, controlled), [s.params for s in owners],
-                        [s.generator for s in owners], self.generator)
+        processed = apply_controls(logits, controlled)
+        constrained = constraint_rows(owners)
+        if constrained:
+            if processed is logits:         # the raw logits stay as they are (logprobs)
+                processed = logits.clone()
+            self.grammars.mask(processed, constrained)
+        tokens = sample(processed, [s.params for s in owners], [s.generator for s in owners],
+                        self.generator)
         return self.comm.broadcast(tokens.contiguous(), src=0)
 
     def _controlled(self, row: int, seq: Sequence) -> Controlled:
@@ -396,6 +429,8 @@ class LLMEngine:
         if token in self.stop_ids and not seq.params.ignore_eos:
             return "stop"
         if seq.params.stop_token_ids and token in seq.params.stop_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated():
             return "stop"
         if generated >= seq.params.max_new_tokens \
                 or len(seq.prompt_token_ids) + generated >= self.max_model_len:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from weavelm.engine.structured import Constraint
 from weavelm.errors import check
 from weavelm.models.host_inputs import host_to_device
 
@@ -38,6 +39,8 @@ class SamplingParams:
     logit_bias: dict | None = None    # token id -> added to its logit
     min_tokens: int = 0               # no stop token (EOS, stop_token_ids) before this many
     stop_token_ids: list | None = None  # these end the request too ("stop"), and are output
+    # Structured output: the tokens must spell what this says (engine/structured.py)
+    structured: Constraint | None = None
 
     def __post_init__(self):
         def integer(x) -> bool:
@@ -88,6 +91,10 @@ class SamplingParams:
             and all(integer(t) and t >= 0 for t in self.stop_token_ids)),
               f"stop_token_ids must be a list of token ids (>= 0), got "
               f"{self.stop_token_ids!r:.60}")
+
+        check(self.structured is None or isinstance(self.structured, Constraint),
+              f"structured must be a Constraint (weavelm.engine.structured), got "
+              f"{type(self.structured).__name__}")
 
     @property
     def penalized(self) -> bool:

@@ -37,6 +37,7 @@ class Sequence:
     # token from the first (None: nothing predicts it) as far as the prefill has reached.
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    matcher: object = None                     # structured output: its grammar's state
 
     @property
     def prompt_logprobs_left(self) -> int:

@@ -131,7 +131,8 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
                           frequency_penalty=req.frequency_penalty or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0,
                           min_p=req.min_p or 0.0, logit_bias=req.bias(),
-                          min_tokens=req.min_tokens or 0, stop_token_ids=req.stop_token_ids)
+                          min_tokens=req.min_tokens or 0, stop_token_ids=req.stop_token_ids,
+                          structured=req.constraint())
 
 
 class TextStream:

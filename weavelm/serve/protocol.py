@@ -7,6 +7,7 @@ tokenizer-less server, `weavelm serve --shape`, sees what was generated).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import ClassVar, Literal, Optional, Union
 
@@ -46,10 +47,7 @@ class StreamOptions(BaseModel):
 UNSUPPORTED = {
     "tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
     "parallel_tool_calls": (None, True, False), "function_call": ("none", None),
-    "response_format": ({"type": "text"}, None),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "guided_decoding_backend": (None,),
-    "structured_outputs": (None,), "guided_whitespace_pattern": (None,),
+    "guided_decoding_backend": (None, "xgrammar", "auto"), "guided_whitespace_pattern": (None,),
     "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
     "truncate_prompt_tokens": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
     "use_beam_search": (False, None), "length_penalty": (1, 1.0, None),
@@ -65,7 +63,32 @@ UNSUPPORTED = {
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier",
            "prompt_cache_key", "stream_options"}
 
-MAX_N = 16                        # choices of one request (n), and prompts in one list
+MAX_N = 128                       # samples of one prompt (n)
+MAX_PROMPTS = 256                 # prompts in one list, and choices (prompts x n) of a request
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of these."""
+    model_config = ConfigDict(extra="forbid")
+    json_: Optional[Union[dict, str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
 
 
 class _Sampling(BaseModel):
@@ -100,6 +123,14 @@ class _Sampling(BaseModel):
     min_tokens: Optional[StrictInt] = Field(None, ge=0)
     stop_token_ids: Optional[list[StrictInt]] = Field(None, max_length=1024)
     include_stop_str_in_output: Optional[StrictBool] = False
+    # structured output (engine/structured.py): OpenAI's response_format, vLLM's guided_* and
+    # structured_outputs; at most one of them
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[dict, str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[StructuredOutputs] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -144,6 +175,51 @@ class _Sampling(BaseModel):
                              f"sequence it samples; send n instead")
         return self
 
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        self.constraint()                   # a bad schema or two constraints: a 400 here
+        return self
+
+    def constraint(self):
+        """The structured-output Constraint the request asks for, or None."""
+        from weavelm.engine.structured import Constraint
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", Constraint("json")))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            found.append(("response_format", Constraint("json", json.dumps(
+                rf.json_schema.schema_))))
+        so = self.structured_outputs
+        pairs = [("guided_json", "json", self.guided_json),
+                 ("guided_regex", "regex", self.guided_regex),
+                 ("guided_choice", "choice", self.guided_choice),
+                 ("guided_grammar", "grammar", self.guided_grammar)]
+        if so is not None:
+            pairs += [("structured_outputs", "json", so.json_),
+                      ("structured_outputs", "regex", so.regex),
+                      ("structured_outputs", "choice", so.choice),
+                      ("structured_outputs", "grammar", so.grammar)]
+            if so.json_object:
+                found.append(("structured_outputs", Constraint("json")))
+        for name, kind, value in pairs:
+            if value is None:
+                continue
+            if kind == "json" and isinstance(value, dict):
+                value = json.dumps(value)
+            if kind == "choice":
+                value = tuple(value)
+            try:
+                found.append((name, Constraint(kind, value)))
+            except Exception as e:              # WeavelmError: one line naming the problem
+                raise ValueError(f"{name}: {e}") from None
+        if len(found) > 1:
+            raise ValueError(f"{found[0][0]} and {found[1][0]} both constrain the output: "
+                             f"send one")
+        return found[0][1] if found else None
+
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -160,10 +236,17 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v):
-        if isinstance(v, list) and (not v or len(v) > MAX_N and not isinstance(v[0], int)):
+        if isinstance(v, list) and (not v or len(v) > MAX_PROMPTS and not isinstance(v[0], int)):
             raise ValueError(f"prompt must be a string, a token-id list, or a list of 1 to "
-                             f"{MAX_N} of those")
+                             f"{MAX_PROMPTS} of those")
         return v
+
+    @model_validator(mode="after")
+    def _choices(self):
+        if len(self.prompt_list()) * (self.n or 1) > MAX_PROMPTS:
+            raise ValueError(f"prompt: {len(self.prompt_list())} prompts x n={self.n} choices "
+                             f"is over {MAX_PROMPTS}: send fewer in one request")
+        return self
 
     def prompt_list(self) -> list:
         """The request's prompts: one per choice group (a list of strings or of id lists)."""
