@@ -28,7 +28,7 @@ from torch import nn
 from weavelm import RMSNorm, WeavelmError, WovenDecoder, WovenDecoderLayer, load_weights
 from weavelm.parallel import (
     ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, divide,
-    get_state, init_parallel, make_communicator,
+    destroy_parallel, get_state, init_parallel, make_communicator,
 )
 
 CONFIG = dict(vocab_size=96, hidden_size=64, num_heads=4, ffn_size=192, num_layers=3,
@@ -184,6 +184,11 @@ def main():
     if state.is_first:
         print(f"TP={state.world_size} ({state.device}): logits equal the single-process float64 "
               f"reference in every mode: " + ", ".join(f"{m} {e:.1e}" for m, e in errors.items()))
+    # every rank is done before any leaves: a rank that exits while a peer still talks to it
+    # can abort in gloo's teardown
+    if state.world_size > 1:
+        torch.distributed.barrier(group=state.group)
+    destroy_parallel()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("with_ids", [False, True])
 def test_fast_stream_chunks_are_the_models_json(usage, with_ids):
     """Each token's chunk is joined from a template of the pydantic model's own JSON."""
-    from weavelm.serve.app import MARK_IDS, MARK_TEXT, _chunk_json, _chunk_template
+    from weavelm.serve.streaming import MARK_IDS, MARK_TEXT, _chunk_json, _chunk_template
     from weavelm.serve.protocol import (ChatChunk, ChatChunkChoice, Completion,
                                         CompletionChoice, Delta)
     text, ids = 'é "quoted"\n\\', [5, 60]
@@ -135,7 +135,8 @@ def test_unset_max_tokens_fits_a_kv_cache_smaller_than_the_context():
     from weavelm.serve.handling import Served, sampling
     from weavelm.serve.protocol import APIError
     served = Served("m", None, 100, max_model_len=8192, kv_tokens=1360)
-    req = SimpleNamespace(top_k=None, temperature=0.0, top_p=None, seed=None, ignore_eos=False)
+    from weavelm.serve.protocol import CompletionRequest
+    req = CompletionRequest(prompt="1", temperature=0.0)
     assert sampling(served, req, 60, None, None).max_new_tokens == 1300
     assert sampling(served, req, 60, None, 16).max_new_tokens == 16
     with pytest.raises(APIError, match="KV cache holds 1360"):

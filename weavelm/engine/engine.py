@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from weavelm.engine.config import EngineConfig, prompt_refusal
-from weavelm.engine.logit_controls import Controlled, apply_controls, has_controls
+from weavelm.engine.logit_controls import apply_controls, controlled_row, has_controls
 from weavelm.engine.structured import Grammars, constraint_rows
 from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.sampler import (MAX_LOGPROBS, SamplingParams, TokenLogprob, TokenReadback,
-                                    logprob_table, sample, unpack_logprobs)
+from weavelm.engine.logprobs import (LogprobCopies, TokenLogprob, covers_wanted_prompt_logprobs,
+                                     record_prompt_logprobs, unpack_logprobs)
+from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
 from weavelm.errors import WeavelmError, check
@@ -96,7 +97,7 @@ class LLMEngine:
         self.generator.manual_seed(config.seed)
         self._in_flight: _Launched | None = None
         self._readback = TokenReadback(config.max_num_seqs, runner.device)
-        self._logprob_readback: TokenReadback | None = None      # made on first use
+        self._logprob_copies = LogprobCopies(config.max_num_seqs, runner.device)
         self._stop_ids: set[int] | None = None
         self._grammars: Grammars | None = None     # structured output: made on first use
 
@@ -276,7 +277,7 @@ class LLMEngine:
         pieces, spans, late_at, late_rows, offset, row = [], [], [], [], 0, 0
         for p in scheduled:
             seq = p.seq
-            all_rows = self._covers_wanted_prompt_logprobs(p)
+            all_rows = covers_wanted_prompt_logprobs(p)
             pieces.append(StepPiece(seq.token_slice(p.start, p.length), p.start, seq.blocks,
                                     p.sample, all_rows))
             count = p.length if all_rows else int(p.sample)      # its rows of the logits
@@ -298,13 +299,13 @@ class LLMEngine:
         if any(piece.all_rows for piece in pieces):
             for p, piece, (first, _) in zip(scheduled, pieces, spans):
                 if piece.all_rows:
-                    self._record_prompt_logprobs(p, logits, first)
+                    record_prompt_logprobs(p, logits, first)
             rows = [first + count - 1 for p, (first, count) in zip(scheduled, spans) if p.sample]
             logits = logits.index_select(0, host_to_device(np.array(rows, dtype=np.int64),
                                                            logits.device))
         owners = [p.seq for p in scheduled if p.sample]
         tokens = self._sample(logits, owners)
-        wanted = self._start_logprobs(logits, tokens, owners)
+        wanted = self._logprob_copies.start(logits, tokens, owners)
         for p in scheduled:
             p.seq.num_computed += p.length
         placed = []
@@ -317,46 +318,6 @@ class LLMEngine:
                 or seq.num_tokens >= self.max_model_len
         return _Launched(placed, tokens, self._readback.start(tokens), wanted,
                          any(s.matcher is not None for s in owners))
-
-    # -- log-probabilities ------------------------------------------------------------------------
-    @staticmethod
-    def _covers_wanted_prompt_logprobs(p) -> bool:
-        """Whether piece p's logits give prompt log-probabilities still wanted: position q
-        predicts prompt token q + 1."""
-        seq = p.seq
-        if not seq.prompt_logprobs_left:
-            return False
-        return p.start + 1 < len(seq.prompt_token_ids) \
-            and p.start + p.length >= len(seq.prompt_logprobs)
-
-    def _record_prompt_logprobs(self, p, logits: torch.Tensor, first_row: int) -> None:
-        """Append the prompt log-probabilities piece p's logits (from row first_row) give. It
-        waits for this step's logits: only requests that want prompt log-probabilities pay."""
-        seq = p.seq
-        begin = len(seq.prompt_logprobs)                   # the prompt token to score first
-        end = min(len(seq.prompt_token_ids), p.start + p.length + 1)
-        targets = seq.prompt_token_ids[begin:end]
-        rows = logits[first_row + begin - 1 - p.start:first_row + end - 1 - p.start]
-        k = seq.params.prompt_logprobs
-        table = logprob_table(rows, host_to_device(np.array(targets, dtype=np.int64),
-                                                   logits.device), k).tolist()
-        seq.prompt_logprobs += [unpack_logprobs(t, r, k) for t, r in zip(targets, table)]
-
-    def _start_logprobs(self, logits, tokens, owners: list[Sequence]):
-        """Start copying the log-probabilities of the sampled tokens that want them to the
-        host (one copy): (their rows, the copy's pending), or None."""
-        rows = [i for i, s in enumerate(owners) if s.params.logprobs is not None]
-        if not rows:
-            return None
-        k = max(owners[i].params.logprobs for i in rows)
-        if len(rows) < len(owners):
-            index = host_to_device(np.array(rows, dtype=np.int64), logits.device)
-            logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
-        if self._logprob_readback is None:
-            self._logprob_readback = TokenReadback(
-                self.config.max_num_seqs * (1 + 2 * MAX_LOGPROBS), self.runner.device,
-                torch.float64)
-        return rows, self._logprob_readback.start(logprob_table(logits, tokens, k))
 
     def _read(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens and put them in place; stops end sequences."""
@@ -374,8 +335,10 @@ class LLMEngine:
             if i in table:
                 seq.logprobs.append(unpack_logprobs(tok, table[i], seq.params.logprobs))
             if seq.matcher is not None and not seq.matcher.accept_token(tok):
-                self._finish(seq, f"error: token {tok} breaks the request's structured-output "
-                                  f"constraint (a grammar the tokenizer cannot follow?)")
+                # (a token outside the mask is sampled only when the mask allows none)
+                self._finish(seq, "error: no token of this model's vocabulary can continue the "
+                                  "structured output here: the constraint cannot be written "
+                                  "in its tokens")
                 outputs.append(self._output(seq, [tok]))
                 self._leave(seq)
                 continue
@@ -397,8 +360,9 @@ class LLMEngine:
         generator. Rank 0 decides and broadcasts, so ranks never diverge."""
         if not owners:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
-        controlled = [self._controlled(i, s) for i, s in enumerate(owners)
-                      if has_controls(s.params)]
+        previous = self._in_flight.tokens if self._in_flight is not None else None
+        controlled = [controlled_row(i, s, previous, self.stop_ids, logits.device)
+                      for i, s in enumerate(owners) if has_controls(s.params)]
         processed = apply_controls(logits, controlled)
         constrained = constraint_rows(owners)
         if constrained:
@@ -408,21 +372,6 @@ class LLMEngine:
         tokens = sample(processed, [s.params for s in owners], [s.generator for s in owners],
                         self.generator)
         return self.comm.broadcast(tokens.contiguous(), src=0)
-
-    def _controlled(self, row: int, seq: Sequence) -> Controlled:
-        """Row `row` of a step's logits as its request's controls need it: its output so far
-        on the device (the token in flight taken from the device), its prompt, its count."""
-        params, output = seq.params, None
-        if params.penalized:
-            known = seq.output_token_ids[:len(seq.output_token_ids) - seq.num_pending]
-            output = host_to_device(np.array(known, dtype=np.int64), self.runner.device)
-            if seq.num_pending:             # one step runs ahead: its token is on the device
-                previous = self._in_flight.tokens
-                output = torch.cat([output, previous[seq.pending_row:seq.pending_row + 1]])
-        return Controlled(row, params, output,
-                          seq.prompt_token_ids if params.repetition_penalty != 1 else None,
-                          len(seq.output_token_ids),
-                          frozenset() if params.ignore_eos else frozenset(self.stop_ids))
 
     def _stop_reason(self, seq: Sequence, token: int, generated: int) -> str | None:
         """Why a sequence ends at its `generated`-th token `token`, or None."""

@@ -35,6 +35,23 @@ class Controlled:
     stop_ids: frozenset                # the engine's stop tokens (EOS, end of turn)
 
 
+def controlled_row(row: int, seq, previous: torch.Tensor | None, stop_ids,
+                   device: torch.device) -> Controlled:
+    """Row `row` of a step's logits as seq's controls need it: its output so far on the device
+    (a token still in flight, the engine being one step ahead, taken from `previous`, the
+    tokens that step sampled), its prompt, how many tokens it has."""
+    params, output = seq.params, None
+    if params.penalized:
+        known = seq.output_token_ids[:len(seq.output_token_ids) - seq.num_pending]
+        output = host_to_device(np.array(known, dtype=np.int64), device)
+        if seq.num_pending:             # at most one: one step runs ahead
+            output = torch.cat([output, previous[seq.pending_row:seq.pending_row + 1]])
+    return Controlled(row, params, output,
+                      seq.prompt_token_ids if params.repetition_penalty != 1 else None,
+                      len(seq.output_token_ids),
+                      frozenset() if params.ignore_eos else frozenset(stop_ids))
+
+
 def has_controls(params: SamplingParams) -> bool:
     return bool(params.logit_bias) or params.min_tokens > 0 or params.penalized
 

@@ -166,35 +166,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     return tokens
 
 
-@dataclass
-class TokenLogprob:
-    """A token's log-probability and the `top` most likely tokens at its position (id and
-    log-probability, most likely first) under the model's distribution there."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-def logprob_table(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of logits [R, V]: the log-softmax at targets [R] and the k largest, packed as
-    float64 [R, 1 + 2k] = (target's, k values, k ids): one tensor, so one copy to the host
-    (float64 holds any vocabulary id exactly)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, targets.view(-1, 1))
-    if k == 0:
-        return chosen.double()
-    values, ids = lp.topk(k, dim=-1)
-    return torch.cat([chosen.double(), values.double(), ids.double()], dim=1)
-
-
-def unpack_logprobs(token: int, row: list[float], k: int) -> TokenLogprob:
-    """`token`'s entry from one row of `logprob_table`'s output (as Python floats), with k of
-    the alternatives the row holds."""
-    width = (len(row) - 1) // 2
-    return TokenLogprob(token, row[0], [(int(row[1 + width + j]), row[1 + j])
-                                        for j in range(k)])
-
-
 def _per_row(values: list, uniform: bool, like: torch.Tensor, dtype=torch.float32):
     """One value per row as a [B, 1] tensor on the logits' device (a Python scalar when every
     row has the same parameters: no copy to the device)."""

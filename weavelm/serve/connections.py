@@ -22,10 +22,10 @@ def header_deadline_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
     """uvicorn's HTTP protocol class (httptools' where installed, as uvicorn's "auto" picks,
     else h11's) that closes a connection still sending its request line or headers `seconds`
     after it opened or after its last response (pass as `Config(http=...)`)."""
-    try:
+    import importlib.util
+    if importlib.util.find_spec("httptools") is not None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-        import httptools  # noqa: F401 - the module above imports without it
-    except ImportError:
+    else:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
     class HeaderDeadlineProtocol(Base):

@@ -7,7 +7,6 @@ tokenizer-less server, `weavelm serve --shape`, sees what was generated).
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import ClassVar, Literal, Optional, Union
 
@@ -17,6 +16,8 @@ from pydantic import (
 )
 
 from weavelm.engine.sampler import MAX_LOGPROBS
+from weavelm.serve.constraints import (ResponseFormat, StructuredOutputs,
+                                       request_constraint)
 
 
 class APIError(Exception):
@@ -65,30 +66,6 @@ IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier",
 
 MAX_N = 128                       # samples of one prompt (n)
 MAX_PROMPTS = 256                 # prompts in one list, and choices (prompts x n) of a request
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Optional[str] = None
-    description: Optional[str] = None
-    schema_: Optional[dict] = Field(None, alias="schema")
-    strict: Optional[bool] = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs`: one of these."""
-    model_config = ConfigDict(extra="forbid")
-    json_: Optional[Union[dict, str]] = Field(None, alias="json")
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    grammar: Optional[str] = None
-    json_object: Optional[bool] = None
 
 
 class _Sampling(BaseModel):
@@ -182,43 +159,7 @@ class _Sampling(BaseModel):
 
     def constraint(self):
         """The structured-output Constraint the request asks for, or None."""
-        from weavelm.engine.structured import Constraint
-        found = []
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            found.append(("response_format", Constraint("json")))
-        elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise ValueError("response_format json_schema needs json_schema.schema")
-            found.append(("response_format", Constraint("json", json.dumps(
-                rf.json_schema.schema_))))
-        so = self.structured_outputs
-        pairs = [("guided_json", "json", self.guided_json),
-                 ("guided_regex", "regex", self.guided_regex),
-                 ("guided_choice", "choice", self.guided_choice),
-                 ("guided_grammar", "grammar", self.guided_grammar)]
-        if so is not None:
-            pairs += [("structured_outputs", "json", so.json_),
-                      ("structured_outputs", "regex", so.regex),
-                      ("structured_outputs", "choice", so.choice),
-                      ("structured_outputs", "grammar", so.grammar)]
-            if so.json_object:
-                found.append(("structured_outputs", Constraint("json")))
-        for name, kind, value in pairs:
-            if value is None:
-                continue
-            if kind == "json" and isinstance(value, dict):
-                value = json.dumps(value)
-            if kind == "choice":
-                value = tuple(value)
-            try:
-                found.append((name, Constraint(kind, value)))
-            except Exception as e:              # WeavelmError: one line naming the problem
-                raise ValueError(f"{name}: {e}") from None
-        if len(found) > 1:
-            raise ValueError(f"{found[0][0]} and {found[1][0]} both constrain the output: "
-                             f"send one")
-        return found[0][1] if found else None
+        return request_constraint(self)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from weavelm.engine.sampler import SamplingParams, TokenLogprob
+from weavelm.engine.logprobs import TokenLogprob
+from weavelm.engine.sampler import SamplingParams
 from weavelm.serve.handling import Served, _bad, sampling
 from weavelm.serve.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs,
                                     TopLogprob, Usage)
