@@ -24,6 +24,9 @@ def serve(
                                                    f"then be token ids."),
     layers: Optional[int] = typer.Option(None, help="With --shape: decoder layers to build."),
     seed: int = typer.Option(0, help="With --shape: the weights' seed."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="With --shape: a tokenizer directory whose vocabulary fits "
+                                  "the shape's (text prompts, structured output)."),
     served_model_name: Optional[str] = typer.Option(
         None, "--served-model-name", help="The name clients pass as `model` [default: the "
                                           "MODEL argument, the shape, or the default model's]."),
@@ -74,9 +77,16 @@ def serve(
         from weavelm.bench.shapes import shape_config
         check(model is None, "give either MODEL or --shape, not both")
         hf_config, name = shape_config(shape, layers), shape
+        if tokenizer is not None:
+            from weavelm.models.tokenizer import load_tokenizer
+            size = len(load_tokenizer(tokenizer))
+            check(size <= hf_config["vocab_size"],
+                  f"--tokenizer {tokenizer} has {size} tokens, more than the {shape} shape's "
+                  f"vocabulary of {hf_config['vocab_size']}: give one that fits")
     else:
         from weavelm.models.loader import resolve_model
         check(layers is None, "--layers goes with --shape: drop it")
+        check(tokenizer is None, "--tokenizer goes with --shape (a model has its own): drop it")
         source = resolve_model(model, allow_pickle=allow_pickle)
         hf_config = source.config
         name = model or os.path.basename(str(source.path)).split(".")[0]   # SmolLM2-135M-Instruct
@@ -97,7 +107,8 @@ def serve(
             from weavelm.errors import WeavelmError
             raise WeavelmError(f"cannot listen on {host}:{port} ({e.strerror}): pick another "
                                f"--port or --host") from None
-    opts = dict(config=config, shape=shape, layers=layers, seed=seed, host=host, port=port,
+    opts = dict(config=config, shape=shape, layers=layers, seed=seed, tokenizer=tokenizer,
+                host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
                 access_log=access_log, parse_special_tokens=parse_special_tokens,
                 header_timeout=header_timeout, api_key=api_key or None,
@@ -178,8 +189,9 @@ def bench_serve(
     timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "
                                               "open then count as failed."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
-    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="Ask each request for "
-                                           "its tokens' logprobs with this many alternatives."),
+    extra_body: Optional[str] = typer.Option(
+        None, "--extra-body", help="JSON object merged into every request, e.g. "
+                                   "'{\"logprobs\": 5}' or a guided_json schema."),
 ):
     """Load a running server with the synthetic workload of `bench throughput`; TTFT, TPOT,
     end-to-end latency and throughput."""
@@ -197,7 +209,7 @@ def bench_serve(
     result = run_load(url.rstrip("/"), model, dict(
         num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
         output_len=output_len, input_max=input_max,
-        extra={} if logprobs is None else {"logprobs": logprobs}),
+        extra=_extra_body(extra_body)),
         concurrency, request_rate, timeout)
     typer.echo(format_result(result))
     if json_out:
@@ -206,6 +218,22 @@ def bench_serve(
             json.dump(result, f, indent=1)
     check(result["failed"] == 0, f"{result['failed']} of {result['requests']} requests failed "
                                  f"(first: {result['first_error']}): see the server's log")
+
+
+def _extra_body(text: str | None) -> dict:
+    import json
+
+    from weavelm.errors import WeavelmError
+    if text is None:
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise WeavelmError(f"--extra-body is not JSON ({e}): give an object like "
+                           f"'{{\"logprobs\": 5}}'") from None
+    if not isinstance(body, dict):
+        raise WeavelmError("--extra-body must be a JSON object")
+    return body
 
 
 def register(app, bench_app, user_errors) -> None:

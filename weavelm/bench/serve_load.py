@@ -22,6 +22,10 @@ from weavelm.bench.throughput import _percentiles, workload
 from weavelm.errors import WeavelmError
 
 
+CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "response_format", "structured_outputs")
+
+
 async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
                extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
@@ -45,7 +49,9 @@ async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
                     first = time.perf_counter() - t0
                 tokens += n
     e2e = time.perf_counter() - t0
-    if error is None and tokens != out_len:
+    constrained = any(k in (extra or {}) for k in CONSTRAINTS)
+    if error is None and (tokens != out_len if not constrained else tokens == 0):
+        # (a constrained output may end before out_len: its grammar completes)
         error = f"{tokens} tokens streamed, {out_len} asked for"
     return dict(error=error, ttft=first, e2e=e2e, tokens=tokens, prompt=len(prompt),
                 tpot=(e2e - first) / (tokens - 1) if first is not None and tokens > 1 else None)

@@ -28,8 +28,12 @@ def build_engine(opts: dict):
         from weavelm.bench.shapes import shape_config
         cfg = shape_config(opts["shape"], opts.get("layers"))
         seed = opts.get("seed", 0)
+        tokenizer = None
+        if opts.get("tokenizer"):           # text prompts and structured output at a real size
+            from weavelm.models.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(opts["tokenizer"])
         return LLMEngine.from_config(opts["config"], cfg, lambda model: fill_random(model, seed),
-                                     progress=False)
+                                     tokenizer=tokenizer, progress=False)
     engine = LLMEngine.from_config(opts["config"], progress=False)
     if opts.get("chat_template"):           # --chat-template: before stop_ids read the template
         engine.tokenizer.chat_template = opts["chat_template"]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# `weavelm bench serve` at 64 clients on one GPU (issue 31): plain requests, every request with
+# logprobs=5 (acceptance: within 10% of plain) and every request with a JSON schema through
+# guided_json (within 25%), alternated on one server so drift shows: plain, logprobs, json,
+# twice. Server and workload as run_serve.sh (`serve --shape llama3-8b --max-num-seqs 64`,
+# random weights, bf16, bench throughput's seeded workload) with a byte-level tokenizer of the
+# shape's vocabulary (make_shape_tokenizer.py), so xgrammar can spell JSON. A constrained
+# request may end before its output length (its JSON closes): tokens/s counts what came.
+#   bash benchmarks/device/run_serve_features.sh [N=200]
+# Results: ${OUT:-out}/feat_{plain,logprobs,json}{1,2}.{txt,json}, feat_server.log,
+# feat_ratio.txt.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source benchmarks/device/setup.sh
+use_gpus 1 || exit 2
+N=${1:-200}
+PORT=${PORT:-8766}
+URL=http://127.0.0.1:$PORT
+TOK=${TOK:-.shape_tok}
+[ -d "$TOK" ] || python3 benchmarks/device/make_shape_tokenizer.py "$TOK" > /dev/null
+
+"${WEAVELM[@]}" serve --shape llama3-8b --tokenizer "$TOK" --port "$PORT" --max-model-len 8704 \
+  --max-num-seqs 64 > "$OUT/feat_server.log" 2>&1 &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"
+    timeout 60 tail --pid="$server" -f /dev/null || kill -KILL "$server"
+  fi
+}
+trap stop_server EXIT
+t0=$(date +%s)
+until python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+    "$URL/health" 2> /dev/null; do
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "the server exited:"; tail -20 "$OUT/feat_server.log"; exit 1
+  fi
+  if (( $(date +%s) - t0 > 240 )); then
+    echo "the server was not healthy within 240 s:"; tail -20 "$OUT/feat_server.log"; exit 1
+  fi
+  sleep 2
+done
+echo "server healthy after $(( $(date +%s) - t0 )) s"
+
+declare -A BODY=(
+  [plain]='{}'
+  [logprobs]='{"logprobs": 5}'
+  [json]='{"guided_json": {"type": "array", "items": {"type": "integer"}}}'
+)
+rc=0
+for round in 1 2; do
+  for kind in plain logprobs json; do
+    timeout -k 10 150 "${WEAVELM[@]}" bench serve --url "$URL" --concurrency 64 \
+      --num-requests "$N" --seed 0 --timeout 140 --extra-body "${BODY[$kind]}" \
+      --json "$OUT/feat_$kind$round.json" > "$OUT/feat_$kind$round.txt" 2>&1
+    r=$?; echo "bench serve, $kind, round $round: exit $r"; tail -1 "$OUT/feat_$kind$round.txt"
+    if [ "$r" -ne 0 ]; then rc=$r; fi
+  done
+done
+python3 - "$OUT" <<'PY' | tee "$OUT/feat_ratio.txt"
+import json, sys
+out = sys.argv[1]
+rate = {}
+for k in ("plain", "logprobs", "json"):
+    try:
+        rate[k] = [json.load(open(f"{out}/feat_{k}{r}.json"))["output_tok_s"] for r in (1, 2)]
+    except (OSError, KeyError, ValueError) as e:
+        print(f"{k}: no result ({e})")
+for k, v in rate.items():
+    print(f"{k}: {v[0]:.0f}, {v[1]:.0f} output tok/s")
+for k, bound in (("logprobs", 0.90), ("json", 0.75)):
+    if k in rate and "plain" in rate:
+        print(f"{k} / plain = {sum(rate[k]) / sum(rate['plain']):.3f} (acceptance >= {bound})")
+PY
+exit "$rc"
