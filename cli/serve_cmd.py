@@ -50,6 +50,9 @@ def serve(
         None, "--api-key", envvar="WEAVELM_API_KEY", show_envvar=False,
         help="Clients must send 'Authorization: Bearer KEY' (/health and /metrics stay open); "
              "prefer $WEAVELM_API_KEY, which other users of the machine cannot read in ps."),
+    tool_call_parser: Optional[str] = typer.Option(
+        None, "--tool-call-parser", help="How to find tool calls in a reply for tool_choice "
+                                         "'auto': hermes or llama3_json (vLLM's names)."),
     chat_template: Optional[str] = typer.Option(
         None, "--chat-template", help="A jinja chat template file to use instead of the "
                                       "model's."),
@@ -69,6 +72,8 @@ def serve(
 
     check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
     check(shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    check(tool_call_parser in (None, "hermes", "llama3_json"),
+          f"unknown --tool-call-parser {tool_call_parser!r}: choose hermes or llama3_json")
     check(header_timeout > 0 and math.isfinite(header_timeout),
           f"--header-timeout must be a positive number of seconds, got {header_timeout}")
     options.check_model_arg(model)
@@ -112,6 +117,7 @@ def serve(
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
                 access_log=access_log, parse_special_tokens=parse_special_tokens,
                 header_timeout=header_timeout, api_key=api_key or None,
+                tool_parser=tool_call_parser,
                 chat_template=_read_template(chat_template))
     from weavelm.parallel.launch import run_ranks
     try:

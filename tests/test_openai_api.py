@@ -249,8 +249,9 @@ def test_the_extra_routes(server):
 # dropped (a guided_choice that returned free text was the failure; structured output is
 # tests/test_structured_output.py's).
 NOT_YET = {
-    "guided_whitespace_pattern": " ", "guided_decoding_backend": "outlines", "tools": [{"type": "function"}],
-    "tool_choice": "required", "best_of": 3, "suffix": "end", "no_such_field": 1,
+    "guided_whitespace_pattern": " ", "guided_decoding_backend": "outlines",
+    "functions": [{"name": "f"}], "function_call": "auto", "best_of": 3, "suffix": "end",
+    "no_such_field": 1,
 }
 
 

@@ -11,7 +11,7 @@ killed (SIGKILL needs no lock) and the next render starts a fresh one. Requests 
 pickles framed by their length on its stdin and stdout. Each tokenizer is sent to it once; it
 calls transformers' `apply_chat_template` itself, so rendering is exactly transformers' own.
 
-    text = render(tokenizer, messages, seconds=10.0, max_chars=10_000_000)
+    text = render(tokenizer, messages, seconds=10.0, max_chars=10_000_000, tools=None)
     warm_up()          # start the child early (its imports take a second) where chat will follow
 """
 from __future__ import annotations
@@ -82,14 +82,15 @@ def _serve() -> None:
         return
     while True:
         try:
-            key, blob, messages, max_chars = _recv(inp)
+            key, blob, messages, max_chars, tools = _recv(inp)
         except (EOFError, OSError):
             return
         try:
             if blob is not None:
                 tokenizers[key] = pickle.loads(blob)
+            extra = {"tools": tools} if tools else {}
             text = tokenizers[key].apply_chat_template(messages, add_generation_prompt=True,
-                                                       tokenize=False)
+                                                       tokenize=False, **extra)
             if isinstance(text, str) and len(text) > max_chars:
                 reply = ("long", len(text))
             else:
@@ -165,13 +166,14 @@ class _Renderer:
             except Exception:                # noqa: BLE001 - the render that needs it will say so
                 pass
 
-    def render(self, tokenizer, messages: list[dict], seconds: float, max_chars: int) -> str:
+    def render(self, tokenizer, messages: list[dict], seconds: float, max_chars: int,
+               tools: list[dict] | None = None) -> str:
         with self._lock:
             self._ensure()
             key = id(tokenizer)
             blob = None if key in self._sent else pickle.dumps(tokenizer)
             try:
-                _send(self._proc.stdin, (key, blob, messages, max_chars))
+                _send(self._proc.stdin, (key, blob, messages, max_chars, tools))
                 self._sent.add(key)
                 if not self._ready(self._proc, seconds):
                     self._kill()

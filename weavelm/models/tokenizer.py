@@ -160,7 +160,8 @@ def apply_chat(tokenizer, prompt: str, parse_special_tokens: bool = False) -> li
     return encode_chat(tokenizer, [{"role": "user", "content": prompt}], parse_special_tokens)
 
 
-def encode_chat(tokenizer, messages: list[dict], parse_special_tokens: bool = False) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict], parse_special_tokens: bool = False,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of `messages` in the model's chat format, ready for the assistant's reply.
 
     A message's content is text: a special token written in it (`<|im_end|>` then
@@ -169,13 +170,13 @@ def encode_chat(tokenizer, messages: list[dict], parse_special_tokens: bool = Fa
     are control tokens. `parse_special_tokens=True` reads them in content too (what
     transformers and vLLM do by default), for callers whose messages are trusted and write
     control tokens on purpose."""
-    text = render_chat_template(tokenizer, messages)
+    text = render_chat_template(tokenizer, messages, tools)
     specials = _special_tokens(tokenizer)
     forged = [m for m in messages if any(t in str(m.get("content") or "") for t in specials)]
     if parse_special_tokens or not forged:
         # The template already writes BOS and friends; adding them again would double them.
         return list(tokenizer(text, add_special_tokens=False).input_ids)
-    return _encode_with_content_as_text(tokenizer, messages, text, specials)
+    return _encode_with_content_as_text(tokenizer, messages, text, specials, tools)
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -185,7 +186,8 @@ def _special_tokens(tokenizer) -> list[str]:
                   key=len, reverse=True)
 
 
-def _encode_with_content_as_text(tokenizer, messages, text: str, specials: list[str]) -> list[int]:
+def _encode_with_content_as_text(tokenizer, messages, text: str, specials: list[str],
+                                 tools: list[dict] | None = None) -> list[int]:
     """`text` (the template rendered for `messages`) encoded with the template's special tokens as
     control tokens and every other character as text.
 
@@ -198,8 +200,10 @@ def _encode_with_content_as_text(tokenizer, messages, text: str, specials: list[
     import secrets
     nonce = secrets.token_hex(8)
     marker = re.compile(rf"\x00weavelm{nonce}_(\d+)\x00")
-    masked = [dict(m, content=f"\x00weavelm{nonce}_{i}\x00") for i, m in enumerate(messages)]
-    skeleton = render_chat_template(tokenizer, masked)
+    masked = [dict(m, content=f"\x00weavelm{nonce}_{i}\x00")
+              if isinstance(m.get("content"), str) and m["content"] else m
+              for i, m in enumerate(messages)]
+    skeleton = render_chat_template(tokenizer, masked, tools)
     pieces = marker.split(skeleton)          # template text, message index, template text, ...
     for transform in (lambda c: c, str.strip):
         rendered = [pieces[j] if j % 2 == 0 else transform(str(messages[int(pieces[j])]["content"]))
@@ -244,13 +248,13 @@ def _template_seconds() -> float:
                            f"{text!r}") from None
 
 
-def render_chat_template(tokenizer, messages: list[dict]) -> str:
+def render_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """The chat template rendered for `messages` (transformers' sandboxed jinja environment) in
     a child process bounded in time (`WEAVELM_CHAT_TEMPLATE_TIMEOUT`, 10 s), memory and output
     (`TEMPLATE_CHARS`): a template that raises, never ends, computes without end or writes too
     much is one `WeavelmError` naming the problem (`models/chat_template.py`)."""
     from weavelm.models import chat_template
-    return chat_template.render(tokenizer, messages, _template_seconds(), TEMPLATE_CHARS)
+    return chat_template.render(tokenizer, messages, _template_seconds(), TEMPLATE_CHARS, tools)
 
 
 def stop_token_ids(tokenizer, config: dict | None = None) -> frozenset[int]:

@@ -115,7 +115,7 @@ class EventStream(StreamingResponse):
 
 def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
                shutdown_timeout_s: float = 10.0, parse_special_tokens: bool = False,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, tool_parser: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         import asyncio
@@ -142,7 +142,7 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
             blocks = engine.runner.blocks
             state["served"] = Served(served_name, loop.tokenizer, engine.model_config.vocab_size,
                                      engine.max_model_len, blocks.capacity * blocks.block_size,
-                                     parse_special_tokens)
+                                     parse_special_tokens, tool_parser)
         return state["served"]
 
     @app.exception_handler(APIError)
@@ -243,10 +243,10 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
         return {"prompt": s.tokenizer.decode(req.tokens)}
 
     async def answer(s: Served, req, request: Request, prompts: list[list[int]], texts,
-                     max_tokens, default_max, chat: bool):
+                     max_tokens, default_max, chat: bool, tools=None):
         """Runs a request (one engine request per prompt and sample): its event stream, or its
         whole response."""
-        job = Job.plan(s, req, prompts, texts, max_tokens, default_max, chat)
+        job = Job.plan(s, req, prompts, texts, max_tokens, default_max, chat, tools)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         gens = [results(loop, f"{rid}-{r.index}", r.ids, r.params, req.stops(), s.tokenizer,
                         None if req.stream else request.is_disconnected,
@@ -264,8 +264,10 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
             toks, entries = job.generated(toks, out)
             generated += len(toks)
             if chat:
+                content, calls, reason = job.tool_result(text, reason)
                 choices.append(ChatChoice(
-                    index=r.index, message=Delta(role="assistant", content=text),
+                    index=r.index, message=Delta(role="assistant", content=content,
+                                                 tool_calls=calls),
                     finish_reason=reason, token_ids=toks if ids else None,
                     logprobs=job.chat_logprobs(entries, job.texts(r))
                     if entries is not None else None,
@@ -298,8 +300,10 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(req: ChatRequest, request: Request):
         s = served_as(req.model)
-        ids = await asyncio.to_thread(chat_ids, s, req.messages)
+        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        ids = await asyncio.to_thread(chat_ids, s, req.messages, tools)
         return await answer(s, req, request, [ids], [None],
-                            req.max_completion_tokens or req.max_tokens, None, chat=True)
+                            req.max_completion_tokens or req.max_tokens, None, chat=True,
+                            tools=tools)
 
     return app

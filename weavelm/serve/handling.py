@@ -7,6 +7,7 @@ deltas, ending it early when a stop string appears, and aborting it if the calle
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from weavelm.engine.config import prompt_refusal
@@ -24,6 +25,7 @@ class Served:
     kv_tokens: int               # tokens the KV cache holds
     # special tokens written in chat messages: control tokens (True) or plain text (False)
     parse_special_tokens: bool = False
+    tool_parser: str | None = None  # --tool-call-parser: finds the calls of tool_choice "auto"
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -71,8 +73,9 @@ def prompt_ids(served: Served, prompt) -> list[int]:
         raise _bad(str(e), "prompt") from None
 
 
-def chat_ids(served: Served, messages) -> list[int]:
-    """The messages in the model's chat format, ready for the assistant's reply."""
+def chat_ids(served: Served, messages, tools=None) -> list[int]:
+    """The messages (and the tools, if any) in the model's chat format, ready for the
+    assistant's reply."""
     tok = served.tokenizer
     if tok is None:
         raise _bad("this server has no tokenizer (random weights of a shape): use "
@@ -80,14 +83,17 @@ def chat_ids(served: Served, messages) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise _bad("this model has no chat template: use /v1/completions with a raw prompt",
                    "messages")
-    convo = [{"role": m.role, "content": m.text()} for m in messages]
-    _check_size(served, sum(len(m["content"]) for m in convo), "messages")
+    from weavelm.serve.tools import template_messages, template_tools
+    convo = template_messages(messages)
+    tool_dicts = template_tools(tools) if tools else None
+    _check_size(served, sum(len(m["content"] or "") for m in convo)
+                + len(json.dumps(tool_dicts or [])), "messages")
     from weavelm.errors import WeavelmError
     from weavelm.models.tokenizer import encode_chat
     try:
         for m in convo:
-            m["content"].encode("utf-8")
-        ids = encode_chat(tok, convo, served.parse_special_tokens)
+            (m["content"] or "").encode("utf-8")
+        ids = encode_chat(tok, convo, served.parse_special_tokens, tool_dicts)
     except UnicodeEncodeError:
         raise _bad("a message is not valid UTF-8 (it holds a lone surrogate): send UTF-8 text",
                    "messages") from None
@@ -98,7 +104,8 @@ def chat_ids(served: Served, messages) -> list[int]:
 
 def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
              default_max: int | None, logprobs: int | None = None,
-             prompt_logprobs: int | None = None, seed: int | None = None) -> SamplingParams:
+             prompt_logprobs: int | None = None, seed: int | None = None,
+             structured=None) -> SamplingParams:
     """SamplingParams of a request whose prompt has `n_prompt` tokens (400 when it cannot run)."""
     limit = served.max_model_len
     refusal = prompt_refusal(n_prompt, limit)
@@ -132,7 +139,7 @@ def sampling(served: Served, req, n_prompt: int, max_tokens: int | None,
                           repetition_penalty=req.repetition_penalty or 1.0,
                           min_p=req.min_p or 0.0, logit_bias=req.bias(),
                           min_tokens=req.min_tokens or 0, stop_token_ids=req.stop_token_ids,
-                          structured=req.constraint())
+                          structured=structured or req.constraint())
 
 
 class TextStream:

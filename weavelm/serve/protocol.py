@@ -18,6 +18,7 @@ from pydantic import (
 from weavelm.engine.sampler import MAX_LOGPROBS
 from weavelm.serve.constraints import (ResponseFormat, StructuredOutputs,
                                        request_constraint)
+from weavelm.serve.tools import NamedToolChoice, Tool, ToolCall
 
 
 class APIError(Exception):
@@ -46,8 +47,8 @@ class StreamOptions(BaseModel):
 # Fields of OpenAI's or vLLM's API that weavelm does not honour yet: a request that sets one
 # (to anything but its neutral value) is refused by name, never run without it.
 UNSUPPORTED = {
-    "tools": ([], None), "functions": ([], None), "tool_choice": ("none", None),
-    "parallel_tool_calls": (None, True, False), "function_call": ("none", None),
+    "tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
+    "function_call": ("none", None),
     "guided_decoding_backend": (None, "xgrammar", "auto"), "guided_whitespace_pattern": (None,),
     "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
     "truncate_prompt_tokens": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
@@ -203,10 +204,24 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None         # an assistant's calls
+    tool_call_id: Optional[str] = None                  # a tool's answer to one
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message "
+                             f"with tool_calls may have none)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
@@ -217,6 +232,25 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two functions have the same name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in "
+                             f"tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if names and self.constraint() is not None and choice not in (None, "none"):
+            raise ValueError("tools and a structured-output field both constrain the output: "
+                             "send one")
+        return self
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -290,9 +324,10 @@ class Completion(_Response):
 
 
 class Delta(_Optional):
-    _drop: ClassVar[tuple] = ("role", "content")
+    _drop: ClassVar[tuple] = ("role", "content", "tool_calls")
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict]] = None
 
 
 class TopLogprob(BaseModel):

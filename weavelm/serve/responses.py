@@ -58,11 +58,23 @@ class Job:
     logprobs: int | None = None      # alternatives per generated token (None: no logprobs)
     echo: bool = False               # completions: the prompt (and its logprobs) come first
     score_only: bool = False         # max_tokens=0: the prompt is scored, nothing generated
+    tools: tuple = ()                # chat with tools: the function names
+    tool_choice: object = None       # "auto", "required" or a NamedToolChoice (with tools)
 
     @classmethod
     def plan(cls, served: Served, req, prompts: list[list[int]], prompt_texts, max_tokens,
-             default_max, chat: bool) -> "Job":
+             default_max, chat: bool, tools=None) -> "Job":
         job = cls(served, chat, prompts, list(prompt_texts))
+        structured = None
+        if tools:
+            from weavelm.serve.tools import tool_constraint
+            job.tools = tuple(t.function.name for t in tools)
+            job.tool_choice = req.tool_choice or "auto"
+            if job.tool_choice == "auto" and served.tool_parser is None:
+                raise _bad("tool_choice 'auto' needs a server started with --tool-call-parser "
+                           "(hermes or llama3_json; vLLM's --enable-auto-tool-choice): or send "
+                           "tool_choice 'required' or a named function", "tool_choice")
+            structured = tool_constraint(tools, job.tool_choice, req.parallel_tool_calls)
         if chat:
             job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
@@ -79,9 +91,25 @@ class Job:
             for j in range(n):
                 seed = None if req.seed is None else (req.seed + j) % 2**63
                 params = sampling(served, req, len(ids), 1 if job.score_only else max_tokens,
-                                  default_max, job.logprobs, prompt_k, seed)
+                                  default_max, job.logprobs, prompt_k, seed, structured)
                 job.requests.append(EngineRequest(len(job.requests), p, ids, params))
         return job
+
+    def tool_result(self, text: str, reason: str) -> tuple[str | None, list | None, str]:
+        """(content, tool calls or None, finish reason) of a chat choice's text."""
+        if not self.tools:
+            return text, None, reason
+        from weavelm.serve.tools import constrained_calls, parse_calls
+        if self.tool_choice == "auto":
+            content, calls = parse_calls(self.served.tool_parser, text, self.tools)
+        else:
+            try:
+                content, calls = None, constrained_calls(text, self.tool_choice)
+            except ValueError:                  # cut short by max_tokens: not JSON yet
+                return text, None, reason
+        if not calls:
+            return content, None, reason
+        return content, calls, "tool_calls"
 
     # -- pieces of a choice -----------------------------------------------------------------------
     def _token_text(self, token: int) -> str:

@@ -64,7 +64,7 @@ def serve_rank(opts: dict) -> None:
     app = create_app(loop, opts["served_name"], metrics,
                      shutdown_timeout_s=opts["shutdown_timeout"] + 30,
                      parse_special_tokens=opts.get("parse_special_tokens", False),
-                     api_key=opts.get("api_key"))
+                     api_key=opts.get("api_key"), tool_parser=opts.get("tool_parser"))
     from weavelm.serve.connections import (HEADER_TIMEOUT_S, connection_cap,
                                            header_deadline_protocol)
     config = uvicorn.Config(app, host=opts["host"], port=opts["port"], log_level="info",

@@ -109,9 +109,10 @@ async def stream(gens, job: Job, rid: str, model: str, req):
     usage_wanted, ids = req.include_usage(), bool(req.return_token_ids)
     Chunk = ChatChunk if chat else Completion
 
-    def chunk(index, text, toks=None, reason=None, logprobs=None, role=None):
+    def chunk(index, text, toks=None, reason=None, logprobs=None, role=None, calls=None):
         if chat:
-            choice = ChatChunkChoice(index=index, delta=Delta(role=role, content=text),
+            choice = ChatChunkChoice(index=index, delta=Delta(role=role, content=text,
+                                                              tool_calls=calls),
                                      finish_reason=reason, logprobs=logprobs,
                                      token_ids=toks if ids else None)
         else:
@@ -126,6 +127,8 @@ async def stream(gens, job: Job, rid: str, model: str, req):
         templates[r.index] = _chunk_template(_chunk_json(
             chunk(r.index, MARK_TEXT, MARK_IDS), usage_wanted))
     generated, ended, echoed = 0, set(), set()
+    replies = [""] * len(job.requests)            # with tools: each reply, read whole
+    reply_ids = [[] for _ in job.requests]
     texts = [job.texts(r) for r in job.requests]      # each choice's token texts so far
     async for i, (delta, new, reason, out) in _merge(gens):
         r = job.requests[i]
@@ -142,6 +145,18 @@ async def stream(gens, job: Job, rid: str, model: str, req):
         toks, entries = job.generated(new, out)
         generated += len(toks)
         if job.score_only and reason is None:
+            continue
+        if job.tools:                           # its calls are known once it has ended
+            replies[i] += delta
+            reply_ids[i] += toks
+            if reason is None:
+                continue
+            content, calls, reason = job.tool_result(replies[i], reason)
+            calls = [dict(c, index=k) for k, c in enumerate(calls)] if calls else None
+            last = chunk(r.index, content, reply_ids[i], reason, calls=calls)
+            yield (f"data: {_chunk_json(last, usage_wanted)}"
+                   f"\n\n")
+            ended.add(i)
             continue
         if reason is None and entries is None:
             head, mid, tail = templates[r.index]
