@@ -21,8 +21,9 @@ def _reference(logits, params, prompt, output, stop_ids):
     counts = {t: output.count(t) for t in set(output)}
     seen = set(output) | (set(prompt) if params.repetition_penalty != 1 else set())
     for t in range(V):
-        if t in seen and params.repetition_penalty != 1:
-            x[t] = x[t] / params.repetition_penalty if x[t] > 0 else x[t] * params.repetition_penalty
+        p = params.repetition_penalty
+        if t in seen and p != 1:
+            x[t] = x[t] / p if x[t] > 0 else x[t] * p
         c = counts.get(t, 0)
         x[t] -= params.frequency_penalty * c + params.presence_penalty * (1 if c else 0)
     if len(output) < params.min_tokens:

@@ -271,8 +271,8 @@ def test_a_field_weavelm_does_not_do_is_refused_by_name(server, field):
 @pytest.mark.parametrize("body,needle", [
     (dict(prompt="5", logprobs=21), "logprobs"), (dict(prompt="5", logprobs=True), "logprobs"),
     (dict(prompt="5", max_tokens=0), "echo"), (dict(prompt="5", n=129), "n"),
-    (dict(prompt=[[5]] * 257), "prompt"), (dict(prompt=[[5]] * 20, n=20), "prompt"), (dict(prompt="5", prompt_logprobs=-1),
-                                           "prompt_logprobs")])
+    (dict(prompt=[[5]] * 257), "prompt"), (dict(prompt=[[5]] * 20, n=20), "prompt"),
+    (dict(prompt="5", prompt_logprobs=-1), "prompt_logprobs")])
 def test_bad_values_of_the_new_fields_are_one_line(server, body, needle):
     url, _ = server
     r = _post(url, "/v1/completions", body)

@@ -6,7 +6,8 @@
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 field (including malformed JSON) or a prompt over the context, 401 without the API key (when
-the server has one), 404 for an unknown route or model, 413 for a body over `max_body`, 503 while the model loads (or if it failed to).
+the server has one), 404 for an unknown route or model, 413 for a body over `max_body`, 503
+while the model loads (or if it failed to).
 """
 from __future__ import annotations
 

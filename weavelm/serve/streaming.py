@@ -16,7 +16,8 @@ from weavelm.serve.responses import Job
 
 
 def _sse(obj) -> str:
-    return f"data: {obj.model_dump_json() if hasattr(obj, 'model_dump_json') else json.dumps(obj)}\n\n"
+    text = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {text}\n\n"
 
 
 def end_error(reason: str) -> APIError:
@@ -176,5 +177,7 @@ async def stream(gens, job: Job, rid: str, model: str, req):
     if len(ended) < len(job.requests):              # the client went away
         return
     if usage_wanted:
-        yield f"data: {_chunk_json(Chunk(id=rid, created=created, model=model, choices=[], usage=job.usage(generated)), True)}\n\n"
+        usage = Chunk(id=rid, created=created, model=model, choices=[],
+                      usage=job.usage(generated))
+        yield f"data: {_chunk_json(usage, True)}\n\n"
     yield "data: [DONE]\n\n"
