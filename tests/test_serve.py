@@ -192,7 +192,7 @@ BAD = [  # (what, route, body or raw text, status, text the message must hold)
     ("temperature < 0", "completions", {"prompt": "1 2", "temperature": -0.5}, 400,
      "temperature"),
     ("top_p > 1", "completions", {"prompt": "1 2", "top_p": 1.5}, 400, "top_p"),
-    ("n = 30", "completions", {"prompt": "1 2", "n": 30}, 400, "n"),
+    ("n = 200", "completions", {"prompt": "1 2", "n": 200}, 400, "n"),
     ("unknown model", "completions", {"prompt": "1 2", "model": "gpt-9"}, 404, "gpt-9"),
     ("prompt over the context", "completions", {"prompt": "5 " * 300}, 400, "context"),
     ("empty prompt", "completions", {"prompt": ""}, 400, "empty"),

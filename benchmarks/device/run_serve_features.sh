@@ -4,8 +4,9 @@
 # guided_json (within 25%), alternated on one server so drift shows: plain, logprobs, json,
 # twice. Server and workload as run_serve.sh (`serve --shape llama3-8b --max-num-seqs 64`,
 # random weights, bf16, bench throughput's seeded workload) with a byte-level tokenizer of the
-# shape's vocabulary (make_shape_tokenizer.py), so xgrammar can spell JSON. A constrained
-# request may end before its output length (its JSON closes): tokens/s counts what came.
+# shape's vocabulary (make_shape_tokenizer.py), so xgrammar can spell JSON; the schema (an
+# array of at least 600 integers) cannot close within an output, so every request generates
+# its full length under the mask, as the plain ones do.
 #   bash benchmarks/device/run_serve_features.sh [N=200]
 # Results: ${OUT:-out}/feat_{plain,logprobs,json}{1,2}.{txt,json}, feat_server.log,
 # feat_ratio.txt.
@@ -45,7 +46,7 @@ echo "server healthy after $(( $(date +%s) - t0 )) s"
 declare -A BODY=(
   [plain]='{}'
   [logprobs]='{"logprobs": 5}'
-  [json]='{"guided_json": {"type": "array", "items": {"type": "integer"}}}'
+  [json]='{"guided_json": {"type": "array", "items": {"type": "integer"}, "minItems": 600}}'
 )
 rc=0
 for round in 1 2; do

@@ -27,16 +27,26 @@ class TokenTexts:
 
     def __init__(self, tokenizer, context=()):
         self.tok, self.context, self.offset = tokenizer, list(context)[-self.CONTEXT:], 0
+        self._before = None                     # the context's text, decoded once per position
+        # the fast tokenizer's own decode: transformers' wrapper costs more than the decoding
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
+        else:
+            self._decode = tokenizer.decode if tokenizer is not None else None
 
     def text(self, token: int, advance: bool = True) -> str:
         if self.tok is None:
             return ""
-        before = self.tok.decode(self.context)
-        after = self.tok.decode(self.context + [token])
-        text = after[len(before):] if after.startswith(before) else self.tok.decode([token])
+        if self._before is None:
+            self._before = self._decode(self.context)
+        before = self._before
+        after = self._decode(self.context + [token])
+        text = after[len(before):] if after.startswith(before) else self._decode([token])
         if advance:
             self.context = (self.context + [token])[-self.CONTEXT:]
             self.offset += len(text)
+            self._before = None
         return text
 
 
