@@ -42,6 +42,7 @@ class EngineConfig:
     enforce_eager: bool = False           # no CUDA graphs for decode
     num_kv_blocks: int | None = None      # fixes the KV cache's size instead of measuring it
     block_size: int = BLOCK_SIZE          # tokens per KV block
+    enable_prefix_caching: bool = True    # reuse the KV blocks of prompts' shared prefixes
     seed: int = 0                         # the engine's generator: requests without a seed
     collective_timeout: float | None = None   # seconds a rank waits for its peers
 
@@ -70,6 +71,9 @@ class EngineConfig:
                                              and self.num_kv_blocks >= 2),
               f"num_kv_blocks={self.num_kv_blocks!r}: the cache needs at least 2 blocks (one "
               f"is scratch)")
+        for name in ("allow_pickle", "enforce_eager", "enable_prefix_caching"):
+            check(isinstance(getattr(self, name), bool),
+                  f"{name} must be True or False, got {getattr(self, name)!r}")
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool)
               and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2**63), got "
                                           f"{self.seed!r}")

@@ -65,6 +65,7 @@ class RequestOutput:
     # prompt token, the first None (nothing predicts it); complete once a token was generated.
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0           # prompt tokens found in the prefix cache, not computed
 
 
 @dataclass
@@ -243,6 +244,11 @@ class LLMEngine:
         self._finish(seq, "abort")
         return True
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes (vLLM's name); False if running requests still hold
+        some of their blocks (those are forgotten once they end)."""
+        return self.runner.blocks.reset_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._failed) \
             or self._in_flight is not None
@@ -308,6 +314,7 @@ class LLMEngine:
         wanted = self._logprob_copies.start(logits, tokens, owners)
         for p in scheduled:
             p.seq.num_computed += p.length
+            self.scheduler.cache_computed(p.seq)
         placed = []
         for row, seq in enumerate(owners):
             placed.append((seq, len(seq.output_token_ids)))
@@ -393,4 +400,4 @@ class LLMEngine:
                              new, seq.finished, seq.finish_reason,
                              list(seq.logprobs) if params.logprobs is not None else None,
                              list(seq.prompt_logprobs) if params.prompt_logprobs is not None
-                             else None)
+                             else None, seq.num_cached_tokens)

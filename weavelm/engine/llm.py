@@ -39,6 +39,7 @@ class Completion:
     # / per prompt token (the first None), each with its k most likely alternatives.
     logprobs: list | None = None
     prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0        # prompt tokens the prefix cache held (not computed)
 
 
 def _engine_view(path: str, doc: str | None = None) -> property:
@@ -121,6 +122,10 @@ class LLM:
         check_prompt(len(ids), self.max_model_len)
         return ids
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prompt prefixes (vLLM's name); see LLMEngine.reset_prefix_cache."""
+        return self.engine.reset_prefix_cache()
+
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: str | list[str], params=None, chat: bool = False,
@@ -199,7 +204,8 @@ class LLM:
             out = final[rid]
             outs.append(Completion(prompt, list(toks), list(out.token_ids), "",
                                    "stop" if out.finish_reason == "stop" else "length",
-                                   out.logprobs, out.prompt_logprobs))
+                                   out.logprobs, out.prompt_logprobs,
+                                   out.num_cached_tokens))
         if self.stats["ttft_s"] is not None:
             self.stats["decode_s"] = time.perf_counter() - t0 - self.stats["ttft_s"]
             self.stats["decode_tokens"] = sum(len(o.token_ids) - 1 for o in outs)

@@ -73,7 +73,8 @@ class ModelRunner:
         if self.use_graphs:
             self._make_static_buffers()
         self.kv = model.make_kv_cache(self._num_blocks(), self.block_size)
-        self.blocks = BlockAllocator(self.kv.num_blocks, self.block_size)
+        self.blocks = BlockAllocator(self.kv.num_blocks, self.block_size,
+                                     caching=config.enable_prefix_caching)
         log.info("weavelm KV cache: %d blocks of %d tokens (%d tokens; and one scratch block) "
                  "on rank %d", self.blocks.capacity, self.block_size, self.kv_tokens, state.rank)
         self.capture_seconds = 0.0

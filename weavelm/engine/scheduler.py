@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from weavelm.engine.block_manager import BlockAllocator
+from weavelm.engine.block_manager import BlockAllocator, prefix_hashes
 from weavelm.engine.sequence import Sequence, Status
 
 
@@ -77,17 +77,57 @@ class Scheduler:
         # Waiting sequences, first come first served, while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            cached = self._take_cached_prefix(seq) if not seq.blocks else 0
             n = self._chunk(seq, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
             if need > self.blocks.num_free:
+                if cached:                            # given back: it waits as it was
+                    self.blocks.free(seq.blocks)
+                    seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
                 break                                 # admitting never preempts
             self.waiting.popleft()
             seq.blocks.extend(self.blocks.allocate(need))
-            seq.status = Status.RUNNING
+            seq.status, seq.admitted = Status.RUNNING, True
             self.running.append(seq)
             pieces.append(self._piece(seq, n))
             budget -= n
         return pieces
+
+    # -- prefix caching ---------------------------------------------------------------------
+    def _hashes(self, seq: Sequence) -> list:
+        if seq.prompt_hashes is None:
+            bs = self.blocks.block_size
+            seq.prompt_hashes = prefix_hashes(seq.prompt_token_ids, bs,
+                                              len(seq.prompt_token_ids) // bs)
+        return seq.prompt_hashes
+
+    def _take_cached_prefix(self, seq: Sequence) -> int:
+        """Give a sequence about to be admitted the cached blocks of its prompt's longest
+        cached prefix (at least its last token is left to compute, so there are logits);
+        returns the tokens they hold. Prompt log-probabilities need every prompt row's
+        logits: such a request computes its whole prompt."""
+        if not self.blocks.caching or seq.params.prompt_logprobs is not None:
+            return 0
+        usable = (seq.num_tokens - 1) // self.blocks.block_size
+        blocks = self.blocks.lookup(self._hashes(seq)[:usable])
+        seq.blocks = list(blocks)
+        seq.num_computed = seq.num_registered = len(blocks)
+        seq.num_computed *= self.blocks.block_size
+        if not seq.admitted:                          # its first admission: what it found
+            seq.num_cached_tokens = seq.num_computed
+        return seq.num_computed
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Name the prompt blocks of seq that its steps have filled (so far queued is enough:
+        a later step that reads them runs after on the same stream)."""
+        if not self.blocks.caching:
+            return
+        full = min(seq.num_computed, len(seq.prompt_token_ids)) // self.blocks.block_size
+        if full > seq.num_registered:
+            hashes = self._hashes(seq)
+            for i in range(seq.num_registered, full):
+                self.blocks.register(seq.blocks[i], hashes[i])
+            seq.num_registered = full
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> int:
@@ -124,5 +164,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.blocks)
         seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
+        seq.num_registered = 0
         self.waiting.appendleft(seq)
         self.num_preempted += 1

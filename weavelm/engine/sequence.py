@@ -38,6 +38,13 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     matcher: object = None                     # structured output: its grammar's state
+    # Prefix caching: the prompt's full blocks' hashes (made on first use), how many of its
+    # blocks are named in the cache, and how many prompt tokens its first admission found
+    # cached (vLLM's num_cached_tokens).
+    prompt_hashes: list | None = None
+    num_registered: int = 0
+    num_cached_tokens: int = 0
+    admitted: bool = False
 
     @property
     def prompt_logprobs_left(self) -> int:
