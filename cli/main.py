@@ -65,6 +65,7 @@ def generate(
     max_num_seqs: options.MaxNumSeqs = 256,
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     enforce_eager: options.EnforceEager = False,
+    enable_prefix_caching: options.PrefixCaching = True,
     mode: options.Mode = "auto",
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
         "Seconds a rank waits for peers [default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
@@ -94,6 +95,7 @@ def generate(
         max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
         collective_timeout=collective_timeout)
     # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
     from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
@@ -283,7 +285,12 @@ def bench_throughput(
     output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
                                              "[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
+    prefix_len: int = typer.Option(0, "--prefix-len", help="Tokens of a shared prefix before "
+                                                           "each prompt (0: none)."),
+    num_prefixes: int = typer.Option(1, "--num-prefixes", help="Distinct shared prefixes, "
+                                                               "taken in turn."),
     seed: int = typer.Option(0, help="Workload and weights seed."),
+    enable_prefix_caching: options.PrefixCaching = True,
     max_num_seqs: options.MaxNumSeqs = 256,
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
@@ -316,10 +323,14 @@ def bench_throughput(
     config = EngineConfig(tp=tp, device=str(dev), mode=mode,
                           backend=backend if dev.type == "cuda" else "torch",
                           gpu_memory_utilization=gpu_memory_utilization,
-                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_caching=enable_prefix_caching)
+    check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
+                                                  f"--num-prefixes >= 1, got {prefix_len}, "
+                                                  f"{num_prefixes}")
     opts = dict(shape=shape, layers=layers, config=config, num_requests=num_requests,
                 input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
-                compare=compare)
+                compare=compare, prefix_len=prefix_len, num_prefixes=num_prefixes)
     _check_plot(plot)
     from weavelm.engine.memory import check_fits, estimate
     from weavelm.engine.model_loading import resolve_dtype

@@ -32,6 +32,9 @@ MaxNumSeqs = Annotated[int, typer.Option(
     "--max-num-seqs", help="Sequences in flight (also the largest decode graph).")]
 MaxNumBatchedTokens = Annotated[int, typer.Option(
     "--max-num-batched-tokens", help="Tokens in one step (prefill chunks and decode tokens).")]
+PrefixCaching = Annotated[bool, typer.Option(
+    "--enable-prefix-caching/--no-enable-prefix-caching",
+    help="Reuse the KV blocks of prompts' shared prefixes.")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs for decode.")]
 

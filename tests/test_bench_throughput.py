@@ -60,3 +60,22 @@ def test_plot_draws_throughput_and_latency_distributions(tmp_path):
     path = tmp_path / "t.png"
     plot(r, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_shared_prefix_workload_hits_the_prefix_cache():
+    """12 requests over 2 shared prefixes of 48 tokens: after each prefix's first request, its
+    3 full blocks come from the cache (a hit rate near 10/12 of the prefix blocks); caching off
+    finds nothing, and the same tokens are served either way."""
+    import dataclasses
+
+    from weavelm.bench.throughput import format_result
+    requests = workload(12, 256, 3, input_len=5, output_len=4, prefix_len=48, num_prefixes=2)
+    assert all(p[:48] == requests[k % 2][0][:48] for k, (p, _) in enumerate(requests))
+    assert requests[0][0][:48] != requests[1][0][:48]
+    opts = dict(_opts(1, "baseline"), input_len=5, output_len=4, prefix_len=48, num_prefixes=2)
+    on = _bench(1, opts)
+    off = _bench(1, dict(opts, config=dataclasses.replace(opts["config"],
+                                                          enable_prefix_caching=False)))
+    assert on["result"]["prefix_hit_rate"] > 0.5 and off["result"]["prefix_hit_rate"] == 0
+    assert on["result"]["output_tokens"] == off["result"]["output_tokens"] == 48
+    assert "prefix caching on: hit rate" in format_result(on)

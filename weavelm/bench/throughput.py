@@ -28,9 +28,14 @@ import torch
 
 
 def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
-             input_median=1024, input_max=8192, output_median=128, output_max=512):
-    """[(prompt token ids, output length)] for n requests."""
+             input_median=1024, input_max=8192, output_median=128, output_max=512,
+             prefix_len: int = 0, num_prefixes: int = 1):
+    """[(prompt token ids, output length)] for n requests; with `prefix_len`, request i's
+    prompt starts with shared prefix i mod `num_prefixes` (a system prompt, few-shot
+    examples) of that many tokens, then its own tokens."""
     g = torch.Generator().manual_seed(seed)
+    prefixes = [torch.randint(0, vocab, (prefix_len,), generator=g).tolist()
+                for _ in range(num_prefixes)] if prefix_len else [[]]
 
     def lengths(median, cap, fixed):
         if fixed:
@@ -39,7 +44,8 @@ def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
         return [max(1, min(cap, int(v))) for v in x.tolist()]
     ins = lengths(input_median, input_max, input_len)
     outs = lengths(output_median, output_max, output_len)
-    return [(torch.randint(0, vocab, (i,), generator=g).tolist(), o) for i, o in zip(ins, outs)]
+    return [(prefixes[k % len(prefixes)] + torch.randint(0, vocab, (i,), generator=g).tolist(), o)
+            for k, (i, o) in enumerate(zip(ins, outs))]
 
 
 def measure_rates(device) -> tuple[float, float]:
@@ -174,7 +180,9 @@ def throughput_rank(opts: dict) -> dict | None:
     state = init_parallel(config.tp, config.device)
     hf_cfg = shape_config(opts["shape"], opts["layers"])
     requests = workload(opts["num_requests"], hf_cfg["vocab_size"], opts["seed"],
-                        opts["input_len"], opts["output_len"], input_max=opts["input_max"])
+                        opts["input_len"], opts["output_len"], input_max=opts["input_max"],
+                        prefix_len=opts.get("prefix_len", 0),
+                        num_prefixes=opts.get("num_prefixes", 1))
     longest = max(len(p) + o for p, o in requests)
     config = dataclasses.replace(config, max_model_len=min(hf_cfg["max_position_embeddings"],
                                                            longest + 1))
@@ -187,6 +195,9 @@ def throughput_rank(opts: dict) -> dict | None:
     bound = roofline_seconds(llm.config, config.tp, requests, llm.runner.config.max_num_seqs,
                              flops, copy, weight_bytes, kv_token)
     result = serve(llm, requests, progress=state.is_first)
+    blocks = llm.runner.blocks
+    result["prefix_caching"] = blocks.caching
+    result["prefix_hit_rate"] = blocks.hits / blocks.queries if blocks.queries else 0.0
     model_config, dtype = llm.config, llm.dtype
     del llm  # transformers needs the memory the KV cache held
     gc.collect()
@@ -229,7 +240,10 @@ def format_result(r: dict) -> str:
         f"| {ms(res['ttft'])} | {ms(res['tpot'])} | "
         f"{res['peak_kv_blocks']}/{res['kv_blocks']} blocks | {res['preempted']} | "
         f"{res['elapsed_s']:.2f} | {b['total_s']:.2f} (prefill {b['prefill_s']:.2f}, decode "
-        f"{b['decode_s']:.2f}) | {rates['fraction_of_bound']:.2f} |"]
+        f"{b['decode_s']:.2f}) | {rates['fraction_of_bound']:.2f} |", "",
+        f"prefix caching {'on' if res.get('prefix_caching') else 'off'}: hit rate "
+        f"{res.get('prefix_hit_rate', 0):.3f} of the prompts' full blocks (the bound counts "
+        f"every prompt token as computed)"]
         + ([] if not r.get("compare") else [
             "", f"transformers (static batches of 16, padded, eager) on the same requests: "
                 f"{r['compare']['transformers_s']:.2f} s ({r['compare']['transformers_output_tok_s']:.0f}"

@@ -286,7 +286,8 @@ def create_app(loop, served_name: str, metrics, max_body: int = MAX_BODY,
                 prompt_token_ids=r.ids if ids and len(prompts) > 1 else None,
                 prompt_logprobs=job.vllm_prompt_logprobs(out)))
         cls = ChatCompletion if chat else Completion
-        return cls(id=rid, model=s.name, usage=job.usage(generated), choices=choices,
+        return cls(id=rid, model=s.name, usage=job.usage(generated, [d[3] for d in done]),
+                   choices=choices,
                    prompt_token_ids=prompts[0] if ids and len(prompts) == 1 else None)
 
     @app.post("/v1/completions", response_model=Completion)

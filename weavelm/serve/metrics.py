@@ -1,6 +1,7 @@
 """The server's Prometheus metrics (`GET /metrics`), each server with its own registry.
 
-Gauges (set after every engine step): requests running and waiting, KV blocks used and in all.
+Gauges (set after every engine step): requests running and waiting, KV blocks used, in all and
+cached (prefix caching), the prefix cache's queries, hits and hit rate (in blocks).
 Counters: prompt and generated tokens, finished requests by reason (`stop`, `length`, `abort`,
 `error`). Histograms: time to first token (from arrival) and time per output token.
 """
@@ -24,6 +25,14 @@ class ServerMetrics:
                              registry=r)
         self.kv_used = Gauge("weavelm_kv_blocks_used", "KV-cache blocks in use.", registry=r)
         self.kv_total = Gauge("weavelm_kv_blocks_total", "KV-cache blocks in all.", registry=r)
+        self.kv_cached = Gauge("weavelm_kv_blocks_cached", "KV-cache blocks whose prompt "
+                               "prefix is cached (held or free).", registry=r)
+        self.prefix_queries = Gauge("weavelm_prefix_cache_queries",
+                                    "Prompt blocks looked up in the prefix cache.", registry=r)
+        self.prefix_hits = Gauge("weavelm_prefix_cache_hits",
+                                 "Prompt blocks found in the prefix cache.", registry=r)
+        self.prefix_hit_rate = Gauge("weavelm_prefix_cache_hit_rate",
+                                     "Hits / queries of the prefix cache so far.", registry=r)
         self.prompt_tokens = Counter("weavelm_prompt_tokens", "Prompt tokens prefilled.",
                                      registry=r)
         self.generation_tokens = Counter("weavelm_generation_tokens", "Tokens generated.",
@@ -47,6 +56,10 @@ class ServerMetrics:
         self.running.set(len(sched.running))
         self.waiting.set(len(sched.waiting))
         self.kv_used.set(blocks.capacity - blocks.num_free)
+        self.kv_cached.set(blocks.num_cached)
+        self.prefix_queries.set(blocks.queries)
+        self.prefix_hits.set(blocks.hits)
+        self.prefix_hit_rate.set(blocks.hits / blocks.queries if blocks.queries else 0.0)
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
         self.ttft.observe(seconds)

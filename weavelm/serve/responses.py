@@ -14,7 +14,7 @@ from weavelm.engine.logprobs import TokenLogprob
 from weavelm.engine.sampler import SamplingParams
 from weavelm.serve.handling import Served, _bad, sampling
 from weavelm.serve.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs,
-                                    TopLogprob, Usage)
+                                    PromptTokensDetails, TopLogprob, Usage)
 
 
 class TokenTexts:
@@ -127,10 +127,18 @@ class Job:
         tok = self.served.tokenizer
         return tok.decode([token]) if tok is not None else ""
 
-    def usage(self, completion_tokens: int) -> Usage:
+    def usage(self, completion_tokens: int, outs) -> Usage:
+        """Usage of the request, `outs` the engine requests' last outputs (None where none):
+        the prompt tokens once per prompt, the cached ones as its first sample found them."""
         prompt = sum(len(p) for p in self.prompts)
+        first = {}
+        for r, out in zip(self.requests, outs):
+            if r.prompt_index not in first and out is not None:
+                first[r.prompt_index] = getattr(out, "num_cached_tokens", 0)
         return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
-                     total_tokens=prompt + completion_tokens)
+                     total_tokens=prompt + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=sum(first.values())))
 
     def generated(self, toks: list[int], out) -> tuple[list[int], list | None]:
         """The tokens (and their logprobs) a choice reports: none when scoring only."""

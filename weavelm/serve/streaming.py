@@ -128,11 +128,13 @@ async def stream(gens, job: Job, rid: str, model: str, req):
         templates[r.index] = _chunk_template(_chunk_json(
             chunk(r.index, MARK_TEXT, MARK_IDS), usage_wanted))
     generated, ended, echoed = 0, set(), set()
+    last_outs = [None] * len(job.requests)        # for usage: what the prefix cache held
     replies = [""] * len(job.requests)            # with tools: each reply, read whole
     reply_ids = [[] for _ in job.requests]
     texts = [job.texts(r) for r in job.requests]      # each choice's token texts so far
     async for i, (delta, new, reason, out) in _merge(gens):
         r = job.requests[i]
+        last_outs[i] = out
         if reason is not None and reason not in ("stop", "length"):
             yield _sse(end_error(reason).body())
             yield "data: [DONE]\n\n"
@@ -178,6 +180,6 @@ async def stream(gens, job: Job, rid: str, model: str, req):
         return
     if usage_wanted:
         usage = Chunk(id=rid, created=created, model=model, choices=[],
-                      usage=job.usage(generated))
+                      usage=job.usage(generated, last_outs))
         yield f"data: {_chunk_json(usage, True)}\n\n"
     yield "data: [DONE]\n\n"
