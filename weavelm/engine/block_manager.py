@@ -49,7 +49,7 @@ class BlockAllocator:
         self._ref: dict[int, int] = {}                              # used block -> holders
         self._hash_of: dict[int, bytes] = {}                        # cached block -> its hash
         self._block_of: dict[bytes, int] = {}                       # hash -> cached block
-        self.queries = self.hits = 0                                # blocks looked up / found
+        self.queries = self.hits = 0                  # blocks admitted sequences looked up / found
 
     @property
     def num_free(self) -> int:
@@ -122,9 +122,13 @@ class BlockAllocator:
                 self._ref[b] = 1
             else:
                 self._ref[b] += 1
-        self.queries += len(hashes)
-        self.hits += len(found)
         return found
+
+    def count_lookup(self, queried: int, found: int) -> None:
+        """Count an admitted sequence's lookup in the hit rate (a sequence that waits and
+        looks again is counted once, when it is admitted)."""
+        self.queries += queried
+        self.hits += found
 
     def register(self, block: int, h: bytes) -> None:
         """`block` (held, full, its content computed or queued) holds the tokens `h` hashes.

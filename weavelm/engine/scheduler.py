@@ -88,6 +88,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.blocks.extend(self.blocks.allocate(need))
             seq.status, seq.admitted = Status.RUNNING, True
+            if cached or seq.lookup[0]:
+                self.blocks.count_lookup(*seq.lookup)
             self.running.append(seq)
             pieces.append(self._piece(seq, n))
             budget -= n
@@ -108,11 +110,11 @@ class Scheduler:
         logits: such a request computes its whole prompt."""
         if not self.blocks.caching or seq.params.prompt_logprobs is not None:
             return 0
-        usable = (seq.num_tokens - 1) // self.blocks.block_size
-        blocks = self.blocks.lookup(self._hashes(seq)[:usable])
-        seq.blocks = list(blocks)
-        seq.num_computed = seq.num_registered = len(blocks)
-        seq.num_computed *= self.blocks.block_size
+        hashes = self._hashes(seq)[:(seq.num_tokens - 1) // self.blocks.block_size]
+        seq.blocks = self.blocks.lookup(hashes)
+        seq.num_registered = len(seq.blocks)
+        seq.num_computed = len(seq.blocks) * self.blocks.block_size
+        seq.lookup = (len(hashes), len(seq.blocks))
         if not seq.admitted:                          # its first admission: what it found
             seq.num_cached_tokens = seq.num_computed
         return seq.num_computed

@@ -44,6 +44,7 @@ class Sequence:
     prompt_hashes: list | None = None
     num_registered: int = 0
     num_cached_tokens: int = 0
+    lookup: tuple = (0, 0)                     # its last lookup: (blocks queried, found)
     admitted: bool = False
 
     @property
