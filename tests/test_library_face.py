@@ -89,9 +89,15 @@ def test_a_registered_family_forward_equals_transformers_at_tp2(tmp_path):
 
 def test_the_example_runs_under_torchrun():
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        EXAMPLE, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    for attempt in range(2):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                            "2", EXAMPLE, "--device", "cpu"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        # On a loaded CPU, gloo's teardown at exit sometimes aborts a rank after the work is
+        # done ("terminate called without an active exception"; the tree before this check
+        # did it too, 2 runs in 8 beside two busy processes): one more run, then it fails.
+        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr:
+            break
     assert p.returncode == 0, p.stderr[-3000:]
     assert "TP=2 (cpu): logits equal the single-process float64 reference in every mode" \
         in p.stdout, p.stdout

@@ -117,3 +117,16 @@ def check_prompt(num_tokens: int, max_model_len: int) -> None:
     """`prompt_refusal` as a WeavelmError."""
     reason = prompt_refusal(num_tokens, max_model_len)
     check(reason is None, reason or "")
+
+
+def ids_refusal(prompt_token_ids, vocab: int | None) -> str | None:
+    """Why `prompt_token_ids` is not a list of token ids of a vocabulary of `vocab`, or None."""
+    import numpy as np
+    ids = np.asarray(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) else None
+    if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        return f"a prompt must be a list of int token ids, got {prompt_token_ids!r:.80}"
+    if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        return (f"token id {bad} is outside this model's vocabulary (0..{vocab - 1}): the "
+                f"tokenizer and model disagree")
+    return None

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from weavelm.engine.config import EngineConfig, prompt_refusal
+from weavelm.engine.config import EngineConfig, ids_refusal, prompt_refusal
 from weavelm.engine.logit_controls import apply_controls, controlled_row, has_controls
 from weavelm.engine.structured import Grammars, constraint_rows
 from weavelm.engine.model_runner import ModelRunner, StepPiece
@@ -197,16 +197,8 @@ class LLMEngine:
 
     def _bad_ids(self, prompt_token_ids) -> str | None:
         """Why `prompt_token_ids` is not a list of this model's token ids, or None."""
-        ids = np.asarray(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) \
-            else None
-        if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            return f"a prompt must be a list of int token ids, got {prompt_token_ids!r:.80}"
-        vocab = self.model_config.vocab_size if self.model_config else None
-        if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            return (f"token id {bad} is outside this model's vocabulary (0..{vocab - 1}): the "
-                    f"tokenizer and model disagree")
-        return None
+        return ids_refusal(prompt_token_ids,
+                           self.model_config.vocab_size if self.model_config else None)
 
     def refusal(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
         """Why a request cannot run (bad ids, too long for the context or the cache), or None."""
