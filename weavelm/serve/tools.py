@@ -116,6 +116,7 @@ def _call(name: str, arguments) -> dict:
 def constrained_calls(text: str, choice) -> list[dict]:
     """The calls of an output written under `tool_constraint`."""
     if isinstance(choice, NamedToolChoice):
+        json.loads(text)                    # ValueError if max_tokens cut it short
         return [_call(choice.function.name, text)]
     return [_call(c["name"], c.get("parameters", {})) for c in json.loads(text)]
 
