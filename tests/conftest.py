@@ -69,3 +69,20 @@ def _fresh_parallel_state():
     yield
     from weavelm.parallel.state import destroy_parallel
     destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def tools_server(tmp_path_factory):
+    """The default model served with a Hermes-style tool template (tests/data/hermes_tools.jinja)
+    and `--tool-call-parser hermes`: its base url (tests of tool calling and of clients)."""
+    from serve_run import start_server, stop_server
+    from weavelm.models.gguf import default_model_path
+    template = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                            "hermes_tools.jinja")
+    with open(tmp_path_factory.mktemp("log") / "server.log", "w+") as log:
+        proc, url, _ = start_server(default_model_path(), 1, log, "--tool-call-parser",
+                                    "hermes", "--chat-template", template)
+        try:
+            yield url
+        finally:
+            stop_server(proc)

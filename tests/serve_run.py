@@ -46,13 +46,3 @@ def stop_server(proc, timeout=60):
             proc.kill()
             proc.wait()
 
-
-def tools_server(log):
-    """The default model served with a Hermes-style tool template (tests/data/hermes_tools.jinja)
-    and `--tool-call-parser hermes`: (process, base url)."""
-    from weavelm.models.gguf import default_model_path
-    template = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                            "hermes_tools.jinja")
-    proc, url, _ = start_server(default_model_path(), 1, log, "--tool-call-parser", "hermes",
-                                "--chat-template", template)
-    return proc, url

@@ -16,7 +16,6 @@ import subprocess
 
 import pytest
 
-from serve_run import stop_server, tools_server
 
 PYTHON = os.environ.get("WEAVELM_CLIENTS_PYTHON")
 pytestmark = pytest.mark.skipif(
@@ -78,18 +77,11 @@ print(json.dumps({"arguments": call.function.arguments, "answer": reply.content}
 '''
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc, url = tools_server(log)
-    yield url
-    stop_server(proc)
-    log.close()
 
 
 @pytest.mark.parametrize("script", [LANGCHAIN, LITELLM], ids=["langchain", "litellm"])
-def test_client(server, script):
-    run = subprocess.run([PYTHON, "-c", script, server, "tiny"], capture_output=True, text=True,
-                         timeout=600)
+def test_client(tools_server, script):
+    run = subprocess.run([PYTHON, "-c", script, tools_server, "tiny"], capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])

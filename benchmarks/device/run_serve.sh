@@ -29,32 +29,8 @@ PORT=${PORT:-8765}
 URL=http://127.0.0.1:$PORT
 ENGINE=(--max-num-seqs 64)
 
-"${WEAVELM[@]}" serve --shape llama3-8b --port "$PORT" --max-model-len 8704 "${ENGINE[@]}" \
-  > "$OUT/serve_server.log" 2>&1 &
-server=$!
-stop_server() {
-  if kill -0 "$server" 2>/dev/null; then
-    kill -TERM "$server"
-    timeout 60 tail --pid="$server" -f /dev/null || kill -KILL "$server"
-  fi
-}
-trap stop_server EXIT
-
-t0=$(date +%s)
-healthy() {
-  python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-    "$URL/health" 2> /dev/null
-}
-until healthy; do
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "the server exited:"; tail -20 "$OUT/serve_server.log"; exit 1
-  fi
-  if (( $(date +%s) - t0 > 180 )); then
-    echo "the server was not healthy within 180 s:"; tail -20 "$OUT/serve_server.log"; exit 1
-  fi
-  sleep 2
-done
-echo "server healthy after $(( $(date +%s) - t0 )) s"
+start_server "$URL" "$OUT/serve_server.log" 180 --shape llama3-8b --port "$PORT" \
+  --max-model-len 8704 "${ENGINE[@]}" || exit 1
 
 rc=0
 for c in 1 16 64; do

@@ -20,28 +20,8 @@ URL=http://127.0.0.1:$PORT
 TOK=${TOK:-.shape_tok}
 [ -d "$TOK" ] || python3 benchmarks/device/make_shape_tokenizer.py "$TOK" > /dev/null
 
-"${WEAVELM[@]}" serve --shape llama3-8b --tokenizer "$TOK" --port "$PORT" --max-model-len 8704 \
-  --max-num-seqs 64 > "$OUT/feat_server.log" 2>&1 &
-server=$!
-stop_server() {
-  if kill -0 "$server" 2>/dev/null; then
-    kill -TERM "$server"
-    timeout 60 tail --pid="$server" -f /dev/null || kill -KILL "$server"
-  fi
-}
-trap stop_server EXIT
-t0=$(date +%s)
-until python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-    "$URL/health" 2> /dev/null; do
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "the server exited:"; tail -20 "$OUT/feat_server.log"; exit 1
-  fi
-  if (( $(date +%s) - t0 > 240 )); then
-    echo "the server was not healthy within 240 s:"; tail -20 "$OUT/feat_server.log"; exit 1
-  fi
-  sleep 2
-done
-echo "server healthy after $(( $(date +%s) - t0 )) s"
+start_server "$URL" "$OUT/feat_server.log" 240 --shape llama3-8b --tokenizer "$TOK" \
+  --port "$PORT" --max-model-len 8704 --max-num-seqs 64 || exit 1
 
 declare -A BODY=(
   [plain]='{}'

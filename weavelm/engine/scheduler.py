@@ -88,8 +88,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.blocks.extend(self.blocks.allocate(need))
             seq.status, seq.admitted = Status.RUNNING, True
-            if cached or seq.lookup[0]:
-                self.blocks.count_lookup(*seq.lookup)
+            self.blocks.count_lookup(*seq.lookup)
             self.running.append(seq)
             pieces.append(self._piece(seq, n))
             budget -= n
