@@ -1,12 +1,13 @@
 """Decode attention over the paged KV cache, one GPU: weavelm's Numba kernel vs the torch path
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
-    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules]
+    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules] [--shared]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
 replays; the check is the largest difference from the float32 reference. --schedules compares
-how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths.
+how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths;
+--shared, the order of the CTAs where sequences share a cached prefix's blocks.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def main():
         variants(P, H, Hkv, D, bs)
     if "--schedules" in sys.argv:
         schedules(P, H, Hkv, D, bs)
+    if "--shared" in sys.argv:
+        shared(P, H, Hkv, D, bs)
 
 
 def case(B, ctx, H, Hkv, D, bs, lengths=None):
@@ -141,6 +144,61 @@ def schedules(P, H, Hkv, D, bs):
             assert err < 2e-2, (name, B, err)
             t = graph_us(run)
             keys = sum(lengths) if lengths else B * ctx
+            cells.append(f"{t:.1f} ({2 * keys * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def shared_case(B, prefixes, prefix_len, H, Hkv, D, bs, seed=0):
+    """B sequences, sequence b on prefix b % prefixes (as requests arrive), each prefix's
+    blocks shared, then a suffix of its own (log-normal, median 200 keys)."""
+    g = torch.Generator().manual_seed(seed)
+    suffix = [max(1, int(v)) for v in torch.empty(B).log_normal_(math.log(200), 0.6,
+                                                                   generator=g).tolist()]
+    per_prefix = prefix_len // bs
+    NB = 1 + prefixes * per_prefix + sum(-(-n // bs) for n in suffix)
+    blocks = (torch.randperm(NB - 1, generator=g) + 1).tolist()
+    heads = [blocks[i * per_prefix:(i + 1) * per_prefix] for i in range(prefixes)]
+    rest = blocks[prefixes * per_prefix:]
+    M = per_prefix + max(-(-n // bs) for n in suffix)
+    tables = torch.zeros(B, M, dtype=torch.int32)
+    for b, n in enumerate(suffix):
+        own, rest = rest[:-(-n // bs)], rest[-(-n // bs):]
+        row = heads[b % prefixes] + own
+        tables[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    gc = torch.Generator(device="cuda").manual_seed(seed)
+    kc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=gc).bfloat16()
+    vc = torch.randn(NB, bs, Hkv, D, device="cuda", generator=gc).bfloat16()
+    q = torch.randn(B, H, D, device="cuda", generator=gc).bfloat16()
+    lens = torch.tensor([prefix_len + n for n in suffix], dtype=torch.int32, device="cuda")
+    return q, kc, vc, tables.cuda(), lens
+
+
+def shared(P, H, Hkv, D, bs):
+    """The CTAs' order where sequences share a cached prefix (10 prompts of 2,048 keys, each
+    sequence's own keys after its prompt): as the batch comes, longest first, and longest
+    first with the sharers of a prefix together (the engine's order). TB/s counts every key
+    each sequence reads, shared or not (what a kernel without the cache's help must move)."""
+    shapes = ((64, 10), (256, 10), (256, 1))
+    print("\n## shared prefixes: batch x prompts of 2,048 keys; µs per call (TB/s of keys "
+          "read per sequence)\n")
+    print("| order | " + " | ".join(f"{B} on {n}" for B, n in shapes) + " |")
+    print("|" + " --- |" * (len(shapes) + 1))
+    cases = [shared_case(B, n, 2048, H, Hkv, D, bs) for B, n in shapes]
+    scale = 1 / math.sqrt(D)
+    orders = [("as the batch comes", lambda tables, lens, NB: None),
+              ("longest first", lambda tables, lens, NB: P.longest_first(lens)),
+              ("longest first, sharers together (default)",
+               lambda tables, lens, NB: P.longest_first(lens, tables, NB))]
+    refs = [P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale).float()
+            for q, kc, vc, tables, lens in cases]
+    for name, make in orders:
+        cells = []
+        for (q, kc, vc, tables, lens), ref in zip(cases, refs):
+            run = lambda: P.paged_decode_attention_cuda(  # noqa: E731
+                q, kc, vc, tables, lens, scale, order=make(tables, lens, kc.shape[0]))
+            assert (run().float() - ref).abs().max().item() < 2e-2, name
+            t = graph_us(run)
+            keys = int(lens.sum())
             cells.append(f"{t:.1f} ({2 * keys * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 

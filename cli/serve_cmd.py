@@ -193,6 +193,10 @@ def bench_serve(
     output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
                                              "[default: log-normal, median 128, max 512]."),
     input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
+    prefix_len: int = typer.Option(0, "--prefix-len", help="Tokens of a shared prefix before "
+                                                           "each prompt (0: none)."),
+    num_prefixes: int = typer.Option(1, "--num-prefixes", help="Distinct shared prefixes, "
+                                                               "taken in turn."),
     seed: int = typer.Option(0, help="Workload seed (the same workload as bench throughput)."),
     timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "
                                               "open then count as failed."),
@@ -213,11 +217,14 @@ def bench_serve(
     for name, v in (("--input-len", input_len), ("--output-len", output_len)):
         check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
     check(vocab is None or vocab >= 1, f"--vocab must be at least 1, got {vocab}")
+    check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
+                                                  f"--num-prefixes >= 1, got {prefix_len}, "
+                                                  f"{num_prefixes}")
     vocab = vocab or shape_config(shape)["vocab_size"]
     result = run_load(url.rstrip("/"), model, dict(
         num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
-        output_len=output_len, input_max=input_max,
-        extra=_extra_body(extra_body)),
+        output_len=output_len, input_max=input_max, prefix_len=prefix_len,
+        num_prefixes=num_prefixes, extra=_extra_body(extra_body)),
         concurrency, request_rate, timeout)
     typer.echo(format_result(result))
     if json_out:

@@ -112,6 +112,34 @@ def test_a_batch_with_preemption_and_an_abort_mid_prefill(tiny):
     assert again.num_cached_tokens == 0 and again.token_ids == want[0]
 
 
+def test_samples_of_one_prompt_compute_it_once(tiny):
+    """Four requests on one prompt arriving together (the server's n = 4) and a fifth on
+    another: the first computes the prompt, the other three wait for its blocks and compute
+    only the part after them, while the fifth is admitted in the first step all the same;
+    every output equals transformers'."""
+    from weavelm import LLM, SamplingParams
+    path, want = tiny
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", progress=False, block_size=BLOCK, max_num_batched_tokens=64)
+    steps = []
+    step = llm.engine.runner.step
+
+    def counting(pieces, late=None):
+        steps.append([len(p.token_ids) for p in pieces])
+        return step(pieces, late=late)
+    llm.engine.runner.step = counting
+    p, other = prompts[5], prompts[1]                       # 21 tokens, and 7
+    outs = llm.generate_from_ids([p] * 4 + [other],
+                                 SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [want[5]] * 4 + [want[1]]
+    cached = (len(p) - 1) // BLOCK * BLOCK
+    assert [o.num_cached_tokens for o in outs] == [0, cached, cached, cached, 0]
+    assert steps[0] == [len(p), len(other)]                  # the others wait, the fifth not
+    assert sum(map(sum, steps)) == len(p) + 3 * (len(p) - cached) + len(other) \
+        + 5 * (NEW - 1)
+    llm.runner.blocks.check()
+
+
 def test_prompt_logprobs_compute_the_whole_prompt(tiny):
     from weavelm import LLM, SamplingParams
     path, _ = tiny

@@ -296,6 +296,25 @@ def test_bench_serve_loads_the_server(server, tmp_path):
     assert r["ok"] == 12 and r["failed"] == 0 and r["output_tokens"] == 12 * 5
     assert r["ttft"][0] > 0 and r["tpot"][0] > 0 and r["e2e"][1] >= r["e2e"][0]
     assert "TTFT p50 / p99" in p.stdout
+    assert r["prefix_hit_rate"] == 0
+
+
+def test_bench_serve_shared_prefixes_hit_the_cache(server, tmp_path):
+    """12 requests over 2 prefixes of 32 tokens (two blocks) plus 6 of their own: every
+    request but the first on each prefix finds its two blocks cached, arriving while that
+    first one still computes them or after."""
+    proc, url, _ = server
+    out = tmp_path / "load.json"
+    p = subprocess.run([sys.executable, "-m", "weavelm.cli.main", "bench", "serve", "--url", url,
+                        "--vocab", "103", "--num-requests", "12", "--input-len", "6",
+                        "--output-len", "3", "--prefix-len", "32", "--num-prefixes", "2",
+                        "--seed", "7", "--concurrency", "4", "--timeout", "120", "--json",
+                        str(out)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["ok"] == 12 and r["prefix_hit_rate"] == pytest.approx(10 * 32 / (12 * 38))
+    assert "prefix hit rate" in p.stdout
 
 
 def _descendants(pid) -> set[int]:

@@ -7,8 +7,11 @@ the engine does in `bench throughput`. At most `concurrency` requests are in fli
 arrive as a Poisson process of `request_rate` per second (inf: as fast as the concurrency
 allows). The whole run is bounded by `timeout_s`: requests still open then count as failed.
 
-Reported: requests/s, input and output tokens/s over the run, and p50 / p99 of the time to
-first token (TTFT), time per output token after the first (TPOT) and end-to-end latency (E2E).
+Reported: requests/s, input and output tokens/s over the run, p50 / p99 of the time to
+first token (TTFT), time per output token after the first (TPOT) and end-to-end latency (E2E),
+and the prefix-cache hit rate: the prompt tokens the server found cached (each response's
+`usage.prompt_tokens_details.cached_tokens`, asked for with `stream_options.include_usage`)
+over all prompt tokens.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
 async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
                extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True, **(extra or {})}
+            "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
-    first, tokens, error = None, 0, None
+    first, tokens, error, cached = None, 0, None, None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
@@ -43,6 +47,8 @@ async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
             if "error" in chunk:
                 error = chunk["error"].get("message")
                 break
+            if chunk.get("usage"):
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
             for choice in chunk.get("choices", ()):
                 n = len(choice.get("token_ids") or ())
                 if n and first is None:
@@ -54,6 +60,7 @@ async def _one(client, url: str, model: str, prompt: list[int], out_len: int,
         # (a constrained output may end before out_len: its grammar completes)
         error = f"{tokens} tokens streamed, {out_len} asked for"
     return dict(error=error, ttft=first, e2e=e2e, tokens=tokens, prompt=len(prompt),
+                cached=cached or 0,
                 tpot=(e2e - first) / (tokens - 1) if first is not None and tokens > 1 else None)
 
 
@@ -100,7 +107,9 @@ async def _load(url, model, requests, concurrency, rate, timeout_s, seed,
 def run_load(url: str, model: str | None, work: dict, concurrency: int, rate: float,
              timeout_s: float) -> dict:
     requests = workload(work["num_requests"], work["vocab"], work["seed"], work["input_len"],
-                        work["output_len"], input_max=work["input_max"])
+                        work["output_len"], input_max=work["input_max"],
+                        prefix_len=work.get("prefix_len", 0),
+                        num_prefixes=work.get("num_prefixes", 1))
     results, elapsed = asyncio.run(_load(url, model, requests, concurrency, rate, timeout_s,
                                          work["seed"], work.get("extra")))
     ok = [r for r in results if r.get("error") is None]
@@ -115,6 +124,7 @@ def run_load(url: str, model: str | None, work: dict, concurrency: int, rate: fl
                 request_rate=rate if math.isfinite(rate) else "inf", seed=work["seed"],
                 elapsed_s=elapsed, requests_s=len(ok) / elapsed,
                 input_tok_s=in_tokens / elapsed, output_tok_s=out_tokens / elapsed,
+                prefix_hit_rate=sum(r["cached"] for r in ok) / in_tokens if in_tokens else 0.0,
                 output_tokens=out_tokens, ttft=pct("ttft"), tpot=pct("tpot"), e2e=pct("e2e"))
 
 
@@ -126,8 +136,11 @@ def format_result(r: dict) -> str:
         f"{r['concurrency']}, request rate {r['request_rate']}/s",
         "",
         "| ok / failed | requests/s | input tok/s | output tok/s | TTFT p50 / p99 ms | "
-        "TPOT p50 / p99 ms | E2E p50 / p99 ms | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "TPOT p50 / p99 ms | E2E p50 / p99 ms | seconds | prefix hit rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {r['ok']} / {r['failed']} | {r['requests_s']:.2f} | {r['input_tok_s']:.0f} | "
         f"{r['output_tok_s']:.0f} | {ms(r['ttft'])} | {ms(r['tpot'])} | {ms(r['e2e'])} | "
-        f"{r['elapsed_s']:.2f} |"])
+        f"{r['elapsed_s']:.2f} | {r['prefix_hit_rate']:.3f} |",
+        "",
+        "prefix hit rate: prompt tokens the server found in its prefix cache / prompt tokens "
+        "(usage.prompt_tokens_details.cached_tokens)"])

@@ -124,6 +124,9 @@ class BlockAllocator:
                 self._ref[b] += 1
         return found
 
+    def is_cached(self, h: bytes) -> bool:
+        return h in self._block_of
+
     def count_lookup(self, queried: int, found: int) -> None:
         """Count an admitted sequence's lookup in the hit rate (a sequence that waits and
         looks again is counted once, when it is admitted)."""

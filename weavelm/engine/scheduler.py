@@ -15,6 +15,11 @@ back and it waits at the front of the queue to be recomputed (prompt and outputs
 again), as vLLM's recompute preemption. Admitting a waiting sequence never preempts. A
 sequence whose token in flight is its last by length (the engine runs one step ahead) gets no
 piece and is not preempted: it ends when that token is read.
+
+With prefix caching, a waiting sequence whose next prompt block is being computed right now by
+a running one (the n samples of one prompt, many requests on one new system prompt) waits
+until it is cached and then takes it, rather than computing it a second time; the sequences
+behind it are admitted meanwhile.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # in admission order: the newest last
         self.num_preempted = 0
+        # prompt-block hash -> running sequences that will compute it (not cached yet)
+        self._computing: dict[bytes, int] = {}
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -55,6 +62,7 @@ class Scheduler:
         """End a sequence (stopped, out of length, aborted, failed) and free its blocks now."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._claim(seq, -1)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.blocks)
@@ -75,8 +83,12 @@ class Scheduler:
                     pieces.append(self._piece(seq, n))
                     budget -= n
         # Waiting sequences, first come first served, while there is room.
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._prefix_in_flight(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             cached = self._take_cached_prefix(seq) if not seq.blocks else 0
             n = self._chunk(seq, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
@@ -90,8 +102,10 @@ class Scheduler:
             seq.status, seq.admitted = Status.RUNNING, True
             self.blocks.count_lookup(*seq.lookup)
             self.running.append(seq)
+            self._claim(seq, 1)
             pieces.append(self._piece(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return pieces
 
     # -- prefix caching ---------------------------------------------------------------------
@@ -102,14 +116,57 @@ class Scheduler:
                                               len(seq.prompt_token_ids) // bs)
         return seq.prompt_hashes
 
+    def _cacheable(self, seq: Sequence) -> list:
+        """The hashes of seq's prompt blocks it may take from the cache: full blocks before its
+        last token (at least that one is computed, so there are logits); none where it must
+        compute its whole prompt (prompt log-probabilities need every prompt row's logits)."""
+        if not self.blocks.caching or seq.params.prompt_logprobs is not None:
+            return []
+        return self._hashes(seq)[:(seq.num_tokens - 1) // self.blocks.block_size]
+
+    def _claim(self, seq: Sequence, sign: int) -> None:
+        """Count seq (+1: admitted; -1: preempted or ended) as computing the prompt blocks it
+        has not named in the cache yet."""
+        if not self.blocks.caching:
+            return
+        full = len(seq.prompt_token_ids) // self.blocks.block_size
+        for h in self._hashes(seq)[seq.num_registered:full]:
+            if sign > 0:
+                self._computing[h] = self._computing.get(h, 0) + 1
+            else:
+                self._unclaim(h)
+
+    def _unclaim(self, h: bytes) -> None:
+        left = self._computing[h] - 1
+        if left:
+            self._computing[h] = left
+        else:
+            del self._computing[h]
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether the first of seq's cacheable prompt blocks that is not cached yet is being
+        computed by a running sequence (seq then waits for it). The hash it waits on is kept,
+        so a sequence that keeps waiting costs one lookup a step."""
+        if not self._computing or seq.blocks:
+            return False
+        if seq.waits_on is not None and seq.waits_on in self._computing:
+            return True
+        seq.waits_on = None
+        for h in self._cacheable(seq):
+            if h in self._computing:
+                seq.waits_on = h
+                return True
+            if not self.blocks.is_cached(h):
+                return False
+        return False
+
     def _take_cached_prefix(self, seq: Sequence) -> int:
         """Give a sequence about to be admitted the cached blocks of its prompt's longest
         cached prefix (at least its last token is left to compute, so there are logits);
-        returns the tokens they hold. Prompt log-probabilities need every prompt row's
-        logits: such a request computes its whole prompt."""
-        if not self.blocks.caching or seq.params.prompt_logprobs is not None:
+        returns the tokens they hold."""
+        hashes = self._cacheable(seq)
+        if not hashes:
             return 0
-        hashes = self._hashes(seq)[:(seq.num_tokens - 1) // self.blocks.block_size]
         seq.blocks = self.blocks.lookup(hashes)
         seq.num_registered = len(seq.blocks)
         seq.num_computed = len(seq.blocks) * self.blocks.block_size
@@ -128,6 +185,7 @@ class Scheduler:
             hashes = self._hashes(seq)
             for i in range(seq.num_registered, full):
                 self.blocks.register(seq.blocks[i], hashes[i])
+                self._unclaim(hashes[i])
             seq.num_registered = full
 
     @staticmethod
@@ -163,6 +221,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._claim(seq, -1)
         self.blocks.free(seq.blocks)
         seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
         seq.num_registered = 0

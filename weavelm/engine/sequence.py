@@ -45,6 +45,7 @@ class Sequence:
     num_registered: int = 0
     num_cached_tokens: int = 0
     lookup: tuple = (0, 0)                     # its last lookup: (blocks queried, found)
+    waits_on: bytes | None = None              # a prompt block another sequence computes now
     admitted: bool = False
 
     @property

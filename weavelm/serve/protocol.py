@@ -275,7 +275,7 @@ class _Optional(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0                  # prefix caching: not yet
+    cached_tokens: int = 0                  # prompt tokens found in the prefix cache
 
 
 class Usage(BaseModel):
