@@ -66,6 +66,7 @@ def generate(
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     enforce_eager: options.EnforceEager = False,
     enable_prefix_caching: options.PrefixCaching = True,
+    quantization: options.Quantization = None,
     mode: options.Mode = "auto",
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
         "Seconds a rank waits for peers [default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
@@ -95,7 +96,7 @@ def generate(
         max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
-        enable_prefix_caching=enable_prefix_caching,
+        enable_prefix_caching=enable_prefix_caching, quantization=quantization,
         collective_timeout=collective_timeout)
     # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
     from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
@@ -291,6 +292,7 @@ def bench_throughput(
                                                                "taken in turn."),
     seed: int = typer.Option(0, help="Workload and weights seed."),
     enable_prefix_caching: options.PrefixCaching = True,
+    quantization: options.Quantization = None,
     max_num_seqs: options.MaxNumSeqs = 256,
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
@@ -324,7 +326,8 @@ def bench_throughput(
                           backend=backend if dev.type == "cuda" else "torch",
                           gpu_memory_utilization=gpu_memory_utilization,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          enable_prefix_caching=enable_prefix_caching)
+                          enable_prefix_caching=enable_prefix_caching,
+                          quantization=quantization)
     check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
                                                   f"--num-prefixes >= 1, got {prefix_len}, "
                                                   f"{num_prefixes}")

@@ -35,6 +35,9 @@ MaxNumBatchedTokens = Annotated[int, typer.Option(
 PrefixCaching = Annotated[bool, typer.Option(
     "--enable-prefix-caching/--no-enable-prefix-caching",
     help="Reuse the KV blocks of prompts' shared prefixes.")]
+Quantization = Annotated[Optional[str], typer.Option(
+    "--quantization", "-q", help="fp8: FP8 (e4m3) weights, quantized per output channel at "
+                                 "load; activations per token [default: the checkpoint's dtype].")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs for decode.")]
 

@@ -41,6 +41,7 @@ def serve(
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     enforce_eager: options.EnforceEager = False,
     enable_prefix_caching: options.PrefixCaching = True,
+    quantization: options.Quantization = None,
     num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks",
                                                 help="Fix the KV cache's size in blocks."),
     shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
@@ -103,7 +104,7 @@ def serve(
         max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
-        enable_prefix_caching=enable_prefix_caching,
+        enable_prefix_caching=enable_prefix_caching, quantization=quantization,
         num_kv_blocks=num_kv_blocks)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         # as uvicorn binds: TIME_WAIT entries of an earlier run on this port do not block it

@@ -36,6 +36,8 @@ def fill_random(model, seed: int = 0) -> None:
     p0 = next(model.parameters())
     gen = torch.Generator(device=p0.device)
     rank = get_state().rank
+    # FP8 weights are drawn in the model's dtype first: the same numbers as an unquantized model
+    dtype = next(p.dtype for p in model.parameters() if p.element_size() > 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -43,7 +45,12 @@ def fill_random(model, seed: int = 0) -> None:
             else:
                 shard = 0 if getattr(p, "replicated", False) else rank
                 gen.manual_seed(seed * 1000 + shard * 7919 + zlib.crc32(name.encode()))
-                p.normal_(0.0, 0.02, generator=gen)   # this rank's shard
+                store = getattr(p, "store_rows", None)    # FP8: draw, then quantize
+                if store is None:
+                    p.normal_(0.0, 0.02, generator=gen)   # this rank's shard
+                else:
+                    store(0, torch.empty(p.shape, dtype=dtype, device=p.device)
+                          .normal_(0.0, 0.02, generator=gen))
 
 
 def _lengths(num_tokens: int, seq_len: int | None) -> list[int]:

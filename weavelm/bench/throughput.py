@@ -10,7 +10,8 @@ times transformers on the same requests (static batches of 16, padded, eager; TP
 
 Roofline bound of the same workload, from rates measured in the same run: prefill = the
 workload's prefill FLOPs per rank (2 x weights x prompt tokens + causal attention) at the bf16
-GEMM rate of one large matmul; decode = the decode steps a perfect batcher needs (output tokens /
+GEMM rate of one large matmul (with `--quantization fp8`, the decoder layers' weights at the rate
+of one large FP8 `_scaled_mm`); decode = the decode steps a perfect batcher needs (output tokens /
 max_num_seqs, at least the longest output) each reading this rank's weights, plus every decode
 token's KV read, at the device-to-device copy rate. Reported as bound / measured.
 
@@ -48,8 +49,10 @@ def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
             for k, (i, o) in enumerate(zip(ins, outs))]
 
 
-def measure_rates(device) -> tuple[float, float]:
-    """(GEMM FLOP/s of a large matmul, copy bytes/s read + written) on `device`."""
+def measure_rates(device, fp8: bool = False) -> tuple[float, float, float]:
+    """(GEMM FLOP/s of a large matmul, copy bytes/s read + written, FLOP/s of the FP8 linear
+    layers' large GEMM: with `fp8`, `fp8_linear` on FP8 codes, else the matmul's) on
+    `device`."""
     big = 8192 if device.type == "cuda" else 1024
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(big, big, device=device, dtype=dtype)
@@ -72,19 +75,26 @@ def measure_rates(device) -> tuple[float, float]:
         return min(times)
     flops = 2 * big ** 3 / best(lambda: a @ b)
     copy = 2 * x.numel() / best(lambda: y.copy_(x))
-    return flops, copy
+    fp8_flops = flops
+    if fp8:
+        from weavelm.parallel.fp8 import fp8_linear, quantize_rows
+        codes, scale = quantize_rows(b)
+        fp8_flops = 2 * big ** 3 / best(lambda: fp8_linear(a, codes, scale))
+    return flops, copy, fp8_flops
 
 
 def roofline_seconds(cfg, tp: int, requests, max_num_seqs: int, flops: float, copy: float,
-                     weight_bytes: float, kv_bytes_per_token: float) -> dict:
-    """The bound of the workload (see the module doc), per rank."""
+                     weight_bytes: float, kv_bytes_per_token: float,
+                     layer_flops: float | None = None) -> dict:
+    """The bound of the workload (see the module doc), per rank. `layer_flops`: the rate of
+    the decoder layers' GEMMs where it is not `flops` (FP8 weights)."""
     d_attn = cfg.num_heads * cfg.head_dim
     prompt_tokens = sum(len(p) for p, _ in requests)
     layer_params = (cfg.hidden_size * (d_attn + 2 * cfg.num_kv_heads * cfg.head_dim)
                     + d_attn * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size)
-    params = cfg.num_layers * layer_params + cfg.vocab_size * cfg.hidden_size
     attn = sum(2 * cfg.num_layers * d_attn * len(p) ** 2 for p, _ in requests)  # QK + PV, causal
-    prefill = (2 * params * prompt_tokens + attn) / tp / flops
+    prefill = (2 * cfg.num_layers * layer_params * prompt_tokens / (layer_flops or flops)
+               + (2 * cfg.vocab_size * cfg.hidden_size * prompt_tokens + attn) / flops) / tp
     outputs = [o for _, o in requests]
     steps = max(math.ceil(sum(outputs) / max_num_seqs), max(outputs))
     kv_reads = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
@@ -188,12 +198,12 @@ def throughput_rank(opts: dict) -> dict | None:
                                                            longest + 1))
     llm = LLM.from_config(config, hf_cfg, lambda model: fill_random(model, opts["seed"]),
                           progress=False)
-    flops, copy = measure_rates(state.device)
+    flops, copy, layer_flops = measure_rates(state.device, fp8=config.quantization == "fp8")
     layers, kv_heads, head_dim = llm.model.kv_cache_shape()
     kv_token = 2 * layers * kv_heads * head_dim * llm.dtype.itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     bound = roofline_seconds(llm.config, config.tp, requests, llm.runner.config.max_num_seqs,
-                             flops, copy, weight_bytes, kv_token)
+                             flops, copy, weight_bytes, kv_token, layer_flops)
     result = serve(llm, requests, progress=state.is_first)
     blocks = llm.runner.blocks
     result["prefix_caching"] = blocks.caching
@@ -216,7 +226,9 @@ def throughput_rank(opts: dict) -> dict | None:
                           mode=config.mode, device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
                           requests=len(requests), seed=opts["seed"],
-                          gemm_tflops=flops / 1e12, copy_tbs=copy / 1e12),
+                          gemm_tflops=flops / 1e12, copy_tbs=copy / 1e12,
+                          quantization=config.quantization,
+                          fp8_gemm_tflops=layer_flops / 1e12 if config.quantization else None),
                 result=result, bound=bound,
                 rates=dict(requests_s=len(requests) / e, input_tok_s=in_tokens / e,
                            output_tok_s=result["output_tokens"] / e,
@@ -231,7 +243,9 @@ def format_result(r: dict) -> str:
     return "\n".join([
         f"throughput, {m['shape']} ({m['layers']} layers), TP={m['tp']}, mode {m['mode']}, "
         f"{m['device']}, {m['requests']} requests (seed {m['seed']}); GEMM "
-        f"{m['gemm_tflops']:.1f} TFLOP/s, copy {m['copy_tbs']:.2f} TB/s measured in this run",
+        f"{m['gemm_tflops']:.1f} TFLOP/s, copy {m['copy_tbs']:.2f} TB/s measured in this run"
+        + (f"; FP8 weights, FP8 GEMM {m['fp8_gemm_tflops']:.1f} TFLOP/s"
+           if m.get("quantization") else ""),
         "",
         "| requests/s | input tok/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
         "peak KV | preempted | seconds | roofline bound s | bound / measured |",

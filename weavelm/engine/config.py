@@ -32,6 +32,7 @@ class EngineConfig:
     tp: int | None = None                 # None: the launcher's world size, else 1
     device: str | None = None             # cpu, cuda, cuda:N; None: cuda if present
     dtype: object = None                  # a name of DTYPES or a torch.dtype; None: bf16 / fp32
+    quantization: str | None = None       # "fp8": FP8 weights quantized at load (vLLM's name)
     max_model_len: int | None = None      # None: the model's context (set by `for_model`)
     allow_pickle: bool = False
     backend: str | None = None            # communicator; None: auto on GPUs, torch on CPU
@@ -51,6 +52,8 @@ class EngineConfig:
         check(self.dtype is None or self.dtype in DTYPES
               or str(self.dtype) in ("torch.float32", "torch.bfloat16", "torch.float16"),
               f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        from weavelm.parallel.fp8 import check_method
+        check_method(self.quantization)
         check(self.max_model_len is None or _positive_int(self.max_model_len),
               f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         check(self.backend in (None, *BACKENDS),

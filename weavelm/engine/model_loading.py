@@ -15,6 +15,7 @@ from weavelm.models.config import ModelConfig
 from weavelm.models.loader import load_weights, resolve_model
 from weavelm.models.registry import family_for
 from weavelm.parallel.backends import make_communicator
+from weavelm.parallel.fp8 import fp8_layers
 from weavelm.parallel.state import ParallelState, arm_collective_timeout, init_parallel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -63,8 +64,9 @@ def load_model(config: EngineConfig, hf_config: dict | None = None, weights=None
     comm = make_communicator(config.backend, state)   # None: auto on GPUs at TP > 1
     cls = family_for(model_config.architecture).model_class
     with torch.no_grad():
-        model = cls(model_config, dtype=dtype, device=state.device,
-                    max_positions=config.max_model_len)
+        with fp8_layers(config.quantization):     # linear layers: FP8 codes + scales
+            model = cls(model_config, dtype=dtype, device=state.device,
+                        max_positions=config.max_model_len)
         if callable(weights):      # an initialiser (benchmarks: random weights per shard)
             weights(model)
         else:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from weavelm.errors import check
+from weavelm.parallel.fp8 import building_quantization
 from weavelm.parallel.layers import (
     TPLayer, check_whole, copy_checked, default_weight_loader, narrow,
 )
@@ -50,6 +52,9 @@ class _ExpertParallel(TPLayer):
 
     def __init__(self, num_experts: int, intermediate_size: int, params_dtype, device):
         super().__init__(params_dtype, device)
+        check(building_quantization() is None,
+              "FP8 weights are not supported for mixture-of-experts layers yet: load this model "
+              "without quantization (drop --quantization / quantization=)")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.size_per_partition = divide(intermediate_size, self.tp_size)
 

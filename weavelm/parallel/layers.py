@@ -7,6 +7,10 @@ with `get_shape()` and `[...]` indexing), so a rank reads only the bytes of its 
 Layers that pack several checkpoint tensors into one parameter list the `shard_id`s it takes in
 `shard_ids`; the loader checks that every one arrived.
 
+Linear layers built inside `fp8.fp8_layers("fp8")` hold float8 (e4m3) weights and a float32
+scale per output row of their shard (`weight_scale`, a buffer): the loaders quantize each shard
+as it arrives, so no full-precision copy of the model is ever held (weavelm/parallel/fp8.py).
+
 No layer communicates on its own: `RowParallelLinear` and `VocabParallelEmbedding` return this
 rank's partial sums and the schedule reduces them (fused with residual add and RMSNorm); the LM
 head gathers its logits through the communicator it is given.
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weavelm.parallel.communicator import Communicator
+from weavelm.parallel.fp8 import FP8, building_quantization, fp8_linear, quantize_rows
 from weavelm.parallel.state import divide, get_state
 
 
@@ -84,7 +89,46 @@ class TPLayer(nn.Module):
         self.device = device if device is not None else state.device
 
 
-class ColumnParallelLinear(TPLayer):
+class _Linear(TPLayer):
+    """A TP linear layer's weight: full precision, or FP8 codes with per-row scales."""
+
+    def _make_weight(self, shape):
+        self.quantization = building_quantization()
+        fp8 = self.quantization == "fp8"
+        self.weight = _param(shape, FP8 if fp8 else self.params_dtype, self.device)
+        self.weight.weight_loader = self.weight_loader
+        scale = torch.ones(shape[0], dtype=torch.float32, device=self.device) if fp8 else None
+        self.register_buffer("weight_scale", scale, persistent=False)
+        if fp8:
+            self.weight.store_rows = self._store_rows     # fill_random: draw, then quantize
+
+    def _store(self, param, offset: int, shard, what: str) -> None:
+        """Copy a checkpoint shard into rows offset.. of `param`, quantized for an FP8 weight."""
+        src = materialize(shard)
+        dst = param.data.narrow(0, offset, src.shape[0]) if src.dim() else param.data
+        if param is not self.weight or self.weight_scale is None:
+            copy_checked(dst, src, what)
+            return
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"{what}: checkpoint shard has shape {tuple(src.shape)}, "
+                             f"model expects {tuple(dst.shape)}")
+        self._store_rows(offset, src)
+
+    def _store_rows(self, offset: int, rows: torch.Tensor) -> None:
+        codes, scale = quantize_rows(rows.to(self.weight.device))
+        self.weight.data[offset:offset + rows.shape[0]].copy_(codes)
+        self.weight_scale[offset:offset + rows.shape[0]].copy_(scale)
+
+    def _matmul(self, x, bias=None, out=None):
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, bias, out=out)
+        if out is not None:
+            y = torch.matmul(x, self.weight.t(), out=out)
+            return y if bias is None else y.add_(bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(_Linear):
     """Y = XA + b with A split along its second (output) dimension: rank r holds A[:, r-th block]
     and returns its [*, output_size / N] block of Y."""
 
@@ -93,9 +137,7 @@ class ColumnParallelLinear(TPLayer):
         super().__init__(params_dtype, device)
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, self.tp_size)
-        self.weight = _param((self.output_size_per_partition, input_size), self.params_dtype,
-                             self.device)
-        self.weight.weight_loader = self.weight_loader
+        self._make_weight((self.output_size_per_partition, input_size))
         self.bias = None
         if bias:
             self.bias = _param((self.output_size_per_partition,), self.params_dtype, self.device)
@@ -107,10 +149,10 @@ class ColumnParallelLinear(TPLayer):
     def weight_loader(self, param, loaded, shard_id=None):
         check_whole(loaded, (self.output_size,) + tuple(param.shape[1:]), "column-parallel")
         size = param.shape[0]
-        copy_checked(param.data, narrow(loaded, 0, self.tp_rank * size, size), "column shard")
+        self._store(param, 0, narrow(loaded, 0, self.tp_rank * size, size), "column shard")
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)                  # [T, out/N]
+        return self._matmul(x, self.bias)                           # [T, out/N]
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -128,8 +170,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                     f"merged projection {shard_id}")
         sizes = [divide(s, self.tp_size) for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
-        copy_checked(param.data.narrow(0, offset, size),
-                     narrow(loaded, 0, self.tp_rank * size, size), f"merged shard {shard_id}")
+        self._store(param, offset, narrow(loaded, 0, self.tp_rank * size, size),
+                    f"merged shard {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -166,11 +208,10 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size = self.kv_size
             start = (self.tp_rank // self.kv_replicas) * self.kv_size
-        copy_checked(param.data.narrow(0, offset, size), narrow(loaded, 0, start, size),
-                     f"qkv shard {shard_id}")
+        self._store(param, offset, narrow(loaded, 0, start, size), f"qkv shard {shard_id}")
 
 
-class RowParallelLinear(TPLayer):
+class RowParallelLinear(_Linear):
     """Y = XA + b with A split along its first (input) dimension: rank r holds A[r-th block, :]
     and takes X already split (the output of a ColumnParallelLinear).
 
@@ -183,9 +224,7 @@ class RowParallelLinear(TPLayer):
         super().__init__(params_dtype, device)
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, self.tp_size)
-        self.weight = _param((output_size, self.input_size_per_partition), self.params_dtype,
-                             self.device)
-        self.weight.weight_loader = self.weight_loader
+        self._make_weight((output_size, self.input_size_per_partition))
         self.bias = None
         if bias:
             self.bias = _param((output_size,), self.params_dtype, self.device)
@@ -194,15 +233,13 @@ class RowParallelLinear(TPLayer):
     def weight_loader(self, param, loaded, shard_id=None):
         check_whole(loaded, (self.output_size, self.input_size), "row-parallel")
         size = param.shape[1]
-        copy_checked(param.data, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
+        self._store(param, 0, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
 
     def forward(self, x, out: torch.Tensor | None = None):
         """x [T, in/N] -> partial sums [T, out]. `out` receives them (a communicator's staging
         buffer: the reduction needs no copy-in)."""
-        y = torch.matmul(x, self.weight.t(), out=out)               # [T, out] partial sums
-        if self.bias is not None and self.tp_rank == 0:
-            y.add_(self.bias)
-        return y
+        bias = self.bias if self.tp_rank == 0 else None
+        return self._matmul(x, bias, out=out)                       # [T, out] partial sums
 
 
 class VocabParallelEmbedding(TPLayer):
