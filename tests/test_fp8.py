@@ -95,3 +95,154 @@ def test_fp8_moe_is_refused_in_one_line(tmp_path):
     make_tiny("mixtral", tmp_path / "moe")
     with pytest.raises(WeavelmError, match="not supported for mixture-of-experts layers yet"):
         LLM(str(tmp_path / "moe"), device="cpu", progress=False, quantization="fp8")
+
+
+# -- checkpoints that are already FP8 --------------------------------------------------------
+# sizes that fall on 128-wide scale blocks at TP 1 and 2: q/k/v 256 rows, MLP 512
+BIG = dict(heads=8, kv_heads=8, hidden_size=256, intermediate_size=512)
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMPRESSED = {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "ignore": ["lm_head"], "config_groups": {"group_0": {
+                  "targets": ["Linear"],
+                  "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                  "input_activations": {"type": "float", "num_bits": 8, "strategy": "token",
+                                        "dynamic": True}}}}
+HF_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+          "weight_block_size": [128, 128]}
+
+
+def _fp8_codes(w, scale):
+    return (w / scale).clamp(-448, 448).to(FP8)
+
+
+def write_fp8_checkpoint(src, dst, layout, mutate=None):
+    """src's checkpoint as an FP8 one: `channel` / `tensor` (compressed-tensors, weight_scale
+    per row / one per tensor) or `block` (Hugging Face FP8, weight_scale_inv per 128 x 128
+    block), each linear weight rounded in float64. Returns {name: dequantized weight}."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    state = {}
+    for f in src.glob("*.safetensors"):
+        state.update(load_file(f))
+    out, dequantized = {}, {}
+    for name, t in state.items():
+        if not name.endswith(tuple(f"{m}.weight" for m in LINEAR)):
+            out[name] = t
+            continue
+        w = t.double()
+        if layout == "block":
+            R, C = w.shape
+            blocks = w.reshape(R // 128, 128, C // 128, 128).abs().amax((1, 3)) / 448
+            blocks = blocks.float().double()               # the scales as the file holds them
+            full = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)
+            codes = _fp8_codes(w, full)
+            out[name], out[name + "_scale_inv"] = codes, blocks.float()
+            dequantized[name] = codes.double() * full
+        else:
+            scale = w.abs().amax(1, keepdim=True) / 448
+            if layout == "tensor":
+                scale = scale.max().reshape(1)
+            scale = scale.float().double()
+            codes = _fp8_codes(w, scale)
+            out[name], out[name.replace(".weight", ".weight_scale")] = codes, scale.float()
+            dequantized[name] = codes.double() * scale
+    if mutate:
+        mutate(out)
+    save_file(out, dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = HF_FP8 if layout == "block" else COMPRESSED
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dequantized
+
+
+def checkpoint_reference(path, dequantized, tp, requantize):
+    """transformers in float64 (the original's architecture) on the FP8 checkpoint's
+    dequantized weights; activations rounded per
+    token (a row-parallel layer's per rank slice); with `requantize` (block scales), each rank's
+    weight rounded again per row as the loader does."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64).eval()
+
+    def run(mod, w, ranks, x):
+        parts = zip(x.chunk(ranks, -1), w.chunk(ranks, 1))
+        return sum(fake_fp8(a) @ (fake_fp8(b) if requantize else b).t() for a, b in parts)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            ranks = tp if name.endswith(ROW_PARALLEL) else 1
+            mod.forward = functools.partial(run, mod, dequantized[name + ".weight"], ranks)
+    return reference_logits(model, SEQS)
+
+
+def AutoModel(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8ckpt")
+    make_tiny("llama", root / "bf", seed=4, **BIG)
+    return root
+
+
+@pytest.mark.parametrize("layout,tp", [("channel", 1), ("channel", 2), ("tensor", 2), ("block", 1),
+                                       ("block", 2)])
+def test_fp8_checkpoints_load_and_match(big, layout, tp):
+    path = big / f"{layout}{tp}"
+    dequantized = write_fp8_checkpoint(big / "bf", path, layout)
+    logits, dtype, scaled = spawn(_logits, tp, tp, str(path), None) if tp > 1 \
+        else _logits(1, str(path), None)
+    assert dtype == FP8 and scaled
+    want = checkpoint_reference(str(big / "bf"), dequantized, tp, requantize=layout == "block")
+    err = (logits.double() - want).abs().max().item()
+    full = reference_logits(AutoModel(big / "bf"), SEQS)
+    quantization_error = (want - full).abs().max().item()
+    # float32 against float64 can round an activation to the FP8 value on the other side of
+    # a midpoint now and then (one step of 1/8): the logits then move by far less than the
+    # quantization moves them
+    assert err < 2e-6 or err < quantization_error / 50, f"{layout} at TP {tp}: {err}"
+
+
+@pytest.mark.parametrize("layout,mutate,match", [
+    ("channel", lambda s: s.pop("model.layers.0.self_attn.k_proj.weight_scale"),
+     "missing 1 tensors .e.g. model.layers.0.self_attn.qkv_proj.weight_scale"),
+    ("channel", lambda s: s.__setitem__("model.layers.1.mlp.up_proj.weight_scale",
+                                        torch.ones(512, 2)),
+     r"model.layers.1.mlp.up_proj.weight_scale does not fit .* expected \(512, 1\)"),
+    ("channel", lambda s: s.__setitem__("model.layers.0.mlp.down_proj.weight",
+                                        s["model.layers.0.mlp.down_proj.weight"].bfloat16()),
+     "down_proj.weight does not fit .* must be float8_e4m3fn, got torch.bfloat16"),
+    ("block", lambda s: s.__setitem__("model.layers.0.self_attn.o_proj.weight_scale_inv",
+                                      torch.ones(2, 3)),
+     r"o_proj.weight_scale_inv does not fit .* expected \(2, 2\)"),
+])
+def test_malformed_fp8_checkpoints_are_refused_naming_the_tensor(big, tmp_path, layout, mutate,
+                                                                 match):
+    from weavelm import LLM
+    from weavelm.errors import WeavelmError
+    write_fp8_checkpoint(big / "bf", tmp_path / "bad", layout, mutate)
+    with pytest.raises(WeavelmError, match=match):
+        LLM(str(tmp_path / "bad"), device="cpu", progress=False)
+
+
+def test_other_quantized_checkpoints_are_refused(big, tmp_path):
+    import json
+    import shutil
+
+    from weavelm import LLM
+    from weavelm.errors import WeavelmError
+    shutil.copytree(big / "bf", tmp_path / "awq")
+    cfg = json.loads((tmp_path / "awq" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "awq" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeavelmError, match="quantized with 'awq', which weavelm does not load"):
+        LLM(str(tmp_path / "awq"), device="cpu", progress=False)
+    write_fp8_checkpoint(big / "bf", tmp_path / "blocks", "block")
+    with pytest.raises(WeavelmError, match="do not fall on 128-wide scale blocks"):
+        spawn(_logits, 4, 4, str(tmp_path / "blocks"), None)

@@ -64,7 +64,8 @@ def load_model(config: EngineConfig, hf_config: dict | None = None, weights=None
     comm = make_communicator(config.backend, state)   # None: auto on GPUs at TP > 1
     cls = family_for(model_config.architecture).model_class
     with torch.no_grad():
-        with fp8_layers(config.quantization):     # linear layers: FP8 codes + scales
+        # linear layers: FP8 codes + scales, as the checkpoint has them or quantized at load
+        with fp8_layers(model_config.quantization or config.quantization):
             model = cls(model_config, dtype=dtype, device=state.device,
                         max_positions=config.max_model_len)
         if callable(weights):      # an initialiser (benchmarks: random weights per shard)

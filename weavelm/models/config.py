@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from weavelm.errors import WeavelmError, check
 from weavelm.models.registry import family_for
+from weavelm.parallel.fp8 import checkpoint_format
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
@@ -40,6 +41,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0       # each expert's intermediate size
     norm_topk_prob: bool = True          # renormalise the top-k routing weights
     moe_layers: list[int] = field(default_factory=list)   # layers whose MLP is the experts
+    # An FP8 checkpoint's layer format (weavelm.parallel.fp8.checkpoint_format); None: not
+    # quantized
+    quantization: str | None = None
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -73,7 +77,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", False)),
             sliding_window=cfg.get("sliding_window"), rope_scaling=rope,
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            quantization=checkpoint_format(cfg, source))
         fields.update(family.config_flags)
         if family.config_hook is not None:
             family.config_hook(cfg, fields)

@@ -257,6 +257,10 @@ def load_weights(model: nn.Module, source, progress: bool = False,
                        f"{missing[0] if missing else ''}): incomplete download or wrong "
                        f"config.json")
     check_finite(model)
+    for module in model.modules():     # e.g. FP8 block scales -> the layer's per-row scales
+        finish = getattr(module, "process_weights_after_loading", None)
+        if finish is not None:
+            finish()
 
 
 def check_finite(model: nn.Module) -> None:

@@ -27,6 +27,10 @@ from weavelm.errors import check
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)          # 448
 METHODS = (None, "fp8")
+# how layers hold FP8 weights: quantized at load ("fp8"), or loaded from an FP8 checkpoint with
+# per-row / per-tensor scales ("fp8-channel") or 128 x 128 block scales ("fp8-block")
+LAYER_FORMATS = (None, "fp8", "fp8-channel", "fp8-block")
+BLOCK = 128
 _MIN_SCALE = 1e-12                              # an all-zero row: scale 1e-12, codes 0
 
 _building: contextvars.ContextVar = contextvars.ContextVar("weavelm_quantization", default=None)
@@ -40,8 +44,10 @@ def check_method(method) -> str | None:
 
 @contextlib.contextmanager
 def fp8_layers(method: str | None = "fp8"):
-    """TP linear layers built inside take `method` as their default quantization."""
-    token = _building.set(check_method(method))
+    """TP linear layers built inside hold their weights as `method` says (LAYER_FORMATS)."""
+    check(method in LAYER_FORMATS, f"FP8 layer format {method!r} is not one of "
+                                   f"{', '.join(map(str, LAYER_FORMATS[1:]))}")
+    token = _building.set(method)
     try:
         yield
     finally:
@@ -55,14 +61,114 @@ def building_quantization() -> str | None:
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [R, K] (any float dtype) -> (codes [R, K] float8_e4m3fn, scales [R] float32) with
-    codes * scales[:, None] ~ w: each row scaled by its absolute maximum / 448."""
-    w = w.float()
+    codes * scales[:, None] ~ w: each row scaled by its absolute maximum / 448. In float32,
+    or in float64 for a float64 w (weights rounded before, whose quotients often fall exactly
+    between two FP8 values: float32's own rounding would pick the side)."""
+    w = w if w.dtype == torch.float64 else w.float()
     scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp_(min=_MIN_SCALE)
-    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale.float()
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale[:, None]
+
+
+# -- FP8 checkpoints ------------------------------------------------------------------------------
+def checkpoint_format(cfg: dict, source: str = "config.json") -> str | None:
+    """The layer format of a checkpoint's `quantization_config` (None: not quantized), or a
+    one-line refusal of a scheme weavelm does not load. Read: Hugging Face's FP8 (`quant_method:
+    "fp8"`, 128 x 128 block scales `weight_scale_inv`, dynamic activations: DeepSeek's and
+    Qwen's) and compressed-tensors' float 8-bit weights with per-channel or per-tensor
+    `weight_scale` (Neural Magic / Red Hat FP8 checkpoints; activations are scaled per token
+    here, a static `input_scale` is not used)."""
+    q = cfg.get("quantization_config") or cfg.get("compression_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    refuse = (f"{source}: this checkpoint is quantized with {method!r}, which weavelm does not "
+              f"load: use its bf16/fp16 original (with --quantization fp8 to quantize at load)")
+    if method == "fp8":
+        block = q.get("weight_block_size")
+        check(list(block or []) == [BLOCK, BLOCK] and q.get("fmt", "e4m3") == "e4m3",
+              f"{source}: FP8 checkpoints load with weight_block_size [128, 128] in e4m3, got "
+              f"{block!r} {q.get('fmt', 'e4m3')!r}: use a checkpoint in that layout")
+        check(q.get("activation_scheme", "dynamic") == "dynamic",
+              f"{source}: FP8 checkpoints with static activation scales are not supported: "
+              f"use one with activation_scheme 'dynamic'")
+        return "fp8-block"
+    check(method == "compressed-tensors", refuse)
+    groups = list((q.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    check(bool(weights) and all(w.get("type") == "float" and w.get("num_bits") == 8
+                                and w.get("strategy") in ("channel", "tensor")
+                                for w in weights),
+          f"{source}: compressed-tensors checkpoints load when their weights are float 8-bit "
+          f"per channel or per tensor; this one's are {weights!r:.120}: use such a checkpoint")
+    ignored = [n for n in q.get("ignore") or [] if n != "lm_head"]
+    check(not ignored, f"{source}: this checkpoint keeps {ignored[0] if ignored else ''} "
+                       f"unquantized, which weavelm does not load yet: use one that quantizes "
+                       f"every linear layer but lm_head")
+    return "fp8-channel"
+
+
+def check_codes(t: torch.Tensor, what: str) -> None:
+    if t.dtype != FP8:
+        raise ValueError(f"{what}: an FP8 checkpoint's weight must be float8_e4m3fn, got "
+                         f"{t.dtype}")
+
+
+def block_grid(shape) -> tuple[int, int]:
+    """The 128 x 128 block scales of a [rows, cols] weight."""
+    return -(-shape[0] // BLOCK), -(-shape[1] // BLOCK)
+
+
+def _scale_tensor(loaded, what: str) -> torch.Tensor:
+    t = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    if not t.is_floating_point() or t.dtype == FP8:
+        raise ValueError(f"{what}: scales must be float32/bf16/fp16, got {t.dtype}")
+    return t.float()
+
+
+def store_row_scales(dst: torch.Tensor, loaded, total: int, start: int, what: str) -> None:
+    """Rows start.. of a [total, 1] / [total] per-row scale tensor (or a per-tensor scale, []
+    or [1], for every row) into dst."""
+    t = _scale_tensor(loaded, what)
+    if t.numel() == 1 and t.dim() <= 1:
+        dst.fill_(t.reshape(()).item())
+    elif tuple(t.shape) in ((total, 1), (total,)):
+        dst.copy_(t.reshape(-1)[start:start + dst.shape[0]])
+    else:
+        raise ValueError(f"{what}: checkpoint scale has shape {tuple(t.shape)}, expected "
+                         f"({total}, 1) per row or one per tensor")
+
+
+def store_block_scales(dst: torch.Tensor, loaded, rows, cols, what: str) -> None:
+    """This rank's 128 x 128 block scales (rows / cols as `_Linear._store_scales`) into dst;
+    the shard must start on a block and end on one (or at the tensor's end)."""
+    total, offset, size, start = rows
+    width, col_start, ncols = cols
+    t = _scale_tensor(loaded, what)
+    if tuple(t.shape) != block_grid((total, width)):
+        raise ValueError(f"{what}: checkpoint block scales have shape {tuple(t.shape)}, "
+                         f"expected {block_grid((total, width))} for a {total} x {width} weight "
+                         f"in {BLOCK} x {BLOCK} blocks")
+    for name, first, n, end, at in (("rows", start, size, total, offset),
+                                    ("columns", col_start, ncols, width, 0)):
+        if first % BLOCK or at % BLOCK or (n % BLOCK and first + n != end):
+            raise ValueError(f"{what}: this TP shard's {name} ({first}..{first + n}) do not "
+                             f"fall on {BLOCK}-wide scale blocks: use a TP degree that splits "
+                             f"the layer into multiples of {BLOCK}")
+    r0, c0 = start // BLOCK, col_start // BLOCK
+    nr, nc = -(-size // BLOCK), -(-ncols // BLOCK)
+    dst[offset // BLOCK:offset // BLOCK + nr, :nc].copy_(t[r0:r0 + nr, c0:c0 + nc])
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes [R, C] float8 with 128 x 128 block scales [ceil(R/128), ceil(C/128)] -> the
+    weight, in the scales' dtype."""
+    R, C = codes.shape
+    full = scale.repeat_interleave(BLOCK, 0)[:R].repeat_interleave(BLOCK, 1)[:, :C]
+    return codes.to(full.dtype) * full
 
 
 def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:

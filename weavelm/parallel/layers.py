@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from weavelm.parallel.communicator import Communicator
-from weavelm.parallel.fp8 import FP8, building_quantization, fp8_linear, quantize_rows
+from weavelm.parallel.fp8 import (
+    FP8, block_grid, building_quantization, check_codes, dequantize_blocks, fp8_linear,
+    quantize_rows, store_block_scales, store_row_scales,
+)
 from weavelm.parallel.state import divide, get_state
 
 
@@ -90,20 +93,35 @@ class TPLayer(nn.Module):
 
 
 class _Linear(TPLayer):
-    """A TP linear layer's weight: full precision, or FP8 codes with per-row scales."""
+    """A TP linear layer's weight: full precision, or FP8 codes with per-row scales.
+
+    FP8 (`fp8.fp8_layers`): "fp8" quantizes a full-precision checkpoint's shards as they load;
+    "fp8-channel" loads an FP8 checkpoint's codes and its per-row (or per-tensor) scales,
+    `weight_scale`, as they are; "fp8-block" loads codes and 128 x 128 block scales,
+    `weight_scale_inv`, and turns them into per-row codes and scales once all are loaded
+    (`process_weights_after_loading`)."""
 
     def _make_weight(self, shape):
         self.quantization = building_quantization()
-        fp8 = self.quantization == "fp8"
+        fp8 = self.quantization is not None
         self.weight = _param(shape, FP8 if fp8 else self.params_dtype, self.device)
         self.weight.weight_loader = self.weight_loader
-        scale = torch.ones(shape[0], dtype=torch.float32, device=self.device) if fp8 else None
-        self.register_buffer("weight_scale", scale, persistent=False)
-        if fp8:
+        if self.quantization == "fp8-channel":             # loaded from the checkpoint
+            self.weight_scale = _param((shape[0],), torch.float32, self.device)
+            self.weight_scale.weight_loader = self.weight_loader
+        else:
+            scale = torch.ones(shape[0], dtype=torch.float32, device=self.device) \
+                if fp8 else None
+            self.register_buffer("weight_scale", scale, persistent=False)
+        if self.quantization == "fp8-block":
+            self.weight_scale_inv = _param(block_grid(shape), torch.float32, self.device)
+            self.weight_scale_inv.weight_loader = self.weight_loader
+        if self.quantization == "fp8":
             self.weight.store_rows = self._store_rows     # fill_random: draw, then quantize
 
     def _store(self, param, offset: int, shard, what: str) -> None:
-        """Copy a checkpoint shard into rows offset.. of `param`, quantized for an FP8 weight."""
+        """Copy a checkpoint shard into rows offset.. of `param`: quantized for an FP8 weight
+        of a full-precision checkpoint, as it is (its dtype checked) for an FP8 checkpoint."""
         src = materialize(shard)
         dst = param.data.narrow(0, offset, src.shape[0]) if src.dim() else param.data
         if param is not self.weight or self.weight_scale is None:
@@ -112,7 +130,33 @@ class _Linear(TPLayer):
         if tuple(dst.shape) != tuple(src.shape):
             raise ValueError(f"{what}: checkpoint shard has shape {tuple(src.shape)}, "
                              f"model expects {tuple(dst.shape)}")
-        self._store_rows(offset, src)
+        if self.quantization == "fp8":
+            self._store_rows(offset, src)
+            return
+        check_codes(src, what)
+        dst.copy_(src)
+
+    def _store_scales(self, param, rows: tuple[int, int, int, int], cols: tuple[int, int, int],
+                      loaded, what: str) -> None:
+        """A checkpoint scale tensor into this rank's part of `param`. rows = (checkpoint rows,
+        this shard's offset in the layer, its size, its first checkpoint row); cols =
+        (checkpoint columns, first column of this rank, columns of this rank)."""
+        total, offset, size, start = rows
+        if param is self.weight_scale:       # per row [total, 1] / [total], or per tensor
+            store_row_scales(param.data[offset:offset + size], loaded, total, start, what)
+        else:                                 # 128 x 128 blocks
+            store_block_scales(param.data, loaded, rows, cols, what)
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """FP8 block scales -> per-row codes and scales (the one FP8 GEMM path)."""
+        if self.quantization == "fp8-block":
+            codes, scale = quantize_rows(dequantize_blocks(
+                self.weight.data, self.weight_scale_inv.data.double()))    # exact products
+            self.weight.data.copy_(codes)
+            self.weight_scale.copy_(scale)
+            del self.weight_scale_inv
+            self.quantization = "fp8-channel"
 
     def _store_rows(self, offset: int, rows: torch.Tensor) -> None:
         codes, scale = quantize_rows(rows.to(self.weight.device))
@@ -142,14 +186,27 @@ class ColumnParallelLinear(_Linear):
         if bias:
             self.bias = _param((self.output_size_per_partition,), self.params_dtype, self.device)
             self.bias.weight_loader = self.weight_loader
-        for p in (self.weight, self.bias):
+        scales = [p for p in (self.weight_scale, getattr(self, "weight_scale_inv", None))
+                  if isinstance(p, nn.Parameter)]          # an FP8 checkpoint's
+        for p in (self.weight, self.bias, *scales):
             if p is not None and hasattr(self, "shard_ids"):
                 p.shard_ids = self.shard_ids       # the packed shards the loader must see
 
+    def _shard_rows(self, shard_id) -> tuple[int, int, int, int, str]:
+        """(checkpoint rows, offset in this rank's weight, rows, first checkpoint row, name)
+        of checkpoint tensor `shard_id`."""
+        size = self.output_size_per_partition
+        return self.output_size, 0, size, self.tp_rank * size, "column"
+
     def weight_loader(self, param, loaded, shard_id=None):
-        check_whole(loaded, (self.output_size,) + tuple(param.shape[1:]), "column-parallel")
-        size = param.shape[0]
-        self._store(param, 0, narrow(loaded, 0, self.tp_rank * size, size), "column shard")
+        total, offset, size, start, what = self._shard_rows(shard_id)
+        if param is self.weight_scale or param is getattr(self, "weight_scale_inv", None):
+            cols = (self.input_size, 0, self.input_size)
+            self._store_scales(param, (total, offset, size, start), cols, loaded,
+                               f"{what} scales")
+            return
+        check_whole(loaded, (total,) + tuple(param.shape[1:]), f"{what} projection")
+        self._store(param, offset, narrow(loaded, 0, start, size), f"{what} shard")
 
     def forward(self, x):
         return self._matmul(x, self.bias)                           # [T, out/N]
@@ -165,13 +222,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(input_size, sum(output_sizes), bias, params_dtype, device)
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        check_whole(loaded, (self.output_sizes[shard_id],) + tuple(param.shape[1:]),
-                    f"merged projection {shard_id}")
+    def _shard_rows(self, shard_id):
         sizes = [divide(s, self.tp_size) for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
-        self._store(param, offset, narrow(loaded, 0, self.tp_rank * size, size),
-                    f"merged shard {shard_id}")
+        return (self.output_sizes[shard_id], offset, size, self.tp_rank * size,
+                f"merged {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -198,17 +253,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         total = (self.q_size + 2 * self.kv_size) * tp
         super().__init__(hidden_size, total, bias, params_dtype, device)
 
-    def weight_loader(self, param, loaded, shard_id=None):
+    def _shard_rows(self, shard_id):
         heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
-        check_whole(loaded, (heads * self.head_dim,) + tuple(param.shape[1:]),
-                    f"{shard_id} projection")
         if shard_id == "q":
             offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         else:
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size = self.kv_size
             start = (self.tp_rank // self.kv_replicas) * self.kv_size
-        self._store(param, offset, narrow(loaded, 0, start, size), f"qkv shard {shard_id}")
+        return heads * self.head_dim, offset, size, start, f"qkv {shard_id}"
 
 
 class RowParallelLinear(_Linear):
@@ -231,8 +284,13 @@ class RowParallelLinear(_Linear):
             self.bias.weight_loader = default_weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None):
+        size = self.input_size_per_partition
+        if param is self.weight_scale or param is getattr(self, "weight_scale_inv", None):
+            rows = (self.output_size, 0, self.output_size, 0)     # every row, whole
+            cols = (self.input_size, self.tp_rank * size, size)
+            self._store_scales(param, rows, cols, loaded, "row-parallel scales")
+            return
         check_whole(loaded, (self.output_size, self.input_size), "row-parallel")
-        size = param.shape[1]
         self._store(param, 0, narrow(loaded, 1, self.tp_rank * size, size), "row shard")
 
     def forward(self, x, out: torch.Tensor | None = None):
