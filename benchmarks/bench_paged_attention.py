@@ -175,9 +175,9 @@ def shared_case(B, prefixes, prefix_len, H, Hkv, D, bs, seed=0):
 
 def shared(P, H, Hkv, D, bs):
     """The CTAs' order where sequences share a cached prefix (10 prompts of 2,048 keys, each
-    sequence's own keys after its prompt): as the batch comes, longest first, and longest
-    first with the sharers of a prefix together (the engine's order). TB/s counts every key
-    each sequence reads, shared or not (what a kernel without the cache's help must move)."""
+    sequence's own keys after its prompt; or one prompt for all): as the batch comes and
+    longest first (the engine's order). TB/s counts every key each sequence reads, shared or
+    not: past the copy rate where L2 serves the shared keys."""
     shapes = ((64, 10), (256, 10), (256, 1))
     print("\n## shared prefixes: batch x prompts of 2,048 keys; µs per call (TB/s of keys "
           "read per sequence)\n")
@@ -186,9 +186,7 @@ def shared(P, H, Hkv, D, bs):
     cases = [shared_case(B, n, 2048, H, Hkv, D, bs) for B, n in shapes]
     scale = 1 / math.sqrt(D)
     orders = [("as the batch comes", lambda tables, lens, NB: None),
-              ("longest first", lambda tables, lens, NB: P.longest_first(lens)),
-              ("longest first, sharers together (default)",
-               lambda tables, lens, NB: P.longest_first(lens, tables, NB))]
+              ("longest first (default)", lambda tables, lens, NB: P.longest_first(lens))]
     refs = [P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale).float()
             for q, kc, vc, tables, lens in cases]
     for name, make in orders:

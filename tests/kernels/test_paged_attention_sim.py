@@ -120,30 +120,6 @@ def test_split_plan(monkeypatch):
 
 
 
-def test_order_groups_sharers_of_a_prefix():
-    """With block tables, the order is a permutation in which the sequences that start in one
-    block sit together, groups by their longest member, longest first, and
-    each group longest first (checked in plain Python); sequences sharing nothing: plain longest first."""
-    g = torch.Generator().manual_seed(3)
-    for trial in range(50):
-        B = int(torch.randint(2, 40, (1,), generator=g))
-        firsts = torch.randint(1, 6 if trial % 2 else 10_000, (B,), generator=g)
-        lens = torch.randint(1, 3000, (B,), generator=g, dtype=torch.int32)
-        tables = torch.stack([firsts, torch.randint(1, 10_000, (B,), generator=g)], 1).int()
-        order = P.longest_first(lens, tables, 10_000).long().tolist()
-        assert sorted(order) == list(range(B))
-        groups = [int(tables[b, 0]) for b in order]
-        seen = [f for i, f in enumerate(groups) if i == 0 or groups[i - 1] != f]
-        assert len(seen) == len(set(seen)), "a group is split"
-        longest = {f: max(int(n) for n, t in zip(lens, firsts) if t == f) for f in seen}
-        assert [longest[f] for f in seen] == sorted((longest[f] for f in seen), reverse=True)
-        for f in seen:
-            members = [int(lens[b]) for b in order if int(tables[b, 0]) == f]
-            assert members == sorted(members, reverse=True)
-        if len(set(firsts.tolist())) == B:
-            assert [int(lens[b]) for b in order] == sorted(lens.tolist(), reverse=True)
-
-
 @sim
 @pytest.mark.parametrize("dtype,group,splits,window,rows,pipeline", [
     (torch.bfloat16, 4, 1, None, 2, False), (torch.bfloat16, 2, 4, None, 4, True),

@@ -147,26 +147,12 @@ def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
     return base, SPLIT_KEYS
 
 
-def longest_first(context_lens: torch.Tensor, block_tables: torch.Tensor | None = None,
-                  num_blocks: int = 0) -> torch.Tensor:
+def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
     """The kernel's `order`: sequence indices by key count, longest first (int32, on device;
-    once per step, shared by every layer; no host sync, so it runs inside CUDA graphs).
-
-    With `block_tables` (and the cache's `num_blocks`), sequences that start in the same cache
-    block (a shared, cached prefix) come next to one another, each group where its longest
-    member would be: their CTAs then run together and read the shared keys while they are in
-    L2, where scattered they would each read them from memory again (25 sequences on one
-    2,048-token prompt read 25 times its keys). Sequences that share nothing keep the plain
-    longest-first order."""
-    lens = context_lens.long()
-    by_len = torch.argsort(lens, descending=True, stable=True)
-    if block_tables is None or lens.numel() < 2:
-        return by_len.to(torch.int32)
-    first = block_tables[:, 0].long()
-    longest = torch.zeros(num_blocks, dtype=torch.int64, device=lens.device) \
-        .scatter_reduce_(0, first, lens, "amax")
-    group_key = ((longest[first] << 32) | first)[by_len]      # group's length, then its block
-    return by_len[torch.argsort(group_key, descending=True, stable=True)].to(torch.int32)
+    once per step, shared by every layer). Sequences that share a cached prefix are left
+    where this puts them: side by side, their CTAs ran slower, not faster (benchmarks/
+    RESULTS.md, prefix caching: the shared keys are served from L2 in either order)."""
+    return torch.argsort(context_lens, descending=True).to(torch.int32)
 
 
 def head_group(heads: int, kv_heads: int) -> int:

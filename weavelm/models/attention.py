@@ -306,13 +306,12 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
-def _order(batch: AttentionBatch, q, k_cache, lens, tables):
-    """The paged kernel's order of the decode tokens whose key counts are `lens` and block
-    tables `tables` (the step's decode tokens, or a mixed step's singles): longest first,
-    sharers of a cached prefix together; made once per batch; None where the torch reference
-    runs instead of the kernel."""
+def _order(batch: AttentionBatch, q, k_cache, lens):
+    """The paged kernel's longest-first order of the decode tokens whose key counts are `lens`
+    (the step's decode tokens, or a mixed step's singles), made once per batch; None where the
+    torch reference runs instead of the kernel."""
     if batch.order is None and q.is_cuda and supported(q, k_cache):
-        batch.order = longest_first(lens, tables, k_cache.shape[0])
+        batch.order = longest_first(lens)
     return batch.order
 
 
@@ -333,7 +332,7 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
         kc.view(-1, *kc.shape[2:]).index_copy_(0, batch.slot_mapping, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
     if batch.decode:
-        order = _order(batch, q, kc, batch.context_lens, batch.block_tables)
+        order = _order(batch, q, kc, batch.context_lens)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window, order=order)
     out = torch.empty_like(q)
@@ -341,7 +340,7 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
     if batch.singles is not None:          # a mixed step's decode tokens: one paged call
         rows, tables, lens = batch.singles
         o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
-                                   order=_order(batch, q, kc, lens, tables))
+                                   order=_order(batch, q, kc, lens))
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     for p in batch.pieces:
@@ -379,7 +378,7 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
     if batch.decode:
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping)
-        order = _order(batch, q, kc, batch.context_lens, batch.block_tables)
+        order = _order(batch, q, kc, batch.context_lens)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window, order=order)
     q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,

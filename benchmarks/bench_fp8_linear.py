@@ -1,0 +1,79 @@
+"""FP8 linear layers on one GPU against bf16, Llama-3-8B's four GEMM shapes, side by side:
+
+    python3 benchmarks/bench_fp8_linear.py [--tokens 1,16,64,256,2048]
+
+Columns, µs per call (CUDA graph of 20 calls, median of 5 replays): bf16 `F.linear`;
+`fp8_linear` (per-token activation rounding + `torch._scaled_mm` with row-wise scales: what the
+layers run); `_scaled_mm` alone on activations already in FP8 (the GEMM's share); and the
+weight-read bound of each (weight bytes / the copy rate measured here). At a few tokens a
+linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 there.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
+
+
+def graph_us(fn, calls=20, repeats=5):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_rate() -> float:
+    x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (graph_us(lambda: y.copy_(x), calls=5) * 1e-6)
+
+
+def main():
+    from weavelm.parallel.fp8 import fp8_linear, quantize_rows
+    tokens = [int(t) for t in (sys.argv[sys.argv.index("--tokens") + 1]
+                               if "--tokens" in sys.argv else "1,16,64,256,2048").split(",")]
+    rate = copy_rate()
+    print(f"## FP8 linear vs bf16, {torch.cuda.get_device_name()}, copy {rate / 1e12:.2f} TB/s; "
+          f"µs per call (CUDA graph)\n")
+    print("| GEMM | tokens | bf16 | fp8_linear | _scaled_mm only | bf16 bound | fp8 bound | "
+          "bf16 / fp8_linear | rel. error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        codes, scale = quantize_rows(w)
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            xq, xs = quantize_rows(x)
+            t_bf = graph_us(lambda: torch.nn.functional.linear(x, w))
+            t_fp8 = graph_us(lambda: fp8_linear(x, codes, scale))
+            t_mm = graph_us(lambda: torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None],
+                                                     scale_b=scale[None, :],
+                                                     out_dtype=torch.bfloat16))
+            ref = torch.nn.functional.linear(x.float(), w.float())
+            err = ((fp8_linear(x, codes, scale).float() - ref).norm() / ref.norm()).item()
+            print(f"| {name} {n}x{k} | {m} | {t_bf:.1f} | {t_fp8:.1f} | {t_mm:.1f} | "
+                  f"{2 * n * k / rate * 1e6:.1f} | {n * k / rate * 1e6:.1f} | "
+                  f"{t_bf / t_fp8:.2f}x | {err:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
