@@ -56,6 +56,8 @@ def primitives_kernel(a, b, n, x):
     f = P.multimem_ld_reduce_add_v4_f32(a + 16)
     P.multimem_st_v4_f32(b, r[0], r[1], f[2], f[3])
     P.multimem_red_add_u32(b, 1)
+    e0, e1, e2, e3 = P.unpack_e4m3x4(w[2])
+    P.store_u32(b + 120, P.pack_e4m3x4(e0 * x, e1, e2, e3))
 
 
 def multimem_only_kernel(a):
@@ -73,7 +75,8 @@ EXPECTED = [
     "mov.u64 %rd", "%globaltimer", "cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32", "cvt.f32.f16",
     "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2",
     "multimem.ld_reduce.relaxed.sys.global.add.v4.f32", "multimem.st.relaxed.sys.global.v4.f32",
-    "multimem.red.relaxed.sys.global.add.u32",
+    "multimem.red.relaxed.sys.global.add.u32", "cvt.rn.satfinite.e4m3x2.f32",
+    "cvt.rn.f16x2.e4m3x2",
 ]
 
 
@@ -170,6 +173,19 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, tmp_path):
     assert "ex2.approx.f32" in ptx and "lg2" not in ptx  # exponentials are one ex2 each
     assert ".local" not in ptx, "per-head softmax state spilled to local memory"
     assert ".minnctapersm 3" in ptx                  # the `resident` bound reaches ptxas
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("dt,vpt", [("bf16", 4), ("f32", 8)])
+def test_fp8_quant_kernel_ptx(dt, vpt, tmp_path):
+    """The FP8 row-quantization kernel compiles with its row in registers and assembles."""
+    from weavelm.kernels import fp8_quant as Q
+    ptx = Kernel("t", lambda: Q._build_kernel(dt, vpt), Q.SIGNATURE, max_threads=512).ptx()
+    for ins in ["ld.global.nc.v4.u32", "cvt.rn.satfinite.e4m3x2.f32", "shfl.sync.bfly.b32"]:
+        assert ins in ptx, ins
+    assert ".local" not in ptx and "call" not in ptx
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr

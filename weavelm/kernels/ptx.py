@@ -229,6 +229,21 @@ def _sim_unpack_f16x2(w):
     return h[0], h[1]
 
 
+def _sim_pack_e4m3x4(a, b, c, d):
+    import torch
+    t = torch.tensor([float(a), float(b), float(c), float(d)], dtype=torch.float32)
+    u = t.clamp(-448.0, 448.0).where(~t.isnan(), t).to(torch.float8_e4m3fn).view(torch.uint8)
+    return np.uint32(sum(int(u[i]) << (8 * i) for i in range(4)))
+
+
+def _sim_unpack_e4m3x4(w):
+    import torch
+    w = int(w)
+    u = torch.tensor([(w >> (8 * i)) & 0xFF for i in range(4)], dtype=torch.uint8)
+    f = u.view(torch.float8_e4m3fn).float().tolist()
+    return np.float32(f[0]), np.float32(f[1]), np.float32(f[2]), np.float32(f[3])
+
+
 # ----------------------------------------------------------------------------- loads and stores
 
 def _load(name: str, op: str, words: int, *, memory: bool):
@@ -318,6 +333,25 @@ unpack_f16x2 = _asm(
     "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
     ("f32", "f32"), ("u32",), memory=False, model=_sim_unpack_f16x2,
     doc="uint32 of two f16 -> (lo, hi) f32 (exact).")
+
+
+# FP8 (e4m3, sm_89+): cvt's first source goes to the upper byte, as for bf16x2.
+pack_e4m3x4 = _asm(
+    "pack_e4m3x4",
+    "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+    "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
+    ("u32",), ("f32", "f32", "f32", "f32"), memory=False, model=_sim_pack_e4m3x4,
+    doc="(x0, x1, x2, x3) f32 -> uint32 of four e4m3 (x0 in bits 0-7), round to nearest "
+        "even, saturated to +-448.")
+
+unpack_e4m3x4 = _asm(
+    "unpack_e4m3x4",
+    "{ .reg .b16 lo, hi, a, b, c, d; .reg .b32 h0, h1; mov.b32 {lo, hi}, $4; "
+    "cvt.rn.f16x2.e4m3x2 h0, lo; cvt.rn.f16x2.e4m3x2 h1, hi; mov.b32 {a, b}, h0; "
+    "mov.b32 {c, d}, h1; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; cvt.f32.f16 $2, c; "
+    "cvt.f32.f16 $3, d; }",
+    ("f32", "f32", "f32", "f32"), ("u32",), memory=False, model=_sim_unpack_e4m3x4,
+    doc="uint32 of four e4m3 -> (x0, x1, x2, x3) f32 (exact; x0 from bits 0-7).")
 
 
 def _sig_u32_to_f32x2(w):

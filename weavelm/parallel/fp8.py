@@ -64,6 +64,10 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes * scales[:, None] ~ w: each row scaled by its absolute maximum / 448. In float32,
     or in float64 for a float64 w (weights rounded before, whose quotients often fall exactly
     between two FP8 values: float32's own rounding would pick the side)."""
+    if w.is_cuda and w.dim() == 2:
+        from weavelm.kernels import fp8_quant
+        if fp8_quant.supported(w):                  # one pass instead of five torch ops
+            return fp8_quant.quantize_rows_cuda(w)
     w = w if w.dtype == torch.float64 else w.float()
     scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp_(min=_MIN_SCALE)
     return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale.float()

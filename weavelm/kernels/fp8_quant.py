@@ -1,0 +1,137 @@
+"""Per-row FP8 (e4m3) quantization in one pass: what an FP8 linear layer does to its input.
+
+R = rows (tokens), K = row length, V = 16-byte vectors per row, E = elements per vector.
+
+    codes, scale = quantize_rows_cuda(x)       # x [R, K] bf16 / fp16 / fp32 on a GPU
+
+scale[r] = max(|x[r]|) / 448 (at least 1e-12), codes[r] = x[r] / scale[r] rounded to the
+nearest e4m3 (even on ties), saturated to +-448: the numbers of `fp8.quantize_rows`' torch
+form, bit for bit (the same float32 division).
+
+Why: as torch ops the row maximum, division, clamp and cast are five passes over the
+activations and ~10 µs of launches; at 2,048 tokens of Llama-3-8B they took longer than the FP8
+GEMM they feed (benchmarks/RESULTS.md, FP8). One CTA per row reads it once into registers,
+reduces the maximum, and writes the codes.
+"""
+from __future__ import annotations
+
+import torch
+
+from weavelm.kernels.common import DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, remember, row_shape
+
+VPT_CLASSES = (4, MAX_VPT)
+SIGNATURE = "void(uint64, uint64, uint64, int64, int64)"
+_plans: dict = {}
+
+
+def supported(x: torch.Tensor) -> bool:
+    k = x.shape[-1] if x.dim() == 2 else 0
+    return (x.dtype in DTYPES and k % 8 == 0 and 0 < k * x.element_size() // 16 <= MAX_VEC
+            and x.is_contiguous())
+
+
+def quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (contiguous, `supported`) -> (codes [R, K] float8_e4m3fn, scales [R] fp32)."""
+    R, K = x.shape
+    codes = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(R, dtype=torch.float32, device=x.device)
+    if R:
+        dev = max(x.get_device(), 0)           # CPU (-1) only under the simulator
+        n_vec = K * x.element_size() // 16
+        kern, grid, block = _plan(DTYPES[x.dtype], n_vec, R, dev)
+        kern.launch(grid, block, dev, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), R, n_vec)
+    return codes, scale
+
+
+def _plan(dt: str, n_vec: int, rows: int, device: int):
+    key = (dt, n_vec, rows, device)
+    p = _plans.get(key)
+    if p is None:
+        from weavelm.kernels import launcher
+        from weavelm.kernels.rmsnorm import _max_ctas
+        vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
+        k = launcher.kernel(("fp8_quant", dt, vpt), lambda: _build_kernel(dt, vpt), SIGNATURE,
+                            max_threads=MAX_BLOCK)
+        p = remember(_plans, key, (k, min(rows, _max_ctas(device, block)), block))
+    return p
+
+
+cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
+
+
+def _build_kernel(dt: str, vpt: int):
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec
+
+    cuda = numba_cuda()
+    unpack, _, E = codec(dt)
+    simulator = ptx.SIMULATOR
+    sim_slots = MAX_BLOCK if simulator else 1
+    nbuf = vpt * E
+    load_nc, store_u32, pack4 = ptx.load_v4_u32_nc, ptx.store_u32, ptx.pack_e4m3x4
+    as_u32 = ptx.f32_as_u32
+
+    def fp8_quant_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_vec):
+        """One CTA per row (grid-stride); thread t holds vectors t, t + blockDim, ... of it."""
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        warp_max = cuda.shared.array(33, float32)           # [32 warp maxima, row maximum]
+        thread_max = cuda.shared.array(sim_slots, float32)  # simulator only
+        h = cuda.local.array(nbuf, float32)
+        a = cuda.local.array(E, float32)
+        row = cuda.blockIdx.x
+        while row < n_rows:
+            m = float32(0.0)
+            for j in range(vpt):
+                v = tid + j * nthreads
+                if v < n_vec:
+                    unpack(load_nc(x_ptr + (row * n_vec + v) * 16), a)
+                    for e in range(E):
+                        h[j * E + e] = a[e]
+                        m = max(m, abs(a[e]))
+            if simulator:
+                thread_max[tid] = m
+                cuda.syncthreads()
+                if tid == 0:
+                    t = float32(0.0)
+                    for i in range(nthreads):
+                        t = max(t, thread_max[i])
+                    warp_max[32] = t
+            else:
+                lane = tid & 31
+                k = 16
+                while k > 0:
+                    m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, k))
+                    k >>= 1
+                if lane == 0:
+                    warp_max[tid >> 5] = m
+                cuda.syncthreads()
+                if tid < 32:
+                    t = warp_max[lane] if lane < (nthreads >> 5) else float32(0.0)
+                    k = 16
+                    while k > 0:
+                        t = max(t, cuda.shfl_xor_sync(0xFFFFFFFF, t, k))
+                        k >>= 1
+                    if lane == 0:
+                        warp_max[32] = t
+            cuda.syncthreads()
+            s = max(warp_max[32] / float32(448.0), float32(1e-12))
+            if tid == 0:
+                store_u32(scale_ptr + row * 4, as_u32(s))
+            for j in range(vpt):
+                v = tid + j * nthreads
+                if v < n_vec:
+                    out = codes_ptr + (row * n_vec + v) * E
+                    for q in range(E // 4):
+                        o = j * E + 4 * q
+                        store_u32(out + 4 * q, pack4(h[o] / s, h[o + 1] / s, h[o + 2] / s,
+                                                     h[o + 3] / s))
+            cuda.syncthreads()          # warp_max[32] is rewritten only after every read
+            row += cuda.gridDim.x
+
+    fp8_quant_kernel.__name__ = f"fp8_quant_{dt}_v{vpt}"
+    return fp8_quant_kernel
