@@ -3,6 +3,10 @@ decode), transformers eager, transformers with `cache_implementation="static"` (
 itself), and the weight-read roofline (weight bytes / the copy rate measured in this run).
 
     python3 benchmarks/bench_decode.py --shape llama3-8b --batches 1,16,64 --prompt 128 --new 128
+    python3 benchmarks/bench_decode.py --engines weavelm,weavelm-fp8      # FP8 weights beside bf16
+
+`weavelm-fp8` is the same weights quantized at load (`quantization="fp8"`), with its own
+roofline (the FP8 model's weight bytes / the copy rate).
 
 Every engine gets the same random weights (weavelm loads transformers' state dict through its
 own weight loaders), the same prompts and greedy decoding with EOS ignored. Decode tokens/s =
@@ -88,8 +92,9 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="weavelm,transformers,transformers-static",
-                    help="which to run; transformers-static runs at batch 1 only (it compiles "
-                         "per batch size)")
+                    help="which to run (weavelm, weavelm-fp8, transformers, "
+                         "transformers-static); transformers-static runs at batch 1 only (it "
+                         "compiles per batch size)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -114,18 +119,29 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     gpu = torch.cuda.get_device_name()
     t = time.perf_counter()
+    length = args.prompt + args.new + 8
+    # a fixed cache, so that a second engine (FP8) fits beside the first
+    blocks = max(batches) * -(-length // 16) + 64
     ours = LLM.from_weights(hf_cfg.to_dict(), hf.state_dict().items(), tp=1, device="cuda",
-                            dtype="bfloat16", max_model_len=args.prompt + args.new + 8,
-                            max_num_seqs=max(batches))
+                            dtype="bfloat16", max_model_len=length, max_num_seqs=max(batches),
+                            num_kv_blocks=blocks)
     start_s = time.perf_counter() - t
+    ours8 = fp8_bytes = None
+    if "weavelm-fp8" in engines:
+        ours8 = LLM.from_weights(hf_cfg.to_dict(), hf.state_dict().items(), tp=1,
+                                 device="cuda", dtype="bfloat16", max_model_len=length,
+                                 max_num_seqs=max(batches), num_kv_blocks=blocks,
+                                 quantization="fp8")
+        fp8_bytes = sum(p.numel() * p.element_size() for p in ours8.engine.runner.model
+                        .parameters())
     rate = copy_rate()
     print(f"weavelm: start-up {start_s:.1f} s (graph capture {ours.runner.capture_seconds:.1f} s,"
           f" {len(ours.runner.graphs)} batch sizes), KV cache {ours.runner.kv_tokens} tokens; "
           f"copy rate {rate / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB", flush=True)
 
-    def run_ours(prompts, n):
-        return ours.generate_from_ids(prompts.tolist(), SamplingParams(max_new_tokens=n,
-                                                                       ignore_eos=True))
+    def run_ours(prompts, n, llm=ours):
+        return llm.generate_from_ids(prompts.tolist(), SamplingParams(max_new_tokens=n,
+                                                                      ignore_eos=True))
 
     def run_hf(prompts, n, **kw):
         ids = prompts.cuda()
@@ -133,14 +149,16 @@ def main():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
-    runs = {"weavelm": run_ours, "transformers": run_hf,
+    runs = {"weavelm": run_ours, "weavelm-fp8": lambda p, n: run_ours(p, n, ours8),
+            "transformers": run_hf,
             "transformers-static": lambda p, n: run_hf(p, n, cache_implementation="static")}
     rows = []
     for B in batches:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, cfg["vocab_size"], (B, args.prompt), generator=g)
         roofline = B * rate / weight_bytes
-        row = {"batch": B, "roofline": roofline}
+        row = {"batch": B, "roofline": roofline,
+               "roofline-fp8": B * rate / fp8_bytes if fp8_bytes else None}
         for name in engines:
             if name == "transformers-static" and B != 1:
                 continue
@@ -153,6 +171,8 @@ def main():
         if "weavelm" in engines:
             row["host_ms"] = host_step_ms(ours, B, args.prompt)
             row["gpu_ms"] = replay_gpu_ms(ours, B)
+        if ours8 is not None:
+            row["gpu_ms_fp8"] = replay_gpu_ms(ours8, B)
         rows.append(row)
 
     print(f"\n## decode, {args.shape} ({cfg['num_hidden_layers']} layers), random weights, bf16, "
@@ -174,6 +194,17 @@ def main():
               f"{fmt(ratio(w, r.get('transformers')), '.2f')} | "
               f"{fmt(ratio(w, r.get('transformers-static')), '.2f')} | "
               f"{fmt(r.get('host_ms'), '.3f')} | {fmt(r.get('gpu_ms'), '.3f')} |")
+    if ours8 is not None:
+        print(f"\n## FP8 weights (quantization=\"fp8\"): {fp8_bytes / 1e9:.2f} GB of weights\n")
+        print("| batch | weavelm-fp8 tok/s | FP8 roofline | / FP8 roofline | / weavelm bf16 | "
+              "GPU ms per step fp8 | bf16 |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            f8, bf = r.get("weavelm-fp8"), r.get("weavelm")
+            print(f"| {r['batch']} | {fmt(f8)} | {fmt(r['roofline-fp8'])} | "
+                  f"{fmt(f8 / r['roofline-fp8'] if f8 else None, '.2f')} | "
+                  f"{fmt(f8 / bf if f8 and bf else None, '.2f')} | "
+                  f"{fmt(r.get('gpu_ms_fp8'), '.3f')} | {fmt(r.get('gpu_ms'), '.3f')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": gpu, "args": vars(args), "copy_rate": rate,

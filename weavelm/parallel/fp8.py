@@ -11,7 +11,9 @@ activations' dtype (the fused communicator and the weave keep bf16 activations).
     y = fp8_linear(x, layer.weight, layer.weight_scale)
 
 Where: on CUDA GPUs of compute capability 8.9 and up, `torch._scaled_mm` (cuBLASLt, FP8 tensor
-cores) with row-wise scales; elsewhere (CPU, older GPUs) the same rounding of x, then both
+cores) with row-wise scales, and for up to 4 tokens (decode) weavelm's FP8 GEMV
+(`kernels/fp8_gemv.py`), both fed by one-pass activation rounding (`kernels/fp8_quant.py`);
+elsewhere (CPU, older GPUs) the same rounding of x, then both
 operands dequantized to fp32 for the matmul: the numbers the GPU path computes, up to the order
 of the fp32 sums, so CPU tests cover loading, sharding and scales.
 """
@@ -191,7 +193,10 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_rows(x2)
-    if _scaled_mm_ok(x2, codes) and x2.shape[0] > 0:
+    from weavelm.kernels import fp8_gemv
+    if _scaled_mm_ok(x2, codes) and fp8_gemv.supported(xq, codes, x.dtype):
+        y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype)     # a few tokens
+    elif _scaled_mm_ok(x2, codes) and x2.shape[0] > 0:
         y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
                              out_dtype=x.dtype)
     else:

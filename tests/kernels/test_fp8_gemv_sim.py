@@ -1,0 +1,36 @@
+"""The FP8 GEMV kernel, the same source the GPU compiles, run in numba's CUDA simulator against
+the dequantized product in float32 (`fp8_gemv_ref`, what the CPU path computes): 1 to 4 tokens,
+rows in several rounds of the grid, bf16 and fp16 outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from simulator_run import IN_SIM, run_sim_tests
+
+sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (test_in_simulator)")
+
+
+@sim
+@pytest.mark.parametrize("m,n,k,dtype", [(1, 8, 32, torch.bfloat16), (3, 24, 48, torch.bfloat16),
+                                         (4, 4, 1024, torch.float16), (2, 40, 16, torch.bfloat16)])
+def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, monkeypatch):
+    from weavelm.kernels import fp8_gemv as G
+    from weavelm.parallel.fp8 import quantize_rows
+    if n == 40:                           # one CTA: its warps take the rows in three rounds
+        monkeypatch.setattr(G, "WAVES", 1)
+        monkeypatch.setitem(G._sms, 0, 1)
+        G._plans.clear()
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
+    xq, xs = quantize_rows(x)
+    codes, ws = quantize_rows(w)
+    assert G.supported(xq, codes, dtype)
+    got = G.fp8_gemv_cuda(xq, xs, codes, ws, dtype)
+    want = G.fp8_gemv_ref(xq, xs, codes, ws, torch.float32)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-3)
+
+
+def test_in_simulator():
+    if IN_SIM:
+        pytest.skip("already in the simulator")
+    run_sim_tests(__file__, timeout=900)

@@ -1,0 +1,155 @@
+"""FP8 matrix-vector products for a few tokens (decode): y = (xq * xs) (codes * ws)^T.
+
+M = tokens (1..MAX_TOKENS), N = output rows, K = inputs, Kv = K / 16 (16-byte vectors of FP8).
+
+    y = fp8_gemv_cuda(xq, xs, codes, ws, dtype)     # [M, N] in dtype (bf16 / fp16 / fp32)
+
+xq [M, K] and codes [N, K] float8_e4m3fn, xs [M] and ws [N] float32 (per-token and per-row
+scales: `fp8.quantize_rows`); sums in fp32, scaled once, rounded once. The numbers of
+`torch._scaled_mm` with row-wise scales, up to the order of the fp32 sums.
+
+Why: at 1-4 tokens a linear layer is bound by reading its weights, and cuBLASLt's FP8 GEMM
+reads them at well under the copy rate there (qkv of Llama-3-8B at one token: 17 µs for 25 MB,
+where 1 byte per weight at the copy rate takes 10; the down projection no faster than bf16:
+benchmarks/RESULTS.md, FP8). Here a warp streams ROWS rows of `codes`, each lane one 16-byte
+vector (16 weights) of each row per step with `ld.global.nc.L1::no_allocate`, all ROWS loads
+issued before the first is used; the tokens' vectors of the same columns come through L1 (every
+warp reads them), are unpacked once per step for the ROWS rows, and each lane keeps M x ROWS
+fp32 partial sums, reduced over the warp with shuffles at the end of the rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from weavelm.kernels.common import DTYPES, remember
+
+MAX_TOKENS = 4
+ROWS = 4                        # output rows per warp at a time
+WARPS = 4                       # per CTA
+WAVES = 8                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
+SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
+_plans: dict = {}
+_sms: dict[int, int] = {}
+
+
+def supported(xq: torch.Tensor, codes: torch.Tensor, dtype) -> bool:
+    M, K = xq.shape
+    N = codes.shape[0]
+    return (1 <= M <= MAX_TOKENS and K % 16 == 0 and N % ROWS == 0 and dtype in DTYPES
+            and dtype != torch.float32 and xq.is_contiguous() and codes.is_contiguous())
+
+
+def fp8_gemv_ref(xq, xs, codes, ws, dtype) -> torch.Tensor:
+    return ((xq.float() * xs[:, None]) @ (codes.float() * ws[:, None]).t()).to(dtype)
+
+
+def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None) -> torch.Tensor:
+    """Launcher (contract in the module doc; `supported` must hold)."""
+    M, K = xq.shape
+    N = codes.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=dtype, device=xq.device)
+    dev = max(xq.get_device(), 0)              # CPU (-1) only under the simulator
+    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev)
+    kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
+                ws.data_ptr(), out.data_ptr(), M, N, K // 16)
+    return out
+
+
+def _tmax(m: int) -> int:
+    return 1 if m == 1 else 2 if m == 2 else 4
+
+
+def _plan(dt: str, tmax: int, N: int, device: int):
+    key = (dt, tmax, N, device)
+    p = _plans.get(key)
+    if p is None:
+        from weavelm.kernels import launcher
+        sms = _sms.get(device)
+        if sms is None:
+            sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
+                if torch.cuda.is_available() else 4
+        grid = max(1, min(-(-N // (ROWS * WARPS)), sms * WAVES))
+        k = launcher.kernel(("fp8_gemv", dt, tmax), lambda: _build_kernel(dt, tmax), SIGNATURE,
+                            max_threads=32 * WARPS)
+        p = remember(_plans, key, (k, grid))
+    return p
+
+
+cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
+
+
+def _build_kernel(dt: str, tmax: int):
+    global cuda
+    from numba import float32, uint32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.paged_attention_kernels import lane_sum_fn
+
+    cuda = numba_cuda()
+    lane_sum = lane_sum_fn(32)
+    simulator = ptx.SIMULATOR
+    red_n = 32 * WARPS if simulator else 1
+    pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
+    load_w, load_x, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
+    unpack4, store_u32, as_f32 = ptx.unpack_e4m3x4, ptx.store_u32, ptx.u32_as_f32
+    n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
+
+    def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        red = cuda.shared.array(red_n, float32)          # simulator: the warp sums
+        acc = cuda.local.array(n_acc, float32)           # [token, row] partial sums
+        xf = cuda.local.array(n_x, float32)              # [token, 16] this step's inputs
+        wv = cuda.local.array(n_w, uint32)               # [row, word] this step's weights
+        wf = cuda.local.array(16, float32)
+        warp = cuda.blockIdx.x * WARPS + (tid >> 5)
+        nwarps = cuda.gridDim.x * WARPS
+        # every warp runs the same number of rounds (the simulator's sums are block barriers)
+        rounds = (N // ROWS + nwarps - 1) // nwarps
+        for rnd in range(rounds):
+            row0 = (rnd * nwarps + warp) * ROWS
+            for i in range(n_acc):
+                acc[i] = float32(0.0)
+            if row0 < N:
+                v = lane
+                while v < Kv:
+                    for r in range(ROWS):                 # the loads first: ROWS in flight
+                        w = load_w(w_ptr + ((row0 + r) * Kv + v) * 16)
+                        for q in range(4):
+                            wv[r * 4 + q] = w[q]
+                    for m in range(tmax):
+                        if m < M:
+                            x = load_x(xq_ptr + (m * Kv + v) * 16)
+                            for q in range(4):
+                                a, b, c, d = unpack4(x[q])
+                                xf[m * 16 + 4 * q] = a
+                                xf[m * 16 + 4 * q + 1] = b
+                                xf[m * 16 + 4 * q + 2] = c
+                                xf[m * 16 + 4 * q + 3] = d
+                    for r in range(ROWS):
+                        for q in range(4):
+                            a, b, c, d = unpack4(wv[r * 4 + q])
+                            wf[4 * q], wf[4 * q + 1], wf[4 * q + 2], wf[4 * q + 3] = a, b, c, d
+                        for m in range(tmax):
+                            s = acc[m * ROWS + r]
+                            for e in range(16):
+                                s += xf[m * 16 + e] * wf[e]
+                            acc[m * ROWS + r] = s
+                    v += 32
+            for i in range(n_acc):
+                acc[i] = lane_sum(acc[i], red, tid)
+            if lane == 0 and row0 < N:
+                for m in range(tmax):
+                    if m < M:
+                        sx = as_f32(load_u32(xs_ptr + m * 4))
+                        out = y_ptr + (m * N + row0) * 2
+                        for r in range(0, ROWS, 2):
+                            y0 = acc[m * ROWS + r] * sx * as_f32(load_u32(ws_ptr + (row0 + r) * 4))
+                            y1 = acc[m * ROWS + r + 1] * sx * \
+                                as_f32(load_u32(ws_ptr + (row0 + r + 1) * 4))
+                            store_u32(out + r * 2, pack2(y0, y1))
+
+    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}"
+    return fp8_gemv_kernel
