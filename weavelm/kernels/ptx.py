@@ -17,7 +17,7 @@ Conventions
 * In LLVM inline asm `$N` is operand N and a literal `$` would be `$$`; none is needed here.
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) intrinsics cannot run, so every name is bound
-to a plain-Python model instead: memory primitives read and write host memory at the address
+to a plain-Python model instead (`ptx_sim.py`): memory primitives read and write host memory at the address
 (the simulator's "device" memory is host memory, so a kernel handed `tensor.data_ptr()` of CPU
 tensors runs unchanged); conversions are modelled bit-exactly with numpy. Multimem instructions
 act on an emulated multicast object (`multicast_sim.py`: a multicast address is a group table of
@@ -25,14 +25,14 @@ every rank's buffer and an offset).
 """
 from __future__ import annotations
 
-import ctypes
-import threading
-import time
-
-import numpy as np
-
 from weavelm.kernels import multicast_sim
 from weavelm.kernels._numba_compat import simulator_enabled
+from weavelm.kernels.ptx_sim import (
+    _bits_f32, _sim_atom_add, _sim_atom_cas, _sim_fence, _sim_globaltimer,
+    _sim_ld_u32, _sim_ld_u64, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4, _sim_pack_f16x2,
+    _sim_red_add, _sim_st_u32, _sim_st_v4, _sim_unpack_bf16x2, _sim_unpack_e4m3x4,
+    _sim_f32_as_u32, _sim_unpack_f16x2,
+)
 
 SIMULATOR = simulator_enabled()
 
@@ -135,113 +135,6 @@ def _ir(name: str, doc: str, sig_fn, codegen_fn, *, model):
         sig = sig_fn(*args)
         return (sig, codegen_fn) if sig is not None else None
     return _make_intrinsic(typer, 1, name, doc)
-
-
-# ----------------------------------------------------------------------------- simulator models
-# Host memory at a raw address; a lock makes the atomics atomic across the simulator's threads.
-
-_SIM_ATOMIC = threading.Lock()
-
-
-def _u32s(addr, n):
-    return (ctypes.c_uint32 * n).from_address(int(addr))
-
-
-def _sim_ld_v4(addr):
-    w = _u32s(addr, 4)
-    return (np.uint32(w[0]), np.uint32(w[1]), np.uint32(w[2]), np.uint32(w[3]))
-
-
-def _sim_st_v4(addr, a, b, c, d):
-    _u32s(addr, 4)[:] = [int(a) & 0xFFFFFFFF, int(b) & 0xFFFFFFFF,
-                         int(c) & 0xFFFFFFFF, int(d) & 0xFFFFFFFF]
-
-
-def _sim_ld_u32(addr):
-    return np.uint32(_u32s(addr, 1)[0])
-
-
-def _sim_st_u32(addr, v):
-    _u32s(addr, 1)[0] = int(v) & 0xFFFFFFFF
-
-
-def _sim_ld_u64(addr):
-    return np.uint64((ctypes.c_uint64 * 1).from_address(int(addr))[0])
-
-
-def _sim_atom_add(addr, v):
-    with _SIM_ATOMIC:
-        old = _u32s(addr, 1)[0]
-        _u32s(addr, 1)[0] = (old + int(v)) & 0xFFFFFFFF
-    return np.uint32(old)
-
-
-def _sim_atom_cas(addr, cmp, new):
-    with _SIM_ATOMIC:
-        old = _u32s(addr, 1)[0]
-        if old == int(cmp) & 0xFFFFFFFF:
-            _u32s(addr, 1)[0] = int(new) & 0xFFFFFFFF
-    return np.uint32(old)
-
-
-def _sim_red_add(addr, v):
-    _sim_atom_add(addr, v)
-
-
-def _sim_fence():
-    pass  # the simulator's threads share one coherent memory
-
-
-def _sim_globaltimer():
-    return np.uint64(time.monotonic_ns())
-
-
-def _f32_bits(x) -> int:
-    return int(np.float32(x).view(np.uint32))
-
-
-def _bits_f32(u) -> np.float32:
-    return np.uint32(int(u) & 0xFFFFFFFF).view(np.float32)
-
-
-def _sim_pack_bf16x2(lo, hi):
-    def rne(x):  # float32 -> bf16 bits, round to nearest even; NaN -> canonical 0x7FFF
-        u = _f32_bits(x)
-        if (u & 0x7FFFFFFF) > 0x7F800000:
-            return 0x7FFF
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-    return np.uint32(rne(lo) | (rne(hi) << 16))
-
-
-def _sim_unpack_bf16x2(w):
-    w = int(w)
-    return _bits_f32((w & 0xFFFF) << 16), _bits_f32(w & 0xFFFF0000)
-
-
-def _sim_pack_f16x2(lo, hi):
-    h = np.array([lo, hi], dtype=np.float32).astype(np.float16).view(np.uint16)  # RNE
-    return np.uint32(int(h[0]) | (int(h[1]) << 16))
-
-
-def _sim_unpack_f16x2(w):
-    w = int(w)
-    h = np.array([w & 0xFFFF, w >> 16], dtype=np.uint16).view(np.float16).astype(np.float32)
-    return h[0], h[1]
-
-
-def _sim_pack_e4m3x4(a, b, c, d):
-    import torch
-    t = torch.tensor([float(a), float(b), float(c), float(d)], dtype=torch.float32)
-    u = t.clamp(-448.0, 448.0).where(~t.isnan(), t).to(torch.float8_e4m3fn).view(torch.uint8)
-    return np.uint32(sum(int(u[i]) << (8 * i) for i in range(4)))
-
-
-def _sim_unpack_e4m3x4(w):
-    import torch
-    w = int(w)
-    u = torch.tensor([(w >> (8 * i)) & 0xFF for i in range(4)], dtype=torch.uint8)
-    f = u.view(torch.float8_e4m3fn).float().tolist()
-    return np.float32(f[0]), np.float32(f[1]), np.float32(f[2]), np.float32(f[3])
 
 
 # ----------------------------------------------------------------------------- loads and stores
@@ -385,7 +278,7 @@ u32_as_f32 = _ir(
 f32_as_u32 = _ir(
     "f32_as_u32", "Reinterpret a float32's bits as uint32 (a register move, no conversion).",
     lambda x: types.uint32(types.float32) if isinstance(x, (types.Float, types.Integer)) else None,
-    _cg_bitcast, model=lambda x: np.uint32(_f32_bits(x)))
+    _cg_bitcast, model=_sim_f32_as_u32)
 
 # ----------------------------------------------------------------------------- Hopper multimem
 # Only valid on a multicast address (cuMulticast*) on sm_90+. Never executed on the shared
