@@ -17,7 +17,10 @@ def test_quantize_kernel_equals_the_torch_form():
     for rows, k in ((1, 4096), (300, 14336), (7, 1024)):
         x = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         codes, scale = quantize_rows_cuda(x)
-        want_scale = (x.float().abs().amax(-1) / 448).clamp(min=1e-12)
+        # (a tensor divisor: torch on CUDA divides by a Python number as a multiplication by
+        # its reciprocal, which the kernel and the CPU path do not)
+        d448 = torch.full((rows,), 448.0, device="cuda")
+        want_scale = (x.float().abs().amax(-1) / d448).clamp(min=1e-12)
         want = (x.float() / want_scale[:, None]).clamp(-448, 448).to(fp8.FP8)
         assert torch.equal(scale, want_scale)
         assert torch.equal(codes.view(torch.uint8), want.view(torch.uint8))
