@@ -25,9 +25,6 @@ from weavelm.kernels.common import DTYPES, remember
 
 MAX_TOKENS = 4
 ROWS = 4                        # output rows per warp at a time
-# steps of 32 vectors a lane loads before using them: more where few rows keep few warps busy
-# (a 4096-row layer has 1,024 warps of 4 rows: ~8 per SM, too few loads in flight otherwise)
-UNROLL_SMALL, UNROLL_LARGE, SMALL_ROWS = 4, 2, 8192
 WARPS = 4                       # per CTA
 WAVES = 8                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
@@ -73,10 +70,7 @@ def _plan(dt: str, tmax: int, N: int, device: int):
             sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
                 if torch.cuda.is_available() else 4
         grid = max(1, min(-(-N // (ROWS * WARPS)), sms * WAVES))
-        # (the larger unroll keeps its words in registers at one token only)
-        unroll = UNROLL_SMALL if N <= SMALL_ROWS and tmax == 1 else UNROLL_LARGE
-        k = launcher.kernel(("fp8_gemv", dt, tmax, unroll),
-                            lambda: _build_kernel(dt, tmax, unroll), SIGNATURE,
+        k = launcher.kernel(("fp8_gemv", dt, tmax), lambda: _build_kernel(dt, tmax), SIGNATURE,
                             max_threads=32 * WARPS)
         p = remember(_plans, key, (k, grid))
     return p
@@ -85,7 +79,7 @@ def _plan(dt: str, tmax: int, N: int, device: int):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tmax: int, unroll: int = UNROLL_LARGE):
+def _build_kernel(dt: str, tmax: int):
     global cuda
     from numba import float32, uint32
 
@@ -100,7 +94,7 @@ def _build_kernel(dt: str, tmax: int, unroll: int = UNROLL_LARGE):
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
     load_w, load_x, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     unpack4, store_u32, as_f32 = ptx.unpack_e4m3x4, ptx.store_u32, ptx.u32_as_f32
-    n_acc, n_x, n_w = tmax * ROWS, tmax * 16, unroll * ROWS * 4
+    n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
 
     def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
         tid = cuda.threadIdx.x
@@ -119,38 +113,31 @@ def _build_kernel(dt: str, tmax: int, unroll: int = UNROLL_LARGE):
             for i in range(n_acc):
                 acc[i] = float32(0.0)
             if row0 < N:
-                v0 = lane
-                while v0 < Kv:
-                    for u in range(unroll):               # the loads first: all in flight
-                        v = v0 + 32 * u
-                        if v < Kv:
-                            for r in range(ROWS):
-                                w = load_w(w_ptr + ((row0 + r) * Kv + v) * 16)
-                                for q in range(4):
-                                    wv[(u * ROWS + r) * 4 + q] = w[q]
-                    for u in range(unroll):
-                        v = v0 + 32 * u
-                        if v < Kv:
-                            for m in range(tmax):
-                                if m < M:
-                                    x = load_x(xq_ptr + (m * Kv + v) * 16)
-                                    for q in range(4):
-                                        a, b, c, d = unpack4(x[q])
-                                        xf[m * 16 + 4 * q] = a
-                                        xf[m * 16 + 4 * q + 1] = b
-                                        xf[m * 16 + 4 * q + 2] = c
-                                        xf[m * 16 + 4 * q + 3] = d
-                            for r in range(ROWS):
-                                for q in range(4):
-                                    a, b, c, d = unpack4(wv[(u * ROWS + r) * 4 + q])
-                                    wf[4 * q], wf[4 * q + 1] = a, b
-                                    wf[4 * q + 2], wf[4 * q + 3] = c, d
-                                for m in range(tmax):
-                                    s = acc[m * ROWS + r]
-                                    for e in range(16):
-                                        s += xf[m * 16 + e] * wf[e]
-                                    acc[m * ROWS + r] = s
-                    v0 += 32 * unroll
+                v = lane
+                while v < Kv:
+                    for r in range(ROWS):                 # the loads first: ROWS in flight
+                        w = load_w(w_ptr + ((row0 + r) * Kv + v) * 16)
+                        for q in range(4):
+                            wv[r * 4 + q] = w[q]
+                    for m in range(tmax):
+                        if m < M:
+                            x = load_x(xq_ptr + (m * Kv + v) * 16)
+                            for q in range(4):
+                                a, b, c, d = unpack4(x[q])
+                                xf[m * 16 + 4 * q] = a
+                                xf[m * 16 + 4 * q + 1] = b
+                                xf[m * 16 + 4 * q + 2] = c
+                                xf[m * 16 + 4 * q + 3] = d
+                    for r in range(ROWS):
+                        for q in range(4):
+                            a, b, c, d = unpack4(wv[r * 4 + q])
+                            wf[4 * q], wf[4 * q + 1], wf[4 * q + 2], wf[4 * q + 3] = a, b, c, d
+                        for m in range(tmax):
+                            s = acc[m * ROWS + r]
+                            for e in range(16):
+                                s += xf[m * 16 + e] * wf[e]
+                            acc[m * ROWS + r] = s
+                    v += 32
             for i in range(n_acc):
                 acc[i] = lane_sum(acc[i], red, tid)
             if lane == 0 and row0 < N:
