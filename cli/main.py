@@ -67,6 +67,7 @@ def generate(
     enforce_eager: options.EnforceEager = False,
     enable_prefix_caching: options.PrefixCaching = True,
     quantization: options.Quantization = None,
+    kv_cache_dtype: options.KvCacheDtype = "auto",
     mode: options.Mode = "auto",
     collective_timeout: Optional[float] = typer.Option(None, "--collective-timeout", help=(
         "Seconds a rank waits for peers [default: $WEAVELM_COLLECTIVE_TIMEOUT or 30 CPU/300 GPU].")),
@@ -97,7 +98,7 @@ def generate(
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching, quantization=quantization,
-        collective_timeout=collective_timeout)
+        kv_cache_dtype=kv_cache_dtype, collective_timeout=collective_timeout)
     # Tokenize here, before any rank starts or loads weights, so a bad prompt fails fast.
     from weavelm.models.tokenizer import apply_chat, encode, load_tokenizer
     tokenizer = load_tokenizer(source.path)
@@ -293,6 +294,7 @@ def bench_throughput(
     seed: int = typer.Option(0, help="Workload and weights seed."),
     enable_prefix_caching: options.PrefixCaching = True,
     quantization: options.Quantization = None,
+    kv_cache_dtype: options.KvCacheDtype = "auto",
     max_num_seqs: options.MaxNumSeqs = 256,
     max_num_batched_tokens: options.MaxNumBatchedTokens = 8192,
     gpu_memory_utilization: options.GpuMemoryUtilization = 0.9,
@@ -327,7 +329,7 @@ def bench_throughput(
                           gpu_memory_utilization=gpu_memory_utilization,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching,
-                          quantization=quantization)
+                          quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
                                                   f"--num-prefixes >= 1, got {prefix_len}, "
                                                   f"{num_prefixes}")

@@ -38,6 +38,9 @@ PrefixCaching = Annotated[bool, typer.Option(
 Quantization = Annotated[Optional[str], typer.Option(
     "--quantization", "-q", help="fp8: FP8 (e4m3) weights, quantized per output channel at "
                                  "load; activations per token [default: the checkpoint's dtype].")]
+KvCacheDtype = Annotated[str, typer.Option(
+    "--kv-cache-dtype", help="auto (the model's dtype) or fp8: K and V stored in e4m3, twice "
+                             "the tokens in the same memory (CPU only so far).")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs for decode.")]
 

@@ -42,6 +42,7 @@ def serve(
     enforce_eager: options.EnforceEager = False,
     enable_prefix_caching: options.PrefixCaching = True,
     quantization: options.Quantization = None,
+    kv_cache_dtype: options.KvCacheDtype = "auto",
     num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks",
                                                 help="Fix the KV cache's size in blocks."),
     shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
@@ -105,7 +106,7 @@ def serve(
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching, quantization=quantization,
-        num_kv_blocks=num_kv_blocks)
+        kv_cache_dtype=kv_cache_dtype, num_kv_blocks=num_kv_blocks)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         # as uvicorn binds: TIME_WAIT entries of an earlier run on this port do not block it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,6 +33,7 @@ class EngineConfig:
     device: str | None = None             # cpu, cuda, cuda:N; None: cuda if present
     dtype: object = None                  # a name of DTYPES or a torch.dtype; None: bf16 / fp32
     quantization: str | None = None       # "fp8": FP8 weights quantized at load (vLLM's name)
+    kv_cache_dtype: str = "auto"          # "fp8": K and V stored in e4m3 (vLLM's name)
     max_model_len: int | None = None      # None: the model's context (set by `for_model`)
     allow_pickle: bool = False
     backend: str | None = None            # communicator; None: auto on GPUs, torch on CPU
@@ -54,6 +55,8 @@ class EngineConfig:
               f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         from weavelm.parallel.fp8 import check_method
         check_method(self.quantization)
+        from weavelm.models.kv_cache import check_kv_cache_dtype
+        check_kv_cache_dtype(self.kv_cache_dtype)
         check(self.max_model_len is None or _positive_int(self.max_model_len),
               f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         check(self.backend in (None, *BACKENDS),

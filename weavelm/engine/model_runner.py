@@ -31,7 +31,8 @@ from weavelm.weave.executor import Executor
 from weavelm.weave.policy import SchedulePolicy
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
-from weavelm.models.attention import AttentionBatch, PagedKVCache, Piece
+from weavelm.models.attention import AttentionBatch, Piece
+from weavelm.models.kv_cache import PagedKVCache, cache_dtype
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.decoder import WovenDecoder, StepInput
 from weavelm.parallel.communicator import Communicator
@@ -68,11 +69,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.kv_dtype = cache_dtype(config.kv_cache_dtype, model.lm_head.weight.dtype)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager \
             and self._paged_kernel_applies()
         if self.use_graphs:
             self._make_static_buffers()
-        self.kv = model.make_kv_cache(self._num_blocks(), self.block_size)
+        self.kv = model.make_kv_cache(self._num_blocks(), self.block_size, self.kv_dtype)
         self.blocks = BlockAllocator(self.kv.num_blocks, self.block_size,
                                      caching=config.enable_prefix_caching)
         log.info("weavelm KV cache: %d blocks of %d tokens (%d tokens; and one scratch block) "
@@ -102,7 +104,7 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         layers, kv_heads, head_dim = self.model.kv_cache_shape()
         return PagedKVCache.bytes_per_block(layers, self.block_size, kv_heads, head_dim,
-                                            self.model.lm_head.weight.dtype)
+                                            self.kv_dtype)
 
     def _num_blocks(self) -> int:
         cfg = self.config
@@ -129,7 +131,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         nb = 1 + sum(-(-n // self.block_size) for n in lengths)
-        scratch = self.model.make_kv_cache(nb, self.block_size)
+        scratch = self.model.make_kv_cache(nb, self.block_size, self.kv_dtype)
         scratch_bytes = torch.cuda.memory_allocated() - before
         pieces, start = [], 0
         for n in lengths:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
-from weavelm.kernels.rope_cache import rope_and_cache
+from weavelm.kernels.rope_cache import rope_and_cache, rotate_half_ref
 from weavelm.models.host_inputs import fill_block_table, host_to_device
+from weavelm.models.kv_cache import PagedKVCache  # noqa: F401  (the cache of every step)
 
 
 @dataclass(frozen=True)
@@ -154,21 +155,6 @@ def prefill_batch(lengths: list[int], block_size: int, device
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     return AttentionBatch.build(pieces, tables, block_size, device), positions, \
         1 + sum(len(t) for t in tables)
-
-
-class PagedKVCache:
-    """Per-layer K and V blocks [NB, bs, Hkv, Dh] of this rank's KV heads."""
-
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype, device):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_blocks, self.block_size = num_blocks, block_size
-
-    @staticmethod
-    def bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype) -> int:
-        return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -319,6 +305,9 @@ def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
     """Keys (or values) 0..end-1 of piece p's sequence, gathered from its blocks: [end, Hkv, Dh]."""
     bs = cache_layer.shape[1]
     blocks = batch.block_tables[p.row, : -(-end // bs)].long()
+    if cache_layer.dtype == torch.float8_e4m3fn:    # (torch gathers FP8 only as bytes)
+        return cache_layer.view(torch.uint8).index_select(0, blocks).flatten(0, 1)[:end] \
+            .view(torch.float8_e4m3fn)
     return cache_layer.index_select(0, blocks).flatten(0, 1)[:end]
 
 
@@ -329,15 +318,14 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
     are already in the cache at batch.slot_mapping."""
     kc, vc = cache.k[layer], cache.v[layer]
     if not cached:
-        kc.view(-1, *kc.shape[2:]).index_copy_(0, batch.slot_mapping, k)
-        vc.view(-1, *vc.shape[2:]).index_copy_(0, batch.slot_mapping, v)
-    if batch.decode:
+        cache.store(layer, batch.slot_mapping, k, v)
+    if batch.decode and not cache.fp8:
         order = _order(batch, q, kc, batch.context_lens)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
                                       window, order=order)
     out = torch.empty_like(q)
     done = set()
-    if batch.singles is not None:          # a mixed step's decode tokens: one paged call
+    if batch.singles is not None and not cache.fp8:    # a mixed step's decode tokens
         rows, tables, lens = batch.singles
         o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
                                    order=_order(batch, q, kc, lens))
@@ -353,6 +341,8 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
             keys, values = k[rows], v[rows]
         else:
             keys, values = _cached_keys(kc, batch, p, end), _cached_keys(vc, batch, p, end)
+        keys = cache.read(keys, layer, "k", q.dtype)              # as an FP8 cache holds them
+        values = cache.read(values, layer, "v", q.dtype)
         keys = keys.transpose(0, 1).unsqueeze(0)                   # [1, Hkv, end, Dh]
         values = values.transpose(0, 1).unsqueeze(0)
         if p.start_pos == 0 and window is None:
@@ -375,6 +365,10 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
     the cache, attend. Every step rotates and writes the cache in one fused kernel (on CPU its
     torch reference); decode steps then take the paged kernel, other steps `cached_attention`."""
     kc, vc = cache.k[layer], cache.v[layer]
+    if cache.fp8:             # (CPU only) rotate; cached_attention stores and reads FP8
+        c, s = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+        q, k = rotate_half_ref(q, c, s), rotate_half_ref(k, c, s)
+        return cached_attention(q, k, v, cache, layer, batch, scale, window)
     if batch.decode:
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping)

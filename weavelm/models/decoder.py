@@ -150,12 +150,13 @@ class WovenDecoder(nn.Module):
         attn = self.layers[0].self_attn
         return len(self.layers), attn.num_kv_heads, attn.head_dim
 
-    def make_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        """A paged KV cache of `num_blocks` blocks of `block_size` tokens, this rank's KV heads."""
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None) -> PagedKVCache:
+        """A paged KV cache of `num_blocks` blocks of `block_size` tokens, this rank's KV heads,
+        in `dtype` (default the model's; float8_e4m3fn: an FP8 cache)."""
         layers, kv_heads, head_dim = self.kv_cache_shape()
         p = self.lm_head.weight
-        return PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, p.dtype,
-                            p.device)
+        return PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
+                            dtype or p.dtype, p.device)
 
     # -- the library face: a prefill through the executor ---------------------------------------
     @torch.no_grad()
