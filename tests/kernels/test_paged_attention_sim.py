@@ -137,3 +137,21 @@ def test_sim_grouped_heads_match_reference(dtype, group, splits, window, rows, p
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
                                         group=group, rows=rows, pipeline=pipeline)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@sim
+@pytest.mark.parametrize("splits,pipeline", [(1, True), (3, False)])
+def test_sim_fp8_cache_matches_reference(splits, pipeline):
+    """bf16 queries against an FP8 (e4m3) cache with key and value scales: the kernel's output
+    equals the reference's (the cache read as its values times the scales), one CTA or split."""
+    lens = [5, 19, 12]
+    q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 64, 4, lens, torch.float32, seed=splits)
+    kc8, vc8 = kc.clamp(-448, 448).to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    q = q.bfloat16()
+    scale = 1 / math.sqrt(64)
+    want = P.paged_decode_attention_ref(q.float(), kc8, vc8, tables, lens_t, scale, None,
+                                        0.5, 2.0)
+    got = P.paged_decode_attention_cuda(q, kc8, vc8, tables, lens_t, scale, None, splits=splits,
+                                        pipeline=pipeline, k_scale=0.5, v_scale=2.0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

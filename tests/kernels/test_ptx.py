@@ -157,20 +157,23 @@ def test_rmsnorm_kernel_ptx(dt, has_residual, vpt, tmp_path):
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,lanes,group,rows,pipeline", [
-    ("bf16", 16, 4, 2, False), ("f32", 32, 2, 2, True), ("bf16", 16, 4, 4, True)])
-def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, tmp_path):
+@pytest.mark.parametrize("dt,lanes,group,rows,pipeline,kv8", [
+    ("bf16", 16, 4, 2, False, False), ("f32", 32, 2, 2, True, False),
+    ("bf16", 16, 4, 4, True, False), ("bf16", 16, 4, 4, True, True)])
+def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, kv8, tmp_path):
     """The paged decode kernel compiles for real (the simulator runs it as Python, so a shape
     that is not a compile-time constant passes there and fails here) with its per-head state in
     registers, and assembles for sm_90a."""
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
-    k = Kernel("t", lambda: PK._build_kernel(dt, lanes, group, rows, pipeline), PA.SIGNATURE,
+    k = Kernel("t", lambda: PK._build_kernel(dt, lanes, group, rows, pipeline, kv8),
+               PA.SIGNATURE,
                max_threads=32 * PK.WARPS, min_blocks=3)
     ptx = k.ptx()
     for ins in ["ld.global.nc.v4.u32", "shfl.sync.bfly.b32", "ex2.approx"]:
         assert ins in ptx, ins
     assert "ex2.approx.f32" in ptx and "lg2" not in ptx  # exponentials are one ex2 each
+    assert ("ld.global.nc.v2.u32" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx) == kv8
     assert ".local" not in ptx, "per-head softmax state spilled to local memory"
     assert ".minnctapersm 3" in ptx                  # the `resident` bound reaches ptxas
     if PTXAS:

@@ -67,13 +67,18 @@ RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). Unbo
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                               window: int | None = None) -> torch.Tensor:
-    """The torch reference (and CPU path): gathers each sequence's blocks, masks, runs SDPA."""
+                               window: int | None = None, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
+    """The torch reference (and CPU path): gathers each sequence's blocks, masks, runs SDPA.
+    An FP8 cache is read as its values times `k_scale` / `v_scale`."""
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     tables = block_tables.long()
     keys = k_cache[tables].reshape(B, -1, Hkv, D).transpose(1, 2)          # [B, Hkv, M*bs, D]
     values = v_cache[tables].reshape(B, -1, Hkv, D).transpose(1, 2)
+    if keys.dtype == FP8:
+        keys = (keys.float() * k_scale).to(q.dtype)
+        values = (values.float() * v_scale).to(q.dtype)
     pos = torch.arange(keys.shape[2], device=q.device)
     lens = context_lens.long()[:, None]
     visible = pos[None, :] < lens                                           # [B, M*bs]
@@ -86,20 +91,24 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           window: int | None = None, out=None, order=None) -> torch.Tensor:
+                           window: int | None = None, out=None, order=None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """CUDA tensors the kernel takes -> the kernel; anything else -> the reference. `order`:
-    `longest_first(context_lens)` (optional; only the kernel's schedule depends on it)."""
+    `longest_first(context_lens)` (optional; only the kernel's schedule depends on it).
+    `k_scale`, `v_scale`: an FP8 cache's scales."""
     if q.is_cuda and supported(q, k_cache):
         return paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
-                                           scale, window, out, order=order)
+                                           scale, window, out, order=order, k_scale=k_scale,
+                                           v_scale=v_scale)
     o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                   window)
+                                   window, k_scale, v_scale)
     return o if out is None else out.copy_(o)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-SIGNATURE = "void(" + ", ".join(["uint64"] * 9 + ["int64"] * 9 + ["float64"]) + ")"
+SIGNATURE = "void(" + ", ".join(["uint64"] * 9 + ["int64"] * 9 + ["float64"] * 3) + ")"
+FP8 = torch.float8_e4m3fn
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
 
 
@@ -116,8 +125,10 @@ def lanes_per_key(dtype: torch.dtype, head_dim: int) -> int | None:
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The kernel takes a cache of q's dtype, or an FP8 one for bf16 / fp16 queries."""
     bs = k_cache.shape[1] if k_cache.dim() == 4 else 0
-    return (q.dtype == k_cache.dtype and q.dim() == 3 and k_cache.dim() == 4
+    fp8 = k_cache.dtype == FP8 and q.dtype in (torch.bfloat16, torch.float16)
+    return ((q.dtype == k_cache.dtype or fp8) and q.dim() == 3 and k_cache.dim() == 4
             and lanes_per_key(q.dtype, q.shape[-1]) is not None
             and bs > 0 and bs & (bs - 1) == 0           # blocks of 2^n tokens: shift and mask
             and q.shape[1] % k_cache.shape[2] == 0)
@@ -165,14 +176,16 @@ def head_group(heads: int, kv_heads: int) -> int:
 _plans: dict = {}
 
 
-def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int):
-    key = (dt, lanes, group, rows, pipeline, resident)
+def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int,
+             kv8: bool = False):
+    key = (dt, lanes, group, rows, pipeline, resident, kv8)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.paged_attention_kernels import _build_combine, _build_kernel
-        main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline, resident),
-                               lambda: _build_kernel(dt, lanes, group, rows, pipeline),
+        main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline, resident,
+                                kv8),
+                               lambda: _build_kernel(dt, lanes, group, rows, pipeline, kv8),
                                SIGNATURE, max_threads=32 * WARPS, min_blocks=resident or None)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
                                   lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
@@ -194,7 +207,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                 window: int | None = None, out=None, splits: int | None = None,
                                 group: int | None = None, rows: int = ROWS,
                                 pipeline: bool = PIPELINE, resident: int = RESIDENT,
-                                order=None, split_keys: int | None = None):
+                                order=None, split_keys: int | None = None,
+                                k_scale: float = 1.0, v_scale: float = 1.0):
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
     order their CTAs should start (`longest_first`). For tests and benchmarks: `splits` forces
     S, every sequence using all S CTAs it has keys for unless `split_keys` (keys per split) is
@@ -206,8 +220,10 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     M = block_tables.shape[1]
     dev = q.device
     qp = _checked("q", q, (B, H, D), q.dtype, dev)
-    kp = _checked("k_cache", k_cache, (NB, bs, Hkv, D), q.dtype, dev)
-    vp = _checked("v_cache", v_cache, (NB, bs, Hkv, D), q.dtype, dev)
+    kv8 = k_cache.dtype == FP8
+    cache_dtype = FP8 if kv8 else q.dtype
+    kp = _checked("k_cache", k_cache, (NB, bs, Hkv, D), cache_dtype, dev)
+    vp = _checked("v_cache", v_cache, (NB, bs, Hkv, D), cache_dtype, dev)
     tp = _checked("block_tables", block_tables, (B, M), torch.int32, dev)
     lp = _checked("context_lens", context_lens, (B,), torch.int32, dev)
     if out is None:
@@ -225,7 +241,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     keys_per_split = split_keys or keys_per_split
     odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
-                            pipeline, resident)
+                             pipeline, resident, kv8)
     part = ml = None
     pp = mp = 0
     if S > 1:
@@ -234,7 +250,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
         pp, mp = part.data_ptr(), ml.data_ptr()
     main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, op, pp, mp,
                 B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
-                float(scale))
+                float(scale), float(k_scale), float(v_scale))
     if S > 1:
         combine.launch(H * B, 32, index, pp, mp, op, lp, B * H, H, S, D, keys_per_split,
                        window or 0)

@@ -66,10 +66,14 @@ def lane_sum_fn(lanes: int):
     return device(lane_sum)
 
 
-def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE):
+def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE,
+                  kv8: bool = False):
     """The decode kernel's Python function for one dtype, L, query-head group and key rows
     per lane and iteration (not yet jitted). `pipeline`: the loads of iteration i + 1 are
-    issued before iteration i is scored (two sets of key/value words in registers)."""
+    issued before iteration i is scored (two sets of key/value words in registers). `kv8`:
+    the cache holds FP8 (e4m3; bf16 / fp16 queries): a lane loads the same E elements of a key
+    row as 8 bytes instead of 16, and the keys' and values' scales are folded into the query
+    and the output."""
     global cuda
     from numba import float32, int64, uint32
 
@@ -91,7 +95,9 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     W = rows * 4                            # a lane's key (value) words, all rows
     threads = 32 * WARPS
     load_nc, load_u32, store = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_v4_u32
+    load_half, unpack8 = ptx.load_v2_u32_nc, ptx.unpack_e4m3x4
     as_u32 = ptx.f32_as_u32
+    kv_elem = 1 if kv8 else itemsize        # bytes per cached element
 
     lane_sum = lane_sum_fn(lanes)           # over the lanes of one key row
 
@@ -139,19 +145,36 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
             else:
                 jr = lo
             blk = int64(load_u32(table_ptr + (b * M + (jr >> bs_shift)) * 4))
-            a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes + vec * 16
-            w = load_nc(k_ptr + a)
-            kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3] = w[0], w[1], w[2], w[3]
-            w = load_nc(v_ptr + a)
-            vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3] = w[0], w[1], w[2], w[3]
+            a = (((blk << bs_shift) + (jr & bs_mask)) * Hkv + g) * row_bytes \
+                + vec * E * kv_elem
+            if kv8:                          # E FP8 elements: 8 bytes
+                w2 = load_half(k_ptr + a)
+                kw[4 * r], kw[4 * r + 1] = w2[0], w2[1]
+                w2 = load_half(v_ptr + a)
+                vw[4 * r], vw[4 * r + 1] = w2[0], w2[1]
+            else:
+                w = load_nc(k_ptr + a)
+                kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3] = w[0], w[1], w[2], w[3]
+                w = load_nc(v_ptr + a)
+                vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3] = w[0], w[1], w[2], w[3]
         return nvalid
 
     fetch = device(fetch)
     splits_of = device(split_count)
 
+    def unpack_row(words, r, out):
+        """FP8 row r's E elements of the lane (2 raw words of the iteration) ->
+        out[r*E:(r+1)*E]."""
+        for q in range(2):
+            a0, a1, a2, a3 = unpack8(words[4 * r + q])
+            out[r * E + 4 * q], out[r * E + 4 * q + 1] = a0, a1
+            out[r * E + 4 * q + 2], out[r * E + 4 * q + 3] = a2, a3
+
+    unpack_row = device(unpack_row)
+
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, order_ptr, out_ptr,
                             part_ptr, ml_ptr, B, H, Hkv, D, M, bs_shift, S, split_keys, window,
-                            scale):
+                            scale, k_scale, v_scale):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -188,10 +211,11 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
         d = cuda.local.array(rows, float32)
         acc = cuda.local.array(GE, float32)
 
-        row_bytes = D * itemsize
-        sc = float32(scale * LOG2E)          # scores in log2 units: exp2 below, not exp
+        row_bytes = D * kv_elem              # of a cached key row
+        q_bytes = D * itemsize
+        sc = float32(scale * LOG2E * k_scale)  # scores in log2 units: exp2 below, not exp
         for i in range(group):
-            unpack(load_nc(q_ptr + (b * H + h0 + i) * row_bytes + vec * 16), k0)
+            unpack(load_nc(q_ptr + (b * H + h0 + i) * q_bytes + vec * 16), k0)
             for e in range(E):
                 qv[i * E + e] = k0[e] * sc
                 acc[i * E + e] = float32(0.0)
@@ -222,12 +246,16 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                 nvalid = fetch(k_ptr, v_ptr, table_ptr, kw, vw, base + j_off, lo, hi, b, M,
                                bs_shift, bs_mask, Hkv, g, row_bytes, vec)
             for r in range(rows):
-                unpack((kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3]), k0)
-                for e in range(E):
-                    kf[r * E + e] = k0[e]
-                unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
-                for e in range(E):
-                    vf[r * E + e] = k0[e]
+                if kv8:
+                    unpack_row(kw, r, kf)
+                    unpack_row(vw, r, vf)
+                else:
+                    unpack((kw[4 * r], kw[4 * r + 1], kw[4 * r + 2], kw[4 * r + 3]), k0)
+                    for e in range(E):
+                        kf[r * E + e] = k0[e]
+                    unpack((vw[4 * r], vw[4 * r + 1], vw[4 * r + 2], vw[4 * r + 3]), k0)
+                    for e in range(E):
+                        vf[r * E + e] = k0[e]
             score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid)
             base += step
 
@@ -255,13 +283,15 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                     k0[e] += acc_sh[i, j, t * E + e] * w
             h = h0 + i
             if n_split == 1:
-                inv = float32(1.0) / total
+                inv = float32(v_scale) / total
                 for e in range(E):
                     k0[e] *= inv
                 r = pack(k0)
-                store(out_ptr + (b * H + h) * row_bytes + t * 16, r[0], r[1], r[2], r[3])
+                store(out_ptr + (b * H + h) * q_bytes + t * 16, r[0], r[1], r[2], r[3])
             else:
                 row = (b * H + h) * S + s
+                for e in range(E):            # (the combine is linear in the partials)
+                    k0[e] *= float32(v_scale)
                 for e4 in range(0, E, 4):
                     store(part_ptr + (row * D + t * E + e4) * 4, as_u32(k0[e4]),
                           as_u32(k0[e4 + 1]), as_u32(k0[e4 + 2]), as_u32(k0[e4 + 3]))
@@ -270,7 +300,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                     ptx.store_u32(ml_ptr + row * 8 + 4, as_u32(total))
 
     paged_decode_kernel.__name__ = f"paged_decode_{dt}_l{lanes}_g{group}_r{rows}" \
-        + ("_p" if pipeline else "")
+        + ("_p" if pipeline else "") + ("_kv8" if kv8 else "")
     return paged_decode_kernel
 
 

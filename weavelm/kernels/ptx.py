@@ -29,7 +29,7 @@ from weavelm.kernels import multicast_sim
 from weavelm.kernels._numba_compat import simulator_enabled
 from weavelm.kernels.ptx_sim import (
     _bits_f32, _sim_atom_add, _sim_atom_cas, _sim_fence, _sim_globaltimer,
-    _sim_ld_u32, _sim_ld_u64, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4, _sim_pack_f16x2,
+    _sim_ld_u32, _sim_ld_u64, _sim_ld_v2, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4, _sim_pack_f16x2,
     _sim_red_add, _sim_st_u32, _sim_st_v4, _sim_unpack_bf16x2, _sim_unpack_e4m3x4,
     _sim_f32_as_u32, _sim_unpack_f16x2,
 )
@@ -160,6 +160,9 @@ load_u32 = _load("load_u32", "ld.global", 1, memory=False)
 load_v4_u32_nc = _load("load_v4_u32_nc", "ld.global.nc", 4, memory=False)
 # Read-only, read once (streamed weights): not kept in L1, so the data reused beside it stays.
 load_v4_u32_stream = _load("load_v4_u32_stream", "ld.global.nc.L1::no_allocate", 4, memory=False)
+# 8 bytes read-only: half a row vector where the cache holds FP8 (paged decode attention)
+load_v2_u32_nc = _asm("load_v2_u32_nc", "ld.global.nc.v2.u32 {$0, $1}, [$2];", ("u32",) * 2,
+                      ("u64",), memory=False, model=_sim_ld_v2)
 store_v4_u32 = _store("store_v4_u32", "st.global", 4)
 store_u32 = _store("store_u32", "st.global", 1)
 

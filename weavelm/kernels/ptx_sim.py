@@ -24,6 +24,11 @@ def _sim_ld_v4(addr):
     return (np.uint32(w[0]), np.uint32(w[1]), np.uint32(w[2]), np.uint32(w[3]))
 
 
+def _sim_ld_v2(addr):
+    w = _u32s(addr, 2)
+    return (np.uint32(w[0]), np.uint32(w[1]))
+
+
 def _sim_st_v4(addr, a, b, c, d):
     _u32s(addr, 4)[:] = [int(a) & 0xFFFFFFFF, int(b) & 0xFFFFFFFF,
                          int(c) & 0xFFFFFFFF, int(d) & 0xFFFFFFFF]
