@@ -207,3 +207,16 @@ def test_fp8_gemv_kernel_ptx(dt, tmax, tmp_path):
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_rope_cache_kernel_ptx(kv8, tmp_path):
+    """The rope + cache kernel compiles, with FP8 cache writes where asked, and assembles."""
+    from weavelm.kernels import rope_cache as RC
+    ptx = Kernel("t", lambda: RC._build_kernel("bf16", kv8), RC.SIGNATURE,
+                 max_threads=RC.MAX_THREADS).ptx()
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == kv8
+    assert "call" not in ptx
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr

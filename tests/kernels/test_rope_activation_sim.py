@@ -83,3 +83,27 @@ def test_sim_silu_and_mul_matches_reference(dtype):
     want = A.silu_and_mul_ref(x.float())
     got = A.silu_and_mul_cuda(x)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@sim
+@pytest.mark.parametrize("return_k", [False, True])
+def test_sim_rope_cache_writes_fp8(return_k):
+    """An FP8 cache (bf16 tensors, key scale 0.5, value scale 3): the rotated k and v, divided
+    by their scales and rounded to e4m3, as the reference stores them (an element may land one
+    e4m3 step away where kernel and reference round the bf16 k differently); q and the returned
+    k as with a bf16 cache."""
+    q, k, v, rope, positions, slots, (kc, vc, kc_ref, vc_ref) = _rope_case(5, 4, 2, 32,
+                                                                           torch.bfloat16, 7)
+    fp8 = torch.float8_e4m3fn
+    kc8, vc8, kc8_ref, vc8_ref = (c.to(fp8) for c in (kc, vc, kc_ref, vc_ref))
+    want = R.rope_and_cache_ref(q, k, v, positions, rope.cos, rope.sin, kc8_ref, vc8_ref, slots,
+                                return_k=return_k, k_scale=0.5, v_scale=3.0)
+    got = R.rope_and_cache_cuda(q, k, v, positions, rope.cos, rope.sin, kc8, vc8, slots,
+                                return_k=return_k, k_scale=0.5, v_scale=3.0)
+    for g, w in zip(got if return_k else (got,), want if return_k else (want,)):
+        torch.testing.assert_close(g.float(), w.float(), rtol=1.6e-2, atol=1.6e-2)
+    assert torch.equal(vc8.view(torch.uint8), vc8_ref.view(torch.uint8))   # v: no rotation
+    same = (kc8.view(torch.uint8) == kc8_ref.view(torch.uint8)).float().mean().item()
+    assert same > 0.95, same
+    torch.testing.assert_close(kc8.float(), kc8_ref.float(), rtol=0.13, atol=1e-3)
+    assert kc8.float().abs().sum() > 0                          # the keys were written

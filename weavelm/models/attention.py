@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
-from weavelm.kernels.rope_cache import rope_and_cache, rotate_half_ref
+from weavelm.kernels.rope_cache import rope_and_cache
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.kv_cache import PagedKVCache  # noqa: F401  (the cache of every step)
 
@@ -317,18 +317,19 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
     """q [T, H, Dh], k/v [T, Hkv, Dh] for this step's tokens -> [T, H, Dh]. `cached`: k and v
     are already in the cache at batch.slot_mapping."""
     kc, vc = cache.k[layer], cache.v[layer]
+    scales = dict(k_scale=cache.k_scale[layer], v_scale=cache.v_scale[layer])
     if not cached:
         cache.store(layer, batch.slot_mapping, k, v)
-    if batch.decode and not cache.fp8:
+    if batch.decode:
         order = _order(batch, q, kc, batch.context_lens)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=order)
+                                      window, order=order, **scales)
     out = torch.empty_like(q)
     done = set()
-    if batch.singles is not None and not cache.fp8:    # a mixed step's decode tokens
+    if batch.singles is not None:          # a mixed step's decode tokens: one paged call
         rows, tables, lens = batch.singles
         o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
-                                   order=_order(batch, q, kc, lens))
+                                   order=_order(batch, q, kc, lens), **scales)
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     for p in batch.pieces:
@@ -365,16 +366,13 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
     the cache, attend. Every step rotates and writes the cache in one fused kernel (on CPU its
     torch reference); decode steps then take the paged kernel, other steps `cached_attention`."""
     kc, vc = cache.k[layer], cache.v[layer]
-    if cache.fp8:             # (CPU only) rotate; cached_attention stores and reads FP8
-        c, s = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
-        q, k = rotate_half_ref(q, c, s), rotate_half_ref(k, c, s)
-        return cached_attention(q, k, v, cache, layer, batch, scale, window)
+    scales = dict(k_scale=cache.k_scale[layer], v_scale=cache.v_scale[layer])   # FP8 caches
     if batch.decode:
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
-                           batch.slot_mapping)
+                           batch.slot_mapping, **scales)
         order = _order(batch, q, kc, batch.context_lens)
         return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=order)
+                                      window, order=order, **scales)
     q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
-                          batch.slot_mapping, return_k=True)
+                          batch.slot_mapping, return_k=True, **scales)
     return cached_attention(q, k, v, cache, layer, batch, scale, window, cached=True)

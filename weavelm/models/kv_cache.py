@@ -5,8 +5,9 @@ FP8 (`kv_cache_dtype="fp8"`, vLLM's name): K (after the rotary embedding) and V 
 float8_e4m3fn divided by a per-layer scale (`k_scale`, `v_scale`; 1.0, vLLM's default where a
 checkpoint gives none), and every attention reads them back as they are stored, the step's own
 fresh keys included, so that a token sees the same keys whether they came from this step or an
-earlier one. Twice the tokens fit in the same memory. On CPU for now: the GPU kernels (the rope
-+ cache write, the paged decode attention) read and write caches of the model's dtype.
+earlier one. Twice the tokens fit in the same memory. On GPUs (bf16 / fp16 models) the rope +
+cache kernel writes e4m3 and the paged decode kernel reads it (`kv8` variants); prefill pieces
+gather and dequantize with torch (`read`).
 """
 from __future__ import annotations
 
