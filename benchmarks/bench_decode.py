@@ -95,6 +95,8 @@ def main():
                     help="which to run (weavelm, weavelm-fp8, transformers, "
                          "transformers-static); transformers-static runs at batch 1 only (it "
                          "compiles per batch size)")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="auto or fp8: the weavelm engines' KV cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -124,14 +126,14 @@ def main():
     blocks = max(batches) * -(-length // 16) + 64
     ours = LLM.from_weights(hf_cfg.to_dict(), hf.state_dict().items(), tp=1, device="cuda",
                             dtype="bfloat16", max_model_len=length, max_num_seqs=max(batches),
-                            num_kv_blocks=blocks)
+                            num_kv_blocks=blocks, kv_cache_dtype=args.kv_cache_dtype)
     start_s = time.perf_counter() - t
     ours8 = fp8_bytes = None
     if "weavelm-fp8" in engines:
         ours8 = LLM.from_weights(hf_cfg.to_dict(), hf.state_dict().items(), tp=1,
                                  device="cuda", dtype="bfloat16", max_model_len=length,
                                  max_num_seqs=max(batches), num_kv_blocks=blocks,
-                                 quantization="fp8")
+                                 quantization="fp8", kv_cache_dtype=args.kv_cache_dtype)
         fp8_bytes = sum(p.numel() * p.element_size() for p in ours8.engine.runner.model
                         .parameters())
     rate = copy_rate()

@@ -226,11 +226,13 @@ def bench_prefill(
                                          "replays of each prefill (no host launch cost: the "
                                          "default on GPUs) or eager calls (the only way on CPU)."),
     device: Optional[str] = typer.Option(None, help="cuda (default if present) or cpu."),
+    quantization: options.Quantization = None,
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG plot here (needs matplotlib)."),
 ):
     """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
     from weavelm.bench.prefill import bench_prefill_rank, format_table, plot as plot_fn
+    from weavelm.parallel.fp8 import check_method
     from weavelm.bench.shapes import shape_config
     from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
@@ -256,7 +258,8 @@ def bench_prefill(
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
                 repeats=repeats, device=str(dev),
                 ctas=_int_list(ctas, "--ctas") if ctas else None,
-                carveout=carveout if carveout == "auto" else int(carveout), graph=graph)
+                carveout=carveout if carveout == "auto" else int(carveout), graph=graph,
+                quantization=check_method(quantization))
     _check_plot(plot)
     from weavelm.engine.memory import check_fits, estimate
     T = max(token_list)

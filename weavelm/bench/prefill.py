@@ -16,15 +16,18 @@ import torch
 
 
 def random_model(shape: str, layers: int, tp: int, device, dtype, seed: int = 0,
-                 max_positions: int = 65536):
-    """(ModelConfig, model) of a named shape with random weights, each rank its own shard."""
+                 max_positions: int = 65536, quantization: str | None = None):
+    """(ModelConfig, model) of a named shape with random weights, each rank its own shard
+    (`quantization="fp8"`: FP8 linear layers, the same draws quantized)."""
     from weavelm.bench.shapes import shape_config
     from weavelm.models.config import ModelConfig
     from weavelm.models.registry import family_for
+    from weavelm.parallel.fp8 import fp8_layers
     cfg = ModelConfig.from_hf(shape_config(shape, layers))
     cfg.check_tp(tp)
-    model = family_for(cfg.architecture).model_class(cfg, dtype=dtype, device=device,
-                                                     max_positions=max_positions)
+    with fp8_layers(quantization):
+        model = family_for(cfg.architecture).model_class(cfg, dtype=dtype, device=device,
+                                                         max_positions=max_positions)
     fill_random(model, seed)
     return cfg, model.eval()
 
@@ -63,14 +66,15 @@ class PrefillTimer:
     """One model, inputs per token count, and a timer for (mode, split) on one Executor."""
 
     def __init__(self, shape: str, layers: int, tp: int, backend: str, seq_len: int | None,
-                 dtype=torch.bfloat16):
+                 dtype=torch.bfloat16, quantization: str | None = None):
         from weavelm.weave.executor import Executor
         from weavelm.weave.splitter import Splitter
         from weavelm.parallel.backends import make_communicator
         from weavelm.parallel.state import get_state
         self.state = get_state()
         self.device = self.state.device
-        self.cfg, self.model = random_model(shape, layers, tp, self.device, dtype)
+        self.cfg, self.model = random_model(shape, layers, tp, self.device, dtype,
+                                            quantization=quantization)
         self.tp, self.seq_len, self.dtype = tp, seq_len, dtype
         self.executor = Executor(self.model, make_communicator(backend, self.state))
         self.schedule = self.executor.config        # weave CTAs and SM carveout
@@ -157,7 +161,7 @@ def bench_prefill_rank(opts: dict) -> list[dict] | None:
     from weavelm.parallel.state import init_parallel
     state = init_parallel(opts["tp"], opts["device"])
     runner = PrefillTimer(opts["shape"], opts["layers"], opts["tp"], opts["backend"],
-                          opts["seq_len"])
+                          opts["seq_len"], quantization=opts.get("quantization"))
     ctas_list = opts.get("ctas") or [None]
     schedule = runner.schedule
     schedule.sm_carveout = opts.get("carveout", "auto")
