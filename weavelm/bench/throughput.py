@@ -200,7 +200,7 @@ def throughput_rank(opts: dict) -> dict | None:
                           progress=False)
     flops, copy, layer_flops = measure_rates(state.device, fp8=config.quantization == "fp8")
     layers, kv_heads, head_dim = llm.model.kv_cache_shape()
-    kv_token = 2 * layers * kv_heads * head_dim * llm.dtype.itemsize
+    kv_token = 2 * layers * kv_heads * head_dim * llm.runner.kv.k[0].element_size()  # FP8: 1
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     bound = roofline_seconds(llm.config, config.tp, requests, llm.runner.config.max_num_seqs,
                              flops, copy, weight_bytes, kv_token, layer_flops)
