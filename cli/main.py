@@ -232,7 +232,6 @@ def bench_prefill(
 ):
     """Prefill latency per schedule (baseline, fused, weave, nocomm), side by side."""
     from weavelm.bench.prefill import bench_prefill_rank, format_table, plot as plot_fn
-    from weavelm.parallel.fp8 import check_method
     from weavelm.bench.shapes import shape_config
     from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
@@ -256,10 +255,9 @@ def bench_prefill(
         graph = dev.type == "cuda"
     opts = dict(shape=shape, layers=layers, tp=tp, tokens=token_list, modes=mode_list,
                 backend=backend if dev.type == "cuda" else "torch", seq_len=seq_len,
-                repeats=repeats, device=str(dev),
-                ctas=_int_list(ctas, "--ctas") if ctas else None,
+                repeats=repeats, device=str(dev), ctas=_int_list(ctas, "--ctas") if ctas else None,
                 carveout=carveout if carveout == "auto" else int(carveout), graph=graph,
-                quantization=check_method(quantization))
+                quantization=options.check_quantization(quantization))
     _check_plot(plot)
     from weavelm.engine.memory import check_fits, estimate
     T = max(token_list)

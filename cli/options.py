@@ -38,6 +38,11 @@ PrefixCaching = Annotated[bool, typer.Option(
 Quantization = Annotated[Optional[str], typer.Option(
     "--quantization", "-q", help="fp8: FP8 (e4m3) weights, quantized per output channel at "
                                  "load; activations per token [default: the checkpoint's dtype].")]
+def check_quantization(method: Optional[str]) -> Optional[str]:
+    from weavelm.parallel.fp8 import check_method
+    return check_method(method)
+
+
 KvCacheDtype = Annotated[str, typer.Option(
     "--kv-cache-dtype", help="auto (the model's dtype) or fp8: K and V stored in e4m3, twice "
                              "the tokens in the same memory (CPU only so far).")]
