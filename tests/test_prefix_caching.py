@@ -197,3 +197,20 @@ def test_caching_off_and_bad_values():
     from weavelm.errors import WeavelmError
     with pytest.raises(WeavelmError, match="enable_prefix_caching must be True or False"):
         EngineConfig(enable_prefix_caching="yes")
+
+
+def test_claims_are_gone_when_every_request_has_ended(tiny):
+    """After requests that shared prompts ran, were preempted and were aborted, no prompt
+    block is still counted as being computed (a stale count would hold later requests back)."""
+    from weavelm import LLM, SamplingParams
+    path, _ = tiny
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", progress=False, block_size=BLOCK, max_num_batched_tokens=5,
+              num_kv_blocks=12)
+    engine = llm.engine
+    engine.add_request("gone", prompts[5] + [9, 9], SamplingParams(max_new_tokens=NEW))
+    engine.step()
+    engine.abort_request("gone")
+    llm.generate_from_ids(prompts * 2, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    assert engine.scheduler.num_preempted > 0
+    assert engine.scheduler._computing == {}

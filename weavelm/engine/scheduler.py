@@ -137,11 +137,11 @@ class Scheduler:
                 self._unclaim(h)
 
     def _unclaim(self, h: bytes) -> None:
-        left = self._computing[h] - 1
-        if left:
+        left = self._computing.get(h, 0) - 1
+        if left > 0:
             self._computing[h] = left
         else:
-            del self._computing[h]
+            self._computing.pop(h, None)
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """Whether the first of seq's cacheable prompt blocks that is not cached yet is being
