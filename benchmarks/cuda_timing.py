@@ -37,3 +37,23 @@ def cuda_time_us(fn, iters: int, warmup: int, *, ranks: str | None = None) -> fl
     t = torch.tensor([t], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def graph_us(fn, calls=20, repeats=5):
+    """µs per call of fn: a CUDA graph of `calls` calls (no launch overhead), median of
+    `repeats` replays."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
