@@ -11,11 +11,19 @@ import torch
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}  # kernel dtype names
 ELEMS = {"bf16": 8, "f16": 8, "f32": 4}  # E: elements per 16-byte vector
+FP8 = torch.float8_e4m3fn               # FP8 weights, activations and KV caches
+FP8_MAX = float(torch.finfo(FP8).max)   # 448
 
 MAX_BLOCK = 512  # threads per CTA; also every kernel's launch bound (caps registers at 128)
 MAX_VPT = 8      # the largest vpt class of every kernel
 MAX_VEC = MAX_BLOCK * MAX_VPT  # V limit: rows up to 64 KiB (bf16 D <= 32768, fp32 D <= 16384)
 CACHE_LIMIT = 4096  # entries of a host-side memo (token counts vary per step; rebuilds are cheap)
+
+
+def to_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
+    """x / scale rounded to e4m3 (nearest even), saturated to +-448: how weavelm stores FP8
+    (the division in x's dtype: float32 or float64, as the caller chose)."""
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 # ----------------------------------------------------------------------------- launch plans

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from weavelm.kernels.common import DTYPES, ELEMS, remember
+from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember
 from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
 MAX_SPLITS = 16
@@ -108,7 +108,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 # ----------------------------------------------------------------------------- launchers
 
 SIGNATURE = "void(" + ", ".join(["uint64"] * 9 + ["int64"] * 9 + ["float64"] * 3) + ")"
-FP8 = torch.float8_e4m3fn
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
 
 

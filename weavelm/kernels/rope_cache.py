@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from weavelm.kernels.common import DTYPES, ELEMS, remember, warps_for
+from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember, to_e4m3, warps_for
 
 MAX_THREADS = 512           # one CTA per token: enough threads that a decode token takes one pass
 
@@ -44,15 +44,12 @@ def rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapp
     q_rot, k_rot = rotate_half_ref(q, c, s), rotate_half_ref(k, c, s)
     kw, vw = k_rot, v
     if k_cache.dtype == FP8:          # (torch copies FP8 rows by index only as bytes)
-        kw = (k_rot.float() / k_scale).clamp(-448, 448).to(FP8).view(torch.uint8)
-        vw = (v.float() / v_scale).clamp(-448, 448).to(FP8).view(torch.uint8)
+        kw = to_e4m3(k_rot.float(), k_scale).view(torch.uint8)
+        vw = to_e4m3(v.float(), v_scale).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, kw)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, vw)
     return (q_rot, k_rot) if return_k else q_rot
-
-
-FP8 = torch.float8_e4m3fn
 
 
 def supported(q, k_cache) -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.errors import check
+from weavelm.kernels.common import FP8
 from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
 from weavelm.kernels.rope_cache import rope_and_cache
 from weavelm.models.host_inputs import fill_block_table, host_to_device
@@ -305,9 +306,9 @@ def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
     """Keys (or values) 0..end-1 of piece p's sequence, gathered from its blocks: [end, Hkv, Dh]."""
     bs = cache_layer.shape[1]
     blocks = batch.block_tables[p.row, : -(-end // bs)].long()
-    if cache_layer.dtype == torch.float8_e4m3fn:    # (torch gathers FP8 only as bytes)
+    if cache_layer.dtype == FP8:          # (torch gathers FP8 only as bytes)
         return cache_layer.view(torch.uint8).index_select(0, blocks).flatten(0, 1)[:end] \
-            .view(torch.float8_e4m3fn)
+            .view(FP8)
     return cache_layer.index_select(0, blocks).flatten(0, 1)[:end]
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from weavelm.errors import check
+from weavelm.kernels.common import FP8, to_e4m3
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
@@ -48,7 +47,7 @@ class PagedKVCache:
 
     def stored(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """x as an FP8 cache holds it: x / scale rounded to e4m3 (saturated)."""
-        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return to_e4m3(x.float(), scale)
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k and v [T, Hkv, Dh] to cache slots `slots` (block * bs + offset)."""

@@ -25,9 +25,9 @@ import contextvars
 import torch
 
 from weavelm.errors import check
+from weavelm.kernels import fp8_gemv, fp8_quant
+from weavelm.kernels.common import FP8, FP8_MAX, to_e4m3
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)          # 448
 METHODS = (None, "fp8")
 # how layers hold FP8 weights: quantized at load ("fp8"), or loaded from an FP8 checkpoint with
 # per-row / per-tensor scales ("fp8-channel") or 128 x 128 block scales ("fp8-block")
@@ -67,12 +67,11 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     or in float64 for a float64 w (weights rounded before, whose quotients often fall exactly
     between two FP8 values: float32's own rounding would pick the side)."""
     if w.is_cuda and w.dim() == 2:
-        from weavelm.kernels import fp8_quant
         if fp8_quant.supported(w):                  # one pass instead of five torch ops
             return fp8_quant.quantize_rows_cuda(w)
     w = w if w.dtype == torch.float64 else w.float()
     scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp_(min=_MIN_SCALE)
-    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale.float()
+    return to_e4m3(w, scale[:, None]), scale.float()
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -177,12 +176,22 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.to(full.dtype) * full
 
 
+_capabilities: dict = {}
+
+
+def _capability(index) -> tuple[int, int]:
+    """The GPU's compute capability, asked once per device (every FP8 call checks it)."""
+    cap = _capabilities.get(index)
+    if cap is None:
+        cap = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
 def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:
     if not x.is_cuda or x.dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
         return False
-    major, minor = torch.cuda.get_device_capability(x.device)
     # cuBLASLt FP8: sm_89+, inner and output sizes multiples of 16
-    return (major, minor) >= (8, 9) and x.shape[-1] % 16 == 0 and codes.shape[0] % 16 == 0
+    return _capability(x.device.index) >= (8, 9) and x.shape[-1] % 16 == 0 and codes.shape[0] % 16 == 0
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -193,10 +202,10 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_rows(x2)
-    from weavelm.kernels import fp8_gemv
-    if _scaled_mm_ok(x2, codes) and fp8_gemv.supported(xq, codes, x.dtype):
+    fast = _scaled_mm_ok(x2, codes)
+    if fast and fp8_gemv.supported(xq, codes, x.dtype):
         y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype)     # a few tokens
-    elif _scaled_mm_ok(x2, codes) and x2.shape[0] > 0:
+    elif fast and x2.shape[0] > 0:
         y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
                              out_dtype=x.dtype)
     else:
