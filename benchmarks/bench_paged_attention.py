@@ -1,13 +1,14 @@
 """Decode attention over the paged KV cache, one GPU: weavelm's Numba kernel vs the torch path
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
-    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules] [--shared]
+    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules] [--shared] [--cascade]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
 replays; the check is the largest difference from the float32 reference. --schedules compares
 how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths;
---shared, the order of the CTAs where sequences share a cached prefix's blocks.
+--shared, the order of the CTAs where sequences share a cached prefix's blocks; --cascade, the
+cascade attention that reads a shared prefix once against the kernel reading every copy.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main():
         schedules(P, H, Hkv, D, bs)
     if "--shared" in sys.argv:
         shared(P, H, Hkv, D, bs)
+    if "--cascade" in sys.argv:
+        cascade(P, H, Hkv, D, bs)
 
 
 def case(B, ctx, H, Hkv, D, bs, lengths=None):
@@ -130,15 +133,19 @@ def schedules(P, H, Hkv, D, bs):
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def shared_case(B, prefixes, prefix_len, H, Hkv, D, bs, seed=0):
+def shared_case(B, prefixes, prefix_len, H, Hkv, D, bs, seed=0, consecutive=False):
     """B sequences, sequence b on prefix b % prefixes (as requests arrive), each prefix's
-    blocks shared, then a suffix of its own (log-normal, median 200 keys)."""
+    blocks shared, then a suffix of its own (log-normal, median 200 keys). `consecutive`: each
+    prefix's blocks in order (as the allocator hands a prompt's out), the rest shuffled."""
     g = torch.Generator().manual_seed(seed)
     suffix = [max(1, int(v)) for v in torch.empty(B).log_normal_(math.log(200), 0.6,
                                                                    generator=g).tolist()]
     per_prefix = prefix_len // bs
     NB = 1 + prefixes * per_prefix + sum(-(-n // bs) for n in suffix)
     blocks = (torch.randperm(NB - 1, generator=g) + 1).tolist()
+    if consecutive:
+        n = prefixes * per_prefix
+        blocks = list(range(1, n + 1)) + (torch.randperm(NB - 1 - n, generator=g) + n + 1).tolist()
     heads = [blocks[i * per_prefix:(i + 1) * per_prefix] for i in range(prefixes)]
     rest = blocks[prefixes * per_prefix:]
     M = per_prefix + max(-(-n // bs) for n in suffix)
@@ -180,6 +187,48 @@ def shared(P, H, Hkv, D, bs):
             t = graph_us(run)
             keys = int(lens.sum())
             cells.append(f"{t:.1f} ({2 * keys * Hkv * D * 2 / (t * 1e-6) / 1e12:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cascade(P, H, Hkv, D, bs):
+    """Shared prefixes read once (models/cascade.py: varlen flash over each prefix, the paged
+    kernel over each sequence's own keys, merged) against the paged kernel reading every
+    sequence's copy (longest first, the engine's order), 10 or 1 prompts of 2,048 keys."""
+    import numpy as np
+
+    from weavelm.models.cascade import (MAX_GROUPS, CascadeLayout, cascade_decode_attention,
+                                        cascade_order, plan_cascade)
+    shapes = ((64, 10), (256, 10), (256, 1), (512, 10))
+    print("\n## cascade: batch x prompts of 2,048 keys; µs per call (TB/s of keys counted per "
+          "sequence)\n")
+    print("| attention | " + " | ".join(f"{B} on {n}" for B, n in shapes) + " |")
+    print("|" + " --- |" * (len(shapes) + 1))
+    scale = 1 / math.sqrt(D)
+    rows = {"paged kernel, every copy": [], "cascade": [], "speed-up": []}
+    for B, n in shapes:
+        q, kc, vc, tables, lens = shared_case(B, n, 2048, H, Hkv, D, bs, consecutive=True)
+        host = plan_cascade(tables.cpu().numpy(), lens.cpu().numpy() - 1, bs)
+        layout = CascadeLayout(B, MAX_GROUPS)
+        buf = np.zeros(layout.size(B), dtype=np.int32)
+        layout.fill(buf, host, B)
+        plan = layout.views(torch.from_numpy(buf).cuda(), 8192)
+        order, plain_order = cascade_order(lens, plan), P.longest_first(lens)
+        plain = lambda: P.paged_decode_attention_cuda(  # noqa: E731
+            q, kc, vc, tables, lens, scale, order=plain_order)
+        casc = lambda: cascade_decode_attention(q, kc, vc, tables, lens, scale, plan,  # noqa
+                                                order)
+        err = (casc().float() - plain().float()).abs().max().item()
+        assert err < 2e-2, err
+        keys = 2 * int(lens.sum()) * Hkv * D * 2
+        for name, fn in (("paged kernel, every copy", plain), ("cascade", casc)):
+            t = graph_us(fn)
+            rows[name].append(t)
+        rows["speed-up"].append(rows["paged kernel, every copy"][-1] / rows["cascade"][-1])
+        for name in ("paged kernel, every copy", "cascade"):
+            t = rows[name][-1]
+            rows[name][-1] = f"{t:.1f} ({keys / (t * 1e-6) / 1e12:.2f})"
+        rows["speed-up"][-1] = f"{rows['speed-up'][-1]:.2f}x"
+    for name, cells in rows.items():
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from weavelm.models.attention import merge_by_lse
+from weavelm.models.sdpa import merge_by_lse
 
 
 def _attend(q, k, v, mask, scale):
@@ -36,3 +36,41 @@ def test_merge_by_lse_equals_full_causal():
     torch.testing.assert_close(m16.double(), full, rtol=2e-2, atol=2e-2)
     # the weights matter: a plain average of the two parts is far off
     assert (((o1 + o2) / 2) - full).abs().max() > 1e-2
+
+
+def test_continuations_in_one_varlen_layout_equal_piece_by_piece():
+    """A mixed step's pieces that continue their sequence (a later chunk, prompts after a
+    cached prefix; lengths 2..9 after 3..40 earlier keys), laid out as one packed varlen run
+    (`continuation_layout`: their tokens, their keys' cache rows, cu_q / cu_k) and attended in
+    one call's contract (`varlen_reference`), equal the piece-by-piece path; fresh pieces and
+    single tokens are left out of the layout."""
+    from weavelm.models.attention import AttentionBatch, Piece, cached_attention
+    from weavelm.models.kv_cache import PagedKVCache
+    from weavelm.models.sdpa import continuation_layout, varlen_reference
+    g = torch.Generator().manual_seed(3)
+    bs, H, Hkv, Dh = 4, 4, 2, 8
+    specs = [(0, 5), (12, 3), (40, 9), (7, 1), (3, 2), (0, 1), (21, 6)]   # (start, length)
+    cache = PagedKVCache(1, 80, bs, Hkv, Dh, torch.float32, "cpu")
+    cache.k[0].normal_(generator=g)
+    cache.v[0].normal_(generator=g)
+    blocks = torch.randperm(79, generator=g).add(1).tolist()
+    pieces, tables, offset = [], [], 0
+    for row, (start, n) in enumerate(specs):
+        need = -(-(start + n) // bs)
+        tables.append([blocks.pop() for _ in range(need)])
+        pieces.append(Piece(row, start, n, offset))
+        offset += n
+    batch = AttentionBatch.build(pieces, tables, bs, "cpu")
+    T = offset
+    q = torch.randn(T, H, Dh, generator=g)
+    k, v = torch.randn(T, Hkv, Dh, generator=g), torch.randn(T, Hkv, Dh, generator=g)
+    cache.store(0, batch.slot_mapping, k, v)
+    want = cached_attention(q, k, v, cache, 0, batch, 0.3, cached=True)
+    rows, slots, cu_q, cu_k, max_q, max_k, offsets = continuation_layout(
+        batch.pieces, batch.host_table, bs, "cpu")
+    assert offsets == (5, 8, 18, 21) and (max_q, max_k) == (9, 49)
+    assert cu_q.tolist() == [0, 3, 12, 14, 20] and cu_k.tolist() == [0, 15, 64, 69, 96]
+    flat_k = cache.k[0].view(-1, Hkv, Dh)
+    got = varlen_reference(q.index_select(0, rows), flat_k.index_select(0, slots),
+                           cache.v[0].view(-1, Hkv, Dh).index_select(0, slots), cu_q, cu_k, 0.3)
+    torch.testing.assert_close(got, want.index_select(0, rows), rtol=1e-5, atol=1e-5)

@@ -35,21 +35,27 @@ def paged_case(B, H, Hkv, D, bs, lens, dtype, seed=0):
     return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
-def float64_attention(q, k_cache, v_cache, tables, lens, scale, window):
+def float64_attention(q, k_cache, v_cache, tables, lens, scale, window, starts=None):
+    """(out [B, H, D], log-sum-exp of the scores [B, H]) in float64; sequence b sees keys from
+    max(window's first, starts[b]) on."""
     B, H, D = q.shape
     Hkv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(B, H, D, dtype=torch.float64)
+    lse = torch.empty(B, H, dtype=torch.float64)
     for b in range(B):
         n = int(lens[b])
         rows = [(int(tables[b, j // bs]), j % bs) for j in range(n)]
         keys = torch.stack([k_cache[blk, off] for blk, off in rows]).double()   # [n, Hkv, D]
         vals = torch.stack([v_cache[blk, off] for blk, off in rows]).double()
         first = max(0, n - window) if window else 0
+        if starts is not None:
+            first = max(first, int(starts[b]))
         for h in range(H):
             g = h // (H // Hkv)
             scores = keys[first:, g] @ q[b, h].double() * scale
             out[b, h] = torch.softmax(scores, 0) @ vals[first:, g]
-    return out
+            lse[b, h] = torch.logsumexp(scores, 0)
+    return out, lse
 
 
 @pytest.mark.skipif(IN_SIM, reason="this is the launcher of the simulator run")
@@ -62,8 +68,21 @@ def test_in_simulator():
 def test_reference_matches_float64(window):
     q, kc, vc, tables, lens = paged_case(3, 4, 2, 16, 4, [1, 7, 13], torch.float32)
     got = P.paged_decode_attention(q, kc, vc, tables, lens, 0.25, window)   # CPU: reference
-    want = float64_attention(q, kc, vc, tables, lens, 0.25, window)
+    want, _ = float64_attention(q, kc, vc, tables, lens, 0.25, window)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
+def test_reference_starts_and_lse_match_float64():
+    """Keys before starts[b] left out (a cascade's shared prefix, attended elsewhere), and the
+    log-sum-exp each query's scores give, as float64 computes them."""
+    q, kc, vc, tables, lens = paged_case(3, 4, 2, 16, 4, [6, 7, 13], torch.float32)
+    starts = torch.tensor([0, 4, 8], dtype=torch.int32)
+    lse = torch.empty(3, 4)
+    got = P.paged_decode_attention(q, kc, vc, tables, lens, 0.25, starts=starts, lse=lse)
+    want, want_lse = float64_attention(q, kc, vc, tables, lens, 0.25, None, starts)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cap,want", [(2, [2, 2, 1, 1, 1]), (4, [4, 4, 1, 3, 1])])
@@ -155,3 +174,24 @@ def test_sim_fp8_cache_matches_reference(splits, pipeline):
                                         pipeline=pipeline, k_scale=0.5, v_scale=2.0)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@sim
+@pytest.mark.parametrize("dtype,splits,split_keys,window", [
+    (torch.bfloat16, 1, None, None), (torch.float32, 3, 2, None), (torch.float32, 4, 1, 9)])
+def test_sim_starts_and_lse_match_reference(dtype, splits, split_keys, window):
+    """Each sequence from its own first key on (`starts`; with a window, the later of the
+    two), its queries' log-sum-exps written beside the output, one CTA a sequence or split
+    (the combine writes them then)."""
+    lens = [5, 19, 12]
+    q, kc, vc, tables, lens_t = paged_case(3, 8, 2, 32, 4, lens, dtype, seed=3 + splits)
+    starts = torch.tensor([0, 8, 10], dtype=torch.int32)
+    scale = 1 / math.sqrt(32)
+    want_lse = torch.empty(3, 8)
+    want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
+                                        scale, window, starts=starts, lse=want_lse)
+    lse = torch.full((3, 8), float("nan"))
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window, splits=splits,
+                                        split_keys=split_keys, starts=starts, lse=lse)
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ from weavelm.weave.policy import SchedulePolicy
 from weavelm.errors import check
 from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, Piece
+from weavelm.models.cascade import MAX_GROUPS, CascadeLayout, cascade_works, plan_cascade
 from weavelm.models.kv_cache import PagedKVCache, cache_dtype
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.decoder import WovenDecoder, StepInput
@@ -59,6 +60,15 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def cascade_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes of the shared-prefix decode graphs: 8, 16, then every 32 up to
+    max_num_seqs (a coarser ladder: each graph costs capture time at start-up, and a step that
+    shares prefixes gains far more than its padded rows cost)."""
+    sizes = [b for b in (8, 16) if b < max_num_seqs]
+    sizes += list(range(32, max_num_seqs, 32))
+    return sizes + [max_num_seqs]
+
+
 class ModelRunner:
     def __init__(self, model: WovenDecoder, comm: Communicator, state: ParallelState,
                  policy: SchedulePolicy, config: EngineConfig):
@@ -80,6 +90,13 @@ class ModelRunner:
         log.info("weavelm KV cache: %d blocks of %d tokens (%d tokens; and one scratch block) "
                  "on rank %d", self.blocks.capacity, self.block_size, self.kv_tokens, state.rank)
         self.capture_seconds = 0.0
+        # Decode steps whose sequences share cached prefixes replay graphs of their own (a
+        # coarser ladder) that attend each shared prefix once (models/cascade.py)
+        self.cascade = self.use_graphs and config.enable_prefix_caching and not self.kv.fp8 \
+            and getattr(model.layers[0].self_attn, "window", None) is None \
+            and cascade_works(self.device, self.kv.k[0].dtype,
+                              model.layers[0].self_attn.num_heads, *model.kv_cache_shape()[1:])
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.use_graphs:
             self._capture()
 
@@ -232,13 +249,20 @@ class ModelRunner:
                          for _ in range(2)]
         self.h_copied = [None, None]
         self.d_tables = torch.zeros(G * M, dtype=torch.int32, device=dev)
+        n = CascadeLayout.size(G)
+        self.s_cascade = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.h_cascade = [torch.zeros(n, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self._turn = 0
+        self._pool = None
 
-    def _graph_forward(self, G: int):
+    def _graph_forward(self, G: int, cascade: bool = False):
         ids, positions, slots = self.s_rows[0, :G], self.s_rows[1, :G], self.s_rows[2, :G]
         lens = (positions + 1).to(torch.int32)      # keys each token sees (in the graph)
         batch = AttentionBatch([Piece(i, 0, 1, i) for i in range(G)], slots,
                                self.s_tables[:G], lens, decode=True)
+        if cascade:
+            batch.cascade = CascadeLayout(G, MAX_GROUPS).views(self.s_cascade,
+                                                               self.config.max_model_len)
         hidden = self.executor.run(ids, StepInput(positions, self.kv, batch),
                                    self.policy.decode())
         self.s_logits[:G] = self.model.compute_logits(hidden, self.comm)
@@ -246,20 +270,28 @@ class ModelRunner:
     def _capture(self):
         """Capture the decode ladder, largest first, in one memory pool."""
         start = time.perf_counter()
-        pool = None
         with torch.no_grad():
             for G in reversed(graph_batch_sizes(self.config.max_num_seqs)):
-                self._graph_forward(G)                   # warm-up: compiles, sizes buffers
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._graph_forward(G)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[G] = graph
+                self.graphs[G] = self._capture_one(G)
+            for G in reversed(cascade_batch_sizes(self.config.max_num_seqs)
+                              if self.cascade else []):
+                self.cascade_graphs[G] = self._capture_one(G, cascade=True)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        log.info("weavelm: captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
-                 len(self.graphs), self.config.max_num_seqs, self.capture_seconds)
+        log.info("weavelm: captured %d decode CUDA graphs (batch 1..%d; %d for shared "
+                 "prefixes) in %.1f s", len(self.graphs), self.config.max_num_seqs,
+                 len(self.cascade_graphs), self.capture_seconds)
+
+    def _capture_one(self, G: int, cascade: bool = False) -> torch.cuda.CUDAGraph:
+        """One decode graph, in the runner's memory pool. Its warm-up runs the step the static
+        buffers hold: all zeros (every row a padded row on the scratch block 0)."""
+        self._graph_forward(G, cascade)                  # warm-up: compiles, sizes buffers
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._graph_forward(G, cascade)
+        self._pool = graph.pool() if self._pool is None else self._pool
+        return graph
 
     def _replay(self, pieces: list[StepPiece],
                 late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
@@ -271,6 +303,19 @@ class ModelRunner:
         if self.h_copied[self._turn] is not None:
             self.h_copied[self._turn].synchronize()      # its last copies have run
         width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
+        graph = self.graphs[G]
+        plan = plan_cascade(h_tables.numpy()[:G * width].reshape(G, width)[:B],
+                            h_rows.numpy()[1, :B], bs) if self.cascade else None
+        if plan is not None:
+            padded = min(g for g in self.cascade_graphs if g >= B)
+            if padded != G:                              # staged again for its padding
+                G = padded
+                width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
+            graph = self.cascade_graphs[G]
+            layout = CascadeLayout(G, MAX_GROUPS)
+            n = layout.size(G)
+            layout.fill(self.h_cascade[self._turn].numpy(), plan, B)
+            self.s_cascade[:n].copy_(self.h_cascade[self._turn][:n], non_blocking=True)
         self.s_rows.copy_(h_rows, non_blocking=True)     # 3 x max_num_seqs: one copy
         if late is not None:
             _patched(self.s_rows[0], late)
@@ -279,7 +324,7 @@ class ModelRunner:
         self.h_copied[self._turn] = torch.cuda.Event()
         self.h_copied[self._turn].record()
         self.s_tables[:G, :width].copy_(tables.view(G, width))
-        self.graphs[G].replay()
+        graph.replay()
         return self.s_logits[:B]
 
 

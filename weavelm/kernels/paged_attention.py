@@ -43,6 +43,8 @@ does, is in paged_attention_kernels.py.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +70,11 @@ RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). Unbo
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                window: int | None = None, k_scale: float = 1.0,
-                               v_scale: float = 1.0) -> torch.Tensor:
+                               v_scale: float = 1.0, starts=None, lse=None) -> torch.Tensor:
     """The torch reference (and CPU path): gathers each sequence's blocks, masks, runs SDPA.
-    An FP8 cache is read as its values times `k_scale` / `v_scale`."""
+    An FP8 cache is read as its values times `k_scale` / `v_scale`. `starts` (int32 [B]):
+    sequence b sees only keys from starts[b] on; `lse` (float32 [B, H]) receives each query's
+    log-sum-exp of its scaled scores (cascade attention merges partial results by it)."""
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     tables = block_tables.long()
@@ -84,6 +88,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     visible = pos[None, :] < lens                                           # [B, M*bs]
     if window:
         visible &= pos[None, :] >= lens - window
+    if starts is not None:
+        visible &= pos[None, :] >= starts.long()[:, None]
+    if lse is not None:
+        scores = torch.einsum("bhd,bhkd->bhk", q.float(),
+                              keys.float().repeat_interleave(H // Hkv, dim=1)) * scale
+        lse.copy_(torch.logsumexp(scores.masked_fill(~visible[:, None, :], -math.inf), -1))
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
                                        attn_mask=visible[:, None, None, :], scale=scale,
                                        enable_gqa=True)                     # [B, H, 1, D]
@@ -92,23 +102,24 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            window: int | None = None, out=None, order=None,
-                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                           k_scale: float = 1.0, v_scale: float = 1.0, starts=None,
+                           lse=None) -> torch.Tensor:
     """CUDA tensors the kernel takes -> the kernel; anything else -> the reference. `order`:
     `longest_first(context_lens)` (optional; only the kernel's schedule depends on it).
-    `k_scale`, `v_scale`: an FP8 cache's scales."""
+    `k_scale`, `v_scale`: an FP8 cache's scales. `starts`, `lse`: as the reference's."""
     if q.is_cuda and supported(q, k_cache):
         return paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                            scale, window, out, order=order, k_scale=k_scale,
-                                           v_scale=v_scale)
+                                           v_scale=v_scale, starts=starts, lse=lse)
     o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                   window, k_scale, v_scale)
+                                   window, k_scale, v_scale, starts, lse)
     return o if out is None else out.copy_(o)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-SIGNATURE = "void(" + ", ".join(["uint64"] * 9 + ["int64"] * 9 + ["float64"] * 3) + ")"
-COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 4 + ["int64"] * 6) + ")"
+SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 9 + ["float64"] * 3) + ")"
+COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 6 + ["int64"] * 6) + ")"
 
 
 def lanes_per_key(dtype: torch.dtype, head_dim: int) -> int | None:
@@ -207,9 +218,11 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                 group: int | None = None, rows: int = ROWS,
                                 pipeline: bool = PIPELINE, resident: int = RESIDENT,
                                 order=None, split_keys: int | None = None,
-                                k_scale: float = 1.0, v_scale: float = 1.0):
+                                k_scale: float = 1.0, v_scale: float = 1.0, starts=None,
+                                lse=None):
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
-    order their CTAs should start (`longest_first`). For tests and benchmarks: `splits` forces
+    order their CTAs should start (`longest_first`); `starts` int32 [B], `lse` float32 [B, H]
+    (written). For tests and benchmarks: `splits` forces
     S, every sequence using all S CTAs it has keys for unless `split_keys` (keys per split) is
     given too, `group` the
     query heads per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one
@@ -239,6 +252,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
         S, keys_per_split = splits, 1
     keys_per_split = split_keys or keys_per_split
     odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
+    stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
+    lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
                              pipeline, resident, kv8)
     part = ml = None
@@ -247,10 +262,10 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
         part = torch.empty(B * H * S * D, dtype=torch.float32, device=dev)
         ml = torch.empty(B * H * S * 2, dtype=torch.float32, device=dev)
         pp, mp = part.data_ptr(), ml.data_ptr()
-    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, op, pp, mp,
-                B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
+    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, stp, op, lsp,
+                pp, mp, B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
                 float(scale), float(k_scale), float(v_scale))
     if S > 1:
-        combine.launch(H * B, 32, index, pp, mp, op, lp, B * H, H, S, D, keys_per_split,
-                       window or 0)
+        combine.launch(H * B, 32, index, pp, mp, op, lp, stp, lsp, B * H, H, S, D,
+                       keys_per_split, window or 0)
     return out

@@ -22,6 +22,7 @@ ROWS = 4                        # key rows per lane and iteration (the fastest o
 PIPELINE = True                 # loads one iteration ahead (see _build_kernel)
 NEG = -1.0e30                   # "minus infinity" that keeps exp2() and max() NaN-free
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
@@ -31,6 +32,28 @@ def split_count(keys, S, split_keys):
     keys, at least one (kernel, combine and tests share it)."""
     n = (keys + split_keys - 1) // split_keys
     return max(1, min(S, n))
+
+
+def first_key_fn():
+    """Device function first_key(length, window, starts_ptr, b): the first key sequence b's
+    query sees: the window's first, or starts[b] where a cascade's shared prefix covers the
+    keys before it (kernel and combine share it)."""
+    from numba import int64
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels.common import device
+
+    def first_key(length, window, starts_ptr, b):
+        first = int64(0)
+        if window > 0 and length > window:
+            first = length - window
+        if starts_ptr != 0:
+            st = int64(ptx.load_u32(starts_ptr + b * 4))
+            if st > first:
+                first = st
+        return first
+
+    return device(first_key)
 
 
 def lane_sum_fn(lanes: int):
@@ -161,6 +184,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
 
     fetch = device(fetch)
     splits_of = device(split_count)
+    first_key = first_key_fn()
 
     def unpack_row(words, r, out):
         """FP8 row r's E elements of the lane (2 raw words of the iteration) ->
@@ -172,9 +196,9 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
 
     unpack_row = device(unpack_row)
 
-    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, order_ptr, out_ptr,
-                            part_ptr, ml_ptr, B, H, Hkv, D, M, bs_shift, S, split_keys, window,
-                            scale, k_scale, v_scale):
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, order_ptr, starts_ptr,
+                            out_ptr, lse_ptr, part_ptr, ml_ptr, B, H, Hkv, D, M, bs_shift, S,
+                            split_keys, window, scale, k_scale, v_scale):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -189,9 +213,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
             b = int64(load_u32(order_ptr + b * 4))
         g = h0 // (H // Hkv)                 # the KV head every head of the group reads
         length = int64(load_u32(lens_ptr + b * 4))
-        first = 0
-        if window > 0 and length > window:
-            first = length - window
+        first = first_key(length, window, starts_ptr, b)
         n_split = splits_of(length - first, S, split_keys)
         if s >= n_split:                     # a short sequence uses fewer of the S CTAs
             return
@@ -288,6 +310,9 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
                     k0[e] *= inv
                 r = pack(k0)
                 store(out_ptr + (b * H + h) * q_bytes + t * 16, r[0], r[1], r[2], r[3])
+                if lse_ptr != 0 and t == 0:   # natural log, of the scores scale * q.k
+                    ptx.store_u32(lse_ptr + (b * H + h) * 4,
+                                  as_u32((mx + math.log2(total)) * float32(LN2)))
             else:
                 row = (b * H + h) * S + s
                 for e in range(E):            # (the combine is linear in the partials)
@@ -316,21 +341,20 @@ def _build_combine(dt: str, lanes: int):
 
     cuda = numba_cuda()
     splits_of = device(split_count)
+    first_key = first_key_fn()
     _, pack, E = codec(dt)
     itemsize = 16 // E
     load, store = ptx.load_v4_u32, ptx.store_v4_u32
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
 
-    def paged_decode_combine(part_ptr, ml_ptr, out_ptr, lens_ptr, rows, H, S, D, split_keys,
-                             window):
+    def paged_decode_combine(part_ptr, ml_ptr, out_ptr, lens_ptr, starts_ptr, lse_ptr, rows, H,
+                             S, D, split_keys, window):
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x
         if tid >= lanes or row >= rows:
             return
         length = int64(load_u32(lens_ptr + (row // H) * 4))
-        first = 0
-        if window > 0 and length > window:
-            first = length - window
+        first = first_key(length, window, starts_ptr, row // H)
         n_split = splits_of(length - first, S, split_keys)
         if n_split == 1:                     # the main kernel wrote this row itself
             return
@@ -355,6 +379,9 @@ def _build_combine(dt: str, lanes: int):
             acc[e] *= inv
         r = pack(acc)
         store(out_ptr + (row * D + tid * E) * itemsize, r[0], r[1], r[2], r[3])
+        if lse_ptr != 0 and tid == 0:
+            ptx.store_u32(lse_ptr + row * 4, ptx.f32_as_u32((mx + math.log2(total))
+                                                            * float32(LN2)))
 
     paged_decode_combine.__name__ = f"paged_decode_combine_{dt}_l{lanes}"
     return paged_decode_combine

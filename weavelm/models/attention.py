@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from weavelm.errors import check
 from weavelm.kernels.common import FP8
@@ -29,6 +28,9 @@ from weavelm.kernels.paged_attention import longest_first, paged_decode_attentio
 from weavelm.kernels.rope_cache import rope_and_cache
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.kv_cache import PagedKVCache  # noqa: F401  (the cache of every step)
+from weavelm.models.sdpa import (
+    _continuation_attention, _sdpa, continuation_layout, varlen_flash,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class AttentionBatch:
     # The paged kernel's schedule (`longest_first` of the decode tokens): made on
     # the first layer's call, shared by the others (in a captured graph: one sort per replay).
     order: torch.Tensor | None = None
+    # decode: the step's shared prefixes, attended once per group (models/cascade.py)
+    cascade: object | None = None
+    host_table: np.ndarray | None = None       # block_tables on the host (build() keeps it)
+    # the pieces that continue their sequence, laid out for one varlen call (sdpa.py's
+    # continuation_layout; () where there are none), made on the first layer's call
+    continuations: tuple | None = None
 
     @classmethod
     def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
@@ -89,7 +97,8 @@ class AttentionBatch:
         lens = (starts + 1).astype(np.int32) if decode else None
         batch = cls(list(pieces), host_to_device(slots, device),
                     host_to_device(table, device),
-                    None if lens is None else host_to_device(lens, device), decode)
+                    None if lens is None else host_to_device(lens, device), decode,
+                    host_table=table)
         singles = [p for p in pieces if p.length == 1 and p.start_pos > 0]
         if singles and not decode:
             batch.single_offsets = tuple(p.offset for p in singles)
@@ -114,8 +123,10 @@ class AttentionBatch:
                 first.append(replace(p, length=k))
                 second.append(replace(p, start_pos=p.start_pos + k, length=p.length - k,
                                       offset=0))
-        a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first], order=None)
-        b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:], order=None)
+        a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first], order=None,
+                    cascade=None, continuations=None)
+        b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:], order=None,
+                    cascade=None, continuations=None)
         if self.singles is not None:       # token order: the first half's singles come first
             k = sum(1 for o in self.single_offsets if o < n_first)
             rows, tables, lens = self.singles
@@ -167,132 +178,6 @@ def _mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
     return allowed
 
 
-def _sdpa(q, k, v, **kwargs):
-    """SDPA with grouped-query heads. On CUDA the flash kernel reads grouped KV heads in place
-    where it applies (half precision, no mask); otherwise the KV heads are expanded so the
-    flash or cuDNN kernel always applies (GQA support varies by backend and torch version); the
-    CPU kernels take enable_gqa directly."""
-    if q.is_cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        if _plan_free(q, k) and "attn_mask" not in kwargs and _flash_gqa(q, k):
-            try:
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-            except RuntimeError:         # no flash kernel on this GPU: not tried again
-                _FLASH_GQA[0] = False
-        if k.shape[-3] != q.shape[-3]:
-            k, v = _expand_kv(q, k, v)
-        if _plan_free(q, k):
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                              SDPBackend.MATH]):
-                return F.scaled_dot_product_attention(q, k, v, **kwargs)
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-
-
-_FLASH_GQA = [True]
-
-
-def _flash_gqa(q, k) -> bool:
-    """The flash kernel reads a group of query heads' shared KV head in place (no copy of the
-    keys and values expanded to every query head; copies were 8.5 of 206 ms of a mixed serving
-    step's GPU time on an H200, benchmarks/HISTORY.md): half precision, head dim up to 256."""
-    return _FLASH_GQA[0] and q.dtype in (torch.float16, torch.bfloat16) \
-        and q.shape[-1] <= 256 and q.shape[-3] % k.shape[-3] == 0
-
-
-def _plan_free(q, k) -> bool:
-    """Shapes that should not go to cuDNN: it builds an execution plan for every new shape
-    (tens of ms of host time, then cached), so the arbitrary prompt and chunk lengths of a
-    serving engine would each pay one. Lengths that are multiples of PLAN_ROWS recur (fixed
-    prefill sizes, full chunks) and keep cuDNN, the fastest kernel on Hopper."""
-    return q.shape[-2] % PLAN_ROWS != 0 or k.shape[-2] % PLAN_ROWS != 0
-
-
-PLAN_ROWS = 128
-
-
-def _expand_kv(q, k, v):
-    reps = q.shape[-3] // k.shape[-3]
-    if reps == 1:
-        return k, v
-    return k.repeat_interleave(reps, dim=-3), v.repeat_interleave(reps, dim=-3)
-
-
-# Private SDPA ops that also return the log-sum-exp of each query's scores, fastest first. A
-# backend that raises once (unsupported GPU, dtype or shape) is not tried again.
-_LSE_BACKENDS = ["cudnn", "flash"]
-
-
-def _sdpa_lse(q, k, v, causal: bool, scale: float):
-    """(out [1, H, n, Dh], lse [1, H, n, 1] fp32) on CUDA, or None if no backend applies.
-    Half precision only: both kernels are fp16/bf16 kernels. An fp32 call is not refused by
-    every torch version: a GPU fp32 engine test sampled token 0 (NaN logits) after every
-    continuing chunk until fp32 was kept off them."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    order = sorted(_LSE_BACKENDS, key=lambda n: n != "flash") if _plan_free(q, k) \
-        else list(_LSE_BACKENDS)
-    expanded = None
-    for name in order:
-        try:
-            if name == "flash" and _flash_gqa(q, k):      # grouped heads read in place
-                kk, vv = k, v
-            else:
-                expanded = expanded or _expand_kv(q, k, v)
-                kk, vv = expanded
-            if name == "cudnn":
-                r = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    q, kk, vv, None, True, 0.0, causal, False, scale=scale)
-            else:
-                r = torch.ops.aten._scaled_dot_product_flash_attention(
-                    q, kk, vv, 0.0, causal, False, scale=scale)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _LSE_BACKENDS.remove(name)
-            continue
-        n = q.shape[-2]
-        lse = r[1].reshape(q.shape[0], q.shape[1], -1)[..., :n].unsqueeze(-1).float()
-        return r[0], lse
-    return None
-
-
-def causal_lower_right(num_queries: int, num_keys: int):
-    """torch's lower-right causal mask, imported on first use: `torch.nn.attention.bias` pulls
-    in torch._dynamo (~1 s), which `from weavelm import LLM` must not pay."""
-    from torch.nn.attention.bias import causal_lower_right as mask
-    return mask(num_queries, num_keys)
-
-
-def _continuation_attention(qs, keys, values, start: int, scale: float):
-    """Exact causal attention of a piece that continues its sequence: queries are positions
-    [start, end) and see keys [0, end) up to their own position. Computed as two calls of the
-    fast attention kernels - all earlier keys (no mask) and the piece's own keys (square causal)
-    - merged by their log-sum-exps: softmax over the union = sigmoid(lse1 - lse2) blend. A single
-    call with a lower-right causal mask falls to a slower kernel on H100 (FA2 instead of cuDNN;
-    benchmarks/HISTORY.md, round 3)."""
-    if not qs.is_cuda or qs.shape[-2] == 1:
-        if qs.shape[-2] == 1:                 # one query sees every key: no mask at all
-            return _sdpa(qs, keys, values, scale=scale)
-        return _sdpa(qs, keys, values, scale=scale,
-                     attn_mask=causal_lower_right(qs.shape[-2], keys.shape[-2]))
-    earlier = _sdpa_lse(qs, keys[..., :start, :], values[..., :start, :], False, scale)
-    own = _sdpa_lse(qs, keys[..., start:, :], values[..., start:, :], True, scale) \
-        if earlier is not None else None
-    if own is None:
-        return _sdpa(qs, keys, values, scale=scale,
-                     attn_mask=causal_lower_right(qs.shape[-2], keys.shape[-2]))
-    return merge_by_lse(*earlier, *own)
-
-
-def merge_by_lse(o1, lse1, o2, lse2):
-    """Attention over the union of two disjoint key sets, from each set's output and per-query
-    log-sum-exp of scaled scores ([..., n, Dh] and [..., n, 1]): the weights are e^lse1 and
-    e^lse2, so o = o2 + (o1 - o2) * sigmoid(lse1 - lse2). One lerp in the outputs' dtype (it
-    computes in fp32 inside; fp32 copies of the outputs cost more than the attention saved)."""
-    w = torch.sigmoid(lse1.float() - lse2.float())
-    return torch.lerp(o2, o1, w.to(o2.dtype))
-
-
 def _order(batch: AttentionBatch, q, k_cache, lens):
     """The paged kernel's longest-first order of the decode tokens whose key counts are `lens`
     (the step's decode tokens, or a mixed step's singles), made once per batch; None where the
@@ -300,6 +185,53 @@ def _order(batch: AttentionBatch, q, k_cache, lens):
     if batch.order is None and q.is_cuda and supported(q, k_cache):
         batch.order = longest_first(lens)
     return batch.order
+
+
+def _decode_attention(q, kc, vc, batch: AttentionBatch, scale: float, window, scales):
+    """A decode step's attention (its keys and values already in the cache): the paged kernel,
+    or the cascade where the step's plan groups sequences on shared prefixes (no window: a
+    sliding window's keys are not a shared prefix's)."""
+    if batch.cascade is not None and window is None and kc.dtype == q.dtype:
+        from weavelm.models.cascade import cascade_decode_attention, cascade_order
+        if batch.order is None:
+            batch.order = cascade_order(batch.context_lens, batch.cascade)
+        return cascade_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens,
+                                        scale, batch.cascade, batch.order)
+    order = _order(batch, q, kc, batch.context_lens)
+    return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
+                                  window, order=order, **scales)
+
+
+def _continuations_at_once(q, kc, vc, cache: PagedKVCache, layer: int, batch: AttentionBatch,
+                           scale: float, out) -> set:
+    """The pieces that continue their sequence (later chunks, prompts after a cached prefix),
+    all in one varlen flash call: their keys gathered from their blocks in one index per
+    layer (the rows made once per step), written into `out`; returns their offsets (none if
+    the flash call does not apply). Per piece, a step of 64 continuing chunks spent more time
+    launching kernels than attending."""
+    if batch.host_table is None:
+        return set()
+    if batch.continuations is None:
+        batch.continuations = continuation_layout(batch.pieces, batch.host_table,
+                                                  kc.shape[1], q.device) or ()
+    if not batch.continuations:
+        return set()
+    rows, slots, cu_q, cu_k, max_q, max_k, offsets = batch.continuations
+    keys = cache.read(_cache_rows(kc, slots), layer, "k", q.dtype)
+    values = cache.read(_cache_rows(vc, slots), layer, "v", q.dtype)
+    o = varlen_flash(q.index_select(0, rows), keys, values, cu_q, cu_k, max_q, max_k, scale)
+    if o is None:
+        return set()
+    out.index_copy_(0, rows, o)
+    return set(offsets)
+
+
+def _cache_rows(cache_layer, slots):
+    """Cache rows (block * bs + offset) of one layer's K or V: [n, Hkv, Dh]."""
+    flat = cache_layer.view(-1, *cache_layer.shape[2:])
+    if cache_layer.dtype == FP8:          # (torch gathers FP8 only as bytes)
+        return flat.view(torch.uint8).index_select(0, slots).view(FP8)
+    return flat.index_select(0, slots)
 
 
 def _cached_keys(cache_layer, batch: AttentionBatch, p: Piece, end: int):
@@ -322,9 +254,7 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
     if not cached:
         cache.store(layer, batch.slot_mapping, k, v)
     if batch.decode:
-        order = _order(batch, q, kc, batch.context_lens)
-        return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=order, **scales)
+        return _decode_attention(q, kc, vc, batch, scale, window, scales)
     out = torch.empty_like(q)
     done = set()
     if batch.singles is not None:          # a mixed step's decode tokens: one paged call
@@ -333,8 +263,10 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
                                    order=_order(batch, q, kc, lens), **scales)
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
+    if q.is_cuda and window is None:
+        done |= _continuations_at_once(q, kc, vc, cache, layer, batch, scale, out)
     for p in batch.pieces:
-        if p.length == 1 and p.offset in done:
+        if p.offset in done:
             continue
         rows = slice(p.offset, p.offset + p.length)
         end = p.start_pos + p.length
@@ -371,9 +303,7 @@ def rotary_attention(q, k, v, rotary, positions, cache: PagedKVCache, layer: int
     if batch.decode:
         q = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                            batch.slot_mapping, **scales)
-        order = _order(batch, q, kc, batch.context_lens)
-        return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                      window, order=order, **scales)
+        return _decode_attention(q, kc, vc, batch, scale, window, scales)
     q, k = rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, kc, vc,
                           batch.slot_mapping, return_k=True, **scales)
     return cached_attention(q, k, v, cache, layer, batch, scale, window, cached=True)
