@@ -165,8 +165,9 @@ def test_the_allocator_keeps_its_books_over_random_operations():
         op = g.random()
         if op < 0.35:
             n = g.randrange(1, 5)
+            after = g.choice([None, g.randrange(42)])   # (blocks taken out of turn)
             try:
-                blocks = a.allocate(n)
+                blocks = a.allocate(n, after=after)
             except NoFreeBlocks:
                 assert a.num_free < n
                 continue
@@ -190,6 +191,24 @@ def test_the_allocator_keeps_its_books_over_random_operations():
         a.free(blocks)
     a.check()
     assert a.num_free == a.capacity
+
+
+def test_a_sequence_grows_along_consecutive_blocks():
+    """Blocks after a writer's last one are taken where free (a prompt's blocks form one run
+    that decode reads in place), others in the usual order, none twice."""
+    from weavelm.engine.block_manager import BlockAllocator
+    a = BlockAllocator(20, 4)
+    first = a.allocate(3)                          # 1, 2, 3
+    other = a.allocate(2)                          # 4, 5
+    a.free(other)                                  # 4, 5 back at the end of the queue
+    assert a.allocate(2, after=first[-1]) == [4, 5]
+    assert a.allocate(2) == [6, 7]                 # the stale queue entries are skipped
+    table = [7]
+    a.grow(table, 12)
+    assert table == [7, 8, 9]
+    assert a.allocate(1, after=9) == [10] and a.allocate(1, after=3) == [11]
+    a.check()
+    assert a.num_free == a.capacity - 11
 
 
 def test_caching_off_and_bad_values():

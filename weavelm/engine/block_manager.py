@@ -44,7 +44,11 @@ class BlockAllocator:
                                f"more than {RESERVED_BLOCKS}; lower the model's memory use or "
                                f"raise gpu_memory_utilization")
         self.num_blocks, self.block_size, self.caching = num_blocks, block_size, caching
-        self._free = deque(range(RESERVED_BLOCKS, num_blocks))     # content unknown
+        # Free blocks whose content is unknown: the set says which; the queue gives the order
+        # they are handed out in, and may hold stale entries of blocks taken out of turn
+        # (`allocate(after=...)`), skipped when they come up.
+        self._free = deque(range(RESERVED_BLOCKS, num_blocks))
+        self._free_set = set(self._free)
         self._evictable: OrderedDict[int, bytes] = OrderedDict()    # free, content known: LRU
         self._ref: dict[int, int] = {}                              # used block -> holders
         self._hash_of: dict[int, bytes] = {}                        # cached block -> its hash
@@ -54,7 +58,7 @@ class BlockAllocator:
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out (free, or cached and free: evicted when needed)."""
-        return len(self._free) + len(self._evictable)
+        return len(self._free_set) + len(self._evictable)
 
     @property
     def num_cached(self) -> int:
@@ -68,20 +72,29 @@ class BlockAllocator:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def allocate(self, n: int) -> list[int]:
-        """n blocks for one writer, all or none (NoFreeBlocks)."""
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """n blocks for one writer, all or none (NoFreeBlocks). `after`: the writer's last
+        block; the ones following it are taken where free, so that a sequence's blocks form
+        runs of consecutive ids (decode reads a shared prefix's run in place:
+        models/cascade.py)."""
         if n > self.num_free:
             raise NoFreeBlocks(f"the KV cache has {self.num_free} free blocks of "
                                f"{self.block_size} tokens, {n} needed")
         blocks = []
         for _ in range(n):
-            if self._free:
+            if after is not None and after + 1 in self._free_set:
+                b = after + 1                       # its queue entry goes stale
+            elif self._free_set:
                 b = self._free.popleft()
+                while b not in self._free_set:      # stale: taken out of turn
+                    b = self._free.popleft()
             else:                                   # evict the least recently freed
                 b, h = self._evictable.popitem(last=False)
                 del self._block_of[h], self._hash_of[b]
+            self._free_set.discard(b)
             self._ref[b] = 1
             blocks.append(b)
+            after = b
         return blocks
 
     def free(self, blocks: list[int]) -> None:
@@ -97,12 +110,13 @@ class BlockAllocator:
                     self._evictable[b] = self._hash_of[b]
                 else:
                     self._free.append(b)
+                    self._free_set.add(b)
 
     def grow(self, table: list[int], tokens: int) -> None:
         """Append blocks to a sequence's `table` until it holds `tokens` tokens."""
         missing = self.blocks_for(tokens) - len(table)
         if missing > 0:
-            table.extend(self.allocate(missing))
+            table.extend(self.allocate(missing, after=table[-1] if table else None))
 
     # -- prefix caching ---------------------------------------------------------------------
     def lookup(self, hashes: list[bytes]) -> list[int]:
@@ -145,13 +159,14 @@ class BlockAllocator:
         for b in list(self._evictable):
             del self._block_of[self._hash_of.pop(b)]
             self._free.append(b)
+            self._free_set.add(b)
         self._evictable.clear()
         return not self._hash_of
 
     def check(self) -> None:
         """Raise AssertionError unless the books balance (tests)."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is twice in the free list"
+        free = self._free_set
+        assert free <= set(self._free), "a free block is missing from the queue"
         assert not free & set(self._evictable) and not free & set(self._ref)
         assert not set(self._evictable) & set(self._ref)
         assert len(free) + len(self._evictable) + len(self._ref) == self.capacity

@@ -98,7 +98,7 @@ class Scheduler:
                     seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
                 break                                 # admitting never preempts
             self.waiting.popleft()
-            seq.blocks.extend(self.blocks.allocate(need))
+            self._extend(seq, need)
             seq.status, seq.admitted = Status.RUNNING, True
             self.blocks.count_lookup(*seq.lookup)
             self.running.append(seq)
@@ -216,8 +216,12 @@ class Scheduler:
             if victim is seq:
                 return False
         if need > 0:
-            seq.blocks.extend(self.blocks.allocate(need))
+            self._extend(seq, need)
         return True
+
+    def _extend(self, seq: Sequence, n: int) -> None:
+        """n more blocks for seq, following its last one where they are free."""
+        seq.blocks.extend(self.blocks.allocate(n, after=seq.blocks[-1] if seq.blocks else None))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

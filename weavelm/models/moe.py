@@ -46,8 +46,10 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x, out=None):
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)   # [T, K] each
-        return moe_experts(x, self.experts.w13.weight, self.experts.w2.weight, weights, ids,
-                           out=out, impl=self.impl)                       # [T, D] partial
+        w13, w2 = self.experts.w13, self.experts.w2
+        scales = None if w13.weight_scale is None else (w13.weight_scale, w2.weight_scale)
+        return moe_experts(x, w13.weight, w2.weight, weights, ids, out=out,
+                           impl=self.impl, scales=scales)                 # [T, D] partial
 
 
 class MoeForCausalLM(LlamaForCausalLM):

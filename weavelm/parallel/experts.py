@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from weavelm.errors import check
-from weavelm.parallel.fp8 import building_quantization
+from weavelm.kernels.common import FP8
+from weavelm.parallel.fp8 import building_quantization, quantize_rows
 from weavelm.parallel.layers import (
     TPLayer, check_whole, copy_checked, default_weight_loader, narrow,
 )
@@ -47,23 +48,55 @@ class ReplicatedLinear(TPLayer):
 
 class _ExpertParallel(TPLayer):
     """E experts' slices of one projection, each expert split 1/N along I, as one `weight`
-    [E, ...] loaded from the shard ids (e, p) for each part p of PARTS."""
+    [E, ...] loaded from the shard ids (e, p) for each part p of PARTS.
+
+    With quantization="fp8" (`fp8.fp8_layers("fp8")`) `weight` holds float8_e4m3fn codes
+    and `weight_scale` [E, rows] a float32 scale per row of each expert's shard, every shard
+    quantized as it loads (the dense layers' scheme: a row-parallel shard's rows over its own
+    columns)."""
     PARTS: tuple = ()
 
     def __init__(self, num_experts: int, intermediate_size: int, params_dtype, device):
         super().__init__(params_dtype, device)
-        check(building_quantization() is None,
-              "FP8 weights are not supported for mixture-of-experts layers yet: load this model "
-              "without quantization (drop --quantization / quantization=)")
+        self.quantization = building_quantization()
+        check(self.quantization in (None, "fp8"),
+              "FP8 checkpoints of mixture-of-experts models do not load yet: load the model's "
+              "bf16/fp16 original with quantization='fp8' (--quantization fp8), which "
+              "quantizes its experts at load")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.size_per_partition = divide(intermediate_size, self.tp_size)
 
     def _make_weight(self, *shape):
         """`weight` [E, *shape], loaded by this layer's weight_loader."""
-        self.weight = _param((self.num_experts, *shape), self.params_dtype, self.device)
+        fp8 = self.quantization == "fp8"
+        self.weight = _param((self.num_experts, *shape), FP8 if fp8 else self.params_dtype,
+                             self.device)
         self.weight.weight_loader = self.weight_loader
         self.weight.shard_ids = tuple((e, p) for e in range(self.num_experts)
                                       for p in self.PARTS)
+        scale = torch.ones(self.num_experts, shape[0], dtype=torch.float32,
+                           device=self.device) if fp8 else None
+        self.register_buffer("weight_scale", scale, persistent=False)
+        if fp8:
+            self.weight.store_rows = self._store_all   # fill_random: draw, then quantize
+
+    def _store(self, expert: int, offset: int, shard, what: str) -> None:
+        """A checkpoint shard into rows offset.. of expert's weight (quantized for FP8)."""
+        dst = self.weight.data[expert].narrow(0, offset, shard.shape[0])
+        if self.weight_scale is None:
+            copy_checked(dst, shard, what)
+            return
+        if tuple(dst.shape) != tuple(shard.shape):
+            raise ValueError(f"{what}: checkpoint shard has shape {tuple(shard.shape)}, model "
+                             f"expects {tuple(dst.shape)}")
+        codes, scale = quantize_rows(shard.to(self.weight.device))
+        dst.copy_(codes)
+        self.weight_scale[expert, offset:offset + shard.shape[0]].copy_(scale)
+
+    def _store_all(self, offset: int, rows: torch.Tensor) -> None:
+        """Every expert's full-precision shard at once ([E, rows, cols]), quantized."""
+        for e in range(rows.shape[0]):
+            self._store(e, offset, rows[e], f"expert {e}")
 
 
 class MergedExpertColumnParallel(_ExpertParallel):
@@ -82,8 +115,8 @@ class MergedExpertColumnParallel(_ExpertParallel):
         expert, j = _expert_shard(shard_id, self.num_experts, self.PARTS)
         check_whole(loaded, (self.intermediate_size, self.input_size), f"expert {expert} w{j}")
         size = self.size_per_partition
-        copy_checked(param.data[expert].narrow(0, j * size, size),
-                     narrow(loaded, 0, self.tp_rank * size, size), f"expert {expert} shard")
+        self._store(expert, j * size, narrow(loaded, 0, self.tp_rank * size, size),
+                    f"expert {expert} shard")
 
 
 class ExpertRowParallel(_ExpertParallel):
@@ -102,8 +135,8 @@ class ExpertRowParallel(_ExpertParallel):
         expert, _ = _expert_shard(shard_id, self.num_experts, self.PARTS)
         check_whole(loaded, (self.output_size, self.intermediate_size), f"expert {expert} w2")
         size = self.size_per_partition
-        copy_checked(param.data[expert], narrow(loaded, 1, self.tp_rank * size, size),
-                     f"expert {expert} shard")
+        self._store(expert, 0, narrow(loaded, 1, self.tp_rank * size, size),
+                    f"expert {expert} shard")
 
 
 def _expert_shard(shard_id, num_experts: int, parts: tuple):

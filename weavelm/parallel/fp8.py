@@ -214,3 +214,26 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         y = y + bias
     y = y.reshape(*lead, codes.shape[0])
     return y if out is None else out.copy_(y)
+
+
+def grouped_fp8_linear(a: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` [R, K] grouped by expert (offsets [E]: where expert e's rows end) times
+    that expert's FP8 weight (codes [E, N, K], scale [E, N]) -> [R, N], each group through
+    `fp8_linear` (its activations rounded per row, as a dense layer's). Reads the offsets on
+    the host, except while a CUDA graph is captured: then every expert runs over all rows and
+    each row keeps its own expert's result (fixed shapes, E times the work)."""
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():
+        rows = torch.arange(a.shape[0], device=a.device, dtype=offsets.dtype)
+        expert = torch.searchsorted(offsets, rows, right=True).unsqueeze(1)
+        out = a.new_zeros(a.shape[0], codes.shape[1])
+        for e in range(codes.shape[0]):
+            out = torch.where(expert == e, fp8_linear(a, codes[e], scale[e]), out)
+        return out
+    out = a.new_empty(a.shape[0], codes.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            fp8_linear(a[start:end], codes[e], scale[e], out=out[start:end])
+        start = end
+    return out
