@@ -38,5 +38,6 @@ def test_continuation_piece_matches_reference(prefix, n):
     ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vf
     err = (got.float().transpose(0, 1) - ref).abs().max().item()
     assert err < 2e-2, err
-    if n > 1:
-        assert A._LSE_BACKENDS, "no fast attention backend with log-sum-exp applied"
+    if n > 1:        # the piece went through the one varlen flash call of its step
+        from weavelm.models import sdpa
+        assert sdpa._VARLEN[0] and second.continuations, "the varlen flash call did not apply"
