@@ -88,3 +88,16 @@ def engine_config(model_config, **options):
     against the model (TP degree, context) before any rank starts; the ranks take it as is."""
     from weavelm.engine.config import EngineConfig
     return EngineConfig(**options).for_model(model_config)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    from weavelm.errors import WeavelmError
+    try:
+        values = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v)
+                  for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise WeavelmError(f"{what} must be a comma-separated list of integers (e.g. "
+                           f"1024,2k,4k), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise WeavelmError(f"{what} must be positive integers, got {text!r}")
+    return values

@@ -66,11 +66,18 @@ def test_continuations_in_one_varlen_layout_equal_piece_by_piece():
     k, v = torch.randn(T, Hkv, Dh, generator=g), torch.randn(T, Hkv, Dh, generator=g)
     cache.store(0, batch.slot_mapping, k, v)
     want = cached_attention(q, k, v, cache, 0, batch, 0.3, cached=True)
-    rows, slots, cu_q, cu_k, max_q, max_k, offsets = continuation_layout(
+    (rows, slots, cu_q, cu_k, max_q, max_k, offsets), = continuation_layout(
         batch.pieces, batch.host_table, bs, "cpu")
     assert offsets == (5, 8, 18, 21) and (max_q, max_k) == (9, 49)
     assert cu_q.tolist() == [0, 3, 12, 14, 20] and cu_k.tolist() == [0, 15, 64, 69, 96]
-    flat_k = cache.k[0].view(-1, Hkv, Dh)
+    flat_k, flat_v = cache.k[0].view(-1, Hkv, Dh), cache.v[0].view(-1, Hkv, Dh)
     got = varlen_reference(q.index_select(0, rows), flat_k.index_select(0, slots),
-                           cache.v[0].view(-1, Hkv, Dh).index_select(0, slots), cu_q, cu_k, 0.3)
+                           flat_v.index_select(0, slots), cu_q, cu_k, 0.3)
     torch.testing.assert_close(got, want.index_select(0, rows), rtol=1e-5, atol=1e-5)
+    # at most 50 keys a call: the 15-key piece, the 49-key one, then 5 + 27 (each exact)
+    calls = continuation_layout(batch.pieces, batch.host_table, bs, "cpu", max_keys=50)
+    assert [c[6] for c in calls] == [(5,), (8,), (18, 21)]
+    for rows, slots, cu_q, cu_k, *_ in calls:
+        got = varlen_reference(q.index_select(0, rows), flat_k.index_select(0, slots),
+                               flat_v.index_select(0, slots), cu_q, cu_k, 0.3)
+        torch.testing.assert_close(got, want.index_select(0, rows), rtol=1e-5, atol=1e-5)

@@ -79,3 +79,31 @@ def test_a_shared_prefix_workload_hits_the_prefix_cache():
     assert on["result"]["prefix_hit_rate"] > 0.5 and off["result"]["prefix_hit_rate"] == 0
     assert on["result"]["output_tokens"] == off["result"]["output_tokens"] == 48
     assert "prefix caching on: hit rate" in format_result(on)
+
+
+def test_sharegpt_like_lengths_follow_the_published_means_and_vllm_pruning():
+    """`--dataset-shape sharegpt`: seeded; every pair within vLLM's benchmark pruning (4..1024
+    prompt tokens, at least 4 out, at most 2,048 together); the means near ShareGPT's (161 in,
+    338 out before pruning, which trims the long tails) and far from the synthetic default's;
+    served end to end through the engine with its report naming the shape."""
+    from weavelm.bench.throughput import format_result
+    a = workload(3000, 256, 5, dataset_shape="sharegpt")
+    assert a == workload(3000, 256, 5, dataset_shape="sharegpt")
+    ins, outs = [len(p) for p, _ in a], [o for _, o in a]
+    assert all(4 <= i <= 1024 and o >= 4 and i + o <= 2048 for i, o in zip(ins, outs))
+    mean_in, mean_out = sum(ins) / len(a), sum(outs) / len(a)
+    assert 130 < mean_in < 165 and 280 < mean_out < 340, (mean_in, mean_out)
+    opts = dict(_opts(1, "baseline"), num_requests=4, dataset_shape="sharegpt")
+    r = _bench(1, opts)
+    want = workload(4, 256, 3, dataset_shape="sharegpt")
+    assert r["result"]["output_tokens"] == sum(o for _, o in want)
+    assert "ShareGPT-like lengths" in format_result(r)
+
+
+def test_sharegpt_shape_refuses_fixed_lengths_in_one_line():
+    from cli_run import assert_one_line_error, weavelm
+    assert_one_line_error(*weavelm("bench", "throughput", "--dataset-shape", "sharegpt",
+                                   "--input-len", "8", "--device", "cpu"),
+                          "--dataset-shape sharegpt", "--input-len")
+    assert_one_line_error(*weavelm("bench", "throughput", "--dataset-shape", "alpaca",
+                                   "--device", "cpu"), "--dataset-shape", "alpaca")

@@ -211,6 +211,29 @@ def test_a_sequence_grows_along_consecutive_blocks():
     assert a.num_free == a.capacity - 11
 
 
+def test_blocks_taken_out_of_turn_do_not_pile_up_in_the_queue():
+    """Sequences growing along their blocks while others come and go: the free queue's stale
+    entries (blocks taken out of turn) are dropped before they outnumber the free blocks."""
+    import random
+
+    from weavelm.engine.block_manager import BlockAllocator
+    g = random.Random(1)
+    a = BlockAllocator(2000, 4)
+    live = [a.allocate(1) for _ in range(20)]
+    for _ in range(20_000):
+        i = g.randrange(len(live))
+        if g.random() < 0.05:
+            a.free(live[i])
+            live[i] = a.allocate(1)
+        else:
+            a.grow(live[i], (len(live[i]) + 1) * 4)
+            if len(live[i]) > 40:
+                a.free(live[i])
+                live[i] = a.allocate(1)
+        assert len(a._free) <= 2 * a.num_free + 64 + 1
+    a.check()
+
+
 def test_caching_off_and_bad_values():
     from weavelm import EngineConfig
     from weavelm.errors import WeavelmError

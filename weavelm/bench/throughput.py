@@ -5,7 +5,8 @@ Workload (seeded, `--seed`): `--num-requests` requests, all arriving at once (of
 throughput, as vLLM's benchmark). Prompt lengths log-normal with median `--input-median` (1024)
 and sigma 0.8, capped at `--input-max` (8192); output lengths log-normal with median 128 and
 sigma 0.8, capped at 512; token ids uniform over the vocabulary; greedy, EOS ignored.
-`--input-len/--output-len` give every request the same lengths instead. `--compare hf` also
+`--input-len/--output-len` give every request the same lengths instead; `--dataset-shape
+sharegpt` draws them as ShareGPT's are (`sharegpt_lengths`, no download). `--compare hf` also
 times transformers on the same requests (static batches of 16, padded, eager; TP 1).
 
 Roofline bound of the same workload, from rates measured in the same run: prefill = the
@@ -28,12 +29,39 @@ import time
 import torch
 
 
+# ShareGPT-like lengths (`--dataset-shape sharegpt`), without the data: log-normal with the
+# means the vLLM paper reports for ShareGPT (Kwon et al. 2023, Fig. 11: 161.31 input and 337.99
+# output tokens), a spread of our choosing (sigma 1.0: the paper shows the histograms, not a
+# fit), and vLLM's benchmark pruning (prompt and output at least 4 tokens, prompt at most 1,024,
+# both together at most 2,048).
+SHAREGPT = dict(input_mean=161.31, output_mean=337.99, sigma=1.0, min_len=4, input_max=1024,
+                total_max=2048)
+DATASET_SHAPES = ("synthetic", "sharegpt")
+
+
+def sharegpt_lengths(n: int, g: torch.Generator) -> list[tuple[int, int]]:
+    """n (input, output) length pairs drawn as SHAREGPT says (rejected pairs drawn again)."""
+    c = SHAREGPT
+    out: list[tuple[int, int]] = []
+    while len(out) < n:
+        m = 2 * (n - len(out)) + 16
+        ins = torch.empty(m).log_normal_(math.log(c["input_mean"]) - c["sigma"] ** 2 / 2,
+                                         c["sigma"], generator=g)
+        outs = torch.empty(m).log_normal_(math.log(c["output_mean"]) - c["sigma"] ** 2 / 2,
+                                          c["sigma"], generator=g)
+        for i, o in zip(ins.long().tolist(), outs.long().tolist()):
+            if min(i, o) >= c["min_len"] and i <= c["input_max"] and i + o <= c["total_max"]:
+                out.append((i, o))
+    return out[:n]
+
+
 def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
              input_median=1024, input_max=8192, output_median=128, output_max=512,
-             prefix_len: int = 0, num_prefixes: int = 1):
+             prefix_len: int = 0, num_prefixes: int = 1, dataset_shape: str = "synthetic"):
     """[(prompt token ids, output length)] for n requests; with `prefix_len`, request i's
     prompt starts with shared prefix i mod `num_prefixes` (a system prompt, few-shot
-    examples) of that many tokens, then its own tokens."""
+    examples) of that many tokens, then its own tokens. `dataset_shape="sharegpt"`: lengths
+    as `sharegpt_lengths` draws them."""
     g = torch.Generator().manual_seed(seed)
     prefixes = [torch.randint(0, vocab, (prefix_len,), generator=g).tolist()
                 for _ in range(num_prefixes)] if prefix_len else [[]]
@@ -43,8 +71,11 @@ def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
             return [fixed] * n
         x = torch.empty(n).log_normal_(math.log(median), 0.8, generator=g)
         return [max(1, min(cap, int(v))) for v in x.tolist()]
-    ins = lengths(input_median, input_max, input_len)
-    outs = lengths(output_median, output_max, output_len)
+    if dataset_shape == "sharegpt":
+        ins, outs = zip(*sharegpt_lengths(n, g))
+    else:
+        ins = lengths(input_median, input_max, input_len)
+        outs = lengths(output_median, output_max, output_len)
     return [(prefixes[k % len(prefixes)] + torch.randint(0, vocab, (i,), generator=g).tolist(), o)
             for k, (i, o) in enumerate(zip(ins, outs))]
 
@@ -192,7 +223,8 @@ def throughput_rank(opts: dict) -> dict | None:
     requests = workload(opts["num_requests"], hf_cfg["vocab_size"], opts["seed"],
                         opts["input_len"], opts["output_len"], input_max=opts["input_max"],
                         prefix_len=opts.get("prefix_len", 0),
-                        num_prefixes=opts.get("num_prefixes", 1))
+                        num_prefixes=opts.get("num_prefixes", 1),
+                        dataset_shape=opts.get("dataset_shape", "synthetic"))
     longest = max(len(p) + o for p, o in requests)
     config = dataclasses.replace(config, max_model_len=min(hf_cfg["max_position_embeddings"],
                                                            longest + 1))
@@ -226,6 +258,9 @@ def throughput_rank(opts: dict) -> dict | None:
                           mode=config.mode, device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
                           requests=len(requests), seed=opts["seed"],
+                          dataset_shape=opts.get("dataset_shape", "synthetic"),
+                          mean_input=in_tokens / len(requests),
+                          mean_output=sum(o for _, o in requests) / len(requests),
                           gemm_tflops=flops / 1e12, copy_tbs=copy / 1e12,
                           quantization=config.quantization,
                           fp8_gemm_tflops=layer_flops / 1e12 if config.quantization else None),
@@ -242,7 +277,9 @@ def format_result(r: dict) -> str:
         return "—" if pair[0] is None else f"{pair[0] * 1e3:.1f} / {pair[1] * 1e3:.1f}"
     return "\n".join([
         f"throughput, {m['shape']} ({m['layers']} layers), TP={m['tp']}, mode {m['mode']}, "
-        f"{m['device']}, {m['requests']} requests (seed {m['seed']}); GEMM "
+        f"{m['device']}, {m['requests']} requests (seed {m['seed']}"
+        + (f"; ShareGPT-like lengths, mean {m['mean_input']:.0f} in / {m['mean_output']:.0f} "
+           f"out" if m.get("dataset_shape") == "sharegpt" else "") + "); GEMM "
         f"{m['gemm_tflops']:.1f} TFLOP/s, copy {m['copy_tbs']:.2f} TB/s measured in this run"
         + (f"; FP8 weights, FP8 GEMM {m['fp8_gemm_tflops']:.1f} TFLOP/s"
            if m.get("quantization") else ""),

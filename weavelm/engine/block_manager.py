@@ -95,7 +95,15 @@ class BlockAllocator:
             self._ref[b] = 1
             blocks.append(b)
             after = b
+        if len(self._free) > 2 * len(self._free_set) + 64:   # mostly stale entries
+            self._compact()
         return blocks
+
+    def _compact(self) -> None:
+        """Drop the queue's stale entries (each free block once, in its queue order)."""
+        seen: set[int] = set()
+        order = [b for b in self._free if b in self._free_set and not (b in seen or seen.add(b))]
+        self._free = deque(order)
 
     def free(self, blocks: list[int]) -> None:
         """Drop one holder of each block; a block nobody holds is free again (cached and

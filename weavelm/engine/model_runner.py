@@ -66,7 +66,7 @@ def cascade_batch_sizes(max_num_seqs: int) -> list[int]:
     shares prefixes gains far more than its padded rows cost)."""
     sizes = [b for b in (8, 16) if b < max_num_seqs]
     sizes += list(range(32, max_num_seqs, 32))
-    return sizes + [max_num_seqs]
+    return sizes + [max_num_seqs] if max_num_seqs >= 2 else []
 
 
 class ModelRunner:
@@ -92,10 +92,17 @@ class ModelRunner:
         self.capture_seconds = 0.0
         # Decode steps whose sequences share cached prefixes replay graphs of their own (a
         # coarser ladder) that attend each shared prefix once (models/cascade.py)
+        # (a batch of one shares nothing; and flash's varlen call takes another path at one row)
         self.cascade = self.use_graphs and config.enable_prefix_caching and not self.kv.fp8 \
+            and config.max_num_seqs >= 2 \
             and getattr(model.layers[0].self_attn, "window", None) is None \
             and cascade_works(self.device, self.kv.k[0].dtype,
                               model.layers[0].self_attn.num_heads, *model.kv_cache_shape()[1:])
+        if self.use_graphs and state.world_size > 1:   # every rank pads and replays alike
+            agree = torch.tensor([int(self.cascade)], device=self.device)
+            torch.distributed.all_reduce(agree, op=torch.distributed.ReduceOp.MIN,
+                                         group=state.group)
+            self.cascade = bool(agree.item())
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.use_graphs:
             self._capture()

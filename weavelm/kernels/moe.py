@@ -110,7 +110,7 @@ IMPLS = ("auto", "gemv", "grouped", "native", "loop")
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 ids: torch.Tensor, out: torch.Tensor | None = None,
-                impl: str = "auto", scales: tuple | None = None) -> torch.Tensor:
+                impl: str = "auto") -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token t, written to `out`.
 
     x [T, D]; w13 [E, 2I, D] (gate rows, then up rows, per expert); w2 [E, D, I];
@@ -120,14 +120,9 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     impl: "gemv" (the decode kernels of `moe_gemv`: 1..8 tokens on a GPU), "grouped" (sort,
     gather, grouped GEMMs: "native" torch._grouped_mm or "loop" of mm, as `grouped_mm` picks),
     "native" / "loop" (the grouped path with that GEMM), or "auto": gemv where it takes the
-    operands (CUDA, T <= 8), else grouped.
-
-    FP8 experts (w13, w2 float8_e4m3fn, `scales` = their per-row scales [E, 2I], [E, D]): the
-    grouped path, each expert's rows through `fp8.fp8_linear` (`grouped_fp8_linear`)."""
+    operands (CUDA, T <= 8), else grouped. (FP8 experts: `parallel.fp8.fp8_moe_experts`.)"""
     if impl not in IMPLS:
         raise ValueError(f"moe_experts: impl must be one of {IMPLS}, got {impl!r}")
-    if scales is not None:
-        return _moe_experts_fp8(x, w13, w2, weights, ids, out, scales)
     if impl == "gemv" or (impl == "auto" and x.is_cuda and x.shape[0] <= 8):
         from weavelm.kernels import moe_gemv
         why = moe_gemv.unsupported(x, w13, w2, weights, ids, out)
@@ -148,20 +143,6 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     if out is None:
         out = x.new_empty(T, x.shape[1])
     torch.bmm(w, y.view(T, K, -1), out=out.view(T, 1, -1))          # [T, 1, D] combine
-    return out
-
-
-def _moe_experts_fp8(x, w13, w2, weights, ids, out, scales):
-    from weavelm.parallel.fp8 import grouped_fp8_linear
-    T, K = ids.shape
-    order, offsets = group_by_expert(ids, w13.shape[0])
-    rows = x.index_select(0, order // K)                             # [R, D] grouped by expert
-    h = silu_and_mul(grouped_fp8_linear(rows, w13, scales[0], offsets))            # [R, I]
-    y_sorted = grouped_fp8_linear(h, w2, scales[1], offsets)                       # [R, D]
-    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
-    if out is None:
-        out = x.new_empty(T, x.shape[1])
-    torch.bmm(weights.to(y.dtype).view(T, 1, K), y.view(T, K, -1), out=out.view(T, 1, -1))
     return out
 
 

@@ -64,7 +64,7 @@ class AttentionBatch:
     # decode: the step's shared prefixes, attended once per group (models/cascade.py)
     cascade: object | None = None
     host_table: np.ndarray | None = None       # block_tables on the host (build() keeps it)
-    # the pieces that continue their sequence, laid out for one varlen call (sdpa.py's
+    # the pieces that continue their sequence, laid out for varlen calls (sdpa.py's
     # continuation_layout; () where there are none), made on the first layer's call
     continuations: tuple | None = None
 
@@ -205,25 +205,26 @@ def _decode_attention(q, kc, vc, batch: AttentionBatch, scale: float, window, sc
 def _continuations_at_once(q, kc, vc, cache: PagedKVCache, layer: int, batch: AttentionBatch,
                            scale: float, out) -> set:
     """The pieces that continue their sequence (later chunks, prompts after a cached prefix),
-    all in one varlen flash call: their keys gathered from their blocks in one index per
-    layer (the rows made once per step), written into `out`; returns their offsets (none if
-    the flash call does not apply). Per piece, a step of 64 continuing chunks spent more time
-    launching kernels than attending."""
+    in one varlen flash call (a few where their keys are many): their keys gathered from their
+    blocks in one index per layer and call (the rows made once per step), written into `out`;
+    returns the offsets done (none if the flash call does not apply). Per piece, a step of 64
+    continuing chunks spent more time launching kernels than attending."""
     if batch.host_table is None:
         return set()
     if batch.continuations is None:
-        batch.continuations = continuation_layout(batch.pieces, batch.host_table,
-                                                  kc.shape[1], q.device) or ()
-    if not batch.continuations:
-        return set()
-    rows, slots, cu_q, cu_k, max_q, max_k, offsets = batch.continuations
-    keys = cache.read(_cache_rows(kc, slots), layer, "k", q.dtype)
-    values = cache.read(_cache_rows(vc, slots), layer, "v", q.dtype)
-    o = varlen_flash(q.index_select(0, rows), keys, values, cu_q, cu_k, max_q, max_k, scale)
-    if o is None:
-        return set()
-    out.index_copy_(0, rows, o)
-    return set(offsets)
+        batch.continuations = tuple(continuation_layout(batch.pieces, batch.host_table,
+                                                        kc.shape[1], q.device))
+    done = set()
+    for rows, slots, cu_q, cu_k, max_q, max_k, offsets in batch.continuations:
+        keys = cache.read(_cache_rows(kc, slots), layer, "k", q.dtype)
+        values = cache.read(_cache_rows(vc, slots), layer, "v", q.dtype)
+        o = varlen_flash(q.index_select(0, rows), keys, values, cu_q, cu_k, max_q, max_k,
+                         scale)
+        if o is None:
+            break
+        out.index_copy_(0, rows, o)
+        done.update(offsets)
+    return done
 
 
 def _cache_rows(cache_layer, slots):

@@ -28,6 +28,7 @@ from weavelm.models.registry import GemmShape, ModelFamily, register_family
 from weavelm.parallel.experts import (
     ExpertRowParallel, MergedExpertColumnParallel, ReplicatedLinear,
 )
+from weavelm.parallel.fp8 import fp8_moe_experts
 
 
 class SparseMoeBlock(nn.Module):
@@ -47,9 +48,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x, out=None):
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)   # [T, K] each
         w13, w2 = self.experts.w13, self.experts.w2
-        scales = None if w13.weight_scale is None else (w13.weight_scale, w2.weight_scale)
+        if w13.weight_scale is not None:                                  # FP8 experts
+            return fp8_moe_experts(x, w13.weight, w2.weight,
+                                   (w13.weight_scale, w2.weight_scale), weights, ids, out)
         return moe_experts(x, w13.weight, w2.weight, weights, ids, out=out,
-                           impl=self.impl, scales=scales)                 # [T, D] partial
+                           impl=self.impl)                                # [T, D] partial
 
 
 class MoeForCausalLM(LlamaForCausalLM):

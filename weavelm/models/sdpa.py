@@ -141,15 +141,36 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return torch.lerp(o2, o1, w.to(o2.dtype))
 
 
-def continuation_layout(pieces, table: np.ndarray, block_size: int, device):
+# Keys one varlen call gathers at most (its pieces' whole histories, K and V, every layer
+# again): a step's continuing pieces are cut into calls of at most this many keys (one piece
+# with more goes alone), so long contexts do not gather gigabytes at once (Llama-3-8B, 8 KV
+# heads a rank: 512 MiB).
+VARLEN_MAX_KEYS = 1 << 17
+
+
+def continuation_layout(pieces, table: np.ndarray, block_size: int, device,
+                        max_keys: int = VARLEN_MAX_KEYS) -> list:
     """For the pieces of a step that continue their sequence (start_pos > 0, more than one
-    token): (their tokens' indices in the step [Tq], the cache rows of each one's keys 0 ..
-    end - 1 [Tk], cu_q, cu_k (int32 [n + 1]: piece i's queries and keys in the packed runs),
-    the longest piece, the most keys, the pieces' offsets); None where there are none.
-    `table`: the step's block tables on the host (row p.row: piece p's sequence)."""
+    token): a list of calls, each (its tokens' indices in the step [Tq], the cache rows of each
+    piece's keys 0 .. end - 1 [Tk], cu_q, cu_k (int32 [n + 1]: piece i's queries and keys in
+    the packed runs), the longest piece, the most keys, the pieces' offsets), at most
+    `max_keys` keys a call; [] where there are none. `table`: the step's block tables on the
+    host (row p.row: piece p's sequence)."""
     conts = [p for p in pieces if p.start_pos > 0 and p.length > 1]
-    if not conts:
-        return None
+    calls, batch, keys = [], [], 0
+    for p in conts:
+        end = p.start_pos + p.length
+        if batch and keys + end > max_keys:
+            calls.append(_layout(batch, table, block_size, device))
+            batch, keys = [], 0
+        batch.append(p)
+        keys += end
+    if batch:
+        calls.append(_layout(batch, table, block_size, device))
+    return calls
+
+
+def _layout(conts, table: np.ndarray, block_size: int, device) -> tuple:
     n = np.array([p.length for p in conts], dtype=np.int64)
     ends = np.array([p.start_pos + p.length for p in conts], dtype=np.int64)
     offsets = np.array([p.offset for p in conts], dtype=np.int64)
