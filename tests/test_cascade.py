@@ -117,3 +117,75 @@ def test_no_plan_fills_plain_rows():
     plan = device_plan(None, 5)
     assert plan.starts.tolist() == [0] * 5 and plan.perm.tolist() == list(range(5))
     assert plan.cu_q.tolist() == [0] * (MAX_GROUPS + 1)
+
+
+def test_plan_splits_where_prompts_part():
+    """A sharer whose query sits early does not cut its prompt's group short: the others form
+    the group without it where that saves more key reads; and sequences on a common trunk
+    that branch form the group that saves the most (the branch that continues the trunk's run
+    of consecutive blocks, over trunk and branch), not one cut at the trunk."""
+    def table(rows):
+        t = np.zeros((len(rows), max(map(len, rows))), dtype=np.int32)
+        for i, r in enumerate(rows):
+            t[i, :len(r)] = r
+        return t
+    prompt = list(range(1, 11))                          # 10 consecutive blocks
+    rows = [prompt + [100 + j] for j in range(4)]
+    pos = np.array([4 * BS + 2] + [10 * BS + 1] * 3)     # row 0's query in block 5
+    host = plan_cascade(table(rows), pos, BS)
+    assert host.used.tolist() == [10 * BS] and host.cu_q.tolist() == [0, 3]   # 2x10 > 3x4
+    assert host.starts.tolist() == [0] + [10 * BS] * 3
+    trunk = list(range(21, 25))
+    rows = [trunk + list(range(25, 31)) + [200 + j] for j in range(3)] \
+        + [trunk + [60 + 5 * j, 61 + 5 * j] for j in range(2)]
+    pos = np.array([10 * BS + 3] * 3 + [5 * BS + 1] * 2)
+    host = plan_cascade(table(rows), pos, BS)
+    assert host.used.tolist() == [10 * BS] and host.cu_k.tolist() == [21 * BS]   # 2x10 > 4x4
+    assert host.starts.tolist() == [10 * BS] * 3 + [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_tries_of_prompts_plan_exact_groups(seed):
+    """Random prompts branching from common runs (a trie), queries anywhere after them: every
+    group's rows share its run (consecutive ids, before each query's block), groups are
+    disjoint, and cascade attention equals plain attention for every row."""
+    rng = np.random.default_rng(seed)
+    tables, pos, nxt = [], [], 1
+    for _ in range(3):                                   # trunks
+        trunk = list(range(nxt, nxt + int(rng.integers(2, 9))))
+        nxt += len(trunk) + 1
+        for _ in range(int(rng.integers(1, 4))):         # branches continuing the trunk's run
+            branch = trunk + list(range(nxt, nxt + int(rng.integers(0, 6))))
+            nxt += 40
+            for _ in range(int(rng.integers(1, 5))):     # sequences with their own blocks
+                own = list(range(nxt, nxt + int(rng.integers(1, 4))))
+                nxt += len(own) + 1
+                tables.append(branch + own)
+                pos.append(int(rng.integers(len(branch) // 2, len(tables[-1]))) * BS
+                           + int(rng.integers(0, BS)))
+    B, W = len(tables), max(map(len, tables))
+    t = np.zeros((B, W), dtype=np.int32)
+    for i, r in enumerate(tables):
+        t[i, :len(r)] = r
+    pos = np.array(pos)
+    host = plan_cascade(t, pos, BS, min_blocks=2)
+    if host is not None:
+        seen = set()
+        for g in range(len(host.used)):
+            members = host.perm[host.cu_q[g]:host.cu_q[g + 1]].tolist()
+            n = host.used[g] // BS
+            assert len(members) >= 2 and not seen & set(members)
+            seen |= set(members)
+            for r in members:
+                assert (t[r, :n] == np.arange(n) + host.cu_k[g] // BS).all()
+                assert n <= pos[r] // BS and host.starts[r] == n * BS
+    H, Hkv, D = 4, 2, 8
+    g = torch.Generator().manual_seed(seed)
+    kc, vc = torch.randn(nxt + 1, BS, Hkv, D, generator=g), torch.randn(nxt + 1, BS, Hkv, D,
+                                                                       generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    tt, lens = torch.from_numpy(t), torch.from_numpy(pos + 1).int()
+    want = paged_decode_attention_ref(q, kc, vc, tt, lens, D ** -0.5)
+    if host is not None:
+        got = cascade_decode_attention(q, kc, vc, tt, lens, D ** -0.5, device_plan(host, B))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,9 +14,13 @@ is cut in two, FlashInfer's and vLLM's cascade:
 - each sequence's own keys after the prefix: the paged kernel from `starts[b]` on;
 and the two are merged by their log-sum-exps (softmax over the union of disjoint key sets).
 
-Flash reads keys from one contiguous run of cache rows per group, so a group's prefix is the
-longest run of *consecutive* block ids its sequences share (the allocator hands a prompt's
-blocks out in order); anything after it counts as the sequence's own keys. The plan is made on
+Flash reads keys from one contiguous run of cache rows per group, so a group's prefix is a run
+of *consecutive* block ids from block 0 that its sequences share (the allocator hands a
+prompt's blocks out in order, following the sequence's last block); anything after it counts
+as the sequence's own keys. So prompts that share only a chat template's first blocks and then
+go on in blocks allocated elsewhere share the template run alone (too short to be worth it):
+cascading such prompts needs runs that start past block 0, a second own-key range per sequence
+in the paged kernel, not built. The plan is made on
 the host each step (`plan_cascade`, numpy, ~0.1 ms at 256 sequences) and copied into fixed-size
 tensors (`CascadeLayout`), so the same captured CUDA graph serves any grouping.
 """
@@ -106,30 +110,19 @@ def plan_cascade(tables: np.ndarray, positions: np.ndarray, block_size: int,
                  max_groups: int = MAX_GROUPS,
                  min_blocks: int = MIN_SHARED_BLOCKS) -> HostPlan | None:
     """The prefix groups of a decode step: tables [B, W] (row b: sequence b's blocks), its
-    query positions [B]. Sequences whose tables start with the same block form a group if they
-    share at least `min_blocks` leading blocks, all full before any of their queries' own
-    block and of consecutive ids; the `max_groups` groups that save the most key reads are
-    kept. None where no group forms."""
+    query positions [B]. A group is two or more sequences sharing their first n >= `min_blocks`
+    blocks, of consecutive ids and all full before any of their queries' own block. Sequences
+    are split where their tables part (a trie over the block ids: prompts that share a chat
+    template's first blocks and then differ form a group per prompt, not one cut at the
+    template), each split taken where its groups save more key reads than the whole; the
+    `max_groups` groups that save the most are kept. None where no group forms."""
     B = len(positions)
     if B < 2:
         return None
     own = positions // block_size           # blocks wholly before each query's own block
-    by_first = np.argsort(tables[:, 0], kind="stable")
-    bounds = np.flatnonzero(np.diff(tables[by_first, 0])) + 1
     found = []
-    for rows in np.split(by_first, bounds):
-        if len(rows) < 2:
-            continue
-        limit = int(own[rows].min())
-        if limit < min_blocks:
-            continue
-        head = tables[rows[0], :limit]
-        same = (tables[rows, :limit] == head).all(axis=0)
-        n = limit if same.all() else int(np.argmin(same))
-        run = head[:n] - head[0] == np.arange(n)
-        n = n if run.all() else int(np.argmin(run))
-        if n >= min_blocks:
-            found.append(((len(rows) - 1) * n, rows, int(head[0]), n))
+    for rows in _parted(tables, np.arange(B), 0):
+        found += _best_groups(tables, own, rows, min_blocks)[1]
     if not found:
         return None
     found = sorted(found, key=lambda f: -f[0])[:max_groups]
@@ -149,6 +142,38 @@ def plan_cascade(tables: np.ndarray, positions: np.ndarray, block_size: int,
         cu_q[g + 1] = i
     perm[i:] = np.flatnonzero(~taken)
     return HostPlan(perm, starts, group, within, cu_q, cu_k, used)
+
+
+def _parted(tables: np.ndarray, rows: np.ndarray, column: int) -> list:
+    """`rows` split by their block in `column` (each part of two or more rows)."""
+    order = rows[np.argsort(tables[rows, column], kind="stable")]
+    bounds = np.flatnonzero(np.diff(tables[order, column])) + 1
+    return [part for part in np.split(order, bounds) if len(part) >= 2]
+
+
+def _best_groups(tables, own, rows, min_blocks, depth: int = 0) -> tuple[int, list]:
+    """(key reads saved, [(saving, rows, first block, blocks)]) for `rows`, which share their
+    first `depth` + 1 blocks: one group over their common run, or the best of each part they
+    split into where the run ends, whichever saves more."""
+    limit = int(own[rows].min())
+    head = tables[rows[0]]
+    d = min(depth, limit)
+    if d < limit:                # how far the rows share a run of consecutive blocks
+        same = (tables[rows, d:limit] == head[d:limit]).all(axis=0) \
+            & (head[d:limit] - head[0] == np.arange(d, limit))
+        d = limit if same.all() else d + int(np.argmin(same))
+    whole = (len(rows) - 1) * d if d >= min_blocks else 0
+    groups = [(whole, rows, int(head[0]), d)] if whole else []
+    # where some rows go on: the parts they split into at block d, each on its own run
+    longer = rows[own[rows] > d]
+    if d < tables.shape[1] and len(longer) >= 2 \
+            and bool((tables[longer, :d] == head[:d]).all()):
+        parts = [p for p in _parted(tables, longer, d) if tables[p[0], d] == head[0] + d]
+        split = [_best_groups(tables, own, p, min_blocks, d + 1) for p in parts]
+        saved = sum(s for s, _ in split)
+        if saved > whole:
+            return saved, [g for _, gs in split for g in gs]
+    return whole, groups
 
 
 def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
