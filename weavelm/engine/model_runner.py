@@ -91,8 +91,8 @@ class ModelRunner:
                  "on rank %d", self.blocks.capacity, self.block_size, self.kv_tokens, state.rank)
         self.capture_seconds = 0.0
         # Decode steps whose sequences share cached prefixes replay graphs of their own (a
-        # coarser ladder) that attend each shared prefix once (models/cascade.py)
-        # (a batch of one shares nothing; and flash's varlen call takes another path at one row)
+        # coarser ladder) that attend each shared prefix once (models/cascade.py); none for
+        # max_num_seqs 1 (one row shares nothing, and flash's varlen call changes path there)
         self.cascade = self.use_graphs and config.enable_prefix_caching and not self.kv.fp8 \
             and config.max_num_seqs >= 2 \
             and getattr(model.layers[0].self_attn, "window", None) is None \
