@@ -14,23 +14,28 @@ PROMPTS = [[1, 5, 7, 9, 11, 3, 4, 5, 6, 7, 8, 9, 10, 40, 41, 42, 43], [1, 5, 7, 
                                                                       6, 7, 8, 9, 77, 78], [17]]
 
 
-def rounded_reference(path):
-    """transformers' greedy tokens and top-5 log-probabilities with K and V rounded to e4m3."""
+def rounded_reference(path, scales=None):
+    """transformers' greedy tokens and top-5 log-probabilities with K and V rounded to e4m3
+    (`scales`: per layer (k, v), each value divided by its scale, rounded, multiplied back)."""
     import transformers.models.llama.modeling_llama as llama
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     e4m3 = torch.float8_e4m3fn
+    scales = scales or [(1.0, 1.0)] * len(model.model.layers)
+    current = [0]                                        # the layer whose attention runs
 
-    def rnd(x):
-        return x.clamp(-448, 448).to(e4m3).to(x.dtype)
+    def rnd(x, s):
+        return (x / s).clamp(-448, 448).to(e4m3).to(x.dtype) * s
     rope = llama.apply_rotary_pos_emb
 
     def rounded_rope(q, k, cos, sin, *args, **kw):
         q, k = rope(q, k, cos, sin, *args, **kw)
-        return q, rnd(k)
-    for layer in model.model.layers:
+        return q, rnd(k, scales[current[0]][0])
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: current.__setitem__(0, i), with_kwargs=True)
         v_proj = layer.self_attn.v_proj
-        v_proj.forward = (lambda f: lambda x: rnd(f(x)))(v_proj.forward)
+        v_proj.forward = (lambda f, s: lambda x: rnd(f(x), s))(v_proj.forward, scales[i][1])
     out = []
     llama.apply_rotary_pos_emb = rounded_rope
     try:
@@ -100,3 +105,49 @@ def test_bad_kv_cache_dtype_is_refused():
     from weavelm.errors import WeavelmError
     with pytest.raises(WeavelmError, match="kv_cache_dtype 'int8' is not supported: use 'auto'"):
         EngineConfig(kv_cache_dtype="int8")
+
+
+def test_checkpoint_kv_scales_are_used(tmp_path):
+    """A checkpoint with per-layer K and V scales (compressed-tensors `kv_cache_scheme`,
+    weights in full precision): the FP8 cache divides by them, layer by layer (greedy tokens
+    and log-probabilities of the rounded reference with those scales, at TP 1 and 2; scales
+    small enough that K and V saturate somewhere, so ignoring them would show); a bad scale
+    or another scheme is refused in one line."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from weavelm import LLM
+    from weavelm.errors import WeavelmError
+    path = tmp_path / "llama"
+    make_tiny("llama", path, seed=9, kv_heads=2)
+    scales = [(0.0123, 0.0071), (0.0246, 0.0142)]
+    want = rounded_reference(str(path), scales)          # (before the checkpoint names them)
+    unscaled = rounded_reference(str(path))
+    state = load_file(path / "model.safetensors")
+    for i, (k, v) in enumerate(scales):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(v)
+    save_file(state, path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False,
+              "symmetric": True}
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors",
+                                  "kv_cache_scheme": scheme}
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert [t for t, _ in want] != [t for t, _ in unscaled] or want != unscaled
+    for tp in (1, 2):
+        got = spawn(_generate, tp, tp, str(path), "fp8", 64)[0] if tp > 1 \
+            else _generate(1, str(path), "fp8", 64)[0]
+        for (tokens, top, _), (want_tokens, want_top) in zip(got, want):
+            assert tokens == want_tokens
+            assert torch.allclose(torch.tensor(top, dtype=torch.float64),
+                                  torch.tensor(want_top, dtype=torch.float64), atol=1e-4)
+    state["model.layers.1.self_attn.v_scale"] = torch.tensor(-1.0)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(WeavelmError, match="model.layers.1.self_attn.v_scale.*positive"):
+        LLM(str(path), device="cpu", progress=False, kv_cache_dtype="fp8")
+    cfg["quantization_config"]["kv_cache_scheme"] = dict(scheme, strategy="channel")
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeavelmError, match="kv_cache_scheme .* is not a static per-tensor"):
+        LLM(str(path), device="cpu", progress=False, kv_cache_dtype="fp8")

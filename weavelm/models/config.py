@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from weavelm.errors import WeavelmError, check
 from weavelm.models.registry import family_for
-from weavelm.parallel.fp8 import checkpoint_format
+from weavelm.parallel.fp8 import checkpoint_format, checkpoint_kv_scales
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
@@ -44,6 +44,8 @@ class ModelConfig:
     # An FP8 checkpoint's layer format (weavelm.parallel.fp8.checkpoint_format); None: not
     # quantized
     quantization: str | None = None
+    # the checkpoint has a K and a V scale per layer for an FP8 KV cache (kv_cache_scheme)
+    kv_cache_scales: bool = False
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -78,7 +80,8 @@ class ModelConfig:
             qkv_bias=bool(cfg.get("attention_bias", False)),
             sliding_window=cfg.get("sliding_window"), rope_scaling=rope,
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            quantization=checkpoint_format(cfg, source))
+            quantization=checkpoint_format(cfg, source),
+            kv_cache_scales=checkpoint_kv_scales(cfg, source))
         fields.update(family.config_flags)
         if family.config_hook is not None:
             family.config_hook(cfg, fields)

@@ -155,8 +155,15 @@ class WovenDecoder(nn.Module):
         in `dtype` (default the model's; float8_e4m3fn: an FP8 cache)."""
         layers, kv_heads, head_dim = self.kv_cache_shape()
         p = self.lm_head.weight
-        return PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
-                            dtype or p.dtype, p.device)
+        cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
+                             dtype or p.dtype, p.device)
+        if cache.fp8:          # a checkpoint's per-layer scales (else 1.0)
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                if getattr(attn, "k_scale", None) is not None:
+                    cache.k_scale[i], cache.v_scale[i] = float(attn.k_scale), \
+                        float(attn.v_scale)
+        return cache
 
     # -- the library face: a prefill through the executor ---------------------------------------
     @torch.no_grad()

@@ -21,6 +21,7 @@ from weavelm.models.config import ModelConfig
 from weavelm.models.decoder import WovenDecoder, WovenDecoderLayer, RMSNorm, StepInput
 from weavelm.models.registry import GemmShape, ModelFamily, register_family
 from weavelm.models.rope import RotaryEmbedding
+from weavelm.parallel.fp8 import load_kv_scale
 from weavelm.parallel.layers import (
     MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
     VocabParallelEmbedding,
@@ -46,6 +47,13 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim, self.scale = cfg.head_dim, cfg.head_dim ** -0.5
         self.window = cfg.sliding_window
+        self.k_scale = self.v_scale = None     # a checkpoint's FP8 KV-cache scales
+        if cfg.kv_cache_scales:
+            for name in ("k_scale", "v_scale"):
+                p = nn.Parameter(torch.ones((), dtype=torch.float32, device=device),
+                                 requires_grad=False)
+                p.weight_loader = load_kv_scale
+                setattr(self, name, p)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)

@@ -102,6 +102,8 @@ def checkpoint_format(cfg: dict, source: str = "config.json") -> str | None:
               f"use one with activation_scheme 'dynamic'")
         return "fp8-block"
     check(method == "compressed-tensors", refuse)
+    if not q.get("config_groups") and q.get("kv_cache_scheme"):
+        return None                           # only the KV cache is FP8: full-precision weights
     groups = list((q.get("config_groups") or {}).values())
     weights = [g.get("weights") or {} for g in groups]
     check(bool(weights) and all(w.get("type") == "float" and w.get("num_bits") == 8
@@ -116,6 +118,34 @@ def checkpoint_format(cfg: dict, source: str = "config.json") -> str | None:
     return "fp8-channel"
 
 
+def checkpoint_kv_scales(cfg: dict, source: str = "config.json") -> bool:
+    """Whether the checkpoint carries a per-tensor FP8 scale for each layer's K and V
+    (compressed-tensors `kv_cache_scheme`: tensors `self_attn.k_scale`, `self_attn.v_scale`),
+    which an FP8 KV cache (`kv_cache_dtype="fp8"`) then divides by; a scheme of another kind
+    is refused in one line."""
+    q = cfg.get("quantization_config") or cfg.get("compression_config") or {}
+    kv = q.get("kv_cache_scheme")
+    if not kv:
+        return False
+    check(kv.get("type") == "float" and kv.get("num_bits") == 8
+          and kv.get("strategy", "tensor") == "tensor" and not kv.get("dynamic", False),
+          f"{source}: kv_cache_scheme {kv!r:.100} is not a static per-tensor FP8 scheme, the "
+          f"one weavelm loads: use a checkpoint without it or with such a scheme")
+    return True
+
+
+def load_kv_scale(param, loaded, shard_id=None) -> None:
+    """A checkpoint's K or V scale (one positive number, any TP rank) into `param`."""
+    t = loaded if isinstance(loaded, torch.Tensor) else loaded[...]   # (0-dim: no [:])
+    if t.numel() != 1 or not t.dtype.is_floating_point:
+        raise ValueError(f"a KV-cache scale must be one number, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    value = float(t.reshape(()))
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"a KV-cache scale must be positive and finite, got {value}")
+    param.data.fill_(value)
+
+
 def check_codes(t: torch.Tensor, what: str) -> None:
     if t.dtype != FP8:
         raise ValueError(f"{what}: an FP8 checkpoint's weight must be float8_e4m3fn, got "
@@ -128,7 +158,7 @@ def block_grid(shape) -> tuple[int, int]:
 
 
 def _scale_tensor(loaded, what: str) -> torch.Tensor:
-    t = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    t = loaded if isinstance(loaded, torch.Tensor) else loaded[...]   # (0-dim: no [:])
     if not t.is_floating_point() or t.dtype == FP8:
         raise ValueError(f"{what}: scales must be float32/bf16/fp16, got {t.dtype}")
     return t.float()
