@@ -18,13 +18,21 @@ def _check_plot(path: str | None) -> None:
           "--plot needs matplotlib: pip install 'weavelm[plot]' or drop --plot")
 
 
-def _report(table: str, result: dict, json_out: str | None) -> None:
-    """Print a benchmark's table (rank 0) and keep its numbers as JSON if asked."""
-    typer.echo(table)
+def _run_and_report(rank_fn, tp: int, opts: dict, table_fn, plot_fn, plot, json_out) -> None:
+    """Run a benchmark on `tp` ranks; rank 0 prints its table, keeps its numbers as JSON and
+    draws its plot if asked."""
+    from weavelm.parallel.launch import run_ranks
+    result = run_ranks(rank_fn, tp, opts)
+    if result is None:
+        return
+    typer.echo(table_fn(result))
     if json_out:
         import json
         with open(json_out, "w") as f:
             json.dump(result, f, indent=1)
+    if plot:
+        plot_fn(result, plot)
+        typer.echo(f"plot written to {plot}")
 
 
 def bench_prefill(
@@ -59,7 +67,6 @@ def bench_prefill(
     from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.parallel.launch import run_ranks
     from weavelm.parallel.state import max_tp_for_device, resolve_device
     mode_list = [parse_mode(m.strip()).value for m in modes.split(",") if m.strip()]
     token_list = options.int_list(tokens, "--tokens")
@@ -88,13 +95,7 @@ def bench_prefill(
     check_fits(estimate(ModelConfig.from_hf(shape_config(shape, layers)), tp, 2, T), tp,
                str(dev), f"bench prefill of {shape} ({layers} layers, {T} tokens, TP {tp})",
                layers_flag="--layers", tokens_flag="--tokens")
-    result = run_ranks(bench_prefill_rank, tp, opts)
-    if result is None:
-        return
-    _report(format_table(result), result, json_out)
-    if plot:
-        plot_fn(result, plot)
-        typer.echo(f"plot written to {plot}")
+    _run_and_report(bench_prefill_rank, tp, opts, format_table, plot_fn, plot, json_out)
 
 
 def bench_throughput(
@@ -104,20 +105,13 @@ def bench_throughput(
     layers: Optional[int] = typer.Option(None, help="Decoder layers to build [default: all]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
-    num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
-    input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
-                                            "[default: log-normal, median 1024, max 8192]."),
-    output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
-                                             "[default: log-normal, median 128, max 512]."),
-    input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
-    prefix_len: int = typer.Option(0, "--prefix-len", help="Tokens of a shared prefix before "
-                                                           "each prompt (0: none)."),
-    num_prefixes: int = typer.Option(1, "--num-prefixes", help="Distinct shared prefixes, "
-                                                               "taken in turn."),
-    dataset_shape: str = typer.Option("synthetic", "--dataset-shape", help="Lengths: "
-                                      "synthetic (the defaults above) or sharegpt (drawn to "
-                                      "ShareGPT's published means, pruned as vLLM's benchmark "
-                                      "prunes; no download)."),
+    num_requests: options.NumRequests = 1000,
+    input_len: options.InputLen = None,
+    output_len: options.OutputLen = None,
+    input_max: options.InputMax = 8192,
+    prefix_len: options.PrefixLen = 0,
+    num_prefixes: options.NumPrefixes = 1,
+    dataset_shape: options.DatasetShape = "synthetic",
     seed: int = typer.Option(0, help="Workload and weights seed."),
     enable_prefix_caching: options.PrefixCaching = True,
     quantization: options.Quantization = None,
@@ -139,36 +133,23 @@ def bench_throughput(
     from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.parallel.launch import run_ranks
     from weavelm.parallel.state import max_tp_for_device, resolve_device
     dev = resolve_device(device)
     ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
     check(tp <= max_tp_for_device(device), f"--tp {tp} needs {tp} GPUs: lower --tp")
     if mode != "auto":
         parse_mode(mode)
-    check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    work = options.workload(num_requests, input_len, output_len, input_max, prefix_len,
+                            num_prefixes, dataset_shape)
     check(compare in (None, "hf"), f"--compare takes hf, got {compare!r}")
     check(compare is None or tp == 1, "--compare hf runs transformers on one device: use --tp 1")
-    for name, v in (("--input-len", input_len), ("--output-len", output_len)):
-        check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
-    from weavelm.bench.throughput import DATASET_SHAPES
-    check(dataset_shape in DATASET_SHAPES, f"--dataset-shape must be one of "
-                                           f"{', '.join(DATASET_SHAPES)}, got {dataset_shape!r}")
-    check(dataset_shape == "synthetic" or (input_len is None and output_len is None),
-          "--dataset-shape sharegpt draws the lengths: drop --input-len / --output-len")
     config = EngineConfig(tp=tp, device=str(dev), mode=mode,
                           backend=backend if dev.type == "cuda" else "torch",
                           gpu_memory_utilization=gpu_memory_utilization,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching,
                           quantization=quantization, kv_cache_dtype=kv_cache_dtype)
-    check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
-                                                  f"--num-prefixes >= 1, got {prefix_len}, "
-                                                  f"{num_prefixes}")
-    opts = dict(shape=shape, layers=layers, config=config, num_requests=num_requests,
-                input_len=input_len, output_len=output_len, input_max=input_max, seed=seed,
-                compare=compare, prefix_len=prefix_len, num_prefixes=num_prefixes,
-                dataset_shape=dataset_shape)
+    opts = dict(shape=shape, layers=layers, config=config, seed=seed, compare=compare, **work)
     _check_plot(plot)
     from weavelm.engine.memory import check_fits, estimate
     from weavelm.engine.model_loading import resolve_dtype
@@ -179,13 +160,7 @@ def bench_throughput(
                tp, str(dev), f"bench throughput of {shape} ({cfg.num_layers} layers, TP {tp})",
                budget=gpu_memory_utilization if dev.type == "cuda" else 1.0,
                layers_flag="--layers")
-    result = run_ranks(throughput_rank, tp, opts)
-    if result is None:
-        return
-    _report(format_result(result), result, json_out)
-    if plot:
-        plot_fn(result, plot)
-        typer.echo(f"plot written to {plot}")
+    _run_and_report(throughput_rank, tp, opts, format_result, plot_fn, plot, json_out)
 
 
 def register(bench_app, user_errors) -> None:

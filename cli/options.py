@@ -45,9 +45,46 @@ def check_quantization(method: Optional[str]) -> Optional[str]:
 
 KvCacheDtype = Annotated[str, typer.Option(
     "--kv-cache-dtype", help="auto (the model's dtype) or fp8: K and V stored in e4m3, twice "
-                             "the tokens in the same memory (CPU only so far).")]
+                             "the tokens in the same memory.")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs for decode.")]
+
+# The synthetic workload of `bench throughput` and `bench serve` (weavelm.bench.throughput)
+NumRequests = Annotated[int, typer.Option("--num-requests", help="Requests in the workload.")]
+InputLen = Annotated[Optional[int], typer.Option(
+    "--input-len", help="Fixed prompt length [default: log-normal, median 1024, max 8192].")]
+OutputLen = Annotated[Optional[int], typer.Option(
+    "--output-len", help="Fixed output length [default: log-normal, median 128, max 512].")]
+InputMax = Annotated[int, typer.Option("--input-max", help="Cap of the prompt lengths.")]
+PrefixLen = Annotated[int, typer.Option(
+    "--prefix-len", help="Tokens of a shared prefix before each prompt (0: none).")]
+NumPrefixes = Annotated[int, typer.Option(
+    "--num-prefixes", help="Distinct shared prefixes, taken in turn.")]
+DatasetShape = Annotated[str, typer.Option(
+    "--dataset-shape", help="Lengths: synthetic (the defaults above) or sharegpt (drawn to "
+                            "ShareGPT's published means, pruned as vLLM's benchmark prunes; "
+                            "no download).")]
+
+
+def workload(num_requests: int, input_len, output_len, input_max: int, prefix_len: int,
+             num_prefixes: int, dataset_shape: str) -> dict:
+    """The workload options, checked (one line each), as `bench.throughput.workload_from`
+    takes them."""
+    from weavelm.bench.throughput import DATASET_SHAPES
+    from weavelm.errors import check
+    check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    for name, v in (("--input-len", input_len), ("--output-len", output_len)):
+        check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
+    check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
+                                                  f"--num-prefixes >= 1, got {prefix_len}, "
+                                                  f"{num_prefixes}")
+    check(dataset_shape in DATASET_SHAPES, f"--dataset-shape must be one of "
+                                           f"{', '.join(DATASET_SHAPES)}, got {dataset_shape!r}")
+    check(dataset_shape == "synthetic" or (input_len is None and output_len is None),
+          "--dataset-shape sharegpt draws the lengths: drop --input-len / --output-len")
+    return dict(num_requests=num_requests, input_len=input_len, output_len=output_len,
+                input_max=input_max, prefix_len=prefix_len, num_prefixes=num_prefixes,
+                dataset_shape=dataset_shape)
 
 
 FLAG_WORDS = {"true", "false", "yes", "no", "on", "off"}

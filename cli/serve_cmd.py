@@ -189,16 +189,13 @@ def bench_serve(
                                                 "ids come from (as `bench throughput`)."),
     vocab: Optional[int] = typer.Option(None, help="Token ids of the prompts below this "
                                                    "[default: the shape's vocabulary]."),
-    num_requests: int = typer.Option(1000, "--num-requests", help="Requests in the workload."),
-    input_len: Optional[int] = typer.Option(None, "--input-len", help="Fixed prompt length "
-                                            "[default: log-normal, median 1024, max 8192]."),
-    output_len: Optional[int] = typer.Option(None, "--output-len", help="Fixed output length "
-                                             "[default: log-normal, median 128, max 512]."),
-    input_max: int = typer.Option(8192, "--input-max", help="Cap of the prompt lengths."),
-    prefix_len: int = typer.Option(0, "--prefix-len", help="Tokens of a shared prefix before "
-                                                           "each prompt (0: none)."),
-    num_prefixes: int = typer.Option(1, "--num-prefixes", help="Distinct shared prefixes, "
-                                                               "taken in turn."),
+    num_requests: options.NumRequests = 1000,
+    input_len: options.InputLen = None,
+    output_len: options.OutputLen = None,
+    input_max: options.InputMax = 8192,
+    prefix_len: options.PrefixLen = 0,
+    num_prefixes: options.NumPrefixes = 1,
+    dataset_shape: options.DatasetShape = "synthetic",
     seed: int = typer.Option(0, help="Workload seed (the same workload as bench throughput)."),
     timeout: float = typer.Option(600.0, help="Seconds the whole run may take; requests still "
                                               "open then count as failed."),
@@ -214,19 +211,13 @@ def bench_serve(
     from weavelm.errors import check
     check(concurrency >= 1, f"--concurrency must be at least 1, got {concurrency}")
     check(request_rate > 0, f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
-    check(num_requests >= 1, f"--num-requests must be at least 1, got {num_requests}")
+    work = options.workload(num_requests, input_len, output_len, input_max, prefix_len,
+                            num_prefixes, dataset_shape)
     check(timeout > 0, f"--timeout must be > 0, got {timeout}")
-    for name, v in (("--input-len", input_len), ("--output-len", output_len)):
-        check(v is None or v >= 1, f"{name} must be at least 1, got {v}")
     check(vocab is None or vocab >= 1, f"--vocab must be at least 1, got {vocab}")
-    check(prefix_len >= 0 and num_prefixes >= 1, f"--prefix-len must be >= 0 and "
-                                                  f"--num-prefixes >= 1, got {prefix_len}, "
-                                                  f"{num_prefixes}")
     vocab = vocab or shape_config(shape)["vocab_size"]
     result = run_load(url.rstrip("/"), model, dict(
-        num_requests=num_requests, vocab=vocab, seed=seed, input_len=input_len,
-        output_len=output_len, input_max=input_max, prefix_len=prefix_len,
-        num_prefixes=num_prefixes, extra=_extra_body(extra_body)),
+        work, vocab=vocab, seed=seed, extra=_extra_body(extra_body)),
         concurrency, request_rate, timeout)
     typer.echo(format_result(result))
     if json_out:

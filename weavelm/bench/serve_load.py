@@ -21,7 +21,7 @@ import math
 import random
 import time
 
-from weavelm.bench.throughput import _percentiles, workload
+from weavelm.bench.throughput import _percentiles, workload_from
 from weavelm.errors import WeavelmError
 
 
@@ -106,10 +106,7 @@ async def _load(url, model, requests, concurrency, rate, timeout_s, seed,
 
 def run_load(url: str, model: str | None, work: dict, concurrency: int, rate: float,
              timeout_s: float) -> dict:
-    requests = workload(work["num_requests"], work["vocab"], work["seed"], work["input_len"],
-                        work["output_len"], input_max=work["input_max"],
-                        prefix_len=work.get("prefix_len", 0),
-                        num_prefixes=work.get("num_prefixes", 1))
+    requests = workload_from(work, work["vocab"], work["seed"])
     results, elapsed = asyncio.run(_load(url, model, requests, concurrency, rate, timeout_s,
                                          work["seed"], work.get("extra")))
     ok = [r for r in results if r.get("error") is None]

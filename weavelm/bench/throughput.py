@@ -80,6 +80,16 @@ def workload(n: int, vocab: int, seed: int, input_len=None, output_len=None,
             for k, (i, o) in enumerate(zip(ins, outs))]
 
 
+def workload_from(work: dict, vocab: int, seed: int):
+    """`workload` for a command's workload options (cli/options.py `workload`; the lengths'
+    defaults where a key is missing)."""
+    return workload(work["num_requests"], vocab, seed, work.get("input_len"),
+                    work.get("output_len"), input_max=work.get("input_max", 8192),
+                    prefix_len=work.get("prefix_len", 0),
+                    num_prefixes=work.get("num_prefixes", 1),
+                    dataset_shape=work.get("dataset_shape", "synthetic"))
+
+
 def measure_rates(device, fp8: bool = False) -> tuple[float, float, float]:
     """(GEMM FLOP/s of a large matmul, copy bytes/s read + written, FLOP/s of the FP8 linear
     layers' large GEMM: with `fp8`, `fp8_linear` on FP8 codes, else the matmul's) on
@@ -220,11 +230,7 @@ def throughput_rank(opts: dict) -> dict | None:
     config = opts["config"]
     state = init_parallel(config.tp, config.device)
     hf_cfg = shape_config(opts["shape"], opts["layers"])
-    requests = workload(opts["num_requests"], hf_cfg["vocab_size"], opts["seed"],
-                        opts["input_len"], opts["output_len"], input_max=opts["input_max"],
-                        prefix_len=opts.get("prefix_len", 0),
-                        num_prefixes=opts.get("num_prefixes", 1),
-                        dataset_shape=opts.get("dataset_shape", "synthetic"))
+    requests = workload_from(opts, hf_cfg["vocab_size"], opts["seed"])
     longest = max(len(p) + o for p, o in requests)
     config = dataclasses.replace(config, max_model_len=min(hf_cfg["max_position_embeddings"],
                                                            longest + 1))
