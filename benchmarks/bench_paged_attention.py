@@ -204,7 +204,7 @@ def cascade(P, H, Hkv, D, bs):
     print("| attention | " + " | ".join(f"{B} on {n}" for B, n in shapes) + " |")
     print("|" + " --- |" * (len(shapes) + 1))
     scale = 1 / math.sqrt(D)
-    rows = {"paged kernel, every copy": [], "cascade": [], "speed-up": []}
+    plain_cells, casc_cells, speedups = [], [], []
     for B, n in shapes:
         q, kc, vc, tables, lens = shared_case(B, n, 2048, H, Hkv, D, bs, consecutive=True)
         host = plan_cascade(tables.cpu().numpy(), lens.cpu().numpy() - 1, bs)
@@ -220,15 +220,12 @@ def cascade(P, H, Hkv, D, bs):
         err = (casc().float() - plain().float()).abs().max().item()
         assert err < 2e-2, err
         keys = 2 * int(lens.sum()) * Hkv * D * 2
-        for name, fn in (("paged kernel, every copy", plain), ("cascade", casc)):
-            t = graph_us(fn)
-            rows[name].append(t)
-        rows["speed-up"].append(rows["paged kernel, every copy"][-1] / rows["cascade"][-1])
-        for name in ("paged kernel, every copy", "cascade"):
-            t = rows[name][-1]
-            rows[name][-1] = f"{t:.1f} ({keys / (t * 1e-6) / 1e12:.2f})"
-        rows["speed-up"][-1] = f"{rows['speed-up'][-1]:.2f}x"
-    for name, cells in rows.items():
+        t_plain, t_casc = graph_us(plain), graph_us(casc)
+        plain_cells.append(f"{t_plain:.1f} ({keys / (t_plain * 1e-6) / 1e12:.2f})")
+        casc_cells.append(f"{t_casc:.1f} ({keys / (t_casc * 1e-6) / 1e12:.2f})")
+        speedups.append(f"{t_plain / t_casc:.2f}x")
+    for name, cells in (("paged kernel, every copy", plain_cells), ("cascade", casc_cells),
+                        ("speed-up", speedups)):
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -101,9 +101,7 @@ class BlockAllocator:
 
     def _compact(self) -> None:
         """Drop the queue's stale entries (each free block once, in its queue order)."""
-        seen: set[int] = set()
-        order = [b for b in self._free if b in self._free_set and not (b in seen or seen.add(b))]
-        self._free = deque(order)
+        self._free = deque(b for b in dict.fromkeys(self._free) if b in self._free_set)
 
     def free(self, blocks: list[int]) -> None:
         """Drop one holder of each block; a block nobody holds is free again (cached and

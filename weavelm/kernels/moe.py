@@ -132,12 +132,20 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
             raise ValueError(f"moe_experts: impl='gemv' cannot take these operands: {why}")
     if impl in ("auto", "grouped", "gemv"):
         impl = "auto"
+    return grouped_experts(x, weights, ids, w13.shape[0],
+                           lambda a, offs: grouped_mm(a, w13.transpose(1, 2), offs, impl),
+                           lambda a, offs: grouped_mm(a, w2.transpose(1, 2), offs, impl), out)
+
+
+def grouped_experts(x, weights, ids, num_experts: int, gate_up, down, out=None):
+    """The grouped path of `moe_experts` with its two products given: `gate_up(rows,
+    offsets)` -> [R, 2I] and `down(h, offsets)` -> [R, D] over rows grouped by expert (the FP8
+    experts of `parallel.fp8` pass their own)."""
     T, K = ids.shape
-    order, offsets = group_by_expert(ids, w13.shape[0])
+    order, offsets = group_by_expert(ids, num_experts)
     rows = x.index_select(0, order // K)                             # [R, D] grouped by expert
-    h = grouped_mm(rows, w13.transpose(1, 2), offsets, impl)         # [R, 2I]
-    h = silu_and_mul(h)                                              # [R, I]
-    y_sorted = grouped_mm(h, w2.transpose(1, 2), offsets, impl)      # [R, D]
+    h = silu_and_mul(gate_up(rows, offsets))                         # [R, I]
+    y_sorted = down(h, offsets)                                      # [R, D]
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)   # [R, D], (token, slot)
     w = weights.to(y.dtype).view(T, 1, K)
     if out is None:

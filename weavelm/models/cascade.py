@@ -166,8 +166,7 @@ def _best_groups(tables, own, rows, min_blocks, depth: int = 0) -> tuple[int, li
     groups = [(whole, rows, int(head[0]), d)] if whole else []
     # where some rows go on: the parts they split into at block d, each on its own run
     longer = rows[own[rows] > d]
-    if d < tables.shape[1] and len(longer) >= 2 \
-            and bool((tables[longer, :d] == head[:d]).all()):
+    if d < tables.shape[1] and len(longer) >= 2:
         parts = [p for p in _parted(tables, longer, d) if tables[p[0], d] == head[0] + d]
         split = [_best_groups(tables, own, p, min_blocks, d + 1) for p in parts]
         saved = sum(s for s, _ in split)

@@ -273,15 +273,7 @@ def fp8_moe_experts(x, w13, w2, scales: tuple, weights, ids, out=None) -> torch.
     """`kernels.moe.moe_experts` for FP8 experts (w13 [E, 2I, D], w2 [E, D, I] float8_e4m3fn,
     `scales` their per-row scales [E, 2I], [E, D]): rows sorted by expert, each expert's rows
     through `fp8_linear` (`grouped_fp8_linear`), the top-k weights in the combine."""
-    from weavelm.kernels.activation import silu_and_mul
-    from weavelm.kernels.moe import group_by_expert
-    T, K = ids.shape
-    order, offsets = group_by_expert(ids, w13.shape[0])
-    rows = x.index_select(0, order // K)                             # [R, D] grouped by expert
-    h = silu_and_mul(grouped_fp8_linear(rows, w13, scales[0], offsets))            # [R, I]
-    y_sorted = grouped_fp8_linear(h, w2, scales[1], offsets)                       # [R, D]
-    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
-    if out is None:
-        out = x.new_empty(T, x.shape[1])
-    torch.bmm(weights.to(y.dtype).view(T, 1, K), y.view(T, K, -1), out=out.view(T, 1, -1))
-    return out
+    from weavelm.kernels.moe import grouped_experts
+    return grouped_experts(x, weights, ids, w13.shape[0],
+                           lambda a, offs: grouped_fp8_linear(a, w13, scales[0], offs),
+                           lambda a, offs: grouped_fp8_linear(a, w2, scales[1], offs), out)
