@@ -26,6 +26,7 @@ from weavelm.errors import check
 from weavelm.kernels.common import FP8
 from weavelm.kernels.paged_attention import longest_first, paged_decode_attention, supported
 from weavelm.kernels.rope_cache import rope_and_cache
+from weavelm.models.cascade import cascade_decode_attention, cascade_order
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.kv_cache import PagedKVCache  # noqa: F401  (the cache of every step)
 from weavelm.models.sdpa import (
@@ -192,7 +193,6 @@ def _decode_attention(q, kc, vc, batch: AttentionBatch, scale: float, window, sc
     or the cascade where the step's plan groups sequences on shared prefixes (no window: a
     sliding window's keys are not a shared prefix's)."""
     if batch.cascade is not None and window is None and kc.dtype == q.dtype:
-        from weavelm.models.cascade import cascade_decode_attention, cascade_order
         if batch.order is None:
             batch.order = cascade_order(batch.context_lens, batch.cascade)
         return cascade_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens,
