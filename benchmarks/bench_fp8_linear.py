@@ -1,12 +1,14 @@
 """FP8 linear layers on one GPU against bf16, Llama-3-8B's four GEMM shapes, side by side:
 
-    python3 benchmarks/bench_fp8_linear.py [--tokens 1,16,64,256,2048]
+    python3 benchmarks/bench_fp8_linear.py [--tokens 1,16,64,256,2048] [--gemv-sweep]
 
 Columns, µs per call (CUDA graph of 20 calls, median of 5 replays): bf16 `F.linear`;
 `fp8_linear` (per-token activation rounding + `torch._scaled_mm` with row-wise scales: what the
 layers run); `_scaled_mm` alone on activations already in FP8 (the GEMM's share); and the
 weight-read bound of each (weight bytes / the copy rate measured here). At a few tokens a
 linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 there.
+`--gemv-sweep` adds the FP8 GEMV alone at 1 and 4 tokens for each split of K (warps per row
+group) beside the activation rounding alone, as a fraction of the copy rate.
 """
 from __future__ import annotations
 
@@ -55,6 +57,57 @@ def main():
             print(f"| {name} {n}x{k} | {m} | {t_bf:.1f} | {t_fp8:.1f} | {t_mm:.1f} | "
                   f"{2 * n * k / rate * 1e6:.1f} | {n * k / rate * 1e6:.1f} | "
                   f"{t_bf / t_fp8:.2f}x | {err:.4f} |", flush=True)
+    if "--gemv-sweep" in sys.argv:
+        gemv_sweep(rate)
+        fast_accum(tokens)
+
+
+def fast_accum(tokens):
+    """`_scaled_mm` with and without `use_fast_accum` (Hopper's FP8 accumulation promoted less
+    often), µs and relative error against the float32 product of the rounded operands."""
+    from weavelm.parallel.fp8 import dequantize_rows, quantize_rows
+    print("\n## _scaled_mm: exact vs fast accumulation, µs (rel. error)\n")
+    print("| GEMM | tokens | exact | fast |")
+    print("| --- | --- | --- | --- |")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for name, (n, k) in SHAPES.items():
+        codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
+                                     .bfloat16())
+        for m in [t for t in tokens if t >= 16]:
+            xq, xs = quantize_rows(torch.randn(m, k, device="cuda", generator=g).bfloat16())
+            ref = dequantize_rows(xq, xs) @ dequantize_rows(codes, scale).t()
+            cells = []
+            for fast in (False, True):
+                def mm():
+                    return torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None],
+                                            scale_b=scale[None, :], out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast)
+                err = ((mm().float() - ref).norm() / ref.norm()).item()
+                cells.append(f"{graph_us(mm):.1f} ({err:.1e})")
+            print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
+
+
+def gemv_sweep(rate: float):
+    from weavelm.kernels import fp8_gemv, fp8_quant
+    from weavelm.parallel.fp8 import quantize_rows
+    kws = [1, 2, 4, 8]
+    print("\n## FP8 GEMV alone, µs (fraction of the copy rate) per split of K; rounding alone\n")
+    print("| GEMM | tokens | " + " | ".join(f"kw {k}" for k in kws) + " | default kw | rounding |")
+    print("| --- | --- | " + " | ".join("---" for _ in kws) + " | --- | --- |")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for name, (n, k) in SHAPES.items():
+        codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
+                                     .bfloat16())
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            xq, xs = quantize_rows(x)
+            cells = []
+            for kw in kws:
+                t = graph_us(lambda: fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype, kw=kw))
+                cells.append(f"{t:.1f} ({n * k / rate / (t * 1e-6):.2f})")
+            t_q = graph_us(lambda: fp8_quant.quantize_rows_cuda(x))
+            print(f"| {name} | {m} | " + " | ".join(cells) +
+                  f" | {fp8_gemv.split_k(n)} | {t_q:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The FP8 GEMV kernel, the same source the GPU compiles, run in numba's CUDA simulator against
 the dequantized product in float32 (`fp8_gemv_ref`, what the CPU path computes): 1 to 4 tokens,
-rows in several rounds of the grid, bf16 and fp16 outputs."""
+rows in several rounds of the grid, bf16 and fp16 outputs, each group of rows read by one warp
+or split over 2 or 8 warps (split K)."""
 from __future__ import annotations
 
 import pytest
@@ -11,12 +12,13 @@ sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (t
 
 
 @sim
-@pytest.mark.parametrize("m,n,k,dtype", [(1, 8, 32, torch.bfloat16), (3, 24, 48, torch.bfloat16),
-                                         (4, 4, 1024, torch.float16), (2, 40, 16, torch.bfloat16)])
-def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, monkeypatch):
+@pytest.mark.parametrize("m,n,k,dtype,kw", [
+    (1, 8, 32, torch.bfloat16, 1), (3, 24, 48, torch.bfloat16, 2), (4, 4, 1024, torch.float16, 8),
+    (2, 40, 16, torch.bfloat16, 1), (2, 40, 1040, torch.bfloat16, 2), (1, 12, 272, torch.float16, 8)])
+def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, kw, monkeypatch):
     from weavelm.kernels import fp8_gemv as G
     from weavelm.parallel.fp8 import quantize_rows
-    if n == 40:                           # one CTA: its warps take the rows in three rounds
+    if n == 40:                           # one CTA: its warps take the rows in several rounds
         monkeypatch.setattr(G, "WAVES", 1)
         monkeypatch.setitem(G._sms, 0, 1)
         G._plans.clear()
@@ -25,7 +27,7 @@ def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, monkeypatch):
     xq, xs = quantize_rows(x)
     codes, ws = quantize_rows(w)
     assert G.supported(xq, codes, dtype)
-    got = G.fp8_gemv_cuda(xq, xs, codes, ws, dtype)
+    got = G.fp8_gemv_cuda(xq, xs, codes, ws, dtype, kw=kw)
     want = G.fp8_gemv_ref(xq, xs, codes, ws, torch.float32)
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-3)
 

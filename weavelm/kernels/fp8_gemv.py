@@ -16,6 +16,11 @@ vector (16 weights) of each row per step with `ld.global.nc.L1::no_allocate`, al
 issued before the first is used; the tokens' vectors of the same columns come through L1 (every
 warp reads them), are unpacked once per step for the ROWS rows, and each lane keeps M x ROWS
 fp32 partial sums, reduced over the warp with shuffles at the end of the rows.
+
+Split K: a layer of few rows (o and down of Llama-3-8B: 4,096) gives too few warps to keep
+enough loads in flight, so `kw` warps of a CTA share each group of ROWS rows, warp j taking the
+vectors j, j + kw, ... of each row; their sums meet in shared memory. `kw` grows with the layer's
+row count falling below TARGET_WARPS warps' worth (`split_k`).
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from weavelm.kernels.common import DTYPES, remember
 
 MAX_TOKENS = 4
 ROWS = 4                        # output rows per warp at a time
-WARPS = 4                       # per CTA
-WAVES = 8                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
+WARPS = 8                       # per CTA
+WAVES = 4                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
+TARGET_WARPS = 8192             # warps that keep the copy rate's loads in flight (H100: 132 SMs)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}
@@ -43,14 +49,22 @@ def fp8_gemv_ref(xq, xs, codes, ws, dtype) -> torch.Tensor:
     return ((xq.float() * xs[:, None]) @ (codes.float() * ws[:, None]).t()).to(dtype)
 
 
-def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None) -> torch.Tensor:
-    """Launcher (contract in the module doc; `supported` must hold)."""
+def split_k(N: int) -> int:
+    """Warps per group of ROWS rows (a power of two up to WARPS): 1 for a wide layer."""
+    kw = 1
+    while kw < WARPS and (N // ROWS) * kw < TARGET_WARPS:
+        kw *= 2
+    return kw
+
+
+def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None, kw: int | None = None) -> torch.Tensor:
+    """Launcher (contract in the module doc; `supported` must hold; `kw` overrides `split_k`)."""
     M, K = xq.shape
     N = codes.shape[0]
     if out is None:
         out = torch.empty(M, N, dtype=dtype, device=xq.device)
     dev = max(xq.get_device(), 0)              # CPU (-1) only under the simulator
-    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev)
+    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N))
     kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), M, N, K // 16)
     return out
@@ -60,8 +74,8 @@ def _tmax(m: int) -> int:
     return 1 if m == 1 else 2 if m == 2 else 4
 
 
-def _plan(dt: str, tmax: int, N: int, device: int):
-    key = (dt, tmax, N, device)
+def _plan(dt: str, tmax: int, N: int, device: int, kw: int):
+    key = (dt, tmax, N, device, kw)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
@@ -69,9 +83,9 @@ def _plan(dt: str, tmax: int, N: int, device: int):
         if sms is None:
             sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
                 if torch.cuda.is_available() else 4
-        grid = max(1, min(-(-N // (ROWS * WARPS)), sms * WAVES))
-        k = launcher.kernel(("fp8_gemv", dt, tmax), lambda: _build_kernel(dt, tmax), SIGNATURE,
-                            max_threads=32 * WARPS)
+        grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sms * WAVES))
+        k = launcher.kernel(("fp8_gemv", dt, tmax, kw), lambda: _build_kernel(dt, tmax, kw),
+                            SIGNATURE, max_threads=32 * WARPS)
         p = remember(_plans, key, (k, grid))
     return p
 
@@ -79,7 +93,7 @@ def _plan(dt: str, tmax: int, N: int, device: int):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tmax: int):
+def _build_kernel(dt: str, tmax: int, kw: int = 1):
     global cuda
     from numba import float32, uint32
 
@@ -95,25 +109,30 @@ def _build_kernel(dt: str, tmax: int):
     load_w, load_x, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     unpack4, store_u32, as_f32 = ptx.unpack_e4m3x4, ptx.store_u32, ptx.u32_as_f32
     n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
+    groups = WARPS // kw                                  # row groups a CTA serves at a time
+    part_n = WARPS * n_acc if kw > 1 else 1
 
     def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
         tid = cuda.threadIdx.x
         lane = tid & 31
-        red = cuda.shared.array(red_n, float32)          # simulator: the warp sums
-        acc = cuda.local.array(n_acc, float32)           # [token, row] partial sums
-        xf = cuda.local.array(n_x, float32)              # [token, 16] this step's inputs
-        wv = cuda.local.array(n_w, uint32)               # [row, word] this step's weights
+        wid = tid >> 5
+        kpart = wid % kw                                  # which share of K this warp reads
+        red = cuda.shared.array(red_n, float32)           # simulator: the warp sums
+        part = cuda.shared.array(part_n, float32)         # split K: [warp, token x row] sums
+        acc = cuda.local.array(n_acc, float32)            # [token, row] partial sums
+        xf = cuda.local.array(n_x, float32)               # [token, 16] this step's inputs
+        wv = cuda.local.array(n_w, uint32)                # [row, word] this step's weights
         wf = cuda.local.array(16, float32)
-        warp = cuda.blockIdx.x * WARPS + (tid >> 5)
-        nwarps = cuda.gridDim.x * WARPS
-        # every warp runs the same number of rounds (the simulator's sums are block barriers)
-        rounds = (N // ROWS + nwarps - 1) // nwarps
+        group = cuda.blockIdx.x * groups + wid // kw
+        ngroups = cuda.gridDim.x * groups
+        # every warp runs the same number of rounds (block barriers below and in the simulator)
+        rounds = (N // ROWS + ngroups - 1) // ngroups
         for rnd in range(rounds):
-            row0 = (rnd * nwarps + warp) * ROWS
+            row0 = (rnd * ngroups + group) * ROWS
             for i in range(n_acc):
                 acc[i] = float32(0.0)
             if row0 < N:
-                v = lane
+                v = kpart * 32 + lane
                 while v < Kv:
                     for r in range(ROWS):                 # the loads first: ROWS in flight
                         w = load_w(w_ptr + ((row0 + r) * Kv + v) * 16)
@@ -137,10 +156,20 @@ def _build_kernel(dt: str, tmax: int):
                             for e in range(16):
                                 s += xf[m * 16 + e] * wf[e]
                             acc[m * ROWS + r] = s
-                    v += 32
+                    v += 32 * kw
             for i in range(n_acc):
                 acc[i] = lane_sum(acc[i], red, tid)
-            if lane == 0 and row0 < N:
+            if kw > 1:                                    # the group's warps meet
+                if lane == 0:
+                    for i in range(n_acc):
+                        part[wid * n_acc + i] = acc[i]
+                cuda.syncthreads()
+                if lane == 0 and kpart == 0:
+                    for j in range(1, kw):
+                        for i in range(n_acc):
+                            acc[i] += part[(wid + j) * n_acc + i]
+                cuda.syncthreads()
+            if lane == 0 and kpart == 0 and row0 < N:
                 for m in range(tmax):
                     if m < M:
                         sx = as_f32(load_u32(xs_ptr + m * 4))
@@ -151,5 +180,5 @@ def _build_kernel(dt: str, tmax: int):
                                 as_f32(load_u32(ws_ptr + (row0 + r + 1) * 4))
                             store_u32(out + r * 2, pack2(y0, y1))
 
-    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}"
+    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}"
     return fp8_gemv_kernel
