@@ -30,7 +30,7 @@ from weavelm.bench.throughput import workload  # noqa: E402
 from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
 from weavelm.engine.engine import LLMEngine  # noqa: E402
 from weavelm.engine.config import EngineConfig  # noqa: E402
-from weavelm.engine.model_runner import stage_decode_rows  # noqa: E402
+from weavelm.models.host_inputs import stage_decode_rows  # noqa: E402
 from weavelm.engine.sampler import SamplingParams  # noqa: E402
 
 MAX_LEN, VOCAB, BS = 8192 + 513, 128256, 16

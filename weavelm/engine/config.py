@@ -29,7 +29,8 @@ def _positive_int(value) -> bool:
 @dataclass
 class EngineConfig:
     model: str | None = None              # HF directory, repo id or .gguf; None: the default
-    tp: int | None = None                 # None: the launcher's world size, else 1
+    tp: int | None = None                 # None: the launcher's world size / pp, else 1
+    pp: int = 1                           # pipeline stages (each of tp ranks)
     device: str | None = None             # cpu, cuda, cuda:N; None: cuda if present
     dtype: object = None                  # a name of DTYPES or a torch.dtype; None: bf16 / fp32
     quantization: str | None = None       # "fp8": FP8 weights quantized at load (vLLM's name)
@@ -50,6 +51,7 @@ class EngineConfig:
 
     def __post_init__(self):
         check(self.tp is None or _positive_int(self.tp), f"tp must be at least 1, got {self.tp!r}")
+        check(_positive_int(self.pp), f"pp must be at least 1, got {self.pp!r}")
         check(self.dtype is None or self.dtype in DTYPES
               or str(self.dtype) in ("torch.float32", "torch.bfloat16", "torch.float16"),
               f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
@@ -101,6 +103,9 @@ class EngineConfig:
         and the TP degree checked against the model's heads."""
         if self.tp is not None:
             model_config.check_tp(self.tp)
+        check(self.pp <= model_config.num_layers,
+              f"pp={self.pp} pipeline stages need at least {self.pp} decoder layers; this model "
+              f"has {model_config.num_layers}: lower --pp")
         limit = model_config.max_position_embeddings
         check(self.max_model_len is None or self.max_model_len <= limit,
               f"max_model_len={self.max_model_len} is outside this model's context "

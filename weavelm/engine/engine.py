@@ -24,7 +24,11 @@ that launches nothing), and a sequence that stops on EOS at step k has been give
 whose token is dropped. Stops the host can foresee (the token budget, the context) are never
 overrun.
 At TP > 1 every rank runs the same engine with the same requests, so every rank makes the same
-steps. A request that cannot run (too long for the context or the cache) finishes at once with
+steps. So do the ranks of every pipeline stage: the last stage samples and broadcasts the
+tokens to all ranks without waiting (read with the step, `num_stages` steps later), and a step
+leaves out the sequences whose token is still in flight, so the running sequences form
+`num_stages` + 1 batches taking turns and `num_stages` of them are in flight after each `step()`
+(one per stage); at one stage a sequence's next step takes its token from the device instead. A request that cannot run (too long for the context or the cache) finishes at once with
 an error in its `finish_reason`; the others go on.
 
 A request owns its randomness: one with a `seed` samples from its own generator (rows of a
@@ -43,29 +47,16 @@ from weavelm.engine.config import EngineConfig, ids_refusal, prompt_refusal
 from weavelm.engine.logit_controls import apply_controls, controlled_row, has_controls
 from weavelm.engine.structured import Grammars, constraint_rows
 from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.logprobs import (LogprobCopies, TokenLogprob, covers_wanted_prompt_logprobs,
+from weavelm.engine.logprobs import (LogprobCopies, covers_wanted_prompt_logprobs,
                                      record_prompt_logprobs, unpack_logprobs)
+from weavelm.engine.outputs import RequestOutput, request_output, stop_reason
 from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
 from weavelm.errors import WeavelmError, check
 from weavelm.models.host_inputs import host_to_device
 from weavelm.parallel.communicator import Communicator
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]                 # every token generated so far
-    new_token_ids: list[int]             # the ones this step added
-    finished: bool
-    finish_reason: str | None            # "stop", "length", "abort" or "error: ..."
-    # With SamplingParams.logprobs: one per token of token_ids. With prompt_logprobs: one per
-    # prompt token, the first None (nothing predicts it); complete once a token was generated.
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_cached_tokens: int = 0           # prompt tokens found in the prefix cache, not computed
+from weavelm.parallel.pipeline import host_communicator
 
 
 @dataclass
@@ -76,6 +67,7 @@ class _Launched:
     pending: tuple                       # TokenReadback.start's, for `read`
     logprobs: tuple | None = None        # (rows of owners that want them, their table's pending)
     constrained: bool = False            # structured-output rows: read before the next launch
+    works: tuple = ()                    # pipeline: the broadcasts that bring tokens (and table)
 
 
 PLACEHOLDER = -1                         # a sampled token not read yet (never a real id)
@@ -90,13 +82,16 @@ class LLMEngine:
         self.model_config, self.source, self._tokenizer = model_config, source, tokenizer
         self.max_model_len = config.max_model_len
         self.scheduler = Scheduler(runner.blocks, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, runner.state.num_stages)
+        self.link = runner.link                   # pipeline stages: None in one stage
+        self.host_comm = host_communicator(comm, runner.state)   # inputs and tokens go over it
+        self.depth = runner.state.num_stages      # steps in flight after each step()
         self.seqs: dict[str, Sequence] = {}       # the requests not yet finished and returned
         self._arrivals = 0
         self._failed: list[Sequence] = []     # finished at add_request, reported by step()
         self.generator = torch.Generator(device=runner.device)
         self.generator.manual_seed(config.seed)
-        self._in_flight: _Launched | None = None
+        self._in_flight: list[_Launched] = []     # launched, not read yet: oldest first
         self._readback = TokenReadback(config.max_num_seqs, runner.device)
         self._logprob_copies = LogprobCopies(config.max_num_seqs, runner.device)
         self._stop_ids: set[int] | None = None
@@ -242,8 +237,12 @@ class LLMEngine:
         return self.runner.blocks.reset_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._failed) \
-            or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._failed) or bool(self._in_flight)
+
+    def batches_in_flight(self) -> list[list[str]]:
+        """The request ids of each launched step whose tokens are not read yet, oldest first
+        (one after each `step()` in one stage, `num_stages` across a pipeline)."""
+        return [[seq.request_id for seq, _ in launched.owners] for launched in self._in_flight]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """End it now; a token of it still in flight is dropped when it arrives."""
@@ -256,19 +255,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then read the one before it: the outputs of that one (and of
         requests that failed at `add_request`)."""
-        outputs = [self._output(seq, []) for seq in self._failed]
+        outputs = [request_output(seq, []) for seq in self._failed]
         for seq in self._failed:
             self._leave(seq)
         self._failed = []
-        if self._in_flight is not None and self._in_flight.constrained:
-            # a constrained row's next mask needs this token: read it before going on
-            outputs += self._read(self._in_flight)
-            self._in_flight = None
+        if any(launched.constrained for launched in self._in_flight):
+            # a constrained row's next mask needs its token: read them before going on
+            while self._in_flight:
+                outputs += self._read(self._in_flight.pop(0))
         scheduled = self.scheduler.schedule()
-        launched = self._launch(scheduled) if scheduled else None
-        previous, self._in_flight = self._in_flight, launched
-        if previous is not None:
-            outputs += self._read(previous)
+        if scheduled:
+            self._in_flight.append(self._launch(scheduled))
+        while len(self._in_flight) > self.depth or (self._in_flight and not scheduled):
+            outputs += self._read(self._in_flight.pop(0))
         return outputs
 
     def _launch(self, scheduled) -> _Launched:
@@ -287,23 +286,33 @@ class LLMEngine:
                 late_rows.append(seq.pending_row)
         late = None
         if late_at:
-            previous = self._in_flight.tokens
+            previous = self._in_flight[-1].tokens
             if late_rows == list(range(len(previous))):    # steady decode: every row, in order
                 late = (late_at, previous)
             else:
                 rows = host_to_device(np.array(late_rows, dtype=np.int64), previous.device)
                 late = (late_at, previous.index_select(0, rows))
-        logits = self.runner.step(pieces, late=late)
+        logits = self.runner.step(pieces, late=late)       # None on a stage before the last
         if any(piece.all_rows for piece in pieces):
+            share = self.link.broadcast_from_last if self.link is not None else None
             for p, piece, (first, _) in zip(scheduled, pieces, spans):
                 if piece.all_rows:
-                    record_prompt_logprobs(p, logits, first)
+                    record_prompt_logprobs(p, logits, first, share, self.device)
             rows = [first + count - 1 for p, (first, count) in zip(scheduled, spans) if p.sample]
-            logits = logits.index_select(0, host_to_device(np.array(rows, dtype=np.int64),
-                                                           logits.device))
+            if logits is not None:
+                logits = logits.index_select(0, host_to_device(np.array(rows, dtype=np.int64),
+                                                               logits.device))
         owners = [p.seq for p in scheduled if p.sample]
         tokens = self._sample(logits, owners)
-        wanted = self._logprob_copies.start(logits, tokens, owners)
+        works, wanted = (), None
+        if self.link is None:
+            wanted = self._logprob_copies.start(logits, tokens, owners)
+        elif owners:          # from the last stage to every rank, read with the step
+            works = (self.link.broadcast_from_last(tokens, async_op=True),)
+            table = self._logprob_copies.table(logits, tokens, owners)
+            if table is not None:
+                works += (self.link.broadcast_from_last(table[1], async_op=True),)
+                wanted = (table[0], (table[1], None))
         for p in scheduled:
             p.seq.num_computed += p.length
             self.scheduler.cache_computed(p.seq)
@@ -315,13 +324,16 @@ class LLMEngine:
             seq.pending_row = row
             seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
                 or seq.num_tokens >= self.max_model_len
-        return _Launched(placed, tokens, self._readback.start(tokens), wanted,
-                         any(s.matcher is not None for s in owners))
+        pending = self._readback.start(tokens) if self.link is None else (tokens, None)
+        return _Launched(placed, tokens, pending, wanted,
+                         any(s.matcher is not None for s in owners), works)
 
     def _read(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens and put them in place; stops end sequences."""
         outputs = []
         table = {}
+        for work in launched.works:          # pipeline: the last stage's tokens have arrived
+            work.wait()
         if launched.logprobs is not None:
             rows, pending = launched.logprobs
             table = dict(zip(rows, TokenReadback.read(pending, self.comm)))
@@ -338,13 +350,13 @@ class LLMEngine:
                 self._finish(seq, "error: no token of this model's vocabulary can continue the "
                                   "structured output here: the constraint cannot be written "
                                   "in its tokens")
-                outputs.append(self._output(seq, [tok]))
+                outputs.append(request_output(seq, [tok]))
                 self._leave(seq)
                 continue
-            reason = self._stop_reason(seq, tok, index + 1)
+            reason = stop_reason(seq, tok, index + 1, self.stop_ids, self.max_model_len)
             if reason is not None:
                 self._finish(seq, reason)
-            outputs.append(self._output(seq, [tok]))
+            outputs.append(request_output(seq, [tok]))
             if seq.finished:
                 self._leave(seq)
         return outputs
@@ -356,10 +368,12 @@ class LLMEngine:
 
     def _sample(self, logits, owners: list[Sequence]) -> torch.Tensor:
         """One token per owner, on the device, each row with its request's parameters and
-        generator. Rank 0 decides and broadcasts, so ranks never diverge."""
-        if not owners:
-            return torch.empty(0, dtype=torch.int64, device=logits.device)
-        previous = self._in_flight.tokens if self._in_flight is not None else None
+        generator. Rank 0 decides and broadcasts, so ranks never diverge. Across pipeline
+        stages the last stage decides (its rank 0's choice goes to every rank of every stage
+        in `_launch`); the stages before it, without logits, return an empty [n] for it."""
+        if not owners or logits is None:
+            return torch.empty(len(owners), dtype=torch.int64, device=self.device)
+        previous = self._in_flight[-1].tokens if self._in_flight else None
         controlled = [controlled_row(i, s, previous, self.stop_ids, logits.device)
                       for i, s in enumerate(owners) if has_controls(s.params)]
         processed = apply_controls(logits, controlled)
@@ -370,26 +384,4 @@ class LLMEngine:
             self.grammars.mask(processed, constrained)
         tokens = sample(processed, [s.params for s in owners], [s.generator for s in owners],
                         self.generator)
-        return self.comm.broadcast(tokens.contiguous(), src=0)
-
-    def _stop_reason(self, seq: Sequence, token: int, generated: int) -> str | None:
-        """Why a sequence ends at its `generated`-th token `token`, or None."""
-        if token in self.stop_ids and not seq.params.ignore_eos:
-            return "stop"
-        if seq.params.stop_token_ids and token in seq.params.stop_token_ids:
-            return "stop"
-        if seq.matcher is not None and seq.matcher.is_terminated():
-            return "stop"
-        if generated >= seq.params.max_new_tokens \
-                or len(seq.prompt_token_ids) + generated >= self.max_model_len:
-            return "length"
-        return None
-
-    @staticmethod
-    def _output(seq: Sequence, new: list[int]) -> RequestOutput:
-        params = seq.params
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.read_token_ids,
-                             new, seq.finished, seq.finish_reason,
-                             list(seq.logprobs) if params.logprobs is not None else None,
-                             list(seq.prompt_logprobs) if params.prompt_logprobs is not None
-                             else None, seq.num_cached_tokens)
+        return self.comm.broadcast(tokens.contiguous(), src=0)   # (this stage's TP ranks)

@@ -53,9 +53,10 @@ def _engine_view(path: str, doc: str | None = None) -> property:
 class LLM:
     """A front end over one `LLMEngine`: `generate` adds every prompt as a request and steps
     the engine until all have finished. The keywords are `EngineConfig`'s, with vLLM's names:
-    `tp`, `device`, `dtype`, `max_model_len`, `gpu_memory_utilization` (the share of GPU
-    memory weights + activations + KV cache may take), `max_num_seqs` (sequences in flight;
-    also the largest captured decode batch), `max_num_batched_tokens` (tokens in one step),
+    `tp`, `pp` (pipeline stages of `tp` ranks each), `device`, `dtype`, `max_model_len`,
+    `gpu_memory_utilization` (the share of GPU memory weights + activations + KV cache may
+    take), `max_num_seqs` (sequences in flight; also the largest captured decode batch),
+    `max_num_batched_tokens` (tokens in one step),
     `enforce_eager` (no CUDA graphs), `num_kv_blocks` (fixes the cache size instead of
     measuring it), `block_size` (tokens per cache block), `seed` (the generator of requests
     without a seed of their own), `collective_timeout` (seconds a rank waits for its peers;
@@ -98,7 +99,7 @@ class LLM:
     comm = _engine_view("comm")
     state = _engine_view("state")
     device = _engine_view("device")
-    dtype = _engine_view("model.lm_head.weight.dtype")
+    dtype = _engine_view("model.param_dtype")
     max_model_len = _engine_view("max_model_len")
     policy = _engine_view("runner.policy")
     executor = _engine_view("runner.executor")
@@ -231,6 +232,8 @@ class LLM:
         elif parse_mode(mode) is Mode.WEAVE and split is None:
             split = SchedulePolicy(Mode.WEAVE, self.config, self.state).prefill(
                 sum(lengths), lengths)[1]
+        if self.state.num_stages > 1:      # through every stage; the last one's, on every rank
+            return self.runner.all_logits(token_lists, parse_mode(mode), split)
         return self.model(token_lists, mode=mode, split=split, comm=self.comm)
 
 

@@ -58,17 +58,26 @@ def covers_wanted_prompt_logprobs(p) -> bool:
         and p.start + p.length >= len(seq.prompt_logprobs)
 
 
-def record_prompt_logprobs(p, logits: torch.Tensor, first_row: int) -> None:
+def record_prompt_logprobs(p, logits: torch.Tensor | None, first_row: int, share=None,
+                           device=None) -> None:
     """Append the prompt log-probabilities piece p's logits (from row first_row) give. It waits
-    for this step's logits: only requests that want prompt log-probabilities pay."""
+    for this step's logits: only requests that want prompt log-probabilities pay. Across
+    pipeline stages `share(table)` broadcasts the last stage's table in place (the other
+    stages pass logits None and the `device` of an empty table of its shape)."""
     seq = p.seq
     begin = len(seq.prompt_logprobs)                   # the prompt token to score first
     end = min(len(seq.prompt_token_ids), p.start + p.length + 1)
     targets = seq.prompt_token_ids[begin:end]
-    rows = logits[first_row + begin - 1 - p.start:first_row + end - 1 - p.start]
     k = seq.params.prompt_logprobs
-    table = logprob_table(rows, host_to_device(np.array(targets, dtype=np.int64),
-                                               logits.device), k).tolist()
+    if logits is None:
+        table = torch.empty(len(targets), 1 + 2 * k, dtype=torch.float64, device=device)
+    else:
+        rows = logits[first_row + begin - 1 - p.start:first_row + end - 1 - p.start]
+        table = logprob_table(rows, host_to_device(np.array(targets, dtype=np.int64),
+                                                   logits.device), k)
+    if share is not None:
+        share(table)
+    table = table.tolist()
     seq.prompt_logprobs += [unpack_logprobs(t, r, k) for t, r in zip(targets, table)]
 
 
@@ -82,14 +91,26 @@ class LogprobCopies:
 
     def start(self, logits, tokens, owners):
         """(rows of the owners that want log-probabilities, their copy's pending), or None."""
+        made = self.table(logits, tokens, owners)
+        if made is None:
+            return None
+        if self._readback is None:
+            self._readback = TokenReadback(self.max_rows * (1 + 2 * MAX_LOGPROBS), self.device,
+                                           torch.float64)
+        return made[0], self._readback.start(made[1])
+
+    def table(self, logits, tokens, owners):
+        """(rows of the owners that want log-probabilities, their `logprob_table`), or None.
+        Without logits (a pipeline stage before the last) an empty table of its shape, for
+        the last stage's to arrive in."""
         rows = [i for i, s in enumerate(owners) if s.params.logprobs is not None]
         if not rows:
             return None
         k = max(owners[i].params.logprobs for i in rows)
+        if logits is None:
+            return rows, torch.empty(len(rows), 1 + 2 * k, dtype=torch.float64,
+                                     device=self.device)
         if len(rows) < len(owners):
             index = host_to_device(np.array(rows, dtype=np.int64), logits.device)
             logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
-        if self._readback is None:
-            self._readback = TokenReadback(self.max_rows * (1 + 2 * MAX_LOGPROBS), self.device,
-                                           torch.float64)
-        return rows, self._readback.start(logprob_table(logits, tokens, k))
+        return rows, logprob_table(logits, tokens, k)

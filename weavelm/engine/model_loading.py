@@ -56,14 +56,14 @@ def load_model(config: EngineConfig, hf_config: dict | None = None, weights=None
         hf_config, weights, where = source.config, source, source.config_file
     model_config = ModelConfig.from_hf(hf_config, where)
     config = config.for_model(model_config)           # checked before any weight loads
-    state = init_parallel(config.tp, config.device, config.collective_timeout)
+    state = init_parallel(config.tp, config.device, config.collective_timeout, pp=config.pp)
     model_config.check_tp(state.world_size)           # a launcher may have set the degree
     dtype = resolve_dtype(config.dtype, state.device)
     check(config.kv_cache_dtype == "auto" or state.device.type == "cpu"
           or dtype in (torch.bfloat16, torch.float16),
           f"kv_cache_dtype='fp8' on GPUs goes with bf16 or fp16 models, this one runs in "
           f"{dtype}: use --dtype bfloat16, or drop --kv-cache-dtype")
-    if state.world_size == 1:   # ranks started together would see each other's memory
+    if state.num_ranks == 1:    # ranks started together would see each other's memory
         _check_memory(config, model_config, state.device, dtype)
     comm = make_communicator(config.backend, state)   # None: auto on GPUs at TP > 1
     cls = family_for(model_config.architecture).model_class

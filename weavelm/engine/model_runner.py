@@ -14,6 +14,12 @@ the schedule (the weave on big steps), runs the executor and returns the logits 
 pieces that sample, in order. A step whose pieces are all single tokens is a decode step: on
 GPUs it replays the CUDA graph captured for the smallest batch size >= B, its inputs copied into
 the graph's static buffers and padded rows pointed at the scratch block 0.
+
+A pipeline stage (`parallel/pipeline.py`) runs the same steps over its own layers: a stage after
+the first receives the residual stream of the step's tokens instead of embedding them, one
+before the last sends its own on and returns no logits (None). Every rank of every stage runs
+every step, in the same order, so sends and receives pair up. Decode runs eagerly there (no
+graphs across the stage boundary yet).
 """
 from __future__ import annotations
 
@@ -34,9 +40,10 @@ from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, Piece
 from weavelm.models.cascade import MAX_GROUPS, CascadeLayout, cascade_works, plan_cascade
 from weavelm.models.kv_cache import PagedKVCache, cache_dtype
-from weavelm.models.host_inputs import fill_block_table, host_to_device
+from weavelm.models.host_inputs import host_to_device, stage_decode_rows
 from weavelm.models.decoder import WovenDecoder, StepInput
 from weavelm.parallel.communicator import Communicator
+from weavelm.parallel.pipeline import PipelineLink
 from weavelm.parallel.state import ParallelState
 
 log = logging.getLogger("weavelm")
@@ -79,9 +86,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks = -(-config.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.kv_dtype = cache_dtype(config.kv_cache_dtype, model.lm_head.weight.dtype)
+        self.kv_dtype = cache_dtype(config.kv_cache_dtype, model.param_dtype)
+        self.link = PipelineLink(state) if state.num_stages > 1 else None
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager \
-            and self._paged_kernel_applies()
+            and self.link is None and self._paged_kernel_applies()
         if self.use_graphs:
             self._make_static_buffers()
         self.kv = model.make_kv_cache(self._num_blocks(), self.block_size, self.kv_dtype)
@@ -98,25 +106,32 @@ class ModelRunner:
             and getattr(model.layers[0].self_attn, "window", None) is None \
             and cascade_works(self.device, self.kv.k[0].dtype,
                               model.layers[0].self_attn.num_heads, *model.kv_cache_shape()[1:])
-        if self.use_graphs and state.world_size > 1:   # every rank pads and replays alike
-            agree = torch.tensor([int(self.cascade)], device=self.device)
-            torch.distributed.all_reduce(agree, op=torch.distributed.ReduceOp.MIN,
-                                         group=state.group)
-            self.cascade = bool(agree.item())
+        if self.use_graphs:                           # every rank pads and replays alike
+            self.cascade = bool(self._agree_min(int(self.cascade)))
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.use_graphs:
             self._capture()
+
+    def _agree_min(self, value: int) -> int:
+        """The smallest of `value` over every rank of every stage (they schedule alike)."""
+        st = self.state
+        group = st.world_group if st.num_stages > 1 else st.group
+        if st.num_ranks == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+        return int(t.item())
 
     def _paged_kernel_applies(self) -> bool:
         """Graphs only with the paged decode kernel: its torch fallback would gather every
         row's full max_model_len of blocks in each replay."""
         _, kv_heads, head_dim = self.model.kv_cache_shape()
         heads = self.model.layers[0].self_attn.num_heads
-        ok = lanes_per_key(self.model.lm_head.weight.dtype, head_dim) is not None \
+        ok = lanes_per_key(self.model.param_dtype, head_dim) is not None \
             and heads % kv_heads == 0
         if not ok:
             log.warning("weavelm: no paged decode kernel for head dim %d in %s: decode runs "
-                        "eagerly (no CUDA graphs)", head_dim, self.model.lm_head.weight.dtype)
+                        "eagerly (no CUDA graphs)", head_dim, self.model.param_dtype)
         return ok
 
     @property
@@ -136,8 +151,35 @@ class ModelRunner:
             return cfg.num_kv_blocks
         if self.device.type != "cuda":
             want = 1 + cfg.max_num_seqs * self.max_blocks
-            return max(2, min(want, CPU_KV_BYTES // self._bytes_per_block()))
+            # (stages of unequal layer counts: every rank's allocator has the same blocks)
+            return self._agree_min(max(2, min(want, CPU_KV_BYTES // self._bytes_per_block())))
         return self._measure_blocks()
+
+    def _scratch_pieces(self, lengths: list[int], token_lists=None):
+        """Pieces of the given lengths laid out one after another from block 1, and a cache of
+        their own that holds them (the dry run, `all_logits`)."""
+        pieces, start = [], 0
+        for i, n in enumerate(lengths):
+            blocks = list(range(start + 1, start + 1 + -(-n // self.block_size)))
+            ids = list(token_lists[i]) if token_lists is not None else [0] * n
+            pieces.append(StepPiece(ids, 0, blocks, all_rows=token_lists is not None))
+            start += len(blocks)
+        return pieces, self.model.make_kv_cache(start + 1, self.block_size, self.kv_dtype)
+
+    @torch.no_grad()
+    def all_logits(self, token_lists: list[list[int]], mode, split) -> torch.Tensor:
+        """Logits [T, V] of every position of the given sequences on every rank, from a cache
+        of their own (`LLM.logits` across pipeline stages: the last stage's, broadcast)."""
+        pieces, cache = self._scratch_pieces([len(t) for t in token_lists], token_lists)
+        logits = self._run_eager(pieces, cache, schedule=(mode, split))
+        if self.link is None:
+            return logits
+        if logits is None:
+            logits = torch.empty(sum(len(t) for t in token_lists), self.model.config.vocab_size,
+                                 dtype=torch.float32, device=self.device)
+        logits = logits.contiguous()        # (the LM head's slice of a padded vocabulary)
+        self.link.broadcast_from_last(logits)
+        return logits
 
     def _measure_blocks(self) -> int:
         """What is left of gpu_memory_utilization after the weights and the activation peak of
@@ -157,11 +199,7 @@ class ModelRunner:
         nb = 1 + sum(-(-n // self.block_size) for n in lengths)
         scratch = self.model.make_kv_cache(nb, self.block_size, self.kv_dtype)
         scratch_bytes = torch.cuda.memory_allocated() - before
-        pieces, start = [], 0
-        for n in lengths:
-            blocks = list(range(start + 1, start + 1 + -(-n // self.block_size)))
-            pieces.append(StepPiece([0] * n, 0, blocks))
-            start += len(blocks)
+        pieces, _ = self._scratch_pieces(lengths)
         with torch.no_grad():
             self._run_eager(pieces, scratch)
         torch.cuda.synchronize()
@@ -170,12 +208,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         budget = total * cfg.gpu_memory_utilization - (total - free) - activation_peak
-        blocks = int(budget // self._bytes_per_block())
-        if self.state.world_size > 1:
-            t = torch.tensor([blocks], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
-                                         group=self.state.group)
-            blocks = int(t.item())
+        blocks = self._agree_min(int(budget // self._bytes_per_block()))
         gib = 2 ** 30
         check(blocks >= 2, f"no GPU memory is left for the KV cache (gpu_memory_utilization="
                            f"{cfg.gpu_memory_utilization} of {total / gib:.1f} GiB; "
@@ -222,19 +255,31 @@ class ModelRunner:
         return ids, positions, laid, tables, last
 
     def _run_eager(self, pieces: list[StepPiece], cache: PagedKVCache,
-                   late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+                   late: tuple[list[int], torch.Tensor] | None = None,
+                   schedule: tuple | None = None) -> torch.Tensor | None:
         ids, positions, laid, tables, last = self._layout(pieces)
         dev = self.device
         batch = AttentionBatch.build(laid, tables, self.block_size, dev)
         step = StepInput(_to_device(positions, dev), cache, batch)
-        if batch.decode:
+        if schedule is not None:
+            mode, split = schedule
+        elif batch.decode:
             mode, split = self.policy.decode(), None
         else:
             mode, split = self.policy.prefill(len(ids), [p.length for p in laid])
         device_ids = _to_device(ids, dev)
         if late is not None:
             device_ids = _patched(device_ids, late)
-        hidden = self.executor.run(device_ids, step, mode, split)
+        received, link = None, self.link
+        if link is not None and not self.state.is_first_stage:
+            received = link.recv_rows(len(ids), self.model.config.hidden_size,
+                                      self.model.param_dtype, self.executor.torch_comm)
+        last_stage = link is None or self.state.is_last_stage
+        hidden = self.executor.run(device_ids, step, mode, split, hidden=received,
+                                   last_stage=last_stage)
+        if not last_stage:
+            link.send_rows(hidden)
+            return None
         if not last:          # a step of prompt chunks only: nothing to sample (every rank alike)
             return hidden.new_empty(0, self.model.lm_head.num_embeddings, dtype=torch.float32)
         rows = _to_device(last, dev)
@@ -351,25 +396,3 @@ def _patched(ids: torch.Tensor, late: tuple[list[int], torch.Tensor]) -> torch.T
         return ids
     index = _to_device(where, ids.device)
     return ids.index_copy_(0, index, values)
-
-
-def stage_decode_rows(pieces: list[StepPiece], block_size: int, rows: np.ndarray,
-                      tables: np.ndarray, G: int) -> int:
-    """Fill a decode graph's host staging for `pieces` padded to G rows: rows[0:3, :G] = token
-    ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
-    scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
-    blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
-    decode step on a 2-core host."""
-    B = len(pieces)
-    counts = np.fromiter((len(p.blocks) for p in pieces), dtype=np.int64, count=B)
-    width = int(counts.max())
-    t = tables[:G * width].reshape(G, width)
-    t[:] = 0
-    fill_block_table(t[:B], (p.blocks for p in pieces), counts)
-    pos = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=B)
-    rows[0, :B] = np.fromiter((p.token_ids[0] for p in pieces), dtype=np.int64, count=B)
-    rows[1, :B] = pos
-    rows[2, :B] = t[np.arange(B), pos // block_size].astype(np.int64) * block_size \
-        + pos % block_size
-    rows[:, B:G] = 0
-    return width

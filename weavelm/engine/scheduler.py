@@ -16,6 +16,11 @@ again), as vLLM's recompute preemption. Admitting a waiting sequence never preem
 sequence whose token in flight is its last by length (the engine runs one step ahead) gets no
 piece and is not preempted: it ends when that token is read.
 
+Across pipeline stages (`num_stages` > 1) a step leaves out the sequences whose sampled token is
+still in flight (the first stage needs it to go on), and takes at most 1 / (num_stages + 1) of
+the sequences there are, so that they form batches taking turns: one in each stage while the
+host plans the next (vLLM keeps one batch per stage in flight likewise).
+
 With prefix caching, a waiting sequence whose next prompt block is being computed right now by
 a running one (the n samples of one prompt, many requests on one new system prompt) waits
 until it is cached and then takes it, rather than computing it a second time; the sequences
@@ -42,8 +47,10 @@ class ScheduledPiece:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_stages: int = 1):
         self.blocks = blocks
+        self.num_stages = num_stages
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # in admission order: the newest last
@@ -69,13 +76,27 @@ class Scheduler:
         seq.blocks = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
+    def _batch_limit(self) -> int:
+        """Sequences one step may take: all it can at one stage; across stages a share of
+        those there are (running and waiting), so that num_stages + 1 batches take turns."""
+        if self.num_stages == 1:
+            return self.max_num_seqs
+        there = min(self.max_num_seqs, len(self.running) + len(self.waiting))
+        return max(1, -(-there // (self.num_stages + 1)))
+
+    def _waits_for_token(self, seq: Sequence) -> bool:
+        """Across stages: seq's last sampled token has not come back from the last stage."""
+        return self.num_stages > 1 and seq.num_pending > 0
+
     def schedule(self) -> list[ScheduledPiece]:
         budget = self.max_tokens
+        limit = self._batch_limit()
         pieces: list[ScheduledPiece] = []
         # Running sequences, oldest first: decode tokens, then the rest of started prompts.
         for decoding in (True, False):
             for seq in list(self.running):
-                if budget == 0 or seq.status is not Status.RUNNING or seq.last_in_flight \
+                if budget == 0 or len(pieces) >= limit or seq.status is not Status.RUNNING \
+                        or seq.last_in_flight or self._waits_for_token(seq) \
                         or (seq.num_uncomputed == 1) is not decoding or seq.num_uncomputed == 0:
                     continue
                 n = self._chunk(seq, budget)
@@ -84,9 +105,10 @@ class Scheduler:
                     budget -= n
         # Waiting sequences, first come first served, while there is room.
         deferred = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(pieces) < limit:
             seq = self.waiting[0]
-            if self._prefix_in_flight(seq):
+            if self._prefix_in_flight(seq) or self._waits_for_token(seq):
                 deferred.append(self.waiting.popleft())
                 continue
             cached = self._take_cached_prefix(seq) if not seq.blocks else 0

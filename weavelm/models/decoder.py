@@ -33,6 +33,7 @@ from weavelm.models.attention import (
 )
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.layers import default_weight_loader
+from weavelm.parallel.pipeline import MissingModule
 from weavelm.weave.executor import Executor, Mode, parse_mode
 
 FORWARD_BLOCK_SIZE = 16      # KV block size of the cache a forward() call builds for itself
@@ -129,12 +130,36 @@ class WovenDecoder(nn.Module):
     lm_head: nn.Module
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+    def layers(self):
+        """The decoder layers this rank runs: all of them, or a pipeline stage's range (the
+        others are `MissingModule`s in `model.layers`, which keeps checkpoint indices)."""
+        layers = self.model.layers
+        if not any(isinstance(m, MissingModule) for m in layers):
+            return layers
+        return [m for m in layers if not isinstance(m, MissingModule)]
 
     @property
     def final_norm(self) -> nn.Module:
         return self.model.norm
+
+    @property
+    def holds_lm_head(self) -> bool:
+        """Whether this rank computes logits (every rank but those of earlier pipeline stages)."""
+        return not isinstance(self.lm_head, MissingModule)
+
+    def missing_prefixes(self) -> list[str]:
+        """Parameter-name prefixes of the modules other pipeline stages hold: the loader skips
+        checkpoint tensors under them."""
+        return [name + "." for name, m in self.named_modules() if isinstance(m, MissingModule)]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of activations (and of a full-precision KV cache)."""
+        return self._anchor().dtype
+
+    def _anchor(self) -> torch.Tensor:
+        return self.lm_head.weight if self.holds_lm_head else \
+            self.layers[0].input_layernorm.weight
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> this rank's partial embedding sums [T, D] (the executor reduces them)."""
@@ -154,7 +179,7 @@ class WovenDecoder(nn.Module):
         """A paged KV cache of `num_blocks` blocks of `block_size` tokens, this rank's KV heads,
         in `dtype` (default the model's; float8_e4m3fn: an FP8 cache)."""
         layers, kv_heads, head_dim = self.kv_cache_shape()
-        p = self.lm_head.weight
+        p = self._anchor()
         cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
                              dtype or p.dtype, p.device)
         if cache.fp8:          # a checkpoint's per-layer scales (else 1.0)

@@ -24,3 +24,26 @@ def host_to_device(array: np.ndarray, device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def stage_decode_rows(pieces, block_size: int, rows: np.ndarray,
+                      tables: np.ndarray, G: int) -> int:
+    """Fill a decode graph's host staging for `pieces` (the runner's `StepPiece`s: token_ids,
+    start_pos, blocks) padded to G rows: rows[0:3, :G] = token
+    ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
+    scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
+    blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
+    decode step on a 2-core host."""
+    B = len(pieces)
+    counts = np.fromiter((len(p.blocks) for p in pieces), dtype=np.int64, count=B)
+    width = int(counts.max())
+    t = tables[:G * width].reshape(G, width)
+    t[:] = 0
+    fill_block_table(t[:B], (p.blocks for p in pieces), counts)
+    pos = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=B)
+    rows[0, :B] = np.fromiter((p.token_ids[0] for p in pieces), dtype=np.int64, count=B)
+    rows[1, :B] = pos
+    rows[2, :B] = t[np.arange(B), pos // block_size].astype(np.int64) * block_size \
+        + pos % block_size
+    rows[:, B:G] = 0
+    return width

@@ -26,6 +26,7 @@ from weavelm.parallel.layers import (
     MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
     VocabParallelEmbedding,
 )
+from weavelm.parallel.pipeline import MissingModule, building_stage
 
 # checkpoint module name -> (packed module, shard id)
 PACKED_MODULES = {
@@ -35,6 +36,8 @@ PACKED_MODULES = {
 
 
 class LlamaAttention(nn.Module):
+    """`layer_idx`: the layer's index in the KV cache (its stage's own layers only)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype, device):
         super().__init__()
         self.layer_idx = layer_idx
@@ -90,24 +93,29 @@ class LlamaMLP(nn.Module):
 
 class LlamaModel(nn.Module):
     """`make_mlp(cfg, layer_idx, dtype, device)` builds each layer's MLP block (a family with
-    mixture-of-experts layers passes its own)."""
+    mixture-of-experts layers passes its own). On a pipeline stage only its layers are built
+    (`parallel/pipeline.py`); the embedding on the first stage (and on the last when the LM
+    head shares it), the final norm on the last."""
 
     def __init__(self, cfg: ModelConfig, dtype, device, max_positions: int, make_mlp=None):
         super().__init__()
         make_mlp = make_mlp or (lambda cfg, i, dtype, device: LlamaMLP(cfg, dtype, device))
+        mine, first, last = building_stage(cfg.num_layers)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
-                                                   params_dtype=dtype, device=device)
+                                                   params_dtype=dtype, device=device) \
+            if first or (last and cfg.tie_word_embeddings) else MissingModule()
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       cfg.rope_scaling, device=device)
         self.layers = nn.ModuleList([
             WovenDecoderLayer(
-                self_attn=LlamaAttention(cfg, i, self.rotary, dtype, device),
+                self_attn=LlamaAttention(cfg, i - mine.start, self.rotary, dtype, device),
                 mlp=make_mlp(cfg, i, dtype, device),
                 input_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device),
                 post_attention_layernorm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                  device))
-            for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            if i in mine else MissingModule() for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device) if last \
+            else MissingModule()
 
 
 class LlamaForCausalLM(WovenDecoder):
@@ -119,9 +127,10 @@ class LlamaForCausalLM(WovenDecoder):
         self.config = cfg
         self.model = LlamaModel(cfg, dtype, device, max_positions or cfg.max_position_embeddings,
                                 self.make_mlp)
+        last = building_stage(cfg.num_layers)[2]
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, params_dtype=dtype,
-                                      device=device)
-        if cfg.tie_word_embeddings:
+                                      device=device) if last else MissingModule()
+        if cfg.tie_word_embeddings and last:
             self.lm_head.tie(self.model.embed_tokens)
 
 

@@ -219,6 +219,8 @@ def load_weights(model: nn.Module, source, progress: bool = False,
     if isinstance(source, (str, os.PathLike)):
         source = resolve_model(source)
     params = dict(model.named_parameters(remove_duplicate=False))
+    # a pipeline stage skips the tensors of the modules other stages hold, unread
+    elsewhere = tuple(getattr(model, "missing_prefixes", lambda: [])())
     tied = getattr(config, "tie_word_embeddings", False)
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
     shards: dict[str, set] = {}           # parameter name -> shard ids loaded into it
@@ -235,6 +237,8 @@ def load_weights(model: nn.Module, source, progress: bool = False,
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = map_checkpoint_name(name, packed_modules)
+        if elsewhere and target.startswith(elsewhere):
+            continue
         param = params.get(target)
         if param is None:
             unexpected.append(name)

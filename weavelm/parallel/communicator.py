@@ -160,6 +160,7 @@ class TorchCommunicator(Communicator):
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x, src=0):
+        """x from TP rank `src` of this stage on every rank of the stage."""
         if self.world_size > 1:
-            dist.broadcast(x, src=src, group=self.state.group)
+            dist.broadcast(x, src=self.state.tp_src(src), group=self.state.group)
         return x

@@ -1,4 +1,10 @@
-"""The tensor-parallel process group and this process's place in it.
+"""The process groups and this process's place in them: tensor parallelism (TP) inside a stage,
+pipeline parallelism (PP) across stages.
+
+Ranks are laid out stage-major: global rank = stage * TP + TP rank, so the TP ranks of one
+stage are consecutive (one node each under `torchrun --nnodes PP --nproc-per-node TP`). Every
+stage has its own TP group (collectives of the model and the fused communicator stay inside
+it); the world group carries what crosses stages (`parallel/pipeline.py`).
 
 Works under `torchrun` and `accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK and the
 rendezvous address), under `weavelm.parallel.launch.spawn` (which sets the same variables), and
@@ -36,15 +42,45 @@ STARTUP_TIMEOUT_S = 120.0
 
 @dataclass
 class ParallelState:
+    """`rank`, `world_size` and `group` are the TP group's (what the model's layers and
+    communicators use); `stage` / `num_stages` place this rank in the pipeline."""
     rank: int
     world_size: int
     device: torch.device
-    group: "dist.ProcessGroup | None"   # None when world_size == 1
+    group: "dist.ProcessGroup | None"   # the TP group; None when world_size == 1
     timeout_s: float = DEFAULT_TIMEOUT_S["cpu"]   # the collective timeout
+    stage: int = 0                      # this rank's pipeline stage
+    num_stages: int = 1
+    world_group: "dist.ProcessGroup | None" = None   # every rank of every stage (None: one)
 
     @property
     def is_first(self) -> bool:
-        return self.rank == 0
+        """The first rank of the world (prints, progress bars, the server)."""
+        return self.rank == 0 and self.stage == 0
+
+    @property
+    def global_rank(self) -> int:
+        return self.stage * self.world_size + self.rank
+
+    @property
+    def num_ranks(self) -> int:
+        return self.world_size * self.num_stages
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def global_rank_of(self, stage: int, rank: int = 0) -> int:
+        """The global rank of TP rank `rank` of `stage`."""
+        return stage * self.world_size + rank
+
+    def tp_src(self, rank: int = 0) -> int:
+        """The global rank torch.distributed wants as `src` for TP rank `rank` of this stage."""
+        return self.global_rank_of(self.stage, rank)
 
 
 _STATE: ParallelState | None = None
@@ -93,17 +129,18 @@ def collective_timeout(device_type: str, timeout_s: float | None = None) -> floa
 
 
 def init_parallel(tp: int | None = None, device: str | None = None,
-                  timeout_s: float | None = None) -> ParallelState:
-    """Join (or create) the TP process group and pick this rank's device.
+                  timeout_s: float | None = None, pp: int = 1) -> ParallelState:
+    """Join (or create) the process groups and pick this rank's device.
 
-    `tp` is the expected TP degree; it must match the launcher's WORLD_SIZE when one is set.
-    `timeout_s` bounds every collective's wait for a peer (see `collective_timeout`).
-    Calling it again returns the existing state.
+    `tp` x `pp` must match the launcher's WORLD_SIZE when one is set (`tp` None: the world
+    divided by `pp`). `timeout_s` bounds every collective's wait for a peer (see
+    `collective_timeout`). Calling it again returns the existing state.
     """
     global _STATE
     if _STATE is not None:
-        check(tp is None or tp == _STATE.world_size,
-              f"weavelm is already initialised with TP={_STATE.world_size}, not {tp}")
+        check((tp is None or tp == _STATE.world_size) and pp == _STATE.num_stages,
+              f"weavelm is already initialised with TP={_STATE.world_size} x "
+              f"PP={_STATE.num_stages}, not TP={tp} x PP={pp}")
         return _STATE
 
     world = _env_int("WORLD_SIZE")
@@ -112,11 +149,12 @@ def init_parallel(tp: int | None = None, device: str | None = None,
         world, rank = dist.get_world_size(), dist.get_rank()
     if world is None:
         world, rank = 1, 0
-    tp = world if tp is None else tp
-    check(tp == world,
-          f"TP={tp} needs {tp} ranks but this process runs in a group of {world}: "
-          f"launch with `torchrun --nproc-per-node {tp}` or use `weavelm generate --tp {tp}` "
-          f"without a launcher")
+    check(isinstance(pp, int) and pp >= 1, f"pp must be at least 1, got {pp!r}")
+    tp = world // pp if tp is None else tp
+    check(tp * pp == world,
+          f"TP={tp} x PP={pp} needs {tp * pp} ranks but this process runs in a group of "
+          f"{world}: launch with `torchrun --nproc-per-node {tp}` on each of {pp} nodes "
+          f"(--nnodes {pp}), or use `weavelm generate --tp {tp} --pp {pp}` without a launcher")
 
     dev = resolve_device(device)
     timeout = collective_timeout(dev.type, timeout_s)
@@ -127,8 +165,8 @@ def init_parallel(tp: int | None = None, device: str | None = None,
             local_rank = dev.index if (world == 1 and dev.index is not None) else rank
         n_gpus = torch.cuda.device_count()
         check(local_rank < n_gpus,
-              f"TP={tp} needs {tp} GPUs on this host but only {n_gpus} are visible: "
-              f"lower --tp to at most {n_gpus} or use --device cpu")
+              f"rank {rank} needs GPU {local_rank} on this host but only {n_gpus} are "
+              f"visible: lower --tp (or --pp) to fit {n_gpus} GPUs, or use --device cpu")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
 
@@ -143,11 +181,29 @@ def init_parallel(tp: int | None = None, device: str | None = None,
                 kwargs["store"] = dist.FileStore(rendezvous, world)
             dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                     timeout=startup, **kwargs)
-        group = dist.group.WORLD
+        group = world_group = dist.group.WORLD
         _set_group_timeout(group, max(timeout, STARTUP_TIMEOUT_S))   # a launcher's group too
-    _STATE = ParallelState(rank=rank, world_size=world, device=dev, group=group,
-                           timeout_s=timeout)
+        if pp > 1:
+            group = _stage_groups(tp, pp, rank, max(timeout, STARTUP_TIMEOUT_S))
+    else:
+        world_group = None
+    _STATE = ParallelState(rank=rank % tp, world_size=tp, device=dev, group=group,
+                           timeout_s=timeout, stage=rank // tp, num_stages=pp,
+                           world_group=world_group)
     return _STATE
+
+
+def _stage_groups(tp: int, pp: int, rank: int, timeout: float):
+    """Every stage's TP group (each rank takes part in creating all of them); this rank's, or
+    None at TP 1 (a stage of one rank has nothing to reduce)."""
+    mine = None
+    for stage in range(pp):
+        ranks = list(range(stage * tp, (stage + 1) * tp))
+        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout)) \
+            if tp > 1 else None
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def _set_group_timeout(group, seconds: float) -> None:
@@ -160,8 +216,8 @@ def arm_collective_timeout(state: ParallelState) -> None:
     """From now on every collective waits at most `state.timeout_s` for a peer. Until this is
     called (the model is built and loaded on every rank: ranks load at their own pace) the
     bound is max(timeout, STARTUP_TIMEOUT_S)."""
-    if state.group is not None:
-        _set_group_timeout(state.group, state.timeout_s)
+    for group in {state.group, state.world_group} - {None}:
+        _set_group_timeout(group, state.timeout_s)
 
 
 def get_state() -> ParallelState:

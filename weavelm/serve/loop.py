@@ -67,7 +67,7 @@ def apply(engine, commands) -> list[tuple[str, str]]:
 def follow(engine) -> None:
     """What ranks other than 0 run: rank 0's commands, then the same step, until told to stop."""
     while True:
-        commands, stop = broadcast_inputs(engine.comm, engine.device)
+        commands, stop = broadcast_inputs(engine.host_comm, engine.device)
         apply(engine, commands)
         if stop:
             return
@@ -174,7 +174,7 @@ class EngineLoop:
             commands, stop = self._take(block=not engine.has_unfinished_requests())
             if stop:                                 # every request left ends now
                 commands += [("end", rid, "abort") for rid in list(self._sinks)]
-            broadcast_inputs(engine.comm, engine.device, (commands, stop))
+            broadcast_inputs(engine.host_comm, engine.device, (commands, stop))
             deliveries = []
             for rid, reason in apply(engine, commands):
                 deliveries.append(self._ended(rid, reason))

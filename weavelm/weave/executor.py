@@ -31,6 +31,12 @@ and the first layer's input norm (each rank keeps its rows of the sum as its res
 and the weave hides half B's embedding reduction behind half A's first attention block. The
 final model norm is the "next norm" of the last layer's MLP reduction. So neither costs an
 extra collective or a separate norm.
+
+A pipeline stage (`weavelm.parallel.pipeline`) runs the same schedules over its own layers.
+A stage after the first starts from the residual stream the stage before it sent (`hidden`,
+reduced already: no embedding, no reduction; each rank takes its rows as its residual shard);
+a stage before the last ends with its residual stream (`last_stage=False`): the last block's
+partial sums reduced and added, no norm, all rows on every rank.
 """
 from __future__ import annotations
 
@@ -131,16 +137,31 @@ class Executor:
         self.config = config or ScheduleConfig()
         self._comm_stream = None
 
-    def run(self, ids, step: Step, mode: Mode = Mode.BASELINE,
-            split: int | None = None) -> torch.Tensor:
-        """ids [T] -> final-normed hidden states [T, D], identical on every rank."""
+    def run(self, ids, step: Step, mode: Mode = Mode.BASELINE, split: int | None = None,
+            hidden: torch.Tensor | None = None, last_stage: bool = True) -> torch.Tensor:
+        """ids [T] -> final-normed hidden states [T, D], identical on every rank.
+
+        Pipeline stages: `hidden` [T, D] (the previous stage's residual stream) replaces the
+        embedding of `ids`; `last_stage=False` returns this stage's residual stream [T, D]
+        instead of the final-normed states."""
         mode = parse_mode(mode)
-        h = self.model.embed(ids)                   # [T, D] partial sums: reduced below
+        self._from_stage, self._last_stage = hidden is not None, last_stage
+        h = self.model.embed(ids) if hidden is None else hidden    # [T, D]
         if mode in (Mode.BASELINE, Mode.NOCOMM):
             return self._run_replicated(h, step, reduce=mode is Mode.BASELINE)
         if mode is Mode.FUSED or split is None or not 0 < split < h.shape[0]:
             return self._run_fused(h, step)
         return self._run_weave(h, step, split)
+
+    def _ends_stage(self, i: int, block: str) -> bool:
+        """Layer i's `block` is the last of a stage that hands its residual stream on."""
+        return not self._last_stage and i == len(self.layers) - 1 and block == "mlp"
+
+    def _stage_end(self, half: "_Half", partial) -> torch.Tensor:
+        """The half's residual stream after its last block: reduce-scatter the partial sums,
+        add them to the residual shard, gather all rows (no norm: the next stage has it)."""
+        half.residual_rows += self.torch_comm.reduce_scatter(partial)
+        return self.torch_comm.all_gather(half.residual_rows, partial.shape[0])
 
     def _norm_after(self, i: int, block: str):
         """The norm that follows layer i's `block` ("attn" or "mlp")."""
@@ -158,7 +179,7 @@ class Executor:
 
     # -- baseline and nocomm: all rows, replicated residual ---------------------------------
     def _run_replicated(self, h, step: Step, reduce: bool):
-        if reduce:
+        if reduce and not self._from_stage:
             h = self.torch_comm.all_reduce(h)
         residual = h.clone()                                             # [T, D]
         x = self.layers[0].input_layernorm(h)
@@ -166,6 +187,8 @@ class Executor:
             partial = self._block(i, block, x, step)
             if reduce:
                 partial = self.torch_comm.all_reduce(partial)
+            if self._ends_stage(i, block):
+                return residual.add_(partial)
             norm = self._norm_after(i, block)
             x, residual = fused_add_rms_norm(partial, residual, norm.weight, norm.eps)
         return x                                                         # [T, D]
@@ -173,8 +196,12 @@ class Executor:
     # -- fused and weave: sequence-sharded residual -----------------------------------------
     def _start_half(self, h, step: Step, slot=0) -> _Half:
         """A half whose residual shard starts at zero: its first reduction (of the embedding's
-        partial sums `h`, see `_embed`) makes the shard the embedding rows."""
+        partial sums `h`, see `_embed`) makes the shard the embedding rows. From a previous
+        stage's residual stream (reduced already): the shard is this rank's rows of it and the
+        input is its first layer's norm, no reduction."""
         lo, hi = row_range(h.shape[0], self.comm.rank, self.comm.world_size)
+        if self._from_stage:
+            return _Half(self.layers[0].input_layernorm(h), h[lo:hi].clone(), step, slot)
         return _Half(h, h.new_zeros(hi - lo, h.shape[1]), step, slot)
 
     def _embed(self, half: _Half, ctas=None):
@@ -202,9 +229,13 @@ class Executor:
     def _run_fused(self, h, step: Step):
         half = self._start_half(h, step)
         self._reserve(h.shape[0], h, slots=1)
-        self._embed(half)
+        if not self._from_stage:
+            self._embed(half)
         for i, block in self._blocks():
-            self._reduce(half, self._block_partials(half, i, block), self._norm_after(i, block))
+            partial = self._block_partials(half, i, block)
+            if self._ends_stage(i, block):
+                return self._stage_end(half, partial)
+            self._reduce(half, partial, self._norm_after(i, block))
         return half.x.clone()           # fused backends return a view of their staging buffer
 
     def _run_weave(self, h, step: Step, split: int):
@@ -214,12 +245,15 @@ class Executor:
         self._reserve(max(split, h.shape[0] - split), h, slots=2)
         if not h.is_cuda:
             # Same order of operations without streams: CPU runs (and tests) follow the schedule.
-            for half in (a, b):
+            for half in (a, b) if not self._from_stage else ():
                 self._embed(half)
             for i, block in self._blocks():
                 for half in (a, b):
-                    self._reduce(half, self._block_partials(half, i, block),
-                                 self._norm_after(i, block))
+                    partial = self._block_partials(half, i, block)
+                    if self._ends_stage(i, block):
+                        half.x = self._stage_end(half, partial)
+                    else:
+                        self._reduce(half, partial, self._norm_after(i, block))
             return torch.cat([a.x, b.x])
         with gemm_sm_carveout(self._carveout()):
             return self._weave_cuda(a, b)
@@ -246,7 +280,7 @@ class Executor:
         # count, None), B's hides behind A's first attention block.
         embedded = torch.cuda.Event()
         embedded.record(compute)
-        for half, half_ctas in ((a, None), (b, ctas)):
+        for half, half_ctas in ((a, None), (b, ctas)) if not self._from_stage else ():
             _record(half.x, side)
             with torch.cuda.stream(side):
                 side.wait_event(embedded)
@@ -254,6 +288,8 @@ class Executor:
                 half.ready = torch.cuda.Event()
                 half.ready.record(side)
             _record(half.x, compute)
+        for half in (a, b) if self._from_stage else ():   # its input is normed already
+            half.ready = embedded
         last = (len(self.layers) - 1, "mlp")
         for i, block in self._blocks():
             for half in (a, b):
@@ -262,6 +298,10 @@ class Executor:
                 half_ctas = None if ((i, block) == last and half is b) else ctas
                 compute.wait_event(half.ready)
                 partial = self._block_partials(half, i, block)              # compute stream
+                if self._ends_stage(i, block):      # on the compute stream: nothing follows
+                    half.x = self._stage_end(half, partial)
+                    half.ready = None
+                    continue
                 produced = torch.cuda.Event()
                 produced.record(compute)
                 _record(partial, side)
@@ -272,5 +312,6 @@ class Executor:
                     half.ready.record(side)
                 _record(half.x, compute)
         for half in (a, b):
-            compute.wait_event(half.ready)
+            if half.ready is not None:
+                compute.wait_event(half.ready)
         return torch.cat([a.x, b.x])
