@@ -8,7 +8,8 @@ layers run); `_scaled_mm` alone on activations already in FP8 (the GEMM's share)
 weight-read bound of each (weight bytes / the copy rate measured here). At a few tokens a
 linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 there.
 `--gemv-sweep` adds the FP8 GEMV alone at 1 and 4 tokens for each split of K (warps per row
-group) beside the activation rounding alone, as a fraction of the copy rate.
+group), beside the activation rounding alone and the GEMV that rounds its input itself (what
+`fp8_linear` runs at 1-4 tokens), as fractions of the copy rate.
 """
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def gemv_sweep(rate: float):
     from weavelm.parallel.fp8 import quantize_rows
     kws = [1, 2, 4, 8]
     print("\n## FP8 GEMV alone, µs (fraction of the copy rate) per split of K; rounding alone\n")
-    print("| GEMM | tokens | " + " | ".join(f"kw {k}" for k in kws) + " | default kw | rounding |")
-    print("| --- | --- | " + " | ".join("---" for _ in kws) + " | --- | --- |")
+    print("| GEMM | tokens | " + " | ".join(f"kw {k}" for k in kws) +
+          " | default kw | rounding | rounding + GEMV fused |")
+    print("| --- | --- | " + " | ".join("---" for _ in kws) + " | --- | --- | --- |")
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, (n, k) in SHAPES.items():
         codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
@@ -106,8 +108,10 @@ def gemv_sweep(rate: float):
                 t = graph_us(lambda: fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype, kw=kw))
                 cells.append(f"{t:.1f} ({n * k / rate / (t * 1e-6):.2f})")
             t_q = graph_us(lambda: fp8_quant.quantize_rows_cuda(x))
+            t_f = graph_us(lambda: fp8_gemv.fp8_gemv_fused(x, codes, scale))
             print(f"| {name} | {m} | " + " | ".join(cells) +
-                  f" | {fp8_gemv.split_k(n)} | {t_q:.1f} |", flush=True)
+                  f" | {fp8_gemv.split_k(n, k)} | {t_q:.1f} | "
+                  f"{t_f:.1f} ({n * k / rate / (t_f * 1e-6):.2f}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,22 @@ def test_fp8_linear_equals_the_dequantized_product():
         assert err < 5e-3, (tokens, err)                  # bf16 output rounding
 
 
+def test_gemv_rounding_its_input_equals_rounding_then_gemv():
+    """The GEMV that rounds its input (what fp8_linear runs at 1-4 tokens) gives the bits of
+    the rounding kernel's codes fed to the plain GEMV, at each split of K."""
+    from weavelm.kernels import fp8_gemv
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for tokens, n, k in ((1, 4096, 14336), (3, 6144, 4096), (4, 1024, 4096)):
+        x = (torch.randn(tokens, k, device="cuda", generator=g) * 4).bfloat16()
+        codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        xq, xs = fp8.quantize_rows(x)
+        for kw in (1, 2, 8):
+            got = fp8_gemv.fp8_gemv_fused(x, codes, scale, kw=kw)
+            want = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype, kw=kw)
+            assert torch.equal(got, want), (tokens, n, k, kw)
+
+
 def test_fp8_logits_near_bf16():
     from weavelm import LLM
     from weavelm.bench.prefill import fill_random

@@ -36,3 +36,22 @@ def test_in_simulator():
     if IN_SIM:
         pytest.skip("already in the simulator")
     run_sim_tests(__file__, timeout=900)
+
+
+@sim
+@pytest.mark.parametrize("m,n,k,dtype,kw", [(1, 8, 32, torch.bfloat16, 1),
+                                            (3, 24, 1040, torch.float16, 2),
+                                            (4, 12, 272, torch.bfloat16, 8)])
+def test_sim_fused_rounding_equals_rounding_then_gemv(m, n, k, dtype, kw):
+    """The GEMV that rounds its input itself gives the bits of the rounding kernel's codes fed
+    to the plain GEMV (the same division, the same sums)."""
+    from weavelm.kernels import fp8_gemv as G
+    from weavelm.parallel.fp8 import quantize_rows
+    g = torch.Generator().manual_seed(m + n + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    codes, ws = quantize_rows(torch.randn(n, k, generator=g) * 0.05)
+    xq, xs = quantize_rows(x)
+    assert G.fused_supported(x, codes)
+    got = G.fp8_gemv_fused(x, codes, ws, kw=kw)
+    want = G.fp8_gemv_cuda(xq, xs, codes, ws, dtype, kw=kw)
+    assert torch.equal(got, want)

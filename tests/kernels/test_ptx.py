@@ -194,11 +194,14 @@ def test_fp8_quant_kernel_ptx(dt, vpt, tmp_path):
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,tmax,kw", [("bf16", 1, 1), ("bf16", 4, 8), ("f16", 2, 2)])
-def test_fp8_gemv_kernel_ptx(dt, tmax, kw, tmp_path):
-    """The FP8 GEMV compiles with its sums and vectors in registers and assembles."""
+@pytest.mark.parametrize("dt,tmax,kw,fused", [("bf16", 1, 1, False), ("bf16", 4, 8, False),
+                                              ("f16", 2, 2, False), ("bf16", 1, 2, True),
+                                              ("f16", 4, 4, True)])
+def test_fp8_gemv_kernel_ptx(dt, tmax, kw, fused, tmp_path):
+    """The FP8 GEMV (and its form that rounds its input) compiles with its sums and vectors in
+    registers and assembles."""
     from weavelm.kernels import fp8_gemv as G
-    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw), G.SIGNATURE,
+    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw, fused), G.SIGNATURE,
                  max_threads=32 * G.WARPS).ptx()
     for ins in ["ld.global.nc.L1::no_allocate.v4.u32", "cvt.rn.f16x2.e4m3x2",
                 "shfl.sync.bfly.b32"]:

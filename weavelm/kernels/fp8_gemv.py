@@ -17,10 +17,16 @@ issued before the first is used; the tokens' vectors of the same columns come th
 warp reads them), are unpacked once per step for the ROWS rows, and each lane keeps M x ROWS
 fp32 partial sums, reduced over the warp with shuffles at the end of the rows.
 
+Fused input rounding: `fp8_gemv_fused(x, codes, ws, dtype)` takes the activations x [M, K] in
+bf16 / fp16 and rounds them itself, as `fp8_quant` would (each CTA first reduces every token's
+|x| maximum, scale = max / 448, then each step's x / scale rounded to e4m3 in registers): the
+same products without the rounding kernel's launch and pass (~3.5 µs a projection at 1 token on
+an H100, as much as the o projection's GEMV itself).
+
 Split K: a layer of few rows (o and down of Llama-3-8B: 4,096) gives too few warps to keep
 enough loads in flight, so `kw` warps of a CTA share each group of ROWS rows, warp j taking the
 vectors j, j + kw, ... of each row; their sums meet in shared memory. `kw` grows with the layer's
-row count falling below TARGET_WARPS warps' worth (`split_k`).
+row count (`split_k`).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ MAX_TOKENS = 4
 ROWS = 4                        # output rows per warp at a time
 WARPS = 8                       # per CTA
 WAVES = 4                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
-TARGET_WARPS = 8192             # warps that keep the copy rate's loads in flight (H100: 132 SMs)
+WIDE = 4096                     # row groups from which one warp per group keeps the copy rate
+MIN_STEPS = 4                   # vectors per lane and row a split must leave each warp
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}
@@ -49,23 +56,41 @@ def fp8_gemv_ref(xq, xs, codes, ws, dtype) -> torch.Tensor:
     return ((xq.float() * xs[:, None]) @ (codes.float() * ws[:, None]).t()).to(dtype)
 
 
-def split_k(N: int) -> int:
-    """Warps per group of ROWS rows (a power of two up to WARPS): 1 for a wide layer."""
+def split_k(N: int, K: int) -> int:
+    """Warps per group of ROWS rows (a power of two up to WARPS): 1 for a wide layer, else the
+    most that leave each warp MIN_STEPS vectors of each row (H100, bench_fp8_linear.py
+    --gemv-sweep: o 4096 x 4096 best at 2, down 4096 x 14336 at 4, gate_up 28672 rows at 1)."""
     kw = 1
-    while kw < WARPS and (N // ROWS) * kw < TARGET_WARPS:
+    if N // ROWS >= WIDE:
+        return kw
+    while kw < WARPS and K // 16 >= 32 * 2 * kw * MIN_STEPS:
         kw *= 2
     return kw
 
 
 def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None, kw: int | None = None) -> torch.Tensor:
     """Launcher (contract in the module doc; `supported` must hold; `kw` overrides `split_k`)."""
-    M, K = xq.shape
+    return _launch(False, xq, xs, codes, ws, dtype, out, kw)
+
+
+def fused_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16) and supported(x, codes, x.dtype)
+
+
+def fp8_gemv_fused(x, codes, ws, out=None, kw: int | None = None) -> torch.Tensor:
+    """y [M, N] in x's dtype = (x rounded per token to FP8 as `fp8_quant` does) (codes * ws)^T,
+    the rounding done inside (`fused_supported` must hold)."""
+    return _launch(True, x, x, codes, ws, x.dtype, out, kw)
+
+
+def _launch(fused, x, xs, codes, ws, dtype, out, kw):
+    M, K = x.shape
     N = codes.shape[0]
     if out is None:
-        out = torch.empty(M, N, dtype=dtype, device=xq.device)
-    dev = max(xq.get_device(), 0)              # CPU (-1) only under the simulator
-    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N))
-    kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
+        out = torch.empty(M, N, dtype=dtype, device=x.device)
+    dev = max(x.get_device(), 0)               # CPU (-1) only under the simulator
+    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N, K), fused)
+    kern.launch(grid, 32 * WARPS, dev, x.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), M, N, K // 16)
     return out
 
@@ -74,8 +99,8 @@ def _tmax(m: int) -> int:
     return 1 if m == 1 else 2 if m == 2 else 4
 
 
-def _plan(dt: str, tmax: int, N: int, device: int, kw: int):
-    key = (dt, tmax, N, device, kw)
+def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False):
+    key = (dt, tmax, N, device, kw, fused)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
@@ -84,8 +109,9 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int):
             sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
                 if torch.cuda.is_available() else 4
         grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sms * WAVES))
-        k = launcher.kernel(("fp8_gemv", dt, tmax, kw), lambda: _build_kernel(dt, tmax, kw),
-                            SIGNATURE, max_threads=32 * WARPS)
+        k = launcher.kernel(("fp8_gemv", dt, tmax, kw, fused),
+                            lambda: _build_kernel(dt, tmax, kw, fused), SIGNATURE,
+                            max_threads=32 * WARPS)
         p = remember(_plans, key, (k, grid))
     return p
 
@@ -93,16 +119,19 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tmax: int, kw: int = 1):
+def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
     global cuda
     from numba import float32, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec
     from weavelm.kernels.paged_attention_kernels import lane_sum_fn
 
     cuda = numba_cuda()
     lane_sum = lane_sum_fn(32)
+    unpack_x = codec(dt)[0]                               # fused: 8 activations a vector
+    pack4 = ptx.pack_e4m3x4
     simulator = ptx.SIMULATOR
     red_n = 32 * WARPS if simulator else 1
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
@@ -111,11 +140,41 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1):
     n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
     groups = WARPS // kw                                  # row groups a CTA serves at a time
     part_n = WARPS * n_acc if kw > 1 else 1
+    max_n = 32 * WARPS if simulator else WARPS
 
     def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
         tid = cuda.threadIdx.x
         lane = tid & 31
         wid = tid >> 5
+        scale = cuda.shared.array(MAX_TOKENS, float32)    # fused: each token's x scale
+        xmax = cuda.shared.array(max_n, float32)          # fused: partial maxima
+        h = cuda.local.array(16, float32)
+        if fused:                # every token's |x| maximum over the CTA: x / scale -> e4m3
+            for m in range(tmax):
+                if m < M:
+                    mx = float32(0.0)
+                    v = tid
+                    while v < 2 * Kv:
+                        unpack_x(load_x(xq_ptr + (m * 2 * Kv + v) * 16), h)
+                        for e in range(8):
+                            mx = max(mx, abs(h[e]))
+                        v += 32 * WARPS
+                    if simulator:
+                        xmax[tid] = mx
+                    else:
+                        k = 16
+                        while k > 0:
+                            mx = max(mx, cuda.shfl_xor_sync(0xFFFFFFFF, mx, k))
+                            k >>= 1
+                        if lane == 0:
+                            xmax[wid] = mx
+                    cuda.syncthreads()
+                    if tid == 0:
+                        t = float32(0.0)
+                        for i in range(max_n):
+                            t = max(t, xmax[i])
+                        scale[m] = max(t / float32(448.0), float32(1e-12))
+                    cuda.syncthreads()
         kpart = wid % kw                                  # which share of K this warp reads
         red = cuda.shared.array(red_n, float32)           # simulator: the warp sums
         part = cuda.shared.array(part_n, float32)         # split K: [warp, token x row] sums
@@ -139,7 +198,17 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1):
                         for q in range(4):
                             wv[r * 4 + q] = w[q]
                     for m in range(tmax):
-                        if m < M:
+                        if m < M and fused:               # 16 activations, rounded here
+                            s_m = scale[m]
+                            for half in range(2):
+                                unpack_x(load_x(xq_ptr + (m * 2 * Kv + 2 * v + half) * 16), h)
+                                for q in range(2):
+                                    o = 4 * q
+                                    a, b, c, d = unpack4(pack4(h[o] / s_m, h[o + 1] / s_m,
+                                                               h[o + 2] / s_m, h[o + 3] / s_m))
+                                    o += m * 16 + 8 * half
+                                    xf[o], xf[o + 1], xf[o + 2], xf[o + 3] = a, b, c, d
+                        elif m < M:
                             x = load_x(xq_ptr + (m * Kv + v) * 16)
                             for q in range(4):
                                 a, b, c, d = unpack4(x[q])
@@ -172,7 +241,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1):
             if lane == 0 and kpart == 0 and row0 < N:
                 for m in range(tmax):
                     if m < M:
-                        sx = as_f32(load_u32(xs_ptr + m * 4))
+                        sx = scale[m] if fused else as_f32(load_u32(xs_ptr + m * 4))
                         out = y_ptr + (m * N + row0) * 2
                         for r in range(0, ROWS, 2):
                             y0 = acc[m * ROWS + r] * sx * as_f32(load_u32(ws_ptr + (row0 + r) * 4))
@@ -180,5 +249,5 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1):
                                 as_f32(load_u32(ws_ptr + (row0 + r + 1) * 4))
                             store_u32(out + r * 2, pack2(y0, y1))
 
-    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}"
+    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}" + ("_fused" if fused else "")
     return fp8_gemv_kernel
