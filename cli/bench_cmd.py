@@ -18,11 +18,12 @@ def _check_plot(path: str | None) -> None:
           "--plot needs matplotlib: pip install 'weavelm[plot]' or drop --plot")
 
 
-def _run_and_report(rank_fn, tp: int, opts: dict, table_fn, plot_fn, plot, json_out) -> None:
-    """Run a benchmark on `tp` ranks; rank 0 prints its table, keeps its numbers as JSON and
+def _run_and_report(rank_fn, ranks: int, opts: dict, table_fn, plot_fn, plot,
+                    json_out) -> None:
+    """Run a benchmark on `ranks` ranks; rank 0 prints its table, keeps its numbers as JSON and
     draws its plot if asked."""
     from weavelm.parallel.launch import run_ranks
-    result = run_ranks(rank_fn, tp, opts)
+    result = run_ranks(rank_fn, ranks, opts)
     if result is None:
         return
     typer.echo(table_fn(result))
@@ -104,6 +105,7 @@ def bench_throughput(
                                                 "mixtral-8x22b, qwen3-30b-a3b."),
     layers: Optional[int] = typer.Option(None, help="Decoder layers to build [default: all]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
+    pp: options.Pp = 1,
     mode: str = typer.Option("auto", help="Schedule: auto, baseline, fused or weave."),
     num_requests: options.NumRequests = 1000,
     input_len: options.InputLen = None,
@@ -133,17 +135,19 @@ def bench_throughput(
     from weavelm.weave.executor import parse_mode
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
-    from weavelm.parallel.state import max_tp_for_device, resolve_device
-    dev = resolve_device(device)
-    ModelConfig.from_hf(shape_config(shape, layers)).check_tp(tp)
-    check(tp <= max_tp_for_device(device), f"--tp {tp} needs {tp} GPUs: lower --tp")
+    dev = options.check_tp(tp, device, pp)
+    cfg = ModelConfig.from_hf(shape_config(shape, layers))
+    cfg.check_tp(tp)
+    check(pp <= cfg.num_layers, f"--pp {pp} needs at least {pp} decoder layers, the shape "
+                                f"has {cfg.num_layers}: lower --pp or raise --layers")
     if mode != "auto":
         parse_mode(mode)
     work = options.workload(num_requests, input_len, output_len, input_max, prefix_len,
                             num_prefixes, dataset_shape)
     check(compare in (None, "hf"), f"--compare takes hf, got {compare!r}")
-    check(compare is None or tp == 1, "--compare hf runs transformers on one device: use --tp 1")
-    config = EngineConfig(tp=tp, device=str(dev), mode=mode,
+    check(compare is None or tp * pp == 1,
+          "--compare hf runs transformers on one device: use --tp 1 --pp 1")
+    config = EngineConfig(tp=tp, pp=pp, device=str(dev), mode=mode,
                           backend=backend if dev.type == "cuda" else "torch",
                           gpu_memory_utilization=gpu_memory_utilization,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -151,16 +155,18 @@ def bench_throughput(
                           quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     opts = dict(shape=shape, layers=layers, config=config, seed=seed, compare=compare, **work)
     _check_plot(plot)
-    from weavelm.engine.memory import check_fits, estimate
+    from weavelm.engine.memory import estimate
     from weavelm.engine.model_loading import resolve_dtype
-    cfg = ModelConfig.from_hf(shape_config(shape, layers))
     from weavelm.engine.model_runner import CPU_KV_BYTES
-    check_fits(estimate(cfg, tp, resolve_dtype(None, dev).itemsize, max_num_batched_tokens,
-                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES),
-               tp, str(dev), f"bench throughput of {shape} ({cfg.num_layers} layers, TP {tp})",
-               budget=gpu_memory_utilization if dev.type == "cuda" else 1.0,
-               layers_flag="--layers")
-    _run_and_report(throughput_rank, tp, opts, format_result, plot_fn, plot, json_out)
+    layout = f"TP {tp}" + (f" x PP {pp}" if pp > 1 else "")
+    options.check_memory(estimate(cfg, tp, resolve_dtype(None, dev).itemsize,
+                                  max_num_batched_tokens,
+                                  kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES),
+                         tp, pp, str(dev),
+                         f"bench throughput of {shape} ({cfg.num_layers} layers, {layout})",
+                         budget=gpu_memory_utilization if dev.type == "cuda" else 1.0,
+                         layers_flag="--layers")
+    _run_and_report(throughput_rank, tp * pp, opts, format_result, plot_fn, plot, json_out)
 
 
 def register(bench_app, user_errors) -> None:

@@ -3,7 +3,9 @@
     weavelm generate [MODEL] -p PROMPT [--tp N] [--chat] ...
     weavelm env
 
-User errors print one line (`error: ...`) and exit with status 2.
+User errors print one line (`error: ...`) and exit with status 2. So does a rank that a launcher
+(torchrun) started when a peer rank goes away or stops answering (one line per host: its first
+rank's).
 """
 from __future__ import annotations
 
@@ -37,7 +39,37 @@ def user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
+        except Exception as e:
+            _launched_peer_failure(e)
+            raise
     return wrapper
+
+
+PEER_REPORT_GRACE_S = 5.0   # how long a launcher's other ranks leave the first one to report
+
+
+def _launched_peer_failure(e: Exception) -> None:
+    """Under a launcher (WORLD_SIZE set) a collective that failed because a peer went away or
+    timed out ends this rank with one line instead of a traceback; of a host's ranks only the
+    first (LOCAL_RANK 0) prints it, the others' lines would repeat it. They wait a little before
+    leaving: the launcher stops a host's ranks once one exits, and the first one may still be
+    shutting down (rank 0's HTTP server). Returns if `e` is not such a failure."""
+    import os
+    if "WORLD_SIZE" not in os.environ:
+        return                          # spawned ranks report to `launch.spawn`, which names one
+    from weavelm.parallel.launch import peer_failure
+    line = peer_failure(e)
+    if line is None:
+        return
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        typer.echo(f"error: rank {os.environ.get('RANK', '?')}: a collective failed ({line}): a "
+                   f"peer rank went away or stopped answering, so this host's ranks stop; if it "
+                   f"was only slow, raise --collective-timeout (or WEAVELM_COLLECTIVE_TIMEOUT)",
+                   err=True)
+    else:
+        import time
+        time.sleep(PEER_REPORT_GRACE_S)
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -48,6 +80,7 @@ def generate(
                                      help="Prompt; repeat for a batch."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (ranks started here "
                                            "unless a launcher already did)."),
+    pp: options.Pp = 1,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
@@ -84,7 +117,7 @@ def generate(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed)   # checked before ranks start
     options.check_model_arg(model)
-    dev = options.check_tp(tp, device)
+    dev = options.check_tp(tp, device, pp)
     timeout_of(dev.type, collective_timeout)          # checks $WEAVELM_COLLECTIVE_TIMEOUT too
     options.check_mode(mode)
     if chat is not False:               # the template's renderer imports while the model resolves
@@ -93,7 +126,7 @@ def generate(
     source = resolve_model(model, allow_pickle=allow_pickle)
     model_config = ModelConfig.from_hf(source.config, source.config_file)
     config = options.engine_config(
-        model_config, model=str(source.path), tp=tp, device=str(dev), dtype=dtype,
+        model_config, model=str(source.path), tp=tp, pp=pp, device=str(dev), dtype=dtype,
         max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
@@ -112,23 +145,25 @@ def generate(
         token_lists.append(ids)
     from weavelm.parallel.launch import usable_cores
     cores = usable_cores()
-    if dev.type == "cpu" and tp > cores:
-        typer.echo(f"warning: {tp} CPU ranks share {cores} cores; each rank gets one thread and "
-                   f"TP {tp} will run slower than a smaller TP here", err=True)
-    from weavelm.engine.memory import check_fits, estimate
+    layout = f"TP {tp}" + (f" x PP {pp}" if pp > 1 else "")
+    if dev.type == "cpu" and tp * pp > cores:
+        typer.echo(f"warning: {tp * pp} CPU ranks share {cores} cores; each rank gets one thread "
+                   f"and {layout} will run slower than fewer ranks here", err=True)
+    from weavelm.engine.memory import estimate
     from weavelm.engine.model_runner import CPU_KV_BYTES
     step = max_num_batched_tokens if dev.type == "cuda" else \
         min(max_num_batched_tokens, sum(map(len, token_lists)))
     width = resolve_dtype(dtype, dev).itemsize
-    check_fits(estimate(model_config, tp, width, step, step + max_new_tokens * len(token_lists),
-                        kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES), tp,
-               str(dev), f"{source.name} ({width}-byte weights, TP {tp})",
-               budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
+    options.check_memory(estimate(model_config, tp, width, step,
+                                  step + max_new_tokens * len(token_lists),
+                                  kv_cap=None if dev.type == "cuda" else CPU_KV_BYTES),
+                         tp, pp, str(dev), f"{source.name} ({width}-byte weights, {layout})",
+                         budget=gpu_memory_utilization if dev.type == "cuda" else 1.0)
     from weavelm.parallel.launch import run_ranks
 
     from .generate_cmd import generate_rank
-    run_ranks(generate_rank, tp, dict(config=config, params=params, token_lists=token_lists,
-                                      prompts=list(prompt)))
+    run_ranks(generate_rank, tp * pp, dict(config=config, params=params,
+                                           token_lists=token_lists, prompts=list(prompt)))
 
 
 @app.command()

@@ -16,6 +16,8 @@ Device = Annotated[Optional[str], typer.Option(
     help="cpu or cuda [default: cuda if present].")]
 Dtype = Annotated[Optional[str], typer.Option(
     help="float32, bfloat16 or float16 [default: bf16 on GPU, fp32 on CPU].")]
+Pp = Annotated[int, typer.Option(
+    "--pp", help="pipeline-parallel stages, each of --tp ranks: --tp x --pp ranks in all")]
 MaxModelLen = Annotated[Optional[int], typer.Option(
     "--max-model-len", help="Context length to allocate.")]
 AllowPickle = Annotated[bool, typer.Option(
@@ -100,17 +102,43 @@ def check_model_arg(model: str | None) -> None:
           f"take no value: drop the {model!r} (--no-chat turns chat off)")
 
 
-def check_tp(tp: int, device: str | None):
-    """The resolved torch device, once --tp is possible on it."""
+def check_tp(tp: int, device: str | None, pp: int = 1):
+    """The resolved torch device, once --tp x --pp ranks are possible on it (under a launcher:
+    its ranks on this host, LOCAL_WORLD_SIZE, each need a GPU here)."""
+    import os
+
     from weavelm.errors import check
     from weavelm.parallel.state import max_tp_for_device, resolve_device
 
     check(tp >= 1, f"--tp must be at least 1, got {tp}")
+    check(pp >= 1, f"--pp must be at least 1, got {pp}")
     dev = resolve_device(device)
     available = max_tp_for_device(device)
-    check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
-                           f"lower --tp or use --device cpu")
+    local = os.environ.get("LOCAL_WORLD_SIZE", "") if "WORLD_SIZE" in os.environ else ""
+    if local.isdigit():
+        check(int(local) <= available, f"the launcher starts {local} ranks on this host but "
+                                       f"{available} GPUs are visible: start fewer ranks per "
+                                       f"host (--nproc-per-node) or use --device cpu")
+    elif pp == 1:
+        check(tp <= available, f"--tp {tp} needs {tp} GPUs but {available} are visible: "
+                               f"lower --tp or use --device cpu")
+    else:
+        check(tp * pp <= available, f"--tp {tp} x --pp {pp} needs {tp * pp} GPUs but "
+                                    f"{available} are visible: lower --tp or --pp, or use "
+                                    f"--device cpu")
     return dev
+
+
+def check_memory(est, tp: int, pp: int, device: str, what: str, **kwargs) -> None:
+    """`memory.check_fits` of a per-rank estimate of all layers, for a stage's share of them
+    (embedding and LM head still counted on every rank: an upper bound) on tp x pp ranks."""
+    import dataclasses
+
+    from weavelm.engine.memory import check_fits
+    if pp > 1:
+        est = dataclasses.replace(est, layers=-(-est.layers // pp))
+        kwargs.pop("layers_flag", None)              # its advice would count a stage's layers
+    check_fits(est, tp * pp, device, what, **kwargs)
 
 
 def check_mode(mode: str) -> None:

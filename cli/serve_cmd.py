@@ -19,6 +19,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every one)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (rank 0 serves HTTP)."),
+    pp: options.Pp = 1,
     shape: Optional[str] = typer.Option(None, help=f"Serve random weights of a model shape "
                                                    f"instead ({SHAPES_HELP}); prompts must "
                                                    f"then be token ids."),
@@ -68,8 +69,6 @@ def serve(
              "default they are text, so no message can forge a turn or a role."),
 ):
     """Serve the model over the OpenAI HTTP API (completions, chat, models, health, metrics)."""
-    import socket
-
     from weavelm.errors import check
     from weavelm.models.config import ModelConfig
 
@@ -80,7 +79,7 @@ def serve(
     check(header_timeout > 0 and math.isfinite(header_timeout),
           f"--header-timeout must be a positive number of seconds, got {header_timeout}")
     options.check_model_arg(model)
-    dev = options.check_tp(tp, device)
+    dev = options.check_tp(tp, device, pp)
     if shape is not None:
         from weavelm.bench.shapes import shape_config
         check(model is None, "give either MODEL or --shape, not both")
@@ -101,21 +100,15 @@ def serve(
         model = str(source.path)
     options.check_mode(mode)
     config = options.engine_config(
-        ModelConfig.from_hf(hf_config), model=model, tp=tp, device=str(dev), dtype=dtype,
+        ModelConfig.from_hf(hf_config), model=model, tp=tp, pp=pp, device=str(dev), dtype=dtype,
         max_model_len=max_model_len, allow_pickle=allow_pickle, backend=backend, mode=mode,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching, quantization=quantization,
         kv_cache_dtype=kv_cache_dtype, num_kv_blocks=num_kv_blocks)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        # as uvicorn binds: TIME_WAIT entries of an earlier run on this port do not block it
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            from weavelm.errors import WeavelmError
-            raise WeavelmError(f"cannot listen on {host}:{port} ({e.strerror}): pick another "
-                               f"--port or --host") from None
+    # only rank 0 listens: a launcher's other ranks on its host would find the port taken
+    if os.environ.get("RANK", "0") == "0":
+        _check_port(host, port)
     opts = dict(config=config, shape=shape, layers=layers, seed=seed, tokenizer=tokenizer,
                 host=host, port=port,
                 served_name=served_model_name or name, shutdown_timeout=shutdown_timeout,
@@ -131,9 +124,23 @@ def serve(
         raise WeavelmError(f"weavelm serve needs the package '{e.name}', which is not installed: "
                            f"reinstall weavelm (pip install weavelm) or pip install {e.name}"
                            ) from None
-    if tp > 1 and "WORLD_SIZE" not in os.environ:
+    if tp * pp > 1 and "WORLD_SIZE" not in os.environ:
         _forward_signals(shutdown_timeout + 60)
-    run_ranks(serve_rank, tp, opts)
+    run_ranks(serve_rank, tp * pp, opts)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address that cannot be listened on, before any rank starts."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # as uvicorn binds: TIME_WAIT entries of an earlier run on this port do not block it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            from weavelm.errors import WeavelmError
+            raise WeavelmError(f"cannot listen on {host}:{port} ({e.strerror}): pick another "
+                               f"--port or --host") from None
 
 
 def _read_template(path: str | None) -> str | None:

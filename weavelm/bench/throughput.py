@@ -127,8 +127,10 @@ def measure_rates(device, fp8: bool = False) -> tuple[float, float, float]:
 def roofline_seconds(cfg, tp: int, requests, max_num_seqs: int, flops: float, copy: float,
                      weight_bytes: float, kv_bytes_per_token: float,
                      layer_flops: float | None = None) -> dict:
-    """The bound of the workload (see the module doc), per rank. `layer_flops`: the rate of
-    the decoder layers' GEMMs where it is not `flops` (FP8 weights)."""
+    """The bound of the workload (see the module doc), per rank. `tp`: the ranks that share
+    the prefill FLOPs (TP x PP); `weight_bytes` and `kv_bytes_per_token`: one rank's (its
+    stage's layers). `layer_flops`: the rate of the decoder layers' GEMMs where it is not
+    `flops` (FP8 weights)."""
     d_attn = cfg.num_heads * cfg.head_dim
     prompt_tokens = sum(len(p) for p, _ in requests)
     layer_params = (cfg.hidden_size * (d_attn + 2 * cfg.num_kv_heads * cfg.head_dim)
@@ -228,7 +230,7 @@ def throughput_rank(opts: dict) -> dict | None:
     from weavelm.engine.llm import LLM
     from weavelm.parallel.state import init_parallel
     config = opts["config"]
-    state = init_parallel(config.tp, config.device)
+    state = init_parallel(config.tp, config.device, pp=config.pp)
     hf_cfg = shape_config(opts["shape"], opts["layers"])
     requests = workload_from(opts, hf_cfg["vocab_size"], opts["seed"])
     longest = max(len(p) + o for p, o in requests)
@@ -240,8 +242,9 @@ def throughput_rank(opts: dict) -> dict | None:
     layers, kv_heads, head_dim = llm.model.kv_cache_shape()
     kv_token = 2 * layers * kv_heads * head_dim * llm.runner.kv.k[0].element_size()  # FP8: 1
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    bound = roofline_seconds(llm.config, config.tp, requests, llm.runner.config.max_num_seqs,
-                             flops, copy, weight_bytes, kv_token, layer_flops)
+    bound = roofline_seconds(llm.config, config.tp * config.pp, requests,
+                             llm.runner.config.max_num_seqs, flops, copy, weight_bytes, kv_token,
+                             layer_flops)
     result = serve(llm, requests, progress=state.is_first)
     blocks = llm.runner.blocks
     result["prefix_caching"] = blocks.caching
@@ -261,7 +264,7 @@ def throughput_rank(opts: dict) -> dict | None:
         compare = dict(transformers_s=hf_s, speedup=hf_s / e,
                        transformers_output_tok_s=result["output_tokens"] / hf_s)
     return dict(meta=dict(shape=opts["shape"], layers=model_config.num_layers, tp=config.tp,
-                          mode=config.mode, device=torch.cuda.get_device_name()
+                          pp=config.pp, mode=config.mode, device=torch.cuda.get_device_name()
                           if state.device.type == "cuda" else "cpu",
                           requests=len(requests), seed=opts["seed"],
                           dataset_shape=opts.get("dataset_shape", "synthetic"),
@@ -282,7 +285,8 @@ def format_result(r: dict) -> str:
     def ms(pair):
         return "—" if pair[0] is None else f"{pair[0] * 1e3:.1f} / {pair[1] * 1e3:.1f}"
     return "\n".join([
-        f"throughput, {m['shape']} ({m['layers']} layers), TP={m['tp']}, mode {m['mode']}, "
+        f"throughput, {m['shape']} ({m['layers']} layers), TP={m['tp']}"
+        + (f" x PP={m['pp']}" if m.get("pp", 1) > 1 else "") + f", mode {m['mode']}, "
         f"{m['device']}, {m['requests']} requests (seed {m['seed']}"
         + (f"; ShareGPT-like lengths, mean {m['mean_input']:.0f} in / {m['mean_output']:.0f} "
            f"out" if m.get("dataset_shape") == "sharegpt" else "") + "); GEMM "
@@ -328,7 +332,8 @@ def plot(r: dict, path: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{m['shape']} ({m['layers']} layers), TP {m['tp']}, mode {m['mode']}, "
+    pp = f" x PP {m['pp']}" if m.get("pp", 1) > 1 else ""
+    fig.suptitle(f"{m['shape']} ({m['layers']} layers), TP {m['tp']}{pp}, mode {m['mode']}, "
                  f"{m['device']}, {m['requests']} requests")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

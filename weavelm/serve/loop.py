@@ -140,7 +140,12 @@ class EngineLoop:
         try:
             self._run(self.engine)
         except BaseException as e:                   # noqa: BLE001 - e.g. a rank went away
-            log.error("the engine loop stopped:\n%s", traceback.format_exc())
+            from weavelm.parallel.launch import peer_failure
+            peer = peer_failure(e)
+            if peer:                                 # one line: the launcher names the rank
+                log.error("the engine loop stopped: a peer rank went away (%s)", peer)
+            else:
+                log.error("the engine loop stopped:\n%s", traceback.format_exc())
             self.failure = e
             self.error = f"the engine loop stopped ({type(e).__name__}: {e})"
             ended = [self._ended(rid, f"error: {self.error}") for rid in list(self._sinks)]
@@ -186,9 +191,9 @@ class EngineLoop:
                 try:
                     outs = engine.step()
                 except Exception:                    # noqa: BLE001 - fail the running requests
-                    log.error("engine step failed:\n%s", traceback.format_exc())
-                    if engine.state.world_size > 1:
+                    if engine.state.num_ranks > 1:
                         raise        # the followers are mid-step: end every rank, not just these
+                    log.error("engine step failed:\n%s", traceback.format_exc())
                     for rid in list(self._sinks):
                         engine.abort_request(rid)
                         deliveries.append(self._ended(rid, "error: the engine step failed"))

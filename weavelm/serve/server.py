@@ -76,8 +76,9 @@ def serve_rank(opts: dict) -> None:
     server = GracefulServer(config)
     loop.on_failure = server.request_exit
     server.on_deadline = loop.end_all
-    log.info("serving %s on http://%s:%d (TP %d)", opts["served_name"], opts["host"],
-             opts["port"], opts["config"].tp)
+    tp, pp = opts["config"].tp, opts["config"].pp
+    log.info("serving %s on http://%s:%d (TP %d%s)", opts["served_name"], opts["host"],
+             opts["port"], tp, f" x PP {pp}" if pp > 1 else "")
     server.run()
     from weavelm.parallel.launch import peer_failure
     if loop.failure is not None and peer_failure(loop.failure):
