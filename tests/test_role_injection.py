@@ -99,3 +99,20 @@ def test_the_server_keeps_message_tokens_as_text_unless_told(tok, parse):
     clean = chat_ids(served, [ChatMessage(role="user", content="hi")])
     extra = len(_controls(tok, ids)) - len(_controls(tok, clean))
     assert extra == (4 if parse else 0)
+
+
+def test_the_renderer_follows_a_changed_template_and_a_new_tokenizer(tok):
+    """The renderer's child keeps each tokenizer it was sent: a chat template changed on the
+    same object, and short-lived copies (whose ids Python reuses once they die), each render
+    with their own template, never a stale one."""
+    from weavelm.models.tokenizer import render_chat_template
+    convo = _convo("hello")
+    mine = copy.deepcopy(tok)
+    for word in ("first", "second"):
+        mine.chat_template = word + "{% for m in messages %}{{ m.content }}{% endfor %}"
+        assert render_chat_template(mine, convo).startswith(word)
+    for i in range(20):                      # copies that die at once: ids come round again
+        other = copy.deepcopy(tok)
+        other.chat_template = f"copy{i}" + "{% for m in messages %}{{ m.content }}{% endfor %}"
+        assert render_chat_template(other, convo).startswith(f"copy{i}")
+        del other

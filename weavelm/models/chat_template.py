@@ -10,6 +10,8 @@ address-space limit a little above what it holds after its imports; past the dea
 killed (SIGKILL needs no lock) and the next render starts a fresh one. Requests and replies are
 pickles framed by their length on its stdin and stdout. Each tokenizer is sent to it once; it
 calls transformers' `apply_chat_template` itself, so rendering is exactly transformers' own.
+A tokenizer is sent again when its chat template changed, or when it is another object under a
+reused `id()` (a tokenizer that died forgets its entry).
 
     text = render(tokenizer, messages, seconds=10.0, max_chars=10_000_000, tools=None)
     warm_up()          # start the child early (its imports take a second) where chat will follow
@@ -24,6 +26,7 @@ import struct
 import subprocess
 import sys
 import threading
+import weakref
 
 from weavelm.errors import WeavelmError
 
@@ -111,7 +114,8 @@ class _Renderer:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc = None
-        self._sent: set[int] = set()        # tokenizers the current child holds
+        # tokenizers the current child holds: id -> the chat template it was sent with
+        self._sent: dict[int, object] = {}
 
     @staticmethod
     def _ready(proc, seconds: float) -> bool:
@@ -127,7 +131,7 @@ class _Renderer:
         proc = self._proc = subprocess.Popen(
             [sys.executable, "-m", "weavelm.models.chat_template"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
-        self._sent = set()
+        self._sent = {}
         # its imports take a second or more: not part of any render's time
         try:
             ready = self._ready(proc, STARTUP_SECONDS) and _recv(proc.stdout) == "ready"
@@ -153,6 +157,9 @@ class _Renderer:
             except OSError:
                 pass
 
+    def _forget(self, key: int) -> None:
+        self._sent.pop(key, None)
+
     def warm_up(self) -> None:
         """Start the child now (in the background of whatever the caller does next)."""
         with self._lock:
@@ -170,11 +177,14 @@ class _Renderer:
                tools: list[dict] | None = None) -> str:
         with self._lock:
             self._ensure()
-            key = id(tokenizer)
-            blob = None if key in self._sent else pickle.dumps(tokenizer)
+            key, template = id(tokenizer), getattr(tokenizer, "chat_template", None)
+            fresh = key not in self._sent or self._sent[key] != template
+            blob = pickle.dumps(tokenizer) if fresh else None
             try:
                 _send(self._proc.stdin, (key, blob, messages, max_chars, tools))
-                self._sent.add(key)
+                if fresh and key not in self._sent:     # its id may be reused once it dies
+                    weakref.finalize(tokenizer, self._forget, key)
+                self._sent[key] = template
                 if not self._ready(self._proc, seconds):
                     self._kill()
                     raise WeavelmError(f"the chat template did not finish within {seconds:g} s "
