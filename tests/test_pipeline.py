@@ -160,3 +160,38 @@ def test_gguf_default_model_in_two_stages():
     got, names = spawn(_gguf_tokens, 2, 2, token_lists)
     assert got == want
     assert "model.norm.weight" not in names and "model.layers.0.input_layernorm.weight" in names
+
+
+def _sampled(pp, path, prompts):
+    from weavelm import LLM, SamplingParams
+    llm = LLM(path, pp=pp, device="cpu", progress=False, max_num_seqs=3)
+    params = [SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=100 + i,
+                             logprobs=3, prompt_logprobs=2, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = llm.generate_from_ids(prompts, params)
+    return [(o.token_ids, [(lp.token, lp.logprob, lp.top) for lp in o.logprobs],
+             [lp and (lp.token, lp.logprob, lp.top) for lp in o.prompt_logprobs]) for o in outs]
+
+
+def _flat(outs):
+    """(every id, every log-probability) of `_sampled`'s outputs, in order."""
+    ids, values = [], []
+    for tokens, gen, prompt in outs:
+        ids += tokens
+        for token, logprob, top in gen + [e for e in prompt if e is not None]:
+            ids += [token] + [t for t, _ in top]
+            values += [logprob] + [v for _, v in top]
+    return ids, values
+
+
+def test_seeded_sampling_and_logprobs_across_stages(tiny):
+    """Seeded sampled tokens, their log-probabilities (with top alternatives) and the prompts'
+    log-probabilities at PP 2 equal the one-stage engine's: the last stage samples with each
+    request's own generator and its tables reach every rank."""
+    path = tiny["llama"][0]
+    prompts = _prompts()
+    want = _sampled(1, path, prompts)
+    got = spawn(_sampled, 2, 2, path, prompts)
+    (want_ids, want_values), (got_ids, got_values) = _flat(want), _flat(got)
+    assert got_ids == want_ids and len(want_values) > 100
+    assert got_values == pytest.approx(want_values, abs=1e-4)
