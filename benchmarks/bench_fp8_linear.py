@@ -9,7 +9,7 @@ weight-read bound of each (weight bytes / the copy rate measured here). At a few
 linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 there.
 `--gemv-sweep` adds the FP8 GEMV alone at 1 and 4 tokens for each split of K (warps per row
 group), beside the activation rounding alone and the GEMV that rounds its input itself (what
-`fp8_linear` runs at 1-4 tokens), as fractions of the copy rate.
+`fp8_linear` runs at 1 token), as fractions of the copy rate.
 """
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ def gemv_sweep(rate: float):
                 t = graph_us(lambda: fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype, kw=kw))
                 cells.append(f"{t:.1f} ({n * k / rate / (t * 1e-6):.2f})")
             t_q = graph_us(lambda: fp8_quant.quantize_rows_cuda(x))
-            t_f = graph_us(lambda: fp8_gemv.fp8_gemv_fused(x, codes, scale))
+            fused = "-"                                   # (one token only)
+            if fp8_gemv.fused_supported(x, codes):
+                t_f = graph_us(lambda: fp8_gemv.fp8_gemv_fused(x, codes, scale))
+                fused = f"{t_f:.1f} ({n * k / rate / (t_f * 1e-6):.2f})"
             print(f"| {name} | {m} | " + " | ".join(cells) +
-                  f" | {fp8_gemv.split_k(n, k)} | {t_q:.1f} | "
-                  f"{t_f:.1f} ({n * k / rate / (t_f * 1e-6):.2f}) |", flush=True)
+                  f" | {fp8_gemv.split_k(n, k)} | {t_q:.1f} | {fused} |", flush=True)
 
 
 if __name__ == "__main__":

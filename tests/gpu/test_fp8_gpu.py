@@ -43,12 +43,12 @@ def test_fp8_linear_equals_the_dequantized_product():
 
 
 def test_gemv_rounding_its_input_equals_rounding_then_gemv():
-    """The GEMV that rounds its input (what fp8_linear runs at 1-4 tokens) gives the bits of
-    the rounding kernel's codes fed to the plain GEMV, at each split of K."""
+    """The GEMV that rounds its input (what fp8_linear runs at 1 token) gives the bits of the
+    rounding kernel's codes fed to the plain GEMV, at each split of K."""
     from weavelm.kernels import fp8_gemv
     from weavelm.parallel import fp8
     g = torch.Generator(device="cuda").manual_seed(1)
-    for tokens, n, k in ((1, 4096, 14336), (3, 6144, 4096), (4, 1024, 4096)):
+    for tokens, n, k in ((1, 4096, 14336), (1, 6144, 4096), (1, 28672, 4096)):
         x = (torch.randn(tokens, k, device="cuda", generator=g) * 4).bfloat16()
         codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
         xq, xs = fp8.quantize_rows(x)

@@ -17,11 +17,13 @@ issued before the first is used; the tokens' vectors of the same columns come th
 warp reads them), are unpacked once per step for the ROWS rows, and each lane keeps M x ROWS
 fp32 partial sums, reduced over the warp with shuffles at the end of the rows.
 
-Fused input rounding: `fp8_gemv_fused(x, codes, ws, dtype)` takes the activations x [M, K] in
-bf16 / fp16 and rounds them itself, as `fp8_quant` would (each CTA first reduces every token's
-|x| maximum, scale = max / 448, then each step's x / scale rounded to e4m3 in registers): the
-same products without the rounding kernel's launch and pass (~3.5 µs a projection at 1 token on
-an H100, as much as the o projection's GEMV itself).
+Fused input rounding (one token): `fp8_gemv_fused(x, codes, ws)` takes the activation row x
+[1, K] in bf16 / fp16 and rounds it itself, bit for bit as `fp8_quant` does: each CTA reduces
+|x|'s maximum (scale = max / 448), divides and rounds the row once into shared memory, and its
+warps read the codes from there instead of from the rounding kernel's output. That saves the
+rounding kernel's launch (~3.2-3.8 µs a projection on an H100 / H200, as much as the o
+projection's GEMV). Rounding in the loop instead, each warp dividing its own copy, was slower
+than the two kernels (the divisions outweigh the launch; RESULTS.md, FP8).
 
 Split K: a layer of few rows (o and down of Llama-3-8B: 4,096) gives too few warps to keep
 enough loads in flight, so `kw` warps of a CTA share each group of ROWS rows, warp j taking the
@@ -40,6 +42,7 @@ WARPS = 8                       # per CTA
 WAVES = 4                       # grid cap: CTAs per SM (a grid-stride loop does the rest)
 WIDE = 4096                     # row groups from which one warp per group keeps the copy rate
 MIN_STEPS = 4                   # vectors per lane and row a split must leave each warp
+FUSED_MAX_K = 16384             # the fused form's codes in shared memory: K bytes
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}
@@ -74,12 +77,13 @@ def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None, kw: int | None = None) -> 
 
 
 def fused_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    return x.dtype in (torch.bfloat16, torch.float16) and supported(x, codes, x.dtype)
+    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] == 1 \
+        and x.shape[1] <= FUSED_MAX_K and supported(x, codes, x.dtype)
 
 
 def fp8_gemv_fused(x, codes, ws, out=None, kw: int | None = None) -> torch.Tensor:
-    """y [M, N] in x's dtype = (x rounded per token to FP8 as `fp8_quant` does) (codes * ws)^T,
-    the rounding done inside (`fused_supported` must hold)."""
+    """y [1, N] in x's dtype = (x rounded to FP8 as `fp8_quant` does) (codes * ws)^T, the
+    rounding done inside (`fused_supported` must hold)."""
     return _launch(True, x, x, codes, ws, x.dtype, out, kw)
 
 
@@ -141,40 +145,48 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
     groups = WARPS // kw                                  # row groups a CTA serves at a time
     part_n = WARPS * n_acc if kw > 1 else 1
     max_n = 32 * WARPS if simulator else WARPS
+    n_codes = FUSED_MAX_K // 4 if fused else 1
+    assert not fused or tmax == 1, "the fused form takes one token"
 
     def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
         tid = cuda.threadIdx.x
         lane = tid & 31
         wid = tid >> 5
-        scale = cuda.shared.array(MAX_TOKENS, float32)    # fused: each token's x scale
         xmax = cuda.shared.array(max_n, float32)          # fused: partial maxima
+        xcodes = cuda.shared.array(n_codes, uint32)        # fused: the row's codes
         h = cuda.local.array(16, float32)
-        if fused:                # every token's |x| maximum over the CTA: x / scale -> e4m3
-            for m in range(tmax):
-                if m < M:
-                    mx = float32(0.0)
-                    v = tid
-                    while v < 2 * Kv:
-                        unpack_x(load_x(xq_ptr + (m * 2 * Kv + v) * 16), h)
-                        for e in range(8):
-                            mx = max(mx, abs(h[e]))
-                        v += 32 * WARPS
-                    if simulator:
-                        xmax[tid] = mx
-                    else:
-                        k = 16
-                        while k > 0:
-                            mx = max(mx, cuda.shfl_xor_sync(0xFFFFFFFF, mx, k))
-                            k >>= 1
-                        if lane == 0:
-                            xmax[wid] = mx
-                    cuda.syncthreads()
-                    if tid == 0:
-                        t = float32(0.0)
-                        for i in range(max_n):
-                            t = max(t, xmax[i])
-                        scale[m] = max(t / float32(448.0), float32(1e-12))
-                    cuda.syncthreads()
+        s_x = float32(0.0)
+        if fused:                # the row's |x| maximum, then x / scale -> e4m3, once a CTA
+            mx = float32(0.0)
+            v = tid
+            while v < 2 * Kv:
+                unpack_x(load_x(xq_ptr + v * 16), h)
+                for e in range(8):
+                    mx = max(mx, abs(h[e]))
+                v += 32 * WARPS
+            if simulator:
+                xmax[tid] = mx
+            else:
+                k = 16
+                while k > 0:
+                    mx = max(mx, cuda.shfl_xor_sync(0xFFFFFFFF, mx, k))
+                    k >>= 1
+                if lane == 0:
+                    xmax[wid] = mx
+            cuda.syncthreads()
+            t = float32(0.0)
+            for i in range(max_n):
+                t = max(t, xmax[i])
+            s_x = max(t / float32(448.0), float32(1e-12))
+            v = tid
+            while v < 2 * Kv:                              # 8 activations -> 2 words
+                unpack_x(load_x(xq_ptr + v * 16), h)
+                for q in range(2):
+                    o = 4 * q
+                    xcodes[2 * v + q] = pack4(h[o] / s_x, h[o + 1] / s_x, h[o + 2] / s_x,
+                                              h[o + 3] / s_x)
+                v += 32 * WARPS
+            cuda.syncthreads()
         kpart = wid % kw                                  # which share of K this warp reads
         red = cuda.shared.array(red_n, float32)           # simulator: the warp sums
         part = cuda.shared.array(part_n, float32)         # split K: [warp, token x row] sums
@@ -198,16 +210,11 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
                         for q in range(4):
                             wv[r * 4 + q] = w[q]
                     for m in range(tmax):
-                        if m < M and fused:               # 16 activations, rounded here
-                            s_m = scale[m]
-                            for half in range(2):
-                                unpack_x(load_x(xq_ptr + (m * 2 * Kv + 2 * v + half) * 16), h)
-                                for q in range(2):
-                                    o = 4 * q
-                                    a, b, c, d = unpack4(pack4(h[o] / s_m, h[o + 1] / s_m,
-                                                               h[o + 2] / s_m, h[o + 3] / s_m))
-                                    o += m * 16 + 8 * half
-                                    xf[o], xf[o + 1], xf[o + 2], xf[o + 3] = a, b, c, d
+                        if fused:                         # (one token) its codes, rounded above
+                            for q in range(4):
+                                a, b, c, d = unpack4(xcodes[4 * v + q])
+                                xf[4 * q], xf[4 * q + 1], xf[4 * q + 2], xf[4 * q + 3] = \
+                                    a, b, c, d
                         elif m < M:
                             x = load_x(xq_ptr + (m * Kv + v) * 16)
                             for q in range(4):
@@ -241,7 +248,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
             if lane == 0 and kpart == 0 and row0 < N:
                 for m in range(tmax):
                     if m < M:
-                        sx = scale[m] if fused else as_f32(load_u32(xs_ptr + m * 4))
+                        sx = s_x if fused else as_f32(load_u32(xs_ptr + m * 4))
                         out = y_ptr + (m * N + row0) * 2
                         for r in range(0, ROWS, 2):
                             y0 = acc[m * ROWS + r] * sx * as_f32(load_u32(ws_ptr + (row0 + r) * 4))
