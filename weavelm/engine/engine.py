@@ -28,8 +28,9 @@ steps. So do the ranks of every pipeline stage: the last stage samples and broad
 tokens to all ranks without waiting (read with the step, `num_stages` steps later), and a step
 leaves out the sequences whose token is still in flight, so the running sequences form
 `num_stages` + 1 batches taking turns and `num_stages` of them are in flight after each `step()`
-(one per stage); at one stage a sequence's next step takes its token from the device instead. A request that cannot run (too long for the context or the cache) finishes at once with
-an error in its `finish_reason`; the others go on.
+(one per stage); at one stage a sequence's next step takes its token from the device instead.
+A request that cannot run (too long for the context or the cache) finishes at once with an
+error in its `finish_reason`; the others go on.
 
 A request owns its randomness: one with a `seed` samples from its own generator (rows of a
 step are sampled together, each with its own noise: `sampler.sample`), so its tokens depend on
