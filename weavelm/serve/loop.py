@@ -141,10 +141,7 @@ class EngineLoop:
             self._run(self.engine)
         except BaseException as e:                   # noqa: BLE001 - e.g. a rank went away
             from weavelm.parallel.launch import peer_failure
-            peer = peer_failure(e)
-            if peer:                                 # one line: the launcher names the rank
-                log.error("the engine loop stopped: a peer rank went away (%s)", peer)
-            else:
+            if not peer_failure(e):      # a lost peer: the launcher's one line names the rank
                 log.error("the engine loop stopped:\n%s", traceback.format_exc())
             self.failure = e
             self.error = f"the engine loop stopped ({type(e).__name__}: {e})"
