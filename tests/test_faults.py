@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from proc_tree import descendants
 from tiny_models import make_tiny, save_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,29 +38,6 @@ def tiny(tmp_path_factory):
 
 
 N_TOKENS = 4000
-
-
-# -- processes, from /proc (no psutil) ------------------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _as_from_a_terminal():
@@ -138,7 +116,7 @@ class Run:
     def ranks(self) -> dict[int, int]:
         """rank -> pid: by the name ranks give themselves (`weavelm-rankN` in ps), else the
         multiprocessing children in start order."""
-        kids = _descendants(self.p.pid)
+        kids = descendants(self.p.pid)
         named = {int(_comm(pid)[len("weavelm-rank"):]): pid
                  for pid in kids if _comm(pid).startswith("weavelm-rank")}
         spawned = sorted(pid for pid in kids if "multiprocessing" in _cmdline(pid)
@@ -206,7 +184,7 @@ def test_fault_during_generate(tiny, case):
     try:
         run.wait_for_tokens()
         ranks = run.ranks()
-        started = _descendants(run.p.pid)
+        started = descendants(run.p.pid)
         assert sorted(ranks) == [0, 1], (ranks, [(p, _comm(p)) for p in started])
         assert any("resource_tracker" in _cmdline(p) for p in started), started
         if sig == signal.SIGINT:       # Ctrl-C reaches a parent that handles it
@@ -337,7 +315,7 @@ def test_hub_that_does_not_answer(tmp_path, case):
     assert code == 2, err
     assert time.monotonic() - run.t0 < 90
     _one_line(err, [host, "weavelm-test/no-such-model", *words])
-    assert not _descendants(run.p.pid)
+    assert not descendants(run.p.pid)
 
 
 # -- examples/generate_accelerate.py under `accelerate launch`, as its docstring says -------------

@@ -7,9 +7,8 @@ free afterwards. The block allocator survives 1000 random operations without a l
 import random
 
 import pytest
-import torch
 
-from tiny_models import make_tiny
+from tiny_models import greedy_reference, make_tiny
 from weavelm.engine.block_manager import RESERVED_BLOCKS, BlockAllocator, NoFreeBlocks
 from weavelm.parallel.launch import spawn
 
@@ -34,20 +33,8 @@ def tiny(tmp_path_factory):
     out = {}
     for kind in ("llama", "mistral"):          # mistral: a sliding window of 16 < the prompts
         model = make_tiny(kind, root / kind, seed=7, kv_heads=2)
-        out[kind] = (str(root / kind), _greedy_reference(model, _prompts()))
+        out[kind] = (str(root / kind), greedy_reference(model, _prompts(), NEW))
     return out
-
-
-def _greedy_reference(model, prompts):
-    """transformers, one prompt at a time, the whole sequence recomputed every step."""
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outs.append(ids[len(p):])
-    return outs
 
 
 def _generate(tp, path, prompts, blocks):

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from tiny_models import make_tiny, reference_logits
+from tiny_models import greedy_reference, make_tiny, reference_logits
 from weavelm.engine.block_manager import RESERVED_BLOCKS
 from weavelm.parallel.launch import spawn
 
@@ -29,17 +29,6 @@ def _exact_blocks(prompts) -> int:
     return RESERVED_BLOCKS + sum(-(-(len(p) + NEW - 1) // BLOCK) for p in prompts)
 
 
-def _greedy_reference(model, prompts):
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outs.append(ids[len(p):])
-    return outs
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -47,7 +36,7 @@ def tiny(tmp_path_factory):
     for kind in ("llama", "mixtral"):
         model = make_tiny(kind, root / kind, seed=3, kv_heads=2, layers=LAYERS)
         prompts = _prompts()
-        out[kind] = (str(root / kind), _greedy_reference(model, prompts),
+        out[kind] = (str(root / kind), greedy_reference(model, prompts, NEW),
                      reference_logits(model, prompts))
     return out
 

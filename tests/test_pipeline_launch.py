@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from cli_run import weavelm
+from proc_tree import descendants
 from tiny_models import make_tiny, save_tiny_tokenizer
 from weavelm.parallel.launch import free_port
 
@@ -91,25 +92,6 @@ def test_bench_throughput_ranks_at_pp2():
     assert "TP=1 x PP=2" in format_result(r)
 
 
-# -- processes, from /proc --------------------------------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _alive(pid: int) -> bool:
     """Running and not a zombie."""
     try:
@@ -122,7 +104,7 @@ def _alive(pid: int) -> bool:
 def _kill_all(launch, pids) -> None:
     """SIGKILL a launch's process group and every process recorded under it (torchrun starts
     each rank in a session of its own)."""
-    for pid in set(pids) | set(_descendants(launch.pid)):
+    for pid in set(pids) | set(descendants(launch.pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -190,7 +172,7 @@ def test_two_torchrun_nodes_serve_and_a_lost_node(tiny, tmp_path):
         launches.append(_torchrun(1, rdzv, http, path, logs[1]))
         url = f"http://127.0.0.1:{http}"
         _wait_healthy(url, launches, logs)
-        recorded = {n: _descendants(launch.pid) for n, launch in enumerate(launches)}
+        recorded = {n: descendants(launch.pid) for n, launch in enumerate(launches)}
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60,
                                max_retries=0)

@@ -61,6 +61,19 @@ def reference_logits(model, seqs: list[list[int]]) -> torch.Tensor:
         return torch.cat([model(torch.tensor([s])).logits[0] for s in seqs])
 
 
+def greedy_reference(model, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers' greedy tokens, one prompt at a time, the whole sequence recomputed for
+    every new token."""
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(new):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            outs.append(ids[len(p):])
+    return outs
+
+
 def pickle_copy(src, dst):
     """Copy the checkpoint in `src` to `dst` as a pickle `pytorch_model.bin`; return dst."""
     import shutil

@@ -13,11 +13,13 @@ rank over the world group, so every rank's engine keeps the same requests.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from weavelm.parallel.communicator import row_range
+from weavelm.parallel.communicator import TorchCommunicator, row_range
 from weavelm.parallel.state import ParallelState, get_state
 
 
@@ -48,7 +50,6 @@ class PipelineLink:
     def __init__(self, state: ParallelState):
         self.state = state
         self.stages = state.num_stages
-        self._pending: list = []
 
     @property
     def last_src(self) -> int:
@@ -78,22 +79,12 @@ class PipelineLink:
                               async_op=async_op)
 
 
-class WorldCommunicator:
-    """Broadcasts over every rank of every stage from global rank 0 (what the serve loop and
-    the engine's inputs need): the `comm.rank / world_size / broadcast` face of a
-    communicator over the world group."""
-
-    def __init__(self, state: ParallelState):
-        self.state = state
-        self.rank, self.world_size = state.global_rank, state.num_ranks
-
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.broadcast(x, src=src, group=self.state.world_group)
-        return x
-
-
 def host_communicator(comm, state: ParallelState):
     """What the engine broadcasts its inputs and tokens over: the TP communicator itself in a
-    single stage (as before pipelines), the world group with several."""
-    return comm if state.num_stages == 1 else WorldCommunicator(state)
+    single stage (as before pipelines); with several, the torch communicator over the world
+    group, every rank of every stage as one group (sources by global rank)."""
+    if state.num_stages == 1:
+        return comm
+    world = dataclasses.replace(state, rank=state.global_rank, world_size=state.num_ranks,
+                                group=state.world_group, stage=0, num_stages=1)
+    return TorchCommunicator(world)
