@@ -31,6 +31,7 @@ from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
 from weavelm.engine.engine import LLMEngine  # noqa: E402
 from weavelm.engine.config import EngineConfig  # noqa: E402
 from weavelm.models.host_inputs import stage_decode_rows  # noqa: E402
+from weavelm.parallel.state import init_parallel  # noqa: E402
 from weavelm.engine.sampler import SamplingParams  # noqa: E402
 
 MAX_LEN, VOCAB, BS = 8192 + 513, 128256, 16
@@ -44,6 +45,7 @@ class StubRunner:
         self.config = EngineConfig(max_model_len=MAX_LEN, max_num_seqs=max_num_seqs)
         self.blocks = BlockAllocator(num_blocks, BS)
         self.device, self.block_size = torch.device("cpu"), BS
+        self.state, self.link = init_parallel(1, "cpu"), None     # one rank, one stage
         G, M = max_num_seqs, -(-MAX_LEN // BS)
         self.h_rows, self.h_tables = np.zeros((3, G), np.int64), np.zeros(G * M, np.int32)
         self.kinds = collections.Counter()
@@ -70,7 +72,7 @@ def main():
     ap.add_argument("--decoding", type=int, default=256)
     args = ap.parse_args()
 
-    runner = StubRunner(60000, max(args.decoding, 1))
+    runner = StubRunner(max(60000, args.decoding * 250), max(args.decoding, 1))
     engine = LLMEngine(runner, LocalComm(), runner.config)
     rng = np.random.default_rng(0)
     for i in range(args.decoding):
@@ -116,7 +118,7 @@ def mixed_step_host_ms(reps: int = 30) -> float:
                            max_num_batched_tokens=8192)
     runner = llm.runner
     hidden = TINY["hidden_size"]
-    runner.executor.run = lambda ids, step, mode, split=None: torch.zeros(len(ids), hidden)
+    runner.executor.run = lambda ids, step, mode, split=None, **kw: torch.zeros(len(ids), hidden)
     pieces, nxt = [], 1
     for i in range(256):
         n = 1000 + 7 * i

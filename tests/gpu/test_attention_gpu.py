@@ -40,4 +40,35 @@ def test_continuation_piece_matches_reference(prefix, n):
     assert err < 2e-2, err
     if n > 1:        # the piece went through the one varlen flash call of its step
         from weavelm.models import sdpa
-        assert sdpa._VARLEN[0] and second.continuations, "the varlen flash call did not apply"
+        assert sdpa._VARLEN[0] and second.varlen_calls, "the varlen flash call did not apply"
+
+
+def test_fresh_pieces_in_one_varlen_call_match_reference():
+    """A step of several fresh prompts (and a one-token one): one varlen flash call over the
+    step's own keys, each prompt equal to a float32 causal reference of its own."""
+    from weavelm.models import attention as A
+    from weavelm.models import sdpa
+    H, Hkv, Dh, bs = 32, 8, 128, 16
+    lengths = [700, 1, 33, 2048]
+    T = sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(T, h, Dh, device="cuda", generator=g).bfloat16()
+               for h in (H, Hkv, Hkv))
+    scale = 1 / math.sqrt(Dh)
+    cache = A.PagedKVCache(1, 2 + sum(-(-n // bs) for n in lengths), bs, Hkv, Dh,
+                           torch.bfloat16, "cuda")
+    tables = A.fresh_layout(lengths, bs)
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    batch = A.AttentionBatch.build([A.Piece(i, 0, n, o) for i, (n, o) in
+                                    enumerate(zip(lengths, offsets))], tables, bs, "cuda")
+    got = A.cached_attention(q, k, v, cache, 0, batch, scale)
+    assert sdpa._VARLEN[0] and len(batch.varlen_calls) == 1 and batch.varlen_calls[0][1] is None
+    for n, o in zip(lengths, offsets):
+        qf = q[o:o + n].float().transpose(0, 1)
+        kf = k[o:o + n].float().repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        vf = v[o:o + n].float().repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        mask = torch.ones(n, n, device="cuda", dtype=torch.bool).tril()
+        ref = torch.softmax(((qf @ kf.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf")),
+                            -1) @ vf
+        err = (got[o:o + n].float().transpose(0, 1) - ref).abs().max().item()
+        assert err < 2e-2, (n, err)

@@ -58,6 +58,38 @@ def test_gemv_rounding_its_input_equals_rounding_then_gemv():
             assert torch.equal(got, want), (tokens, n, k, kw)
 
 
+def test_decode_sizes_go_through_the_gemv():
+    """1-4 tokens take the GEMV (rounding inside at 1 token up to FUSED_MAX_K, the rounding
+    kernel first otherwise), never `_scaled_mm`: at 1 token of a 14,336-long row cuBLASLt took
+    2.5x the GEMV's time (a regression once). Bit-equal to the rounding kernel + plain GEMV."""
+    from weavelm.kernels import fp8_gemv
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for tokens, n, k in ((1, 4096, 14336), (2, 4096, 14336), (4, 6144, 4096), (3, 1024, 4096)):
+        x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
+        codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        xq, xs = fp8.quantize_rows(x)
+        want = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype)
+        assert torch.equal(fp8.fp8_linear(x, codes, scale), want), (tokens, n, k)
+
+
+def test_down_projection_input_rounded_in_one_kernel():
+    """What an FP8 MLP feeds its down projection (SiLU-and-mul and the rounding in one kernel)
+    equals the two kernels one after the other, bit for bit; the layer's product too."""
+    from weavelm.kernels.activation import silu_and_mul
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(3)
+    codes, scale = fp8.quantize_rows(torch.randn(4096, 14336, device="cuda", generator=g) * 0.02)
+    for tokens in (1, 3, 64, 300):
+        x = (torch.randn(tokens, 2 * 14336, device="cuda", generator=g) * 2).bfloat16()
+        r = fp8.silu_and_mul_rounded(x)
+        want_codes, want_scale = fp8.quantize_rows(silu_and_mul(x))
+        assert torch.equal(r.scale, want_scale)
+        assert torch.equal(r.codes.view(torch.uint8), want_codes.view(torch.uint8))
+        assert torch.equal(fp8.fp8_linear(r, codes, scale),
+                           fp8.fp8_linear(silu_and_mul(x), codes, scale)), tokens
+
+
 def test_fp8_logits_near_bf16():
     from weavelm import LLM
     from weavelm.bench.prefill import fill_random

@@ -31,6 +31,22 @@ def test_sim_kernel_equals_the_torch_form(dtype, rows, k):
 
 
 @sim
+@pytest.mark.parametrize("dtype,rows,k", [(torch.bfloat16, 3, 64), (torch.float16, 2, 1024)])
+def test_sim_gated_kernel_equals_silu_mul_then_rounding(dtype, rows, k):
+    """The gated form (an FP8 down projection's input) gives the codes and scales of the
+    SiLU-and-mul kernel's output rounded by the plain form, bit for bit."""
+    from weavelm.kernels.activation import silu_and_mul_cuda
+    from weavelm.kernels.fp8_quant import quantize_rows_cuda
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(rows, 2 * k, generator=g) * 3).to(dtype)
+    codes, scale = quantize_rows_cuda(x, gated=True)
+    want_codes, want_scale = quantize_rows_cuda(silu_and_mul_cuda(x))
+    assert codes.shape == (rows, k)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@sim
 def test_sim_pack_unpack_match_torch():
     from weavelm.kernels import ptx
     vals = [0.0, -0.0, 1.0, -3.5, 448.0, 500.0, -1e9, 0.001953125, 0.0009765625, 17.0, 18.0,

@@ -181,31 +181,37 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, kv8, tmp_path
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,vpt", [("bf16", 4), ("f32", 8)])
-def test_fp8_quant_kernel_ptx(dt, vpt, tmp_path):
-    """The FP8 row-quantization kernel compiles with its row in registers and assembles."""
+@pytest.mark.parametrize("dt,vpt,gated", [("bf16", 4, False), ("f32", 8, False),
+                                          ("bf16", 8, True), ("f16", 4, True)])
+def test_fp8_quant_kernel_ptx(dt, vpt, gated, tmp_path):
+    """The FP8 row-quantization kernel (and its gated form, silu(gate) * up) compiles with its
+    row in registers and assembles."""
     from weavelm.kernels import fp8_quant as Q
-    ptx = Kernel("t", lambda: Q._build_kernel(dt, vpt), Q.SIGNATURE, max_threads=512).ptx()
+    ptx = Kernel("t", lambda: Q._build_kernel(dt, vpt, gated), Q.SIGNATURE,
+                 max_threads=512).ptx()
     for ins in ["ld.global.nc.v4.u32", "cvt.rn.satfinite.e4m3x2.f32", "shfl.sync.bfly.b32"]:
         assert ins in ptx, ins
+    assert ("ex2.approx" in ptx) == gated
     assert ".local" not in ptx and "call" not in ptx
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,tmax,kw,fused", [("bf16", 1, 1, False), ("bf16", 4, 8, False),
-                                              ("f16", 2, 2, False), ("bf16", 1, 2, True),
-                                              ("f16", 1, 4, True)])
-def test_fp8_gemv_kernel_ptx(dt, tmax, kw, fused, tmp_path):
-    """The FP8 GEMV (and its form that rounds its input) compiles with its sums and vectors in
-    registers and assembles."""
+@pytest.mark.parametrize("dt,tmax,kw,fused,pf", [("bf16", 1, 1, False, 0),
+                                                 ("bf16", 4, 8, False, 2),
+                                                 ("f16", 2, 2, False, 0), ("bf16", 1, 2, True, 2),
+                                                 ("f16", 1, 4, True, 0)])
+def test_fp8_gemv_kernel_ptx(dt, tmax, kw, fused, pf, tmp_path):
+    """The FP8 GEMV (and its form that rounds its input; with L2 prefetches of its first
+    vectors or without) compiles with its sums and vectors in registers and assembles."""
     from weavelm.kernels import fp8_gemv as G
-    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw, fused), G.SIGNATURE,
+    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw, fused, pf), G.SIGNATURE,
                  max_threads=32 * G.WARPS).ptx()
     for ins in ["ld.global.nc.L1::no_allocate.v4.u32", "cvt.rn.f16x2.e4m3x2",
                 "shfl.sync.bfly.b32"]:
         assert ins in ptx, ins
+    assert ("prefetch.global.L2" in ptx) == (pf > 0)
     assert ".local" not in ptx and "call" not in ptx
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)

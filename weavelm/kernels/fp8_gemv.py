@@ -46,6 +46,9 @@ MIN_STEPS = 4                   # vectors per lane and row a split must leave ea
 # the whole row before its first weight load, which at K = 14,336 (down) cost more than the
 # rounding kernel's launch (H200: 25.6 µs against 15.5 + 3.8); at K = 4,096 it saves 1.5-2.1 µs.
 FUSED_MAX_K = 8192
+# Vectors a lane asks L2 for before anything else (its first steps of its first rows): the
+# transfers then overlap the fused form's rounding and the loop's first loads find them in L2.
+PREFETCH_STEPS = 2
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}
@@ -97,7 +100,8 @@ def _launch(fused, x, xs, codes, ws, dtype, out, kw):
     if out is None:
         out = torch.empty(M, N, dtype=dtype, device=x.device)
     dev = max(x.get_device(), 0)               # CPU (-1) only under the simulator
-    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N, K), fused)
+    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N, K), fused,
+                       PREFETCH_STEPS)
     kern.launch(grid, 32 * WARPS, dev, x.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), M, N, K // 16)
     return out
@@ -107,8 +111,8 @@ def _tmax(m: int) -> int:
     return 1 if m == 1 else 2 if m == 2 else 4
 
 
-def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False):
-    key = (dt, tmax, N, device, kw, fused)
+def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False, pf: int = 0):
+    key = (dt, tmax, N, device, kw, fused, pf)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
@@ -117,8 +121,8 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False)
             sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
                 if torch.cuda.is_available() else 4
         grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sms * WAVES))
-        k = launcher.kernel(("fp8_gemv", dt, tmax, kw, fused),
-                            lambda: _build_kernel(dt, tmax, kw, fused), SIGNATURE,
+        k = launcher.kernel(("fp8_gemv", dt, tmax, kw, fused, pf),
+                            lambda: _build_kernel(dt, tmax, kw, fused, pf), SIGNATURE,
                             max_threads=32 * WARPS)
         p = remember(_plans, key, (k, grid))
     return p
@@ -127,7 +131,7 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False)
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
+def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int = 0):
     global cuda
     from numba import float32, uint32
 
@@ -145,6 +149,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
     load_w, load_x, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     unpack4, store_u32, as_f32 = ptx.unpack_e4m3x4, ptx.store_u32, ptx.u32_as_f32
+    prefetch = ptx.prefetch_l2
     n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
     groups = WARPS // kw                                  # row groups a CTA serves at a time
     part_n = WARPS * n_acc if kw > 1 else 1
@@ -160,6 +165,15 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
         xcodes = cuda.shared.array(n_codes, uint32)        # fused: the row's codes
         h = cuda.local.array(16, float32)
         s_x = float32(0.0)
+        kpart = wid % kw                                  # which share of K this warp reads
+        group = cuda.blockIdx.x * groups + wid // kw
+        if pf > 0 and group * ROWS < N:                   # this warp's first rows, to L2
+            v = kpart * 32 + lane
+            for _ in range(pf):
+                if v < Kv:
+                    for r in range(ROWS):
+                        prefetch(w_ptr + ((group * ROWS + r) * Kv + v) * 16)
+                v += 32 * kw
         if fused:                # the row's |x| maximum, then x / scale -> e4m3, once a CTA
             mx = float32(0.0)
             v = tid
@@ -191,14 +205,12 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
                                               h[o + 3] / s_x)
                 v += 32 * WARPS
             cuda.syncthreads()
-        kpart = wid % kw                                  # which share of K this warp reads
         red = cuda.shared.array(red_n, float32)           # simulator: the warp sums
         part = cuda.shared.array(part_n, float32)         # split K: [warp, token x row] sums
         acc = cuda.local.array(n_acc, float32)            # [token, row] partial sums
         xf = cuda.local.array(n_x, float32)               # [token, 16] this step's inputs
         wv = cuda.local.array(n_w, uint32)                # [row, word] this step's weights
         wf = cuda.local.array(16, float32)
-        group = cuda.blockIdx.x * groups + wid // kw
         ngroups = cuda.gridDim.x * groups
         # every warp runs the same number of rounds (block barriers below and in the simulator)
         rounds = (N // ROWS + ngroups - 1) // ngroups
@@ -260,5 +272,5 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False):
                                 as_f32(load_u32(ws_ptr + (row0 + r + 1) * 4))
                             store_u32(out + r * 2, pack2(y0, y1))
 
-    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}" + ("_fused" if fused else "")
+    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}_p{pf}" + ("_fused" if fused else "")
     return fp8_gemv_kernel

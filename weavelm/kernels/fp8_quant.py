@@ -3,6 +3,7 @@
 R = rows (tokens), K = row length, V = 16-byte vectors per row, E = elements per vector.
 
     codes, scale = quantize_rows_cuda(x)       # x [R, K] bf16 / fp16 / fp32 on a GPU
+    codes, scale = quantize_rows_cuda(x, gated=True)   # x [R, 2K] = [gate | up] -> [R, K]
 
 scale[r] = max(|x[r]|) / 448 (at least 1e-12), codes[r] = x[r] / scale[r] rounded to the
 nearest e4m3 (even on ties), saturated to +-448: the numbers of `fp8.quantize_rows`' torch
@@ -11,7 +12,9 @@ form, bit for bit (the same float32 division).
 Why: as torch ops the row maximum, division, clamp and cast are five passes over the
 activations and ~10 µs of launches; at 2,048 tokens of Llama-3-8B they took longer than the FP8
 GEMM they feed (benchmarks/RESULTS.md, FP8). One CTA per row reads it once into registers,
-reduces the maximum, and writes the codes.
+reduces the maximum, and writes the codes. Gated (an FP8 down projection's input): the row is
+silu(gate) * up, computed and rounded to x's dtype as `activation.silu_and_mul` does, so the
+codes equal that kernel's output rounded here, without its round trip through memory.
 """
 from __future__ import annotations
 
@@ -24,33 +27,36 @@ SIGNATURE = "void(uint64, uint64, uint64, int64, int64)"
 _plans: dict = {}
 
 
-def supported(x: torch.Tensor) -> bool:
-    k = x.shape[-1] if x.dim() == 2 else 0
+def supported(x: torch.Tensor, gated: bool = False) -> bool:
+    k = x.shape[-1] // (2 if gated else 1) if x.dim() == 2 else 0
     return (x.dtype in DTYPES and k % 8 == 0 and 0 < k * x.element_size() // 16 <= MAX_VEC
-            and x.is_contiguous())
+            and x.is_contiguous() and not (gated and x.dtype == torch.float32))
 
 
-def quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] (contiguous, `supported`) -> (codes [R, K] float8_e4m3fn, scales [R] fp32)."""
-    R, K = x.shape
+def quantize_rows_cuda(x: torch.Tensor, gated: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (contiguous, `supported`) -> (codes [R, K] float8_e4m3fn, scales [R] fp32);
+    gated: x [R, 2K] = [gate | up], the codes those of silu(gate) * up."""
+    R, K = x.shape[0], x.shape[1] // (2 if gated else 1)
     codes = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(R, dtype=torch.float32, device=x.device)
     if R:
         dev = max(x.get_device(), 0)           # CPU (-1) only under the simulator
         n_vec = K * x.element_size() // 16
-        kern, grid, block = _plan(DTYPES[x.dtype], n_vec, R, dev)
+        kern, grid, block = _plan(DTYPES[x.dtype], n_vec, R, dev, gated)
         kern.launch(grid, block, dev, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), R, n_vec)
     return codes, scale
 
 
-def _plan(dt: str, n_vec: int, rows: int, device: int):
-    key = (dt, n_vec, rows, device)
+def _plan(dt: str, n_vec: int, rows: int, device: int, gated: bool = False):
+    key = (dt, n_vec, rows, device, gated)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.rmsnorm import _max_ctas
         vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
-        k = launcher.kernel(("fp8_quant", dt, vpt), lambda: _build_kernel(dt, vpt), SIGNATURE,
+        k = launcher.kernel(("fp8_quant", dt, vpt, gated),
+                            lambda: _build_kernel(dt, vpt, gated), SIGNATURE,
                             max_threads=MAX_BLOCK)
         p = remember(_plans, key, (k, min(rows, _max_ctas(device, block)), block))
     return p
@@ -59,8 +65,10 @@ def _plan(dt: str, n_vec: int, rows: int, device: int):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, vpt: int):
+def _build_kernel(dt: str, vpt: int, gated: bool = False):
     global cuda
+    import math
+
     from numba import float32
 
     from weavelm.kernels import ptx
@@ -68,7 +76,7 @@ def _build_kernel(dt: str, vpt: int):
     from weavelm.kernels.common import codec
 
     cuda = numba_cuda()
-    unpack, _, E = codec(dt)
+    unpack, pack, E = codec(dt)
     simulator = ptx.SIMULATOR
     sim_slots = MAX_BLOCK if simulator else 1
     nbuf = vpt * E
@@ -83,13 +91,22 @@ def _build_kernel(dt: str, vpt: int):
         thread_max = cuda.shared.array(sim_slots, float32)  # simulator only
         h = cuda.local.array(nbuf, float32)
         a = cuda.local.array(E, float32)
+        u = cuda.local.array(E, float32)
         row = cuda.blockIdx.x
         while row < n_rows:
             m = float32(0.0)
             for j in range(vpt):
                 v = tid + j * nthreads
-                if v < n_vec:
+                if v < n_vec and gated:         # row of [gate | up]: silu(gate) * up
+                    src = x_ptr + (row * 2 * n_vec + v) * 16
+                    unpack(load_nc(src), a)
+                    unpack(load_nc(src + n_vec * 16), u)
+                    for e in range(E):          # silu_and_mul's arithmetic and rounding
+                        a[e] = a[e] / (float32(1.0) + math.exp(-a[e])) * u[e]
+                    unpack(pack(a), a)
+                elif v < n_vec:
                     unpack(load_nc(x_ptr + (row * n_vec + v) * 16), a)
+                if v < n_vec:
                     for e in range(E):
                         h[j * E + e] = a[e]
                         m = max(m, abs(a[e]))
@@ -133,5 +150,5 @@ def _build_kernel(dt: str, vpt: int):
             cuda.syncthreads()          # warp_max[32] is rewritten only after every read
             row += cuda.gridDim.x
 
-    fp8_quant_kernel.__name__ = f"fp8_quant_{dt}_v{vpt}"
+    fp8_quant_kernel.__name__ = f"fp8_quant_{dt}_v{vpt}" + ("_silu_mul" if gated else "")
     return fp8_quant_kernel

@@ -58,12 +58,14 @@ def _accepts(kind, ty) -> bool:
     return isinstance(ty, types.Integer)
 
 
-def _asm(name: str, ptx: str, outs: tuple, ins: tuple, *, memory: bool, model=None, doc=""):
+def _asm(name: str, ptx: str, outs: tuple, ins: tuple, *, memory: bool, model=None, doc="",
+         side_effect: bool | None = None):
     """Make the intrinsic `name` emitting `ptx` with result kinds `outs` and operand kinds `ins`.
 
     Operands are numbered results first (`$0..`), then inputs. `memory` marks memory-ordering
-    asm: side effects plus a `~{memory}` clobber. Under the simulator, returns `model` (or a stub
-    raising NotImplementedError when there is none).
+    asm: side effects plus a `~{memory}` clobber; `side_effect=True` alone keeps an instruction
+    with no result (a prefetch) without ordering memory around it. Under the simulator, returns
+    `model` (or a stub raising NotImplementedError when there is none).
     """
     doc = (doc + "\n\n" if doc else "") + \
         f"Emits `{ptx}`  ({', '.join(outs) or 'void'} <- {', '.join(ins) or '()'})"
@@ -88,7 +90,8 @@ def _asm(name: str, ptx: str, outs: tuple, ins: tuple, *, memory: bool, model=No
         sig = ret(*[_KINDS[k][0] for k in ins])  # numba casts the actual arguments to these
 
         def codegen(context, builder, sig, args):
-            asm = ir.InlineAsm(fnty, ptx, constraints, side_effect=memory)
+            asm = ir.InlineAsm(fnty, ptx, constraints,
+                               side_effect=memory if side_effect is None else side_effect)
             r = builder.call(asm, list(args))
             if not outs:
                 return context.get_dummy_value()
@@ -163,6 +166,10 @@ load_v4_u32_stream = _load("load_v4_u32_stream", "ld.global.nc.L1::no_allocate",
 # 8 bytes read-only: half a row vector where the cache holds FP8 (paged decode attention)
 load_v2_u32_nc = _asm("load_v2_u32_nc", "ld.global.nc.v2.u32 {$0, $1}, [$2];", ("u32",) * 2,
                       ("u64",), memory=False, model=_sim_ld_v2)
+# Bring a line into L2 ahead of its load (no result, no ordering): a kernel that must do other
+# work before its first streamed load starts the transfer first.
+prefetch_l2 = _asm("prefetch_l2", "prefetch.global.L2 [$0];", (), ("u64",), memory=False,
+                   side_effect=True, model=lambda addr: None)
 store_v4_u32 = _store("store_v4_u32", "st.global", 4)
 store_u32 = _store("store_u32", "st.global", 1)
 

@@ -30,7 +30,7 @@ from weavelm.models.cascade import cascade_decode_attention, cascade_order
 from weavelm.models.host_inputs import fill_block_table, host_to_device
 from weavelm.models.kv_cache import PagedKVCache  # noqa: F401  (the cache of every step)
 from weavelm.models.sdpa import (
-    _continuation_attention, _sdpa, continuation_layout, varlen_flash,
+    _continuation_attention, _sdpa, varlen_flash, varlen_layout,
 )
 
 
@@ -65,9 +65,9 @@ class AttentionBatch:
     # decode: the step's shared prefixes, attended once per group (models/cascade.py)
     cascade: object | None = None
     host_table: np.ndarray | None = None       # block_tables on the host (build() keeps it)
-    # the pieces that continue their sequence, laid out for varlen calls (sdpa.py's
-    # continuation_layout; () where there are none), made on the first layer's call
-    continuations: tuple | None = None
+    # the pieces longer than a token, laid out for varlen calls (sdpa.py's varlen_layout;
+    # () where there are none), made on the first layer's call
+    varlen_calls: tuple | None = None
 
     @classmethod
     def build(cls, pieces: list[Piece], tables: list[list[int]], block_size: int, device,
@@ -125,9 +125,9 @@ class AttentionBatch:
                 second.append(replace(p, start_pos=p.start_pos + k, length=p.length - k,
                                       offset=0))
         a = replace(self, pieces=first, slot_mapping=self.slot_mapping[:n_first], order=None,
-                    cascade=None, continuations=None)
+                    cascade=None, varlen_calls=None)
         b = replace(self, pieces=second, slot_mapping=self.slot_mapping[n_first:], order=None,
-                    cascade=None, continuations=None)
+                    cascade=None, varlen_calls=None)
         if self.singles is not None:       # token order: the first half's singles come first
             k = sum(1 for o in self.single_offsets if o < n_first)
             rows, tables, lens = self.singles
@@ -202,22 +202,28 @@ def _decode_attention(q, kc, vc, batch: AttentionBatch, scale: float, window, sc
                                   window, order=order, **scales)
 
 
-def _continuations_at_once(q, kc, vc, cache: PagedKVCache, layer: int, batch: AttentionBatch,
-                           scale: float, out) -> set:
-    """The pieces that continue their sequence (later chunks, prompts after a cached prefix),
-    in one varlen flash call (a few where their keys are many): their keys gathered from their
-    blocks in one index per layer and call (the rows made once per step), written into `out`;
-    returns the offsets done (none if the flash call does not apply). Per piece, a step of 64
-    continuing chunks spent more time launching kernels than attending."""
+def _pieces_at_once(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch,
+                    scale: float, out) -> set:
+    """The pieces longer than a token (fresh prompts, later chunks, prompts after a cached
+    prefix) in one varlen flash call (a few where their keys are many): their keys the step's
+    own where all are fresh, else gathered from their blocks in one index per layer and call
+    (the rows made once per step), written into `out`; returns the offsets done (none if the
+    flash call does not apply). Per piece, a step of 64 chunks spent more time launching
+    kernels than attending."""
     if batch.host_table is None:
         return set()
-    if batch.continuations is None:
-        batch.continuations = tuple(continuation_layout(batch.pieces, batch.host_table,
-                                                        kc.shape[1], q.device))
+    kc, vc = cache.k[layer], cache.v[layer]
+    if batch.varlen_calls is None:
+        batch.varlen_calls = tuple(varlen_layout(batch.pieces, batch.host_table, kc.shape[1],
+                                                 q.device))
     done = set()
-    for rows, slots, cu_q, cu_k, max_q, max_k, offsets in batch.continuations:
-        keys = cache.read(_cache_rows(kc, slots), layer, "k", q.dtype)
-        values = cache.read(_cache_rows(vc, slots), layer, "v", q.dtype)
+    for rows, slots, cu_q, cu_k, max_q, max_k, offsets in batch.varlen_calls:
+        if slots is None:                  # fresh pieces only: keys are this step's
+            keys, values = k.index_select(0, rows), v.index_select(0, rows)
+        else:
+            keys, values = _cache_rows(kc, slots), _cache_rows(vc, slots)
+        keys = cache.read(keys, layer, "k", q.dtype)        # as an FP8 cache holds them
+        values = cache.read(values, layer, "v", q.dtype)
         o = varlen_flash(q.index_select(0, rows), keys, values, cu_q, cu_k, max_q, max_k,
                          scale)
         if o is None:
@@ -265,7 +271,7 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     if q.is_cuda and window is None:
-        done |= _continuations_at_once(q, kc, vc, cache, layer, batch, scale, out)
+        done |= _pieces_at_once(q, k, v, cache, layer, batch, scale, out)
     for p in batch.pieces:
         if p.offset in done:
             continue

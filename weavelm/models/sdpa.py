@@ -3,8 +3,9 @@ the prefill pieces of `models/attention.py`.
 
 T = tokens, H / Hkv = query / KV heads, Dh = head dim. Grouped-query heads are read in place
 where the kernel allows it; a piece that continues its sequence attends its earlier keys and its
-own in two fast calls merged by log-sum-exp (`_continuation_attention`), and on GPUs all such
-pieces of a step go to one varlen flash call (`varlen_continuations`).
+own in two fast calls merged by log-sum-exp (`_continuation_attention`); on GPUs all the
+pieces of a step longer than a token, fresh or continuing, go to one varlen flash call a layer
+(`varlen_layout`, `varlen_flash`).
 """
 from __future__ import annotations
 
@@ -142,21 +143,22 @@ def merge_by_lse(o1, lse1, o2, lse2):
 
 
 # Keys one varlen call gathers at most (its pieces' whole histories, K and V, every layer
-# again): a step's continuing pieces are cut into calls of at most this many keys (one piece
-# with more goes alone), so long contexts do not gather gigabytes at once (Llama-3-8B, 8 KV
-# heads a rank: 512 MiB).
+# again): a step's pieces are cut into calls of at most this many keys (one piece with more
+# goes alone), so long contexts do not gather gigabytes at once (Llama-3-8B, 8 KV heads a
+# rank: 512 MiB).
 VARLEN_MAX_KEYS = 1 << 17
 
 
-def continuation_layout(pieces, table: np.ndarray, block_size: int, device,
-                        max_keys: int = VARLEN_MAX_KEYS) -> list:
-    """For the pieces of a step that continue their sequence (start_pos > 0, more than one
-    token): a list of calls, each (its tokens' indices in the step [Tq], the cache rows of each
-    piece's keys 0 .. end - 1 [Tk], cu_q, cu_k (int32 [n + 1]: piece i's queries and keys in
-    the packed runs), the longest piece, the most keys, the pieces' offsets), at most
-    `max_keys` keys a call; [] where there are none. `table`: the step's block tables on the
-    host (row p.row: piece p's sequence)."""
-    conts = [p for p in pieces if p.start_pos > 0 and p.length > 1]
+def varlen_layout(pieces, table: np.ndarray, block_size: int, device,
+                  max_keys: int = VARLEN_MAX_KEYS) -> list:
+    """For the pieces of a step longer than one token (fresh prompts, later chunks, prompts
+    after a cached prefix): a list of calls, each (its tokens' indices in the step [Tq], the
+    cache rows of each piece's keys 0 .. end - 1 [Tk] -- None where every piece of the call is
+    fresh: its keys are then the step's own at the tokens' indices --, cu_q, cu_k (int32
+    [n + 1]: piece i's queries and keys in the packed runs), the longest piece, the most keys,
+    the pieces' offsets), at most `max_keys` keys a call; [] where there are none. `table`:
+    the step's block tables on the host (row p.row: piece p's sequence)."""
+    conts = [p for p in pieces if p.length > 1]
     calls, batch, keys = [], [], 0
     for p in conts:
         end = p.start_pos + p.length
@@ -176,12 +178,14 @@ def _layout(conts, table: np.ndarray, block_size: int, device) -> tuple:
     offsets = np.array([p.offset for p in conts], dtype=np.int64)
     rows = np.array([p.row for p in conts], dtype=np.int64)
     tokens = np.arange(n.sum()) + np.repeat(offsets - (np.cumsum(n) - n), n)
-    pos = np.arange(ends.sum()) - np.repeat(np.cumsum(ends) - ends, ends)
-    slots = table[np.repeat(rows, ends), pos // block_size].astype(np.int64) * block_size \
-        + pos % block_size
+    slots = None
+    if (ends > n).any():                   # some keys are in the cache only: gather them all
+        pos = np.arange(ends.sum()) - np.repeat(np.cumsum(ends) - ends, ends)
+        slots = host_to_device(table[np.repeat(rows, ends), pos // block_size]
+                               .astype(np.int64) * block_size + pos % block_size, device)
     cu_q = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum(ends)]).astype(np.int32)
-    return (host_to_device(tokens, device), host_to_device(slots, device),
+    return (host_to_device(tokens, device), slots,
             host_to_device(cu_q, device), host_to_device(cu_k, device), int(n.max()),
             int(ends.max()), tuple(offsets.tolist()))
 

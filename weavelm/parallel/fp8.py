@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import NamedTuple
 
 import torch
 
 from weavelm.errors import check
 from weavelm.kernels import fp8_gemv, fp8_quant
+from weavelm.kernels.activation import silu_and_mul
 from weavelm.kernels.common import FP8, FP8_MAX, to_e4m3
 
 METHODS = (None, "fp8")
@@ -217,8 +219,8 @@ def _capability(index) -> tuple[int, int]:
     return cap
 
 
-def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    if not x.is_cuda or x.dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
+def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor, dtype=None) -> bool:
+    if not x.is_cuda or (dtype or x.dtype) != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
         return False
     # cuBLASLt FP8: sm_89+, inner and output sizes multiples of 16
     return _capability(x.device.index) >= (8, 9) and x.shape[-1] % 16 == 0 and codes.shape[0] % 16 == 0
@@ -231,24 +233,47 @@ def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:
 FAST_ACCUM_TOKENS = 256
 
 
-def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+class Rounded(NamedTuple):
+    """Activations already rounded to FP8 a row (token), as `quantize_rows` rounds them, and
+    the dtype they had (the product's): an FP8 layer takes them in place of x."""
+    codes: torch.Tensor                      # [..., K] float8_e4m3fn
+    scale: torch.Tensor                      # [...] float32
+    dtype: torch.dtype
+
+
+def silu_and_mul_rounded(x: torch.Tensor) -> Rounded:
+    """`silu_and_mul(x)` rounded to FP8 a row: an FP8 down projection's input. On a GPU one
+    kernel (`fp8_quant`, gated) instead of the activation's and the rounding's; the same codes."""
+    if x.is_cuda and x.dim() == 2 and fp8_quant.supported(x, gated=True):
+        return Rounded(*fp8_quant.quantize_rows_cuda(x, gated=True), x.dtype)
+    h = silu_and_mul(x)
+    codes, scale = quantize_rows(h.reshape(-1, h.shape[-1]))
+    return Rounded(codes.reshape(h.shape), scale.reshape(h.shape[:-1]), x.dtype)
+
+
+def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """x [..., K] -> x W^T (+ bias) [..., R] in x's dtype, W = codes * scale (rows), x rounded
-    to FP8 per token. `out` receives the result where given."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    fast = _scaled_mm_ok(x2, codes)
-    if fast and fp8_gemv.fused_supported(x2, codes):   # a few tokens: x rounded in the GEMV
-        y = fp8_gemv.fp8_gemv_fused(x2, codes, scale)
-    elif fast and x2.shape[0] > 0:
-        xq, xs = quantize_rows(x2)
-        y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
-                             out_dtype=x.dtype,
-                             use_fast_accum=x2.shape[0] >= FAST_ACCUM_TOKENS)
+    """x [..., K] (or `Rounded` activations) -> x W^T (+ bias) [..., R] in x's dtype,
+    W = codes * scale (rows), x rounded to FP8 per token. `out` receives the result where
+    given."""
+    rounded = isinstance(x, Rounded)
+    src, dtype = (x.codes, x.dtype) if rounded else (x, x.dtype)
+    lead, K = src.shape[:-1], src.shape[-1]
+    x2 = src.reshape(-1, K)
+    fast = _scaled_mm_ok(x2, codes, dtype)
+    if fast and not rounded and fp8_gemv.fused_supported(x2, codes):
+        y = fp8_gemv.fp8_gemv_fused(x2, codes, scale)     # a few tokens: x rounded in the GEMV
     else:
-        xq, xs = quantize_rows(x2)
-        y = (dequantize_rows(xq, xs) @ dequantize_rows(codes, scale).t()).to(x.dtype)
+        xq, xs = (x2, x.scale.reshape(-1)) if rounded else quantize_rows(x2)
+        if fast and fp8_gemv.supported(xq, codes, dtype):  # 1-4 tokens
+            y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, dtype)
+        elif fast and xq.shape[0] > 0:
+            y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
+                                 out_dtype=dtype,
+                                 use_fast_accum=xq.shape[0] >= FAST_ACCUM_TOKENS)
+        else:
+            y = (dequantize_rows(xq, xs) @ dequantize_rows(codes, scale).t()).to(dtype)
     if bias is not None:
         y = y + bias
     y = y.reshape(*lead, codes.shape[0])
