@@ -90,6 +90,22 @@ def test_down_projection_input_rounded_in_one_kernel():
                            fp8.fp8_linear(silu_and_mul(x), codes, scale)), tokens
 
 
+def test_swapped_scaled_mm_equals_the_plain_one(monkeypatch):
+    """`_scaled_mm` asked for (W x^T)^T (SWAP_TOKENS) gives x W^T up to the order of the sums,
+    laid out as the plain call's (contiguous [T, N])."""
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(4)
+    codes, scale = fp8.quantize_rows(torch.randn(4096, 14336, device="cuda", generator=g) * 0.02)
+    for tokens in (16, 64):
+        x = torch.randn(tokens, 14336, device="cuda", generator=g).bfloat16()
+        want = fp8.fp8_linear(x, codes, scale).float()
+        monkeypatch.setattr(fp8, "SWAP_TOKENS", (tokens,))
+        got = fp8.fp8_linear(x, codes, scale)
+        monkeypatch.setattr(fp8, "SWAP_TOKENS", ())
+        assert got.is_contiguous() and got.shape == want.shape
+        assert ((got.float() - want).norm() / want.norm()).item() < 5e-3
+
+
 def test_fp8_logits_near_bf16():
     from weavelm import LLM
     from weavelm.bench.prefill import fill_random
