@@ -1,0 +1,73 @@
+"""Where a decode step's GPU time goes, kernel by kernel: the decode CUDA graph of a llama3-8b
+shaped model (random weights) replayed under torch.profiler, bf16 and FP8 weights.
+
+    python3 benchmarks/profile_decode.py [BATCHES] [QUANTS]      # e.g. 1,16,64 bf16,fp8
+
+Per batch: the step's GPU time (CUDA events around 50 replays), its kernels, their summed time
+and the gaps between them; the kernels by name (time, count, mean); for the first batch the
+first 16 kernels in order with the gap before each.
+"""
+import collections
+import json
+import sys
+import time
+
+import torch
+from weavelm import LLM
+from weavelm.bench.prefill import fill_random
+from weavelm.bench.shapes import shape_config
+
+batches = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 64]
+quants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["bf16", "fp8"]
+cfg = shape_config("llama3-8b", None)
+cfg["max_position_embeddings"] = 8192
+cfg.pop("rope_scaling", None)
+for q in quants:
+    t = time.time()
+    llm = LLM.from_weights(cfg, lambda m: fill_random(m, 0), tp=1, device="cuda",
+                           dtype="bfloat16", max_model_len=1024, max_num_seqs=max(batches),
+                           num_kv_blocks=max(batches) * 40 + 64,
+                           quantization=None if q == "bf16" else q)
+    print(f"{q}: built in {time.time() - t:.1f} s", flush=True)
+    runner = llm.runner
+    for B in batches:
+        G = min(g for g in runner.graphs if g >= B)
+        graph = runner.graphs[G]
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(50):
+            graph.replay()
+        b.record(); b.synchronize()
+        step_ms = a.elapsed_time(b) / 50
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        path = f"/tmp/trace_{q}_{B}.json"
+        prof.export_chrome_trace(path)
+        ev = [e for e in json.load(open(path))["traceEvents"]
+              if e.get("cat") == "kernel"]
+        ev.sort(key=lambda e: e["ts"])
+        n = len(ev) // 5
+        one = ev[-n:]
+        busy = sum(e["dur"] for e in one)
+        span = one[-1]["ts"] + one[-1]["dur"] - one[0]["ts"]
+        print(f"\n## {q} batch {B} (graph {G}): replay {step_ms * 1e3:.1f} us/step, {n} kernels, "
+              f"kernel time {busy:.1f} us, span {span:.1f} us, gaps {span - busy:.1f} us")
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for e in one:
+            k = e["name"][:90]
+            by[k][0] += 1; by[k][1] += e["dur"]
+        for k, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:22]:
+            print(f"  {d:9.1f} us  {c:4d}x  {d / c:7.2f} us  {k}")
+        # the first layer's sequence (kernel order) with durations and gaps
+        if B == batches[0]:
+            print("  first 16 kernels (dur, gap before):")
+            for i, e in enumerate(one[:16]):
+                gap = e["ts"] - (one[i - 1]["ts"] + one[i - 1]["dur"]) if i else 0
+                print(f"    {e['dur']:7.2f} {gap:6.2f}  {e['name'][:80]}")
+    del llm, runner, graph
+    torch.cuda.empty_cache()
