@@ -30,7 +30,7 @@ from weavelm.bench.throughput import workload  # noqa: E402
 from weavelm.engine.block_manager import BlockAllocator  # noqa: E402
 from weavelm.engine.engine import LLMEngine  # noqa: E402
 from weavelm.engine.config import EngineConfig  # noqa: E402
-from weavelm.models.host_inputs import stage_decode_rows  # noqa: E402
+from weavelm.models.host_inputs import StagedTables, stage_decode_rows  # noqa: E402
 from weavelm.parallel.state import init_parallel  # noqa: E402
 from weavelm.engine.sampler import SamplingParams  # noqa: E402
 
@@ -48,6 +48,7 @@ class StubRunner:
         self.state, self.link = init_parallel(1, "cpu"), None     # one rank, one stage
         G, M = max_num_seqs, -(-MAX_LEN // BS)
         self.h_rows, self.h_tables = np.zeros((3, G), np.int64), np.zeros(G * M, np.int32)
+        self.staged = StagedTables()
         self.kinds = collections.Counter()
         self.tokens = collections.Counter()
 
@@ -57,7 +58,8 @@ class StubRunner:
         self.kinds[kind] += 1
         self.tokens[kind] += sum(len(p.token_ids) for p in pieces)
         if decode:
-            stage_decode_rows(pieces, BS, self.h_rows, self.h_tables, self.config.max_num_seqs)
+            stage_decode_rows(pieces, BS, self.h_rows, self.h_tables, self.config.max_num_seqs,
+                              self.staged)
         return torch.zeros(sum(p.sample for p in pieces), 8)
 
 

@@ -40,7 +40,7 @@ from weavelm.kernels.paged_attention import lanes_per_key
 from weavelm.models.attention import AttentionBatch, Piece
 from weavelm.models.cascade import MAX_GROUPS, CascadeLayout, cascade_works, plan_cascade
 from weavelm.models.kv_cache import PagedKVCache, cache_dtype
-from weavelm.models.host_inputs import host_to_device, stage_decode_rows
+from weavelm.models.host_inputs import StagedTables, host_to_device, stage_decode_rows
 from weavelm.models.decoder import WovenDecoder, StepInput
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.pipeline import PipelineLink
@@ -300,6 +300,7 @@ class ModelRunner:
         self.h_tables = [torch.zeros(G * M, dtype=torch.int32, pin_memory=True)
                          for _ in range(2)]
         self.h_copied = [None, None]
+        self.h_staged = [StagedTables(), StagedTables()]      # what each set's table holds
         self.d_tables = torch.zeros(G * M, dtype=torch.int32, device=dev)
         n = CascadeLayout.size(G)
         self.s_cascade = torch.zeros(n, dtype=torch.int32, device=dev)
@@ -352,9 +353,10 @@ class ModelRunner:
         bs = self.block_size
         self._turn ^= 1
         h_rows, h_tables = self.h_rows[self._turn], self.h_tables[self._turn]
+        staged = self.h_staged[self._turn]
         if self.h_copied[self._turn] is not None:
             self.h_copied[self._turn].synchronize()      # its last copies have run
-        width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
+        width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G, staged)
         graph = self.graphs[G]
         plan = plan_cascade(h_tables.numpy()[:G * width].reshape(G, width)[:B],
                             h_rows.numpy()[1, :B], bs) if self.cascade else None
@@ -362,7 +364,7 @@ class ModelRunner:
             padded = min(g for g in self.cascade_graphs if g >= B)
             if padded != G:                              # staged again for its padding
                 G = padded
-                width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G)
+                width = stage_decode_rows(pieces, bs, h_rows.numpy(), h_tables.numpy(), G, staged)
             graph = self.cascade_graphs[G]
             layout = CascadeLayout(G, MAX_GROUPS)
             n = layout.size(G)

@@ -26,20 +26,55 @@ def host_to_device(array: np.ndarray, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class StagedTables:
+    """What a decode staging buffer's block table holds: its rows' block lists, their lengths
+    and the [G, width] layout. The next fill of the same buffer then rewrites only the rows that
+    changed: a sequence's list only grows (the scheduler extends it or gives the sequence a new
+    one), and in steady decode a row gains a block once in block_size steps. The full fill of
+    1,024 rows of ~130 blocks took ~2 ms of a 2-core host's step. Holding the lists keeps their
+    ids from being reused while they are compared by identity."""
+
+    def __init__(self):
+        self.lists: list = []
+        self.counts: list[int] = []
+        self.shape: tuple | None = None
+
+
 def stage_decode_rows(pieces, block_size: int, rows: np.ndarray,
-                      tables: np.ndarray, G: int) -> int:
+                      tables: np.ndarray, G: int, staged: StagedTables | None = None) -> int:
     """Fill a decode graph's host staging for `pieces` (the runner's `StepPiece`s: token_ids,
     start_pos, blocks) padded to G rows: rows[0:3, :G] = token
     ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
     scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
     blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
-    decode step on a 2-core host."""
+    decode step on a 2-core host. `staged`: what this buffer held after its last fill (kept
+    up to date here); only changed rows are written where the layout is the same."""
     B = len(pieces)
-    counts = np.fromiter((len(p.blocks) for p in pieces), dtype=np.int64, count=B)
+    lists = [p.blocks for p in pieces]
+    count_list = list(map(len, lists))
+    counts = np.array(count_list, dtype=np.int64)
     width = int(counts.max())
     t = tables[:G * width].reshape(G, width)
-    t[:] = 0
-    fill_block_table(t[:B], (p.blocks for p in pieces), counts)
+    changed = None
+    if staged is not None and staged.shape == (G, width):
+        old, old_counts = staged.lists, staged.counts
+        changed = [r for r, (a, b, n, m) in enumerate(zip(lists, old, count_list, old_counts))
+                   if a is not b or n != m] + list(range(len(old), B))
+        if len(changed) * 4 > B:
+            changed = None                         # most rows changed: fill them all
+    if changed is None:
+        t[:] = 0
+        fill_block_table(t[:B], lists, counts)
+    else:
+        for r in changed:
+            grown = r < len(old) and lists[r] is old[r]
+            start = old_counts[r] if grown else 0
+            if not grown:
+                t[r, count_list[r]:] = 0
+            t[r, start:count_list[r]] = lists[r][start:]
+        t[B:len(old)] = 0                          # rows the last fill used, padding now
+    if staged is not None:
+        staged.lists, staged.counts, staged.shape = lists, count_list, (G, width)
     pos = np.fromiter((p.start_pos for p in pieces), dtype=np.int64, count=B)
     rows[0, :B] = np.fromiter((p.token_ids[0] for p in pieces), dtype=np.int64, count=B)
     rows[1, :B] = pos
