@@ -25,10 +25,16 @@ needs_ptxas = pytest.mark.skipif(PTXAS is None, reason="ptxas not on PATH")
 
 
 def assemble(ptx: str, arch: str, tmp_path) -> subprocess.CompletedProcess:
+    """ptxas on `ptx` with -v: its stderr reports registers and spills (`no_spills`)."""
     src = tmp_path / f"k_{arch}.ptx"
     src.write_text(ptx)
-    return subprocess.run([PTXAS, f"-arch={arch}", str(src), "-o", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([PTXAS, "-v", f"-arch={arch}", str(src), "-o",
+                           str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                          timeout=120)
+
+
+def no_spills(r: subprocess.CompletedProcess) -> bool:
+    return "bytes spill" in r.stderr and " 0 bytes spill stores" in r.stderr
 
 
 def primitives_kernel(a, b, n, x):
@@ -155,6 +161,7 @@ def test_rmsnorm_kernel_ptx(dt, has_residual, vpt, tmp_path):
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr
+        assert no_spills(r), r.stderr              # (a weight held in registers spilled)
 
 
 @pytest.mark.parametrize("dt,lanes,group,rows,pipeline,kv8", [

@@ -46,9 +46,10 @@ MIN_STEPS = 4                   # vectors per lane and row a split must leave ea
 # the whole row before its first weight load, which at K = 14,336 (down) cost more than the
 # rounding kernel's launch (H200: 25.6 µs against 15.5 + 3.8); at K = 4,096 it saves 1.5-2.1 µs.
 FUSED_MAX_K = 8192
-# Vectors a lane asks L2 for before anything else (its first steps of its first rows): the
-# transfers then overlap the fused form's rounding and the loop's first loads find them in L2.
-PREFETCH_STEPS = 2
+# Vectors a lane asks L2 for before anything else (its first steps of its first rows), so the
+# transfers overlap the fused form's rounding and the loop's first loads find them in L2. Off
+# until measured on a GPU (benchmarks/bench_fp8_orientation.py sweeps 0, 2, 4, 8).
+PREFETCH_STEPS = 0
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}

@@ -188,7 +188,7 @@ cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simul
 def _build_kernel(dt: str, has_residual: bool, vpt: int):
     """The kernel's Python function for one dtype, variant and shape class (not yet jitted)."""
     global cuda
-    from numba import float32, uint32
+    from numba import float32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
@@ -197,32 +197,24 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
     unpack, pack, epv = codec(dt)
     simulator = ptx.SIMULATOR  # no warp shuffles there: the block sum goes through shared memory
     sim_slots = MAX_BLOCK if simulator else 1
-    nbuf, nwords = vpt * epv, vpt * 4
+    nbuf = vpt * epv
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
 
     def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps):
         """One CTA per row (grid-stride). x, res, out, res_out: [T, D] row-major; w: [D].
         Thread t owns vectors t, t + blockDim, ... (at most vpt) of each row, in registers.
         Every load of a row is issued before its first store (a store between them would make
-        each next load wait for the one before: at one token, vpt round trips to memory), and
-        the weight is read once a CTA, with the first row."""
+        each next load wait for the one before: at one token, vpt round trips to memory)."""
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         warp_sums = cuda.shared.array(33, float32)  # [32 warp partials, row total]
         thread_sums = cuda.shared.array(sim_slots, float32)  # simulator only
         h = cuda.local.array(nbuf, float32)  # this thread's part of h = x + residual (fp32)
-        wv = cuda.local.array(nwords, uint32)  # this thread's part of the weight, packed
         a = cuda.local.array(epv, float32)  # one vector of x / weight
         b = cuda.local.array(epv, float32)  # one vector of residual / output
         inv_d = float32(1.0) / float32(n_vec * epv)
         eps32 = float32(eps)
         row_bytes = n_vec * 16
-        for j in range(vpt):
-            v = tid + j * nthreads
-            if v < n_vec:
-                w = load_nc(w_ptr + v * 16)
-                for q in range(4):
-                    wv[j * 4 + q] = w[q]
         row = cuda.blockIdx.x
         while row < n_rows:
             base = row * row_bytes
@@ -278,7 +270,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
             for j in range(vpt):
                 v = tid + j * nthreads
                 if v < n_vec:
-                    unpack((wv[j * 4], wv[j * 4 + 1], wv[j * 4 + 2], wv[j * 4 + 3]), a)
+                    unpack(load_nc(w_ptr + v * 16), a)
                     for e in range(epv):
                         b[e] = h[j * epv + e] * rstd * a[e]
                     r = pack(b)

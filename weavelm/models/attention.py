@@ -218,14 +218,17 @@ def _pieces_at_once(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBa
                                                  q.device))
     done = set()
     for rows, slots, cu_q, cu_k, max_q, max_k, offsets in batch.varlen_calls:
+        # (its tokens ascending: as many as the step's are all of them, in order)
+        whole = rows.shape[0] == q.shape[0]
         if slots is None:                  # fresh pieces only: keys are this step's
-            keys, values = k.index_select(0, rows), v.index_select(0, rows)
+            keys, values = (k, v) if whole else (k.index_select(0, rows),
+                                                 v.index_select(0, rows))
         else:
             keys, values = _cache_rows(kc, slots), _cache_rows(vc, slots)
         keys = cache.read(keys, layer, "k", q.dtype)        # as an FP8 cache holds them
         values = cache.read(values, layer, "v", q.dtype)
-        o = varlen_flash(q.index_select(0, rows), keys, values, cu_q, cu_k, max_q, max_k,
-                         scale)
+        o = varlen_flash(q if whole else q.index_select(0, rows), keys, values, cu_q, cu_k,
+                         max_q, max_k, scale)
         if o is None:
             break
         out.index_copy_(0, rows, o)
