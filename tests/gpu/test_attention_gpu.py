@@ -43,13 +43,14 @@ def test_continuation_piece_matches_reference(prefix, n):
         assert sdpa._VARLEN[0] and second.varlen_calls, "the varlen flash call did not apply"
 
 
-def test_fresh_pieces_in_one_varlen_call_match_reference():
-    """A step of several fresh prompts (and a one-token one): one varlen flash call over the
-    step's own keys, each prompt equal to a float32 causal reference of its own."""
+@pytest.mark.parametrize("lengths", [[700, 1, 33, 2048], [700, 33, 2048]])
+def test_fresh_pieces_in_one_varlen_call_match_reference(lengths):
+    """A step of several fresh prompts (with a one-token one, or only longer ones: then q, k
+    and v are read in place): one varlen flash call over the step's own keys, each prompt
+    equal to a float32 causal reference of its own."""
     from weavelm.models import attention as A
     from weavelm.models import sdpa
     H, Hkv, Dh, bs = 32, 8, 128, 16
-    lengths = [700, 1, 33, 2048]
     T = sum(lengths)
     g = torch.Generator(device="cuda").manual_seed(7)
     q, k, v = (torch.randn(T, h, Dh, device="cuda", generator=g).bfloat16()

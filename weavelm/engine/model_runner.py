@@ -5,7 +5,7 @@ B = sequences in a decode step, G = the captured batch size that holds them, T =
 step, M = block-table width (blocks of the longest sequence the engine allows), V = vocabulary.
 
     runner = ModelRunner(model, comm, state, policy, engine_config)   # max_model_len resolved
-    blocks = runner.blocks.allocate(...)                 # the caller owns sequences and blocks
+    blocks = runner.blocks.allocate(...)   # the caller's; a list only grows or is replaced
     logits = runner.step([StepPiece(token_ids, start_pos, blocks, sample=True), ...])
 
 A step is a list of pieces (consecutive tokens of one sequence, its blocks, whether to sample
@@ -55,7 +55,7 @@ CPU_KV_BYTES = 512 << 20     # the CPU cache's default size per rank (tests, sma
 class StepPiece:
     token_ids: list[int]     # the piece's tokens
     start_pos: int           # position of its first token in the sequence
-    blocks: list[int]        # the sequence's block table (covering start_pos + len(token_ids))
+    blocks: list[int]        # its block table (covering start_pos + len(token_ids)): see above
     sample: bool = True      # return the logits after its last token
     all_rows: bool = False   # return the logits after every one of its tokens (prompt logprobs)
 

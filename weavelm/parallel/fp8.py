@@ -231,9 +231,10 @@ def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor, dtype=None) -> bool:
 # the exact product of the rounded operands 2-3e-3 instead of 1.7e-3 (rounding the operands
 # costs 3.7%); below ~256 tokens it is no faster (bench_fp8_linear.py --gemv-sweep).
 FAST_ACCUM_TOKENS = 256
-# Token counts (multiples of 16) at which `_scaled_mm` is asked for (W x^T)^T instead of x W^T:
-# with few tokens as the GEMM's N, cuBLASLt may tile the weight rows finer. Empty: never
-# (measured per card with benchmarks/bench_fp8_linear.py before it is switched on).
+# Token counts at which `_scaled_mm` is asked for (W x^T)^T instead of x W^T: with few tokens
+# as the GEMM's N, cuBLASLt may tile the weight rows finer. Only multiples of 16 (cuBLASLt's
+# rule) below FAST_ACCUM_TOKENS take it. Empty: never (to be measured per card with
+# benchmarks/bench_fp8_orientation.py before it is switched on).
 SWAP_TOKENS: tuple = ()
 
 
@@ -272,7 +273,8 @@ def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
         xq, xs = (x2, x.scale.reshape(-1)) if rounded else quantize_rows(x2)
         if fast and fp8_gemv.supported(xq, codes, dtype):  # 1-4 tokens
             y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, dtype)
-        elif fast and xq.shape[0] in SWAP_TOKENS:
+        elif fast and xq.shape[0] in SWAP_TOKENS and xq.shape[0] % 16 == 0 \
+                and xq.shape[0] < FAST_ACCUM_TOKENS:
             y = torch._scaled_mm(codes, xq.t(), scale_a=scale[:, None], scale_b=xs[None, :],
                                  out_dtype=dtype).t()
         elif fast and xq.shape[0] > 0:
