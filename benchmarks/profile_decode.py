@@ -3,19 +3,25 @@ shaped model (random weights) replayed under torch.profiler, bf16 and FP8 weight
 
     python3 benchmarks/profile_decode.py [BATCHES] [QUANTS]      # e.g. 1,16,64 bf16,fp8
 
-Per batch: the step's GPU time (CUDA events around 50 replays), its kernels, their summed time
-and the gaps between them; the kernels by name (time, count, mean); for the first batch the
-first 16 kernels in order with the gap before each.
+Per batch: the step's GPU time (bench_decode's replay timing, 50 replays), its kernels, their
+summed time and the gaps between them; the kernels by name (time, count, mean); for the first
+batch the first 16 kernels in order with the gap before each.
 """
 import collections
 import json
+import os
 import sys
+import tempfile
 import time
 
 import torch
-from weavelm import LLM
-from weavelm.bench.prefill import fill_random
-from weavelm.bench.shapes import shape_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import replay_gpu_ms  # noqa: E402
+
+from weavelm import LLM  # noqa: E402
+from weavelm.bench.prefill import fill_random  # noqa: E402
+from weavelm.bench.shapes import shape_config  # noqa: E402
 
 batches = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 64]
 quants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["bf16", "fp8"]
@@ -33,23 +39,15 @@ for q in quants:
     for B in batches:
         G = min(g for g in runner.graphs if g >= B)
         graph = runner.graphs[G]
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(50):
-            graph.replay()
-        b.record(); b.synchronize()
-        step_ms = a.elapsed_time(b) / 50
+        step_ms = replay_gpu_ms(llm, B, repeats=50)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 graph.replay()
             torch.cuda.synchronize()
-        path = f"/tmp/trace_{q}_{B}.json"
-        prof.export_chrome_trace(path)
-        ev = [e for e in json.load(open(path))["traceEvents"]
-              if e.get("cat") == "kernel"]
+        with tempfile.TemporaryDirectory() as d:       # kernels with their start and duration
+            prof.export_chrome_trace(os.path.join(d, "trace.json"))
+            with open(os.path.join(d, "trace.json")) as f:
+                ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
         ev.sort(key=lambda e: e["ts"])
         n = len(ev) // 5
         one = ev[-n:]
@@ -59,8 +57,8 @@ for q in quants:
               f"kernel time {busy:.1f} us, span {span:.1f} us, gaps {span - busy:.1f} us")
         by = collections.defaultdict(lambda: [0, 0.0])
         for e in one:
-            k = e["name"][:90]
-            by[k][0] += 1; by[k][1] += e["dur"]
+            by[e["name"][:90]][0] += 1
+            by[e["name"][:90]][1] += e["dur"]
         for k, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:22]:
             print(f"  {d:9.1f} us  {c:4d}x  {d / c:7.2f} us  {k}")
         # the first layer's sequence (kernel order) with durations and gaps
