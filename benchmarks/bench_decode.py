@@ -136,15 +136,6 @@ def main():
                                  quantization="fp8", kv_cache_dtype=args.kv_cache_dtype)
         fp8_bytes = sum(p.numel() * p.element_size() for p in ours8.engine.runner.model
                         .parameters())
-    ours8s = None
-    if "weavelm-fp8-swap" in engines:     # FP8 with _scaled_mm asked for (W x^T)^T at 16-64
-        from weavelm.parallel import fp8
-        fp8.SWAP_TOKENS = (16, 32, 48, 64)
-        ours8s = LLM.from_weights(hf_cfg.to_dict(), hf.state_dict().items(), tp=1,
-                                  device="cuda", dtype="bfloat16", max_model_len=length,
-                                  max_num_seqs=max(batches), num_kv_blocks=blocks,
-                                  quantization="fp8", kv_cache_dtype=args.kv_cache_dtype)
-        fp8.SWAP_TOKENS = ()              # (its decode graphs keep the swapped calls)
     rate = copy_rate()
     print(f"weavelm: start-up {start_s:.1f} s (graph capture {ours.runner.capture_seconds:.1f} s,"
           f" {len(ours.runner.graphs)} batch sizes), KV cache {ours.runner.kv_tokens} tokens; "
@@ -161,7 +152,6 @@ def main():
                                min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
     runs = {"weavelm": run_ours, "weavelm-fp8": lambda p, n: run_ours(p, n, ours8),
-            "weavelm-fp8-swap": lambda p, n: run_ours(p, n, ours8s),
             "transformers": run_hf,
             "transformers-static": lambda p, n: run_hf(p, n, cache_implementation="static")}
     rows = []
@@ -185,9 +175,6 @@ def main():
             row["gpu_ms"] = replay_gpu_ms(ours, B)
         if ours8 is not None:
             row["gpu_ms_fp8"] = replay_gpu_ms(ours8, B)
-        if ours8s is not None:
-            row["gpu_ms_fp8_swap"] = replay_gpu_ms(ours8s, B)
-            print(f"batch {B}: GPU ms per step fp8 swapped {row['gpu_ms_fp8_swap']:.3f}")
         rows.append(row)
 
     print(f"\n## decode, {args.shape} ({cfg['num_hidden_layers']} layers), random weights, bf16, "

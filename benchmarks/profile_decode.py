@@ -1,13 +1,16 @@
 """Where a decode step's GPU time goes, kernel by kernel: the decode CUDA graph of a llama3-8b
 shaped model (random weights) replayed under torch.profiler, bf16 and FP8 weights.
 
-    python3 benchmarks/profile_decode.py [BATCHES] [QUANTS]      # e.g. 1,16,64 bf16,fp8
+    python3 benchmarks/profile_decode.py [BATCHES] [QUANTS] [MODULE.NAME=VALUE ...]
+    e.g. 1,16,64 bf16,fp8 kernels.fp8_gemv.FUSED_MAX_K=4096    (a module constant of weavelm,
+    set before the models are built: to measure a knob without editing the source)
 
 Per batch: the step's GPU time (bench_decode's replay timing, 50 replays), its kernels, their
 summed time and the gaps between them; the kernels by name (time, count, mean); for the first
 batch the first 16 kernels in order with the gap before each.
 """
 import collections
+import importlib
 import json
 import os
 import sys
@@ -25,6 +28,14 @@ from weavelm.bench.shapes import shape_config  # noqa: E402
 
 batches = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 64]
 quants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["bf16", "fp8"]
+for knob in sys.argv[3:]:
+    name, value = knob.split("=", 1)
+    module, attr = name.rsplit(".", 1)
+    mod = importlib.import_module("weavelm." + module)
+    if not hasattr(mod, attr):
+        sys.exit(f"profile_decode: weavelm.{module} has no {attr}")
+    setattr(mod, attr, type(getattr(mod, attr))(value))
+    print(f"set weavelm.{name} = {getattr(mod, attr)!r}")
 cfg = shape_config("llama3-8b", None)
 cfg["max_position_embeddings"] = 8192
 cfg.pop("rope_scaling", None)

@@ -55,3 +55,31 @@ def test_sim_fused_rounding_equals_rounding_then_gemv(m, n, k, dtype, kw):
     got = G.fp8_gemv_fused(x, codes, ws, kw=kw)
     want = G.fp8_gemv_cuda(xq, xs, codes, ws, dtype, kw=kw)
     assert torch.equal(got, want)
+
+
+@sim
+@pytest.mark.parametrize("k,i,dtype,kw,one_cta", [(32, 8, torch.bfloat16, 1, False),
+                                                  (272, 24, torch.float16, 2, True),
+                                                  (1040, 16, torch.bfloat16, 8, True)])
+def test_sim_gated_product_rounded_spread_equals_silu_mul_rounding(k, i, dtype, kw, one_cta,
+                                                                   monkeypatch):
+    """silu(gate) * up formed in the GEMV's epilogue and rounded over many CTAs from their
+    maxima gives the bits of the plain fused GEMV's [gate | up] through the gated rounding
+    kernel (one CTA: the rows come in several rounds, the maximum from one CTA)."""
+    from weavelm.kernels import fp8_gemv as G
+    from weavelm.kernels import fp8_quant as Q
+    from weavelm.parallel.fp8 import quantize_rows
+    if one_cta:
+        monkeypatch.setattr(G, "WAVES", 1)
+        monkeypatch.setitem(G._sms, 0, 1)
+        G._plans.clear()
+    g = torch.Generator().manual_seed(k + i)
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+    codes, ws = quantize_rows(torch.randn(2 * i, k, generator=g) * 0.3)
+    assert G.gated_supported(x, codes)
+    p, maxima = G.fp8_gemv_gated(x, codes, ws, kw=kw)
+    got_codes, got_scale = Q.round_spread(p, maxima)
+    want_codes, want_scale = Q.quantize_rows_cuda(G.fp8_gemv_fused(x, codes, ws, kw=kw),
+                                                 gated=True)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_codes.view(torch.uint8), want_codes.view(torch.uint8))

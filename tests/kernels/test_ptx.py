@@ -153,7 +153,7 @@ def test_rmsnorm_kernel_ptx(dt, has_residual, vpt, tmp_path):
                max_threads=R.MAX_BLOCK)
     ptx = k.ptx()
     for ins in ["ld.global.nc.v4.u32", "st.global.v4.u32", "shfl.sync.bfly.b32",
-                ".maxntid 512", *CONVERSIONS[dt]]:
+                ".maxntid 512", "prefetch.global.L2", *CONVERSIONS[dt]]:
         assert ins in ptx, ins
     assert ("ld.global.v4.u32" in ptx) == has_residual  # residual: coherent load
     assert ".local" not in ptx, "per-thread row buffer spilled to local memory"
@@ -205,20 +205,32 @@ def test_fp8_quant_kernel_ptx(dt, vpt, gated, tmp_path):
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,tmax,kw,fused,pf", [("bf16", 1, 1, False, 0),
-                                                 ("bf16", 4, 8, False, 2),
-                                                 ("f16", 2, 2, False, 0), ("bf16", 1, 2, True, 2),
-                                                 ("f16", 1, 4, True, 0)])
-def test_fp8_gemv_kernel_ptx(dt, tmax, kw, fused, pf, tmp_path):
-    """The FP8 GEMV (and its form that rounds its input; with L2 prefetches of its first
-    vectors or without) compiles with its sums and vectors in registers and assembles."""
+@pytest.mark.parametrize("dt,tmax,kw,form", [("bf16", 1, 1, 0), ("bf16", 4, 8, 0), ("f16", 2, 2, 0),
+                                             ("bf16", 1, 2, 1), ("f16", 1, 4, 1),
+                                             ("bf16", 1, 1, 2), ("f16", 1, 2, 2)])
+def test_fp8_gemv_kernel_ptx(dt, tmax, kw, form, tmp_path):
+    """The FP8 GEMV (plain, rounding its input, and gated: silu(gate) * up in its epilogue)
+    compiles with its sums and vectors in registers and assembles without spills."""
     from weavelm.kernels import fp8_gemv as G
-    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw, fused, pf), G.SIGNATURE,
+    ptx = Kernel("t", lambda: G._build_kernel(dt, tmax, kw, form), G.SIGNATURE,
                  max_threads=32 * G.WARPS).ptx()
     for ins in ["ld.global.nc.L1::no_allocate.v4.u32", "cvt.rn.f16x2.e4m3x2",
                 "shfl.sync.bfly.b32"]:
         assert ins in ptx, ins
-    assert ("prefetch.global.L2" in ptx) == (pf > 0)
+    assert ("ex2.approx" in ptx) == (form == G.GATED)          # the epilogue's exp
+    assert ".local" not in ptx and "call" not in ptx
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert no_spills(r), r.stderr
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
+def test_fp8_round_spread_kernel_ptx(dt, tmp_path):
+    from weavelm.kernels import fp8_quant as Q
+    ptx = Kernel("t", lambda: Q._build_spread(dt), Q.SPREAD_SIGNATURE,
+                 max_threads=Q.SPREAD_BLOCK).ptx()
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "shfl.sync.bfly.b32" in ptx
     assert ".local" not in ptx and "call" not in ptx
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
@@ -236,3 +248,64 @@ def test_rope_cache_kernel_ptx(kv8, tmp_path):
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr
+
+
+def _pdl_builds():
+    from weavelm.kernels import activation as A
+    from weavelm.kernels import fp8_gemv as G
+    from weavelm.kernels import fp8_quant as Q
+    from weavelm.kernels import paged_attention as PA
+    from weavelm.kernels import paged_attention_kernels as PK
+    from weavelm.kernels import rope_cache as RC
+    return {
+        "rmsnorm": (lambda p: R._build_kernel("bf16", True, 4, p), R.SIGNATURE, 512),
+        "fp8_gemv": (lambda p: G._build_kernel("bf16", 1, 2, G.GATED, p), G.SIGNATURE, 256),
+        "fp8_quant": (lambda p: Q._build_kernel("bf16", 4, True, p), Q.SIGNATURE, 512),
+        "round_spread": (lambda p: Q._build_spread("bf16", p), Q.SPREAD_SIGNATURE, 128),
+        "rope_cache": (lambda p: RC._build_kernel("bf16", False, p), RC.SIGNATURE,
+                       RC.MAX_THREADS),
+        "silu_mul": (lambda p: A._build_kernel("bf16", p), A.SIGNATURE, A.THREADS),
+        "paged_decode": (lambda p: PK._build_kernel("bf16", 16, 4, 4, True, False, p),
+                         PA.SIGNATURE, 32 * PK.WARPS),
+        "paged_combine": (lambda p: PK._build_combine("bf16", 16, p), PA.COMBINE_SIGNATURE, 32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pdl_builds()))
+def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
+    """Built for PDL, a decode-path kernel waits for the kernel before it and then lets the
+    next one start (in that order, before its first write); built plainly it does neither."""
+    build, sig, threads = _pdl_builds()[name]
+    plain = Kernel(f"t_{name}", lambda: build(False), sig, max_threads=threads).ptx()
+    ptx = Kernel(f"t_{name}_pdl", lambda: build(True), sig, max_threads=threads).ptx()
+    assert "griddepcontrol" not in plain
+    wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    assert 0 < wait < launch, (wait, launch)
+    assert ptx.find("st.global") < 0 or ptx.find("st.global") > launch
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr
+
+
+def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
+    """Programmatic dependent launch is off unless WEAVELM_PDL=1, and then only on compute
+    capability 9.0+; when on, the launch configuration asks for it."""
+    import torch
+
+    from weavelm.kernels import launcher as L
+    cfg = pytest.importorskip("cuda.core").LaunchConfig
+    if "programmatic_stream_serialization" not in (cfg.__doc__ or ""):
+        pytest.skip("this cuda.core has no programmatic dependent launch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.delenv("WEAVELM_PDL", raising=False)
+    monkeypatch.setattr(L, "_pdl", {})
+    assert not L.pdl_enabled(0)
+    monkeypatch.setenv("WEAVELM_PDL", "1")
+    monkeypatch.setattr(L, "_pdl", {})
+    assert L.pdl_enabled(0)
+    assert L._config(4, 64, True).programmatic_stream_serialization
+    assert not L._config(4, 64).programmatic_stream_serialization
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
+    monkeypatch.setattr(L, "_pdl", {})
+    assert not L.pdl_enabled(0)

@@ -39,13 +39,14 @@ def silu_and_mul_cuda(x: torch.Tensor) -> torch.Tensor:
     vecs = out.numel() // ELEMS[DTYPES[x.dtype]]
     if vecs:
         dev = max(x.get_device(), 0)
-        key = DTYPES[x.dtype]
+        key = (DTYPES[x.dtype], dev)
         k = _plans.get(key)
         if k is None:
             from weavelm.kernels import launcher
-            k = remember(_plans, key, launcher.kernel(("silu_mul", key),
-                                                      lambda: _build_kernel(key), SIGNATURE,
-                                                      max_threads=THREADS))
+            pdl = launcher.pdl_enabled(dev)
+            k = remember(_plans, key, launcher.kernel(
+                ("silu_mul", key[0]), lambda: _build_kernel(key[0], pdl), SIGNATURE,
+                max_threads=THREADS, pdl=pdl))
         grid = min(-(-vecs // THREADS), 4096)
         k.launch(grid, THREADS, dev, x.data_ptr(), out.data_ptr(), vecs,
                  two_i // 2 // ELEMS[DTYPES[x.dtype]])
@@ -55,7 +56,7 @@ def silu_and_mul_cuda(x: torch.Tensor) -> torch.Tensor:
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str):
+def _build_kernel(dt: str, pdl: bool = False):
     """Grid-stride over the output's 16-byte vectors; vector v of row r reads vector v of the
     row's gate half and of its up half."""
     global cuda
@@ -65,13 +66,15 @@ def _build_kernel(dt: str):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec
+    from weavelm.kernels.common import codec, pdl_entry
 
     cuda = numba_cuda()
+    enter = pdl_entry(pdl)
     unpack, pack, E = codec(dt)
     load_nc, store = ptx.load_v4_u32_nc, ptx.store_v4_u32
 
     def silu_mul_kernel(x_ptr, out_ptr, n_vecs, row_vecs):
+        enter()
         g = cuda.local.array(8, float32)
         u = cuda.local.array(8, float32)
         v = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x

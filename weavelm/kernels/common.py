@@ -58,6 +58,21 @@ def device(fn):
     return numba_cuda().jit(device=True, inline="always")(fn)
 
 
+def pdl_entry(pdl: bool):
+    """enter(): a kernel built for programmatic dependent launch (`launcher.pdl_enabled`) calls
+    it before reading anything an earlier kernel wrote and before any write: it waits for the
+    kernel before, then lets the next one start its CTAs. Nothing when `pdl` is False."""
+    from weavelm.kernels import ptx
+
+    wait, launch = ptx.grid_dep_wait, ptx.grid_dep_launch
+
+    def enter():
+        if pdl:
+            wait()
+            launch()
+    return device(enter)
+
+
 def codec(dt: str):
     """(unpack, pack, E) for dtype dt: unpack(words, buf) writes E floats of one 16-byte vector
     (4 uint32 words) to buf[0:E]; pack(buf) returns the 4 words of buf[0:E], rounded to nearest

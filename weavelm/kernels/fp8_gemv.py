@@ -25,6 +25,15 @@ rounding kernel's launch (~3.2-3.8 µs a projection on an H100 / H200, as much a
 projection's GEMV). Rounding in the loop instead, each warp dividing its own copy, was slower
 than the two kernels (the divisions outweigh the launch; RESULTS.md, FP8).
 
+Gated (one token, the gate_up projection of an FP8 MLP): `fp8_gemv_gated(x, codes, ws)` takes
+codes [2I, K] = [gate | up] and writes silu(gate) * up [1, I] instead of [gate | up]: each group
+of ROWS rows is gate rows j, j + 1 and up rows j, j + 1, and the epilogue rounds both products
+to x's dtype (the bits the plain form would store), then forms the product as
+`activation.silu_and_mul` does. Each CTA also writes the largest |product| it stored, so that
+`fp8_quant.round_spread` rounds the product to FP8 over many CTAs: one CTA rounding a row of
+14,336 (the gated `fp8_quant` kernel, 5.9 µs on an H100) cost more than the GEMV's epilogue and
+the spread rounding together.
+
 Split K: a layer of few rows (o and down of Llama-3-8B: 4,096) gives too few warps to keep
 enough loads in flight, so `kw` warps of a CTA share each group of ROWS rows, warp j taking the
 vectors j, j + kw, ... of each row; their sums meet in shared memory. `kw` grows with the layer's
@@ -46,10 +55,6 @@ MIN_STEPS = 4                   # vectors per lane and row a split must leave ea
 # the whole row before its first weight load, which at K = 14,336 (down) cost more than the
 # rounding kernel's launch (H200: 25.6 µs against 15.5 + 3.8); at K = 4,096 it saves 1.5-2.1 µs.
 FUSED_MAX_K = 8192
-# Vectors a lane asks L2 for before anything else (its first steps of its first rows), so the
-# transfers overlap the fused form's rounding and the loop's first loads find them in L2. Off
-# until measured on a GPU (benchmarks/bench_fp8_orientation.py sweeps 0, 2, 4, 8).
-PREFETCH_STEPS = 0
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}
@@ -80,7 +85,7 @@ def split_k(N: int, K: int) -> int:
 
 def fp8_gemv_cuda(xq, xs, codes, ws, dtype, out=None, kw: int | None = None) -> torch.Tensor:
     """Launcher (contract in the module doc; `supported` must hold; `kw` overrides `split_k`)."""
-    return _launch(False, xq, xs, codes, ws, dtype, out, kw)
+    return _launch(PLAIN, xq, xs, codes, ws, dtype, out, kw)
 
 
 def fused_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -92,17 +97,34 @@ def fp8_gemv_fused(x, codes, ws, out=None, kw: int | None = None) -> torch.Tenso
     """y [1, N] in x's dtype = (x rounded to FP8 as `fp8_quant` does) (codes * ws)^T, the
     rounding done inside (`fused_supported` must hold)."""
     assert fused_supported(x, codes), "fp8_gemv_fused: one bf16/fp16 row of at most FUSED_MAX_K"
-    return _launch(True, x, x, codes, ws, x.dtype, out, kw)
+    return _launch(FUSED, x, x, codes, ws, x.dtype, out, kw)
 
 
-def _launch(fused, x, xs, codes, ws, dtype, out, kw):
+def gated_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    return fused_supported(x, codes) and codes.shape[0] % (2 * ROWS) == 0
+
+
+def fp8_gemv_gated(x, codes, ws, kw: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [1, I] in x's dtype, maxima [CTAs] float32): p = silu(gate) * up of the fused form's
+    y = [gate | up] [1, 2I], with each CTA's largest |p| (`gated_supported` must hold)."""
+    assert gated_supported(x, codes), "fp8_gemv_gated: one bf16/fp16 row, 2I rows of codes"
+    grid = _plan(DTYPES[x.dtype], 1, codes.shape[0], max(x.get_device(), 0),
+                 kw or split_k(codes.shape[0], x.shape[1]), GATED)[1]
+    maxima = torch.empty(grid, dtype=torch.float32, device=x.device)
+    out = torch.empty(1, codes.shape[0] // 2, dtype=x.dtype, device=x.device)
+    return _launch(GATED, x, maxima, codes, ws, x.dtype, out, kw), maxima
+
+
+PLAIN, FUSED, GATED = 0, 1, 2     # the kernel's forms: codes given, row rounded inside, + gated
+
+
+def _launch(form, x, xs, codes, ws, dtype, out, kw):
     M, K = x.shape
     N = codes.shape[0]
     if out is None:
         out = torch.empty(M, N, dtype=dtype, device=x.device)
     dev = max(x.get_device(), 0)               # CPU (-1) only under the simulator
-    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N, K), fused,
-                       PREFETCH_STEPS)
+    kern, grid = _plan(DTYPES[dtype], _tmax(M), N, dev, kw or split_k(N, K), form)
     kern.launch(grid, 32 * WARPS, dev, x.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), M, N, K // 16)
     return out
@@ -112,8 +134,8 @@ def _tmax(m: int) -> int:
     return 1 if m == 1 else 2 if m == 2 else 4
 
 
-def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False, pf: int = 0):
-    key = (dt, tmax, N, device, kw, fused, pf)
+def _plan(dt: str, tmax: int, N: int, device: int, kw: int, form: int = PLAIN):
+    key = (dt, tmax, N, device, kw, form)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
@@ -122,9 +144,10 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False,
             sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
                 if torch.cuda.is_available() else 4
         grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sms * WAVES))
-        k = launcher.kernel(("fp8_gemv", dt, tmax, kw, fused, pf),
-                            lambda: _build_kernel(dt, tmax, kw, fused, pf), SIGNATURE,
-                            max_threads=32 * WARPS)
+        pdl = launcher.pdl_enabled(device)
+        k = launcher.kernel(("fp8_gemv", dt, tmax, kw, form),
+                            lambda: _build_kernel(dt, tmax, kw, form, pdl), SIGNATURE,
+                            max_threads=32 * WARPS, pdl=pdl)
         p = remember(_plans, key, (k, grid))
     return p
 
@@ -132,57 +155,70 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int, fused: bool = False,
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int = 0):
+def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool = False):
     global cuda
     from numba import float32, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec
+    from weavelm.kernels.common import codec, device, pdl_entry
     from weavelm.kernels.paged_attention_kernels import lane_sum_fn
 
+    import math
+
     cuda = numba_cuda()
+    fused, gated = form != PLAIN, form == GATED
     lane_sum = lane_sum_fn(32)
+    enter = pdl_entry(pdl)
     unpack_x = codec(dt)[0]                               # fused: 8 activations a vector
     pack4 = ptx.pack_e4m3x4
     simulator = ptx.SIMULATOR
     red_n = 32 * WARPS if simulator else 1
-    pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
+    pack2, unpack2 = (ptx.pack_bf16x2, ptx.unpack_bf16x2) if dt == "bf16" else \
+        (ptx.pack_f16x2, ptx.unpack_f16x2)
     load_w, load_x, load_u32 = ptx.load_v4_u32_stream, ptx.load_v4_u32_nc, ptx.load_u32
     unpack4, store_u32, as_f32 = ptx.unpack_e4m3x4, ptx.store_u32, ptx.u32_as_f32
-    prefetch = ptx.prefetch_l2
+    as_u32 = ptx.f32_as_u32
     n_acc, n_x, n_w = tmax * ROWS, tmax * 16, ROWS * 4
     groups = WARPS // kw                                  # row groups a CTA serves at a time
     part_n = WARPS * n_acc if kw > 1 else 1
     max_n = 32 * WARPS if simulator else WARPS
     n_codes = FUSED_MAX_K // 4 if fused else 1
+    n_keep = FUSED_MAX_K // (8 * 32 * WARPS) if fused else 1   # 16-byte x vectors a thread
+    n_xk, n_scales = n_keep * 8, ROWS + tmax
     assert not fused or tmax == 1, "the fused form takes one token"
+    assert not gated or ROWS == 4, "a gated group is gate rows j, j + 1 and up rows j, j + 1"
+
+    def weight_row(row0, r, N):
+        """The codes row of slot r of the group at row0: row0 + r, or (gated, N = 2I) gate
+        rows j, j + 1 and up rows j, j + 1 for j = row0 / 2."""
+        if gated:
+            return (row0 >> 1) + (r & 1) + (r >> 1) * (N >> 1)
+        return row0 + r
+    weight_row = device(weight_row)
 
     def fp8_gemv_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, Kv):
+        enter()
         tid = cuda.threadIdx.x
         lane = tid & 31
         wid = tid >> 5
         xmax = cuda.shared.array(max_n, float32)          # fused: partial maxima
         xcodes = cuda.shared.array(n_codes, uint32)        # fused: the row's codes
         h = cuda.local.array(16, float32)
+        xk = cuda.local.array(n_xk, float32)              # fused: this thread's activations
+        scales = cuda.local.array(n_scales, float32)      # the rows' and tokens' scales
         s_x = float32(0.0)
         kpart = wid % kw                                  # which share of K this warp reads
         group = cuda.blockIdx.x * groups + wid // kw
-        if pf > 0 and group * ROWS < N:                   # this warp's first rows, to L2
-            v = kpart * 32 + lane
-            for _ in range(pf):
-                if v < Kv:
-                    for r in range(ROWS):
-                        prefetch(w_ptr + ((group * ROWS + r) * Kv + v) * 16)
-                v += 32 * kw
         if fused:                # the row's |x| maximum, then x / scale -> e4m3, once a CTA
-            mx = float32(0.0)
-            v = tid
-            while v < 2 * Kv:
-                unpack_x(load_x(xq_ptr + v * 16), h)
-                for e in range(8):
-                    mx = max(mx, abs(h[e]))
-                v += 32 * WARPS
+            mx = float32(0.0)                             # the row stays in registers between
+            for j in range(n_keep):                       # the two passes (one read of it)
+                v = tid + j * 32 * WARPS
+                if v < 2 * Kv:
+                    unpack_x(load_x(xq_ptr + v * 16), h)
+                    for e in range(8):
+                        xk[j * 8 + e] = h[e]
+                        mx = max(mx, abs(h[e]))
             if simulator:
                 xmax[tid] = mx
             else:
@@ -197,14 +233,13 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int 
             for i in range(max_n):
                 t = max(t, xmax[i])
             s_x = max(t / float32(448.0), float32(1e-12))
-            v = tid
-            while v < 2 * Kv:                              # 8 activations -> 2 words
-                unpack_x(load_x(xq_ptr + v * 16), h)
-                for q in range(2):
-                    o = 4 * q
-                    xcodes[2 * v + q] = pack4(h[o] / s_x, h[o + 1] / s_x, h[o + 2] / s_x,
-                                              h[o + 3] / s_x)
-                v += 32 * WARPS
+            for j in range(n_keep):                       # 8 activations -> 2 words
+                v = tid + j * 32 * WARPS
+                if v < 2 * Kv:
+                    for q in range(2):
+                        o = j * 8 + 4 * q
+                        xcodes[2 * v + q] = pack4(xk[o] / s_x, xk[o + 1] / s_x,
+                                                  xk[o + 2] / s_x, xk[o + 3] / s_x)
             cuda.syncthreads()
         red = cuda.shared.array(red_n, float32)           # simulator: the warp sums
         part = cuda.shared.array(part_n, float32)         # split K: [warp, token x row] sums
@@ -212,6 +247,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int 
         xf = cuda.local.array(n_x, float32)               # [token, 16] this step's inputs
         wv = cuda.local.array(n_w, uint32)                # [row, word] this step's weights
         wf = cuda.local.array(16, float32)
+        pmax = float32(0.0)                               # gated: largest |product| stored
         ngroups = cuda.gridDim.x * groups
         # every warp runs the same number of rounds (block barriers below and in the simulator)
         rounds = (N // ROWS + ngroups - 1) // ngroups
@@ -219,11 +255,18 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int 
             row0 = (rnd * ngroups + group) * ROWS
             for i in range(n_acc):
                 acc[i] = float32(0.0)
+            writer = lane == 0 and kpart == 0
+            if writer and row0 < N:                       # asked for now, used after the loop
+                for r in range(ROWS):                     # (not a memory round trip there)
+                    scales[r] = as_f32(load_u32(ws_ptr + weight_row(row0, r, N) * 4))
+                for m in range(tmax):
+                    if not fused and m < M:
+                        scales[ROWS + m] = as_f32(load_u32(xs_ptr + m * 4))
             if row0 < N:
                 v = kpart * 32 + lane
                 while v < Kv:
                     for r in range(ROWS):                 # the loads first: ROWS in flight
-                        w = load_w(w_ptr + ((row0 + r) * Kv + v) * 16)
+                        w = load_w(w_ptr + (weight_row(row0, r, N) * Kv + v) * 16)
                         for q in range(4):
                             wv[r * 4 + q] = w[q]
                     for m in range(tmax):
@@ -262,16 +305,37 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, fused: bool = False, pf: int 
                         for i in range(n_acc):
                             acc[i] += part[(wid + j) * n_acc + i]
                 cuda.syncthreads()
-            if lane == 0 and kpart == 0 and row0 < N:
+            if gated and writer and row0 < N:            # gate j, j+1 and up j, j+1 rounded
+                g0, g1 = unpack2(pack2(acc[0] * s_x * scales[0], acc[1] * s_x * scales[1]))
+                u0, u1 = unpack2(pack2(acc[2] * s_x * scales[2], acc[3] * s_x * scales[3]))
+                p = pack2(float32(g0 / (float32(1.0) + math.exp(-g0)) * u0),  # silu_and_mul's
+                          float32(g1 / (float32(1.0) + math.exp(-g1)) * u1))  # arithmetic
+                store_u32(y_ptr + row0, p)                # [1, I]: element row0 / 2, 2 bytes
+                p0, p1 = unpack2(p)
+                pmax = max(pmax, max(abs(p0), abs(p1)))
+            elif writer and row0 < N:
                 for m in range(tmax):
                     if m < M:
-                        sx = s_x if fused else as_f32(load_u32(xs_ptr + m * 4))
+                        sx = s_x if fused else scales[ROWS + m]
                         out = y_ptr + (m * N + row0) * 2
                         for r in range(0, ROWS, 2):
-                            y0 = acc[m * ROWS + r] * sx * as_f32(load_u32(ws_ptr + (row0 + r) * 4))
-                            y1 = acc[m * ROWS + r + 1] * sx * \
-                                as_f32(load_u32(ws_ptr + (row0 + r + 1) * 4))
+                            y0 = acc[m * ROWS + r] * sx * scales[r]
+                            y1 = acc[m * ROWS + r + 1] * sx * scales[r + 1]
                             store_u32(out + r * 2, pack2(y0, y1))
 
-    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}_p{pf}" + ("_fused" if fused else "")
+        if gated:                                         # the CTA's largest |product|
+            cuda.syncthreads()
+            if simulator:
+                xmax[tid] = pmax
+            elif lane == 0:
+                xmax[wid] = pmax
+            cuda.syncthreads()
+            if tid == 0:
+                t = float32(0.0)
+                for i in range(max_n):
+                    t = max(t, xmax[i])
+                store_u32(xs_ptr + cuda.blockIdx.x * 4, as_u32(t))
+
+    fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}" + \
+        ("", "_fused", "_gated")[form]
     return fp8_gemv_kernel

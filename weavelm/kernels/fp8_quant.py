@@ -15,6 +15,11 @@ GEMM they feed (benchmarks/RESULTS.md, FP8). One CTA per row reads it once into 
 reduces the maximum, and writes the codes. Gated (an FP8 down projection's input): the row is
 silu(gate) * up, computed and rounded to x's dtype as `activation.silu_and_mul` does, so the
 codes equal that kernel's output rounded here, without its round trip through memory.
+
+Spread (one row over many CTAs): `round_spread(p, maxima)` rounds a row whose |maximum| is
+known in parts (`fp8_gemv.fp8_gemv_gated` writes one a CTA): each CTA reduces the parts, then
+rounds its share of the row. The same numbers as `quantize_rows_cuda(p)`; at one token it
+replaces one CTA doing a whole row of 14,336 (benchmarks/RESULTS.md, FP8 decode).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from weavelm.kernels.common import DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, remember
 
 VPT_CLASSES = (4, MAX_VPT)
 SIGNATURE = "void(uint64, uint64, uint64, int64, int64)"
+SPREAD_SIGNATURE = "void(uint64, uint64, uint64, uint64, int64, int64)"
+SPREAD_BLOCK = 128              # threads a CTA, one 16-byte vector (8 activations) each
 _plans: dict = {}
 
 
@@ -48,6 +55,26 @@ def quantize_rows_cuda(x: torch.Tensor, gated: bool = False
     return codes, scale
 
 
+def round_spread(p: torch.Tensor, maxima: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p [1, K] bf16 / fp16 (contiguous, K % 8 == 0) and float32 maxima whose largest is
+    max(|p|) -> (codes [1, K] float8_e4m3fn, scale [1] float32), as `quantize_rows_cuda(p)`."""
+    K = p.shape[1]
+    assert p.shape[0] == 1 and K % 8 == 0 and p.dtype in (torch.bfloat16, torch.float16) \
+        and p.is_contiguous(), "round_spread: one contiguous bf16/fp16 row of K % 8 == 0"
+    codes = torch.empty(1, K, dtype=torch.float8_e4m3fn, device=p.device)
+    scale = torch.empty(1, dtype=torch.float32, device=p.device)
+    from weavelm.kernels import launcher
+    dt = DTYPES[p.dtype]
+    dev = max(p.get_device(), 0)
+    pdl = launcher.pdl_enabled(dev)
+    kern = launcher.kernel(("fp8_round_spread", dt), lambda: _build_spread(dt, pdl),
+                           SPREAD_SIGNATURE, max_threads=SPREAD_BLOCK, pdl=pdl)
+    n_vec = K // 8
+    kern.launch(-(-n_vec // SPREAD_BLOCK), SPREAD_BLOCK, dev, p.data_ptr(),
+                maxima.data_ptr(), codes.data_ptr(), scale.data_ptr(), maxima.numel(), n_vec)
+    return codes, scale
+
+
 def _plan(dt: str, n_vec: int, rows: int, device: int, gated: bool = False):
     key = (dt, n_vec, rows, device, gated)
     p = _plans.get(key)
@@ -55,8 +82,9 @@ def _plan(dt: str, n_vec: int, rows: int, device: int, gated: bool = False):
         from weavelm.kernels import launcher
         from weavelm.kernels.rmsnorm import _max_ctas
         vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
+        pdl = launcher.pdl_enabled(device)
         k = launcher.kernel(("fp8_quant", dt, vpt, gated),
-                            lambda: _build_kernel(dt, vpt, gated), SIGNATURE,
+                            lambda: _build_kernel(dt, vpt, gated, pdl), SIGNATURE, pdl=pdl,
                             max_threads=MAX_BLOCK)
         p = remember(_plans, key, (k, min(rows, _max_ctas(device, block)), block))
     return p
@@ -65,7 +93,44 @@ def _plan(dt: str, n_vec: int, rows: int, device: int, gated: bool = False):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, vpt: int, gated: bool = False):
+def _block_max_fn(simulator: bool):
+    """block_max(m, warp_max [33], thread_max [MAX_BLOCK or 1], tid, nthreads): the CTA's
+    largest m, left in warp_max[32] for every thread (ends with a barrier)."""
+    from numba import float32
+
+    from weavelm.kernels.common import device
+
+    def block_max(m, warp_max, thread_max, tid, nthreads):
+        if simulator:                    # no warp shuffles there: through shared memory
+            thread_max[tid] = m
+            cuda.syncthreads()
+            if tid == 0:
+                t = float32(0.0)
+                for i in range(nthreads):
+                    t = max(t, thread_max[i])
+                warp_max[32] = t
+        else:
+            lane = tid & 31
+            k = 16
+            while k > 0:
+                m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, k))
+                k >>= 1
+            if lane == 0:
+                warp_max[tid >> 5] = m
+            cuda.syncthreads()
+            if tid < 32:
+                t = warp_max[lane] if lane < (nthreads >> 5) else float32(0.0)
+                k = 16
+                while k > 0:
+                    t = max(t, cuda.shfl_xor_sync(0xFFFFFFFF, t, k))
+                    k >>= 1
+                if lane == 0:
+                    warp_max[32] = t
+        cuda.syncthreads()
+    return device(block_max)
+
+
+def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
     global cuda
     import math
 
@@ -73,7 +138,7 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec
+    from weavelm.kernels.common import codec, pdl_entry
 
     cuda = numba_cuda()
     unpack, pack, E = codec(dt)
@@ -82,9 +147,12 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False):
     nbuf = vpt * E
     load_nc, store_u32, pack4 = ptx.load_v4_u32_nc, ptx.store_u32, ptx.pack_e4m3x4
     as_u32 = ptx.f32_as_u32
+    block_max = _block_max_fn(simulator)
+    enter = pdl_entry(pdl)
 
     def fp8_quant_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_vec):
         """One CTA per row (grid-stride); thread t holds vectors t, t + blockDim, ... of it."""
+        enter()
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         warp_max = cuda.shared.array(33, float32)           # [32 warp maxima, row maximum]
@@ -110,32 +178,7 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False):
                     for e in range(E):
                         h[j * E + e] = a[e]
                         m = max(m, abs(a[e]))
-            if simulator:
-                thread_max[tid] = m
-                cuda.syncthreads()
-                if tid == 0:
-                    t = float32(0.0)
-                    for i in range(nthreads):
-                        t = max(t, thread_max[i])
-                    warp_max[32] = t
-            else:
-                lane = tid & 31
-                k = 16
-                while k > 0:
-                    m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, k))
-                    k >>= 1
-                if lane == 0:
-                    warp_max[tid >> 5] = m
-                cuda.syncthreads()
-                if tid < 32:
-                    t = warp_max[lane] if lane < (nthreads >> 5) else float32(0.0)
-                    k = 16
-                    while k > 0:
-                        t = max(t, cuda.shfl_xor_sync(0xFFFFFFFF, t, k))
-                        k >>= 1
-                    if lane == 0:
-                        warp_max[32] = t
-            cuda.syncthreads()
+            block_max(m, warp_max, thread_max, tid, nthreads)
             s = max(warp_max[32] / float32(448.0), float32(1e-12))
             if tid == 0:
                 store_u32(scale_ptr + row * 4, as_u32(s))
@@ -152,3 +195,51 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False):
 
     fp8_quant_kernel.__name__ = f"fp8_quant_{dt}_v{vpt}" + ("_silu_mul" if gated else "")
     return fp8_quant_kernel
+
+
+def _build_spread(dt: str, pdl: bool = False):
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec, pdl_entry
+
+    cuda = numba_cuda()
+    unpack, E = codec(dt)[0], codec(dt)[2]
+    simulator = ptx.SIMULATOR
+    sim_slots = SPREAD_BLOCK if simulator else 1
+    load_nc, load_u32, store_u32 = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_u32
+    pack4, as_f32, as_u32 = ptx.pack_e4m3x4, ptx.u32_as_f32, ptx.f32_as_u32
+    block_max = _block_max_fn(simulator)
+    enter = pdl_entry(pdl)
+
+    def fp8_round_spread_kernel(x_ptr, max_ptr, codes_ptr, scale_ptr, n_max, n_vec):
+        """Every CTA reduces the maxima (a few hundred, in L2), then rounds vector
+        blockIdx * blockDim + tid of the row."""
+        enter()
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        warp_max = cuda.shared.array(33, float32)
+        thread_max = cuda.shared.array(sim_slots, float32)
+        h = cuda.local.array(E, float32)
+        v = cuda.blockIdx.x * nthreads + tid
+        if v < n_vec:                                   # the row's vector, asked for first
+            unpack(load_nc(x_ptr + v * 16), h)
+        m = float32(0.0)
+        i = tid
+        while i < n_max:
+            m = max(m, as_f32(load_u32(max_ptr + i * 4)))
+            i += nthreads
+        block_max(m, warp_max, thread_max, tid, nthreads)
+        s = max(warp_max[32] / float32(448.0), float32(1e-12))
+        if v == 0:
+            store_u32(scale_ptr, as_u32(s))
+        if v < n_vec:
+            for q in range(E // 4):
+                store_u32(codes_ptr + v * E + 4 * q,
+                          pack4(h[4 * q] / s, h[4 * q + 1] / s, h[4 * q + 2] / s,
+                                h[4 * q + 3] / s))
+
+    fp8_round_spread_kernel.__name__ = f"fp8_round_spread_{dt}"
+    return fp8_round_spread_kernel

@@ -20,6 +20,16 @@ Both launch on torch's current stream, so both are captured by `torch.cuda.CUDAG
 arguments, pointers included, are frozen at capture; compile and warm up before capturing).
 
 Under the CUDA simulator both paths run the kernel in Python (`dispatcher[grid, block](*args)`).
+
+Programmatic dependent launch (PDL, Hopper): a kernel built for it (`pdl_enabled`, its key
+and build carry the flag) calls `ptx.grid_dep_launch` and `ptx.grid_dep_wait` on entry, before
+any read of what earlier kernels wrote and before any write (only static data, e.g. weights,
+may be touched before the wait), and the "core" path launches it with
+`programmatic_stream_serialization`: its CTAs start while the kernel before it finishes, so
+the launch and ramp of a short kernel overlap its predecessor's tail, in CUDA graphs too (a
+decode step is ~330 kernels; at one token each gap cost ~0.5 µs on an H100). Launched any
+other way, the wait returns at once and the kernel runs as before. Off until measured on a GPU
+(the kernels' PTX is checked without one): `WEAVELM_PDL=1` turns it on.
 """
 from __future__ import annotations
 
@@ -45,7 +55,7 @@ def default_path() -> str:
 
 _core_streams: dict[int, object] = {}  # torch stream handle -> cuda.core Stream
 _numba_streams: dict[int, object] = {}  # torch stream handle -> numba external stream
-_configs: dict[tuple[int, int], object] = {}  # (grid, block) -> cuda.core LaunchConfig
+_configs: dict[tuple, object] = {}  # (grid, block, pdl) -> cuda.core LaunchConfig
 # all three bounded by `common.remember`: token counts vary per step; rebuilding an entry is cheap
 
 _raw_stream = None  # torch's current raw stream handle getter, resolved on first use
@@ -89,13 +99,38 @@ def _core_launch(stream, config, kern, *args):
     launch(stream, config, kern, *args)
 
 
-def _config(grid: int, block: int):
-    c = _configs.get((grid, block))
+def _config(grid: int, block: int, pdl: bool = False):
+    c = _configs.get((grid, block, pdl))
     if c is None:
         from cuda.core import LaunchConfig
 
-        c = remember(_configs, (grid, block), LaunchConfig(grid=grid, block=block))
+        c = remember(_configs, (grid, block, pdl), LaunchConfig(
+            grid=grid, block=block, **({"programmatic_stream_serialization": True} if pdl else {})))
     return c
+
+
+_pdl: dict[int, bool] = {}
+
+
+def pdl_enabled(device: int) -> bool:
+    """Whether kernels on `device` are built and launched for programmatic dependent launch:
+    compute capability 9.0+, the "core" launch path with a cuda.core that offers it, not the
+    simulator, and WEAVELM_PDL=1 (off by default until measured on a GPU)."""
+    ok = _pdl.get(device)
+    if ok is None:
+        ok = False
+        if os.environ.get("WEAVELM_PDL", "0") == "1" and _default_path == "core" \
+                and not simulator_enabled():
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (9, 0):
+                try:
+                    _config(1, 32, True)
+                    ok = True
+                except (ImportError, TypeError) as e:       # an older cuda.core
+                    log.info("no programmatic dependent launch (%s)", e)
+        _pdl[device] = ok
+    return ok
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -111,9 +146,10 @@ class Kernel:
     """
 
     def __init__(self, name: str, build, signature: str, max_threads: int | None = None,
-                 min_blocks: int | None = None):
+                 min_blocks: int | None = None, pdl: bool = False):
         self.name, self._build, self.signature = name, build, signature
         self.max_threads, self.min_blocks = max_threads, min_blocks
+        self.pdl = pdl  # built for programmatic dependent launch: launch it so
         self.path: str | None = None  # None: follow default_path()
         self._dispatcher = None
         self._cufuncs: dict[int, object] = {}  # device index -> cuda.core Kernel
@@ -175,8 +211,8 @@ class Kernel:
         if (self.path or _default_path) == "core" and not self._sim:
             try:
                 kern = self._cufuncs.get(device) or self._load_cufunc(device)
-                _core_launch(_core_stream(current_stream_handle(device)), _config(grid, block),
-                             kern, *args)
+                _core_launch(_core_stream(current_stream_handle(device)),
+                             _config(grid, block, self.pdl), kern, *args)
                 return
             except Exception as e:  # noqa: BLE001 - private API; keep the numba path working
                 if self._dispatcher is None:
@@ -199,10 +235,12 @@ _kernels: dict[tuple, Kernel] = {}
 
 
 def kernel(key: tuple, build, signature: str, max_threads: int | None = None,
-           min_blocks: int | None = None) -> Kernel:
-    """The cached Kernel for `key` (e.g. (op, dtype, shape class)); `build` runs on first launch."""
+           min_blocks: int | None = None, pdl: bool = False) -> Kernel:
+    """The cached Kernel for `key` (e.g. (op, dtype, shape class)); `build` runs on first launch.
+    `pdl`: built for programmatic dependent launch (part of the key: the build differs)."""
+    key = key + ("pdl",) if pdl else key
     k = _kernels.get(key)
     if k is None:
         k = _kernels[key] = Kernel("/".join(map(str, key)), build, signature, max_threads,
-                                   min_blocks)
+                                   min_blocks, pdl)
     return k

@@ -187,19 +187,22 @@ _plans: dict = {}
 
 
 def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int,
-             kv8: bool = False):
-    key = (dt, lanes, group, rows, pipeline, resident, kv8)
+             kv8: bool = False, device: int = 0):
+    key = (dt, lanes, group, rows, pipeline, resident, kv8, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels.paged_attention_kernels import _build_combine, _build_kernel
+        pdl = launcher.pdl_enabled(device)
         main = launcher.kernel(("paged_decode", dt, lanes, group, rows, pipeline, resident,
                                 kv8),
-                               lambda: _build_kernel(dt, lanes, group, rows, pipeline, kv8),
-                               SIGNATURE, max_threads=32 * WARPS, min_blocks=resident or None)
+                               lambda: _build_kernel(dt, lanes, group, rows, pipeline, kv8,
+                                                     pdl),
+                               SIGNATURE, max_threads=32 * WARPS, min_blocks=resident or None,
+                               pdl=pdl)
         combine = launcher.kernel(("paged_decode_combine", dt, lanes),
-                                  lambda: _build_combine(dt, lanes), COMBINE_SIGNATURE,
-                                  max_threads=32)
+                                  lambda: _build_combine(dt, lanes, pdl), COMBINE_SIGNATURE,
+                                  max_threads=32, pdl=pdl)
         p = remember(_plans, key, (main, combine))
     return p
 
@@ -255,7 +258,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
     lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
     main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
-                             pipeline, resident, kv8)
+                             pipeline, resident, kv8, index)
     part = ml = None
     pp = mp = 0
     if S > 1:

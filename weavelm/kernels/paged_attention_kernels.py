@@ -90,7 +90,7 @@ def lane_sum_fn(lanes: int):
 
 
 def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE,
-                  kv8: bool = False):
+                  kv8: bool = False, pdl: bool = False):
     """The decode kernel's Python function for one dtype, L, query-head group and key rows
     per lane and iteration (not yet jitted). `pipeline`: the loads of iteration i + 1 are
     issued before iteration i is scored (two sets of key/value words in registers). `kv8`:
@@ -102,7 +102,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, device
+    from weavelm.kernels.common import codec, device, pdl_entry
 
     cuda = numba_cuda()
     unpack, pack, E = codec(dt)
@@ -123,6 +123,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     kv_elem = 1 if kv8 else itemsize        # bytes per cached element
 
     lane_sum = lane_sum_fn(lanes)           # over the lanes of one key row
+    enter = pdl_entry(pdl)
 
     def score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid):
         """Score the lane's `rows` key rows (kf, vf: row r at [r*E, (r+1)*E)) against each
@@ -199,6 +200,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, order_ptr, starts_ptr,
                             out_ptr, lse_ptr, part_ptr, ml_ptr, B, H, Hkv, D, M, bs_shift, S,
                             split_keys, window, scale, k_scale, v_scale):
+        enter()
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -329,7 +331,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     return paged_decode_kernel
 
 
-def _build_combine(dt: str, lanes: int):
+def _build_combine(dt: str, lanes: int, pdl: bool = False):
     """Merges a row's splits (their maxima in log2 units): thread t of CTA (b, h) writes vector
     t of out[b, h]; rows of one split were written by the main kernel."""
     global cuda
@@ -337,18 +339,20 @@ def _build_combine(dt: str, lanes: int):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, device
+    from weavelm.kernels.common import codec, device, pdl_entry
 
     cuda = numba_cuda()
     splits_of = device(split_count)
     first_key = first_key_fn()
     _, pack, E = codec(dt)
+    enter = pdl_entry(pdl)
     itemsize = 16 // E
     load, store = ptx.load_v4_u32, ptx.store_v4_u32
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
 
     def paged_decode_combine(part_ptr, ml_ptr, out_ptr, lens_ptr, starts_ptr, lse_ptr, rows, H,
                              S, D, split_keys, window):
+        enter()
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x
         if tid >= lanes or row >= rows:

@@ -218,6 +218,14 @@ fence_acq_rel_sys = _asm("fence_acq_rel_sys", "fence.acq_rel.sys;", (), (), memo
 globaltimer_ns = _asm("globaltimer_ns", "mov.u64 $0, %globaltimer;", ("u64",), (),
                       memory=True, model=_sim_globaltimer)  # ns since an arbitrary epoch
 
+# Programmatic dependent launch (sm_90+; launcher.pdl_enabled): `grid_dep_launch` lets the
+# stream's next kernel start its CTAs now, `grid_dep_wait` blocks until the kernel before this
+# one has finished and its writes are visible (at once where this one was launched plainly).
+grid_dep_launch = _asm("grid_dep_launch", "griddepcontrol.launch_dependents;", (), (),
+                       memory=True, model=lambda: None)
+grid_dep_wait = _asm("grid_dep_wait", "griddepcontrol.wait;", (), (), memory=True,
+                     model=lambda: None)
+
 # ----------------------------------------------------------------------------- conversions
 
 # cvt.rn.bf16x2.f32 d, a, b puts a in the upper half: we pass (hi, lo) as $1, $2.

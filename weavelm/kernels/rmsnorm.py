@@ -132,9 +132,10 @@ def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
 
         vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
         grid = min(rows, _max_ctas(device, block))
+        pdl = launcher.pdl_enabled(device)
         k = launcher.kernel(("rmsnorm", dt, has_residual, vpt),
-                            lambda: _build_kernel(dt, has_residual, vpt), SIGNATURE,
-                            max_threads=MAX_BLOCK)
+                            lambda: _build_kernel(dt, has_residual, vpt, pdl), SIGNATURE,
+                            max_threads=MAX_BLOCK, pdl=pdl)
         p = remember(_plans, key, (k, grid, block))
     return p
 
@@ -185,12 +186,13 @@ def fused_add_rms_norm_cuda(x, residual, weight, eps, out=None, inplace_residual
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, has_residual: bool, vpt: int):
+def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
     """The kernel's Python function for one dtype, variant and shape class (not yet jitted)."""
     global cuda
     from numba import float32
 
     from weavelm.kernels import ptx
+    from weavelm.kernels.common import pdl_entry
     from weavelm.kernels._numba_compat import numba_cuda
 
     cuda = numba_cuda()
@@ -199,6 +201,8 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
     sim_slots = MAX_BLOCK if simulator else 1
     nbuf = vpt * epv
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
+    prefetch = ptx.prefetch_l2
+    enter = pdl_entry(pdl)
 
     def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps):
         """One CTA per row (grid-stride). x, res, out, res_out: [T, D] row-major; w: [D].
@@ -215,6 +219,11 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int):
         inv_d = float32(1.0) / float32(n_vec * epv)
         eps32 = float32(eps)
         row_bytes = n_vec * 16
+        for j in range(vpt):             # the weight is read after the row's sum: ask L2 for
+            v = tid + j * nthreads       # it now (between steps it leaves L2 for other weights)
+            if v < n_vec:
+                prefetch(w_ptr + v * 16)
+        enter()                          # (the weight is no earlier kernel's output)
         row = cuda.blockIdx.x
         while row < n_rows:
             base = row * row_bytes

@@ -74,13 +74,14 @@ SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 6 + ["float64"] * 
 _plans: dict = {}
 
 
-def _kernel(dt: str, kv8: bool):
-    k = _plans.get((dt, kv8))
+def _kernel(dt: str, kv8: bool, device: int):
+    k = _plans.get((dt, kv8, device))
     if k is None:
         from weavelm.kernels import launcher
-        k = remember(_plans, (dt, kv8), launcher.kernel(
-            ("rope_cache", dt, kv8), lambda: _build_kernel(dt, kv8), SIGNATURE,
-            max_threads=MAX_THREADS))
+        pdl = launcher.pdl_enabled(device)
+        k = remember(_plans, (dt, kv8, device), launcher.kernel(
+            ("rope_cache", dt, kv8), lambda: _build_kernel(dt, kv8, pdl), SIGNATURE,
+            max_threads=MAX_THREADS, pdl=pdl))
     return k
 
 
@@ -102,8 +103,9 @@ def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_map
     if T:
         E = ELEMS[DTYPES[q.dtype]]
         items = (H + Hkv) * D // (2 * E) + Hkv * D // E
-        _kernel(DTYPES[q.dtype], k_cache.dtype == FP8).launch(
-            T, warps_for(items, MAX_THREADS), max(q.get_device(), 0), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        dev = max(q.get_device(), 0)
+        _kernel(DTYPES[q.dtype], k_cache.dtype == FP8, dev).launch(
+            T, warps_for(items, MAX_THREADS), dev, q.data_ptr(), k.data_ptr(), v.data_ptr(),
             positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), slot_mapping.data_ptr(), out.data_ptr(),
             0 if k_out is None else k_out.data_ptr(), H, Hkv, D, q.stride(0), k.stride(0),
@@ -116,7 +118,7 @@ def rope_and_cache_cuda(q, k, v, positions, cos, sin, k_cache, v_cache, slot_map
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, kv8: bool = False):
+def _build_kernel(dt: str, kv8: bool = False, pdl: bool = False):
     """One CTA per token t. Work items: for each of the H + Hkv q/k heads, the D/2/E vector
     pairs (i, i + D/2) to rotate; then for each of the Hkv v heads, its D/E vectors to copy.
     `kv8`: the cache is FP8: its rows are D bytes, written E bytes (two words) at a time."""
@@ -125,9 +127,10 @@ def _build_kernel(dt: str, kv8: bool = False):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, device
+    from weavelm.kernels.common import codec, device, pdl_entry
 
     cuda = numba_cuda()
+    enter = pdl_entry(pdl)
     unpack, pack, E = codec(dt)
     itemsize = 16 // E
     load, load_nc, store = ptx.load_v4_u32, ptx.load_v4_u32_nc, ptx.store_v4_u32
@@ -147,6 +150,7 @@ def _build_kernel(dt: str, kv8: bool = False):
     def rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                           slot_ptr, out_ptr, kout_ptr, H, Hkv, D, q_stride, k_stride,
                           v_stride, k_scale, v_scale):
+        enter()
         t = cuda.blockIdx.x
         a = cuda.local.array(8, float32)            # x[i..i+E)
         b = cuda.local.array(8, float32)            # x[i+D/2..)

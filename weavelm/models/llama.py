@@ -21,7 +21,7 @@ from weavelm.models.config import ModelConfig
 from weavelm.models.decoder import WovenDecoder, WovenDecoderLayer, RMSNorm, StepInput
 from weavelm.models.registry import GemmShape, ModelFamily, register_family
 from weavelm.models.rope import RotaryEmbedding
-from weavelm.parallel.fp8 import load_kv_scale, silu_and_mul_rounded
+from weavelm.parallel.fp8 import gate_up_silu_rounded, load_kv_scale
 from weavelm.parallel.layers import (
     MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
     VocabParallelEmbedding,
@@ -87,10 +87,10 @@ class LlamaMLP(nn.Module):
                                            params_dtype=dtype, device=device)
 
     def forward(self, x, out=None):
-        h = self.gate_up_proj(x)                                    # [T, 2I/N]
-        # an FP8 down projection takes silu(gate) * up rounded to FP8 already (one kernel)
-        h = silu_and_mul_rounded(h) if self.down_proj.weight_scale is not None \
-            else silu_and_mul(h)                                    # [T, I/N]
+        if self.down_proj.weight_scale is not None:    # it takes silu(gate) * up rounded to FP8
+            h = gate_up_silu_rounded(x, self.gate_up_proj)           # [T, I/N]
+        else:
+            h = silu_and_mul(self.gate_up_proj(x))                  # [T, 2I/N] -> [T, I/N]
         return self.down_proj(h, out=out)                            # [T, D] partial sums
 
 

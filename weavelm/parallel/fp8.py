@@ -231,11 +231,6 @@ def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor, dtype=None) -> bool:
 # the exact product of the rounded operands 2-3e-3 instead of 1.7e-3 (rounding the operands
 # costs 3.7%); below ~256 tokens it is no faster (bench_fp8_linear.py --gemv-sweep).
 FAST_ACCUM_TOKENS = 256
-# Token counts at which `_scaled_mm` is asked for (W x^T)^T instead of x W^T: with few tokens
-# as the GEMM's N, cuBLASLt may tile the weight rows finer. Only multiples of 16 (cuBLASLt's
-# rule) below FAST_ACCUM_TOKENS take it. Empty: never (to be measured per card with
-# benchmarks/bench_fp8_orientation.py before it is switched on).
-SWAP_TOKENS: tuple = ()
 
 
 class Rounded(NamedTuple):
@@ -256,6 +251,20 @@ def silu_and_mul_rounded(x: torch.Tensor) -> Rounded:
     return Rounded(codes.reshape(h.shape), scale.reshape(h.shape[:-1]), x.dtype)
 
 
+def gate_up_silu_rounded(x: torch.Tensor, gate_up) -> Rounded:
+    """silu(gate) * up of a merged [gate | up] projection, rounded to FP8 a row: an FP8 down
+    projection's input. One token on a GPU with an FP8 gate_up: the GEMV forms the product in
+    its epilogue and `fp8_quant.round_spread` rounds it over many CTAs (no [gate | up] row in
+    memory, no one-CTA rounding kernel); otherwise the layer, then `silu_and_mul_rounded`. The
+    same codes either way."""
+    codes, scale = gate_up.weight, getattr(gate_up, "weight_scale", None)
+    if scale is not None and gate_up.bias is None and x.dim() == 2 \
+            and _scaled_mm_ok(x, codes) and fp8_gemv.gated_supported(x, codes):
+        p, maxima = fp8_gemv.fp8_gemv_gated(x, codes, scale)
+        return Rounded(*fp8_quant.round_spread(p, maxima), x.dtype)
+    return silu_and_mul_rounded(gate_up(x))
+
+
 def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -273,10 +282,6 @@ def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
         xq, xs = (x2, x.scale.reshape(-1)) if rounded else quantize_rows(x2)
         if fast and fp8_gemv.supported(xq, codes, dtype):  # 1-4 tokens
             y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, dtype)
-        elif fast and xq.shape[0] in SWAP_TOKENS and xq.shape[0] % 16 == 0 \
-                and xq.shape[0] < FAST_ACCUM_TOKENS:
-            y = torch._scaled_mm(codes, xq.t(), scale_a=scale[:, None], scale_b=xs[None, :],
-                                 out_dtype=dtype).t()
         elif fast and xq.shape[0] > 0:
             y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
                                  out_dtype=dtype,
@@ -286,7 +291,7 @@ def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
     if bias is not None:
         y = y + bias
     y = y.reshape(*lead, codes.shape[0])
-    return y.contiguous() if out is None else out.copy_(y)      # (swapped: a transposed view)
+    return y if out is None else out.copy_(y)
 
 
 def grouped_fp8_linear(a: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
