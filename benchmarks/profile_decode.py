@@ -34,7 +34,8 @@ for knob in sys.argv[3:]:
     mod = importlib.import_module("weavelm." + module)
     if not hasattr(mod, attr):
         sys.exit(f"profile_decode: weavelm.{module} has no {attr}")
-    setattr(mod, attr, type(getattr(mod, attr))(value))
+    old = getattr(mod, attr)
+    setattr(mod, attr, value.lower() in ("1", "true") if isinstance(old, bool) else type(old)(value))
     print(f"set weavelm.{name} = {getattr(mod, attr)!r}")
 cfg = shape_config("llama3-8b", None)
 cfg["max_position_embeddings"] = 8192

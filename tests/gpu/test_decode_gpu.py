@@ -171,3 +171,39 @@ def test_logprobs_in_graph_decode_equal_transformers(tmp_path):
                     assert abs(out.prompt_logprobs[i].logprob - ref[i - 1][prompt[i]].item()) \
                         < 1e-3
         del llm
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_programmatic_dependent_launch_gives_the_plain_launches_tokens(tmp_path, monkeypatch,
+                                                                       quantization):
+    """Built and launched for programmatic dependent launch (WEAVELM_PDL=1, Hopper), the decode
+    path's kernels give the greedy tokens and log-probabilities of plain launches, in CUDA
+    graphs and eager (a kernel reading before its wait would read its predecessor's half-written
+    output)."""
+    from weavelm import LLM, SamplingParams
+    from weavelm.kernels import (activation, fp8_gemv, fp8_quant, launcher, paged_attention,
+                                 rmsnorm, rope_cache)
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    make_tiny("llama", tmp_path / "llama", seed=5, kv_heads=2, heads=4, hidden_size=256,
+              intermediate_size=512)
+    prompts = [[1, 5, 9, 14, 20, 7, 7, 3, 44, 12, 90], [4, 8], [30 + i for i in range(37)]]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=2)
+    runs = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("WEAVELM_PDL", pdl)
+        for mod in (launcher, activation, fp8_gemv, fp8_quant, paged_attention, rmsnorm,
+                    rope_cache):              # plans built the other way must not be reused
+            for name in ("_pdl", "_plans"):
+                if isinstance(getattr(mod, name, None), dict):
+                    monkeypatch.setattr(mod, name, {})
+        assert launcher.pdl_enabled(0) is (pdl == "1")
+        for eager in (False, True):
+            llm = LLM(str(tmp_path / "llama"), tp=1, device="cuda", dtype="bfloat16",
+                      progress=False, enforce_eager=eager, max_num_seqs=8,
+                      quantization=quantization)
+            outs = llm.generate_from_ids(prompts, params)
+            runs[pdl, eager] = [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+            del llm
+    assert runs["1", False] == runs["0", False]
+    assert runs["1", True] == runs["0", True]

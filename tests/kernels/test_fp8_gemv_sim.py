@@ -21,7 +21,7 @@ def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, kw, monkeypatch
     if n == 40:                           # one CTA: its warps take the rows in several rounds
         monkeypatch.setattr(G, "WAVES", 1)
         monkeypatch.setitem(G._sms, 0, 1)
-        G._plans.clear()
+        monkeypatch.setattr(G, "_plans", {})            # (not kept for the next test)
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
     xq, xs = quantize_rows(x)
@@ -60,19 +60,21 @@ def test_sim_fused_rounding_equals_rounding_then_gemv(m, n, k, dtype, kw):
 @sim
 @pytest.mark.parametrize("k,i,dtype,kw,one_cta", [(32, 8, torch.bfloat16, 1, False),
                                                   (272, 24, torch.float16, 2, True),
-                                                  (1040, 16, torch.bfloat16, 8, True)])
+                                                  (1040, 16, torch.bfloat16, 8, True),
+                                                  (32, 1040, torch.bfloat16, 1, False)])
 def test_sim_gated_product_rounded_spread_equals_silu_mul_rounding(k, i, dtype, kw, one_cta,
                                                                    monkeypatch):
     """silu(gate) * up formed in the GEMV's epilogue and rounded over many CTAs from their
     maxima gives the bits of the plain fused GEMV's [gate | up] through the gated rounding
-    kernel (one CTA: the rows come in several rounds, the maximum from one CTA)."""
+    kernel (one CTA: the rows come in several rounds, the maximum from one CTA; I = 1,040:
+    16 GEMV CTAs, the largest |product| in one of them, 2 rounding CTAs)."""
     from weavelm.kernels import fp8_gemv as G
     from weavelm.kernels import fp8_quant as Q
     from weavelm.parallel.fp8 import quantize_rows
     if one_cta:
         monkeypatch.setattr(G, "WAVES", 1)
         monkeypatch.setitem(G._sms, 0, 1)
-        G._plans.clear()
+        monkeypatch.setattr(G, "_plans", {})            # (not kept for the next test)
     g = torch.Generator().manual_seed(k + i)
     x = (torch.randn(1, k, generator=g) * 3).to(dtype)
     codes, ws = quantize_rows(torch.randn(2 * i, k, generator=g) * 0.3)

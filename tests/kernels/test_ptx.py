@@ -281,7 +281,9 @@ def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
     assert "griddepcontrol" not in plain
     wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
     assert 0 < wait < launch, (wait, launch)
-    assert ptx.find("st.global") < 0 or ptx.find("st.global") > launch
+    before = ptx[:wait]                          # no memory access of the kernel's own before it
+    for op in ("ld.global", "st.global", "atom.", "red."):
+        assert op not in before, op
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr

@@ -101,7 +101,8 @@ def fp8_gemv_fused(x, codes, ws, out=None, kw: int | None = None) -> torch.Tenso
 
 
 def gated_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    return fused_supported(x, codes) and codes.shape[0] % (2 * ROWS) == 0
+    # 2I rows in groups of gate j, j + 1 and up j, j + 1; I % 8 == 0 for round_spread's vectors
+    return fused_supported(x, codes) and codes.shape[0] % 16 == 0
 
 
 def fp8_gemv_gated(x, codes, ws, kw: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

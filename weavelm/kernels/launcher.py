@@ -22,7 +22,7 @@ arguments, pointers included, are frozen at capture; compile and warm up before 
 Under the CUDA simulator both paths run the kernel in Python (`dispatcher[grid, block](*args)`).
 
 Programmatic dependent launch (PDL, Hopper): a kernel built for it (`pdl_enabled`, its key
-and build carry the flag) calls `ptx.grid_dep_launch` and `ptx.grid_dep_wait` on entry, before
+and build carry the flag) calls `ptx.grid_dep_wait` then `ptx.grid_dep_launch` on entry, before
 any read of what earlier kernels wrote and before any write (only static data, e.g. weights,
 may be touched before the wait), and the "core" path launches it with
 `programmatic_stream_serialization`: its CTAs start while the kernel before it finishes, so
