@@ -155,3 +155,41 @@ def test_stop_while_the_next_step_is_in_flight(tiny, tp):
     assert stopped >= 1                             # some sequence stopped before its budget
     assert all(PLACEHOLDER not in t and PLACEHOLDER not in new for t, new in r["seen"])
     assert r["blocks_left"] == 0
+
+
+@pytest.mark.parametrize("before", [(700, 10, 10), (50_000, 7, 3), (0, 10, 10)])
+def test_engine_makes_young_collections_rarer_and_never_more_frequent(tiny, before):
+    """An engine raises Python's young-generation threshold (its steps allocate many small
+    objects, and each collection cascade walked every sequence's tokens), leaves a higher one
+    and the older generations' as they were, and leaves a disabled collector (0) off."""
+    import gc
+
+    from weavelm import LLM
+    from weavelm.engine.engine import GC_YOUNG_THRESHOLD
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(*before)
+        llm = LLM(tiny[0], tp=1, device="cpu", dtype="float32", progress=False)
+        young = before[0] if before[0] == 0 else max(before[0], GC_YOUNG_THRESHOLD)
+        assert gc.get_threshold() == (young, *before[1:])
+        del llm
+    finally:
+        gc.set_threshold(*saved)
+
+
+def test_step_outputs_keep_the_tokens_they_were_given(tiny):
+    """Each step's output of a request holds the tokens generated up to that step, unchanged by
+    the steps after it (an output reads the engine's own token list up to its count)."""
+    from weavelm import LLM, SamplingParams
+    llm = LLM(tiny[0], tp=1, device="cpu", dtype="float32", progress=False)
+    prompt = _prompts()["a"]
+    llm.engine.add_request("a", prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    outs = []
+    while llm.engine.seqs or not outs:
+        outs += [o for o in llm.engine.step() if o.request_id == "a"]
+    final = outs[-1].token_ids
+    assert outs[-1].finished and final == tiny[1]["a"]
+    for o in outs:
+        n = len(o.token_ids)
+        assert o.token_ids == final[:n] and o.new_token_ids == final[n - len(o.new_token_ids):n]
+    assert [len(o.token_ids) for o in outs] == list(range(1, NEW + 1))
