@@ -58,6 +58,55 @@ def device(fn):
     return numba_cuda().jit(device=True, inline="always")(fn)
 
 
+cuda = None  # numba.cuda, bound by block_reduce_fn (the simulator swaps it)
+
+
+def block_reduce_fn(is_max: bool):
+    """reduce(v, warp_part [33], thread_part [blockDim under the simulator, else any], tid,
+    nthreads): the CTA's largest v (is_max) or sum of v, left in warp_part[32] for every
+    thread; every thread calls it, and it ends with a barrier. Warp shuffles, then warp 0 over
+    the warps' parts; under the simulator (no shuffles) thread 0 over thread_part."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+
+    cuda = numba_cuda()
+    simulator = ptx.SIMULATOR
+
+    def reduce(v, warp_part, thread_part, tid, nthreads):
+        if simulator:
+            thread_part[tid] = v
+            cuda.syncthreads()
+            if tid == 0:
+                t = float32(0.0)
+                for i in range(nthreads):
+                    t = max(t, thread_part[i]) if is_max else t + thread_part[i]
+                warp_part[32] = t
+        else:
+            lane = tid & 31
+            k = 16
+            while k > 0:
+                o = cuda.shfl_xor_sync(0xFFFFFFFF, v, k)
+                v = max(v, o) if is_max else v + o
+                k >>= 1
+            if lane == 0:
+                warp_part[tid >> 5] = v
+            cuda.syncthreads()
+            if tid < 32:
+                t = warp_part[lane] if lane < (nthreads >> 5) else float32(0.0)
+                k = 16
+                while k > 0:
+                    o = cuda.shfl_xor_sync(0xFFFFFFFF, t, k)
+                    t = max(t, o) if is_max else t + o
+                    k >>= 1
+                if lane == 0:
+                    warp_part[32] = t
+        cuda.syncthreads()
+    return device(reduce)
+
+
 def pdl_entry(pdl: bool):
     """enter(): a kernel built for programmatic dependent launch (`launcher.pdl_enabled`) calls
     it before reading anything an earlier kernel wrote and before any write: it waits for the

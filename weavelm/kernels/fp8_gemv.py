@@ -162,7 +162,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool 
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, device, pdl_entry
+    from weavelm.kernels.common import block_reduce_fn, codec, device, pdl_entry
     from weavelm.kernels.paged_attention_kernels import lane_sum_fn
 
     import math
@@ -171,6 +171,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool 
     fused, gated = form != PLAIN, form == GATED
     lane_sum = lane_sum_fn(32)
     enter = pdl_entry(pdl)
+    block_max = block_reduce_fn(True)
     unpack_x = codec(dt)[0]                               # fused: 8 activations a vector
     pack4 = ptx.pack_e4m3x4
     simulator = ptx.SIMULATOR
@@ -205,6 +206,7 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool 
         wid = tid >> 5
         xmax = cuda.shared.array(max_n, float32)          # fused: partial maxima
         xcodes = cuda.shared.array(n_codes, uint32)        # fused: the row's codes
+        gmax = cuda.shared.array(33, float32)             # gated: the warps' maxima
         h = cuda.local.array(16, float32)
         xk = cuda.local.array(n_xk, float32)              # fused: this thread's activations
         scales = cuda.local.array(n_scales, float32)      # the rows' and tokens' scales
@@ -325,17 +327,9 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool 
                             store_u32(out + r * 2, pack2(y0, y1))
 
         if gated:                                         # the CTA's largest |product|
-            cuda.syncthreads()
-            if simulator:
-                xmax[tid] = pmax
-            elif lane == 0:
-                xmax[wid] = pmax
-            cuda.syncthreads()
+            block_max(pmax, gmax, xmax, tid, 32 * WARPS)  # (xmax: the simulator's slots)
             if tid == 0:
-                t = float32(0.0)
-                for i in range(max_n):
-                    t = max(t, xmax[i])
-                store_u32(xs_ptr + cuda.blockIdx.x * 4, as_u32(t))
+                store_u32(xs_ptr + cuda.blockIdx.x * 4, as_u32(gmax[32]))
 
     fp8_gemv_kernel.__name__ = f"fp8_gemv_{dt}_t{tmax}_k{kw}" + \
         ("", "_fused", "_gated")[form]

@@ -93,43 +93,6 @@ def _plan(dt: str, n_vec: int, rows: int, device: int, gated: bool = False):
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _block_max_fn(simulator: bool):
-    """block_max(m, warp_max [33], thread_max [MAX_BLOCK or 1], tid, nthreads): the CTA's
-    largest m, left in warp_max[32] for every thread (ends with a barrier)."""
-    from numba import float32
-
-    from weavelm.kernels.common import device
-
-    def block_max(m, warp_max, thread_max, tid, nthreads):
-        if simulator:                    # no warp shuffles there: through shared memory
-            thread_max[tid] = m
-            cuda.syncthreads()
-            if tid == 0:
-                t = float32(0.0)
-                for i in range(nthreads):
-                    t = max(t, thread_max[i])
-                warp_max[32] = t
-        else:
-            lane = tid & 31
-            k = 16
-            while k > 0:
-                m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, k))
-                k >>= 1
-            if lane == 0:
-                warp_max[tid >> 5] = m
-            cuda.syncthreads()
-            if tid < 32:
-                t = warp_max[lane] if lane < (nthreads >> 5) else float32(0.0)
-                k = 16
-                while k > 0:
-                    t = max(t, cuda.shfl_xor_sync(0xFFFFFFFF, t, k))
-                    k >>= 1
-                if lane == 0:
-                    warp_max[32] = t
-        cuda.syncthreads()
-    return device(block_max)
-
-
 def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
     global cuda
     import math
@@ -138,7 +101,7 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, pdl_entry
+    from weavelm.kernels.common import block_reduce_fn, codec, pdl_entry
 
     cuda = numba_cuda()
     unpack, pack, E = codec(dt)
@@ -147,7 +110,7 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
     nbuf = vpt * E
     load_nc, store_u32, pack4 = ptx.load_v4_u32_nc, ptx.store_u32, ptx.pack_e4m3x4
     as_u32 = ptx.f32_as_u32
-    block_max = _block_max_fn(simulator)
+    block_max = block_reduce_fn(True)
     enter = pdl_entry(pdl)
 
     def fp8_quant_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_vec):
@@ -203,7 +166,7 @@ def _build_spread(dt: str, pdl: bool = False):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import codec, pdl_entry
+    from weavelm.kernels.common import block_reduce_fn, codec, pdl_entry
 
     cuda = numba_cuda()
     unpack, E = codec(dt)[0], codec(dt)[2]
@@ -211,7 +174,7 @@ def _build_spread(dt: str, pdl: bool = False):
     sim_slots = SPREAD_BLOCK if simulator else 1
     load_nc, load_u32, store_u32 = ptx.load_v4_u32_nc, ptx.load_u32, ptx.store_u32
     pack4, as_f32, as_u32 = ptx.pack_e4m3x4, ptx.u32_as_f32, ptx.f32_as_u32
-    block_max = _block_max_fn(simulator)
+    block_max = block_reduce_fn(True)
     enter = pdl_entry(pdl)
 
     def fp8_round_spread_kernel(x_ptr, max_ptr, codes_ptr, scale_ptr, n_max, n_vec):

@@ -192,7 +192,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
     from numba import float32
 
     from weavelm.kernels import ptx
-    from weavelm.kernels.common import pdl_entry
+    from weavelm.kernels.common import block_reduce_fn, pdl_entry
     from weavelm.kernels._numba_compat import numba_cuda
 
     cuda = numba_cuda()
@@ -203,6 +203,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
     load_nc, load, store = ptx.load_v4_u32_nc, ptx.load_v4_u32, ptx.store_v4_u32
     prefetch = ptx.prefetch_l2
     enter = pdl_entry(pdl)
+    block_sum = block_reduce_fn(False)
 
     def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps):
         """One CTA per row (grid-stride). x, res, out, res_out: [T, D] row-major; w: [D].
@@ -248,33 +249,8 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
                             a[e] = h[j * epv + e]
                         r = pack(a)
                         store(res_out_ptr + base + v * 16, r[0], r[1], r[2], r[3])
-            # block sum of ss -> warp_sums[32]
-            if simulator:
-                thread_sums[tid] = ss
-                cuda.syncthreads()
-                if tid == 0:
-                    t = float32(0.0)
-                    for i in range(nthreads):
-                        t += thread_sums[i]
-                    warp_sums[32] = t
-            else:
-                lane = tid & 31
-                k = 16
-                while k > 0:
-                    ss += cuda.shfl_xor_sync(0xFFFFFFFF, ss, k)
-                    k >>= 1
-                if lane == 0:
-                    warp_sums[tid >> 5] = ss
-                cuda.syncthreads()
-                if tid < 32:
-                    t = warp_sums[lane] if lane < (nthreads >> 5) else float32(0.0)
-                    k = 16
-                    while k > 0:
-                        t += cuda.shfl_xor_sync(0xFFFFFFFF, t, k)
-                        k >>= 1
-                    if lane == 0:
-                        warp_sums[32] = t
-            cuda.syncthreads()  # warp_sums[32] is rewritten only after the next row's 1st sync
+            # the row's sum of squares -> warp_sums[32] (rewritten only after the next row's
+            block_sum(ss, warp_sums, thread_sums, tid, nthreads)       # first barrier)
             rstd = float32(1.0) / float32(math.sqrt(warp_sums[32] * inv_d + eps32))
             for j in range(vpt):
                 v = tid + j * nthreads
