@@ -176,7 +176,7 @@ def test_logprobs_in_graph_decode_equal_transformers(tmp_path):
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_programmatic_dependent_launch_gives_the_plain_launches_tokens(tmp_path, monkeypatch,
                                                                        quantization):
-    """Built and launched for programmatic dependent launch (WEAVELM_PDL=1, Hopper), the decode
+    """Built and launched for programmatic dependent launch (the default on Hopper), the decode
     path's kernels give the greedy tokens and log-probabilities of plain launches, in CUDA
     graphs and eager (a kernel reading before its wait would read its predecessor's half-written
     output)."""

@@ -284,14 +284,16 @@ def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
     before = ptx[:wait]                          # no memory access of the kernel's own before it
     for op in ("ld.global", "st.global", "atom.", "red."):
         assert op not in before, op
+    if name == "fp8_gemv":              # its first weights asked of L2 before the wait
+        assert "prefetch.global.L2" in before and "prefetch" not in plain
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
         assert r.returncode == 0, r.stderr
 
 
 def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
-    """Programmatic dependent launch is off unless WEAVELM_PDL=1, and then only on compute
-    capability 9.0+; when on, the launch configuration asks for it."""
+    """Programmatic dependent launch is on by default on compute capability 9.0+ only, off
+    with WEAVELM_PDL=0; when on, the launch configuration asks for it."""
     import torch
 
     from weavelm.kernels import launcher as L
@@ -300,10 +302,10 @@ def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
         pytest.skip("this cuda.core has no programmatic dependent launch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
-    monkeypatch.delenv("WEAVELM_PDL", raising=False)
+    monkeypatch.setenv("WEAVELM_PDL", "0")
     monkeypatch.setattr(L, "_pdl", {})
     assert not L.pdl_enabled(0)
-    monkeypatch.setenv("WEAVELM_PDL", "1")
+    monkeypatch.delenv("WEAVELM_PDL", raising=False)
     monkeypatch.setattr(L, "_pdl", {})
     assert L.pdl_enabled(0)
     assert L._config(4, 64, True).programmatic_stream_serialization
