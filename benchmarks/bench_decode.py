@@ -27,6 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import knobs  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -98,7 +100,11 @@ def main():
     ap.add_argument("--kv-cache-dtype", default="auto",
                     help="auto or fp8: the weavelm engines' KV cache")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a weavelm module constant before the models are built "
+                         "(benchmarks/knobs.py), e.g. kernels.fp8_gemv.EARLY_STEPS=1")
     args = ap.parse_args()
+    knobs.apply(args.knob)
 
     import transformers as tf
 

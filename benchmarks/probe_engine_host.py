@@ -43,7 +43,8 @@ class StubRunner:
 
     def __init__(self, num_blocks: int, max_num_seqs: int = 256):
         self.config = EngineConfig(max_model_len=MAX_LEN, max_num_seqs=max_num_seqs)
-        self.blocks = BlockAllocator(num_blocks, BS)
+        # prefix caching on, as the engine's default (EngineConfig.enable_prefix_caching)
+        self.blocks = BlockAllocator(num_blocks, BS, caching=self.config.enable_prefix_caching)
         self.device, self.block_size = torch.device("cpu"), BS
         self.state, self.link = init_parallel(1, "cpu"), None     # one rank, one stage
         G, M = max_num_seqs, -(-MAX_LEN // BS)

@@ -1,0 +1,72 @@
+"""The scheduler's decode loop (`Scheduler._schedule_decodes`, written out for host time)
+against the general loop it replaces, step by step over random workloads that preempt."""
+import random
+
+import pytest
+
+from weavelm.engine.block_manager import BlockAllocator
+from weavelm.engine.sampler import SamplingParams
+from weavelm.engine.scheduler import Scheduler, Status
+from weavelm.engine.sequence import Sequence
+
+
+class GeneralScheduler(Scheduler):
+    """Decode tokens through the general checks (`_chunk`, `_reserve`, `_piece`), as every
+    running sequence was scheduled before the decode loop."""
+
+    def _schedule_decodes(self, pieces, budget, limit):
+        for seq in list(self.running):
+            if budget == 0 or len(pieces) >= limit or seq.status is not Status.RUNNING \
+                    or seq.last_in_flight or self._waits_for_token(seq) \
+                    or seq.num_uncomputed != 1:
+                continue
+            n = self._chunk(seq, budget)
+            if self._reserve(seq, n, pieces):
+                pieces.append(self._piece(seq, n))
+                budget -= n
+        return budget
+
+
+def _run(cls, seed: int, caching: bool, stages: int):
+    rng = random.Random(seed)
+    sched = cls(BlockAllocator(24, 4, caching=caching), max_num_seqs=12,
+                max_num_batched_tokens=24, num_stages=stages)
+    log, seqs, arrival = [], [], 0
+    for step in range(120):
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            prompt = [rng.randrange(50) for _ in range(rng.randrange(1, 30))]
+            seq = Sequence(str(arrival), prompt, SamplingParams(
+                max_new_tokens=rng.randrange(1, 25), ignore_eos=True), arrival)
+            arrival += 1
+            seqs.append(seq)
+            sched.add(seq)
+        pieces = sched.schedule()              # while the last step runs (as the engine)
+        for seq in seqs:                       # then the last step's tokens are read
+            if seq.num_pending:
+                seq.num_pending = 0
+                if seq.last_in_flight:
+                    sched.finish(seq, "length")
+        log.append([(p.seq.request_id, p.start, p.length, p.sample, list(p.seq.blocks))
+                    for p in pieces])
+        for p in pieces:                       # this step: its tokens are read after the next
+            if p.seq.finished:                 # schedule (one ended at the read: not run)
+                continue
+            seq = p.seq
+            seq.num_computed += p.length
+            sched.cache_computed(seq)
+            if p.sample:
+                seq.output_token_ids.append(rng.randrange(50))
+                seq.num_pending = 1
+                seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens
+        log.append(sched.num_preempted)
+    return log
+
+
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_loop_schedules_as_the_general_loop(seed, caching, stages):
+    fast, general = _run(Scheduler, seed, caching, stages), _run(GeneralScheduler, seed,
+                                                                  caching, stages)
+    assert fast == general
+    assert fast[-1] > 0                    # the workload did preempt
