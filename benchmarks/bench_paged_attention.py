@@ -2,13 +2,15 @@
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
     python3 benchmarks/bench_paged_attention.py [--variants] [--schedules] [--shared] [--cascade]
+                                                [--small]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
 replays; the check is the largest difference from the float32 reference. --schedules compares
 how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths;
 --shared, the order of the CTAs where sequences share a cached prefix's blocks; --cascade, the
-cascade attention that reads a shared prefix once against the kernel reading every copy.
+cascade attention that reads a shared prefix once against the kernel reading every copy;
+--small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`).
 """
 from __future__ import annotations
 
@@ -51,6 +53,32 @@ def main():
         shared(P, H, Hkv, D, bs)
     if "--cascade" in sys.argv:
         cascade(P, H, Hkv, D, bs)
+    if "--small" in sys.argv:
+        small(P, H, Hkv, D, bs)
+
+
+def small(P, H, Hkv, D, bs):
+    """µs per call at batch 1-16 and short contexts, S from the plan, by keys per split."""
+    counts = (32, 64, 128, 256)
+    print(f"\n### keys per split where the batch leaves SMs idle (default "
+          f"{P.SMALL_SPLIT_KEYS}); µs per call\n")
+    print("| batch | context | S | " + " | ".join(f"{k} keys" for k in counts) + " |")
+    print("|" + " --- |" * (3 + len(counts)))
+    for B in (1, 4, 16):
+        for ctx in (128, 256, 512, 1024, 4096):
+            q, kc, vc, tables, lens = case(B, ctx, H, Hkv, D, bs)
+            scale = 1 / math.sqrt(D)
+            ref = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens,
+                                               scale)
+            row = []
+            for k in counts:
+                out = P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale, split_keys=k)
+                assert (out.float() - ref).abs().max().item() < 2e-2, (B, ctx, k)
+                row.append(graph_us(lambda: P.paged_decode_attention_cuda(
+                    q, kc, vc, tables, lens, scale, split_keys=k)))
+            S = P.split_plan(B, H // P.head_group(H, Hkv), 0)[0]
+            print(f"| {B} | {ctx} | {S} | " + " | ".join(f"{t:.1f}" for t in row) + " |",
+                  flush=True)
 
 
 def case(B, ctx, H, Hkv, D, bs, lengths=None):

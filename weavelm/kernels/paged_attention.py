@@ -59,6 +59,10 @@ SPLIT_KEYS = 256                # keys per split where the grid is split for occ
 # unused CTAs (each still starts, reads its length and exits) than the longest-first order
 # leaves to gain. How much: benchmarks/RESULTS.md (paged decode attention, schedules).
 LONG_SPLITS, LONG_SPLIT_KEYS, LONG_BATCH_CTAS = 4, 2048, 1024
+# Where the batch cannot fill the GPU at one CTA per (group, sequence), short sequences are
+# split too: every SMALL_SPLIT_KEYS keys one more of their S CTAs (with SPLIT_KEYS a sequence
+# of 256 keys at batch 1 ran on 8 CTAs, one per KV head, its keys one after another).
+SMALL_SPLIT_KEYS = 64
 MAX_GROUP = 4                   # query heads per CTA: the group's keys are read once for all
 #                                 of them (4 against 2: benchmarks/HISTORY.md, 2026-12-02)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
@@ -161,10 +165,13 @@ def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
     """(S, split_keys) for a batch (a sequence uses one of its S CTAs per split_keys keys):
     S from occupancy (`num_splits`) with SPLIT_KEYS keys per split; where that leaves fewer
     than LONG_SPLITS in a batch of at most LONG_BATCH_CTAS CTAs, LONG_SPLITS for sequences
-    longer than LONG_SPLIT_KEYS (one long sequence among short ones)."""
+    longer than LONG_SPLIT_KEYS (one long sequence among short ones); where the batch has no
+    more CTAs at S = 1 than the GPU has SMs, SMALL_SPLIT_KEYS keys per split."""
     base = num_splits(batch, ctas, device)
     if base < LONG_SPLITS and batch * ctas <= LONG_BATCH_CTAS:
         return LONG_SPLITS, LONG_SPLIT_KEYS
+    if batch * ctas <= _sms[device]:
+        return base, SMALL_SPLIT_KEYS
     return base, SPLIT_KEYS
 
 
