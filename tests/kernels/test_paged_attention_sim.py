@@ -122,16 +122,17 @@ def test_sim_kernel_matches_reference(dtype, D, splits, split_keys, window, orde
 
 @pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
 def test_split_plan(monkeypatch):
-    """Occupancy splits of SMALL_SPLIT_KEYS keys for batches that leave SMs idle at one CTA per
-    sequence, of SPLIT_KEYS keys up to LONG_BATCH_CTAS; LONG_SPLITS CTAs per sequence,
+    """Occupancy splits of SMALL_SPLIT_KEYS keys where occupancy asks for more than MAX_SPLITS,
+    of SPLIT_KEYS keys up to LONG_BATCH_CTAS; LONG_SPLITS CTAs per sequence,
     used by long sequences only, for middling ones; big batches one CTA per sequence (132 SMs,
     8 CTAs per sequence at S = 1); and the longest-first order."""
     from weavelm.kernels.paged_attention_kernels import split_count
     monkeypatch.setitem(P._sms, 0, 132)
-    # batches of at most one CTA an SM at S = 1: short sequences split too
+    # batches whose occupancy asks for more than MAX_SPLITS: short sequences split too
     assert P.split_plan(1, 8, 0) == (16, P.SMALL_SPLIT_KEYS)      # 66 by occupancy, capped
-    assert P.split_plan(16, 8, 0) == (5, P.SMALL_SPLIT_KEYS)
-    assert P.split_plan(17, 8, 0) == (4, P.SPLIT_KEYS)
+    assert P.split_plan(4, 8, 0) == (16, P.SMALL_SPLIT_KEYS)      # 17, capped
+    assert P.split_plan(5, 8, 0) == (14, P.SPLIT_KEYS)
+    assert P.split_plan(16, 8, 0) == (5, P.SPLIT_KEYS)
     S, keys = P.split_plan(100, 8, 0)
     assert (S, keys) == (P.LONG_SPLITS, P.LONG_SPLIT_KEYS)
     assert [split_count(n, S, keys) for n in (1, keys, keys + 1, 100 * keys)] == [1, 1, 2, S]

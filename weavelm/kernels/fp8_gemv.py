@@ -58,8 +58,9 @@ FUSED_MAX_K = 8192
 # Built for programmatic dependent launch, each warp asks L2 for this many steps of its first
 # rows' weights before it waits for the kernel before (the weights are no kernel's output), so
 # that the weight stream starts while that kernel (an RMSNorm, the attention) finishes. H100,
-# FP8 decode step at batch 1 (profile_decode.py): 3,638 µs at 0, 3,549-3,586 at 1-3, 3,619 at 4.
-EARLY_STEPS = 2
+# FP8 decode step at batch 1 (profile_decode.py): 3,638 µs at 0, 3,549 at 1, 3,584-3,586 at 2-3,
+# 3,619 at 4; bench_decode at batch 1: 271.1 tok/s at 1, 268.7 at 2 (RESULTS.md, PDL).
+EARLY_STEPS = 1
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}

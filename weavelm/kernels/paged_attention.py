@@ -59,9 +59,12 @@ SPLIT_KEYS = 256                # keys per split where the grid is split for occ
 # unused CTAs (each still starts, reads its length and exits) than the longest-first order
 # leaves to gain. How much: benchmarks/RESULTS.md (paged decode attention, schedules).
 LONG_SPLITS, LONG_SPLIT_KEYS, LONG_BATCH_CTAS = 4, 2048, 1024
-# Where the batch cannot fill the GPU at one CTA per (group, sequence), short sequences are
-# split too: every SMALL_SPLIT_KEYS keys one more of their S CTAs (with SPLIT_KEYS a sequence
-# of 256 keys at batch 1 ran on 8 CTAs, one per KV head, its keys one after another).
+# In batches so small that occupancy asks for more than MAX_SPLITS CTAs a sequence (at most 4
+# sequences of 8 KV heads on 132 SMs), short sequences are split too: one more of their S CTAs
+# every SMALL_SPLIT_KEYS keys (with SPLIT_KEYS a sequence of 256 keys at batch 1 ran on one CTA
+# per KV head, its keys one after another). H100, bench_paged_attention.py --small, µs at 64 /
+# 256 keys: batch 1, 256 keys 7.8 / 12.7; batch 4, 512 keys 13.0 / 17.6; at batch 16 (S = 5)
+# 64 was slower (1,024 keys: 45.2 / 36.9), so there it stays SPLIT_KEYS.
 SMALL_SPLIT_KEYS = 64
 MAX_GROUP = 4                   # query heads per CTA: the group's keys are read once for all
 #                                 of them (4 against 2: benchmarks/HISTORY.md, 2026-12-02)
@@ -165,12 +168,12 @@ def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
     """(S, split_keys) for a batch (a sequence uses one of its S CTAs per split_keys keys):
     S from occupancy (`num_splits`) with SPLIT_KEYS keys per split; where that leaves fewer
     than LONG_SPLITS in a batch of at most LONG_BATCH_CTAS CTAs, LONG_SPLITS for sequences
-    longer than LONG_SPLIT_KEYS (one long sequence among short ones); where the batch has no
-    more CTAs at S = 1 than the GPU has SMs, SMALL_SPLIT_KEYS keys per split."""
+    longer than LONG_SPLIT_KEYS (one long sequence among short ones); where occupancy asks for
+    more than MAX_SPLITS, SMALL_SPLIT_KEYS keys per split."""
     base = num_splits(batch, ctas, device)
     if base < LONG_SPLITS and batch * ctas <= LONG_BATCH_CTAS:
         return LONG_SPLITS, LONG_SPLIT_KEYS
-    if batch * ctas <= _sms[device]:
+    if -(-CTAS_PER_SM * _sms[device] // max(1, batch * ctas)) > MAX_SPLITS:
         return base, SMALL_SPLIT_KEYS
     return base, SPLIT_KEYS
 
