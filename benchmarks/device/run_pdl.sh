@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Programmatic dependent launch (WEAVELM_PDL=1) on one Hopper GPU, in one call: its GPU test
+# Programmatic dependent launch (on by default on Hopper) on one GPU, in one call: its GPU test
 # (greedy tokens and log-probabilities equal to plain launches, bf16 and FP8, CUDA graphs and
 # eager) and the graph-vs-eager decode test under it, then decode at batch 1 and 64 with bf16
 # and FP8 weights with it off and on (bench_decode.py), then the FP8 batch-1 decode graph by
-# kernel with it on (profile_decode.py). It stays off by default until this shows it correct
-# and faster.
+# kernel with it on (profile_decode.py). (This run turned it on by default: RESULTS.md, PDL.)
 #   bash benchmarks/device/run_pdl.sh       (${OUT:-out}/pdl_*.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -122,8 +122,8 @@ def test_sim_kernel_matches_reference(dtype, D, splits, split_keys, window, orde
 
 @pytest.mark.skipif(IN_SIM, reason="checked once, outside the simulator run")
 def test_split_plan(monkeypatch):
-    """Occupancy splits of SMALL_SPLIT_KEYS keys where occupancy asks for more than MAX_SPLITS,
-    of SPLIT_KEYS keys up to LONG_BATCH_CTAS; LONG_SPLITS CTAs per sequence,
+    """MAX_SPLITS splits of SMALL_SPLIT_KEYS keys where occupancy asks for more than MAX_SPLITS,
+    else occupancy splits of SPLIT_KEYS keys; LONG_SPLITS CTAs per sequence,
     used by long sequences only, for middling ones; big batches one CTA per sequence (132 SMs,
     8 CTAs per sequence at S = 1); and the longest-first order."""
     from weavelm.kernels.paged_attention_kernels import split_count

@@ -104,7 +104,11 @@ class Scheduler:
             if self._reserve(seq, n, pieces):
                 pieces.append(self._piece(seq, n))
                 budget -= n
-        # Waiting sequences, first come first served, while there is room.
+        self._admit(pieces, budget, limit)
+        return pieces
+
+    def _admit(self, pieces: list, budget: int, limit: int) -> None:
+        """Waiting sequences, first come first served, while there is room."""
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(pieces) < limit:
@@ -129,7 +133,6 @@ class Scheduler:
             pieces.append(self._piece(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
-        return pieces
 
     def _schedule_decodes(self, pieces: list, budget: int, limit: int) -> int:
         """One token for each running sequence with one left to compute, oldest first; returns

@@ -115,7 +115,7 @@ def pdl_entry(pdl: bool):
 
     wait, launch = ptx.grid_dep_wait, ptx.grid_dep_launch
 
-    # (letting the next kernel start before this one's wait was slower: RESULTS.md, PDL)
+    # (launch_dependents before the wait was slower: RESULTS.md, PDL)
     def enter():
         if pdl:
             wait()

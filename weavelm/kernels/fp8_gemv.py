@@ -60,7 +60,7 @@ FUSED_MAX_K = 8192
 # that the weight stream starts while that kernel (an RMSNorm, the attention) finishes. H100,
 # FP8 decode step at batch 1 (profile_decode.py): 3,638 µs at 0, 3,549 at 1, 3,584-3,586 at 2-3,
 # 3,619 at 4; bench_decode at batch 1: 271.1 tok/s at 1, 268.7 at 2 (RESULTS.md, PDL).
-EARLY_STEPS = 1
+EARLY_STEPS = 1                 # (read at build, not in the kernel key: set before a build)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
 _sms: dict[int, int] = {}

@@ -37,7 +37,8 @@ output) in fp32 and `_combine` merges the splits (a second launch). The grid has
 GPU; each sequence uses one of them per `split_keys` keys (the rest exit at once). With `order`
 (`longest_first`) the long sequences' CTAs start first, so no long CTA starts after the others
 and runs on alone; in smaller batches S is raised so that one long sequence among short ones is
-split (`split_plan`). S and split_keys are chosen from (B, H, Hkv, SMs) alone, so they are the
+split, and in the smallest even short sequences are split every SMALL_SPLIT_KEYS keys
+(`split_plan`). S and split_keys are chosen from (B, H, Hkv, SMs) alone, so they are the
 same on every replay of a captured graph. The device code, and why its inner loop looks as it
 does, is in paged_attention_kernels.py.
 """
@@ -59,8 +60,8 @@ SPLIT_KEYS = 256                # keys per split where the grid is split for occ
 # unused CTAs (each still starts, reads its length and exits) than the longest-first order
 # leaves to gain. How much: benchmarks/RESULTS.md (paged decode attention, schedules).
 LONG_SPLITS, LONG_SPLIT_KEYS, LONG_BATCH_CTAS = 4, 2048, 1024
-# In batches so small that occupancy asks for more than MAX_SPLITS CTAs a sequence (at most 4
-# sequences of 8 KV heads on 132 SMs), short sequences are split too: one more of their S CTAs
+# In batches so small that occupancy asks for more than MAX_SPLITS splits (e.g. at most 4
+# sequences of 8 CTAs each on 132 SMs), short sequences are split too: one more of their S CTAs
 # every SMALL_SPLIT_KEYS keys (with SPLIT_KEYS a sequence of 256 keys at batch 1 ran on one CTA
 # per KV head, its keys one after another). H100, bench_paged_attention.py --small, µs at 64 /
 # 256 keys: batch 1, 256 keys 7.8 / 12.7; batch 4, 512 keys 13.0 / 17.6; at batch 16 (S = 5)
@@ -154,14 +155,19 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 _sms: dict[int, int] = {}
 
 
-def num_splits(batch: int, ctas: int, device: int) -> int:
-    """S: enough CTAs for CTAS_PER_SM per SM, at most MAX_SPLITS (the same for every replay of
-    a captured batch size, whatever the context lengths). `ctas`: CTAs per sequence at S = 1."""
+def occupancy_splits(batch: int, ctas: int, device: int) -> int:
+    """Splits for CTAS_PER_SM CTAs per SM (uncapped). `ctas`: CTAs per sequence at S = 1."""
     sms = _sms.get(device)
     if sms is None:
         sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
             if torch.cuda.is_available() else 4
-    return max(1, min(MAX_SPLITS, -(-CTAS_PER_SM * sms // max(1, batch * ctas))))
+    return -(-CTAS_PER_SM * sms // max(1, batch * ctas))
+
+
+def num_splits(batch: int, ctas: int, device: int) -> int:
+    """S: enough CTAs for CTAS_PER_SM per SM, at most MAX_SPLITS (the same for every replay of
+    a captured batch size, whatever the context lengths). `ctas`: CTAs per sequence at S = 1."""
+    return max(1, min(MAX_SPLITS, occupancy_splits(batch, ctas, device)))
 
 
 def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
@@ -169,12 +175,13 @@ def split_plan(batch: int, ctas: int, device: int) -> tuple[int, int]:
     S from occupancy (`num_splits`) with SPLIT_KEYS keys per split; where that leaves fewer
     than LONG_SPLITS in a batch of at most LONG_BATCH_CTAS CTAs, LONG_SPLITS for sequences
     longer than LONG_SPLIT_KEYS (one long sequence among short ones); where occupancy asks for
-    more than MAX_SPLITS, SMALL_SPLIT_KEYS keys per split."""
+    more than MAX_SPLITS (the smallest batches), MAX_SPLITS with SMALL_SPLIT_KEYS keys per
+    split."""
     base = num_splits(batch, ctas, device)
+    if occupancy_splits(batch, ctas, device) > MAX_SPLITS:
+        return base, SMALL_SPLIT_KEYS
     if base < LONG_SPLITS and batch * ctas <= LONG_BATCH_CTAS:
         return LONG_SPLITS, LONG_SPLIT_KEYS
-    if -(-CTAS_PER_SM * _sms[device] // max(1, batch * ctas)) > MAX_SPLITS:
-        return base, SMALL_SPLIT_KEYS
     return base, SPLIT_KEYS
 
 
