@@ -292,8 +292,9 @@ def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
 
 
 def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
-    """Programmatic dependent launch is on by default on compute capability 9.0+ only, off
-    with WEAVELM_PDL=0; when on, the launch configuration asks for it."""
+    """Programmatic dependent launch is on by default on compute capability 9.0+ with a driver
+    whose graphs keep it, off with WEAVELM_PDL=0; when on, the launch configuration asks
+    for it."""
     import torch
 
     from weavelm.kernels import launcher as L
@@ -302,6 +303,7 @@ def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
         pytest.skip("this cuda.core has no programmatic dependent launch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(L, "driver_version", lambda: 13000)
     monkeypatch.setenv("WEAVELM_PDL", "0")
     monkeypatch.setattr(L, "_pdl", {})
     assert not L.pdl_enabled(0)
@@ -310,6 +312,10 @@ def test_pdl_only_when_asked_for_on_hopper(monkeypatch):
     assert L.pdl_enabled(0)
     assert L._config(4, 64, True).programmatic_stream_serialization
     assert not L._config(4, 64).programmatic_stream_serialization
+    monkeypatch.setattr(L, "driver_version", lambda: 12020)      # graphs would refuse it
+    monkeypatch.setattr(L, "_pdl", {})
+    assert not L.pdl_enabled(0)
+    monkeypatch.setattr(L, "driver_version", lambda: 12080)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
     monkeypatch.setattr(L, "_pdl", {})
     assert not L.pdl_enabled(0)

@@ -111,12 +111,26 @@ def _config(grid: int, block: int, pdl: bool = False):
 
 
 _pdl: dict[int, bool] = {}
+# CUDA graphs keep programmatic edges from driver 12.3 on: an older one would fail at capture.
+PDL_MIN_DRIVER = 12030
+
+
+def driver_version() -> int:
+    """The CUDA driver's version (e.g. 13000), or a large number where it cannot be read (the
+    launch configuration's own check then decides)."""
+    try:
+        from cuda.bindings import driver
+
+        err, version = driver.cuDriverGetVersion()
+        return int(version) if int(err) == 0 else 1 << 30
+    except Exception:  # noqa: BLE001 - no bindings or no driver library: not ours to decide
+        return 1 << 30
 
 
 def pdl_enabled(device: int) -> bool:
     """Whether kernels on `device` are built and launched for programmatic dependent launch:
-    compute capability 9.0+, the "core" launch path with a cuda.core that offers it, not the
-    simulator, and not WEAVELM_PDL=0."""
+    compute capability 9.0+, a driver from PDL_MIN_DRIVER on, the "core" launch path with a
+    cuda.core that offers it, not the simulator, and not WEAVELM_PDL=0."""
     ok = _pdl.get(device)
     if ok is None:
         ok = False
@@ -124,7 +138,8 @@ def pdl_enabled(device: int) -> bool:
                 and not simulator_enabled():
             import torch
 
-            if torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (9, 0):
+            if torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (9, 0) \
+                    and driver_version() >= PDL_MIN_DRIVER:
                 try:
                     _config(1, 32, True)
                     ok = True
