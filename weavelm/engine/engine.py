@@ -284,7 +284,6 @@ class LLMEngine:
         return outputs
 
     def _launch(self, scheduled) -> _Launched:
-        # (the loops below run for every sequence every step: written for host time)
         pieces, spans, late_at, late_rows, offset, row = [], [], [], [], 0, 0
         for p in scheduled:
             seq = p.seq
@@ -295,8 +294,7 @@ class LLMEngine:
             spans.append((row, count))
             row += count
             offset += p.length
-            if seq.num_pending and p.start + p.length == \
-                    len(seq.prompt_token_ids) + len(seq.output_token_ids):
+            if seq.num_pending and p.start + p.length == seq.num_tokens:
                 late_at.append(offset - 1)         # its last token is still on the device
                 late_rows.append(seq.pending_row)
         late = None
@@ -328,21 +326,17 @@ class LLMEngine:
             if table is not None:
                 works += (self.link.broadcast_from_last(table[1], async_op=True),)
                 wanted = (table[0], (table[1], None))
-        cache_computed = self.scheduler.cache_computed if self.scheduler.blocks.caching \
-            else None
         for p in scheduled:
             p.seq.num_computed += p.length
-            if cache_computed is not None:
-                cache_computed(p.seq)
-        placed, max_len = [], self.max_model_len
+            self.scheduler.cache_computed(p.seq)
+        placed = []
         for row, seq in enumerate(owners):
-            out = seq.output_token_ids
-            placed.append((seq, len(out)))
-            out.append(PLACEHOLDER)
+            placed.append((seq, len(seq.output_token_ids)))
+            seq.output_token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
             seq.pending_row = row
-            seq.last_in_flight = len(out) >= seq.params.max_new_tokens \
-                or len(seq.prompt_token_ids) + len(out) >= max_len
+            seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
+                or seq.num_tokens >= self.max_model_len
         pending = self._readback.start(tokens) if self.link is None else (tokens, None)
         return _Launched(placed, tokens, pending, wanted,
                          any(s.matcher is not None for s in owners), works)
