@@ -28,7 +28,7 @@ may be touched before the wait), and the "core" path launches it with
 `programmatic_stream_serialization`: its CTAs start while the kernel before it finishes, so
 the launch and ramp of a short kernel overlap its predecessor's tail, in CUDA graphs too (a
 decode step is ~330 kernels; at one token each gap cost ~0.5 µs on an H100; with it the FP8
-step at batch 1 took 3,724 -> 3,587 µs, with the GEMV's early weight requests). Launched any
+step at batch 1 took 3,724 -> 3,549 µs, with the GEMV's early weight requests). Launched any
 other way, the wait returns at once and the kernel runs as before. On by default where it
 can be (Hopper, the "core" path); `WEAVELM_PDL=0` turns it off.
 """
