@@ -287,7 +287,7 @@ class LLMEngine:
         pieces, spans, late_at, late_rows, offset, row = [], [], [], [], 0, 0
         for p in scheduled:
             seq = p.seq
-            all_rows = seq.params.prompt_logprobs is not None and covers_wanted_prompt_logprobs(p)
+            all_rows = covers_wanted_prompt_logprobs(p)
             pieces.append(StepPiece(seq.token_slice(p.start, p.length), p.start, seq.blocks,
                                     p.sample, all_rows))
             count = p.length if all_rows else int(p.sample)      # its rows of the logits
