@@ -9,10 +9,14 @@ weight-read bound of each (weight bytes / the copy rate measured here). At a few
 linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 there.
 `--gemv-sweep` adds the FP8 GEMV alone at 1 and 4 tokens for each split of K (warps per row
 group), beside the activation rounding alone and the GEMV that rounds its input itself (what
-`fp8_linear` runs at 1 token), as fractions of the copy rate.
+`fp8_linear` runs at 1 token), as fractions of the copy rate. `--mma-sweep` times the FP8
+tensor-core kernel (`kernels/fp8_mma.py`, 5-64 tokens) against `_scaled_mm` at 8-64 tokens, at
+its default split of K and at each of 1, 2, 4, 8 slices. `--knob MODULE.NAME=VALUE` sets a
+module constant first (benchmarks/knobs.py), e.g. kernels.fp8_mma.UNROLL=2.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -20,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cuda_timing import graph_us  # noqa: E402  (this folder is on sys.path)
+import knobs  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
@@ -32,10 +37,14 @@ def copy_rate() -> float:
 
 
 def main():
+    knobs.apply([sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--knob"])
     from weavelm.parallel.fp8 import fp8_linear, quantize_rows
     tokens = [int(t) for t in (sys.argv[sys.argv.index("--tokens") + 1]
                                if "--tokens" in sys.argv else "1,16,64,256,2048").split(",")]
     rate = copy_rate()
+    if "--mma-sweep" in sys.argv:
+        mma_sweep(rate)
+        return
     print(f"## FP8 linear vs bf16, {torch.cuda.get_device_name()}, copy {rate / 1e12:.2f} TB/s; "
           f"µs per call (CUDA graph)\n")
     print("| GEMM | tokens | bf16 | fp8_linear | _scaled_mm only | bf16 bound | fp8 bound | "
@@ -86,6 +95,47 @@ def fast_accum(tokens):
                 err = ((mm().float() - ref).norm() / ref.norm()).item()
                 cells.append(f"{graph_us(mm):.1f} ({err:.1e})")
             print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
+
+
+def mma_sweep(rate: float):
+    from weavelm.kernels import fp8_mma
+    from weavelm.parallel.fp8 import quantize_rows
+    splits = [1, 2, 4, 8]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("## FP8 tensor-core kernel against `_scaled_mm`, µs (fraction of the copy rate)\n")
+    print("| GEMM | tokens | _scaled_mm | fp8_mma (default split) | " +
+          " | ".join(f"split {s}" for s in splits) + " | max rel. diff |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in splits) + " | --- |")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for name, (n, k) in SHAPES.items():
+        codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
+                                     .bfloat16())
+        # copies of the weights cycled through, more bytes than L2 holds (reads from memory)
+        copies = [codes] + [codes.clone() for _ in range(-(-150_000_000 // (n * k)) - 1)]
+        for m in (8, 16, 32, 64):
+            xq, xs = quantize_rows(torch.randn(m, k, device="cuda", generator=g).bfloat16())
+
+            def frac(t):
+                return f"{t:.1f} ({n * k / rate / (t * 1e-6):.2f})"
+
+            def cycled(f):
+                it = itertools.cycle(copies)
+                return graph_us(lambda: f(next(it)))
+
+            def mm(c):
+                return torch._scaled_mm(xq, c.t(), scale_a=xs[:, None],
+                                        scale_b=scale[None, :], out_dtype=torch.bfloat16)
+            ref = mm(codes).float()
+            got = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, torch.bfloat16).float()
+            diff = ((got - ref).norm() / ref.norm()).item()
+            cells = [frac(cycled(mm)),
+                     frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(xq, xs, c, scale,
+                                                                torch.bfloat16)))
+                     + f" S={fp8_mma.split_k(n, k, sms)}"]
+            for sp in splits:
+                cells.append(frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(
+                    xq, xs, c, scale, torch.bfloat16, splits=sp))))
+            print(f"| {name} | {m} | " + " | ".join(cells) + f" | {diff:.1e} |", flush=True)
 
 
 def gemv_sweep(rate: float):

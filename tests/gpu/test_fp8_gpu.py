@@ -27,7 +27,8 @@ def test_quantize_kernel_equals_the_torch_form():
 
 
 def test_fp8_linear_equals_the_dequantized_product():
-    """Both GPU paths: the GEMV (1 and 3 tokens) and _scaled_mm (7 and more)."""
+    """The GPU paths: the GEMV (1 and 3 tokens), the tensor-core kernel (7), _scaled_mm (64,
+    300)."""
     from weavelm.parallel import fp8
     g = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (1, 3, 7, 64, 300):
@@ -71,6 +72,46 @@ def test_decode_sizes_go_through_the_gemv():
         xq, xs = fp8.quantize_rows(x)
         want = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, x.dtype)
         assert torch.equal(fp8.fp8_linear(x, codes, scale), want), (tokens, n, k)
+
+
+def test_mma_equals_the_dequantized_product():
+    """The tensor-core kernel (5-64 tokens) against the float32 product of the same codes, at
+    each split of K (one, the default, an uneven one), Llama-3-8B's shapes and odd ones; a
+    second call gives the same bits (the split-K counters are back at 0); and `fp8_linear`
+    takes it at 5-MMA_MAX_TOKENS tokens."""
+    from weavelm.kernels import fp8_mma
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for n, k in ((6144, 4096), (4096, 14336), (28672, 4096), (8 * 37, 64 * 5)):
+        codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        for tokens in (5, 16, 17, 33, 64):
+            x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
+            xq, xs = fp8.quantize_rows(x)
+            want = fp8.dequantize_rows(xq, xs) @ fp8.dequantize_rows(codes, scale).t()
+            for splits in (None, 1, 3):
+                got = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, x.dtype, splits=splits)
+                err = ((got.float() - want).norm() / want.norm()).item()
+                assert err < 5e-3, (n, k, tokens, splits, err)      # bf16 output rounding
+                again = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, x.dtype, splits=splits)
+                assert torch.equal(again, got), (n, k, tokens, splits)
+            if fp8._scaled_mm_ok(x, codes) and tokens <= fp8.MMA_MAX_TOKENS:
+                assert torch.equal(fp8.fp8_linear(x, codes, scale),
+                                   fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, x.dtype))
+
+
+def test_mma_token_rows_do_not_depend_on_their_batch_mates():
+    """A token's row of the product has the same bits at 5 tokens as at 64 (the split of K
+    depends on the layer only; each tile's sums are the tensor cores' own)."""
+    from weavelm.kernels import fp8_mma
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(4)
+    codes, scale = fp8.quantize_rows(torch.randn(4096, 14336, device="cuda", generator=g) * 0.02)
+    xq, xs = fp8.quantize_rows(torch.randn(64, 14336, device="cuda", generator=g).bfloat16())
+    full = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, torch.bfloat16)
+    for tokens in (5, 16, 40):
+        part = fp8_mma.fp8_mma_cuda(xq[:tokens].contiguous(), xs[:tokens].contiguous(), codes,
+                                    scale, torch.bfloat16)
+        assert torch.equal(part, full[:tokens]), tokens
 
 
 def test_down_projection_input_rounded_in_one_kernel():

@@ -123,3 +123,48 @@ def _sim_unpack_e4m3x4(w):
     u = torch.tensor([(w >> (8 * i)) & 0xFF for i in range(4)], dtype=torch.uint8)
     f = u.view(torch.float8_e4m3fn).float().tolist()
     return np.float32(f[0]), np.float32(f[1]), np.float32(f[2]), np.float32(f[3])
+
+
+_E4M3 = None  # the 256 e4m3 values, float32, by code
+
+
+def _e4m3_table():
+    global _E4M3
+    if _E4M3 is None:
+        import torch
+        _E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    return _E4M3
+
+
+def _sim_e4m3x4_to_f16x2(w):
+    v = _e4m3_table()[np.array([int(w)], dtype=np.uint32).view(np.uint8)]   # 4 values, exact
+    h = v.astype(np.float16).view(np.uint16).astype(np.uint32)              # in f16
+    return np.uint32(h[0] | (h[1] << 16)), np.uint32(h[2] | (h[3] << 16))
+
+
+def _sim_warp_mma_f16(frag, cd, w0):
+    """One warp's `mma.sync.m16n8k16.row.col.f32.f16.f16.f32`, modelled from the PTX ISA's
+    fragment layout: frag holds each lane's a0-a3, b0, b1 (6 words a thread, from thread w0),
+    cd its c0-c3 (4 floats a thread), replaced by d. Lane 4g + q holds A rows g (a0, a2) and
+    g + 8 (a1, a3) at k = 2q, 2q + 1 (a0, a1) and 8 + 2q, 9 + 2q (a2, a3), B column g at the
+    same k in b0, b1, and D rows g, g + 8 at columns 2q, 2q + 1."""
+    words = np.asarray(frag[w0 * 6:(w0 + 32) * 6], dtype=np.uint32).reshape(8, 4, 6)  # [g, q]
+    vals = words.view(np.float16).reshape(8, 4, 6, 2).astype(np.float32)    # [g, q, reg, half]
+    a = np.empty((16, 16), np.float32)
+    b = np.empty((16, 8), np.float32)
+    for q in range(4):
+        a[0:8, 2 * q:2 * q + 2] = vals[:, q, 0]
+        a[8:16, 2 * q:2 * q + 2] = vals[:, q, 1]
+        a[0:8, 8 + 2 * q:10 + 2 * q] = vals[:, q, 2]
+        a[8:16, 8 + 2 * q:10 + 2 * q] = vals[:, q, 3]
+        b[2 * q:2 * q + 2, :] = vals[:, q, 4].T
+        b[8 + 2 * q:10 + 2 * q, :] = vals[:, q, 5].T
+    c = np.asarray(cd[w0 * 4:(w0 + 32) * 4], dtype=np.float32).reshape(8, 4, 4)
+    d = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+    out = np.empty((8, 4, 4), np.float32)
+    for q in range(4):
+        out[:, q, 0] = c[:, q, 0] + d[0:8, 2 * q]
+        out[:, q, 1] = c[:, q, 1] + d[0:8, 2 * q + 1]
+        out[:, q, 2] = c[:, q, 2] + d[8:16, 2 * q]
+        out[:, q, 3] = c[:, q, 3] + d[8:16, 2 * q + 1]
+    cd[w0 * 4:(w0 + 32) * 4] = out.reshape(-1)
