@@ -107,3 +107,29 @@ def test_sharegpt_shape_refuses_fixed_lengths_in_one_line():
                           "--dataset-shape sharegpt", "--input-len")
     assert_one_line_error(*weavelm("bench", "throughput", "--dataset-shape", "alpaca",
                                    "--device", "cpu"), "--dataset-shape", "alpaca")
+
+
+def test_decode_bound_is_the_slower_of_weight_reads_and_gemm_flops():
+    """The bound's decode part: weights and KV read once a step at the copy rate, or, where
+    that is faster, the decode tokens' FLOPs at the GEMM rate (a batch of 1,024 sequences of
+    an 8B model is compute-bound)."""
+    from types import SimpleNamespace
+
+    from weavelm.bench.throughput import roofline_seconds
+    cfg = SimpleNamespace(num_heads=4, head_dim=8, num_kv_heads=2, hidden_size=32,
+                          intermediate_size=64, num_layers=2, vocab_size=100)
+    layer = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64            # params of a layer
+    requests = [([1] * 10, 4)] * 8                                # 8 prompts of 10, 4 outputs
+    keys = 8 * (4 * 10 + 4 * 3 / 2)
+    flops_s = (2 * 2 * layer * 32 + 2 * 100 * 32 * 32 + 4 * 2 * 32 * keys) / 1e6
+    # copy fast: the FLOPs decide; copy slow: 4 steps of weights + the keys' KV
+    fast = roofline_seconds(cfg, 1, requests, 8, flops=1e6, copy=1e12, weight_bytes=1000,
+                            kv_bytes_per_token=10)
+    assert abs(fast["decode_s"] - flops_s) < 1e-9 and fast["decode_flops_s"] == fast["decode_s"]
+    slow = roofline_seconds(cfg, 1, requests, 8, flops=1e12, copy=100, weight_bytes=1000,
+                            kv_bytes_per_token=10)
+    assert slow["decode_steps"] == 4
+    assert abs(slow["decode_s"] - (4 * 1000 + keys * 10) / 100) < 1e-9
+    # two ranks share the FLOPs; each reads its own (halved) weights, given per rank
+    assert abs(roofline_seconds(cfg, 2, requests, 8, flops=1e6, copy=1e12, weight_bytes=500,
+                                kv_bytes_per_token=5)["decode_s"] - flops_s / 2) < 1e-9
