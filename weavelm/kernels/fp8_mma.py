@@ -90,18 +90,21 @@ def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) 
     S = splits or split_k(N, K, sms)
     tiles = -(-M // 16)
     kern = _plan(DTYPES[dtype], tiles, dev)
-    work, counts = _workspace(N, S, xq.device)
+    from weavelm.kernels import launcher
+    stream = launcher.current_stream_handle(dev) if xq.is_cuda else 0
+    work, counts = _workspace(N, S, xq.device, stream)
     grid = -(-N // (WARP_ROWS * WARPS)) * S
     kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), work.data_ptr(), counts.data_ptr(), M, N, K, S)
     return out
 
 
-def _workspace(N: int, S: int, device: torch.device):
+def _workspace(N: int, S: int, device: torch.device, stream: int):
     """(fp32 partials [S, 64, N], int32 counters a row group, all 0) for layers of N rows on
-    `device`: one per (N, device), grown to the most slices asked (calls are stream-ordered).
-    Made on first use (the engine warms every shape up before capturing graphs)."""
-    key = (N, str(device))
+    `device`: one per (N, device, stream), since calls on one stream run one after the other
+    (the weave's two streams each get their own), grown to the most slices asked. Made on
+    first use (the engine warms every shape up before capturing graphs)."""
+    key = (N, str(device), stream)
     w = _work.get(key)
     if w is None or w[0].shape[0] < S * MAX_TOKENS * N:
         if w is not None:             # a captured graph may still point at it: keep it alive
