@@ -32,6 +32,10 @@ def test_sim_mma_equals_the_dequantized_product(m, n, k, dtype, splits):
     torch.testing.assert_close(first.float(), want, rtol=1e-2, atol=1e-3)
     again = F.fp8_mma_cuda(xq, xs, codes, ws, dtype, splits=splits)
     assert torch.equal(again, first)
+    # a counter for every warp the grid starts (warps past the last row count too), all 0
+    counts = next(c for (rows, _, _), (_, c) in F._work.items() if rows == n)
+    assert counts.numel() == -(-n // (F.WARP_ROWS * F.WARPS)) * F.WARPS
+    assert not counts.any()
 
 
 def test_in_simulator():

@@ -69,7 +69,8 @@ def unroll(tiles: int) -> int:
 
 def split_k(N: int, K: int, sms: int) -> int:
     """K slices: enough that the grid has WARPS_PER_SM warps an SM (at most MAX_SPLIT, and
-    at least UNROLL steps a slice)."""
+    at least UNROLL steps a slice). Of the layer's shape only, never of the tokens: a token's
+    row then has the same sums at any batch size."""
     warps = -(-N // WARP_ROWS)
     s = -(-sms * WARPS_PER_SM // warps)
     return max(1, min(s, MAX_SPLIT, K // (STEP * UNROLL)))
@@ -100,19 +101,19 @@ def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) 
 
 
 def _workspace(N: int, S: int, device: torch.device, stream: int):
-    """(fp32 partials [S, 64, N], int32 counters a row group, all 0) for layers of N rows on
-    `device`: one per (N, device, stream), since calls on one stream run one after the other
-    (the weave's two streams each get their own), grown to the most slices asked. Made on
-    first use (the engine warms every shape up before capturing graphs)."""
+    """(fp32 partials [S, 64, N], int32 counters a warp's row group, all 0) for layers of N
+    rows on `device`: one per (N, device, stream), since calls on one stream run one after the
+    other (the weave's two streams each get their own), grown to the most slices asked. A
+    CUDA graph's capture stream gets its own, allocated (and zeroed) inside the capture."""
     key = (N, str(device), stream)
     w = _work.get(key)
     if w is None or w[0].shape[0] < S * MAX_TOKENS * N:
         if w is not None:             # a captured graph may still point at it: keep it alive
             _outgrown.append(w)
-        w = remember(_work, key, (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32,
-                                              device=device),
-                                  torch.zeros(-(-N // WARP_ROWS), dtype=torch.int32,
-                                              device=device)))
+        # (a plain dict, never emptied: a captured graph points at these)
+        groups = -(-N // (WARP_ROWS * WARPS)) * WARPS        # every warp of the grid's rows
+        w = _work[key] = (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32, device=device),
+                          torch.zeros(groups, dtype=torch.int32, device=device))
     return w
 
 
@@ -288,6 +289,8 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False):
                             store_u32(work_ptr + ((ks * M + m) * N + n) * 4,
                                       as_u32(acc[(mt * ROW_TILES + j) * 4 + i]))
             cuda.threadfence()
+            if not simulator:                             # every lane's stores before the count
+                cuda.syncwarp()
             old = int32(0)
             if lane == 0:
                 old = int32(count(cnt_ptr + rg * 4, 1))
@@ -298,6 +301,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False):
                 old = bcast[wid]
             else:
                 old = cuda.shfl_sync(0xFFFFFFFF, old, 0)
+                cuda.syncwarp()                           # (shuffles do not order memory)
             last = old == S - 1
             if last:                                      # every slice's partials, in order
                 cuda.threadfence()
