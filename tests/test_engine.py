@@ -140,7 +140,7 @@ def test_stop_while_the_next_step_is_in_flight(tiny, tp):
     """The engine queues step k + 1 before it reads step k: a sequence that stops at step k
     has already been given step k + 1, whose token must be dropped. Outputs never show a token
     the host has not read."""
-    from weavelm.engine.engine import PLACEHOLDER
+    from weavelm.engine.step_rows import PLACEHOLDER
     path, want = tiny
     stop_id = want["a"][3]                          # a stops at its 4th token
     r = spawn(_drive_stop, tp, tp, path, stop_id) if tp > 1 else _drive_stop(1, path, stop_id)

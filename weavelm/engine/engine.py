@@ -48,13 +48,13 @@ import torch
 from weavelm.engine.config import EngineConfig, ids_refusal, prompt_refusal
 from weavelm.engine.logit_controls import apply_controls, controlled_row, has_controls
 from weavelm.engine.structured import Grammars, constraint_rows
-from weavelm.engine.model_runner import ModelRunner, StepPiece
-from weavelm.engine.logprobs import (LogprobCopies, covers_wanted_prompt_logprobs,
-                                     record_prompt_logprobs, unpack_logprobs)
+from weavelm.engine.model_runner import ModelRunner
+from weavelm.engine.logprobs import LogprobCopies, record_prompt_logprobs, unpack_logprobs
 from weavelm.engine.outputs import RequestOutput, request_output, stop_reason
 from weavelm.engine.sampler import SamplingParams, TokenReadback, sample
 from weavelm.engine.scheduler import Scheduler
 from weavelm.engine.sequence import Sequence, Status
+from weavelm.engine.step_rows import advance, place_sampled, step_pieces
 from weavelm.errors import WeavelmError, check
 from weavelm.models.host_inputs import host_to_device
 from weavelm.parallel.communicator import Communicator
@@ -78,9 +78,6 @@ class _Launched:
     logprobs: tuple | None = None        # (rows of owners that want them, their table's pending)
     constrained: bool = False            # structured-output rows: read before the next launch
     works: tuple = ()                    # pipeline: the broadcasts that bring tokens (and table)
-
-
-PLACEHOLDER = -1                         # a sampled token not read yet (never a real id)
 
 
 class LLMEngine:
@@ -284,19 +281,7 @@ class LLMEngine:
         return outputs
 
     def _launch(self, scheduled) -> _Launched:
-        pieces, spans, late_at, late_rows, offset, row = [], [], [], [], 0, 0
-        for p in scheduled:
-            seq = p.seq
-            all_rows = covers_wanted_prompt_logprobs(p)
-            pieces.append(StepPiece(seq.token_slice(p.start, p.length), p.start, seq.blocks,
-                                    p.sample, all_rows))
-            count = p.length if all_rows else int(p.sample)      # its rows of the logits
-            spans.append((row, count))
-            row += count
-            offset += p.length
-            if seq.num_pending and p.start + p.length == seq.num_tokens:
-                late_at.append(offset - 1)         # its last token is still on the device
-                late_rows.append(seq.pending_row)
+        pieces, spans, late_at, late_rows = step_pieces(scheduled)
         late = None
         if late_at:
             previous = self._in_flight[-1].tokens
@@ -326,17 +311,8 @@ class LLMEngine:
             if table is not None:
                 works += (self.link.broadcast_from_last(table[1], async_op=True),)
                 wanted = (table[0], (table[1], None))
-        for p in scheduled:
-            p.seq.num_computed += p.length
-            self.scheduler.cache_computed(p.seq)
-        placed = []
-        for row, seq in enumerate(owners):
-            placed.append((seq, len(seq.output_token_ids)))
-            seq.output_token_ids.append(PLACEHOLDER)
-            seq.num_pending += 1
-            seq.pending_row = row
-            seq.last_in_flight = len(seq.output_token_ids) >= seq.params.max_new_tokens \
-                or seq.num_tokens >= self.max_model_len
+        advance(scheduled, self.scheduler.cache_computed)
+        placed = place_sampled(owners, self.max_model_len)
         pending = self._readback.start(tokens) if self.link is None else (tokens, None)
         return _Launched(placed, tokens, pending, wanted,
                          any(s.matcher is not None for s in owners), works)
