@@ -8,6 +8,7 @@ from weavelm.engine.block_manager import BlockAllocator
 from weavelm.engine.sampler import SamplingParams
 from weavelm.engine.scheduler import Scheduler, Status
 from weavelm.engine.sequence import Sequence
+from weavelm.engine.step_rows import advance
 
 
 class GeneralScheduler(Scheduler):
@@ -47,7 +48,7 @@ class CountingScheduler(Scheduler):
         return budget
 
 
-def _run(cls, seed: int, caching: bool, stages: int, tokens: int):
+def _run(cls, seed: int, caching: bool, stages: int, tokens: int, skip_past_prompt=False):
     rng = random.Random(seed)
     sched = cls(BlockAllocator(24, 4, caching=caching), max_num_seqs=12,
                 max_num_batched_tokens=tokens, num_stages=stages)
@@ -72,8 +73,11 @@ def _run(cls, seed: int, caching: bool, stages: int, tokens: int):
             if p.seq.finished:                 # schedule (one ended at the read: not run)
                 continue
             seq = p.seq
-            seq.num_computed += p.length
-            sched.cache_computed(seq)
+            if skip_past_prompt:               # the engine's way (step_rows.advance)
+                advance([p], sched.cache_computed)
+            else:
+                seq.num_computed += p.length
+                sched.cache_computed(seq)
             if p.sample:
                 seq.output_token_ids.append(rng.randrange(50))
                 seq.num_pending = 1
@@ -91,3 +95,15 @@ def test_decode_loop_schedules_as_the_general_loop(seed, tokens, caching, stages
     general, _ = _run(GeneralScheduler, seed, caching, stages, tokens)
     assert fast == general
     assert sched.decode_preemptions > 0                # the decode loop itself preempted
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("seed", range(4))
+def test_naming_prompt_blocks_only_for_pieces_in_the_prompt_changes_nothing(seed, stages):
+    """The engine names filled prompt blocks only after pieces that reach into the prompt
+    (`step_rows.advance`): the same schedules, blocks, cache hits and preemptions as naming
+    after every piece, with prefix caching on."""
+    fast, sched = _run(Scheduler, seed, True, stages, 24, skip_past_prompt=True)
+    every, ref = _run(Scheduler, seed, True, stages, 24)
+    assert fast == every
+    assert sched.blocks.hits == ref.blocks.hits and sched.blocks.queries == ref.blocks.queries
