@@ -16,11 +16,12 @@ sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (t
     (1, 8, 32, torch.bfloat16, 1), (3, 24, 48, torch.bfloat16, 2), (4, 4, 1024, torch.float16, 8),
     (2, 40, 16, torch.bfloat16, 1), (2, 40, 1040, torch.bfloat16, 2), (1, 12, 272, torch.float16, 8)])
 def test_sim_gemv_equals_the_dequantized_product(m, n, k, dtype, kw, monkeypatch):
+    from weavelm.kernels import common
     from weavelm.kernels import fp8_gemv as G
     from weavelm.parallel.fp8 import quantize_rows
     if n == 40:                           # one CTA: its warps take the rows in several rounds
         monkeypatch.setattr(G, "WAVES", 1)
-        monkeypatch.setitem(G._sms, 0, 1)
+        monkeypatch.setitem(common._sms, 0, 1)
         monkeypatch.setattr(G, "_plans", {})            # (not kept for the next test)
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
@@ -45,6 +46,7 @@ def test_in_simulator():
 def test_sim_fused_rounding_equals_rounding_then_gemv(m, n, k, dtype, kw):
     """The GEMV that rounds its one token itself gives the bits of the rounding kernel's codes
     fed to the plain GEMV (the same division, the same sums)."""
+    from weavelm.kernels import common
     from weavelm.kernels import fp8_gemv as G
     from weavelm.parallel.fp8 import quantize_rows
     g = torch.Generator().manual_seed(m + n + k)
@@ -68,12 +70,13 @@ def test_sim_gated_product_rounded_spread_equals_silu_mul_rounding(k, i, dtype, 
     maxima gives the bits of the plain fused GEMV's [gate | up] through the gated rounding
     kernel (one CTA: the rows come in several rounds, the maximum from one CTA; I = 1,040:
     16 GEMV CTAs, the largest |product| in one of them, 2 rounding CTAs)."""
+    from weavelm.kernels import common
     from weavelm.kernels import fp8_gemv as G
     from weavelm.kernels import fp8_quant as Q
     from weavelm.parallel.fp8 import quantize_rows
     if one_cta:
         monkeypatch.setattr(G, "WAVES", 1)
-        monkeypatch.setitem(G._sms, 0, 1)
+        monkeypatch.setitem(common._sms, 0, 1)
         monkeypatch.setattr(G, "_plans", {})            # (not kept for the next test)
     g = torch.Generator().manual_seed(k + i)
     x = (torch.randn(1, k, generator=g) * 3).to(dtype)

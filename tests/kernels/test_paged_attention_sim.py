@@ -126,8 +126,9 @@ def test_split_plan(monkeypatch):
     else occupancy splits of SPLIT_KEYS keys; LONG_SPLITS CTAs per sequence,
     used by long sequences only, for middling ones; big batches one CTA per sequence (132 SMs,
     8 CTAs per sequence at S = 1); and the longest-first order."""
+    from weavelm.kernels import common
     from weavelm.kernels.paged_attention_kernels import split_count
-    monkeypatch.setitem(P._sms, 0, 132)
+    monkeypatch.setitem(common._sms, 0, 132)
     # batches whose occupancy asks for more than MAX_SPLITS: short sequences split too
     assert P.split_plan(1, 8, 0) == (16, P.SMALL_SPLIT_KEYS)      # 66 by occupancy, capped
     assert P.split_plan(4, 8, 0) == (16, P.SMALL_SPLIT_KEYS)      # 17, capped

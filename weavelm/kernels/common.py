@@ -20,6 +20,19 @@ MAX_VEC = MAX_BLOCK * MAX_VPT  # V limit: rows up to 64 KiB (bf16 D <= 32768, fp
 CACHE_LIMIT = 4096  # entries of a host-side memo (token counts vary per step; rebuilds are cheap)
 
 
+_sms: dict[int, int] = {}
+
+
+def sm_count(device: int) -> int:
+    """Streaming multiprocessors of CUDA device `device` (asked once); 4 without a GPU (the
+    simulator), which grids sized from it then run in a few CTAs."""
+    n = _sms.get(device)
+    if n is None:
+        n = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
+            if torch.cuda.is_available() else 4
+    return n
+
+
 def to_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
     """x / scale rounded to e4m3 (nearest even), saturated to +-448: how weavelm stores FP8
     (the division in x's dtype: float32 or float64, as the caller chose)."""

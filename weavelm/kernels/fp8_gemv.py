@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from weavelm.kernels.common import DTYPES, remember
+from weavelm.kernels.common import DTYPES, remember, sm_count
 
 MAX_TOKENS = 4
 ROWS = 4                        # output rows per warp at a time
@@ -63,7 +63,6 @@ FUSED_MAX_K = 8192
 EARLY_STEPS = 1                 # (read at build, not in the kernel key: set before a build)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 5 + ["int64"] * 3) + ")"
 _plans: dict = {}
-_sms: dict[int, int] = {}
 
 
 def supported(xq: torch.Tensor, codes: torch.Tensor, dtype) -> bool:
@@ -146,11 +145,7 @@ def _plan(dt: str, tmax: int, N: int, device: int, kw: int, form: int = PLAIN):
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
-        sms = _sms.get(device)
-        if sms is None:
-            sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
-                if torch.cuda.is_available() else 4
-        grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sms * WAVES))
+        grid = max(1, min(-(-N * kw // (ROWS * WARPS)), sm_count(device) * WAVES))
         pdl = launcher.pdl_enabled(device)
         k = launcher.kernel(("fp8_gemv", dt, tmax, kw, form),
                             lambda: _build_kernel(dt, tmax, kw, form, pdl), SIGNATURE,

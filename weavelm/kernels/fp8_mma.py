@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from weavelm.kernels.common import DTYPES, remember
+from weavelm.kernels.common import DTYPES, remember, sm_count
 
 MAX_TOKENS = 64
 STEP = 64                       # bytes of K a warp step: 16 a lane
@@ -53,7 +53,6 @@ SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
 _plans: dict = {}
 _work: dict = {}
 _outgrown: list = []
-_sms: dict[int, int] = {}
 
 
 def supported(xq: torch.Tensor, codes: torch.Tensor, dtype) -> bool:
@@ -84,11 +83,7 @@ def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) 
     if out is None:
         out = torch.empty(M, N, dtype=dtype, device=xq.device)
     dev = max(xq.get_device(), 0)              # CPU (-1) only under the simulator
-    sms = _sms.get(dev)
-    if sms is None:
-        sms = _sms[dev] = torch.cuda.get_device_properties(dev).multi_processor_count \
-            if torch.cuda.is_available() else 4
-    S = splits or split_k(N, K, sms)
+    S = splits or split_k(N, K, sm_count(dev))
     tiles = -(-M // 16)
     kern = _plan(DTYPES[dtype], tiles, dev)
     from weavelm.kernels import launcher

@@ -49,7 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from weavelm.kernels.common import DTYPES, ELEMS, remember
+from weavelm.kernels.common import DTYPES, ELEMS, remember, sm_count
 
 MAX_TOKENS = 8
 NMAX = 64                       # T * K <= NMAX (moe_gemv_kernels.NMAX)
@@ -222,7 +222,6 @@ def _index(t: torch.Tensor) -> int:
 
 
 _plans: dict = {}
-_sms: dict = {}
 
 
 def _plan(kind: str, shape: tuple, units: int, lanes: int, device: int, p: dict):
@@ -241,7 +240,7 @@ def _plan(kind: str, shape: tuple, units: int, lanes: int, device: int, p: dict)
                                SIG_GATE_UP if kind == "gate_up" else SIG_DOWN,
                                max_threads=32 * WARPS)
         block = 32 * min(p.get("warps", WARPS), WARPS)
-        fit = _sm_count(device) * kern.blocks_per_sm(block, device, default=4)
+        fit = sm_count(device) * kern.blocks_per_sm(block, device, default=4)
         fit = max(1, min(p.get("max_ctas", fit), fit))
         per_cta = block // 32 * (32 // lanes)                # row slots
         rounds = -(-units // (fit * per_cta))                # units per row slot, at most
@@ -250,9 +249,3 @@ def _plan(kind: str, shape: tuple, units: int, lanes: int, device: int, p: dict)
     return plan
 
 
-def _sm_count(device: int) -> int:
-    n = _sms.get(device)
-    if n is None:
-        n = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
-            if torch.cuda.is_available() else 4
-    return n

@@ -49,7 +49,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember
+from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember, sm_count
 from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
 MAX_SPLITS = 16
@@ -152,16 +152,11 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.shape[1] % k_cache.shape[2] == 0)
 
 
-_sms: dict[int, int] = {}
 
 
 def occupancy_splits(batch: int, ctas: int, device: int) -> int:
     """Splits for CTAS_PER_SM CTAs per SM (uncapped). `ctas`: CTAs per sequence at S = 1."""
-    sms = _sms.get(device)
-    if sms is None:
-        sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count \
-            if torch.cuda.is_available() else 4
-    return -(-CTAS_PER_SM * sms // max(1, batch * ctas))
+    return -(-CTAS_PER_SM * sm_count(device) // max(1, batch * ctas))
 
 
 def num_splits(batch: int, ctas: int, device: int) -> int:

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from weavelm.kernels.common import DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, codec, remember, row_shape
+from weavelm.kernels.common import (DTYPES, MAX_BLOCK, MAX_VEC, MAX_VPT, codec, remember, row_shape,
+                                    sm_count)
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
 
 def _max_ctas(device: int, block: int) -> int:
     """Grid cap: enough CTAs to fill every SM with its 2048 threads, twice over."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if torch.cuda.is_available() else 4
-    return sms * 2 * max(1, 2048 // block)
+    return sm_count(device) * 2 * max(1, 2048 // block)
 
 
 def rms_norm_cuda(x, weight, eps, out=None):
