@@ -1,8 +1,8 @@
 """Decode attention over the paged KV cache, one GPU: weavelm's Numba kernel vs the torch path
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
-    python3 benchmarks/bench_paged_attention.py [--variants] [--schedules] [--shared] [--cascade]
-                                                [--small]
+    python3 benchmarks/bench_paged_attention.py [--sweep] [--variants] [--schedules] [--shared]
+                                                [--cascade] [--small]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
@@ -10,7 +10,8 @@ replays; the check is the largest difference from the float32 reference. --sched
 how the keys are spread over CTAs on batches of equal and of serving-like (log-normal) lengths;
 --shared, the order of the CTAs where sequences share a cached prefix's blocks; --cascade, the
 cascade attention that reads a shared prefix once against the kernel reading every copy;
---small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`).
+--small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`); --sweep, the
+tensor-core kernel against the lane kernel and the copy rate, batch 1-1024, context 128-32K.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main():
               f"{kv_bytes / (t_ours * 1e-6) / 1e12:.2f} | "
               f"{(ours.float() - ref).abs().max().item():.2e} | "
               f"{(theirs.float() - ref).abs().max().item():.2e} |", flush=True)
+    if "--sweep" in sys.argv:
+        sweep(P, H, Hkv, D, bs)
     if "--variants" in sys.argv:
         variants(P, H, Hkv, D, bs)
     if "--schedules" in sys.argv:
@@ -55,6 +58,56 @@ def main():
         cascade(P, H, Hkv, D, bs)
     if "--small" in sys.argv:
         small(P, H, Hkv, D, bs)
+
+
+def copy_rate() -> float:
+    """Device-to-device copy, bytes read + written per second (best of 5, 1 GiB)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    best = math.inf
+    for _ in range(6):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e-3)
+    del x, y
+    return 2 * (1 << 30) / best
+
+
+def sweep(P, H, Hkv, D, bs):
+    """The tensor-core kernel against the lane kernel at batch 1-1024 and context 128-32K
+    (equal lengths, and log-normal ones as a serving batch has), KV bytes read per second as a
+    fraction of the copy rate measured in this run."""
+    copy = copy_rate()
+    print(f"\n## sweep: tensor-core kernel (default) vs lane kernel; µs per call (CUDA graph), "
+          f"KV read rate / copy rate ({copy / 1e12:.2f} TB/s, measured in this run)\n")
+    print("| batch | context | lanes µs | mma µs | speed-up | lanes / copy | mma / copy |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    shapes = [(B, ctx, None) for B in (1, 16, 64, 256, 1024)
+              for ctx in (128, 1024, 2048, 4096, 32768) if B * ctx <= (1 << 21)]
+    shapes += [(B, 0, serving_lengths(B)) for B in (16, 64, 256)]
+    for B, ctx, lengths in shapes:
+        q, kc, vc, tables, lens = case(B, ctx or 1, H, Hkv, D, bs, lengths)
+        scale = 1 / math.sqrt(D)
+        order = P.longest_first(lens)
+        ref = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens,
+                                           scale) if B * max(lengths or [ctx]) <= (1 << 18) \
+            else None
+        times = []
+        for kernel in ("lanes", "mma"):
+            run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
+                                                        order=order, kernel=kernel)
+            if ref is not None:
+                err = (run().float() - ref).abs().max().item()
+                assert err < 2e-2, (B, ctx, kernel, err)
+            times.append(graph_us(run))
+        keys = sum(lengths) if lengths else B * ctx
+        rate = [2 * keys * Hkv * D * 2 / (t * 1e-6) / copy for t in times]
+        print(f"| {B} | {ctx or 'log-normal'} | {times[0]:.1f} | {times[1]:.1f} | "
+              f"{times[0] / times[1]:.2f}x | {rate[0]:.2f} | {rate[1]:.2f} |", flush=True)
+        del q, kc, vc, tables, lens
 
 
 def small(P, H, Hkv, D, bs):

@@ -31,7 +31,10 @@ def _case(B, H, Hkv, D, bs, lens, dtype, seed):
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64),
                                      (torch.float32, 128), (torch.bfloat16, 256)])
 @pytest.mark.parametrize("splits", [None, 1, 5])
-def test_paged_kernel_matches_reference(dtype, D, splits):
+@pytest.mark.parametrize("kernel", [None, "lanes"])
+def test_paged_kernel_matches_reference(dtype, D, splits, kernel):
+    """The default kernel (tensor cores for bf16 / fp16 at head dim 64 / 128) and the lane
+    kernel, 32 / 8 heads."""
     from weavelm.kernels import paged_attention as P
     lens = [1, 16, 17, 300, 1029, 77, 5]
     q, kc, vc, tables, lens_t = _case(len(lens), 32, 8, D, 16, lens, dtype, seed=D)
@@ -41,7 +44,7 @@ def test_paged_kernel_matches_reference(dtype, D, splits):
                                             scale, window)
         order = P.longest_first(lens_t) if splits is None else None
         got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window,
-                                            splits=splits, order=order)
+                                            splits=splits, order=order, kernel=kernel)
         torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 

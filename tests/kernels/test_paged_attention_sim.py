@@ -200,3 +200,61 @@ def test_sim_starts_and_lse_match_reference(dtype, splits, split_keys, window):
                                         split_keys=split_keys, starts=starts, lse=lse)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- tensor cores
+
+def test_mma_kernel_takes_bf16_fp16_caches_of_16_token_blocks():
+    """The tensor-core kernel is the default where it applies; the lane kernel keeps the rest
+    (FP8 and fp32 caches, blocks under 16 tokens, other head dims); asked for where it cannot
+    run, the launcher says why in one line."""
+    q = torch.zeros(1, 8, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    assert P.mma_supported(q, cache) and P.mma_supported(q[..., :64].half(), cache[..., :64].half())
+    assert not P.mma_supported(q, cache[:, :8])                       # blocks of 8
+    assert not P.mma_supported(q, cache.to(torch.float8_e4m3fn))      # FP8 cache
+    assert not P.mma_supported(q.float(), cache.float())
+    assert not P.mma_supported(q[..., :96], cache[..., :96])
+    with pytest.raises(ValueError, match="tensor-core kernel takes .* blocks of 8"):
+        P.paged_decode_attention_cuda(q, cache[:, :8].contiguous(), cache[:, :8].contiguous(),
+                                      torch.zeros(1, 2, dtype=torch.int32),
+                                      torch.ones(1, dtype=torch.int32), 1.0, kernel="mma")
+
+
+def test_mma_group_fits_one_tile():
+    from weavelm.kernels.paged_attention_mma import mma_group
+    assert [mma_group(h, kv, d) for h, kv, d in
+            ((32, 8, 128), (64, 8, 128), (32, 2, 64), (32, 2, 128), (9, 3, 64), (48, 1, 64))] \
+        == [4, 8, 16, 8, 3, 16]
+
+
+@sim
+@pytest.mark.parametrize("dtype,H,splits,split_keys,window,starts", [
+    (torch.bfloat16, 8, None, None, None, None),
+    (torch.float16, 8, 3, 1, 30, None),
+    (torch.bfloat16, 32, 2, 16, None, [0, 18]),
+])
+def test_sim_mma_kernel_matches_reference(dtype, H, splits, split_keys, window, starts):
+    """Tensor-core kernel, head dim 64, blocks of 16, 2 KV heads: one key, several steps (the
+    CTA's 4 warps not all busy), forced splits (one left without a step), a sliding window
+    starting mid-step, cascade starts with log-sum-exps, and 16 query heads a KV head (rows
+    g + 8 of the fragments). Cache slots past each sequence's end hold NaN: masked keys must
+    not reach the output."""
+    lens = [1, 40] if starts is None and splits is None else [20, 33] if starts else [17, 70, 5]
+    B, D = len(lens), 64
+    q, kc, vc, tables, lens_t = paged_case(B, H, 2, D, 16, lens, dtype, seed=H + (splits or 0))
+    st = torch.tensor(starts, dtype=torch.int32) if starts else None
+    want_lse = torch.empty(B, H)
+    want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
+                                        1 / math.sqrt(D), window, starts=st, lse=want_lse)
+    for b, n in enumerate(lens):                  # stale contents past the end
+        if n % 16:
+            blk = int(tables[b, n // 16])
+            kc[blk, n % 16:] = float("nan")
+            vc[blk, n % 16:] = float("nan")
+    lse = torch.full((B, H), float("nan"))
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, 1 / math.sqrt(D), window,
+                                        splits=splits, split_keys=split_keys, starts=st,
+                                        lse=lse, kernel="mma")
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)

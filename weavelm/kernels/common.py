@@ -120,6 +120,74 @@ def block_reduce_fn(is_max: bool):
     return device(reduce)
 
 
+def warp_mma_fn(dt: str):
+    """mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid) -> (d0, d1, d2, d3): one
+    `mma.sync.m16n8k16.row.col.f32` of the warp on dt ("f16" or "bf16") operands (fragments as
+    the PTX ISA lays them out; every lane calls it). Under the simulator, which has no
+    warp-wide instructions, the lanes leave their fragments in `frag` (6 words a thread of the
+    CTA) and `cd` (4 floats) between barriers and lane 0 computes the warp's product
+    (`ptx_sim._sim_warp_mma`), so every thread of the CTA must call it the same number of
+    times."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.ptx_sim import _sim_warp_mma
+
+    cuda = numba_cuda()
+    bf16 = dt == "bf16"
+    if not ptx.SIMULATOR:
+        hw = ptx.mma_bf16_m16n8k16 if bf16 else ptx.mma_f16_m16n8k16
+
+        def mma_hw(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid):
+            return hw(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+        return device(mma_hw)
+
+    def mma_sim(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid):
+        frag[tid * 6:tid * 6 + 6] = (a0, a1, a2, a3, b0, b1)
+        cd[tid * 4:tid * 4 + 4] = (c0, c1, c2, c3)
+        cuda.syncthreads()
+        if tid & 31 == 0:
+            _sim_warp_mma(frag, cd, tid, bf16)
+        cuda.syncthreads()
+        d = (float32(cd[tid * 4]), float32(cd[tid * 4 + 1]), float32(cd[tid * 4 + 2]),
+             float32(cd[tid * 4 + 3]))
+        cuda.syncthreads()
+        return d
+    return device(mma_sim)
+
+
+def quad_reduce_fn(is_max: bool):
+    """reduce(x, red, tid): the largest (is_max) or the sum of x over the 4 lanes 4g..4g+3 of
+    a warp (an mma fragment's row); every thread of the CTA calls it. Two shuffles; under the
+    simulator (no shuffles) through `red`, one float per thread of the CTA, between barriers."""
+    global cuda
+    from numba import float32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+
+    cuda = numba_cuda()
+    simulator = ptx.SIMULATOR
+
+    def reduce(x, red, tid):
+        if simulator:
+            red[tid] = x
+            cuda.syncthreads()
+            base = tid - (tid & 3)
+            r = red[base]
+            for i in range(1, 4):
+                r = max(r, red[base + i]) if is_max else r + red[base + i]
+            cuda.syncthreads()
+            return float32(r)
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, x, 1)
+        x = max(x, o) if is_max else x + o
+        o = cuda.shfl_xor_sync(0xFFFFFFFF, x, 2)
+        return max(x, o) if is_max else x + o
+    return device(reduce)
+
+
 def pdl_entry(pdl: bool):
     """enter(): a kernel built for programmatic dependent launch (`launcher.pdl_enabled`) calls
     it before reading anything an earlier kernel wrote and before any write: it waits for the

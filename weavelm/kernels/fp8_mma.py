@@ -127,54 +127,15 @@ def _plan(dt: str, tiles: int, device: int):
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def warp_mma_fn():
-    """mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid) -> (d0, d1, d2, d3): one
-    `mma.sync.m16n8k16.row.col.f32.f16.f16.f32` of the warp (fragments as the PTX ISA lays
-    them out; every lane calls it). Under the simulator, which has no warp-wide instructions,
-    the lanes leave their fragments in `frag` (6 words a thread of the CTA) and `cd` (4 floats)
-    between barriers and lane 0 computes the warp's product (`ptx_sim._sim_warp_mma_f16`), so
-    every thread of the CTA must call it the same number of times."""
-    global cuda
-    from numba import float32
-
-    from weavelm.kernels import ptx
-    from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import device
-    from weavelm.kernels.ptx_sim import _sim_warp_mma_f16 as warp_mma_f16
-
-    cuda = numba_cuda()
-    simulator = ptx.SIMULATOR
-    hw = None if simulator else ptx.mma_f16_m16n8k16
-
-    def mma_hw(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid):
-        return hw(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
-
-    def mma_sim(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, frag, cd, tid):
-        frag[tid * 6:tid * 6 + 6] = (a0, a1, a2, a3, b0, b1)
-        cd[tid * 4:tid * 4 + 4] = (c0, c1, c2, c3)
-        cuda.syncthreads()
-        if tid & 31 == 0:
-            warp_mma_f16(frag, cd, tid)
-        cuda.syncthreads()
-        d = (float32(cd[tid * 4]), float32(cd[tid * 4 + 1]), float32(cd[tid * 4 + 2]),
-             float32(cd[tid * 4 + 3]))
-        cuda.syncthreads()
-        return d
-
-    if simulator:
-        return mma_sim
-    return device(mma_hw)
-
-
 def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False):
     global cuda
     from numba import float32, int32, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import pdl_entry
+    from weavelm.kernels.common import pdl_entry, warp_mma_fn
 
-    mma = warp_mma_fn()
+    mma = warp_mma_fn("f16")
     cuda = numba_cuda()
     enter = pdl_entry(pdl)
     simulator = ptx.SIMULATOR

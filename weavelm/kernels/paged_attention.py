@@ -154,6 +154,14 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 
+def mma_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The tensor-core kernel (paged_attention_mma.py) takes a bf16 / fp16 cache of q's dtype,
+    head dim 64 or 128 (256 spills registers), blocks of at least 16 tokens; `supported` must
+    hold too."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and k_cache.shape[1] >= 16)
+
+
 def occupancy_splits(batch: int, ctas: int, device: int) -> int:
     """Splits for CTAS_PER_SM CTAs per SM (uncapped). `ctas`: CTAs per sequence at S = 1."""
     return -(-CTAS_PER_SM * sm_count(device) // max(1, batch * ctas))
@@ -219,6 +227,25 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
     return p
 
 
+def _mma_kernels(dt: str, D: int, group: int, device: int):
+    key = ("mma", dt, D, group, device)
+    p = _plans.get(key)
+    if p is None:
+        from weavelm.kernels import launcher
+        from weavelm.kernels.paged_attention_kernels import _build_combine
+        from weavelm.kernels.paged_attention_mma import WARPS as MMA_WARPS
+        from weavelm.kernels.paged_attention_mma import _build_mma_kernel
+        pdl = launcher.pdl_enabled(device)
+        main = launcher.kernel(("paged_decode_mma", dt, D, group),
+                               lambda: _build_mma_kernel(dt, D, group, pdl), SIGNATURE,
+                               max_threads=32 * MMA_WARPS, pdl=pdl)
+        combine = launcher.kernel(("paged_decode_combine", dt, D // 8),
+                                  lambda: _build_combine(dt, D // 8, pdl), COMBINE_SIGNATURE,
+                                  max_threads=32, pdl=pdl)
+        p = remember(_plans, key, (main, combine, 32 * MMA_WARPS))
+    return p
+
+
 def _checked(name, t, shape, dtype, device):
     if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous() \
             or t.device != device:
@@ -234,12 +261,13 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                 pipeline: bool = PIPELINE, resident: int = RESIDENT,
                                 order=None, split_keys: int | None = None,
                                 k_scale: float = 1.0, v_scale: float = 1.0, starts=None,
-                                lse=None):
+                                lse=None, kernel: str | None = None):
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
     order their CTAs should start (`longest_first`); `starts` int32 [B], `lse` float32 [B, H]
-    (written). For tests and benchmarks: `splits` forces
+    (written). `kernel`: "mma" (tensor cores, where `mma_supported`) or "lanes"; by default
+    the first that takes the inputs. For tests and benchmarks: `splits` forces
     S, every sequence using all S CTAs it has keys for unless `split_keys` (keys per split) is
-    given too, `group` the
+    given too; for the lane kernel, `group` the
     query heads per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one
     iteration ahead, `resident` the CTAs per SM the registers must allow (0: no bound)."""
     B, H, D = q.shape
@@ -261,6 +289,14 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     if B == 0:
         return out
     index = max(dev.index if dev.index is not None else 0, 0)
+    use_mma = mma_supported(q, k_cache) if kernel is None else kernel == "mma"
+    if use_mma and not mma_supported(q, k_cache):
+        raise ValueError(f"paged_decode_attention: the tensor-core kernel takes a bf16 / fp16 "
+                         f"cache of the queries' dtype, head dim 64 or 128 and blocks of "
+                         f">= 16 tokens, got {k_cache.dtype} D={D} blocks of {bs}")
+    if use_mma:
+        from weavelm.kernels.paged_attention_mma import mma_group
+        group = mma_group(H, Hkv, D)
     group = group or head_group(H, Hkv)
     S, keys_per_split = split_plan(B, H // group, index)
     if splits:                    # forced S: every sequence uses as many as it has keys for
@@ -269,15 +305,19 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
     stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
     lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
-    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
-                             pipeline, resident, kv8, index)
+    if use_mma:
+        main, combine, threads = _mma_kernels(DTYPES[q.dtype], D, group, index)
+    else:
+        main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
+                                 pipeline, resident, kv8, index)
+        threads = 32 * WARPS
     part = ml = None
     pp = mp = 0
     if S > 1:
         part = torch.empty(B * H * S * D, dtype=torch.float32, device=dev)
         ml = torch.empty(B * H * S * 2, dtype=torch.float32, device=dev)
         pp, mp = part.data_ptr(), ml.data_ptr()
-    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, stp, op, lsp,
+    main.launch(H // group * B * S, threads, index, qp, kp, vp, tp, lp, odp, stp, op, lsp,
                 pp, mp, B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
                 float(scale), float(k_scale), float(v_scale))
     if S > 1:

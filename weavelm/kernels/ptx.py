@@ -31,7 +31,8 @@ from weavelm.kernels.ptx_sim import (
     _bits_f32, _sim_atom_add, _sim_atom_cas, _sim_fence, _sim_globaltimer,
     _sim_ld_u32, _sim_ld_u64, _sim_ld_v2, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4, _sim_pack_f16x2,
     _sim_red_add, _sim_st_u32, _sim_st_v4, _sim_unpack_bf16x2, _sim_unpack_e4m3x4,
-    _sim_f32_as_u32, _sim_unpack_f16x2, _sim_e4m3x4_to_f16x2,
+    _sim_f32_as_u32, _sim_unpack_f16x2, _sim_e4m3x4_to_f16x2, _sim_low_halves,
+    _sim_high_halves,
 )
 
 SIMULATOR = simulator_enabled()
@@ -266,16 +267,31 @@ unpack_e4m3x4 = _asm(
 
 # ----------------------------------------------------------------------------- tensor cores
 
-# One warp-wide f16 product: every lane passes its fragments as the PTX ISA lays them out for
-# m16n8k16 (a: 4 words of f16x2, b: 2 words, c and d: 4 floats). The simulator has no warp-wide
-# instructions: `fp8_mma.warp_mma_fn` models it there. (FP8 operands go through it converted:
-# on sm_90 an e4m3 mma.sync is itself converted to f16 mma's, once per use of each operand.)
+# One warp-wide f16 (bf16) product: every lane passes its fragments as the PTX ISA lays them out
+# for m16n8k16 (a: 4 words of f16x2, b: 2 words, c and d: 4 floats). The simulator has no
+# warp-wide instructions: `common.warp_mma_fn` models it there. (FP8 operands go through the f16
+# one converted: on sm_90 an e4m3 mma.sync is itself converted to f16 mma's, once per use.)
 mma_f16_m16n8k16 = _asm(
     "mma_f16_m16n8k16",
     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
     "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
     ("f32",) * 4, ("u32",) * 6 + ("f32",) * 4, memory=False,
     doc="d = a (16 x 16 f16, row) b (16 x 8 f16, col) + c, fp32 sums; one warp.")
+
+mma_bf16_m16n8k16 = _asm(
+    "mma_bf16_m16n8k16",
+    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
+    "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+    ("f32",) * 4, ("u32",) * 6 + ("f32",) * 4, memory=False,
+    doc="d = a (16 x 16 bf16, row) b (16 x 8 bf16, col) + c, fp32 sums; one warp.")
+
+# Two 16-bit halves of two words into one (building a fragment from rows loaded whole).
+low_halves = _asm("low_halves", "prmt.b32 $0, $1, $2, 0x5410;", ("u32",), ("u32", "u32"),
+                  memory=False, model=_sim_low_halves,
+                  doc="(a, b) -> a's low half in bits 0-15, b's low half in bits 16-31.")
+high_halves = _asm("high_halves", "prmt.b32 $0, $1, $2, 0x7632;", ("u32",), ("u32", "u32"),
+                   memory=False, model=_sim_high_halves,
+                   doc="(a, b) -> a's high half in bits 0-15, b's high half in bits 16-31.")
 
 e4m3x4_to_f16x2 = _asm(
     "e4m3x4_to_f16x2",

@@ -142,14 +142,26 @@ def _sim_e4m3x4_to_f16x2(w):
     return np.uint32(h[0] | (h[1] << 16)), np.uint32(h[2] | (h[3] << 16))
 
 
-def _sim_warp_mma_f16(frag, cd, w0):
-    """One warp's `mma.sync.m16n8k16.row.col.f32.f16.f16.f32`, modelled from the PTX ISA's
-    fragment layout: frag holds each lane's a0-a3, b0, b1 (6 words a thread, from thread w0),
-    cd its c0-c3 (4 floats a thread), replaced by d. Lane 4g + q holds A rows g (a0, a2) and
-    g + 8 (a1, a3) at k = 2q, 2q + 1 (a0, a1) and 8 + 2q, 9 + 2q (a2, a3), B column g at the
-    same k in b0, b1, and D rows g, g + 8 at columns 2q, 2q + 1."""
+def _sim_low_halves(a, b):
+    return np.uint32((int(a) & 0xFFFF) | ((int(b) & 0xFFFF) << 16))
+
+
+def _sim_high_halves(a, b):
+    return np.uint32((int(a) >> 16) | (int(b) & 0xFFFF0000))
+
+
+def _sim_warp_mma(frag, cd, w0, bf16=False):
+    """One warp's `mma.sync.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32`, modelled from the
+    PTX ISA's fragment layout: frag holds each lane's a0-a3, b0, b1 (6 words a thread, from
+    thread w0), cd its c0-c3 (4 floats a thread), replaced by d. Lane 4g + q holds A rows g
+    (a0, a2) and g + 8 (a1, a3) at k = 2q, 2q + 1 (a0, a1) and 8 + 2q, 9 + 2q (a2, a3), B column
+    g at the same k in b0, b1, and D rows g, g + 8 at columns 2q, 2q + 1."""
     words = np.asarray(frag[w0 * 6:(w0 + 32) * 6], dtype=np.uint32).reshape(8, 4, 6)  # [g, q]
-    vals = words.view(np.float16).reshape(8, 4, 6, 2).astype(np.float32)    # [g, q, reg, half]
+    if bf16:                                                 # bf16: the top half of an f32
+        halves = words.view(np.uint16).astype(np.uint32) << 16
+        vals = halves.view(np.float32).reshape(8, 4, 6, 2)
+    else:
+        vals = words.view(np.float16).reshape(8, 4, 6, 2).astype(np.float32)  # [g, q, reg, half]
     a = np.empty((16, 16), np.float32)
     b = np.empty((16, 8), np.float32)
     for q in range(4):
