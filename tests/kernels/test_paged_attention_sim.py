@@ -228,21 +228,57 @@ def test_mma_group_fits_one_tile():
         == [4, 8, 16, 8, 3, 16]
 
 
+def test_work_list_covers_every_step_once():
+    """The work list over random lengths: `used` = min(T, steps) CTAs, each with at least one
+    step and within one step of equal shares; every step of every sequence held by exactly one
+    CTA, in order; a sequence's parts on consecutive CTAs, as `parts` (the kernel's record)
+    says; slots cta + b unique."""
+    from weavelm.kernels.paged_attention_worklist import parts, plan, steps_of
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        B = int(torch.randint(1, 40, (1,), generator=g))
+        lens = torch.randint(0, 3000, (B,), generator=g).tolist()
+        firsts = [int(torch.randint(0, n + 1, (1,), generator=g)) if trial % 2 else 0
+                  for n in lens]
+        steps = [steps_of(n, f) for n, f in zip(lens, firsts)]
+        if sum(steps) == 0:
+            continue
+        T = int(torch.randint(1, 300, (1,), generator=g))
+        work = plan(steps, T)
+        assert len(work) == min(T, sum(steps))
+        sizes = [sum(e - a for _, a, e in segs) for segs in work]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        seen = {b: [] for b in range(B)}
+        slots = set()
+        for c, segs in enumerate(work):
+            for b, a, e in segs:
+                seen[b].append((c, a, e))
+                assert c + b not in slots
+                slots.add(c + b)
+        for b in range(B):
+            got = [x for _, a, e in seen[b] for x in range(a, e)]
+            assert got == list(range(steps[b])), (b, steps[b])
+            if steps[b]:
+                ctas = [c for c, _, _ in seen[b]]
+                assert ctas == list(range(ctas[0], ctas[-1] + 1))
+                assert parts(steps, T, b) == (ctas[0], len(ctas))
+    assert steps_of(33, 3) == 3 and steps_of(70, 40) == 3 and steps_of(5, 5) == 0
+
+
 @sim
-@pytest.mark.parametrize("dtype,H,splits,split_keys,window,starts", [
-    (torch.bfloat16, 8, None, None, None, None),
-    (torch.float16, 8, 3, 1, 30, None),
-    (torch.bfloat16, 32, 2, 16, None, [0, 18]),
+@pytest.mark.parametrize("dtype,H,ctas,window,starts,lens", [
+    (torch.bfloat16, 8, None, None, None, [1, 40]),
+    (torch.float16, 8, 5, 30, None, [17, 70, 5, 33]),
+    (torch.bfloat16, 32, 2, None, [0, 18], [20, 33]),
 ])
-def test_sim_mma_kernel_matches_reference(dtype, H, splits, split_keys, window, starts):
-    """Tensor-core kernel, head dim 64, blocks of 16, 2 KV heads: one key, several steps (the
-    CTA's 4 warps not all busy), forced splits (one left without a step), a sliding window
-    starting mid-step, cascade starts with log-sum-exps, and 16 query heads a KV head (rows
-    g + 8 of the fragments). Cache slots past each sequence's end hold NaN: masked keys must
-    not reach the output."""
-    lens = [1, 40] if starts is None and splits is None else [20, 33] if starts else [17, 70, 5]
+def test_sim_mma_kernel_matches_reference(dtype, H, ctas, window, starts, lens):
+    """Tensor-core kernel over its work list, head dim 64, blocks of 16, 2 KV heads: one key,
+    a sequence in parts on several CTAs (the CTA's 4 warps not all busy), CTAs holding the end
+    of one sequence and the start of the next, a sliding window starting mid-step, cascade
+    starts with log-sum-exps, and 16 query heads a KV head (rows g + 8 of the fragments).
+    Cache slots past each sequence's end hold NaN: masked keys must not reach the output."""
     B, D = len(lens), 64
-    q, kc, vc, tables, lens_t = paged_case(B, H, 2, D, 16, lens, dtype, seed=H + (splits or 0))
+    q, kc, vc, tables, lens_t = paged_case(B, H, 2, D, 16, lens, dtype, seed=H + B)
     st = torch.tensor(starts, dtype=torch.int32) if starts else None
     want_lse = torch.empty(B, H)
     want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
@@ -254,7 +290,6 @@ def test_sim_mma_kernel_matches_reference(dtype, H, splits, split_keys, window, 
             vc[blk, n % 16:] = float("nan")
     lse = torch.full((B, H), float("nan"))
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, 1 / math.sqrt(D), window,
-                                        splits=splits, split_keys=split_keys, starts=st,
-                                        lse=lse, kernel="mma")
+                                        splits=ctas, starts=st, lse=lse, kernel="mma")
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)

@@ -191,14 +191,13 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, kv8, tmp_path
 @pytest.mark.parametrize("dt,D,group", [("bf16", 128, 4), ("bf16", 128, 8), ("f16", 64, 16)])
 def test_paged_decode_mma_kernel_ptx(dt, D, group, tmp_path):
     """The tensor-core decode kernel compiles with its fragments, softmax state and output
-    sums in registers (no local memory, no spills), 2 x D / 16 + D / 8 mma's a step, and fits
-    3 CTAs an SM at head dim 128 (<= 168 registers a thread)."""
+    sums in registers (no local memory, no spills) at the CTAs an SM must hold (RESIDENT_MMA:
+    <= 168 registers a thread at head dim 128), 2 x D / 16 + D / 8 mma's a step."""
     import re
 
-    from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_mma as PM
-    ptx = Kernel("t", lambda: PM._build_mma_kernel(dt, D, group), PA.SIGNATURE,
-                 max_threads=32 * PM.WARPS).ptx()
+    ptx = Kernel("t", lambda: PM._build_mma_kernel(dt, D, group), PM.SIGNATURE,
+                 max_threads=32 * PM.WARPS, min_blocks=PM.RESIDENT_MMA[D]).ptx()
     assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32") \
         == 2 * D // 16 + D // 8
     for ins in ["ld.global.nc.v4.u32", "shfl.sync.bfly.b32", "ex2.approx", "prmt.b32"]:
@@ -303,6 +302,7 @@ def _pdl_builds():
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
     from weavelm.kernels import paged_attention_mma as PM
+    from weavelm.kernels import paged_attention_worklist as WL
     from weavelm.kernels import rope_cache as RC
     return {
         "rmsnorm": (lambda p: R._build_kernel("bf16", True, 4, p), R.SIGNATURE, 512),
@@ -317,8 +317,10 @@ def _pdl_builds():
         "paged_decode": (lambda p: PK._build_kernel("bf16", 16, 4, 4, True, False, p),
                          PA.SIGNATURE, 32 * PK.WARPS),
         "paged_combine": (lambda p: PK._build_combine("bf16", 16, p), PA.COMBINE_SIGNATURE, 32),
-        "paged_decode_mma": (lambda p: PM._build_mma_kernel("bf16", 128, 4, p), PA.SIGNATURE,
+        "paged_decode_mma": (lambda p: PM._build_mma_kernel("bf16", 128, 4, p), PM.SIGNATURE,
                              32 * PM.WARPS),
+        "paged_mma_combine": (lambda p: WL._build_mma_combine("bf16", 128, 4, p),
+                              WL.COMBINE_SIGNATURE, 32),
     }
 
 

@@ -11,6 +11,11 @@ q [B, H, D]; k_cache, v_cache [NB, bs, Hkv, D]; block_tables [B, M] int32 (seque
 reads KV head h // (H / Hkv) (grouped-query attention). With `window`, the query (at position
 context_lens[b] - 1) sees only the last `window` keys, as Mistral's sliding window.
 
+Two kernels: the tensor-core kernel (paged_attention_mma.py, bf16 / fp16 caches of head dim 64 or
+128 in blocks of >= 16 tokens: Llama, Mistral, Qwen) over a work list that gives every CTA the
+same share of the batch's keys (paged_attention_worklist.py); and the lane kernel described
+below for the rest (FP8 and fp32 caches, other head dims, smaller blocks). `kernel=` picks one.
+
 Why a kernel of our own: the decode step runs under CUDA graphs, so attention must read the
 cache in place, with no host sync and no per-step gather of every sequence's keys into a padded
 copy (the gather costs as much memory traffic again as the keys themselves); torch's built-in
@@ -18,7 +23,8 @@ varlen attention has no block table on the torch the GPU machines run. How the k
 with torch's gather + SDPA, and what each choice below was worth: benchmarks/RESULTS.md (paged
 decode attention) and benchmarks/HISTORY.md.
 
-Grid: one CTA per (group of query heads sharing a KV head, sequence, split), groups fastest.
+The lane kernel. Grid: one CTA per (group of query heads sharing a KV head, sequence, split),
+groups fastest.
 Each key row is loaded once and scored against every head of the group (up to MAX_GROUP), so a
 KV head's keys leave memory once for all the query heads that read them: decode attention is
 bound by reading the cache, and a CTA per query head would read each key H / Hkv times.
@@ -232,17 +238,17 @@ def _mma_kernels(dt: str, D: int, group: int, device: int):
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
-        from weavelm.kernels.paged_attention_kernels import _build_combine
-        from weavelm.kernels.paged_attention_mma import WARPS as MMA_WARPS
-        from weavelm.kernels.paged_attention_mma import _build_mma_kernel
+        from weavelm.kernels import paged_attention_mma as PM
+        from weavelm.kernels import paged_attention_worklist as WL
         pdl = launcher.pdl_enabled(device)
         main = launcher.kernel(("paged_decode_mma", dt, D, group),
-                               lambda: _build_mma_kernel(dt, D, group, pdl), SIGNATURE,
-                               max_threads=32 * MMA_WARPS, pdl=pdl)
-        combine = launcher.kernel(("paged_decode_combine", dt, D // 8),
-                                  lambda: _build_combine(dt, D // 8, pdl), COMBINE_SIGNATURE,
-                                  max_threads=32, pdl=pdl)
-        p = remember(_plans, key, (main, combine, 32 * MMA_WARPS))
+                               lambda: PM._build_mma_kernel(dt, D, group, pdl),
+                               PM.SIGNATURE, max_threads=32 * PM.WARPS,
+                               min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
+        combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group),
+                                  lambda: WL._build_mma_combine(dt, D, group, pdl),
+                                  WL.COMBINE_SIGNATURE, max_threads=32, pdl=pdl)
+        p = remember(_plans, key, (main, combine))
     return p
 
 
@@ -289,38 +295,62 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     if B == 0:
         return out
     index = max(dev.index if dev.index is not None else 0, 0)
+    stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
+    lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
     use_mma = mma_supported(q, k_cache) if kernel is None else kernel == "mma"
-    if use_mma and not mma_supported(q, k_cache):
-        raise ValueError(f"paged_decode_attention: the tensor-core kernel takes a bf16 / fp16 "
-                         f"cache of the queries' dtype, head dim 64 or 128 and blocks of "
-                         f">= 16 tokens, got {k_cache.dtype} D={D} blocks of {bs}")
     if use_mma:
-        from weavelm.kernels.paged_attention_mma import mma_group
-        group = mma_group(H, Hkv, D)
+        if not mma_supported(q, k_cache):
+            raise ValueError(f"paged_decode_attention: the tensor-core kernel takes a bf16 / "
+                             f"fp16 cache of the queries' dtype, head dim 64 or 128 and blocks "
+                             f"of >= 16 tokens, got {k_cache.dtype} D={D} blocks of {bs}")
+        _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
+                    splits, index)
+        return out
     group = group or head_group(H, Hkv)
     S, keys_per_split = split_plan(B, H // group, index)
     if splits:                    # forced S: every sequence uses as many as it has keys for
         S, keys_per_split = splits, 1
     keys_per_split = split_keys or keys_per_split
     odp = _checked("order", order, (B,), torch.int32, dev) if order is not None else 0
-    stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
-    lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
-    if use_mma:
-        main, combine, threads = _mma_kernels(DTYPES[q.dtype], D, group, index)
-    else:
-        main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
-                                 pipeline, resident, kv8, index)
-        threads = 32 * WARPS
+    main, combine = _kernels(DTYPES[q.dtype], lanes_per_key(q.dtype, D), group, rows,
+                             pipeline, resident, kv8, index)
     part = ml = None
     pp = mp = 0
     if S > 1:
         part = torch.empty(B * H * S * D, dtype=torch.float32, device=dev)
         ml = torch.empty(B * H * S * 2, dtype=torch.float32, device=dev)
         pp, mp = part.data_ptr(), ml.data_ptr()
-    main.launch(H // group * B * S, threads, index, qp, kp, vp, tp, lp, odp, stp, op, lsp,
+    main.launch(H // group * B * S, 32 * WARPS, index, qp, kp, vp, tp, lp, odp, stp, op, lsp,
                 pp, mp, B, H, Hkv, D, M, bs.bit_length() - 1, S, keys_per_split, window or 0,
                 float(scale), float(k_scale), float(v_scale))
     if S > 1:
         combine.launch(H * B, 32, index, pp, mp, op, lp, stp, lsp, B * H, H, S, D,
                        keys_per_split, window or 0)
     return out
+
+
+def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
+    """T, the tensor-core kernel's CTAs per head group: one wave of the CTAs an SM holds
+    (its registers are bounded for that many: RESIDENT_MMA), shared by the groups."""
+    from weavelm.kernels.paged_attention_mma import RESIDENT_MMA
+    return max(1, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group))
+
+
+def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
+                ctas, index):
+    """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
+    the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
+    from weavelm.kernels.paged_attention_mma import WARPS as WARPS_MMA
+    from weavelm.kernels.paged_attention_mma import mma_group
+    group = mma_group(H, Hkv, D)
+    T = ctas or mma_ctas(H, group, D, index)
+    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, index)
+    dev = q.device
+    part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
+    ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
+    rec = torch.empty(B * 2, dtype=torch.int32, device=dev)
+    main.launch(H // group * T, 32 * WARPS_MMA, index, qp, kp, vp, tp, lp, stp, op, lsp,
+                part.data_ptr(), ml.data_ptr(), rec.data_ptr(), B, H, Hkv, M,
+                bs.bit_length() - 1, T, window or 0, float(scale))
+    combine.launch(H * B, 32, index, part.data_ptr(), ml.data_ptr(), rec.data_ptr(), op, lp,
+                   stp, lsp, B, H, T, window or 0)

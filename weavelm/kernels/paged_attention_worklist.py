@@ -1,0 +1,148 @@
+"""The tensor-core decode kernel's work list (paged_attention_mma.py): how a batch's keys are
+shared among the CTAs, and the combine of the sequences it cuts into parts.
+
+Every sequence's visible keys, in steps of STEP (a step starts at a multiple of STEP, so with
+blocks of >= 16 tokens its keys share one block), are laid end to end, sequence after sequence,
+and cut into `used` = min(T, total steps) equal ranges, one a CTA (T CTAs a head group: one
+wave of what the SMs hold). So every CTA gets the same work whatever the lengths are, no CTA
+is launched without work for it and none waits for a long sequence alone; the plan is made on
+the device from the context lengths (each CTA sums them and finds its first sequence with a
+prefix scan), so it stays inside CUDA graphs. A CTA whose range holds a sequence whole writes
+its output; otherwise each CTA holding part of sequence b writes an fp32 part (max, sum,
+unnormalised output) in slot `cta + b` (unique: a later sequence starts at the CTA where the
+previous one ends or later), and the CTA holding b's first step records (that CTA, the number
+of parts) for the combine. Since every CTA has at least one step, the parts of a sequence come
+from consecutive CTAs.
+
+`plan` is the same work list in Python: the tests check the kernel's outputs over it.
+"""
+from __future__ import annotations
+
+import math
+
+STEP = 16                       # keys a warp scores at once
+COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
+
+
+def steps_of(length: int, first: int) -> int:
+    """Steps of sequence with `length` keys whose first visible key is `first`."""
+    if length <= first:
+        return 0
+    return -(-(length - (first - first % STEP)) // STEP)
+
+
+def plan(steps: list[int], T: int) -> list[list[tuple[int, int, int]]]:
+    """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
+    total = sum(steps)
+    used = min(T, total)
+    out = []
+    for c in range(used):
+        lo, hi = c * total // used, (c + 1) * total // used
+        segs, before = [], 0
+        for b, n in enumerate(steps):
+            a, e = max(lo, before), min(hi, before + n)
+            if a < e:
+                segs.append((b, a - before, e - before))
+            before += n
+        out.append(segs)
+    return out
+
+
+def parts(steps: list[int], T: int, b: int) -> tuple[int, int]:
+    """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
+    the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
+    total, before = sum(steps), sum(steps[:b])
+    used = min(T, total)
+    first = ((before + 1) * used - 1) // total
+    last = ((before + steps[b]) * used - 1) // total
+    return first, last - first + 1
+
+
+cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
+
+
+def visible_fn():
+    """Device function visible(lens_ptr, starts_ptr, window, b) -> (length, first visible key,
+    steps) of sequence b; its steps of STEP keys start at the multiple of STEP at or before
+    the first visible key (kernel and combine share it)."""
+    from numba import int64
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels.common import device
+    from weavelm.kernels.paged_attention_kernels import first_key_fn
+
+    first_key = first_key_fn()
+    load_u32 = ptx.load_u32
+
+    def visible(lens_ptr, starts_ptr, window, b):
+        length = int64(load_u32(lens_ptr + b * 4))
+        first = first_key(length, window, starts_ptr, b)
+        steps = int64(0)
+        if length > first:                   # (steps_of)
+            steps = (length - (first - (first & (STEP - 1))) + STEP - 1) // STEP
+        return length, first, steps
+
+    return device(visible)
+
+
+def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
+    """Merges a sequence's parts: thread t of CTA (b, h) writes vector t (8 elements) of
+    out[b, h] from the parts the CTAs rec[b] names wrote (nothing where the sequence had one
+    part: the main kernel wrote the output itself)."""
+    global cuda
+    from numba import float32, int64
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import codec, pdl_entry
+    from weavelm.kernels.paged_attention_kernels import LN2, NEG
+
+    cuda = numba_cuda()
+    _, pack, _ = codec(dt)
+    enter = pdl_entry(pdl)
+    visible = visible_fn()
+    load, store = ptx.load_v4_u32, ptx.store_v4_u32
+    load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
+    lanes = D // 8
+
+    def paged_decode_mma_combine(part_ptr, ml_ptr, rec_ptr, out_ptr, lens_ptr, starts_ptr,
+                                 lse_ptr, B, H, T, window):
+        enter()
+        tid = cuda.threadIdx.x
+        row = cuda.blockIdx.x                 # b * H + h
+        b, h = row // H, row % H
+        if tid >= lanes or visible(lens_ptr, starts_ptr, window, b)[2] == 0:
+            return
+        n = int64(load_u32(rec_ptr + b * 8 + 4))
+        if n <= 1:
+            return
+        slot0 = ((h // group) * (T + B) + int64(load_u32(rec_ptr + b * 8)) + b) * group \
+            + h % group                       # part s of the row: slot0 + s * group
+        acc = cuda.local.array(8, float32)
+        mx = float32(NEG)
+        for s in range(n):
+            mx = max(mx, as_f32(load_u32(ml_ptr + (slot0 + s * group) * 8)))
+        total = float32(0.0)
+        for e in range(8):
+            acc[e] = float32(0.0)
+        for s in range(n):
+            r = slot0 + s * group
+            w = math.exp2(as_f32(load_u32(ml_ptr + r * 8)) - mx)
+            total += as_f32(load_u32(ml_ptr + r * 8 + 4)) * w
+            for e4 in range(0, 8, 4):
+                x = load(part_ptr + (r * D + tid * 8 + e4) * 4)
+                acc[e4] += as_f32(x[0]) * w
+                acc[e4 + 1] += as_f32(x[1]) * w
+                acc[e4 + 2] += as_f32(x[2]) * w
+                acc[e4 + 3] += as_f32(x[3]) * w
+        inv = float32(1.0) / total
+        for e in range(8):
+            acc[e] *= inv
+        p = pack(acc)
+        store(out_ptr + (row * D + tid * 8) * 2, p[0], p[1], p[2], p[3])
+        if lse_ptr != 0 and tid == 0:
+            ptx.store_u32(lse_ptr + row * 4, ptx.f32_as_u32((mx + math.log2(total))
+                                                            * float32(LN2)))
+
+    paged_decode_mma_combine.__name__ = f"paged_decode_mma_combine_{dt}_d{D}_g{group}"
+    return paged_decode_mma_combine
