@@ -205,14 +205,15 @@ def test_sim_starts_and_lse_match_reference(dtype, splits, split_keys, window):
 # ----------------------------------------------------------------------------- tensor cores
 
 def test_mma_kernel_takes_bf16_fp16_caches_of_16_token_blocks():
-    """The tensor-core kernel is the default where it applies; the lane kernel keeps the rest
-    (FP8 and fp32 caches, blocks under 16 tokens, other head dims); asked for where it cannot
-    run, the launcher says why in one line."""
+    """The tensor-core kernel is the default where it applies (bf16 / fp16 queries against a
+    cache of their dtype or FP8); the lane kernel keeps the rest (fp32, blocks under 16 tokens,
+    other head dims); asked for where it cannot run, the launcher says why in one line."""
     q = torch.zeros(1, 8, 128, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
     assert P.mma_supported(q, cache) and P.mma_supported(q[..., :64].half(), cache[..., :64].half())
+    assert P.mma_supported(q, cache.to(torch.float8_e4m3fn))           # FP8 cache
     assert not P.mma_supported(q, cache[:, :8])                       # blocks of 8
-    assert not P.mma_supported(q, cache.to(torch.float8_e4m3fn))      # FP8 cache
+    assert not P.mma_supported(q, cache.half())                       # another dtype
     assert not P.mma_supported(q.float(), cache.float())
     assert not P.mma_supported(q[..., :96], cache[..., :96])
     with pytest.raises(ValueError, match="tensor-core kernel takes .* blocks of 8"):
@@ -293,3 +294,20 @@ def test_sim_mma_kernel_matches_reference(dtype, H, ctas, window, starts, lens):
                                         splits=ctas, starts=st, lse=lse, kernel="mma")
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@sim
+def test_sim_mma_kernel_fp8_cache_matches_reference():
+    """bf16 queries against an FP8 (e4m3) cache with key and value scales, through the
+    tensor-core kernel (f16 mma's): the reference reads the cache as its values times the
+    scales; a sequence in parts and one whole."""
+    lens = [50, 7]
+    q, kc, vc, tables, lens_t = paged_case(2, 8, 2, 64, 16, lens, torch.float32, seed=5)
+    kc8, vc8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    q = q.bfloat16()
+    want = P.paged_decode_attention_ref(q.float(), kc8, vc8, tables, lens_t, 0.125, None,
+                                        0.5, 2.0)
+    got = P.paged_decode_attention_cuda(q, kc8, vc8, tables, lens_t, 0.125, None, splits=3,
+                                        k_scale=0.5, v_scale=2.0, kernel="mma")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

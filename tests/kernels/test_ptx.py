@@ -188,18 +188,22 @@ def test_paged_decode_kernel_ptx(dt, lanes, group, rows, pipeline, kv8, tmp_path
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("dt,D,group", [("bf16", 128, 4), ("bf16", 128, 8), ("f16", 64, 16)])
-def test_paged_decode_mma_kernel_ptx(dt, D, group, tmp_path):
+@pytest.mark.parametrize("dt,D,group,kv8", [("bf16", 128, 4, False), ("bf16", 128, 8, False),
+                                             ("f16", 64, 16, False), ("bf16", 128, 4, True),
+                                             ("bf16", 64, 4, True)])
+def test_paged_decode_mma_kernel_ptx(dt, D, group, kv8, tmp_path):
     """The tensor-core decode kernel compiles with its fragments, softmax state and output
     sums in registers (no local memory, no spills) at the CTAs an SM must hold (RESIDENT_MMA:
     <= 168 registers a thread at head dim 128), 2 x D / 16 + D / 8 mma's a step."""
     import re
 
     from weavelm.kernels import paged_attention_mma as PM
-    ptx = Kernel("t", lambda: PM._build_mma_kernel(dt, D, group), PM.SIGNATURE,
+    ptx = Kernel("t", lambda: PM._build_mma_kernel(dt, D, group, kv8=kv8), PM.SIGNATURE,
                  max_threads=32 * PM.WARPS, min_blocks=PM.RESIDENT_MMA[D]).ptx()
-    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32") \
+    mdt = "f16" if kv8 else dt                      # an FP8 cache is converted to f16
+    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{mdt}.{mdt}.f32") \
         == 2 * D // 16 + D // 8
+    assert ("cvt.rn.f16x2.e4m3x2" in ptx) == kv8
     for ins in ["ld.global.nc.v4.u32", "shfl.sync.bfly.b32", "ex2.approx", "prmt.b32"]:
         assert ins in ptx, ins
     assert ".local" not in ptx

@@ -11,10 +11,10 @@ q [B, H, D]; k_cache, v_cache [NB, bs, Hkv, D]; block_tables [B, M] int32 (seque
 reads KV head h // (H / Hkv) (grouped-query attention). With `window`, the query (at position
 context_lens[b] - 1) sees only the last `window` keys, as Mistral's sliding window.
 
-Two kernels: the tensor-core kernel (paged_attention_mma.py, bf16 / fp16 caches of head dim 64 or
-128 in blocks of >= 16 tokens: Llama, Mistral, Qwen) over a work list that gives every CTA the
+Two kernels: the tensor-core kernel (paged_attention_mma.py, bf16 / fp16 / FP8 caches of head dim
+64 or 128 in blocks of >= 16 tokens: Llama, Mistral, Qwen) over a work list that gives every CTA the
 same share of the batch's keys (paged_attention_worklist.py); and the lane kernel described
-below for the rest (FP8 and fp32 caches, other head dims, smaller blocks). `kernel=` picks one.
+below for the rest (fp32 caches, other head dims, smaller blocks). `kernel=` picks one.
 
 Why a kernel of our own: the decode step runs under CUDA graphs, so attention must read the
 cache in place, with no host sync and no per-step gather of every sequence's keys into a padded
@@ -161,10 +161,10 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def mma_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The tensor-core kernel (paged_attention_mma.py) takes a bf16 / fp16 cache of q's dtype,
-    head dim 64 or 128 (256 spills registers), blocks of at least 16 tokens; `supported` must
-    hold too."""
-    return (q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
+    """The tensor-core kernel (paged_attention_mma.py) takes bf16 / fp16 queries against a cache
+    of their dtype or FP8, head dim 64 or 128 (256 spills registers), blocks of at least 16
+    tokens; `supported` must hold too."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype in (q.dtype, FP8)
             and q.shape[-1] in (64, 128) and k_cache.shape[1] >= 16)
 
 
@@ -233,16 +233,16 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
     return p
 
 
-def _mma_kernels(dt: str, D: int, group: int, device: int):
-    key = ("mma", dt, D, group, device)
+def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
+    key = ("mma", dt, D, group, kv8, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels import paged_attention_mma as PM
         from weavelm.kernels import paged_attention_worklist as WL
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group),
-                               lambda: PM._build_mma_kernel(dt, D, group, pdl),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8),
+                               lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
         combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group),
@@ -300,11 +300,12 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     use_mma = mma_supported(q, k_cache) if kernel is None else kernel == "mma"
     if use_mma:
         if not mma_supported(q, k_cache):
-            raise ValueError(f"paged_decode_attention: the tensor-core kernel takes a bf16 / "
-                             f"fp16 cache of the queries' dtype, head dim 64 or 128 and blocks "
-                             f"of >= 16 tokens, got {k_cache.dtype} D={D} blocks of {bs}")
+            raise ValueError(f"paged_decode_attention: the tensor-core kernel takes bf16 / fp16 "
+                             f"queries, a cache of their dtype or FP8, head dim 64 or 128 and "
+                             f"blocks of >= 16 tokens, got {q.dtype} queries, a {k_cache.dtype} "
+                             f"cache, D={D}, blocks of {bs}")
         _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
-                    splits, index)
+                    k_scale, v_scale, kv8, splits, index)
         return out
     group = group or head_group(H, Hkv)
     S, keys_per_split = split_plan(B, H // group, index)
@@ -337,20 +338,21 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
 
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
-                ctas, index):
+                k_scale, v_scale, kv8, ctas, index):
     """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
     from weavelm.kernels.paged_attention_mma import WARPS as WARPS_MMA
     from weavelm.kernels.paged_attention_mma import mma_group
     group = mma_group(H, Hkv, D)
     T = ctas or mma_ctas(H, group, D, index)
-    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, index)
+    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
     rec = torch.empty(B * 2, dtype=torch.int32, device=dev)
     main.launch(H // group * T, 32 * WARPS_MMA, index, qp, kp, vp, tp, lp, stp, op, lsp,
                 part.data_ptr(), ml.data_ptr(), rec.data_ptr(), B, H, Hkv, M,
-                bs.bit_length() - 1, T, window or 0, float(scale))
+                bs.bit_length() - 1, T, window or 0, float(scale), float(k_scale),
+                float(v_scale))
     combine.launch(H * B, 32, index, part.data_ptr(), ml.data_ptr(), rec.data_ptr(), op, lp,
                    stp, lsp, B, H, T, window or 0)

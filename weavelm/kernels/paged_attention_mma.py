@@ -40,7 +40,7 @@ import math
 WARPS = 4                       # per CTA
 MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB)
 RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bounded to fit)
-SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"]) + ")"
+SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"] * 3) + ")"
 
 cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
 
@@ -53,9 +53,12 @@ def mma_group(heads: int, kv_heads: int, head_dim: int) -> int:
                if share % d == 0 and d * head_dim <= MAX_ROWS)
 
 
-def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
+def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False):
     """The tensor-core decode kernel's Python function for one dtype, head dim and head group
-    (not yet jitted); the lane kernel's signature and launch grid."""
+    (not yet jitted). `kv8`: the cache holds FP8 (e4m3) with per-tensor scales: keys and
+    values are converted to f16 as they are loaded (exact), the queries too (bf16 -> f16),
+    and the mma's run on f16; the key scale goes into the scores' scale, the value scale into
+    the output."""
     global cuda
     from numba import float32, int64, uint32
 
@@ -67,7 +70,13 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
-    mma = warp_mma_fn(dt)
+    mdt = "f16" if kv8 else dt  # the mma's operand type
+    mma = warp_mma_fn(mdt)
+    pack_p = ptx.pack_f16x2 if mdt == "f16" else ptx.pack_bf16x2
+    to_f16, un_bf16 = ptx.e4m3x4_to_f16x2, ptx.unpack_bf16x2
+    load_half = ptx.load_v2_u32_nc
+    q_convert = kv8 and dt == "bf16"
+    eb = 1 if kv8 else 2        # bytes of a cached element
     quad_max, quad_sum = quad_reduce_fn(True), quad_reduce_fn(False)
     enter = pdl_entry(pdl)
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
@@ -106,7 +115,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                                 lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
-                                window, scale):
+                                window, scale, k_scale, v_scale):
         enter()
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
@@ -165,9 +174,10 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
         ok = cuda.local.array(4, int64)       # keys 2t, 2t+1, 8+2t, 9+2t visible
         acc = cuda.local.array(n_acc, float32)
         o8 = cuda.local.array(8, float32)
-        sc = float32(scale * LOG2E)           # scores in log2 units: exp2 below, not exp
-        row_bytes = Hkv * D * 2               # one token's keys (values) of every KV head
-        head_off = kvh * D * 2
+        sc = float32(scale * LOG2E * k_scale)  # scores in log2 units: exp2 below, not exp
+        vs = float32(v_scale)
+        row_bytes = Hkv * D * eb              # one token's keys (values) of every KV head
+        head_off = kvh * D * eb
         q_row = D * 2
         bs_mask = (int64(1) << bs_shift) - 1
         pos = lo
@@ -189,6 +199,12 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
                 if two and g + 8 < group:
                     w = load_nc(q_ptr + (b * H + h0 + g + 8) * q_row + t * (D // 2) + 16 * i)
                 qb[4 * i], qb[4 * i + 1], qb[4 * i + 2], qb[4 * i + 3] = w[0], w[1], w[2], w[3]
+            if q_convert:                     # f16 mma's against an FP8 cache
+                for i in range(KW):
+                    lo_, hi_ = un_bf16(qa[i])
+                    qa[i] = pack_p(lo_, hi_)
+                    lo_, hi_ = un_bf16(qb[i])
+                    qb[i] = pack_p(lo_, hi_)
             for i in range(n_acc):
                 acc[i] = float32(0.0)
             m0, m1 = float32(NEG), float32(NEG)
@@ -202,18 +218,34 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
                     blk = int64(load_u32(table_ptr + (b * M + (p0 >> bs_shift)) * 4))
                     row0 = (blk << bs_shift) + (p0 & bs_mask)
                     for u in range(2):            # keys g, 8 + g: elements [t D/4, (t+1) D/4)
-                        a = k_ptr + (row0 + 8 * u + g) * row_bytes + head_off + t * (D // 2)
-                        for i in range(KW // 4):
-                            w = load_nc(a + 16 * i)
-                            o = u * KW + 4 * i
-                            kw[o], kw[o + 1], kw[o + 2], kw[o + 3] = w[0], w[1], w[2], w[3]
+                        a = k_ptr + (row0 + 8 * u + g) * row_bytes + head_off + t * (D // 4) * eb
+                        if kv8:                   # D / 4 bytes: 16 at a time, to f16 pairs
+                            for i in range(KW // 8):
+                                w = load_nc(a + 16 * i)
+                                for e in range(4):
+                                    o = u * KW + 8 * i + 2 * e
+                                    kw[o], kw[o + 1] = to_f16(w[e])
+                        else:
+                            for i in range(KW // 4):
+                                w = load_nc(a + 16 * i)
+                                o = u * KW + 4 * i
+                                kw[o], kw[o + 1], kw[o + 2], kw[o + 3] = w[0], w[1], w[2], w[3]
                     for x in range(4):            # keys 2t + (x & 1) + 8 (x >> 1): [g D/8, ...)
                         j = 2 * t + (x & 1) + 8 * (x >> 1)
-                        a = v_ptr + (row0 + j) * row_bytes + head_off + g * (D // 4)
-                        for i in range(VW // 4):
-                            w = load_nc(a + 16 * i)
-                            o = x * VW + 4 * i
-                            vw[o], vw[o + 1], vw[o + 2], vw[o + 3] = w[0], w[1], w[2], w[3]
+                        a = v_ptr + (row0 + j) * row_bytes + head_off + g * (D // 8) * eb
+                        if kv8 and VW == 8:       # D / 8 bytes: 16 (D = 128) or 8 (D = 64)
+                            w = load_nc(a)
+                            for e in range(4):
+                                vw[x * VW + 2 * e], vw[x * VW + 2 * e + 1] = to_f16(w[e])
+                        elif kv8:
+                            w2 = load_half(a)
+                            for e in range(2):
+                                vw[x * VW + 2 * e], vw[x * VW + 2 * e + 1] = to_f16(w2[e])
+                        else:
+                            for i in range(VW // 4):
+                                w = load_nc(a + 16 * i)
+                                o = x * VW + 4 * i
+                                vw[o], vw[o + 1], vw[o + 2], vw[o + 3] = w[0], w[1], w[2], w[3]
                         key = p0 + j
                         ok[x] = 1 if active and key >= first and key < length else 0
                         if ok[x] == 0:            # stale cache contents must not reach P V
@@ -257,8 +289,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
                             p = math.exp2(sv[e + 2] - m1)
                         l1 += p
                         sv[e + 2] = p
-                    pa0, pa2 = pack2(sv[0], sv[1]), pack2(sv[4], sv[5])    # head g
-                    pa1, pa3 = pack2(sv[2], sv[3]), pack2(sv[6], sv[7])    # head g + 8
+                    pa0, pa2 = pack_p(sv[0], sv[1]), pack_p(sv[4], sv[5])    # head g
+                    pa1, pa3 = pack_p(sv[2], sv[3]), pack_p(sv[6], sv[7])    # head g + 8
                     for j in range(NT):
                         wj = j >> 1
                         if j & 1 == 0:
@@ -305,6 +337,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
                     total_l += ml_sh[wp, i, 1] * f
                     for e in range(8):
                         o8[e] += acc_sh[wp, i, 8 * v + e] * f
+                for e in range(8):            # the values' scale (the combine is linear)
+                    o8[e] *= vs
                 h = h0 + i
                 if whole:
                     inv = float32(1.0) / total_l
@@ -330,5 +364,6 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False):
             pb += steps
             b += 1
 
-    paged_decode_mma_kernel.__name__ = f"paged_decode_mma_{dt}_d{D}_g{group}"
+    paged_decode_mma_kernel.__name__ = f"paged_decode_mma_{dt}_d{D}_g{group}" \
+        + ("_kv8" if kv8 else "")
     return paged_decode_mma_kernel
