@@ -334,7 +334,8 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
     """T, the tensor-core kernel's CTAs per head group: one wave of the CTAs an SM holds
     (its registers are bounded for that many: RESIDENT_MMA), shared by the groups."""
     from weavelm.kernels.paged_attention_mma import RESIDENT_MMA
-    return max(1, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group))
+    from weavelm.kernels.paged_attention_worklist import MAX_PARTS
+    return max(1, min(MAX_PARTS, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group)))
 
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
@@ -343,8 +344,9 @@ def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
     from weavelm.kernels.paged_attention_mma import WARPS as WARPS_MMA
     from weavelm.kernels.paged_attention_mma import mma_group
+    from weavelm.kernels.paged_attention_worklist import MAX_PARTS
     group = mma_group(H, Hkv, D)
-    T = ctas or mma_ctas(H, group, D, index)
+    T = min(ctas or mma_ctas(H, group, D, index), MAX_PARTS)
     main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
