@@ -14,7 +14,8 @@ context_lens[b] - 1) sees only the last `window` keys, as Mistral's sliding wind
 Two kernels: the tensor-core kernel (paged_attention_mma.py, bf16 / fp16 / FP8 caches of head dim
 64 or 128 in blocks of >= 16 tokens: Llama, Mistral, Qwen) over a work list that gives every CTA the
 same share of the batch's keys (paged_attention_worklist.py); and the lane kernel described
-below for the rest (fp32 caches, other head dims, smaller blocks). `kernel=` picks one.
+below for the rest (fp32 caches, other head dims, smaller blocks) and for batches under
+MMA_MIN_BATCH, where it is faster. `kernel=` picks one.
 
 Why a kernel of our own: the decode step runs under CUDA graphs, so attention must read the
 cache in place, with no host sync and no per-step gather of every sequence's keys into a padded
@@ -76,6 +77,12 @@ SMALL_SPLIT_KEYS = 64
 MAX_GROUP = 4                   # query heads per CTA: the group's keys are read once for all
 #                                 of them (4 against 2: benchmarks/HISTORY.md, 2026-12-02)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
+# The tensor-core kernel from this batch on (the default where `mma_supported`). H100, bench_
+# paged_attention.py --sweep, µs lane / tensor-core kernel: batch 1 at 1K-4K keys 9.3-15.0 /
+# 17.6-19.6 (the work list's CTAs take a few steps each and the combine merges up to T parts);
+# batch 16 at 128 / 1K / 2K / 4K keys 13.3 / 36.6 / 70.6 / 122.9 against 16.5 / 36.4 / 57.9 /
+# 100.3; batch 64 and more faster at every length (benchmarks/RESULTS.md).
+MMA_MIN_BATCH = 16
 RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). Unbounded: forcing
 #                                 more CTAs per SM takes registers from the pipelined loads and
 #                                 costs more than the extra CTAs bring (benchmarks/HISTORY.md,
@@ -271,11 +278,12 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
     order their CTAs should start (`longest_first`); `starts` int32 [B], `lse` float32 [B, H]
     (written). `kernel`: "mma" (tensor cores, where `mma_supported`) or "lanes"; by default
-    the first that takes the inputs. For tests and benchmarks: `splits` forces
-    S, every sequence using all S CTAs it has keys for unless `split_keys` (keys per split) is
-    given too; for the lane kernel, `group` the
-    query heads per CTA, `rows` the key rows per lane and iteration, `pipeline` loads one
-    iteration ahead, `resident` the CTAs per SM the registers must allow (0: no bound)."""
+    the tensor cores where they take the inputs and the batch has MMA_MIN_BATCH sequences.
+    For tests and benchmarks: `splits` forces S (lane kernel), every sequence using all S CTAs
+    it has keys for unless `split_keys` (keys per split) is given too, or T (tensor-core
+    kernel, CTAs a head group); for the lane kernel, `group` the query heads per CTA, `rows`
+    the key rows per lane and iteration, `pipeline` loads one iteration ahead, `resident`
+    the CTAs per SM the registers must allow (0: no bound)."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -297,7 +305,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     index = max(dev.index if dev.index is not None else 0, 0)
     stp = _checked("starts", starts, (B,), torch.int32, dev) if starts is not None else 0
     lsp = _checked("lse", lse, (B, H), torch.float32, dev) if lse is not None else 0
-    use_mma = mma_supported(q, k_cache) if kernel is None else kernel == "mma"
+    use_mma = (mma_supported(q, k_cache) and B >= MMA_MIN_BATCH) if kernel is None \
+        else kernel == "mma"
     if use_mma:
         if not mma_supported(q, k_cache):
             raise ValueError(f"paged_decode_attention: the tensor-core kernel takes bf16 / fp16 "
@@ -334,8 +343,7 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
     """T, the tensor-core kernel's CTAs per head group: one wave of the CTAs an SM holds
     (its registers are bounded for that many: RESIDENT_MMA), shared by the groups."""
     from weavelm.kernels.paged_attention_mma import RESIDENT_MMA
-    from weavelm.kernels.paged_attention_worklist import MAX_PARTS
-    return max(1, min(MAX_PARTS, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group)))
+    return max(1, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group))
 
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
@@ -344,9 +352,8 @@ def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
     from weavelm.kernels.paged_attention_mma import WARPS as WARPS_MMA
     from weavelm.kernels.paged_attention_mma import mma_group
-    from weavelm.kernels.paged_attention_worklist import MAX_PARTS
     group = mma_group(H, Hkv, D)
-    T = min(ctas or mma_ctas(H, group, D, index), MAX_PARTS)
+    T = ctas or mma_ctas(H, group, D, index)
     main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)

@@ -66,7 +66,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import device, pdl_entry, quad_reduce_fn, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG
-    from weavelm.kernels.paged_attention_worklist import MIN_STEPS, STEP, visible_fn
+    from weavelm.kernels.paged_attention_worklist import STEP, visible_fn
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -128,38 +128,23 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         sh = cuda.shared.array(threads, int64)
         found = cuda.shared.array(2, int64)
 
-        # The work list (paged_attention_worklist.py): every sequence's steps laid end to
-        # end, cut into `used` equal ranges. Where the batch fits the CTA's threads, one scan
-        # of the steps finds both the total and the sequence holding the CTA's first step;
-        # else a sum, then scans of a chunk of sequences at a time until that sequence.
-        n = int64(0)
-        incl = int64(0)
-        if B <= threads:
-            if tid < B:
-                n = visible(lens_ptr, starts_ptr, window, tid)[2]
-            incl = block_scan(n, sh, tid)
-        else:
-            for b in range(tid, B, threads):
-                n += visible(lens_ptr, starts_ptr, window, b)[2]
-            block_scan(n, sh, tid)
+        # The work list: every sequence's steps laid end to end, cut into T equal ranges.
+        x = int64(0)
+        for b in range(tid, B, threads):
+            x += visible(lens_ptr, starts_ptr, window, b)[2]
+        block_scan(x, sh, tid)
         total = sh[threads - 1]
         if tid == 0:
             found[0] = -1
         cuda.syncthreads()
-        used = min(T, max(1, total // MIN_STEPS))   # >= MIN_STEPS steps a CTA (>= 1: a
+        used = min(T, total)                 # CTAs with steps (each has at least one, so a
         if me >= used:                       # sequence's parts come from consecutive CTAs)
             return
         lo = me * total // used
         hi = (me + 1) * total // used
-        if B <= threads:
-            before = incl - n
-            if n > 0 and before <= lo and lo < before + n:
-                found[0] = tid
-                found[1] = before
-            cuda.syncthreads()
-        run = int64(0)                       # (B > threads) steps before the chunk
+        run = int64(0)                       # the sequence holding step lo, and its first step
         base = int64(0)
-        while B > threads and base < B:
+        while base < B:
             n = int64(0)
             if base + tid < B:
                 n = visible(lens_ptr, starts_ptr, window, base + tid)[2]

@@ -3,16 +3,16 @@ shared among the CTAs, and the combine of the sequences it cuts into parts.
 
 Every sequence's visible keys, in steps of STEP (a step starts at a multiple of STEP, so with
 blocks of >= 16 tokens its keys share one block), are laid end to end, sequence after sequence,
-and cut into `used` = min(T, total steps // MIN_STEPS) equal ranges (at least one), one a CTA
-(T CTAs a head group: one wave of what the SMs hold). So every CTA gets the same work whatever
-the lengths are, no CTA is launched without work for it and none waits for a long sequence
-alone; the plan is made on the device from the context lengths (each CTA sums them and finds
-its first sequence with a prefix scan), so it stays inside CUDA graphs. A CTA whose range holds
-a sequence whole writes its output; otherwise each CTA holding part of sequence b writes an
-fp32 part (max, sum, unnormalised output) in slot `cta + b` (unique: a later sequence starts at
-the CTA where the previous one ends or later), and the CTA holding b's first step records (that
-CTA, the number of parts) for the combine. Since every CTA has at least one step (MIN_STEPS, or
-all of them), the parts of a sequence come from consecutive CTAs.
+and cut into `used` = min(T, total steps) equal ranges, one a CTA (T CTAs a head group: one
+wave of what the SMs hold). So every CTA gets the same work whatever the lengths are, no CTA
+is launched without work for it and none waits for a long sequence alone; the plan is made on
+the device from the context lengths (each CTA sums them and finds its first sequence with a
+prefix scan), so it stays inside CUDA graphs. A CTA whose range holds a sequence whole writes
+its output; otherwise each CTA holding part of sequence b writes an fp32 part (max, sum,
+unnormalised output) in slot `cta + b` (unique: a later sequence starts at the CTA where the
+previous one ends or later), and the CTA holding b's first step records (that CTA, the number
+of parts) for the combine. Since every CTA has at least one step, the parts of a sequence come
+from consecutive CTAs.
 
 `plan` is the same work list in Python: the tests check the kernel's outputs over it.
 """
@@ -21,9 +21,6 @@ from __future__ import annotations
 import math
 
 STEP = 16                       # keys a warp scores at once
-MIN_STEPS = 4                   # a CTA's least share: one step a warp (fewer parts to merge)
-MAX_PARTS = 1024                # CTAs a head group (the combine's shared memory)
-UNROLL = 4                      # parts whose loads the combine issues together
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
 
 
@@ -37,7 +34,7 @@ def steps_of(length: int, first: int) -> int:
 def plan(steps: list[int], T: int) -> list[list[tuple[int, int, int]]]:
     """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
     total = sum(steps)
-    used = min(T, max(1, total // MIN_STEPS))
+    used = min(T, total)
     out = []
     for c in range(used):
         lo, hi = c * total // used, (c + 1) * total // used
@@ -55,7 +52,7 @@ def parts(steps: list[int], T: int, b: int) -> tuple[int, int]:
     """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
     the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
     total, before = sum(steps), sum(steps[:b])
-    used = min(T, max(1, total // MIN_STEPS))
+    used = min(T, total)
     first = ((before + 1) * used - 1) // total
     last = ((before + steps[b]) * used - 1) // total
     return first, last - first + 1
@@ -91,11 +88,9 @@ def visible_fn():
 def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
     """Merges a sequence's parts: thread t of CTA (b, h) writes vector t (8 elements) of
     out[b, h] from the parts the CTAs rec[b] names wrote (nothing where the sequence had one
-    part: the main kernel wrote the output itself). The parts' (max, sum) pairs are read by
-    all 32 threads at once, and each thread's output loads are issued UNROLL parts at a time:
-    a loop of one part at a time waits on L2 once per part (at batch 1 a head has up to T)."""
+    part: the main kernel wrote the output itself)."""
     global cuda
-    from numba import float32, int64, uint32
+    from numba import float32, int64
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
@@ -109,7 +104,6 @@ def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
     load, store = ptx.load_v4_u32, ptx.store_v4_u32
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
     lanes = D // 8
-    n_words = 8 * UNROLL
 
     def paged_decode_mma_combine(part_ptr, ml_ptr, rec_ptr, out_ptr, lens_ptr, starts_ptr,
                                  lse_ptr, B, H, T, window):
@@ -117,43 +111,30 @@ def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x                 # b * H + h
         b, h = row // H, row % H
-        n = int64(0)
-        if visible(lens_ptr, starts_ptr, window, b)[2] > 0:
-            n = int64(load_u32(rec_ptr + b * 8 + 4))
+        if tid >= lanes or visible(lens_ptr, starts_ptr, window, b)[2] == 0:
+            return
+        n = int64(load_u32(rec_ptr + b * 8 + 4))
         if n <= 1:
             return
         slot0 = ((h // group) * (T + B) + int64(load_u32(rec_ptr + b * 8)) + b) * group \
             + h % group                       # part s of the row: slot0 + s * group
-        ml_sh = cuda.shared.array(2 * MAX_PARTS, float32)
-        for s in range(tid, n, 32):
-            ml_sh[2 * s] = as_f32(load_u32(ml_ptr + (slot0 + s * group) * 8))
-            ml_sh[2 * s + 1] = as_f32(load_u32(ml_ptr + (slot0 + s * group) * 8 + 4))
-        cuda.syncthreads()
-        if tid >= lanes:
-            return
+        acc = cuda.local.array(8, float32)
         mx = float32(NEG)
         for s in range(n):
-            mx = max(mx, ml_sh[2 * s])
+            mx = max(mx, as_f32(load_u32(ml_ptr + (slot0 + s * group) * 8)))
         total = float32(0.0)
-        for s in range(n):
-            total += ml_sh[2 * s + 1] * math.exp2(ml_sh[2 * s] - mx)
-        acc = cuda.local.array(8, float32)
-        words = cuda.local.array(n_words, uint32)
         for e in range(8):
             acc[e] = float32(0.0)
-        for s0 in range(0, n, UNROLL):
-            for k in range(UNROLL):           # the loads of UNROLL parts, then their sums
-                if s0 + k < n:
-                    a = part_ptr + ((slot0 + (s0 + k) * group) * D + tid * 8) * 4
-                    x = load(a)
-                    y = load(a + 16)
-                    words[8 * k], words[8 * k + 1], words[8 * k + 2], words[8 * k + 3] = x
-                    words[8 * k + 4], words[8 * k + 5], words[8 * k + 6], words[8 * k + 7] = y
-            for k in range(UNROLL):
-                if s0 + k < n:
-                    w = math.exp2(ml_sh[2 * (s0 + k)] - mx)
-                    for e in range(8):
-                        acc[e] += as_f32(words[8 * k + e]) * w
+        for s in range(n):
+            r = slot0 + s * group
+            w = math.exp2(as_f32(load_u32(ml_ptr + r * 8)) - mx)
+            total += as_f32(load_u32(ml_ptr + r * 8 + 4)) * w
+            for e4 in range(0, 8, 4):
+                x = load(part_ptr + (r * D + tid * 8 + e4) * 4)
+                acc[e4] += as_f32(x[0]) * w
+                acc[e4 + 1] += as_f32(x[1]) * w
+                acc[e4 + 2] += as_f32(x[2]) * w
+                acc[e4 + 3] += as_f32(x[3]) * w
         inv = float32(1.0) / total
         for e in range(8):
             acc[e] *= inv
