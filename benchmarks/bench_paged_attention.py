@@ -2,7 +2,7 @@
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
     python3 benchmarks/bench_paged_attention.py [--sweep] [--variants] [--schedules] [--shared]
-                                                [--cascade] [--small]
+                                                [--cascade] [--small] [--knob=MODULE.NAME=VALUE]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
@@ -11,7 +11,9 @@ how the keys are spread over CTAs on batches of equal and of serving-like (log-n
 --shared, the order of the CTAs where sequences share a cached prefix's blocks; --cascade, the
 cascade attention that reads a shared prefix once against the kernel reading every copy;
 --small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`); --sweep, the
-tensor-core kernel against the lane kernel and the copy rate, batch 1-1024, context 128-32K.
+tensor-core kernel against the lane kernel and the copy rate, batch 1-1024, context 128-32K;
+--knob sets a module constant first (benchmarks/knobs.py), e.g.
+--knob=kernels.paged_attention_worklist.MIN_STEPS=4.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from cuda_timing import graph_us  # noqa: E402  (this folder is on sys.path)
 
 
 def main():
+    import knobs
     from weavelm.kernels import paged_attention as P
+    knobs.apply(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--knob="))
     H, Hkv, D, bs = 32, 8, 128, 16
     print(f"## paged decode attention, {torch.cuda.get_device_name()}, H={H} Hkv={Hkv} D={D}, "
           f"bf16, blocks of {bs}; µs per call (CUDA graph), KV bytes read / time\n")

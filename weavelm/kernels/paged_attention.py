@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember, sm_count
+from weavelm.kernels import paged_attention_worklist as WL
 from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
 MAX_SPLITS = 16
@@ -241,15 +242,15 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
 
 
 def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    key = ("mma", dt, D, group, kv8, device)
+    least = WL.MIN_STEPS
+    key = ("mma", dt, D, group, kv8, least, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         from weavelm.kernels import paged_attention_mma as PM
-        from weavelm.kernels import paged_attention_worklist as WL
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8),
-                               lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least),
+                               lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
         combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group),

@@ -53,12 +53,13 @@ def mma_group(heads: int, kv_heads: int, head_dim: int) -> int:
                if share % d == 0 and d * head_dim <= MAX_ROWS)
 
 
-def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False):
+def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False,
+                      min_steps: int = 1):
     """The tensor-core decode kernel's Python function for one dtype, head dim and head group
     (not yet jitted). `kv8`: the cache holds FP8 (e4m3) with per-tensor scales: keys and
     values are converted to f16 as they are loaded (exact), the queries too (bf16 -> f16),
     and the mma's run on f16; the key scale goes into the scores' scale, the value scale into
-    the output."""
+    the output. `min_steps`: the work list's least share a CTA (paged_attention_worklist)."""
     global cuda
     from numba import float32, int64, uint32
 
@@ -137,8 +138,10 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         if tid == 0:
             found[0] = -1
         cuda.syncthreads()
-        used = min(T, total)                 # CTAs with steps (each has at least one, so a
-        if me >= used:                       # sequence's parts come from consecutive CTAs)
+        used = min(T, total // min_steps)    # CTAs with steps (each has at least one, so a
+        if used == 0 and total > 0:          # sequence's parts come from consecutive CTAs)
+            used = 1
+        if me >= used:
             return
         lo = me * total // used
         hi = (me + 1) * total // used

@@ -3,7 +3,7 @@ shared among the CTAs, and the combine of the sequences it cuts into parts.
 
 Every sequence's visible keys, in steps of STEP (a step starts at a multiple of STEP, so with
 blocks of >= 16 tokens its keys share one block), are laid end to end, sequence after sequence,
-and cut into `used` = min(T, total steps) equal ranges, one a CTA (T CTAs a head group: one
+and cut into `used` = min(T, total steps // MIN_STEPS) equal ranges (at least one), one a CTA (T CTAs a head group: one
 wave of what the SMs hold). So every CTA gets the same work whatever the lengths are, no CTA
 is launched without work for it and none waits for a long sequence alone; the plan is made on
 the device from the context lengths (each CTA sums them and finds its first sequence with a
@@ -21,6 +21,10 @@ from __future__ import annotations
 import math
 
 STEP = 16                       # keys a warp scores at once
+# A CTA's least share of steps (read when the kernel is built; a benchmark may set it between
+# calls, each value its own build): 1 is what was measured (RESULTS.md). Larger means fewer,
+# longer parts at batch 1, where the combine merges up to T of them; not yet measured alone.
+MIN_STEPS = 1
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
 
 
@@ -31,10 +35,16 @@ def steps_of(length: int, first: int) -> int:
     return -(-(length - (first - first % STEP)) // STEP)
 
 
-def plan(steps: list[int], T: int) -> list[list[tuple[int, int, int]]]:
+def ctas_used(total: int, T: int, min_steps: int = 1) -> int:
+    """CTAs with work: min(T, total // min_steps), at least one where there are steps."""
+    used = min(T, total // min_steps)
+    return 1 if used == 0 and total > 0 else used
+
+
+def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, int, int]]]:
     """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
     total = sum(steps)
-    used = min(T, total)
+    used = ctas_used(total, T, min_steps)
     out = []
     for c in range(used):
         lo, hi = c * total // used, (c + 1) * total // used
@@ -48,11 +58,11 @@ def plan(steps: list[int], T: int) -> list[list[tuple[int, int, int]]]:
     return out
 
 
-def parts(steps: list[int], T: int, b: int) -> tuple[int, int]:
+def parts(steps: list[int], T: int, b: int, min_steps: int = 1) -> tuple[int, int]:
     """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
     the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
     total, before = sum(steps), sum(steps[:b])
-    used = min(T, total)
+    used = ctas_used(total, T, min_steps)
     first = ((before + 1) * used - 1) // total
     last = ((before + steps[b]) * used - 1) // total
     return first, last - first + 1
