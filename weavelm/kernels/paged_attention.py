@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from weavelm.kernels.common import DTYPES, ELEMS, FP8, remember, sm_count
+from weavelm.kernels import paged_attention_mma as PM
 from weavelm.kernels import paged_attention_worklist as WL
 from weavelm.kernels.paged_attention_kernels import PIPELINE, ROWS, WARPS
 
@@ -247,7 +248,6 @@ def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
-        from weavelm.kernels import paged_attention_mma as PM
         pdl = launcher.pdl_enabled(device)
         main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least),
@@ -343,24 +343,21 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
 def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
     """T, the tensor-core kernel's CTAs per head group: one wave of the CTAs an SM holds
     (its registers are bounded for that many: RESIDENT_MMA), shared by the groups."""
-    from weavelm.kernels.paged_attention_mma import RESIDENT_MMA
-    return max(1, RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group))
+    return max(1, PM.RESIDENT_MMA[head_dim] * sm_count(device) // (heads // group))
 
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
                 k_scale, v_scale, kv8, ctas, index):
     """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
-    from weavelm.kernels.paged_attention_mma import WARPS as WARPS_MMA
-    from weavelm.kernels.paged_attention_mma import mma_group
-    group = mma_group(H, Hkv, D)
+    group = PM.mma_group(H, Hkv, D)
     T = ctas or mma_ctas(H, group, D, index)
     main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
     rec = torch.empty(B * 2, dtype=torch.int32, device=dev)
-    main.launch(H // group * T, 32 * WARPS_MMA, index, qp, kp, vp, tp, lp, stp, op, lsp,
+    main.launch(H // group * T, 32 * PM.WARPS, index, qp, kp, vp, tp, lp, stp, op, lsp,
                 part.data_ptr(), ml.data_ptr(), rec.data_ptr(), B, H, Hkv, M,
                 bs.bit_length() - 1, T, window or 0, float(scale), float(k_scale),
                 float(v_scale))
