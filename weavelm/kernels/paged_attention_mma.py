@@ -1,5 +1,5 @@
-"""The device code of paged decode attention on tensor cores (bf16 / fp16 caches, head dim 64 or
-128, blocks of at least 16 tokens; names as in paged_attention.py, which holds the contract and
+"""The device code of paged decode attention on tensor cores (bf16 / fp16 / FP8 caches, head dim 64
+or 128, blocks of at least 16 tokens; names as in paged_attention.py, which holds the contract and
 the launcher; the work list, which CTA takes which keys, is paged_attention_worklist.py).
 
 Why: the lane kernel (paged_attention_kernels.py) scores each key with FMAs and reduces every
@@ -8,8 +8,8 @@ row: at batch 64 / 2K context it read the cache at 0.78 of the copy rate on an H
 instruction issue (an H200 with 1.4x the bandwidth ran it only 1.2x faster). Here a warp scores
 16 keys against its group of query heads with `mma.sync.m16n8k16` and adds P V with another
 D / 8, so a key costs a few instructions and the kernel is left bound by memory (H100, same
-split plan as the lane kernel: 0.85 of the copy rate at batch 64 / 2K, 0.96 at 64 / 4K;
-benchmarks/RESULTS.md).
+split plan as the lane kernel: 0.85 of the copy rate at batch 64 / 2K, 0.96 at 64 / 4K; over
+the work list 0.96 and 1.01; benchmarks/RESULTS.md).
 
 A warp takes 16 keys (a step; steps start at multiples of 16 keys, so with blocks of >= 16 tokens
 a step's keys share one block and one table read) and its CTA's 4 warps take the steps of its
@@ -21,7 +21,7 @@ Fragments, lane 4g + t:
   the order of its terms, so the mma's k = 2t, 2t+1 / 8+2t, 9+2t of chunk c take the lane's
   elements 4c, 4c+1 / 4c+2, 4c+3. The lane gets back the scores of heads g, g + 8 for keys
   8u + 2t, 8u + 2t + 1.
-- P V: those scores, as probabilities rounded to the cache's dtype, are already P's A fragment
+- P V: those scores, as probabilities rounded to the mma's dtype, are already P's A fragment
   for keys 2t, 2t+1, 8+2t, 9+2t (FlashAttention-2's register reuse), so the lane loads exactly
   those 4 keys' values, elements [g D/8, (g+1) D/8) whole: output tile j's column g is element
   g D/8 + j (one `prmt` pairs two keys' halves into a B word), and the lane's outputs are
