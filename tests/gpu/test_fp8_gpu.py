@@ -171,6 +171,37 @@ def test_fp8_logits_near_bf16():
     assert 0 < rel <= 0.25
 
 
+@pytest.mark.parametrize("kernel", ["mma", "lanes"])
+def test_paged_kernel_fp8_cache_equals_reference(kernel):
+    """bf16 queries against an FP8 (e4m3) cache with key and value scales, both decode-
+    attention kernels (the tensor-core one converts to f16 for its mma's): equal to the
+    reference reading the cache as its values times the scales, sequences whole and in parts
+    (17 sequences: the tensor-core kernel's batch), 32 / 8 heads, head dim 128."""
+    import math
+
+    from weavelm.kernels import paged_attention as P
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lens = [1, 16, 17, 300, 1029, 77, 5, 2048, 33, 64, 65, 900, 4, 128, 129, 700, 3000]
+    bs, D = 16, 128
+    NB = sum(-(-n // bs) for n in lens) + 2
+    kc = torch.randn(NB, bs, 8, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    vc = torch.randn(NB, bs, 8, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    M = max(-(-n // bs) for n in lens)
+    order = (torch.randperm(NB - 1, device="cuda", generator=g) + 1).tolist()
+    tables = torch.zeros(len(lens), M, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for i in range(-(-n // bs)):
+            tables[b, i] = order.pop()
+    tables = tables.cuda()
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), 32, D, device="cuda", generator=g).bfloat16()
+    scale = 1 / math.sqrt(D)
+    want = P.paged_decode_attention_ref(q.float(), kc, vc, tables, lens_t, scale, None, 0.5, 2.0)
+    got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, k_scale=0.5,
+                                        v_scale=2.0, kernel=kernel)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_fp8_kv_cache_on_gpu(tmp_path):
     """A bf16 tiny Llama with an FP8 KV cache on the GPU (the kv8 kernels, CUDA-graph decode):
     its top log-probabilities stay near the bf16-cache run's, and the same memory holds twice
