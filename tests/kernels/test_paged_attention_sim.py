@@ -232,8 +232,8 @@ def test_mma_group_fits_one_tile():
 def test_work_list_covers_every_step_once():
     """The work list over random lengths: `used` = min(T, steps // min_steps) CTAs (at least
     one), each with at least min_steps steps (or all) and within one step of equal shares;
-    every step of every sequence held by exactly one CTA, in order; a sequence's parts on consecutive CTAs, as `parts` (the kernel's record)
-    says; slots cta + b unique."""
+    every step of every sequence held by exactly one CTA, in order; a sequence's parts on
+    consecutive CTAs, as `parts` (the kernel's record) says; slots cta + b unique."""
     from weavelm.kernels.paged_attention_worklist import parts, plan, steps_of
     g = torch.Generator().manual_seed(0)
     for trial in range(200):

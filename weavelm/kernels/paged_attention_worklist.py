@@ -3,16 +3,16 @@ shared among the CTAs, and the combine of the sequences it cuts into parts.
 
 Every sequence's visible keys, in steps of STEP (a step starts at a multiple of STEP, so with
 blocks of >= 16 tokens its keys share one block), are laid end to end, sequence after sequence,
-and cut into `used` = min(T, total steps // MIN_STEPS) equal ranges (at least one), one a CTA (T CTAs a head group: one
-wave of what the SMs hold). So every CTA gets the same work whatever the lengths are, no CTA
-is launched without work for it and none waits for a long sequence alone; the plan is made on
-the device from the context lengths (each CTA sums them and finds its first sequence with a
-prefix scan), so it stays inside CUDA graphs. A CTA whose range holds a sequence whole writes
-its output; otherwise each CTA holding part of sequence b writes an fp32 part (max, sum,
-unnormalised output) in slot `cta + b` (unique: a later sequence starts at the CTA where the
-previous one ends or later), and the CTA holding b's first step records (that CTA, the number
-of parts) for the combine. Since every CTA has at least one step, the parts of a sequence come
-from consecutive CTAs.
+and cut into `used` = min(T, total steps // MIN_STEPS) equal ranges (at least one), one a CTA
+(T CTAs a head group: one wave of what the SMs hold). So every CTA gets the same work whatever
+the lengths are, no CTA is launched without work for it and none waits for a long sequence
+alone; the plan is made on the device from the context lengths (each CTA sums them and finds
+its first sequence with a prefix scan), so it stays inside CUDA graphs. A CTA whose range holds
+a sequence whole writes its output; otherwise each CTA holding part of sequence b writes an
+fp32 part (max, sum, unnormalised output) in slot `cta + b` (unique: a later sequence starts at
+the CTA where the previous one ends or later), and the CTA holding b's first step records (that
+CTA, the number of parts) for the combine. Since every CTA has at least one step, the parts of
+a sequence come from consecutive CTAs.
 
 `plan` is the same work list in Python: the tests check the kernel's outputs over it.
 """

@@ -17,11 +17,11 @@ Conventions
 * In LLVM inline asm `$N` is operand N and a literal `$` would be `$$`; none is needed here.
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) intrinsics cannot run, so every name is bound
-to a plain-Python model instead (`ptx_sim.py`): memory primitives read and write host memory at the address
-(the simulator's "device" memory is host memory, so a kernel handed `tensor.data_ptr()` of CPU
-tensors runs unchanged); conversions are modelled bit-exactly with numpy. Multimem instructions
-act on an emulated multicast object (`multicast_sim.py`: a multicast address is a group table of
-every rank's buffer and an offset).
+to a plain-Python model instead (`ptx_sim.py`): memory primitives read and write host memory at
+the address (the simulator's "device" memory is host memory, so a kernel handed
+`tensor.data_ptr()` of CPU tensors runs unchanged); conversions are modelled bit-exactly with
+numpy. Multimem instructions act on an emulated multicast object (`multicast_sim.py`: a
+multicast address is a group table of every rank's buffer and an offset).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from weavelm.kernels import multicast_sim
 from weavelm.kernels._numba_compat import simulator_enabled
 from weavelm.kernels.ptx_sim import (
     _bits_f32, _sim_atom_add, _sim_atom_cas, _sim_fence, _sim_globaltimer,
-    _sim_ld_u32, _sim_ld_u64, _sim_ld_v2, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4, _sim_pack_f16x2,
-    _sim_red_add, _sim_st_u32, _sim_st_v4, _sim_unpack_bf16x2, _sim_unpack_e4m3x4,
-    _sim_f32_as_u32, _sim_unpack_f16x2, _sim_e4m3x4_to_f16x2, _sim_low_halves,
-    _sim_high_halves,
+    _sim_ld_u32, _sim_ld_u64, _sim_ld_v2, _sim_ld_v4, _sim_pack_bf16x2, _sim_pack_e4m3x4,
+    _sim_pack_f16x2, _sim_red_add, _sim_st_u32, _sim_st_v4, _sim_unpack_bf16x2,
+    _sim_unpack_e4m3x4, _sim_f32_as_u32, _sim_unpack_f16x2, _sim_e4m3x4_to_f16x2,
+    _sim_low_halves, _sim_high_halves,
 )
 
 SIMULATOR = simulator_enabled()
