@@ -158,36 +158,6 @@ def warp_mma_fn(dt: str):
     return device(mma_sim)
 
 
-def quad_reduce_fn(is_max: bool):
-    """reduce(x, red, tid): the largest (is_max) or the sum of x over the 4 lanes 4g..4g+3 of
-    a warp (an mma fragment's row); every thread of the CTA calls it. Two shuffles; under the
-    simulator (no shuffles) through `red`, one float per thread of the CTA, between barriers."""
-    global cuda
-    from numba import float32
-
-    from weavelm.kernels import ptx
-    from weavelm.kernels._numba_compat import numba_cuda
-
-    cuda = numba_cuda()
-    simulator = ptx.SIMULATOR
-
-    def reduce(x, red, tid):
-        if simulator:
-            red[tid] = x
-            cuda.syncthreads()
-            base = tid - (tid & 3)
-            r = red[base]
-            for i in range(1, 4):
-                r = max(r, red[base + i]) if is_max else r + red[base + i]
-            cuda.syncthreads()
-            return float32(r)
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, x, 1)
-        x = max(x, o) if is_max else x + o
-        o = cuda.shfl_xor_sync(0xFFFFFFFF, x, 2)
-        return max(x, o) if is_max else x + o
-    return device(reduce)
-
-
 def pdl_entry(pdl: bool):
     """enter(): a kernel built for programmatic dependent launch (`launcher.pdl_enabled`) calls
     it before reading anything an earlier kernel wrote and before any write: it waits for the

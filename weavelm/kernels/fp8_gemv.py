@@ -164,13 +164,13 @@ def _build_kernel(dt: str, tmax: int, kw: int = 1, form: int = PLAIN, pdl: bool 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import block_reduce_fn, codec, device, pdl_entry
-    from weavelm.kernels.paged_attention_kernels import lane_sum_fn
+    from weavelm.kernels.paged_attention_kernels import lane_reduce_fn
 
     import math
 
     cuda = numba_cuda()
     fused, gated = form != PLAIN, form == GATED
-    lane_sum = lane_sum_fn(32)
+    lane_sum = lane_reduce_fn(32)
     enter = pdl_entry(pdl)
     block_max = block_reduce_fn(True)
     unpack_x = codec(dt)[0]                               # fused: 8 activations a vector

@@ -29,11 +29,11 @@ def _helpers(dt: str, tmax: int, lanes: int, rows: int):
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import codec, device
-    from weavelm.kernels.paged_attention_kernels import lane_sum_fn
+    from weavelm.kernels.paged_attention_kernels import lane_reduce_fn
 
     cuda = numba_cuda()
     unpack, _, E = codec(dt)
-    lane_sum = lane_sum_fn(lanes)
+    lane_sum = lane_reduce_fn(lanes)
     load_u32 = ptx.load_u32
     n_tab = NMAX * tmax
 

@@ -56,10 +56,11 @@ def first_key_fn():
     return device(first_key)
 
 
-def lane_sum_fn(lanes: int):
-    """Device function lane_sum(x, red, tid): the sum of x over the `lanes` lanes that hold one
-    row (every thread of the CTA calls it; `red`, one float per thread, serves the simulator,
-    which has no warp shuffles). The MoE GEMV kernels use it too."""
+def lane_reduce_fn(lanes: int, is_max: bool = False):
+    """Device function reduce(x, red, tid): the sum (or, with is_max, the largest) of x over
+    the `lanes` lanes that hold one row (every thread of the CTA calls it; `red`, one float per
+    thread, serves the simulator, which has no warp shuffles). The MoE and FP8 GEMV kernels
+    and the tensor-core decode kernel (4 lanes: an mma fragment's row) use it too."""
     global cuda
     from numba import float32
 
@@ -70,23 +71,24 @@ def lane_sum_fn(lanes: int):
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
 
-    def lane_sum(x, red, tid):
+    def lane_reduce(x, red, tid):
         if simulator:
             red[tid] = x
             cuda.syncthreads()
             base = tid - (tid % lanes)           # the row's first lane
-            t = float32(0.0)
-            for i in range(lanes):
-                t += red[base + i]
+            t = red[base]
+            for i in range(1, lanes):
+                t = max(t, red[base + i]) if is_max else t + red[base + i]
             cuda.syncthreads()
-            return t
+            return float32(t)
         k = lanes >> 1
         while k > 0:
-            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
+            o = cuda.shfl_xor_sync(0xFFFFFFFF, x, k)
+            x = max(x, o) if is_max else x + o
             k >>= 1
         return x
 
-    return device(lane_sum)
+    return device(lane_reduce)
 
 
 def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: bool = PIPELINE,
@@ -122,7 +124,7 @@ def _build_kernel(dt: str, lanes: int, group: int, rows: int = ROWS, pipeline: b
     as_u32 = ptx.f32_as_u32
     kv_elem = 1 if kv8 else itemsize        # bytes per cached element
 
-    lane_sum = lane_sum_fn(lanes)           # over the lanes of one key row
+    lane_sum = lane_reduce_fn(lanes)        # over the lanes of one key row
     enter = pdl_entry(pdl)
 
     def score_and_fold(ml, acc, qv, kf, vf, d, nvalid, red, tid):

@@ -65,8 +65,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import device, pdl_entry, quad_reduce_fn, warp_mma_fn
-    from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG
+    from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
+    from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
     from weavelm.kernels.paged_attention_worklist import STEP, visible_fn
 
     cuda = numba_cuda()
@@ -78,7 +78,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     load_half = ptx.load_v2_u32_nc
     q_convert = kv8 and dt == "bf16"
     eb = 1 if kv8 else 2        # bytes of a cached element
-    quad_max, quad_sum = quad_reduce_fn(True), quad_reduce_fn(False)
+    quad_max, quad_sum = lane_reduce_fn(4, True), lane_reduce_fn(4)   # over a row's 4 lanes
     enter = pdl_entry(pdl)
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
     low, high = ptx.low_halves, ptx.high_halves

@@ -271,19 +271,17 @@ unpack_e4m3x4 = _asm(
 # for m16n8k16 (a: 4 words of f16x2, b: 2 words, c and d: 4 floats). The simulator has no
 # warp-wide instructions: `common.warp_mma_fn` models it there. (FP8 operands go through the f16
 # one converted: on sm_90 an e4m3 mma.sync is itself converted to f16 mma's, once per use.)
-mma_f16_m16n8k16 = _asm(
-    "mma_f16_m16n8k16",
-    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, "
-    "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
-    ("f32",) * 4, ("u32",) * 6 + ("f32",) * 4, memory=False,
-    doc="d = a (16 x 16 f16, row) b (16 x 8 f16, col) + c, fp32 sums; one warp.")
+def _mma_m16n8k16(dt: str):
+    return _asm(
+        f"mma_{dt}_m16n8k16",
+        f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32 {{$0, $1, $2, $3}}, "
+        "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+        ("f32",) * 4, ("u32",) * 6 + ("f32",) * 4, memory=False,
+        doc=f"d = a (16 x 16 {dt}, row) b (16 x 8 {dt}, col) + c, fp32 sums; one warp.")
 
-mma_bf16_m16n8k16 = _asm(
-    "mma_bf16_m16n8k16",
-    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, "
-    "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
-    ("f32",) * 4, ("u32",) * 6 + ("f32",) * 4, memory=False,
-    doc="d = a (16 x 16 bf16, row) b (16 x 8 bf16, col) + c, fp32 sums; one warp.")
+
+mma_f16_m16n8k16 = _mma_m16n8k16("f16")
+mma_bf16_m16n8k16 = _mma_m16n8k16("bf16")
 
 # Two 16-bit halves of two words into one (building a fragment from rows loaded whole).
 low_halves = _asm("low_halves", "prmt.b32 $0, $1, $2, 0x5410;", ("u32",), ("u32", "u32"),
