@@ -2,7 +2,8 @@
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
     python3 benchmarks/bench_paged_attention.py [--sweep] [--variants] [--schedules] [--shared]
-                                                [--cascade] [--small] [--knob=MODULE.NAME=VALUE]
+                                                [--cascade] [--small] [--profile]
+                                                [--knob=MODULE.NAME=VALUE]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
 order. Each variant is timed as a CUDA graph of 20 calls (no launch overhead), median of 5
@@ -11,7 +12,9 @@ how the keys are spread over CTAs on batches of equal and of serving-like (log-n
 --shared, the order of the CTAs where sequences share a cached prefix's blocks; --cascade, the
 cascade attention that reads a shared prefix once against the kernel reading every copy;
 --small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`); --sweep, the
-tensor-core kernel against the lane kernel and the copy rate, batch 1-1024, context 128-32K;
+tensor-core kernel against the lane kernel and the copy rate, batch 1-1024 (or --batches=1,16),
+context 128-32K; --profile, where the tensor-core kernel's time goes at small batches (each
+kernel's µs from the profiler, against the call's µs in a graph);
 --knob sets a module constant first (benchmarks/knobs.py), e.g.
 --knob=kernels.paged_attention_worklist.MIN_STEPS=4.
 """
@@ -52,6 +55,8 @@ def main():
               f"{(theirs.float() - ref).abs().max().item():.2e} |", flush=True)
     if "--sweep" in sys.argv:
         sweep(P, H, Hkv, D, bs)
+    if "--profile" in sys.argv:
+        profile(P, H, Hkv, D, bs)
     if "--variants" in sys.argv:
         variants(P, H, Hkv, D, bs)
     if "--schedules" in sys.argv:
@@ -89,9 +94,11 @@ def sweep(P, H, Hkv, D, bs):
           f"KV read rate / copy rate ({copy / 1e12:.2f} TB/s, measured in this run)\n")
     print("| batch | context | lanes µs | mma µs | speed-up | lanes / copy | mma / copy |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    shapes = [(B, ctx, None) for B in (1, 16, 64, 256, 1024)
+    only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")]
+    batches = [int(x) for x in only[0].split(",")] if only else (1, 16, 64, 256, 1024)
+    shapes = [(B, ctx, None) for B in batches
               for ctx in (128, 1024, 2048, 4096, 32768) if B * ctx <= (1 << 21)]
-    shapes += [(B, 0, serving_lengths(B)) for B in (16, 64, 256)]
+    shapes += [(B, 0, serving_lengths(B)) for B in (16, 64, 256) if B in batches]
     for B, ctx, lengths in shapes:
         q, kc, vc, tables, lens = case(B, ctx or 1, H, Hkv, D, bs, lengths)
         scale = 1 / math.sqrt(D)
@@ -111,6 +118,44 @@ def sweep(P, H, Hkv, D, bs):
         rate = [2 * keys * Hkv * D * 2 / (t * 1e-6) / copy for t in times]
         print(f"| {B} | {ctx or 'log-normal'} | {times[0]:.1f} | {times[1]:.1f} | "
               f"{times[0] / times[1]:.2f}x | {rate[0]:.2f} | {rate[1]:.2f} |", flush=True)
+        del q, kc, vc, tables, lens
+
+
+def profile(P, H, Hkv, D, bs):
+    """Each kernel's mean µs (torch profiler over replays of a graph of 20 calls) against the
+    call's µs: what the tensor-core path spends in its main kernel, its combine, and between."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    print("\n## where the tensor-core kernel's time goes: kernel µs a call (profiler) vs the "
+          "call in a graph\n")
+    print("| batch | context | call µs | kernels (µs each) | between µs |")
+    print("| --- | --- | --- | --- | --- |")
+    shapes = [(1, 2048, None), (16, 128, None), (16, 1024, None), (16, 2048, None),
+              (16, 4096, None), (16, 0, serving_lengths(16)), (64, 1024, None)]
+    for B, ctx, lengths in shapes:
+        q, kc, vc, tables, lens = case(B, ctx or 1, H, Hkv, D, bs, lengths)
+        scale, calls = 1 / math.sqrt(D), 20
+        run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
+                                                    kernel="mma")
+        call = graph_us(run)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                run()
+        g.replay()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                g.replay()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+            if us > 0 and not e.key.startswith(("cuda", "Activity")):
+                per[e.key] = per.get(e.key, 0.0) + us / (5 * calls)
+        kern = ", ".join(f"{n.split('(')[0][-40:]} {t:.1f}" for n, t in per.items())
+        print(f"| {B} | {ctx or 'log-normal'} | {call:.1f} | {kern} | "
+              f"{call - sum(per.values()):.1f} |", flush=True)
         del q, kc, vc, tables, lens
 
 
