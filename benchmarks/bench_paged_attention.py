@@ -2,7 +2,7 @@
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
     python3 benchmarks/bench_paged_attention.py [--sweep] [--variants] [--schedules] [--shared]
-                                                [--cascade] [--small] [--profile]
+                                                [--cascade] [--small] [--profile] [--trace]
                                                 [--knob=MODULE.NAME=VALUE]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
@@ -14,7 +14,8 @@ cascade attention that reads a shared prefix once against the kernel reading eve
 --small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`); --sweep, the
 tensor-core kernel against the lane kernel and the copy rate, batch 1-1024 (or --batches=1,16),
 context 128-32K; --profile, where the tensor-core kernel's time goes at small batches (each
-kernel's µs from the profiler, against the call's µs in a graph);
+kernel's µs from the profiler, against the call's µs in a graph); --trace, the tensor-core
+kernel's phases from the global timer each CTA writes (`paged_attention_mma.TRACE_PTR`);
 --knob sets a module constant first (benchmarks/knobs.py), e.g.
 --knob=kernels.paged_attention_worklist.MIN_STEPS=4.
 """
@@ -57,6 +58,8 @@ def main():
         sweep(P, H, Hkv, D, bs)
     if "--profile" in sys.argv:
         profile(P, H, Hkv, D, bs)
+    if "--trace" in sys.argv:
+        trace(P, H, Hkv, D, bs)
     if "--variants" in sys.argv:
         variants(P, H, Hkv, D, bs)
     if "--schedules" in sys.argv:
@@ -157,6 +160,52 @@ def profile(P, H, Hkv, D, bs):
         print(f"| {B} | {ctx or 'log-normal'} | {call:.1f} | {kern} | "
               f"{call - sum(per.values()):.1f} |", flush=True)
         del q, kc, vc, tables, lens
+
+
+def trace(P, H, Hkv, D, bs):
+    """The tensor-core kernel's timeline at small batches, one call outside a graph: each CTA
+    writes the global timer (ns) at entry, after the wait for the kernel before, after its
+    plan, when its first segment's loop starts, when its last loop ends and at exit; the
+    combine's CTAs at entry, after the wait and at exit. µs from the first CTA's entry:
+    medians over the CTAs with work, [max] where the last one decides."""
+    from weavelm.kernels import paged_attention_mma as PM
+    from weavelm.kernels import paged_attention_worklist as WL
+    buf = torch.zeros(2 * WL.COMBINE_TRACE, dtype=torch.int32, device="cuda")
+    PM.TRACE_PTR = buf.data_ptr()
+    print("\n## the tensor-core kernel's timeline (µs from the first CTA's entry; median "
+          "[max])\n")
+    print("| batch | context | entered | waited | planned | loop starts | loop ends | exit | "
+          "combine entered | waited | exit |")
+    print("|" + " --- |" * 11)
+    shapes = [(1, 2048, None), (16, 128, None), (16, 1024, None), (16, 2048, None),
+              (16, 4096, None), (16, 0, serving_lengths(16)), (64, 1024, None),
+              (64, 4096, None)]
+    for B, ctx, lengths in shapes:
+        q, kc, vc, tables, lens = case(B, ctx or 1, H, Hkv, D, bs, lengths)
+        scale = 1 / math.sqrt(D)
+        for _ in range(3):
+            buf.zero_()
+            P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale, kernel="mma")
+        torch.cuda.synchronize()
+        w = buf.cpu().numpy().astype("int64")
+        main = w[:WL.COMBINE_TRACE].reshape(-1, PM.TRACE_WORDS)[:, :6]
+        main = main[main[:, 0] != 0]
+        comb = w[WL.COMBINE_TRACE:].reshape(-1, 4)[:, :3]
+        comb = comb[comb[:, 0] != 0]
+        t0 = main[:, 0].min()
+        rel = lambda x: ((x - t0) % (1 << 32)) / 1e3  # noqa: E731 (32-bit wrap)
+        busy = main[main[:, 3] != 0]
+        cells = []
+        for col, rows in ((0, main), (1, main), (2, main), (3, busy), (4, busy), (5, main)):
+            v = rel(rows[:, col])
+            cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(v.max()):.1f}]")
+        for col in range(3):
+            v = rel(comb[comb[:, col] != 0][:, col]) if len(comb) else []
+            cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(max(v)):.1f}]"
+                         if len(v) else "-")
+        print(f"| {B} | {ctx or 'log-normal'} | " + " | ".join(cells) + " |", flush=True)
+        del q, kc, vc, tables, lens
+    PM.TRACE_PTR = 0
 
 
 def small(P, H, Hkv, D, bs):

@@ -243,18 +243,19 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
 
 
 def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    least = WL.MIN_STEPS
-    key = ("mma", dt, D, group, kv8, least, device)
+    least, slack, trace = WL.MIN_STEPS, WL.SLACK_TENTHS, PM.TRACE_PTR   # (knobs: read when
+    key = ("mma", dt, D, group, kv8, least, slack, trace, device)        # built)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least),
-                               lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, slack, trace),
+                               lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
+                                                            trace),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
-        combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group),
-                                  lambda: WL._build_mma_combine(dt, D, group, pdl),
+        combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
+                                  lambda: WL._build_mma_combine(dt, D, group, pdl, trace),
                                   WL.COMBINE_SIGNATURE, max_threads=32, pdl=pdl)
         p = remember(_plans, key, (main, combine))
     return p

@@ -40,6 +40,11 @@ import math
 WARPS = 4                       # per CTA
 MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB)
 RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bounded to fit)
+# A benchmark's timeline (bench_paged_attention.py --trace): a device address where the CTAs
+# write the global timer at their phases (worklist.mark_fn); 0 = off. Read when built.
+TRACE_PTR = 0
+TRACE_WORDS = 8                 # a CTA's marks: entry, waited, planned, last loop's start, its end,
+#                                 exit (the combine's: worklist.COMBINE_TRACE on)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"] * 3) + ")"
 
 cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
@@ -54,12 +59,13 @@ def mma_group(heads: int, kv_heads: int, head_dim: int) -> int:
 
 
 def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False,
-                      min_steps: int = 1):
+                      min_steps: int = 1, trace: int = 0):
     """The tensor-core decode kernel's Python function for one dtype, head dim and head group
     (not yet jitted). `kv8`: the cache holds FP8 (e4m3) with per-tensor scales: keys and
     values are converted to f16 as they are loaded (exact), the queries too (bf16 -> f16),
     and the mma's run on f16; the key scale goes into the scores' scale, the value scale into
-    the output. `min_steps`: the work list's least share a CTA (paged_attention_worklist)."""
+    the output. `min_steps`: the work list's least share a CTA (paged_attention_worklist);
+    `trace`: TRACE_PTR above."""
     global cuda
     from numba import float32, int64, uint32
 
@@ -67,7 +73,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
-    from weavelm.kernels.paged_attention_worklist import STEP, visible_fn
+    from weavelm.kernels.paged_attention_worklist import (STEP, locate_fn, mark_fn,
+                                                          visible_fn)
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -96,29 +103,18 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     n_red = threads if simulator else 1
     n_kw, n_vw, n_acc = 2 * KW, 4 * VW, 4 * NT   # (local array sizes: constants, not sums)
 
-    visible = visible_fn()
-
-    def block_scan(x, sh, tid):
-        """Inclusive prefix sum of x over the CTA's threads (Hillis-Steele in shared memory;
-        the total is then sh[threads - 1]); every thread calls it."""
-        sh[tid] = x
-        cuda.syncthreads()
-        d = 1
-        while d < threads:
-            y = sh[tid - d] if tid >= d else int64(0)
-            cuda.syncthreads()
-            sh[tid] += y
-            cuda.syncthreads()
-            d *= 2
-        return sh[tid]
-
-    block_scan = device(block_scan)
+    visible, locate, mark = visible_fn(), locate_fn(threads, min_steps), mark_fn(trace)
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                                 lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
                                 window, scale, k_scale, v_scale):
-        enter()
         tid = cuda.threadIdx.x
+        me_t = cuda.blockIdx.x * TRACE_WORDS   # (the CTA's trace words)
+        if tid == 0:
+            mark(me_t)
+        enter()
+        if tid == 0:
+            mark(me_t + 1)
         lane, warp = tid & 31, tid >> 5
         g, t = lane >> 2, lane & 3
         groups = H // group
@@ -127,42 +123,18 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         h0 = grp * group                     # the CTA's first query head
         kvh = h0 // (H // Hkv)
         sh = cuda.shared.array(threads, int64)
-        found = cuda.shared.array(2, int64)
-
-        # The work list: every sequence's steps laid end to end, cut into T equal ranges.
-        x = int64(0)
-        for b in range(tid, B, threads):
-            x += visible(lens_ptr, starts_ptr, window, b)[2]
-        block_scan(x, sh, tid)
-        total = sh[threads - 1]
-        if tid == 0:
-            found[0] = -1
-        cuda.syncthreads()
-        used = min(T, total // min_steps)    # CTAs with steps (each has at least one, so a
-        if used == 0 and total > 0:          # sequence's parts come from consecutive CTAs)
-            used = 1
+        sh2 = cuda.shared.array(threads, int64)
+        found = cuda.shared.array(5, int64)
+        # The CTA's place in the work list: steps [lo, hi) of the batch's, from sequence b on
+        # (pb steps before it).
+        used, b, pb, lo, hi = locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found,
+                                     tid)
         if me >= used:
+            if tid == 0:
+                mark(me_t + 5)
             return
-        lo = me * total // used
-        hi = (me + 1) * total // used
-        run = int64(0)                       # the sequence holding step lo, and its first step
-        base = int64(0)
-        while base < B:
-            n = int64(0)
-            if base + tid < B:
-                n = visible(lens_ptr, starts_ptr, window, base + tid)[2]
-            incl = block_scan(n, sh, tid)
-            before = run + incl - n
-            if n > 0 and before <= lo and lo < before + n:
-                found[0] = base + tid
-                found[1] = before
-            run += sh[threads - 1]
-            cuda.syncthreads()
-            if found[0] >= 0:
-                break
-            base += threads
-        b = found[0]
-        pb = found[1]                        # steps before sequence b
+        if tid == 0:
+            mark(me_t + 2)
 
         frag = cuda.shared.array(n_frag, uint32)           # simulator: the lanes' fragments
         cd = cuda.shared.array(n_cd, float32)              # simulator: their sums
@@ -212,6 +184,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                 acc[i] = float32(0.0)
             m0, m1 = float32(NEG), float32(NEG)
             l0, l1 = float32(0.0), float32(0.0)
+            if tid == 0:
+                mark(me_t + 3)
 
             for it in range(iters):
                 step = st0 + it * WARPS + warp
@@ -312,6 +286,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         if two:
                             acc[4 * j + 2], acc[4 * j + 3] = c2, c3
 
+            if tid == 0:
+                mark(me_t + 4)
             l0 = quad_sum(l0, red, tid)
             l1 = quad_sum(l1, red, tid)
             for r in range(2 if two else 1):  # rows g (r = 0) and g + 8
@@ -359,13 +335,17 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
             if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
-                last = ((pb + steps) * used - 1) // total   # the CTA holding the last step
+                n = found[3]                  # (the work list: to the CTA of the last step)
+                if n == 0:
+                    n = ((pb + steps) * found[4] - 1) // sh[threads - 1] - me + 1
                 store_u32(rec_ptr + b * 8, uint32(me))
-                store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
+                store_u32(rec_ptr + b * 8 + 4, uint32(n))
             cuda.syncthreads()                # (shared memory is reused by the next segment)
             pos = pb + st1
             pb += steps
             b += 1
+        if tid == 0:
+            mark(me_t + 5)
 
     paged_decode_mma_kernel.__name__ = f"paged_decode_mma_{dt}_d{D}_g{group}" \
         + ("_kv8" if kv8 else "")

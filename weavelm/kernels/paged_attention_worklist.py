@@ -25,7 +25,32 @@ STEP = 16                       # keys a warp scores at once
 # calls, each value its own build): 1 is what was measured (RESULTS.md). Larger means fewer,
 # longer parts at batch 1, where the combine merges up to T of them; not yet measured alone.
 MIN_STEPS = 1
+THREADS = 128                   # the kernel's CTA (paged_attention_mma.WARPS warps)
+# One sequence a CTA where no CTA then gets over SLACK_TENTHS / 10 x the mean share (0: never;
+# read when the kernel is built).
+SLACK_TENTHS = 11
+COMBINE_TRACE = 1 << 19         # the combine's trace words start here (mark_fn)
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
+
+
+def per_sequence_cut(steps: list[int], T: int, min_steps: int = 1,
+                     threads: int = THREADS) -> int:
+    """c > 0 where the batch is served one sequence a CTA: each sequence cut into ceil(s / c)
+    equal parts on CTAs of its own (no CTA pays for a second sequence's queries, partial
+    sums and restart), which fits T CTAs with no CTA more than SLACK x the mean share; else 0
+    (the work list). The kernel tries `threads` candidates for c in one pass: min_steps or
+    the mean share on, in strides that cover SLACK x the mean share."""
+    B, total = len(steps), sum(steps)
+    if B > min(T, threads) or total == 0 or SLACK_TENTHS == 0:
+        return 0
+    lo = max(min_steps, -(-total // T))
+    hi = max(lo, total * SLACK_TENTHS // (10 * T))
+    stride = (hi - lo + threads) // threads
+    for i in range(threads):
+        c = lo + i * stride
+        if sum(-(-n // c) for n in steps) <= T:
+            return c if c <= hi else 0
+    return 0
 
 
 def steps_of(length: int, first: int) -> int:
@@ -43,6 +68,10 @@ def ctas_used(total: int, T: int, min_steps: int = 1) -> int:
 
 def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, int, int]]]:
     """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
+    c = per_sequence_cut(steps, T, min_steps)
+    if c:
+        return [[(b, j * n // k, (j + 1) * n // k)] for b, n in enumerate(steps)
+                for k in [-(-n // c)] for j in range(k)]
     total = sum(steps)
     used = ctas_used(total, T, min_steps)
     out = []
@@ -59,8 +88,12 @@ def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, i
 
 
 def parts(steps: list[int], T: int, b: int, min_steps: int = 1) -> tuple[int, int]:
-    """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
-    the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
+    """(first CTA, number of CTAs) holding sequence b: the record the kernel writes; on the
+    work list, from the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1)
+    // total)."""
+    c = per_sequence_cut(steps, T, min_steps)
+    if c:
+        return sum(-(-n // c) for n in steps[:b]), -(-steps[b] // c)
     total, before = sum(steps), sum(steps[:b])
     used = ctas_used(total, T, min_steps)
     first = ((before + 1) * used - 1) // total
@@ -95,10 +128,155 @@ def visible_fn():
     return device(visible)
 
 
-def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
+def block_scan_fn(threads: int):
+    """Device function block_scan(x, sh, tid): inclusive prefix sum of x over the CTA's
+    `threads` threads (Hillis-Steele in shared memory sh; the total is then sh[threads - 1]);
+    every thread calls it."""
+    global cuda
+    from numba import int64
+
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import device
+
+    cuda = numba_cuda()
+
+    def block_scan(x, sh, tid):
+        sh[tid] = x
+        cuda.syncthreads()
+        d = 1
+        while d < threads:
+            y = sh[tid - d] if tid >= d else int64(0)
+            cuda.syncthreads()
+            sh[tid] += y
+            cuda.syncthreads()
+            d *= 2
+        return sh[tid]
+
+    return device(block_scan)
+
+
+def locate_fn(threads: int, min_steps: int):
+    """Device function locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found, tid) ->
+    (used, b, pb, lo, hi): CTA me's place in the plan above (steps [lo, hi) of the batch's,
+    from sequence b on, pb steps before b); `used` CTAs have work. Where me < used, it leaves
+    in shared memory what the CTA reads again only at its end (registers are what the kernel
+    lacks): the total steps in sh[threads - 1], found[3] the CTAs of b where every CTA holds
+    one sequence (else 0), found[4] = used. Every thread of the CTA calls it."""
+    from numba import int32, int64, uint32
+
+    from weavelm.kernels.common import device
+
+    visible, block_scan = visible_fn(), block_scan_fn(threads)
+    slack = uint32(SLACK_TENTHS)
+
+    def locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found, tid):
+        if tid == 0:
+            found[0] = -1
+        n = int64(0)                          # the thread's sequence's steps (B <= threads)
+        if B <= threads:
+            if tid < B:
+                n = visible(lens_ptr, starts_ptr, window, tid)[2]
+        else:
+            for b in range(tid, B, threads):
+                n += visible(lens_ptr, starts_ptr, window, b)[2]
+        block_scan(n, sh, tid)
+        total = sh[threads - 1]
+        c = int64(0)                          # per_sequence_cut: candidate c = thread's
+        if slack > 0 and B <= threads and B <= T and total > 0:   # (32-bit: no division subroutine, whose
+            tot, T32 = uint32(total), uint32(T)     # call made the kernel spill registers)
+            lo_c = max(uint32(min_steps), (tot + T32 - 1) // T32)
+            hi_c = max(lo_c, tot * slack // (10 * T32))
+            stride = (hi_c - lo_c + threads) // threads
+            ct = lo_c + uint32(tid) * stride
+            f = uint32(0)
+            for x in range(B):
+                s = uint32(sh[x] - (sh[x - 1] if x > 0 else int64(0)))
+                f += (s + ct - 1) // ct
+            fits = cuda.syncthreads_count(int32(1 if f <= T32 else 0))   # the last ones fit
+            if fits > 0:
+                c = int64(lo_c + uint32(threads - fits) * stride)
+                if c > hi_c:
+                    c = int64(0)
+        if c > 0:                             # one sequence a CTA: its ceil(n / c) parts
+            k = int64((uint32(n) + uint32(c) - 1) // uint32(c))
+            incl = block_scan(k, sh2, tid)
+            used = sh2[threads - 1]
+            if k > 0 and incl - k <= me and me < incl:
+                found[0] = tid
+                found[1] = me - (incl - k)
+                found[2] = k
+                found[3] = k
+            if tid == 0:
+                found[4] = used
+            cuda.syncthreads()
+            b = found[0]
+            if b < 0:
+                return used, int64(0), int64(0), int64(0), int64(0)
+            j, k32 = uint32(found[1]), uint32(found[2])
+            before = sh[b - 1] if b > 0 else int64(0)
+            s = uint32(sh[b] - before)        # part j of k of b's steps
+            return used, b, before, before + int64(j * s // k32), \
+                before + int64((j + 1) * s // k32)
+        used = min(T, total // min_steps)    # the work list: CTAs with steps (each has at
+        if used == 0 and total > 0:          # least one, so a sequence's parts come from
+            used = 1                         # consecutive CTAs)
+        if me >= used:
+            return used, int64(0), int64(0), int64(0), int64(0)
+        lo = me * total // used
+        hi = (me + 1) * total // used
+        if tid == 0:
+            found[3] = 0
+            found[4] = used
+        if B <= threads:                     # the sequence holding step lo, from the scan
+            if n > 0 and sh[tid] - n <= lo and lo < sh[tid]:
+                found[0] = tid
+                found[1] = sh[tid] - n
+            cuda.syncthreads()
+            return used, found[0], found[1], lo, hi
+        run = int64(0)
+        base = int64(0)
+        while base < B:
+            m = int64(0)
+            if base + tid < B:
+                m = visible(lens_ptr, starts_ptr, window, base + tid)[2]
+            incl = block_scan(m, sh2, tid)
+            before = run + incl - m
+            if m > 0 and before <= lo and lo < before + m:
+                found[0] = base + tid
+                found[1] = before
+            run += sh2[threads - 1]
+            cuda.syncthreads()
+            if found[0] >= 0:
+                break
+            base += threads
+        return used, found[0], found[1], lo, hi
+
+    return device(locate)
+
+
+def mark_fn(trace: int):
+    """Device function mark(slot): where `trace` (a device address, TRACE_PTR of the mma
+    module; 0 = off, the calls compile to nothing) is set, the low 32 bits of the global
+    timer (ns) go to word `slot` there: a benchmark's timeline of the kernels' phases."""
+    from numba import uint32
+
+    from weavelm.kernels import ptx
+    from weavelm.kernels.common import device
+
+    timer, store_u32 = ptx.globaltimer_ns, ptx.store_u32
+
+    def mark(slot):
+        if trace != 0:
+            store_u32(trace + slot * 4, uint32(timer() & 0xFFFFFFFF))
+
+    return device(mark)
+
+
+def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False, trace: int = 0):
     """Merges a sequence's parts: thread t of CTA (b, h) writes vector t (8 elements) of
     out[b, h] from the parts the CTAs rec[b] names wrote (nothing where the sequence had one
-    part: the main kernel wrote the output itself)."""
+    part: the main kernel wrote the output itself). `trace`: as the main kernel's, its marks
+    (entry, waited, exit) at words COMBINE_TRACE + 4 x CTA on."""
     global cuda
     from numba import float32, int64
 
@@ -110,16 +288,21 @@ def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
     cuda = numba_cuda()
     _, pack, _ = codec(dt)
     enter = pdl_entry(pdl)
-    visible = visible_fn()
+    visible, mark = visible_fn(), mark_fn(trace)
     load, store = ptx.load_v4_u32, ptx.store_v4_u32
     load_u32, as_f32 = ptx.load_u32, ptx.u32_as_f32
     lanes = D // 8
 
     def paged_decode_mma_combine(part_ptr, ml_ptr, rec_ptr, out_ptr, lens_ptr, starts_ptr,
                                  lse_ptr, B, H, T, window):
-        enter()
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x                 # b * H + h
+        me_t = COMBINE_TRACE + 4 * row
+        if tid == 0:
+            mark(me_t)
+        enter()
+        if tid == 0:
+            mark(me_t + 1)
         b, h = row // H, row % H
         if tid >= lanes or visible(lens_ptr, starts_ptr, window, b)[2] == 0:
             return
@@ -153,6 +336,8 @@ def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False):
         if lse_ptr != 0 and tid == 0:
             ptx.store_u32(lse_ptr + row * 4, ptx.f32_as_u32((mx + math.log2(total))
                                                             * float32(LN2)))
+        if tid == 0:
+            mark(me_t + 2)
 
     paged_decode_mma_combine.__name__ = f"paged_decode_mma_combine_{dt}_d{D}_g{group}"
     return paged_decode_mma_combine
