@@ -230,17 +230,12 @@ def test_mma_group_fits_one_tile():
 
 
 def test_work_list_covers_every_step_once():
-    """The plan over random lengths. One sequence a CTA (per_sequence_cut c > 0): at most T
-    CTAs, each a single segment of at most c steps, c within SLACK of the mean share, a
-    sequence's parts within one step of each other. Else the work list: `used` = min(T,
-    steps // min_steps) CTAs (at least one), each with at least min_steps steps (or all)
-    and within one step of equal shares. Both: every step of every sequence held by exactly
-    one CTA, in order; a sequence's parts on consecutive CTAs, as `parts` (the kernel's
-    record) says; slots cta + b unique."""
-    from weavelm.kernels.paged_attention_worklist import (SLACK_TENTHS, parts,
-                                                          per_sequence_cut, plan, steps_of)
+    """The work list over random lengths: `used` = min(T, steps // min_steps) CTAs (at least
+    one), each with at least min_steps steps (or all) and within one step of equal shares;
+    every step of every sequence held by exactly one CTA, in order; a sequence's parts on
+    consecutive CTAs, as `parts` (the kernel's record) says; slots cta + b unique."""
+    from weavelm.kernels.paged_attention_worklist import parts, plan, steps_of
     g = torch.Generator().manual_seed(0)
-    modes = set()
     for trial in range(300):
         B = int(torch.randint(1, 40, (1,), generator=g))
         lens = torch.randint(0, 3000, (B,), generator=g).tolist()
@@ -251,22 +246,12 @@ def test_work_list_covers_every_step_once():
             continue
         T = int(torch.randint(1, 300, (1,), generator=g))
         least = 1 + trial % 3 * 3                # min_steps 1, 4, 7
-        if trial % 3 == 2:                       # equal lengths: the per-sequence cut's case
+        if trial % 3 == 2:                       # equal lengths, as a decode batch may be
             steps = [steps[0] or 1] * B
         work = plan(steps, T, least)
+        assert len(work) == max(1, min(T, sum(steps) // least))
         sizes = [sum(e - a for _, a, e in segs) for segs in work]
-        c = per_sequence_cut(steps, T, least)
-        modes.add(c > 0)
-        if c:
-            assert len(work) <= T and all(len(segs) == 1 for segs in work)
-            mean = sum(steps) / T
-            assert max(sizes) <= c <= max(least, math.ceil(mean), SLACK_TENTHS * mean / 10)
-            for b in range(B):
-                mine = [e - a for segs in work for x, a, e in segs if x == b]
-                assert not mine or max(mine) - min(mine) <= 1
-        else:
-            assert len(work) == max(1, min(T, sum(steps) // least))
-            assert min(sizes) >= min(least, sum(steps)) and max(sizes) - min(sizes) <= 1
+        assert min(sizes) >= min(least, sum(steps)) and max(sizes) - min(sizes) <= 1
         seen = {b: [] for b in range(B)}
         slots = set()
         for c, segs in enumerate(work):
@@ -281,9 +266,6 @@ def test_work_list_covers_every_step_once():
                 ctas = [c for c, _, _ in seen[b]]
                 assert ctas == list(range(ctas[0], ctas[-1] + 1))
                 assert parts(steps, T, b, least) == (ctas[0], len(ctas))
-    assert modes == {True, False}
-    assert per_sequence_cut([64] * 16, 49) == 22        # 16 x 3 CTAs of 21-22 steps
-    assert per_sequence_cut([64] * 32, 49) == 0         # 2 CTAs of 32 steps: over 1.1x
     assert steps_of(33, 3) == 3 and steps_of(70, 40) == 3 and steps_of(5, 5) == 0
 
 
@@ -301,8 +283,7 @@ def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, wi
     of one sequence and the start of the next, a sliding window starting mid-step, cascade
     starts with log-sum-exps, and 16 query heads a KV head (rows g + 8 of the fragments);
     `least`: the work list's MIN_STEPS. Cache slots past each sequence's end hold NaN: masked
-    keys must not reach the output. The last case (and the third) take the plan's one
-    sequence a CTA (per_sequence_cut), the last with every sequence in parts."""
+    keys must not reach the output. The last: three sequences over 9 CTAs, each in parts."""
     from weavelm.kernels import paged_attention_worklist as WL
     monkeypatch.setattr(WL, "MIN_STEPS", least)
     B, D = len(lens), 64

@@ -243,13 +243,13 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
 
 
 def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    least, slack, trace = WL.MIN_STEPS, WL.SLACK_TENTHS, PM.TRACE_PTR   # (knobs: read when
-    key = ("mma", dt, D, group, kv8, least, slack, trace, device)        # built)
+    least, trace = WL.MIN_STEPS, PM.TRACE_PTR       # (knobs: read when built)
+    key = ("mma", dt, D, group, kv8, least, trace, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, slack, trace),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, trace),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
                                                             trace),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,

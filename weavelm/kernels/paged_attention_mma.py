@@ -124,7 +124,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         kvh = h0 // (H // Hkv)
         sh = cuda.shared.array(threads, int64)
         sh2 = cuda.shared.array(threads, int64)
-        found = cuda.shared.array(5, int64)
+        found = cuda.shared.array(3, int64)
         # The CTA's place in the work list: steps [lo, hi) of the batch's, from sequence b on
         # (pb steps before it).
         used, b, pb, lo, hi = locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found,
@@ -335,11 +335,9 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
             if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
-                n = found[3]                  # (the work list: to the CTA of the last step)
-                if n == 0:
-                    n = ((pb + steps) * found[4] - 1) // sh[threads - 1] - me + 1
-                store_u32(rec_ptr + b * 8, uint32(me))
-                store_u32(rec_ptr + b * 8 + 4, uint32(n))
+                last = ((pb + steps) * found[2] - 1) // sh[threads - 1]   # the CTA of the
+                store_u32(rec_ptr + b * 8, uint32(me))                   # last step
+                store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
             cuda.syncthreads()                # (shared memory is reused by the next segment)
             pos = pb + st1
             pb += steps

@@ -25,32 +25,8 @@ STEP = 16                       # keys a warp scores at once
 # calls, each value its own build): 1 is what was measured (RESULTS.md). Larger means fewer,
 # longer parts at batch 1, where the combine merges up to T of them; not yet measured alone.
 MIN_STEPS = 1
-THREADS = 128                   # the kernel's CTA (paged_attention_mma.WARPS warps)
-# One sequence a CTA where no CTA then gets over SLACK_TENTHS / 10 x the mean share (0: never;
-# read when the kernel is built).
-SLACK_TENTHS = 11
 COMBINE_TRACE = 1 << 19         # the combine's trace words start here (mark_fn)
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
-
-
-def per_sequence_cut(steps: list[int], T: int, min_steps: int = 1,
-                     threads: int = THREADS) -> int:
-    """c > 0 where the batch is served one sequence a CTA: each sequence cut into ceil(s / c)
-    equal parts on CTAs of its own (no CTA pays for a second sequence's queries, partial
-    sums and restart), which fits T CTAs with no CTA more than SLACK x the mean share; else 0
-    (the work list). The kernel tries `threads` candidates for c in one pass: min_steps or
-    the mean share on, in strides that cover SLACK x the mean share."""
-    B, total = len(steps), sum(steps)
-    if B > min(T, threads) or total == 0 or SLACK_TENTHS == 0:
-        return 0
-    lo = max(min_steps, -(-total // T))
-    hi = max(lo, total * SLACK_TENTHS // (10 * T))
-    stride = (hi - lo + threads) // threads
-    for i in range(threads):
-        c = lo + i * stride
-        if sum(-(-n // c) for n in steps) <= T:
-            return c if c <= hi else 0
-    return 0
 
 
 def steps_of(length: int, first: int) -> int:
@@ -68,10 +44,6 @@ def ctas_used(total: int, T: int, min_steps: int = 1) -> int:
 
 def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, int, int]]]:
     """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
-    c = per_sequence_cut(steps, T, min_steps)
-    if c:
-        return [[(b, j * n // k, (j + 1) * n // k)] for b, n in enumerate(steps)
-                for k in [-(-n // c)] for j in range(k)]
     total = sum(steps)
     used = ctas_used(total, T, min_steps)
     out = []
@@ -88,12 +60,8 @@ def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, i
 
 
 def parts(steps: list[int], T: int, b: int, min_steps: int = 1) -> tuple[int, int]:
-    """(first CTA, number of CTAs) holding sequence b: the record the kernel writes; on the
-    work list, from the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1)
-    // total)."""
-    c = per_sequence_cut(steps, T, min_steps)
-    if c:
-        return sum(-(-n // c) for n in steps[:b]), -(-steps[b] // c)
+    """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
+    the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
     total, before = sum(steps), sum(steps[:b])
     used = ctas_used(total, T, min_steps)
     first = ((before + 1) * used - 1) // total
@@ -158,16 +126,16 @@ def block_scan_fn(threads: int):
 def locate_fn(threads: int, min_steps: int):
     """Device function locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found, tid) ->
     (used, b, pb, lo, hi): CTA me's place in the plan above (steps [lo, hi) of the batch's,
-    from sequence b on, pb steps before b); `used` CTAs have work. Where me < used, it leaves
-    in shared memory what the CTA reads again only at its end (registers are what the kernel
-    lacks): the total steps in sh[threads - 1], found[3] the CTAs of b where every CTA holds
-    one sequence (else 0), found[4] = used. Every thread of the CTA calls it."""
-    from numba import int32, int64, uint32
+    from sequence b on, pb steps before b); `used` CTAs have work. One pass over the lengths
+    where the batch fits the CTA's threads (B <= threads: one load and one scan), two
+    otherwise. Where me < used, it leaves in shared memory what the CTA reads again only at
+    its end (registers are what the kernel lacks): the total steps in sh[threads - 1] and
+    used in found[2]. Every thread of the CTA calls it."""
+    from numba import int64
 
     from weavelm.kernels.common import device
 
     visible, block_scan = visible_fn(), block_scan_fn(threads)
-    slack = uint32(SLACK_TENTHS)
 
     def locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found, tid):
         if tid == 0:
@@ -181,42 +149,6 @@ def locate_fn(threads: int, min_steps: int):
                 n += visible(lens_ptr, starts_ptr, window, b)[2]
         block_scan(n, sh, tid)
         total = sh[threads - 1]
-        c = int64(0)                          # per_sequence_cut: candidate c = thread's
-        if slack > 0 and B <= threads and B <= T and total > 0:   # (32-bit: no division subroutine, whose
-            tot, T32 = uint32(total), uint32(T)     # call made the kernel spill registers)
-            lo_c = max(uint32(min_steps), (tot + T32 - 1) // T32)
-            hi_c = max(lo_c, tot * slack // (10 * T32))
-            stride = (hi_c - lo_c + threads) // threads
-            ct = lo_c + uint32(tid) * stride
-            f = uint32(0)
-            for x in range(B):
-                s = uint32(sh[x] - (sh[x - 1] if x > 0 else int64(0)))
-                f += (s + ct - 1) // ct
-            fits = cuda.syncthreads_count(int32(1 if f <= T32 else 0))   # the last ones fit
-            if fits > 0:
-                c = int64(lo_c + uint32(threads - fits) * stride)
-                if c > hi_c:
-                    c = int64(0)
-        if c > 0:                             # one sequence a CTA: its ceil(n / c) parts
-            k = int64((uint32(n) + uint32(c) - 1) // uint32(c))
-            incl = block_scan(k, sh2, tid)
-            used = sh2[threads - 1]
-            if k > 0 and incl - k <= me and me < incl:
-                found[0] = tid
-                found[1] = me - (incl - k)
-                found[2] = k
-                found[3] = k
-            if tid == 0:
-                found[4] = used
-            cuda.syncthreads()
-            b = found[0]
-            if b < 0:
-                return used, int64(0), int64(0), int64(0), int64(0)
-            j, k32 = uint32(found[1]), uint32(found[2])
-            before = sh[b - 1] if b > 0 else int64(0)
-            s = uint32(sh[b] - before)        # part j of k of b's steps
-            return used, b, before, before + int64(j * s // k32), \
-                before + int64((j + 1) * s // k32)
         used = min(T, total // min_steps)    # the work list: CTAs with steps (each has at
         if used == 0 and total > 0:          # least one, so a sequence's parts come from
             used = 1                         # consecutive CTAs)
@@ -225,8 +157,7 @@ def locate_fn(threads: int, min_steps: int):
         lo = me * total // used
         hi = (me + 1) * total // used
         if tid == 0:
-            found[3] = 0
-            found[4] = used
+            found[2] = used
         if B <= threads:                     # the sequence holding step lo, from the scan
             if n > 0 and sh[tid] - n <= lo and lo < sh[tid]:
                 found[0] = tid
