@@ -73,8 +73,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
-    from weavelm.kernels.paged_attention_worklist import (STEP, locate_fn, mark_fn,
-                                                          visible_fn)
+    from weavelm.kernels.paged_attention_worklist import STEP, mark_fn, visible_fn
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -103,7 +102,23 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     n_red = threads if simulator else 1
     n_kw, n_vw, n_acc = 2 * KW, 4 * VW, 4 * NT   # (local array sizes: constants, not sums)
 
-    visible, locate, mark = visible_fn(), locate_fn(threads, min_steps), mark_fn(trace)
+    visible, mark = visible_fn(), mark_fn(trace)
+
+    def block_scan(x, sh, tid):
+        """Inclusive prefix sum of x over the CTA's threads (Hillis-Steele in shared memory;
+        the total is then sh[threads - 1]); every thread calls it."""
+        sh[tid] = x
+        cuda.syncthreads()
+        d = 1
+        while d < threads:
+            y = sh[tid - d] if tid >= d else int64(0)
+            cuda.syncthreads()
+            sh[tid] += y
+            cuda.syncthreads()
+            d *= 2
+        return sh[tid]
+
+    block_scan = device(block_scan)
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                                 lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
@@ -123,16 +138,44 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         h0 = grp * group                     # the CTA's first query head
         kvh = h0 // (H // Hkv)
         sh = cuda.shared.array(threads, int64)
-        sh2 = cuda.shared.array(threads, int64)
-        found = cuda.shared.array(3, int64)
-        # The CTA's place in the work list: steps [lo, hi) of the batch's, from sequence b on
-        # (pb steps before it).
-        used, b, pb, lo, hi = locate(lens_ptr, starts_ptr, window, B, T, me, sh, sh2, found,
-                                     tid)
+        found = cuda.shared.array(2, int64)
+
+        # The work list: every sequence's steps laid end to end, cut into T equal ranges.
+        x = int64(0)
+        for b in range(tid, B, threads):
+            x += visible(lens_ptr, starts_ptr, window, b)[2]
+        block_scan(x, sh, tid)
+        total = sh[threads - 1]
+        if tid == 0:
+            found[0] = -1
+        cuda.syncthreads()
+        used = min(T, total // min_steps)    # CTAs with steps (each has at least one, so a
+        if used == 0 and total > 0:          # sequence's parts come from consecutive CTAs)
+            used = 1
         if me >= used:
             if tid == 0:
                 mark(me_t + 5)
             return
+        lo = me * total // used
+        hi = (me + 1) * total // used
+        run = int64(0)                       # the sequence holding step lo, and its first step
+        base = int64(0)
+        while base < B:
+            n = int64(0)
+            if base + tid < B:
+                n = visible(lens_ptr, starts_ptr, window, base + tid)[2]
+            incl = block_scan(n, sh, tid)
+            before = run + incl - n
+            if n > 0 and before <= lo and lo < before + n:
+                found[0] = base + tid
+                found[1] = before
+            run += sh[threads - 1]
+            cuda.syncthreads()
+            if found[0] >= 0:
+                break
+            base += threads
+        b = found[0]
+        pb = found[1]                        # steps before sequence b
         if tid == 0:
             mark(me_t + 2)
 
@@ -335,8 +378,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
             if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
-                last = ((pb + steps) * found[2] - 1) // sh[threads - 1]   # the CTA of the
-                store_u32(rec_ptr + b * 8, uint32(me))                   # last step
+                last = ((pb + steps) * used - 1) // total   # the CTA holding the last step
+                store_u32(rec_ptr + b * 8, uint32(me))
                 store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
             cuda.syncthreads()                # (shared memory is reused by the next segment)
             pos = pb + st1
