@@ -99,7 +99,9 @@ def visible_fn():
 def mark_fn(trace: int):
     """Device function mark(slot): where `trace` (a device address, TRACE_PTR of the mma
     module; 0 = off, the calls compile to nothing) is set, the low 32 bits of the global
-    timer (ns) go to word `slot` there: a benchmark's timeline of the kernels' phases."""
+    timer (ns) go to word `slot` there: a benchmark's timeline of the kernels' phases. The
+    kernels mark their entry before the wait for the kernel before them (programmatic
+    dependent launch): no kernel but the benchmark's own zeroing touches those words."""
     from numba import uint32
 
     from weavelm.kernels import ptx
