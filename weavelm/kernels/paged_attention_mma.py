@@ -40,8 +40,8 @@ import math
 WARPS = 4                       # per CTA
 MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB)
 RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bounded to fit)
-# A benchmark's timeline (bench_paged_attention.py --trace): a device address where the CTAs
-# write the global timer at their phases (worklist.mark_fn); 0 = off. Read when built.
+# bench_paged_attention.py --trace: where the CTAs write the global timer at their phases
+# (worklist.mark_fn); 0 = off. Read when built.
 TRACE_PTR = 0
 TRACE_WORDS = 8                 # a CTA's marks: entry, waited, planned, last loop's start, its end,
 #                                 exit (the combine's: worklist.COMBINE_TRACE on)
@@ -81,8 +81,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     mma = warp_mma_fn(mdt)
     pack_p = ptx.pack_f16x2 if mdt == "f16" else ptx.pack_bf16x2
     to_f16, un_bf16 = ptx.e4m3x4_to_f16x2, ptx.unpack_bf16x2
-    load_half = ptx.load_v2_u32_nc
-    q_convert = kv8 and dt == "bf16"
+    load_half, q_convert = ptx.load_v2_u32_nc, kv8 and dt == "bf16"
     eb = 1 if kv8 else 2        # bytes of a cached element
     quad_max, quad_sum = lane_reduce_fn(4, True), lane_reduce_fn(4)   # over a row's 4 lanes
     enter = pdl_entry(pdl)
@@ -97,6 +96,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     two = group > 8             # heads in rows g + 8 as well
     threads = 32 * WARPS
     OUTV = group * D // 8       # the CTA's output vectors of 8 elements
+    DP = D + 8   # warps' outputs in shared memory: element c NT + j at word 8 j + c, heads DP
+    #              apart: a store's lanes (c = 2t, 2t + 1) on distinct banks, not all on one
     n_frag = threads * 6 if simulator else 1
     n_cd = threads * 4 if simulator else 1
     n_red = threads if simulator else 1
@@ -160,6 +161,12 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         hi = (me + 1) * total // used
         run = int64(0)                       # the sequence holding step lo, and its first step
         base = int64(0)
+        if B <= threads:                     # the first scan serves: x = steps of sequence tid
+            if x > 0 and sh[tid] - x <= lo and lo < sh[tid]:
+                found[0] = tid
+                found[1] = sh[tid] - x
+            cuda.syncthreads()
+            base = B
         while base < B:
             n = int64(0)
             if base + tid < B:
@@ -183,7 +190,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         cd = cuda.shared.array(n_cd, float32)              # simulator: their sums
         red = cuda.shared.array(n_red, float32)            # simulator: quad reductions
         ml_sh = cuda.shared.array((WARPS, group, 2), float32)   # per warp and head: max, sum
-        acc_sh = cuda.shared.array((WARPS, group, D), float32)  # unnormalised outputs
+        acc_sh = cuda.shared.array((WARPS, group, DP), float32)  # unnormalised outputs
         qa = cuda.local.array(KW, uint32)     # query rows g and g + 8 (zero past the group)
         qb = cuda.local.array(KW, uint32)
         kw = cuda.local.array(n_kw, uint32)   # keys g and 8 + g of the step
@@ -340,8 +347,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         ml_sh[warp, h, 0] = m0 if r == 0 else m1
                         ml_sh[warp, h, 1] = l0 if r == 0 else l1
                     for j in range(NT):
-                        acc_sh[warp, h, 2 * t * NT + j] = acc[4 * j + 2 * r]
-                        acc_sh[warp, h, (2 * t + 1) * NT + j] = acc[4 * j + 2 * r + 1]
+                        acc_sh[warp, h, 8 * j + 2 * t] = acc[4 * j + 2 * r]
+                        acc_sh[warp, h, 8 * j + 2 * t + 1] = acc[4 * j + 2 * r + 1]
             cuda.syncthreads()
             whole = st0 == 0 and st1 == steps  # the sequence's only part: the output itself
             slot = (grp * (T + B) + me + b) * group  # else its part (me + b: one a CTA
@@ -358,7 +365,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                     f = math.exp2(ml_sh[wp, i, 0] - mx)
                     total_l += ml_sh[wp, i, 1] * f
                     for e in range(8):
-                        o8[e] += acc_sh[wp, i, 8 * v + e] * f
+                        o8[e] += acc_sh[wp, i, 8 * ((8 * v + e) % NT) + (8 * v + e) // NT] * f
                 for e in range(8):            # the values' scale (the combine is linear)
                     o8[e] *= vs
                 h = h0 + i
