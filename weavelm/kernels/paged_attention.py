@@ -80,10 +80,10 @@ MAX_GROUP = 4                   # query heads per CTA: the group's keys are read
 #                                 of them (4 against 2: benchmarks/HISTORY.md, 2026-12-02)
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 # The tensor-core kernel from this batch on (the default where `mma_supported`). H100, bench_
-# paged_attention.py --sweep, µs lane / tensor-core kernel: batch 1 at 1K-4K keys 9.3-15.0 /
-# 17.6-19.6 (the work list's CTAs take a few steps each and the combine merges up to T parts);
-# batch 16 at 128 / 1K / 2K / 4K keys 13.3 / 36.6 / 70.6 / 122.9 against 16.5 / 36.4 / 57.9 /
-# 100.3; batch 64 and more faster at every length (benchmarks/RESULTS.md).
+# paged_attention.py --sweep, µs lane / tensor-core kernel: batch 1 at 1K-4K keys 9.3-14.9 /
+# 14.5-16.4 (the work list's CTAs take a few steps each and the combine merges up to T parts);
+# batch 16 at 128 / 1K / 2K / 4K keys 13.1 / 36.6 / 70.4 / 132.8 against 11.7 / 32.8 / 55.3 /
+# 97.5; batch 64 and more faster at every length (benchmarks/RESULTS.md, eleventh session).
 MMA_MIN_BATCH = 16
 RESIDENT = 0                    # CTAs per SM ptxas must fit (0: no bound). Unbounded: forcing
 #                                 more CTAs per SM takes registers from the pipelined loads and
