@@ -272,6 +272,7 @@ def test_work_list_covers_every_step_once():
     (torch.bfloat16, 8, None, 1, None, None, [1, 40]),
     (torch.float16, 8, 5, 2, 30, None, [17, 70, 5, 33]),
     (torch.bfloat16, 32, 2, 1, None, [0, 18], [20, 33]),
+    (torch.bfloat16, 8, 7, 1, None, None, [200]),
 ])
 def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, window, starts,
                                           lens):
@@ -280,7 +281,8 @@ def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, wi
     of one sequence and the start of the next, a sliding window starting mid-step, cascade
     starts with log-sum-exps, and 16 query heads a KV head (rows g + 8 of the fragments);
     `least`: the work list's MIN_STEPS. Cache slots past each sequence's end hold NaN: masked
-    keys must not reach the output."""
+    keys must not reach the output. The last: one sequence in 7 parts (the combine takes
+    parts 4 at a time: a whole chunk and a clamped one)."""
     from weavelm.kernels import paged_attention_worklist as WL
     monkeypatch.setattr(WL, "MIN_STEPS", least)
     B, D = len(lens), 64

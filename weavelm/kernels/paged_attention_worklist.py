@@ -148,30 +148,42 @@ def _build_mma_combine(dt: str, D: int, group: int, pdl: bool = False, trace: in
         if tid == 0:
             mark(me_t + 1)
         b, h = row // H, row % H
-        if tid >= lanes or visible(lens_ptr, starts_ptr, window, b)[2] == 0:
+        if tid >= lanes:
             return
-        n = int64(load_u32(rec_ptr + b * 8 + 4))
-        if n <= 1:
+        n = int64(load_u32(rec_ptr + b * 8 + 4))     # (read with the length, not after it:
+        first = int64(load_u32(rec_ptr + b * 8))     # a sequence with no steps has no record)
+        if visible(lens_ptr, starts_ptr, window, b)[2] == 0 or n <= 1:
             return
-        slot0 = ((h // group) * (T + B) + int64(load_u32(rec_ptr + b * 8)) + b) * group \
-            + h % group                       # part s of the row: slot0 + s * group
+        slot0 = ((h // group) * (T + B) + first + b) * group + h % group   # part s: + s group
+        # Parts 4 at a time, their loads issued together (addresses clamped to the last part,
+        # weights 0 past it): a part's loads no longer wait for the previous part's sums.
         acc = cuda.local.array(8, float32)
+        mk = cuda.local.array(4, float32)
+        lk = cuda.local.array(4, float32)
+        xk = cuda.local.array(32, float32)
         mx = float32(NEG)
-        for s in range(n):
-            mx = max(mx, as_f32(load_u32(ml_ptr + (slot0 + s * group) * 8)))
+        for s0 in range(0, n, 4):
+            for k in range(4):
+                mk[k] = as_f32(load_u32(ml_ptr + (slot0 + min(s0 + k, n - 1) * group) * 8))
+            for k in range(4):
+                mx = max(mx, mk[k])
         total = float32(0.0)
         for e in range(8):
             acc[e] = float32(0.0)
-        for s in range(n):
-            r = slot0 + s * group
-            w = math.exp2(as_f32(load_u32(ml_ptr + r * 8)) - mx)
-            total += as_f32(load_u32(ml_ptr + r * 8 + 4)) * w
-            for e4 in range(0, 8, 4):
-                x = load(part_ptr + (r * D + tid * 8 + e4) * 4)
-                acc[e4] += as_f32(x[0]) * w
-                acc[e4 + 1] += as_f32(x[1]) * w
-                acc[e4 + 2] += as_f32(x[2]) * w
-                acc[e4 + 3] += as_f32(x[3]) * w
+        for s0 in range(0, n, 4):
+            for k in range(4):
+                r = slot0 + min(s0 + k, n - 1) * group
+                mk[k] = as_f32(load_u32(ml_ptr + r * 8))
+                lk[k] = as_f32(load_u32(ml_ptr + r * 8 + 4))
+                for e4 in range(0, 8, 4):
+                    x = load(part_ptr + (r * D + tid * 8 + e4) * 4)
+                    for i in range(4):
+                        xk[k * 8 + e4 + i] = as_f32(x[i])
+            for k in range(4):
+                w = math.exp2(mk[k] - mx) if s0 + k < n else float32(0.0)
+                total += lk[k] * w
+                for e in range(8):
+                    acc[e] += xk[k * 8 + e] * w
         inv = float32(1.0) / total
         for e in range(8):
             acc[e] *= inv
