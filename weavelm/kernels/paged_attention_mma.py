@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 
 WARPS = 4                       # per CTA
-MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB)
+MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB + DP pad)
 RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bounded to fit)
 # bench_paged_attention.py --trace: where the CTAs write the global timer at their phases
 # (worklist.mark_fn); 0 = off. Read when built.
