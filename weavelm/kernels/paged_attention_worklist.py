@@ -22,8 +22,9 @@ import math
 
 STEP = 16                       # keys a warp scores at once
 # A CTA's least share of steps (read when the kernel is built; a benchmark may set it between
-# calls, each value its own build): 1 is what was measured (RESULTS.md). Larger means fewer,
-# longer parts at batch 1, where the combine merges up to T of them; not yet measured alone.
+# calls, each value its own build). 4 measured faster at batch 1 (1K keys 17.1 -> 11.6 µs: fewer
+# parts to merge) and level or slower at 16-64 (RESULTS.md, eleventh session); batch 1 runs
+# the lane kernel by default, so 1.
 MIN_STEPS = 1
 COMBINE_TRACE = 1 << 19         # the combine's trace words start here (mark_fn)
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
