@@ -2,7 +2,7 @@
 it replaced (gather each sequence's blocks, then SDPA with a mask), same inputs, one run.
 
     python3 benchmarks/bench_paged_attention.py [--sweep] [--variants] [--schedules] [--shared]
-                                                [--cascade] [--small] [--profile] [--trace]
+                                                [--cascade] [--small] [--trace]
                                                 [--knob=MODULE.NAME=VALUE]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, blocks of 16 tokens handed out in shuffled
@@ -13,9 +13,10 @@ how the keys are spread over CTAs on batches of equal and of serving-like (log-n
 cascade attention that reads a shared prefix once against the kernel reading every copy;
 --small, keys per split for batches that leave SMs idle (`SMALL_SPLIT_KEYS`); --sweep, the
 tensor-core kernel against the lane kernel and the copy rate, batch 1-1024 (or --batches=1,16),
-context 128-32K; --profile, where the tensor-core kernel's time goes at small batches (each
-kernel's µs from the profiler, against the call's µs in a graph); --trace, the tensor-core
-kernel's phases from the global timer each CTA writes (`paged_attention_mma.TRACE_PTR`);
+context 128-32K; --trace, where the tensor-core kernel's time goes at small batches: its
+phases from the global timer each CTA writes (`paged_attention_mma.TRACE_PTR`; a profiler
+cannot split the two kernels, whose spans under programmatic dependent launch each cover the
+wait for the other);
 --knob sets a module constant first (benchmarks/knobs.py), e.g.
 --knob=kernels.paged_attention_worklist.MIN_STEPS=4.
 """
@@ -56,8 +57,6 @@ def main():
               f"{(theirs.float() - ref).abs().max().item():.2e} |", flush=True)
     if "--sweep" in sys.argv:
         sweep(P, H, Hkv, D, bs)
-    if "--profile" in sys.argv:
-        profile(P, H, Hkv, D, bs)
     if "--trace" in sys.argv:
         trace(P, H, Hkv, D, bs)
     if "--variants" in sys.argv:
@@ -124,48 +123,10 @@ def sweep(P, H, Hkv, D, bs):
         del q, kc, vc, tables, lens
 
 
-def profile(P, H, Hkv, D, bs):
-    """Each kernel's mean µs (torch profiler over replays of a graph of 20 calls) against the
-    call's µs: what the tensor-core path spends in its main kernel, its combine, and between."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-    print("\n## where the tensor-core kernel's time goes: kernel µs a call (profiler) vs the "
-          "call in a graph\n")
-    print("| batch | context | call µs | kernels (µs each) | between µs |")
-    print("| --- | --- | --- | --- | --- |")
-    shapes = [(1, 2048, None), (16, 128, None), (16, 1024, None), (16, 2048, None),
-              (16, 4096, None), (16, 0, serving_lengths(16)), (64, 1024, None)]
-    for B, ctx, lengths in shapes:
-        q, kc, vc, tables, lens = case(B, ctx or 1, H, Hkv, D, bs, lengths)
-        scale, calls = 1 / math.sqrt(D), 20
-        run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
-                                                    kernel="mma")
-        call = graph_us(run)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                run()
-        g.replay()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                g.replay()
-            torch.cuda.synchronize()
-        per = {}
-        for e in prof.key_averages():
-            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-            if us > 0 and not e.key.startswith(("cuda", "Activity")):
-                per[e.key] = per.get(e.key, 0.0) + us / (5 * calls)
-        kern = ", ".join(f"{n.split('(')[0][-40:]} {t:.1f}" for n, t in per.items())
-        print(f"| {B} | {ctx or 'log-normal'} | {call:.1f} | {kern} | "
-              f"{call - sum(per.values()):.1f} |", flush=True)
-        del q, kc, vc, tables, lens
-
-
 def trace(P, H, Hkv, D, bs):
     """The tensor-core kernel's timeline at small batches, one call outside a graph: each CTA
     writes the global timer (ns) at entry, after the wait for the kernel before, after its
-    plan, when its first segment's loop starts, when its last loop ends and at exit; the
+    plan, when its last segment's loop starts and ends, and at exit; the
     combine's CTAs at entry, after the wait and at exit. µs from the first CTA's entry:
     medians over the CTAs with work, [max] where the last one decides."""
     from weavelm.kernels import paged_attention_mma as PM
@@ -194,9 +155,9 @@ def trace(P, H, Hkv, D, bs):
         comb = comb[comb[:, 0] != 0]
         t0 = main[:, 0].min()
         rel = lambda x: ((x - t0) % (1 << 32)) / 1e3  # noqa: E731 (32-bit wrap)
-        busy = main[main[:, 3] != 0]
+        busy = main[main[:, 2] != 0]                  # CTAs with work (planned)
         cells = []
-        for col, rows in ((0, main), (1, main), (2, main), (3, busy), (4, busy), (5, main)):
+        for col, rows in ((0, main), (1, main), (2, busy), (3, busy), (4, busy), (5, main)):
             v = rel(rows[:, col])
             cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(v.max()):.1f}]")
         for col in range(3):
