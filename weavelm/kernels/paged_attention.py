@@ -243,15 +243,15 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
 
 
 def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    least, trace = WL.MIN_STEPS, PM.TRACE_PTR       # (knobs: read when built)
-    key = ("mma", dt, D, group, kv8, least, trace, device)
+    least, cost, trace = WL.MIN_STEPS, WL.SEGMENT_COST, PM.TRACE_PTR  # (knobs: read when built)
+    key = ("mma", dt, D, group, kv8, least, cost, trace, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, trace),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, cost, trace),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
-                                                            trace),
+                                                            trace, cost),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
         combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
