@@ -306,7 +306,6 @@ def _pdl_builds():
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
     from weavelm.kernels import paged_attention_mma as PM
-    from weavelm.kernels import paged_attention_worklist as WL
     from weavelm.kernels import rope_cache as RC
     return {
         "rmsnorm": (lambda p: R._build_kernel("bf16", True, 4, p), R.SIGNATURE, 512),
@@ -323,8 +322,6 @@ def _pdl_builds():
         "paged_combine": (lambda p: PK._build_combine("bf16", 16, p), PA.COMBINE_SIGNATURE, 32),
         "paged_decode_mma": (lambda p: PM._build_mma_kernel("bf16", 128, 4, p), PM.SIGNATURE,
                              32 * PM.WARPS),
-        "paged_mma_combine": (lambda p: WL._build_mma_combine("bf16", 128, 4, p),
-                              WL.COMBINE_SIGNATURE, 32),
     }
 
 

@@ -81,7 +81,7 @@ MAX_GROUP = 4                   # query heads per CTA: the group's keys are read
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 # The tensor-core kernel from this batch on (the default where `mma_supported`). H100, bench_
 # paged_attention.py --sweep, µs lane / tensor-core kernel: batch 1 at 1K-4K keys 9.3-14.9 /
-# 14.5-16.4 (the work list's CTAs take a few steps each and the combine merges up to T parts);
+# 14.5-16.4 (the work list's CTAs take a few steps each and the last merges up to T parts);
 # batch 16 at 128 / 1K / 2K / 4K keys 13.1 / 36.6 / 70.4 / 132.8 against 11.7 / 32.8 / 55.3 /
 # 97.5; batch 64 and more faster at every length (benchmarks/RESULTS.md, eleventh session).
 MMA_MIN_BATCH = 16
@@ -254,10 +254,7 @@ def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
                                                             trace, cost),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
-        combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
-                                  lambda: WL._build_mma_combine(dt, D, group, pdl, trace),
-                                  WL.COMBINE_SIGNATURE, max_threads=32, pdl=pdl)
-        p = remember(_plans, key, (main, combine))
+        p = remember(_plans, key, main)
     return p
 
 
@@ -349,18 +346,37 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
                 k_scale, v_scale, kv8, ctas, index):
-    """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
+    """The tensor-core kernel over its work list (paged_attention_mma.py), which also merges
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
     group = PM.mma_group(H, Hkv, D)
     T = ctas or mma_ctas(H, group, D, index)
-    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
+    main = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
-    rec = torch.empty(B * 2, dtype=torch.int32, device=dev)
+    counts = _part_counters(B * (H // group), dev)
     main.launch(H // group * T, 32 * PM.WARPS, index, qp, kp, vp, tp, lp, stp, op, lsp,
-                part.data_ptr(), ml.data_ptr(), rec.data_ptr(), B, H, Hkv, M,
+                part.data_ptr(), ml.data_ptr(), counts.data_ptr(), B, H, Hkv, M,
                 bs.bit_length() - 1, T, window or 0, float(scale), float(k_scale),
                 float(v_scale))
-    combine.launch(H * B, 32, index, part.data_ptr(), ml.data_ptr(), rec.data_ptr(), op, lp,
-                   stp, lsp, B, H, T, window or 0)
+
+
+_counters: dict = {}      # (device, stream) -> int32 zeros (a plain dict: graphs point at them)
+_outgrown: list = []
+
+
+def _part_counters(n: int, dev: torch.device) -> torch.Tensor:
+    """n int32 counters, all 0, for the tensor-core kernel's parts (each (sequence, head
+    group) counts its parts; the last CTA to count merges them and sets it back to 0): one
+    set per device and stream, since calls on one stream run one after the other (the
+    weave's two streams each get their own; a CUDA graph's capture stream too, allocated and
+    zeroed inside the capture), grown to the most asked."""
+    from weavelm.kernels import launcher
+    stream = launcher.current_stream_handle(dev.index or 0) if dev.type == "cuda" else 0
+    key = (str(dev), stream)
+    c = _counters.get(key)
+    if c is None or c.numel() < n:
+        if c is not None:             # a captured graph may still point at it: keep it alive
+            _outgrown.append(c)
+        c = _counters[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=dev)
+    return c

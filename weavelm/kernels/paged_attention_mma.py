@@ -30,8 +30,9 @@ Softmax: per head, a running max and sum in the log2 domain as the lane kernel's
 a row agree on the max with two shuffles. Masked keys (before the first visible one, past the
 end) get probability 0 and their values are zeroed, so stale cache contents (even NaN bits) never
 reach the output. At the end of a segment the CTA merges its warps in shared memory and writes
-the output (the sequence whole) or its part (m, l, unnormalised output) for the combine
-(paged_attention_worklist.py).
+the output (the sequence whole) or its part (m, l, unnormalised output), which the last CTA of
+the sequence to finish merges with the others (paged_attention_worklist.py): one kernel, no
+combine launched after it.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bound
 # (worklist.mark_fn); 0 = off. Read when built.
 TRACE_PTR = 0
 TRACE_WORDS = 8                 # a CTA's marks: entry, waited, planned, last loop's start, its end,
-#                                 exit (the combine's: worklist.COMBINE_TRACE on)
+#                                 exit, and where it merged a sequence's parts the merge's end
 SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"] * 3) + ")"
 
 cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
@@ -74,7 +75,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
-    from weavelm.kernels.paged_attention_worklist import STEP, mark_fn, visible_fn
+    from weavelm.kernels.paged_attention_worklist import (STEP, locate_fn, mark_fn, merge_fn,
+                                                          visible_fn)
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -105,25 +107,11 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     n_kw, n_vw, n_acc = 2 * KW, 4 * VW, 4 * NT   # (local array sizes: constants, not sums)
 
     visible, mark = visible_fn(), mark_fn(trace)
-
-    def block_scan(x, sh, tid):
-        """Inclusive prefix sum of x over the CTA's threads (Hillis-Steele in shared memory;
-        the total is then sh[threads - 1]); every thread calls it."""
-        sh[tid] = x
-        cuda.syncthreads()
-        d = 1
-        while d < threads:
-            y = sh[tid - d] if tid >= d else int64(0)
-            cuda.syncthreads()
-            sh[tid] += y
-            cuda.syncthreads()
-            d *= 2
-        return sh[tid]
-
-    block_scan = device(block_scan)
+    locate, merge = locate_fn(threads, min_steps + cost, cost), merge_fn(D, group)
+    count = ptx.atomic_add_acq_rel_sys_u32
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
-                                lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
+                                lse_ptr, part_ptr, ml_ptr, cnt_ptr, B, H, Hkv, M, bs_shift, T,
                                 window, scale, k_scale, v_scale):
         tid = cuda.threadIdx.x
         me_t = cuda.blockIdx.x * TRACE_WORDS   # (the CTA's trace words)
@@ -140,54 +128,13 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         h0 = grp * group                     # the CTA's first query head
         kvh = h0 // (H // Hkv)
         sh = cuda.shared.array(threads, int64)
-        found = cuda.shared.array(2, int64)
-
-        # The work list: every sequence's units (its steps led by `cost`) laid end to end, cut
-        # into `used` equal ranges.
-        x = int64(0)
-        for b in range(tid, B, threads):
-            n = visible(lens_ptr, starts_ptr, window, b)[2]
-            x += n + cost if n > 0 else n
-        block_scan(x, sh, tid)
-        total = sh[threads - 1]
-        if tid == 0:
-            found[0] = -1
-        cuda.syncthreads()
-        used = min(T, total // (min_steps + cost))   # CTAs with steps (each has at least
-        if used == 0 and total > 0:          # one, so a sequence's parts are on consecutive CTAs)
-            used = 1
-        if me >= used:
+        found = cuda.shared.array(3, int64)
+        used, total, lo, hi, b, pb = locate(lens_ptr, starts_ptr, window, B, T, me, sh, found,
+                                            tid)   # (pb: the units before sequence b)
+        if me >= used:                       # no work for this CTA
             if tid == 0:
                 mark(me_t + 5)
             return
-        lo = me * total // used
-        hi = (me + 1) * total // used
-        run = int64(0)                       # the sequence holding unit lo, and its first unit
-        base = int64(0)
-        if B <= threads:                     # the first scan serves: x = units of sequence tid
-            if x > 0 and sh[tid] - x <= lo and lo < sh[tid]:
-                found[0] = tid
-                found[1] = sh[tid] - x
-            cuda.syncthreads()
-            base = B
-        while base < B:
-            n = int64(0)
-            if base + tid < B:
-                n = visible(lens_ptr, starts_ptr, window, base + tid)[2]
-                if n > 0:
-                    n += cost
-            incl = block_scan(n, sh, tid)
-            before = run + incl - n
-            if n > 0 and before <= lo and lo < before + n:
-                found[0] = base + tid
-                found[1] = before
-            run += sh[threads - 1]
-            cuda.syncthreads()
-            if found[0] >= 0:
-                break
-            base += threads
-        b = found[0]
-        pb = found[1]                        # units before sequence b
         if tid == 0:
             mark(me_t + 2)
 
@@ -373,7 +320,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                     total_l += ml_sh[wp, i, 1] * f
                     for e in range(8):
                         o8[e] += acc_sh[wp, i, 8 * ((8 * v + e) % NT) + (8 * v + e) // NT] * f
-                for e in range(8):            # the values' scale (the combine is linear)
+                for e in range(8):            # the values' scale (the merge is linear)
                     o8[e] *= vs
                 h = h0 + i
                 if whole:
@@ -391,10 +338,33 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                     if v == 0:
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
-            if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
-                last = ((pb + cost + steps) * used - 1) // total   # the CTA of the last step
-                store_u32(rec_ptr + b * 8, uint32(me))
-                store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
+            if not whole:                     # count the part; the last of b's merges them
+                cuda.threadfence()
+                cuda.syncthreads()
+                if tid == 0:
+                    first_cta = ((pb + cost + 1) * used - 1) // total
+                    n = ((pb + cost + steps) * used - 1) // total - first_cta + 1
+                    old = count(cnt_ptr + (b * groups + grp) * 4, 1)
+                    found[0] = int64(old) - n + 1     # 0 for the last
+                    found[1] = first_cta
+                    found[2] = n
+                cuda.syncthreads()
+                if found[0] == 0:
+                    cuda.threadfence()
+                    r0 = (grp * (T + B) + found[1] + b) * group
+                    for u in range(tid, OUTV, threads):
+                        i = u // (D // 8)
+                        v = u % (D // 8)
+                        mx, total_l = merge(part_ptr, ml_ptr, r0 + i, found[2], v, o8)
+                        store(out_ptr + (b * H + h0 + i) * q_row + 16 * v,
+                              pack2(o8[0], o8[1]), pack2(o8[2], o8[3]),
+                              pack2(o8[4], o8[5]), pack2(o8[6], o8[7]))
+                        if lse_ptr != 0 and v == 0:
+                            store_u32(lse_ptr + (b * H + h0 + i) * 4,
+                                      as_u32((mx + math.log2(total_l)) * float32(LN2)))
+                    if tid == 0:
+                        store_u32(cnt_ptr + (b * groups + grp) * 4, uint32(0))
+                        mark(me_t + 6)
             cuda.syncthreads()                # (shared memory is reused by the next segment)
             pos = pb + cost + st1
             pb += steps + cost
