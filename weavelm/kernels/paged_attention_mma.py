@@ -108,7 +108,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
 
     visible, mark = visible_fn(), mark_fn(trace)
     locate, merge = locate_fn(threads, min_steps + cost, cost), merge_fn(D, group)
-    count = ptx.atomic_add_acq_rel_sys_u32
+    count, prefetch = ptx.atomic_add_acq_rel_sys_u32, ptx.prefetch_l2
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                                 lse_ptr, part_ptr, ml_ptr, cnt_ptr, B, H, Hkv, M, bs_shift, T,
@@ -117,6 +117,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         me_t = cuda.blockIdx.x * TRACE_WORDS   # (the CTA's trace words)
         if tid == 0:
             mark(me_t)
+        if tid < 4 and tid * 32 < B:         # the first lengths asked of L2 before the wait
+            prefetch(lens_ptr + tid * 128)   # (a prefetch reads no value)
         enter()
         if tid == 0:
             mark(me_t + 1)
