@@ -23,6 +23,8 @@ from weavelm.kernels.allreduce_norm_fused import make_fused_kernel, rows_per_ite
 from weavelm.kernels.allreduce_norm_plain import make_allreduce_kernel, vecs_per_iter  # noqa: E402
 from weavelm.kernels.launcher import Kernel  # noqa: E402
 
+from machine_code import nvdisasm  # noqa: E402  (tests/)
+
 PTXAS = shutil.which("ptxas")
 _cache: dict = {}
 
@@ -201,23 +203,6 @@ def test_allreduce_transports_share_everything_else():
 
 # ----------------------------------------------------------------------------- machine code
 
-def _nvdisasm() -> str | None:
-    """nvdisasm on PATH, else the one of the nvidia-cuda-nvdisasm wheel (the [test] extra)."""
-    found = shutil.which("nvdisasm")
-    if found:
-        return found
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for root in nvidia.__path__:
-        for sub in ("cu13", "cuda_nvdisasm"):
-            path = os.path.join(root, sub, "bin", "nvdisasm")
-            if os.access(path, os.X_OK):
-                return path
-    return None
-
-
 # What ptxas 13.0 makes of each multimem instruction for sm_90a, one SASS instruction per PTX
 # one. ld_reduce is its own opcode (LDGMC: f32 adds, round to nearest); st and red are strong
 # global stores / reductions, multicast only through the address (the MMU maps it onto the
@@ -234,7 +219,7 @@ MULTIMEM_SASS = {
 
 
 def sass(ptx: str, tmp_path) -> str:
-    tool = _nvdisasm()
+    tool = nvdisasm()
     if PTXAS is None or tool is None:
         pytest.skip("machine-code check needs ptxas and nvdisasm (pip install "
                     "'weavelm[test]' brings nvdisasm); neither cuobjdump -sass nor nvdisasm "
