@@ -51,8 +51,7 @@ MAX_SPLIT = 8                   # ... in at most this many slices
 EARLY_STEPS = 1                 # PDL builds: weights asked of L2 before the wait (fp8_gemv's)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
 _plans: dict = {}
-_work: dict = {}
-_outgrown: list = []
+_work: dict = {}                # (a plain dict, never emptied: captured graphs point at these)
 
 
 def supported(xq: torch.Tensor, codes: torch.Tensor, dtype) -> bool:
@@ -87,29 +86,23 @@ def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) 
     tiles = -(-M // 16)
     kern = _plan(DTYPES[dtype], tiles, dev)
     from weavelm.kernels import launcher
-    stream = launcher.current_stream_handle(dev) if xq.is_cuda else 0
-    work, counts = _workspace(N, S, xq.device, stream)
+    work, counts = _workspace(N, S, launcher.stream_key(xq, dev))
     grid = -(-N // (WARP_ROWS * WARPS)) * S
     kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
                 ws.data_ptr(), out.data_ptr(), work.data_ptr(), counts.data_ptr(), M, N, K, S)
     return out
 
 
-def _workspace(N: int, S: int, device: torch.device, stream: int):
+def _workspace(N: int, S: int, key: tuple):
     """(fp32 partials [S, 64, N], int32 counters a warp's row group, all 0) for layers of N
-    rows on `device`: one per (N, device, stream), since calls on one stream run one after the
-    other (the weave's two streams each get their own), grown to the most slices asked. A
-    CUDA graph's capture stream gets its own, allocated (and zeroed) inside the capture."""
-    key = (N, str(device), stream)
-    w = _work.get(key)
-    if w is None or w[0].shape[0] < S * MAX_TOKENS * N:
-        if w is not None:             # a captured graph may still point at it: keep it alive
-            _outgrown.append(w)
-        # (a plain dict, never emptied: a captured graph points at these)
-        groups = -(-N // (WARP_ROWS * WARPS)) * WARPS        # every warp of the grid's rows
-        w = _work[key] = (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32, device=device),
-                          torch.zeros(groups, dtype=torch.int32, device=device))
-    return w
+    rows, a set per (N, `launcher.stream_key`), grown to the most slices asked."""
+    from weavelm.kernels.launcher import stream_workspace
+    device = key[0]
+    groups = -(-N // (WARP_ROWS * WARPS)) * WARPS            # every warp of the grid's rows
+    return stream_workspace(
+        _work, (N,) + key, lambda w: w[0].shape[0] >= S * MAX_TOKENS * N,
+        lambda: (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32, device=device),
+                 torch.zeros(groups, dtype=torch.int32, device=device)))
 
 
 def _plan(dt: str, tiles: int, device: int):

@@ -74,6 +74,30 @@ def current_stream_handle(device: int) -> int:
     return _raw_stream(device)
 
 
+_outgrown: list = []    # workspaces replaced by larger ones that a captured graph may point at
+
+
+def stream_key(t, device: int) -> tuple:
+    """(device, stream) of a kernel call on t: a workspace each, since calls on one stream run
+    one after the other (the weave's two streams each get their own, a CUDA graph's capture
+    stream too, its workspace allocated and zeroed inside the capture)."""
+    if not t.is_cuda:
+        return str(t.device), 0          # the simulator
+    return str(t.device), current_stream_handle(device)
+
+
+def stream_workspace(memo: dict, key, fits, make):
+    """memo[key] where fits(it), else make()'s, stored there (key from `stream_key`, with
+    whatever else sizes it). The memo is never emptied and an outgrown workspace is kept
+    alive: a captured graph may still point at it."""
+    w = memo.get(key)
+    if w is None or not fits(w):
+        if w is not None:
+            _outgrown.append(w)
+        w = memo[key] = make()
+    return w
+
+
 def _core_stream(handle: int):
     s = _core_streams.get(handle)
     if s is None:

@@ -219,6 +219,7 @@ def head_group(heads: int, kv_heads: int) -> int:
 
 
 _plans: dict = {}
+_counters: dict = {}      # the tensor-core kernel's (`stream_workspace`)
 
 
 def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int,
@@ -354,29 +355,12 @@ def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
-    counts = _part_counters(B * (H // group), dev)
+    from weavelm.kernels import launcher
+    n = B * (H // group)          # a counter a (sequence, head group), 0 between calls
+    counts = launcher.stream_workspace(
+        _counters, launcher.stream_key(q, index), lambda c: c.numel() >= n,
+        lambda: torch.zeros(max(n, 256), dtype=torch.int32, device=dev))
     main.launch(H // group * T, 32 * PM.WARPS, index, qp, kp, vp, tp, lp, stp, op, lsp,
                 part.data_ptr(), ml.data_ptr(), counts.data_ptr(), B, H, Hkv, M,
                 bs.bit_length() - 1, T, window or 0, float(scale), float(k_scale),
                 float(v_scale))
-
-
-_counters: dict = {}      # (device, stream) -> int32 zeros (a plain dict: graphs point at them)
-_outgrown: list = []
-
-
-def _part_counters(n: int, dev: torch.device) -> torch.Tensor:
-    """n int32 counters, all 0, for the tensor-core kernel's parts (each (sequence, head
-    group) counts its parts; the last CTA to count merges them and sets it back to 0): one
-    set per device and stream, since calls on one stream run one after the other (the
-    weave's two streams each get their own; a CUDA graph's capture stream too, allocated and
-    zeroed inside the capture), grown to the most asked."""
-    from weavelm.kernels import launcher
-    stream = launcher.current_stream_handle(dev.index or 0) if dev.type == "cuda" else 0
-    key = (str(dev), stream)
-    c = _counters.get(key)
-    if c is None or c.numel() < n:
-        if c is not None:             # a captured graph may still point at it: keep it alive
-            _outgrown.append(c)
-        c = _counters[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=dev)
-    return c
