@@ -214,21 +214,23 @@ def test_programmatic_dependent_launch_gives_the_plain_launches_tokens(tmp_path,
     graphs and eager (a kernel reading before its wait would read its predecessor's half-written
     output)."""
     from weavelm import LLM, SamplingParams
-    from weavelm.kernels import (activation, fp8_gemv, fp8_mma, fp8_quant, launcher,
+    from weavelm.kernels import (activation, fp8_gemv, fp8_quant, launcher, mma_linear,
                                  paged_attention, rmsnorm, rope_cache)
+    from weavelm.parallel import layers
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     make_tiny("llama", tmp_path / "llama", seed=5, kv_heads=2, heads=4, hidden_size=256,
               intermediate_size=512)
     # six sequences: FP8 projections through the tensor-core kernel (5-16 tokens), the split-K
-    # counters included; at three and fewer, the GEMV
+    # counters included; at three and fewer, the GEMV; bf16 ones through its 16-bit form
+    monkeypatch.setattr(layers, "MMA_MAX_TOKENS", 64)
     prompts = [[1, 5, 9, 14, 20, 7, 7, 3, 44, 12, 90], [4, 8], [30 + i for i in range(37)],
                [2, 3], [60 + 2 * i for i in range(20)], [11, 12, 13, 14, 15]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=2)
     runs = {}
     for pdl in ("0", "1"):
         monkeypatch.setenv("WEAVELM_PDL", pdl)
-        for mod in (launcher, activation, fp8_gemv, fp8_mma, fp8_quant, paged_attention,
+        for mod in (launcher, activation, fp8_gemv, mma_linear, fp8_quant, paged_attention,
                     rmsnorm, rope_cache):     # plans built the other way must not be reused
             for name in ("_pdl", "_plans"):
                 if isinstance(getattr(mod, name, None), dict):

@@ -280,13 +280,35 @@ def test_fp8_mma_kernel_ptx(dt, tiles, tmp_path):
     """The FP8 tensor-core kernel issues its f16 mma's fully unrolled (four a step, a tile of
     16 tokens and a tile of 8 rows), its operands converted from e4m3, with its sums and
     weights in registers, and assembles without spills."""
-    from weavelm.kernels import fp8_mma as F
+    from weavelm.kernels import mma_linear as F
     u = F.unroll(tiles)
     ptx = Kernel("t", lambda: F._build_kernel(dt, tiles, u), F.SIGNATURE,
                  max_threads=32 * F.WARPS).ptx()
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == \
         4 * tiles * F.ROW_TILES * u
     for ins in ("ld.global.nc.L1::no_allocate.v4.u32", "cvt.rn.f16x2.e4m3x2", "atom.acq_rel.sys"):
+        assert ins in ptx, ins
+    assert ".local" not in ptx and "call" not in ptx
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert no_spills(r), r.stderr
+
+
+@pytest.mark.parametrize("dt,tiles", [("bf16", 1), ("f16", 2), ("bf16", 3), ("bf16", 4)])
+def test_16bit_mma_kernel_ptx(dt, tiles, tmp_path):
+    """The same kernel's 16-bit form: dt mma's on the loaded words (two a step, a tile of 16
+    tokens and a tile of 8 rows), nothing converted, no scales read; no spills."""
+    from weavelm.kernels import mma_linear as F
+    u = F.unroll(tiles)
+    ptx = Kernel("t", lambda: F._build_kernel(dt, tiles, u, False, False), F.SIGNATURE,
+                 max_threads=32 * F.WARPS).ptx()
+    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32") == \
+        2 * tiles * F.ROW_TILES * u
+    other = "f16" if dt == "bf16" else "bf16"
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{other}.{other}.f32" not in ptx
+    assert "e4m3" not in ptx
+    for ins in ("ld.global.nc.L1::no_allocate.v4.u32", "atom.acq_rel.sys"):
         assert ins in ptx, ins
     assert ".local" not in ptx and "call" not in ptx
     if PTXAS:
@@ -323,7 +345,7 @@ def test_rope_cache_kernel_ptx(kv8, tmp_path):
 def _pdl_builds():
     from weavelm.kernels import activation as A
     from weavelm.kernels import fp8_gemv as G
-    from weavelm.kernels import fp8_mma as F
+    from weavelm.kernels import mma_linear as F
     from weavelm.kernels import fp8_quant as Q
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
@@ -334,6 +356,8 @@ def _pdl_builds():
         "fp8_gemv": (lambda p: G._build_kernel("bf16", 1, 2, G.GATED, p), G.SIGNATURE, 256),
         "fp8_mma": (lambda p: F._build_kernel("bf16", 2, F.unroll(2), p), F.SIGNATURE,
                     32 * F.WARPS),
+        "mma_16bit": (lambda p: F._build_kernel("bf16", 4, F.unroll(4), p, False), F.SIGNATURE,
+                      32 * F.WARPS),
         "fp8_quant": (lambda p: Q._build_kernel("bf16", 4, True, p), Q.SIGNATURE, 512),
         "round_spread": (lambda p: Q._build_spread("bf16", p), Q.SPREAD_SIGNATURE, 128),
         "rope_cache": (lambda p: RC._build_kernel("bf16", False, p), RC.SIGNATURE,
@@ -360,7 +384,7 @@ def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
     before = ptx[:wait]                          # no memory access of the kernel's own before it
     for op in ("ld.global", "st.global", "atom.", "red."):
         assert op not in before, op
-    if name in ("fp8_gemv", "fp8_mma"):  # their first weights asked of L2 before the wait
+    if name in ("fp8_gemv", "fp8_mma", "mma_16bit"):   # first weights to L2 before the wait
         assert "prefetch.global.L2" in before and "prefetch" not in plain
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)
