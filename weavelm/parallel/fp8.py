@@ -232,9 +232,9 @@ def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor, dtype=None) -> bool:
 # the exact product of the rounded operands 2-3e-3 instead of 1.7e-3 (rounding the operands
 # costs 3.7%); below ~256 tokens it is no faster (bench_fp8_linear.py --gemv-sweep).
 FAST_ACCUM_TOKENS = 256
-# Up to this many tokens `fp8_mma` rather than `_scaled_mm` (0: never). H100, decode GPU ms a
-# step with / without it: batch 8 5.49 / 5.87, 16 5.70 / 5.92, 32 6.70 / 6.12 (RESULTS.md, FP8
-# tensor-core kernel): past 16 tokens cuBLASLt's Hopper kernels win.
+# Up to this many tokens `mma_linear.fp8_mma_cuda` rather than `_scaled_mm` (0: never). H100,
+# decode GPU ms a step with / without it: batch 8 5.49 / 5.87, 16 5.70 / 5.92, 32 6.70 / 6.12
+# (RESULTS.md, FP8 tensor-core kernel): past 16 tokens cuBLASLt's Hopper kernels win.
 MMA_MAX_TOKENS = 16
 
 
