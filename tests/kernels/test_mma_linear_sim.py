@@ -14,51 +14,41 @@ sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (t
 
 
 @sim
-@pytest.mark.parametrize("m,n,k,dtype,splits", [
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("m,n,row_bytes,dtype,splits", [
     (20, 64, 256, torch.bfloat16, 2),     # two token tiles, K in two slices of two steps
     (5, 40, 128, torch.float16, 1),       # one tile of 16 with 5 tokens; rows 32-39 of a group
     (33, 32, 192, torch.bfloat16, 2),     # three tiles, slices of one and two steps
 ])
-def test_sim_mma_equals_the_dequantized_product(m, n, k, dtype, splits):
+def test_sim_mma_equals_the_product(m, n, row_bytes, dtype, splits, fp8):
     from weavelm.kernels import mma_linear as F
     from weavelm.kernels.fp8_gemv import fp8_gemv_ref
     from weavelm.parallel.fp8 import quantize_rows
+    k = row_bytes if fp8 else row_bytes // 2
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
-    xq, xs = quantize_rows(x)
-    codes, ws = quantize_rows(w)
-    assert F.supported(xq, codes, dtype)
-    want = fp8_gemv_ref(xq, xs, codes, ws, torch.float32)
-    first = F.fp8_mma_cuda(xq, xs, codes, ws, dtype, splits=splits)
-    torch.testing.assert_close(first.float(), want, rtol=1e-2, atol=1e-3)
-    again = F.fp8_mma_cuda(xq, xs, codes, ws, dtype, splits=splits)
-    assert torch.equal(again, first)
+    if fp8:
+        (xq, xs), (codes, ws) = quantize_rows(x), quantize_rows(w)
+        assert F.supported(xq, codes, dtype)
+        want = fp8_gemv_ref(xq, xs, codes, ws, torch.float32)
+
+        def run():
+            return F.fp8_mma_cuda(xq, xs, codes, ws, dtype, splits=splits)
+    else:
+        x, w = x.to(dtype), w.to(dtype)
+        assert F.supported_16(x, w)
+        assert not F.supported_16(x[:, 16:].contiguous(), w[:, 16:].contiguous())  # K % 32
+        want = x.double() @ w.double().t()
+
+        def run():
+            return F.mma_cuda(x, w, splits=splits)
+    first = run()
+    # fp32 sums in another order than the reference's, rounded once to dtype
+    torch.testing.assert_close(first.float(), want.float(), rtol=1e-2, atol=1e-3)
+    assert torch.equal(run(), first)
     # a counter for every warp the grid starts (warps past the last row count too), all 0
     counts = next(c for (rows, _, _), (_, c) in F._work.items() if rows == n)
     assert counts.numel() == -(-n // (F.WARP_ROWS * F.WARPS)) * F.WARPS
-    assert not counts.any()
-
-
-@sim
-@pytest.mark.parametrize("m,n,k,dtype,splits", [
-    (20, 64, 128, torch.bfloat16, 2),     # two token tiles, K in two slices of two steps
-    (5, 40, 64, torch.float16, 1),        # one tile of 16 with 5 tokens; rows 32-39 of a group
-    (33, 32, 96, torch.bfloat16, 2),      # three tiles, slices of one and two steps
-])
-def test_sim_16bit_mma_equals_the_product(m, n, k, dtype, splits):
-    from weavelm.kernels import mma_linear as F
-    g = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
-    assert F.supported_16(x, w)
-    assert not F.supported_16(x[:, :k - 16].contiguous(), w[:, :k - 16].contiguous())
-    want = (x.double() @ w.double().t()).to(dtype)
-    first = F.mma_cuda(x, w, splits=splits)
-    # fp32 sums in another order than float64's: at most one rounding step apart
-    torch.testing.assert_close(first, want, rtol=8e-3, atol=1e-3)
-    again = F.mma_cuda(x, w, splits=splits)
-    assert torch.equal(again, first)
-    counts = next(c for (rows, _, _), (_, c) in F._work.items() if rows == n)
     assert not counts.any()
 
 

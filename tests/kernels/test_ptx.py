@@ -275,39 +275,22 @@ def test_fp8_gemv_kernel_ptx(dt, tmax, kw, form, tmp_path):
         assert no_spills(r), r.stderr
 
 
+@pytest.mark.parametrize("fp8", [True, False])
 @pytest.mark.parametrize("dt,tiles", [("bf16", 1), ("f16", 2), ("bf16", 3), ("bf16", 4)])
-def test_fp8_mma_kernel_ptx(dt, tiles, tmp_path):
-    """The FP8 tensor-core kernel issues its f16 mma's fully unrolled (four a step, a tile of
-    16 tokens and a tile of 8 rows), its operands converted from e4m3, with its sums and
-    weights in registers, and assembles without spills."""
+def test_mma_linear_kernel_ptx(dt, tiles, fp8, tmp_path):
+    """The few-token tensor-core kernel issues its mma's fully unrolled, a tile of 16 tokens and
+    a tile of 8 rows a step: FP8 four f16 mma's on operands converted from e4m3, 16-bit two dt
+    mma's on the words as loaded (nothing converted); its sums and weights in registers, and it
+    assembles without spills."""
     from weavelm.kernels import mma_linear as F
     u = F.unroll(tiles)
-    ptx = Kernel("t", lambda: F._build_kernel(dt, tiles, u), F.SIGNATURE,
+    ptx = Kernel("t", lambda: F._build_kernel(dt, tiles, u, False, fp8), F.SIGNATURE,
                  max_threads=32 * F.WARPS).ptx()
-    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == \
-        4 * tiles * F.ROW_TILES * u
-    for ins in ("ld.global.nc.L1::no_allocate.v4.u32", "cvt.rn.f16x2.e4m3x2", "atom.acq_rel.sys"):
-        assert ins in ptx, ins
-    assert ".local" not in ptx and "call" not in ptx
-    if PTXAS:
-        r = assemble(ptx, "sm_90a", tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert no_spills(r), r.stderr
-
-
-@pytest.mark.parametrize("dt,tiles", [("bf16", 1), ("f16", 2), ("bf16", 3), ("bf16", 4)])
-def test_16bit_mma_kernel_ptx(dt, tiles, tmp_path):
-    """The same kernel's 16-bit form: dt mma's on the loaded words (two a step, a tile of 16
-    tokens and a tile of 8 rows), nothing converted, no scales read; no spills."""
-    from weavelm.kernels import mma_linear as F
-    u = F.unroll(tiles)
-    ptx = Kernel("t", lambda: F._build_kernel(dt, tiles, u, False, False), F.SIGNATURE,
-                 max_threads=32 * F.WARPS).ptx()
-    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32") == \
-        2 * tiles * F.ROW_TILES * u
-    other = "f16" if dt == "bf16" else "bf16"
-    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{other}.{other}.f32" not in ptx
-    assert "e4m3" not in ptx
+    mma_dt, per_step = ("f16", 4) if fp8 else (dt, 2)
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
+    assert ptx.count(mma.format(mma_dt)) == per_step * tiles * F.ROW_TILES * u
+    assert mma.format("bf16" if mma_dt == "f16" else "f16") not in ptx
+    assert ("cvt.rn.f16x2.e4m3x2" in ptx) == fp8
     for ins in ("ld.global.nc.L1::no_allocate.v4.u32", "atom.acq_rel.sys"):
         assert ins in ptx, ins
     assert ".local" not in ptx and "call" not in ptx
