@@ -63,6 +63,10 @@ def test_linear_layer_takes_the_kernel_where_asked_and_replays_in_a_graph(monkey
     assert torch.equal(gate_up(x), torch.nn.functional.linear(x, gate_up.weight))  # 28,672 rows
     big = torch.randn(65, 4096, device="cuda", generator=g).bfloat16()              # 65 tokens
     assert torch.equal(o(big), torch.nn.functional.linear(big, o.weight))
+    monkeypatch.setattr(layers, "MMA_MIN_TOKENS", 17)
+    assert torch.equal(o(x[:16]), torch.nn.functional.linear(x[:16], o.weight))
+    assert torch.equal(o(x[:17]), M.mma_cuda(x[:17].contiguous(), o.weight))
+    monkeypatch.setattr(layers, "MMA_MIN_TOKENS", 1)
     # in a CUDA graph: the workspace and counters of the capture stream, back at 0 each replay
     static = x.clone()
     stream = torch.cuda.Stream()
