@@ -201,8 +201,8 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
         acc = cuda.local.array(n_acc, float32)
         wv = cuda.local.array(n_w, uint32)
         av = cuda.local.array(n_a, uint32)                # [step, token tile, 8 words]
-        hw = cuda.local.array(n_hw, uint32)               # a step's weights in f16 [tile, 8]
-        ha = cuda.local.array(8, uint32)                  # token row g's 16 bytes in f16
+        hw = cuda.local.array(n_hw, uint32)               # a step's weights as operands [tile, 8]
+        ha = cuda.local.array(8, uint32)                  # token row g's 16 bytes as operands
         hb = cuda.local.array(8, uint32)                  # and row g + 8's
         for i in range(n_acc):
             acc[i] = float32(0.0)
@@ -234,7 +234,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
                         av[o + 4], av[o + 5], av[o + 6], av[o + 7] = 0, 0, 0, 0
             for u in range(steps_ahead):
                 if s + u < s1:                            # the same for the whole CTA
-                    for j in range(ROW_TILES):            # weights to f16, once a step
+                    for j in range(ROW_TILES):            # weights to operands, once a step
                         o = (u * ROW_TILES + j) * 4
                         for q in range(4):
                             if fp8:
