@@ -10,11 +10,9 @@ linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 ther
 `--gemv-sweep` adds the FP8 GEMV alone at 1 and 4 tokens for each split of K (warps per row
 group), beside the activation rounding alone and the GEMV that rounds its input itself (what
 `fp8_linear` runs at 1 token), as fractions of the copy rate. `--mma-sweep` times the FP8
-tensor-core kernel (`kernels/mma_linear.py`, 5-64 tokens) against `_scaled_mm` at 8-64 tokens,
-at its default split of K and at each of 1, 2, 4, 8 slices; `--bf16-sweep` its 16-bit form
-(`mma_cuda`) against bf16 `F.linear` (cuBLAS) the same way, the two products' difference
-beside. `--knob MODULE.NAME=VALUE` sets a module constant first (benchmarks/knobs.py), e.g.
-kernels.mma_linear.UNROLL=2.
+tensor-core kernel (`kernels/fp8_mma.py`, 5-64 tokens) against `_scaled_mm` at 8-64 tokens, at
+its default split of K and at each of 1, 2, 4, 8 slices. `--knob MODULE.NAME=VALUE` sets a
+module constant first (benchmarks/knobs.py), e.g. kernels.fp8_mma.UNROLL=2.
 """
 from __future__ import annotations
 
@@ -44,8 +42,8 @@ def main():
     tokens = [int(t) for t in (sys.argv[sys.argv.index("--tokens") + 1]
                                if "--tokens" in sys.argv else "1,16,64,256,2048").split(",")]
     rate = copy_rate()
-    if "--mma-sweep" in sys.argv or "--bf16-sweep" in sys.argv:
-        mma_sweep(rate, bf16="--bf16-sweep" in sys.argv)
+    if "--mma-sweep" in sys.argv:
+        mma_sweep(rate)
         return
     print(f"## FP8 linear vs bf16, {torch.cuda.get_device_name()}, copy {rate / 1e12:.2f} TB/s; "
           f"µs per call (CUDA graph)\n")
@@ -99,50 +97,44 @@ def fast_accum(tokens):
             print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
 
 
-def mma_sweep(rate: float, bf16: bool = False):
-    from weavelm.kernels import mma_linear
+def mma_sweep(rate: float):
+    from weavelm.kernels import fp8_mma
     from weavelm.parallel.fp8 import quantize_rows
     splits = [1, 2, 4, 8]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    base, form = ("bf16 F.linear", "16-bit") if bf16 else ("_scaled_mm", "FP8")
-    print(f"## {form} tensor-core kernel against {base}, µs (fraction of the copy rate)\n")
-    print(f"| GEMM | tokens | {base} | mma_linear (default split) | " +
-          " | ".join(f"split {s}" for s in splits) + " | rel. diff |")
+    print("## FP8 tensor-core kernel against `_scaled_mm`, µs (fraction of the copy rate)\n")
+    print("| GEMM | tokens | _scaled_mm | fp8_mma (default split) | " +
+          " | ".join(f"split {s}" for s in splits) + " | max rel. diff |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in splits) + " | --- |")
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, (n, k) in SHAPES.items():
-        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
-        codes, scale = (w, None) if bf16 else quantize_rows(w)
-        nbytes = n * k * codes.element_size()
+        codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
+                                     .bfloat16())
         # copies of the weights cycled through, more bytes than L2 holds (reads from memory)
-        copies = [codes] + [codes.clone() for _ in range(-(-150_000_000 // nbytes) - 1)]
+        copies = [codes] + [codes.clone() for _ in range(-(-150_000_000 // (n * k)) - 1)]
         for m in (8, 16, 32, 64):
-            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
-            xq, xs = (x, None) if bf16 else quantize_rows(x)
+            xq, xs = quantize_rows(torch.randn(m, k, device="cuda", generator=g).bfloat16())
 
             def frac(t):
-                return f"{t:.1f} ({nbytes / rate / (t * 1e-6):.2f})"
+                return f"{t:.1f} ({n * k / rate / (t * 1e-6):.2f})"
 
             def cycled(f):
                 it = itertools.cycle(copies)
                 return graph_us(lambda: f(next(it)))
 
             def mm(c):
-                if bf16:
-                    return torch.nn.functional.linear(x, c)
                 return torch._scaled_mm(xq, c.t(), scale_a=xs[:, None],
                                         scale_b=scale[None, :], out_dtype=torch.bfloat16)
-
-            def kernel(c, sp=None):
-                if bf16:
-                    return mma_linear.mma_cuda(x, c, splits=sp)
-                return mma_linear.fp8_mma_cuda(xq, xs, c, scale, torch.bfloat16, splits=sp)
             ref = mm(codes).float()
-            diff = ((kernel(codes).float() - ref).norm() / ref.norm()).item()
-            cells = [frac(cycled(mm)), frac(cycled(kernel))
-                     + f" S={mma_linear.split_k(n, k * codes.element_size(), sms)}"]
+            got = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, torch.bfloat16).float()
+            diff = ((got - ref).norm() / ref.norm()).item()
+            cells = [frac(cycled(mm)),
+                     frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(xq, xs, c, scale,
+                                                                torch.bfloat16)))
+                     + f" S={fp8_mma.split_k(n, k, sms)}"]
             for sp in splits:
-                cells.append(frac(cycled(lambda c: kernel(c, sp))))
+                cells.append(frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(
+                    xq, xs, c, scale, torch.bfloat16, splits=sp))))
             print(f"| {name} | {m} | " + " | ".join(cells) + f" | {diff:.1e} |", flush=True)
 
 

@@ -15,7 +15,8 @@ cascade attention that reads a shared prefix once against the kernel reading eve
 tensor-core kernel against the lane kernel and the copy rate, batch 1-1024 (or --batches=1,16),
 context 128-32K; --trace, where the tensor-core kernel's time goes at small batches: its
 phases from the global timer each CTA writes (`paged_attention_mma.TRACE_PTR`; a profiler
-cannot split one call's CTAs' phases);
+cannot split the two kernels, whose spans under programmatic dependent launch each cover the
+wait for the other);
 --knob sets a module constant first (benchmarks/knobs.py), e.g.
 --knob=kernels.paged_attention_worklist.MIN_STEPS=4.
 """
@@ -125,18 +126,18 @@ def sweep(P, H, Hkv, D, bs):
 def trace(P, H, Hkv, D, bs):
     """The tensor-core kernel's timeline at small batches, one call outside a graph: each CTA
     writes the global timer (ns) at entry, after the wait for the kernel before, after its
-    plan, when its last segment's loop starts and ends, and at exit; a CTA that merged a
-    sequence's parts, at the merge's end. µs from the first CTA's entry: medians over the
-    CTAs with work, [max] where the last one decides."""
+    plan, when its last segment's loop starts and ends, and at exit; the
+    combine's CTAs at entry, after the wait and at exit. µs from the first CTA's entry:
+    medians over the CTAs with work, [max] where the last one decides."""
     from weavelm.kernels import paged_attention_mma as PM
-    T = PM.RESIDENT_MMA[D] * torch.cuda.get_device_properties(0).multi_processor_count
-    buf = torch.zeros(T * PM.TRACE_WORDS, dtype=torch.int32, device="cuda")
+    from weavelm.kernels import paged_attention_worklist as WL
+    buf = torch.zeros(2 * WL.COMBINE_TRACE, dtype=torch.int32, device="cuda")
     PM.TRACE_PTR = buf.data_ptr()
     print("\n## the tensor-core kernel's timeline (µs from the first CTA's entry; median "
           "[max])\n")
     print("| batch | context | entered | waited | planned | loop starts | loop ends | exit | "
-          "merged |")
-    print("|" + " --- |" * 9)
+          "combine entered | waited | exit |")
+    print("|" + " --- |" * 11)
     shapes = [(1, 2048, None), (16, 128, None), (16, 1024, None), (16, 2048, None),
               (16, 4096, None), (16, 0, serving_lengths(16)), (64, 1024, None),
               (64, 4096, None)]
@@ -147,16 +148,21 @@ def trace(P, H, Hkv, D, bs):
             buf.zero_()
             P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale, kernel="mma")
         torch.cuda.synchronize()
-        w = buf.cpu().numpy().astype("int64").reshape(-1, PM.TRACE_WORDS)[:, :7]
-        w = w[w[:, 0] != 0]
-        t0 = w[:, 0].min()
+        w = buf.cpu().numpy().astype("int64")
+        main = w[:WL.COMBINE_TRACE].reshape(-1, PM.TRACE_WORDS)[:, :6]
+        main = main[main[:, 0] != 0]
+        comb = w[WL.COMBINE_TRACE:].reshape(-1, 4)[:, :3]
+        comb = comb[comb[:, 0] != 0]
+        t0 = main[:, 0].min()
         rel = lambda x: ((x - t0) % (1 << 32)) / 1e3  # noqa: E731 (32-bit wrap)
-        busy = w[w[:, 2] != 0]                        # CTAs with work (planned)
+        busy = main[main[:, 2] != 0]                  # CTAs with work (planned)
         cells = []
-        for col, rows in ((0, w), (1, w), (2, busy), (3, busy), (4, busy), (5, w),
-                          (6, w[w[:, 6] != 0])):
+        for col, rows in ((0, main), (1, main), (2, busy), (3, busy), (4, busy), (5, main)):
             v = rel(rows[:, col])
-            cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(v.max()):.1f}]"
+            cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(v.max()):.1f}]")
+        for col in range(3):
+            v = rel(comb[comb[:, col] != 0][:, col]) if len(comb) else []
+            cells.append(f"{float(sorted(v)[len(v) // 2]):.1f} [{float(max(v)):.1f}]"
                          if len(v) else "-")
         print(f"| {B} | {ctx or 'log-normal'} | " + " | ".join(cells) + " |", flush=True)
         del q, kc, vc, tables, lens

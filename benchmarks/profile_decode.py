@@ -39,7 +39,7 @@ for q in quants:
     t = time.time()
     llm = LLM.from_weights(cfg, lambda m: fill_random(m, 0), tp=1, device="cuda",
                            dtype="bfloat16", max_model_len=1024, max_num_seqs=max(batches),
-                           num_kv_blocks=max(batches) * 18 + 64,     # 256 tokens a sequence
+                           num_kv_blocks=max(batches) * 40 + 64,
                            quantization=None if q == "bf16" else q)
     print(f"{q}: built in {time.time() - t:.1f} s", flush=True)
     runner = llm.runner

@@ -50,34 +50,6 @@ def test_paged_kernel_matches_reference(dtype, D, splits, kernel):
         torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("cost", [0, 3])
-def test_paged_mma_kernel_in_a_cuda_graph_merges_parts_on_every_replay(monkeypatch, cost):
-    """The tensor-core kernel captured in a CUDA graph and replayed with new lengths: the
-    sequences cut into parts are merged by their last CTA through counters that must be back
-    at 0 after every call (else a later replay merges before all parts are written); 40
-    sequences of random lengths, the work list's SEGMENT_COST 0 and 3."""
-    from weavelm.kernels import paged_attention as P
-    from weavelm.kernels import paged_attention_worklist as WL
-    monkeypatch.setattr(WL, "SEGMENT_COST", cost)
-    g = torch.Generator().manual_seed(cost)
-    B, D = 40, 128
-    lens = torch.randint(1, 3000, (B,), generator=g).tolist()
-    q, kc, vc, tables, lens_t = _case(B, 32, 8, D, 16, [3000] * B, torch.bfloat16, seed=7)
-    lens_t.copy_(torch.tensor(lens, dtype=torch.int32))
-    out = torch.empty_like(q)
-    P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, 0.1, out=out, kernel="mma")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, 0.1, out=out, kernel="mma")
-    for replay in range(4):
-        lens_t.copy_(torch.randint(1, 3000, (B,), generator=g, dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
-                                            0.1)
-        torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
-
-
 def test_graph_decode_equals_eager_decode(tmp_path):
     from weavelm import LLM, SamplingParams
     # head dim 32: the smallest the paged decode kernel (and so graph decode) takes in bf16
@@ -214,23 +186,21 @@ def test_programmatic_dependent_launch_gives_the_plain_launches_tokens(tmp_path,
     graphs and eager (a kernel reading before its wait would read its predecessor's half-written
     output)."""
     from weavelm import LLM, SamplingParams
-    from weavelm.kernels import (activation, fp8_gemv, fp8_quant, launcher, mma_linear,
+    from weavelm.kernels import (activation, fp8_gemv, fp8_mma, fp8_quant, launcher,
                                  paged_attention, rmsnorm, rope_cache)
-    from weavelm.parallel import layers
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     make_tiny("llama", tmp_path / "llama", seed=5, kv_heads=2, heads=4, hidden_size=256,
               intermediate_size=512)
     # six sequences: FP8 projections through the tensor-core kernel (5-16 tokens), the split-K
-    # counters included; at three and fewer, the GEMV; bf16 ones through its 16-bit form
-    monkeypatch.setattr(layers, "MMA_MAX_TOKENS", 64)
+    # counters included; at three and fewer, the GEMV
     prompts = [[1, 5, 9, 14, 20, 7, 7, 3, 44, 12, 90], [4, 8], [30 + i for i in range(37)],
                [2, 3], [60 + 2 * i for i in range(20)], [11, 12, 13, 14, 15]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=2)
     runs = {}
     for pdl in ("0", "1"):
         monkeypatch.setenv("WEAVELM_PDL", pdl)
-        for mod in (launcher, activation, fp8_gemv, mma_linear, fp8_quant, paged_attention,
+        for mod in (launcher, activation, fp8_gemv, fp8_mma, fp8_quant, paged_attention,
                     rmsnorm, rope_cache):     # plans built the other way must not be reused
             for name in ("_pdl", "_plans"):
                 if isinstance(getattr(mod, name, None), dict):

@@ -79,7 +79,7 @@ def test_mma_equals_the_dequantized_product():
     each split of K (one, the default, an uneven one), Llama-3-8B's shapes and odd ones; a
     second call gives the same bits (the split-K counters are back at 0); and `fp8_linear`
     takes it at 5-MMA_MAX_TOKENS tokens."""
-    from weavelm.kernels import mma_linear as fp8_mma
+    from weavelm.kernels import fp8_mma
     from weavelm.parallel import fp8
     g = torch.Generator(device="cuda").manual_seed(3)
     for n, k in ((6144, 4096), (4096, 14336), (28672, 4096), (8 * 37, 64 * 5)):
@@ -102,7 +102,7 @@ def test_mma_equals_the_dequantized_product():
 def test_mma_token_rows_do_not_depend_on_their_batch_mates():
     """A token's row of the product has the same bits at 5 tokens as at 64 (the split of K
     depends on the layer only; each tile's sums are the tensor cores' own)."""
-    from weavelm.kernels import mma_linear as fp8_mma
+    from weavelm.kernels import fp8_mma
     from weavelm.parallel import fp8
     g = torch.Generator(device="cuda").manual_seed(4)
     codes, scale = fp8.quantize_rows(torch.randn(4096, 14336, device="cuda", generator=g) * 0.02)

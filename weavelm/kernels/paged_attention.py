@@ -81,7 +81,7 @@ MAX_GROUP = 4                   # query heads per CTA: the group's keys are read
 CTAS_PER_SM = 4                 # split the keys until the grid has this many CTAs per SM
 # The tensor-core kernel from this batch on (the default where `mma_supported`). H100, bench_
 # paged_attention.py --sweep, µs lane / tensor-core kernel: batch 1 at 1K-4K keys 9.3-14.9 /
-# 14.5-16.4 (the work list's CTAs take a few steps each and the last merges up to T parts);
+# 14.5-16.4 (the work list's CTAs take a few steps each and the combine merges up to T parts);
 # batch 16 at 128 / 1K / 2K / 4K keys 13.1 / 36.6 / 70.4 / 132.8 against 11.7 / 32.8 / 55.3 /
 # 97.5; batch 64 and more faster at every length (benchmarks/RESULTS.md, eleventh session).
 MMA_MIN_BATCH = 16
@@ -219,7 +219,6 @@ def head_group(heads: int, kv_heads: int) -> int:
 
 
 _plans: dict = {}
-_counters: dict = {}      # the tensor-core kernel's (`stream_workspace`)
 
 
 def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, resident: int,
@@ -244,18 +243,21 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
 
 
 def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    least, cost, trace = WL.MIN_STEPS, WL.SEGMENT_COST, PM.TRACE_PTR  # (knobs: read when built)
-    key = ("mma", dt, D, group, kv8, least, cost, trace, device)
+    least, trace = WL.MIN_STEPS, PM.TRACE_PTR       # (knobs: read when built)
+    key = ("mma", dt, D, group, kv8, least, trace, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, cost, trace),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, trace),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
-                                                            trace, cost),
+                                                            trace),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
-        p = remember(_plans, key, main)
+        combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
+                                  lambda: WL._build_mma_combine(dt, D, group, pdl, trace),
+                                  WL.COMBINE_SIGNATURE, max_threads=32, pdl=pdl)
+        p = remember(_plans, key, (main, combine))
     return p
 
 
@@ -347,20 +349,18 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
                 k_scale, v_scale, kv8, ctas, index):
-    """The tensor-core kernel over its work list (paged_attention_mma.py), which also merges
+    """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
     the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
     group = PM.mma_group(H, Hkv, D)
     T = ctas or mma_ctas(H, group, D, index)
-    main = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
+    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)
-    from weavelm.kernels import launcher
-    n = B * (H // group)          # a counter a (sequence, head group), 0 between calls
-    counts = launcher.stream_workspace(
-        _counters, launcher.stream_key(q, index), lambda c: c.numel() >= n,
-        lambda: torch.zeros(max(n, 256), dtype=torch.int32, device=dev))
+    rec = torch.empty(B * 2, dtype=torch.int32, device=dev)
     main.launch(H // group * T, 32 * PM.WARPS, index, qp, kp, vp, tp, lp, stp, op, lsp,
-                part.data_ptr(), ml.data_ptr(), counts.data_ptr(), B, H, Hkv, M,
+                part.data_ptr(), ml.data_ptr(), rec.data_ptr(), B, H, Hkv, M,
                 bs.bit_length() - 1, T, window or 0, float(scale), float(k_scale),
                 float(v_scale))
+    combine.launch(H * B, 32, index, part.data_ptr(), ml.data_ptr(), rec.data_ptr(), op, lp,
+                   stp, lsp, B, H, T, window or 0)

@@ -30,9 +30,8 @@ Softmax: per head, a running max and sum in the log2 domain as the lane kernel's
 a row agree on the max with two shuffles. Masked keys (before the first visible one, past the
 end) get probability 0 and their values are zeroed, so stale cache contents (even NaN bits) never
 reach the output. At the end of a segment the CTA merges its warps in shared memory and writes
-the output (the sequence whole) or its part (m, l, unnormalised output), which the last CTA of
-the sequence to finish merges with the others (paged_attention_worklist.py): one kernel, no
-combine launched after it.
+the output (the sequence whole) or its part (m, l, unnormalised output) for the combine
+(paged_attention_worklist.py).
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bound
 # (worklist.mark_fn); 0 = off. Read when built.
 TRACE_PTR = 0
 TRACE_WORDS = 8                 # a CTA's marks: entry, waited, planned, last loop's start, its end,
-#                                 exit, and where it merged a sequence's parts the merge's end
+#                                 exit (the combine's: worklist.COMBINE_TRACE on)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"] * 3) + ")"
 
 cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
@@ -60,14 +59,13 @@ def mma_group(heads: int, kv_heads: int, head_dim: int) -> int:
 
 
 def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False,
-                      min_steps: int = 1, trace: int = 0, cost: int = 0):
+                      min_steps: int = 1, trace: int = 0):
     """The tensor-core decode kernel's Python function for one dtype, head dim and head group
     (not yet jitted). `kv8`: the cache holds FP8 (e4m3) with per-tensor scales: keys and
     values are converted to f16 as they are loaded (exact), the queries too (bf16 -> f16),
     and the mma's run on f16; the key scale goes into the scores' scale, the value scale into
-    the output. `min_steps`, `cost`: the work list's least share a CTA and what a sequence's
-    start is charged (paged_attention_worklist's MIN_STEPS, SEGMENT_COST); `trace`: TRACE_PTR
-    above."""
+    the output. `min_steps`: the work list's least share a CTA (paged_attention_worklist);
+    `trace`: TRACE_PTR above."""
     global cuda
     from numba import float32, int64, uint32
 
@@ -75,8 +73,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
-    from weavelm.kernels.paged_attention_worklist import (STEP, locate_fn, mark_fn, merge_fn,
-                                                          visible_fn)
+    from weavelm.kernels.paged_attention_worklist import STEP, mark_fn, visible_fn
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -107,18 +104,30 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
     n_kw, n_vw, n_acc = 2 * KW, 4 * VW, 4 * NT   # (local array sizes: constants, not sums)
 
     visible, mark = visible_fn(), mark_fn(trace)
-    locate, merge = locate_fn(threads, min_steps + cost, cost), merge_fn(D, group)
-    count, prefetch = ptx.atomic_add_acq_rel_sys_u32, ptx.prefetch_l2
+
+    def block_scan(x, sh, tid):
+        """Inclusive prefix sum of x over the CTA's threads (Hillis-Steele in shared memory;
+        the total is then sh[threads - 1]); every thread calls it."""
+        sh[tid] = x
+        cuda.syncthreads()
+        d = 1
+        while d < threads:
+            y = sh[tid - d] if tid >= d else int64(0)
+            cuda.syncthreads()
+            sh[tid] += y
+            cuda.syncthreads()
+            d *= 2
+        return sh[tid]
+
+    block_scan = device(block_scan)
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
-                                lse_ptr, part_ptr, ml_ptr, cnt_ptr, B, H, Hkv, M, bs_shift, T,
+                                lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
                                 window, scale, k_scale, v_scale):
         tid = cuda.threadIdx.x
         me_t = cuda.blockIdx.x * TRACE_WORDS   # (the CTA's trace words)
         if tid == 0:
             mark(me_t)
-        if tid < 4 and tid * 32 < B:         # the first lengths asked of L2 before the wait
-            prefetch(lens_ptr + tid * 128)   # (a prefetch reads no value)
         enter()
         if tid == 0:
             mark(me_t + 1)
@@ -130,13 +139,50 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         h0 = grp * group                     # the CTA's first query head
         kvh = h0 // (H // Hkv)
         sh = cuda.shared.array(threads, int64)
-        found = cuda.shared.array(3, int64)
-        used, total, lo, hi, b, pb = locate(lens_ptr, starts_ptr, window, B, T, me, sh, found,
-                                            tid)   # (pb: the units before sequence b)
-        if me >= used:                       # no work for this CTA
+        found = cuda.shared.array(2, int64)
+
+        # The work list: every sequence's steps laid end to end, cut into T equal ranges.
+        x = int64(0)
+        for b in range(tid, B, threads):
+            x += visible(lens_ptr, starts_ptr, window, b)[2]
+        block_scan(x, sh, tid)
+        total = sh[threads - 1]
+        if tid == 0:
+            found[0] = -1
+        cuda.syncthreads()
+        used = min(T, total // min_steps)    # CTAs with steps (each has at least one, so a
+        if used == 0 and total > 0:          # sequence's parts come from consecutive CTAs)
+            used = 1
+        if me >= used:
             if tid == 0:
                 mark(me_t + 5)
             return
+        lo = me * total // used
+        hi = (me + 1) * total // used
+        run = int64(0)                       # the sequence holding step lo, and its first step
+        base = int64(0)
+        if B <= threads:                     # the first scan serves: x = steps of sequence tid
+            if x > 0 and sh[tid] - x <= lo and lo < sh[tid]:
+                found[0] = tid
+                found[1] = sh[tid] - x
+            cuda.syncthreads()
+            base = B
+        while base < B:
+            n = int64(0)
+            if base + tid < B:
+                n = visible(lens_ptr, starts_ptr, window, base + tid)[2]
+            incl = block_scan(n, sh, tid)
+            before = run + incl - n
+            if n > 0 and before <= lo and lo < before + n:
+                found[0] = base + tid
+                found[1] = before
+            run += sh[threads - 1]
+            cuda.syncthreads()
+            if found[0] >= 0:
+                break
+            base += threads
+        b = found[0]
+        pb = found[1]                        # steps before sequence b
         if tid == 0:
             mark(me_t + 2)
 
@@ -165,10 +211,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
             if steps == 0:
                 b += 1
                 continue
-            st0 = max(pos - pb - cost, 0)     # the sequence's steps [st0, st1) are this CTA's
-            st1 = min(steps, hi - pb - cost)
-            if st1 <= 0:                      # the range ends in the units leading b's steps
-                break
+            st0 = pos - pb                    # the sequence's steps [st0, st1) are this CTA's
+            st1 = min(steps, hi - pb)
             start = first - (first & (STEP - 1))
             iters = (st1 - st0 + WARPS - 1) // WARPS
             for i in range(KW // 4):         # the sequence's queries of the group
@@ -322,7 +366,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                     total_l += ml_sh[wp, i, 1] * f
                     for e in range(8):
                         o8[e] += acc_sh[wp, i, 8 * ((8 * v + e) % NT) + (8 * v + e) // NT] * f
-                for e in range(8):            # the values' scale (the merge is linear)
+                for e in range(8):            # the values' scale (the combine is linear)
                     o8[e] *= vs
                 h = h0 + i
                 if whole:
@@ -340,36 +384,13 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                     if v == 0:
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
-            if not whole:                     # count the part; the last of b's merges them
-                cuda.threadfence()
-                cuda.syncthreads()
-                if tid == 0:
-                    first_cta = ((pb + cost + 1) * used - 1) // total
-                    n = ((pb + cost + steps) * used - 1) // total - first_cta + 1
-                    old = count(cnt_ptr + (b * groups + grp) * 4, 1)
-                    found[0] = int64(old) - n + 1     # 0 for the last
-                    found[1] = first_cta
-                    found[2] = n
-                cuda.syncthreads()
-                if found[0] == 0:
-                    cuda.threadfence()
-                    r0 = (grp * (T + B) + found[1] + b) * group
-                    for u in range(tid, OUTV, threads):
-                        i = u // (D // 8)
-                        v = u % (D // 8)
-                        mx, total_l = merge(part_ptr, ml_ptr, r0 + i, found[2], v, o8)
-                        store(out_ptr + (b * H + h0 + i) * q_row + 16 * v,
-                              pack2(o8[0], o8[1]), pack2(o8[2], o8[3]),
-                              pack2(o8[4], o8[5]), pack2(o8[6], o8[7]))
-                        if lse_ptr != 0 and v == 0:
-                            store_u32(lse_ptr + (b * H + h0 + i) * 4,
-                                      as_u32((mx + math.log2(total_l)) * float32(LN2)))
-                    if tid == 0:
-                        store_u32(cnt_ptr + (b * groups + grp) * 4, uint32(0))
-                        mark(me_t + 6)
+            if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
+                last = ((pb + steps) * used - 1) // total   # the CTA holding the last step
+                store_u32(rec_ptr + b * 8, uint32(me))
+                store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
             cuda.syncthreads()                # (shared memory is reused by the next segment)
-            pos = pb + cost + st1
-            pb += steps + cost
+            pos = pb + st1
+            pb += steps
             b += 1
         if tid == 0:
             mark(me_t + 5)

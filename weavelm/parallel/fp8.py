@@ -13,7 +13,7 @@ activations' dtype (the fused communicator and the weave keep bf16 activations).
 Where: on CUDA GPUs of compute capability 8.9 and up, `torch._scaled_mm` (cuBLASLt, FP8 tensor
 cores) with row-wise scales; for up to 4 tokens (decode) weavelm's FP8 GEMV
 (`kernels/fp8_gemv.py`) and for 5 to MMA_MAX_TOKENS its FP8 tensor-core kernel
-(`kernels/mma_linear.py`), all fed by one-pass activation rounding (`kernels/fp8_quant.py`);
+(`kernels/fp8_mma.py`), all fed by one-pass activation rounding (`kernels/fp8_quant.py`);
 elsewhere (CPU, older GPUs) the same rounding of x, then both
 operands dequantized to fp32 for the matmul: the numbers the GPU path computes, up to the order
 of the fp32 sums, so CPU tests cover loading, sharding and scales.
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from weavelm.errors import check
-from weavelm.kernels import fp8_gemv, fp8_quant, mma_linear
+from weavelm.kernels import fp8_gemv, fp8_mma, fp8_quant
 from weavelm.kernels.activation import silu_and_mul
 from weavelm.kernels.common import FP8, FP8_MAX, to_e4m3
 
@@ -232,9 +232,9 @@ def _scaled_mm_ok(x: torch.Tensor, codes: torch.Tensor, dtype=None) -> bool:
 # the exact product of the rounded operands 2-3e-3 instead of 1.7e-3 (rounding the operands
 # costs 3.7%); below ~256 tokens it is no faster (bench_fp8_linear.py --gemv-sweep).
 FAST_ACCUM_TOKENS = 256
-# Up to this many tokens `mma_linear.fp8_mma_cuda` rather than `_scaled_mm` (0: never). H100,
-# decode GPU ms a step with / without it: batch 8 5.49 / 5.87, 16 5.70 / 5.92, 32 6.70 / 6.12
-# (RESULTS.md, FP8 tensor-core kernel): past 16 tokens cuBLASLt's Hopper kernels win.
+# Up to this many tokens `fp8_mma` rather than `_scaled_mm` (0: never). H100, decode GPU ms a
+# step with / without it: batch 8 5.49 / 5.87, 16 5.70 / 5.92, 32 6.70 / 6.12 (RESULTS.md, FP8
+# tensor-core kernel): past 16 tokens cuBLASLt's Hopper kernels win.
 MMA_MAX_TOKENS = 16
 
 
@@ -287,8 +287,8 @@ def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
         xq, xs = (x2, x.scale.reshape(-1)) if rounded else quantize_rows(x2)
         if fast and fp8_gemv.supported(xq, codes, dtype):  # 1-4 tokens
             y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, dtype)
-        elif fast and xq.shape[0] <= MMA_MAX_TOKENS and mma_linear.supported(xq, codes, dtype):
-            y = mma_linear.fp8_mma_cuda(xq, xs, codes, scale, dtype)
+        elif fast and xq.shape[0] <= MMA_MAX_TOKENS and fp8_mma.supported(xq, codes, dtype):
+            y = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, dtype)
         elif fast and xq.shape[0] > 0:
             y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
                                  out_dtype=dtype,

@@ -21,22 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weavelm.kernels import mma_linear
 from weavelm.parallel.communicator import Communicator
 from weavelm.parallel.fp8 import (
     FP8, block_grid, building_quantization, check_codes, dequantize_blocks, fp8_linear,
     quantize_rows, store_block_scales, store_row_scales,
 )
 from weavelm.parallel.state import divide, get_state
-
-# 16-bit layers of at most MMA_MAX_ROWS rows (this rank's) take MMA_MIN_TOKENS to
-# MMA_MAX_TOKENS tokens through the few-token tensor-core kernel (`kernels/mma_linear.py`)
-# instead of cuBLAS, which reads the narrow layers below the copy rate there (H100, 64 tokens: o
-# 18.7 µs against 11.2 at the copy rate, RESULTS.md). MAX 0: never -- not yet measured against
-# cuBLAS on a GPU (`benchmarks/bench_decode.py --knob parallel.layers.MMA_MAX_TOKENS=64`).
-MMA_MIN_TOKENS = 1
-MMA_MAX_TOKENS = 0
-MMA_MAX_ROWS = 8192
 
 
 # -- reading a shard out of a checkpoint tensor -------------------------------------------------
@@ -176,11 +166,6 @@ class _Linear(TPLayer):
     def _matmul(self, x, bias=None, out=None):
         if self.weight_scale is not None:
             return fp8_linear(x, self.weight, self.weight_scale, bias, out=out)
-        if (x.is_cuda and x.dim() == 2 and MMA_MIN_TOKENS <= x.shape[0] <= MMA_MAX_TOKENS
-                and self.weight.shape[0] <= MMA_MAX_ROWS and mma_linear.supported_16(x, self.weight)
-                and (out is None or out.is_contiguous())):
-            y = mma_linear.mma_cuda(x, self.weight, out=out)
-            return y if bias is None else y.add_(bias)
         if out is not None:
             y = torch.matmul(x, self.weight.t(), out=out)
             return y if bias is None else y.add_(bias)

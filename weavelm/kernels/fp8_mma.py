@@ -1,35 +1,30 @@
-"""Tensor-core products for a few tokens (decode at batch 5-64), where a linear layer is bound
-by reading its weights: FP8 codes or 16-bit weights.
+"""FP8 tensor-core products for 5-16 tokens (decode at batch 5-16): y = (xq * xs) (codes * ws)^T.
+
+The contract of `fp8_gemv.fp8_gemv_cuda`, for more tokens:
 
     y = fp8_mma_cuda(xq, xs, codes, ws, dtype)      # [M, N] in dtype (bf16 / fp16), M <= 64
-    y = mma_cuda(x, w)                              # x [M, K], w [N, K] bf16 / fp16: x w^T
 
-FP8 (the contract of `fp8_gemv.fp8_gemv_cuda`, for more tokens): xq [M, K] and codes [N, K]
-float8_e4m3fn, xs [M] and ws [N] float32; y = (xq * xs) (codes * ws)^T, products summed in fp32
-by the tensor cores, scaled once, rounded once: `torch._scaled_mm`'s numbers with row-wise
-scales, up to the order of the fp32 sums. 16-bit: F.linear's product, summed in fp32, rounded
-once. Either way a token's row does not depend on the other tokens.
+xq [M, K] and codes [N, K] float8_e4m3fn, xs [M] and ws [N] float32; products summed in fp32 by
+the tensor cores, scaled once, rounded once: `torch._scaled_mm`'s numbers with row-wise scales,
+up to the order of the fp32 sums. A token's row does not depend on the other tokens.
 
-Why: cuBLAS(Lt) reads the narrow layers well below the copy rate at a few tokens. FP8 (H100,
-8-16 tokens): down 45-47 µs where this kernel takes 35-36; decode at batch 8 / 16 5.87 / 5.92 ->
-5.49 / 5.70 ms a step (benchmarks/RESULTS.md, FP8 tensor-core kernel); from 32 tokens
-cuBLASLt's Hopper kernels (wgmma, native FP8) win: `parallel.fp8.MMA_MAX_TOKENS` is where the
-switch is. bf16 at 64 tokens (H100, µs a GEMM against the weights at the copy rate): qkv 21.5
-against 16.8, o 18.7 against 11.2, down 46.4 against 39.2 (RESULTS.md, batch 64):
-`parallel.layers.MMA_MAX_TOKENS` says where `mma_cuda` serves instead.
+Why: at a few tokens a linear layer is bound by reading its weights, and cuBLASLt's row-wise
+FP8 GEMM reads the narrow ones well below the copy rate there (H100, 8-16 tokens: down
+45-47 µs where this kernel takes 35-36; decode at batch 8 / 16 5.87 / 5.92 -> 5.49 / 5.70 ms a
+step; benchmarks/RESULTS.md, FP8 tensor-core kernel). From 32 tokens cuBLASLt's Hopper kernels
+(wgmma, native FP8) win: `parallel.fp8.MMA_MAX_TOKENS` is where the switch is.
 
-How: `mma.sync.m16n8k16`. FP8: on f16 operands converted from e4m3 in registers (exact). On
-sm_90 an e4m3 `mma.sync` is itself an f16 mma after the same conversions (its SASS: F2FP unpacks
-+ HMMA.16816), so writing them out costs nothing and lets each operand be converted once per
-step instead of once per use. 16-bit: on the loaded words as they are. A warp owns 32 rows of
-the weights (four tiles of 8) and a slice of K, and walks it in 64-byte steps: each lane loads
-16 bytes of each of its 4 rows (`ld.global.nc.L1::no_allocate`) and 16 bytes of each token row
-it needs (through L1, which the CTA's warps share), all for UNROLL steps before the first mma.
-Lane t's 16 bytes are consecutive in memory where the fragments want k = 2t, 2t + 1 and 8 + 2t,
-9 + 2t; a sum does not care about the order of its terms, so both operands take the same
-permutation of k: a step per tile of 16 tokens x 8 rows is four mma's of FP8 (64 values of k)
-or two of 16-bit (32). FP8's token conversions are what grows with M (each warp converts every
-token row), which is why that form stops paying at 32 tokens; the 16-bit form converts nothing.
+How: `mma.sync.m16n8k16` on f16 operands converted from e4m3 in registers (exact). On sm_90
+an e4m3 `mma.sync` is itself an f16 mma after the same conversions (its SASS: F2FP unpacks +
+HMMA.16816), so writing them out costs nothing and lets each operand be converted once per step
+instead of once per use. A warp owns 32 rows of `codes` (four tiles of 8) and a slice of K, and
+walks it in 64-byte steps: each lane loads 16 bytes of each of its 4 rows
+(`ld.global.nc.L1::no_allocate`) and 16 bytes of each token row it needs (through L1, which the
+CTA's warps share), all for UNROLL steps before the first mma. Lane t's 16 bytes are
+consecutive in memory where the fragments want k = 2t, 2t + 1 and 8 + 2t, 9 + 2t; a sum does
+not care about the order of its terms, so both operands take the same permutation of k: four
+mma's a step per tile of 16 tokens x 8 rows. The tokens' conversions are what grows with M
+(each warp converts every token row), which is why the kernel stops paying at 32 tokens.
 
 Split K: a layer of few rows (o and down of Llama-3-8B: 4,096 rows = 128 warps) leaves too few
 weight loads in flight, so `split_k` cuts K into S slices until the grid has WARPS_PER_SM warps
@@ -60,61 +55,41 @@ _work: dict = {}                # (a plain dict, never emptied: captured graphs 
 
 
 def supported(xq: torch.Tensor, codes: torch.Tensor, dtype) -> bool:
-    """FP8: xq and codes e4m3, the product in dtype."""
     M, K = xq.shape
     N = codes.shape[0]
     return (1 <= M <= MAX_TOKENS and K % STEP == 0 and N % 8 == 0 and dtype in DTYPES
             and dtype != torch.float32 and xq.is_contiguous() and codes.is_contiguous())
 
 
-def supported_16(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """16-bit: x [M, K] and w [N, K] of one dtype, bf16 or fp16."""
-    if x.dim() != 2 or w.dim() != 2 or x.dtype != w.dtype:
-        return False
-    M, K = x.shape
-    return (1 <= M <= MAX_TOKENS and K == w.shape[1] and (2 * K) % STEP == 0
-            and w.shape[0] % 8 == 0 and x.dtype in (torch.bfloat16, torch.float16)
-            and x.is_contiguous() and w.is_contiguous())
-
-
 def unroll(tiles: int) -> int:
     return UNROLL if tiles <= 2 else UNROLL_WIDE
 
 
-def split_k(N: int, row_bytes: int, sms: int) -> int:
+def split_k(N: int, K: int, sms: int) -> int:
     """K slices: enough that the grid has WARPS_PER_SM warps an SM (at most MAX_SPLIT, and
     at least UNROLL steps a slice). Of the layer's shape only, never of the tokens: a token's
     row then has the same sums at any batch size."""
     warps = -(-N // WARP_ROWS)
     s = -(-sms * WARPS_PER_SM // warps)
-    return max(1, min(s, MAX_SPLIT, row_bytes // (STEP * UNROLL)))
+    return max(1, min(s, MAX_SPLIT, K // (STEP * UNROLL)))
 
 
 def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) -> torch.Tensor:
-    """FP8 launcher (contract in the module doc; `supported` must hold; `splits` overrides
+    """Launcher (contract in the module doc; `supported` must hold; `splits` overrides
     `split_k`)."""
-    return _launch(xq, codes, dtype, True, xs.data_ptr(), ws.data_ptr(), out, splits)
-
-
-def mma_cuda(x, w, out=None, splits: int | None = None) -> torch.Tensor:
-    """16-bit launcher: x w^T (contract in the module doc; `supported_16` must hold)."""
-    return _launch(x, w, x.dtype, False, 0, 0, out, splits)
-
-
-def _launch(x, w, dtype, fp8: bool, xs_ptr: int, ws_ptr: int, out, splits) -> torch.Tensor:
-    M, K = x.shape
-    N = w.shape[0]
+    M, K = xq.shape
+    N = codes.shape[0]
     if out is None:
-        out = torch.empty(M, N, dtype=dtype, device=x.device)
-    dev = max(x.get_device(), 0)               # CPU (-1) only under the simulator
-    S = splits or split_k(N, K * w.element_size(), sm_count(dev))
+        out = torch.empty(M, N, dtype=dtype, device=xq.device)
+    dev = max(xq.get_device(), 0)              # CPU (-1) only under the simulator
+    S = splits or split_k(N, K, sm_count(dev))
     tiles = -(-M // 16)
-    kern = _plan(DTYPES[dtype], tiles, dev, fp8)
+    kern = _plan(DTYPES[dtype], tiles, dev)
     from weavelm.kernels import launcher
-    work, counts = _workspace(N, S, launcher.stream_key(x, dev))
+    work, counts = _workspace(N, S, launcher.stream_key(xq, dev))
     grid = -(-N // (WARP_ROWS * WARPS)) * S
-    kern.launch(grid, 32 * WARPS, dev, x.data_ptr(), xs_ptr, w.data_ptr(), ws_ptr,
-                out.data_ptr(), work.data_ptr(), counts.data_ptr(), M, N, K, S)
+    kern.launch(grid, 32 * WARPS, dev, xq.data_ptr(), xs.data_ptr(), codes.data_ptr(),
+                ws.data_ptr(), out.data_ptr(), work.data_ptr(), counts.data_ptr(), M, N, K, S)
     return out
 
 
@@ -130,24 +105,22 @@ def _workspace(N: int, S: int, key: tuple):
                  torch.zeros(groups, dtype=torch.int32, device=device)))
 
 
-def _plan(dt: str, tiles: int, device: int, fp8: bool = True):
-    key = (dt, tiles, device, fp8)
+def _plan(dt: str, tiles: int, device: int):
+    key = (dt, tiles, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl, u = launcher.pdl_enabled(device), unroll(tiles)
         p = remember(_plans, key, launcher.kernel(
-            ("mma_linear", dt, tiles, u, fp8), lambda: _build_kernel(dt, tiles, u, pdl, fp8),
-            SIGNATURE, max_threads=32 * WARPS, pdl=pdl))
+            ("fp8_mma", dt, tiles, u), lambda: _build_kernel(dt, tiles, u, pdl), SIGNATURE,
+            max_threads=32 * WARPS, pdl=pdl))
     return p
 
 
 cuda = None  # numba.cuda, bound by the builders: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8: bool = True):
-    """dt: the activations' and the product's dtype; fp8: weights and activations e4m3 codes
-    with row scales (else both in dt). K is counted in elements; addresses in bytes."""
+def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False):
     global cuda
     from numba import float32, int32, uint32
 
@@ -155,7 +128,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
     from weavelm.kernels._numba_compat import numba_cuda
     from weavelm.kernels.common import pdl_entry, warp_mma_fn
 
-    mma = warp_mma_fn("f16" if fp8 else dt)
+    mma = warp_mma_fn("f16")
     cuda = numba_cuda()
     enter = pdl_entry(pdl)
     simulator = ptx.SIMULATOR
@@ -166,8 +139,6 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
     count = ptx.atomic_add_acq_rel_sys_u32
     to_f16 = ptx.e4m3x4_to_f16x2
     prefetch = ptx.prefetch_l2
-    size = 1 if fp8 else 2                                # bytes an element
-    mmas = 4 if fp8 else 2                                # mma's a step, a tile of tokens x rows
     n_acc = tiles * ROW_TILES * 4                         # [token tile, row tile, 4]
     n_a = steps_ahead * tiles * 8                         # [step, token tile, rows g, g+8]
     n_hw = ROW_TILES * 8
@@ -176,7 +147,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
     n_cd = 32 * WARPS * 4 if simulator else 1
     early = EARLY_STEPS if pdl else 0
 
-    def mma_linear_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, work_ptr, cnt_ptr, M, N, K, S):
+    def fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, work_ptr, cnt_ptr, M, N, K, S):
         tid = cuda.threadIdx.x
         lane, wid = tid & 31, tid >> 5
         g, t = lane >> 2, lane & 3
@@ -184,8 +155,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
         ks = cuda.blockIdx.x // ctas_n                    # this CTA's slice of K
         rg = (cuda.blockIdx.x % ctas_n) * WARPS + wid      # this warp's group of 32 rows
         r0 = rg * WARP_ROWS
-        rb = K * size                                     # bytes a row
-        steps = rb // STEP
+        steps = K // STEP
         s0, s1 = ks * steps // S, (ks + 1) * steps // S
         if early > 0:                                     # the first weights, to L2
             for j in range(ROW_TILES):
@@ -193,7 +163,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
                 if row < N:
                     for e in range(early):
                         if s0 + e < s1:
-                            prefetch(w_ptr + row * rb + (s0 + e) * STEP + t * 16)
+                            prefetch(w_ptr + row * K + (s0 + e) * STEP + t * 16)
         enter()
         frag = cuda.shared.array(n_frag, uint32)          # simulator: the lanes' fragments
         cd = cuda.shared.array(n_cd, float32)             # simulator: their sums
@@ -201,8 +171,8 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
         acc = cuda.local.array(n_acc, float32)
         wv = cuda.local.array(n_w, uint32)
         av = cuda.local.array(n_a, uint32)                # [step, token tile, 8 words]
-        hw = cuda.local.array(n_hw, uint32)               # a step's weights as operands [tile, 8]
-        ha = cuda.local.array(8, uint32)                  # token row g's 16 bytes as operands
+        hw = cuda.local.array(n_hw, uint32)               # a step's weights in f16 [tile, 8]
+        ha = cuda.local.array(8, uint32)                  # token row g's 16 bytes in f16
         hb = cuda.local.array(8, uint32)                  # and row g + 8's
         for i in range(n_acc):
             acc[i] = float32(0.0)
@@ -213,7 +183,7 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
                     row = r0 + j * 8 + g
                     o = (u * ROW_TILES + j) * 4
                     if s + u < s1 and row < N:
-                        w = load_w(w_ptr + row * rb + (s + u) * STEP + t * 16)
+                        w = load_w(w_ptr + row * K + (s + u) * STEP + t * 16)
                         wv[o], wv[o + 1], wv[o + 2], wv[o + 3] = w[0], w[1], w[2], w[3]
                     else:
                         wv[o], wv[o + 1], wv[o + 2], wv[o + 3] = 0, 0, 0, 0
@@ -223,45 +193,39 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
                     kb = (s + u) * STEP + t * 16
                     m = mt * 16 + g
                     if s + u < s1 and m < M:
-                        x = load_x(xq_ptr + m * rb + kb)
+                        x = load_x(xq_ptr + m * K + kb)
                         av[o], av[o + 1], av[o + 2], av[o + 3] = x[0], x[1], x[2], x[3]
                     else:
                         av[o], av[o + 1], av[o + 2], av[o + 3] = 0, 0, 0, 0
                     if s + u < s1 and m + 8 < M:
-                        x = load_x(xq_ptr + (m + 8) * rb + kb)
+                        x = load_x(xq_ptr + (m + 8) * K + kb)
                         av[o + 4], av[o + 5], av[o + 6], av[o + 7] = x[0], x[1], x[2], x[3]
                     else:
                         av[o + 4], av[o + 5], av[o + 6], av[o + 7] = 0, 0, 0, 0
             for u in range(steps_ahead):
                 if s + u < s1:                            # the same for the whole CTA
-                    for j in range(ROW_TILES):            # weights to operands, once a step
+                    for j in range(ROW_TILES):            # weights to f16, once a step
                         o = (u * ROW_TILES + j) * 4
                         for q in range(4):
-                            if fp8:
-                                hw[j * 8 + 2 * q], hw[j * 8 + 2 * q + 1] = to_f16(wv[o + q])
-                            else:
-                                hw[j * 8 + q] = wv[o + q]
+                            hw[j * 8 + 2 * q], hw[j * 8 + 2 * q + 1] = to_f16(wv[o + q])
                     for mt in range(tiles):
                         x = (u * tiles + mt) * 8          # av[x..x+3]: token row g, x+4..: g+8
                         for q in range(4):
-                            if fp8:
-                                ha[2 * q], ha[2 * q + 1] = to_f16(av[x + q])
-                                hb[2 * q], hb[2 * q + 1] = to_f16(av[x + 4 + q])
-                            else:
-                                ha[q], hb[q] = av[x + q], av[x + 4 + q]
+                            ha[2 * q], ha[2 * q + 1] = to_f16(av[x + q])
+                            hb[2 * q], hb[2 * q + 1] = to_f16(av[x + 4 + q])
                         for j in range(ROW_TILES):
                             a = (mt * ROW_TILES + j) * 4
                             c0, c1, c2, c3 = acc[a], acc[a + 1], acc[a + 2], acc[a + 3]
-                            # mma i takes the lane's words 2i as k = 2t, 2t + 1 and 2i + 1 as
-                            # k = 8 + 2t, 9 + 2t (rows g, g + 8 alike; FP8 words after the
-                            # conversion: bytes 4i, 4i + 1 and 4i + 2, 4i + 3)
-                            for i in range(mmas):
+                            # mma i takes the lane's bytes 4i, 4i + 1 as k = 2t, 2t + 1 and
+                            # 4i + 2, 4i + 3 as k = 8 + 2t, 9 + 2t (rows g, g + 8 alike)
+                            for i in range(4):
                                 c0, c1, c2, c3 = mma(ha[2 * i], hb[2 * i], ha[2 * i + 1],
                                                      hb[2 * i + 1], hw[j * 8 + 2 * i],
                                                      hw[j * 8 + 2 * i + 1], c0, c1, c2, c3,
                                                      frag, cd, tid)
                             acc[a], acc[a + 1], acc[a + 2], acc[a + 3] = c0, c1, c2, c3
             s += steps_ahead
+
         # acc[(mt, j, i)]: token mt * 16 + g + 8 * (i >> 1), row r0 + 8j + 2t + (i & 1)
         last = True
         if S > 1:
@@ -307,21 +271,16 @@ def _build_kernel(dt: str, tiles: int, steps_ahead: int, pdl: bool = False, fp8:
             for j in range(ROW_TILES):
                 n = r0 + j * 8 + 2 * t
                 if n < N:
-                    w0, w1 = float32(1.0), float32(1.0)
-                    if fp8:
-                        w0 = as_f32(load_u32(ws_ptr + n * 4))
-                        w1 = as_f32(load_u32(ws_ptr + n * 4 + 4))
+                    w0 = as_f32(load_u32(ws_ptr + n * 4))
+                    w1 = as_f32(load_u32(ws_ptr + n * 4 + 4))
                     for mt in range(tiles):
                         for h in range(2):
                             m = mt * 16 + g + 8 * h
                             if m < M:
+                                sx = as_f32(load_u32(xs_ptr + m * 4))
                                 a = (mt * ROW_TILES + j) * 4 + 2 * h
-                                if fp8:
-                                    sx = as_f32(load_u32(xs_ptr + m * 4))
-                                    store_u32(y_ptr + (m * N + n) * 2,
-                                              pack2(acc[a] * sx * w0, acc[a + 1] * sx * w1))
-                                else:
-                                    store_u32(y_ptr + (m * N + n) * 2, pack2(acc[a], acc[a + 1]))
+                                store_u32(y_ptr + (m * N + n) * 2,
+                                          pack2(acc[a] * sx * w0, acc[a + 1] * sx * w1))
 
-    mma_linear_kernel.__name__ = f"mma_{'fp8' if fp8 else 'w16'}_{dt}_t{tiles}_u{steps_ahead}"
-    return mma_linear_kernel
+    fp8_mma_kernel.__name__ = f"fp8_mma_{dt}_t{tiles}_u{steps_ahead}"
+    return fp8_mma_kernel
