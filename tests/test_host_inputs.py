@@ -1,6 +1,7 @@
 """Decode-graph staging that rewrites only the rows that changed (`StagedTables`) fills the same
 rows and tables as a fill from scratch, over steps where sequences grow block by block, get new
-block lists (preemption), leave and join, and the graph size changes."""
+block lists (preemption), leave and join, and the graph size changes; rows past a step's
+pieces are padded rows to the buffer's end."""
 import random
 from dataclasses import dataclass
 
@@ -47,3 +48,18 @@ def test_staged_fill_equals_a_fill_from_scratch():
         assert np.array_equal(tab_a[:G * wa], tab_b[:G * wb]), step
         partial += staged.shape == (G, wa)
     assert partial > 200                   # the staged path ran on most steps
+
+
+def test_rows_past_the_pieces_are_padded_to_the_buffers_end():
+    """A step of 40 rows (placeholders -1 among its ids: tokens the device fills in) and then one
+    of 5 in a graph of 8: every row from 5 on is token 0 at position 0 in the scratch block --
+    what the runner copies to the device is valid input for any larger graph too."""
+    bs, G_max, M = 4, 64, 16
+    rows, tables = np.full((3, G_max), 7, np.int64), np.zeros(G_max * M, np.int32)
+    big = [Piece([-1 if i % 3 else i], 1 + i % 10, [i + 1, i + 2, i + 3]) for i in range(40)]
+    stage_decode_rows(big, bs, rows, tables, 64, StagedTables())
+    assert (rows[0, :40] == -1).any() and not rows[:, 40:].any()
+    small = [Piece([i + 1], 2, [i + 1]) for i in range(5)]
+    stage_decode_rows(small, bs, rows, tables, 8, StagedTables())
+    assert rows[0, :5].tolist() == [1, 2, 3, 4, 5]
+    assert not rows[:, 5:].any()

@@ -46,7 +46,9 @@ def stage_decode_rows(pieces, block_size: int, rows: np.ndarray,
     start_pos, blocks) padded to G rows: rows[0:3, :G] = token
     ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
     scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
-    blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
+    blocks). Every row past the pieces is a padded one, to the buffer's end: the runner copies
+    all of `rows` to the device, and an earlier, larger step's rows there (a placeholder id -1
+    among them) would be garbage to a larger graph replayed on these inputs. Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
     decode step on a 2-core host. `staged`: what this buffer held after its last fill (kept
     up to date here); only changed rows are written where the layout is the same."""
     B = len(pieces)
@@ -80,5 +82,5 @@ def stage_decode_rows(pieces, block_size: int, rows: np.ndarray,
     rows[1, :B] = pos
     rows[2, :B] = t[np.arange(B), pos // block_size].astype(np.int64) * block_size \
         + pos % block_size
-    rows[:, B:G] = 0
+    rows[:, B:] = 0
     return width
