@@ -35,9 +35,9 @@ knobs.apply(sys.argv[3:])
 cfg = shape_config("llama3-8b", None)
 cfg["max_position_embeddings"] = 8192
 cfg.pop("rope_scaling", None)
+length = 128 + 128 + 8                  # as bench_decode sizes it: 1,024 sequences fit an H100
 for q in quants:
     t = time.time()
-    length = 128 + 128 + 8              # as bench_decode sizes it: 1,024 sequences fit an H100
     llm = LLM.from_weights(cfg, lambda m: fill_random(m, 0), tp=1, device="cuda",
                            dtype="bfloat16", max_model_len=length, max_num_seqs=max(batches),
                            num_kv_blocks=max(batches) * -(-length // 16) + 64,

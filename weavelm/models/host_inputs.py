@@ -43,12 +43,12 @@ class StagedTables:
 def stage_decode_rows(pieces, block_size: int, rows: np.ndarray,
                       tables: np.ndarray, G: int, staged: StagedTables | None = None) -> int:
     """Fill a decode graph's host staging for `pieces` (the runner's `StepPiece`s: token_ids,
-    start_pos, blocks) padded to G rows: rows[0:3, :G] = token
-    ids, positions, cache slots (a padded row is token 0 at position 0, its one key in the
-    scratch block 0), tables[:G * width] = the block tables as [G, width] (zeros past a row's
-    blocks). Every row past the pieces is a padded one, to the buffer's end: the runner copies
-    all of `rows` to the device, and an earlier, larger step's rows there (a placeholder id -1
-    among them) would be garbage to a larger graph replayed on these inputs. Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
+    start_pos, blocks): rows[0:3] = token ids, positions, cache slots, every row past the pieces
+    a padded one (token 0 at position 0, its one key in the scratch block 0) to the buffer's
+    end, not just to G -- the runner copies all of `rows` to the device, where an earlier,
+    larger step's rows (placeholder ids -1 among them) would be garbage to a larger graph
+    replayed on these inputs; tables[:G * width] = the block tables as [G, width] (zeros past
+    a row's blocks). Returns width. Vectorised: a Python loop over 256 rows costs ~1 ms of a
     decode step on a 2-core host. `staged`: what this buffer held after its last fill (kept
     up to date here); only changed rows are written where the layout is the same."""
     B = len(pieces)
