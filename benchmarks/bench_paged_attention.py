@@ -90,12 +90,15 @@ def copy_rate() -> float:
 def sweep(P, H, Hkv, D, bs):
     """The tensor-core kernel against the lane kernel at batch 1-1024 and context 128-32K
     (equal lengths, and log-normal ones as a serving batch has), KV bytes read per second as a
-    fraction of the copy rate measured in this run."""
+    fraction of the copy rate measured in this run. The tensor-core kernel twice: planning
+    after the wait for the kernel before (any caller) and before it (`lens_staged`, as the
+    engine calls it; the kernel before is the previous call's combine)."""
     copy = copy_rate()
     print(f"\n## sweep: tensor-core kernel (default) vs lane kernel; µs per call (CUDA graph), "
           f"KV read rate / copy rate ({copy / 1e12:.2f} TB/s, measured in this run)\n")
-    print("| batch | context | lanes µs | mma µs | speed-up | lanes / copy | mma / copy |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | context | lanes µs | mma µs | mma, lengths staged µs | speed-up | "
+          "lanes / copy | mma / copy | staged / copy |")
+    print("|" + " --- |" * 9)
     only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")]
     batches = [int(x) for x in only[0].split(",")] if only else (1, 16, 64, 256, 1024)
     shapes = [(B, ctx, None) for B in batches
@@ -109,17 +112,18 @@ def sweep(P, H, Hkv, D, bs):
                                            scale) if B * max(lengths or [ctx]) <= (1 << 18) \
             else None
         times = []
-        for kernel in ("lanes", "mma"):
-            run = lambda: P.paged_decode_attention_cuda(q, kc, vc, tables, lens, scale,  # noqa
-                                                        order=order, kernel=kernel)
+        for kernel, staged in (("lanes", False), ("mma", False), ("mma", True)):
+            run = lambda: P.paged_decode_attention_cuda(  # noqa: E731
+                q, kc, vc, tables, lens, scale, order=order, kernel=kernel, lens_staged=staged)
             if ref is not None:
                 err = (run().float() - ref).abs().max().item()
-                assert err < 2e-2, (B, ctx, kernel, err)
+                assert err < 2e-2, (B, ctx, kernel, staged, err)
             times.append(graph_us(run))
         keys = sum(lengths) if lengths else B * ctx
         rate = [2 * keys * Hkv * D * 2 / (t * 1e-6) / copy for t in times]
         print(f"| {B} | {ctx or 'log-normal'} | {times[0]:.1f} | {times[1]:.1f} | "
-              f"{times[0] / times[1]:.2f}x | {rate[0]:.2f} | {rate[1]:.2f} |", flush=True)
+              f"{times[2]:.1f} | {times[0] / times[2]:.2f}x | {rate[0]:.2f} | {rate[1]:.2f} | "
+              f"{rate[2]:.2f} |", flush=True)
         del q, kc, vc, tables, lens
 
 

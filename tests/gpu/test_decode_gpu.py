@@ -34,7 +34,8 @@ def _case(B, H, Hkv, D, bs, lens, dtype, seed):
 @pytest.mark.parametrize("kernel", ["mma", "lanes"])
 def test_paged_kernel_matches_reference(dtype, D, splits, kernel):
     """The tensor-core kernel (bf16 / fp16 at head dim 64 / 128; `splits` is then its CTAs a
-    head group) and the lane kernel, 32 / 8 heads."""
+    head group; its plan made after and before the wait for the kernel before) and the lane
+    kernel, 32 / 8 heads."""
     from weavelm.kernels import paged_attention as P
     lens = [1, 16, 17, 300, 1029, 77, 5]
     q, kc, vc, tables, lens_t = _case(len(lens), 32, 8, D, 16, lens, dtype, seed=D)
@@ -45,9 +46,11 @@ def test_paged_kernel_matches_reference(dtype, D, splits, kernel):
         want = P.paged_decode_attention_ref(q.float(), kc.float(), vc.float(), tables, lens_t,
                                             scale, window)
         order = P.longest_first(lens_t) if splits is None else None
-        got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window,
-                                            splits=splits, order=order, kernel=kernel)
-        torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+        for staged in (False, True) if kernel == "mma" else (False,):
+            got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, scale, window,
+                                                splits=splits, order=order, kernel=kernel,
+                                                lens_staged=staged)
+            torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 def test_graph_decode_equals_eager_decode(tmp_path):

@@ -230,9 +230,10 @@ def test_mma_group_fits_one_tile():
 
 
 def test_work_list_covers_every_step_once():
-    """The work list over random lengths: `used` = min(T, steps // min_steps) CTAs (at least
-    one), each with at least min_steps steps (or all) and within one step of equal shares;
-    every step of every sequence held by exactly one CTA, in order; a sequence's parts on
+    """The work list over random lengths: `used` = min(T, units // (min_steps + cost)) CTAs
+    (at least one; units: each sequence's steps and `cost`), each with at least one step;
+    without cost at least min_steps steps (or all) and within one step of equal shares; every
+    step of every sequence held by exactly one CTA, in order; a sequence's parts on
     consecutive CTAs, as `parts` (the kernel's record) says; slots cta + b unique."""
     from weavelm.kernels.paged_attention_worklist import parts, plan, steps_of
     g = torch.Generator().manual_seed(0)
@@ -246,10 +247,14 @@ def test_work_list_covers_every_step_once():
             continue
         T = int(torch.randint(1, 300, (1,), generator=g))
         least = 1 + trial % 3 * 3                # min_steps 1, 4, 7
-        work = plan(steps, T, least)
-        assert len(work) == max(1, min(T, sum(steps) // least))
+        cost = trial // 3 % 4                    # SEGMENT_COST 0-3
+        work = plan(steps, T, least, cost)
+        units = sum(steps) + cost * sum(1 for n in steps if n)
+        assert len(work) == max(1, min(T, units // (least + cost)))
         sizes = [sum(e - a for _, a, e in segs) for segs in work]
-        assert min(sizes) >= min(least, sum(steps)) and max(sizes) - min(sizes) <= 1
+        assert min(sizes) >= 1
+        if cost == 0:
+            assert min(sizes) >= min(least, sum(steps)) and max(sizes) - min(sizes) <= 1
         seen = {b: [] for b in range(B)}
         slots = set()
         for c, segs in enumerate(work):
@@ -263,28 +268,32 @@ def test_work_list_covers_every_step_once():
             if steps[b]:
                 ctas = [c for c, _, _ in seen[b]]
                 assert ctas == list(range(ctas[0], ctas[-1] + 1))
-                assert parts(steps, T, b, least) == (ctas[0], len(ctas))
+                assert parts(steps, T, b, least, cost) == (ctas[0], len(ctas))
     assert steps_of(33, 3) == 3 and steps_of(70, 40) == 3 and steps_of(5, 5) == 0
 
 
 @sim
-@pytest.mark.parametrize("dtype,H,ctas,least,window,starts,lens", [
-    (torch.bfloat16, 8, None, 1, None, None, [1, 40]),
-    (torch.float16, 8, 5, 2, 30, None, [17, 70, 5, 33]),
-    (torch.bfloat16, 32, 2, 1, None, [0, 18], [20, 33]),
-    (torch.bfloat16, 8, 7, 1, None, None, [200]),
+@pytest.mark.parametrize("dtype,H,ctas,least,cost,window,starts,lens,staged", [
+    (torch.bfloat16, 8, None, 1, 0, None, None, [1, 40], False),
+    (torch.float16, 8, 5, 2, 0, 30, None, [17, 70, 5, 33], True),
+    (torch.bfloat16, 32, 2, 1, 0, None, [0, 18], [20, 33], True),
+    (torch.bfloat16, 8, 7, 1, 0, None, None, [200], False),
+    (torch.bfloat16, 8, 6, 1, 2, None, None, [40, 17, 80, 70, 5], True),
 ])
-def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, window, starts,
-                                          lens):
+def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, cost, window,
+                                          starts, lens, staged):
     """Tensor-core kernel over its work list, head dim 64, blocks of 16, 2 KV heads: one key,
     a sequence in parts on several CTAs (the CTA's 4 warps not all busy), CTAs holding the end
     of one sequence and the start of the next, a sliding window starting mid-step, cascade
     starts with log-sum-exps, and 16 query heads a KV head (rows g + 8 of the fragments);
-    `least`: the work list's MIN_STEPS. Cache slots past each sequence's end hold NaN: masked
+    `least`, `cost`: the work list's MIN_STEPS and SEGMENT_COST (the last case: ranges that
+    end in a sequence's leading units). Cache slots past each sequence's end hold NaN: masked
     keys must not reach the output. The last: one sequence in 7 parts (the combine takes
-    parts 4 at a time: a whole chunk and a clamped one)."""
+    parts 4 at a time: a whole chunk and a clamped one). `staged`: the plan made before the
+    wait for the kernel before (`lens_staged`)."""
     from weavelm.kernels import paged_attention_worklist as WL
     monkeypatch.setattr(WL, "MIN_STEPS", least)
+    monkeypatch.setattr(WL, "SEGMENT_COST", cost)
     B, D = len(lens), 64
     q, kc, vc, tables, lens_t = paged_case(B, H, 2, D, 16, lens, dtype, seed=H + B)
     st = torch.tensor(starts, dtype=torch.int32) if starts else None
@@ -298,7 +307,8 @@ def test_sim_mma_kernel_matches_reference(monkeypatch, dtype, H, ctas, least, wi
             vc[blk, n % 16:] = float("nan")
     lse = torch.full((B, H), float("nan"))
     got = P.paged_decode_attention_cuda(q, kc, vc, tables, lens_t, 1 / math.sqrt(D), window,
-                                        splits=ctas, starts=st, lse=lse, kernel="mma")
+                                        splits=ctas, starts=st, lse=lse, kernel="mma",
+                                        lens_staged=staged)
     torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 

@@ -126,14 +126,18 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            window: int | None = None, out=None, order=None,
                            k_scale: float = 1.0, v_scale: float = 1.0, starts=None,
-                           lse=None) -> torch.Tensor:
+                           lse=None, lens_staged: bool = False) -> torch.Tensor:
     """CUDA tensors the kernel takes -> the kernel; anything else -> the reference. `order`:
     `longest_first(context_lens)` (optional; only the kernel's schedule depends on it).
-    `k_scale`, `v_scale`: an FP8 cache's scales. `starts`, `lse`: as the reference's."""
+    `k_scale`, `v_scale`: an FP8 cache's scales. `starts`, `lse`: as the reference's.
+    `lens_staged`: `context_lens` and `starts` were written before the kernel launched just
+    before this call, not by it (a step's staged inputs): under programmatic dependent launch
+    the tensor-core kernel then plans its work list while that kernel finishes."""
     if q.is_cuda and supported(q, k_cache):
         return paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                            scale, window, out, order=order, k_scale=k_scale,
-                                           v_scale=v_scale, starts=starts, lse=lse)
+                                           v_scale=v_scale, starts=starts, lse=lse,
+                                           lens_staged=lens_staged)
     o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                    window, k_scale, v_scale, starts, lse)
     return o if out is None else out.copy_(o)
@@ -242,16 +246,17 @@ def _kernels(dt: str, lanes: int, group: int, rows: int, pipeline: bool, residen
     return p
 
 
-def _mma_kernels(dt: str, D: int, group: int, kv8: bool, device: int):
-    least, trace = WL.MIN_STEPS, PM.TRACE_PTR       # (knobs: read when built)
-    key = ("mma", dt, D, group, kv8, least, trace, device)
+def _mma_kernels(dt: str, D: int, group: int, kv8: bool, early: bool, device: int):
+    least, cost, trace = WL.MIN_STEPS, WL.SEGMENT_COST, PM.TRACE_PTR  # (knobs: read when built)
+    key = ("mma", dt, D, group, kv8, early, least, cost, trace, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
-        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, least, trace),
+        main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, early, least, cost,
+                                trace),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
-                                                            trace),
+                                                            trace, cost, early and pdl),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
         combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
@@ -276,7 +281,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                                 pipeline: bool = PIPELINE, resident: int = RESIDENT,
                                 order=None, split_keys: int | None = None,
                                 k_scale: float = 1.0, v_scale: float = 1.0, starts=None,
-                                lse=None, kernel: str | None = None):
+                                lse=None, kernel: str | None = None,
+                                lens_staged: bool = False):
     """Launcher (same contract as the reference). `order`: int32 [B], the sequences in the
     order their CTAs should start (`longest_first`); `starts` int32 [B], `lse` float32 [B, H]
     (written). `kernel`: "mma" (tensor cores, where `mma_supported`) or "lanes"; by default
@@ -285,7 +291,8 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
     it has keys for unless `split_keys` (keys per split) is given too, or T (tensor-core
     kernel, CTAs a head group); for the lane kernel, `group` the query heads per CTA, `rows`
     the key rows per lane and iteration, `pipeline` loads one iteration ahead, `resident`
-    the CTAs per SM the registers must allow (0: no bound)."""
+    the CTAs per SM the registers must allow (0: no bound). `lens_staged`: as
+    `paged_decode_attention`'s."""
     B, H, D = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     M = block_tables.shape[1]
@@ -316,7 +323,7 @@ def paged_decode_attention_cuda(q, k_cache, v_cache, block_tables, context_lens,
                              f"blocks of >= 16 tokens, got {q.dtype} queries, a {k_cache.dtype} "
                              f"cache, D={D}, blocks of {bs}")
         _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
-                    k_scale, v_scale, kv8, splits, index)
+                    k_scale, v_scale, kv8, splits, index, lens_staged)
         return out
     group = group or head_group(H, Hkv)
     S, keys_per_split = split_plan(B, H // group, index)
@@ -348,12 +355,13 @@ def mma_ctas(heads: int, group: int, head_dim: int, device: int) -> int:
 
 
 def _launch_mma(q, qp, kp, vp, tp, lp, stp, op, lsp, B, H, Hkv, D, M, bs, window, scale,
-                k_scale, v_scale, kv8, ctas, index):
+                k_scale, v_scale, kv8, ctas, index, lens_staged=False):
     """The tensor-core kernel over its work list (paged_attention_mma.py), then the combine of
-    the sequences it cut into parts. `ctas`: T (default `mma_ctas`)."""
+    the sequences it cut into parts. `ctas`: T (default `mma_ctas`); `lens_staged`: the
+    kernel reads the lengths before it waits for the kernel before (paged_decode_attention)."""
     group = PM.mma_group(H, Hkv, D)
     T = ctas or mma_ctas(H, group, D, index)
-    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, index)
+    main, combine = _mma_kernels(DTYPES[q.dtype], D, group, kv8, lens_staged, index)
     dev = q.device
     part = torch.empty(H * (T + B) * D, dtype=torch.float32, device=dev)
     ml = torch.empty(H * (T + B) * 2, dtype=torch.float32, device=dev)

@@ -59,21 +59,23 @@ def mma_group(heads: int, kv_heads: int, head_dim: int) -> int:
 
 
 def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool = False,
-                      min_steps: int = 1, trace: int = 0):
+                      min_steps: int = 1, trace: int = 0, cost: int = 0, early: bool = False):
     """The tensor-core decode kernel's Python function for one dtype, head dim and head group
     (not yet jitted). `kv8`: the cache holds FP8 (e4m3) with per-tensor scales: keys and
     values are converted to f16 as they are loaded (exact), the queries too (bf16 -> f16),
     and the mma's run on f16; the key scale goes into the scores' scale, the value scale into
-    the output. `min_steps`: the work list's least share a CTA (paged_attention_worklist);
-    `trace`: TRACE_PTR above."""
+    the output. `min_steps`, `cost`: the work list's least share a CTA and what a sequence's
+    start is charged (paged_attention_worklist's MIN_STEPS, SEGMENT_COST); `trace`: TRACE_PTR
+    above; `early`: the plan is made before the wait for the kernel before (PDL), which must
+    not have written the lengths (paged_attention.paged_decode_attention's `lens_staged`)."""
     global cuda
     from numba import float32, int64, uint32
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import device, pdl_entry, warp_mma_fn
+    from weavelm.kernels.common import pdl_entry, warp_mma_fn
     from weavelm.kernels.paged_attention_kernels import LN2, LOG2E, NEG, lane_reduce_fn
-    from weavelm.kernels.paged_attention_worklist import STEP, mark_fn, visible_fn
+    from weavelm.kernels.paged_attention_worklist import STEP, block_scan_fn, mark_fn, visible_fn
 
     cuda = numba_cuda()
     simulator = ptx.SIMULATOR
@@ -105,21 +107,7 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
 
     visible, mark = visible_fn(), mark_fn(trace)
 
-    def block_scan(x, sh, tid):
-        """Inclusive prefix sum of x over the CTA's threads (Hillis-Steele in shared memory;
-        the total is then sh[threads - 1]); every thread calls it."""
-        sh[tid] = x
-        cuda.syncthreads()
-        d = 1
-        while d < threads:
-            y = sh[tid - d] if tid >= d else int64(0)
-            cuda.syncthreads()
-            sh[tid] += y
-            cuda.syncthreads()
-            d *= 2
-        return sh[tid]
-
-    block_scan = device(block_scan)
+    block_scan = block_scan_fn(threads)
 
     def paged_decode_mma_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                                 lse_ptr, part_ptr, ml_ptr, rec_ptr, B, H, Hkv, M, bs_shift, T,
@@ -128,9 +116,10 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         me_t = cuda.blockIdx.x * TRACE_WORDS   # (the CTA's trace words)
         if tid == 0:
             mark(me_t)
-        enter()
-        if tid == 0:
-            mark(me_t + 1)
+        if not early:                        # else the plan is made before the wait (below)
+            enter()
+            if tid == 0:
+                mark(me_t + 1)
         lane, warp = tid & 31, tid >> 5
         g, t = lane >> 2, lane & 3
         groups = H // group
@@ -141,17 +130,19 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         sh = cuda.shared.array(threads, int64)
         found = cuda.shared.array(2, int64)
 
-        # The work list: every sequence's steps laid end to end, cut into T equal ranges.
+        # The work list: every sequence's units (its steps led by `cost`) laid end to end, cut
+        # into `used` equal ranges.
         x = int64(0)
         for b in range(tid, B, threads):
-            x += visible(lens_ptr, starts_ptr, window, b)[2]
+            n = visible(lens_ptr, starts_ptr, window, b)[2]
+            x += n + cost if n > 0 else n
         block_scan(x, sh, tid)
         total = sh[threads - 1]
         if tid == 0:
             found[0] = -1
         cuda.syncthreads()
-        used = min(T, total // min_steps)    # CTAs with steps (each has at least one, so a
-        if used == 0 and total > 0:          # sequence's parts come from consecutive CTAs)
+        used = min(T, total // (min_steps + cost))   # CTAs with steps (each has at least
+        if used == 0 and total > 0:          # one, so a sequence's parts are on consecutive CTAs)
             used = 1
         if me >= used:
             if tid == 0:
@@ -159,9 +150,9 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
             return
         lo = me * total // used
         hi = (me + 1) * total // used
-        run = int64(0)                       # the sequence holding step lo, and its first step
+        run = int64(0)                       # the sequence holding unit lo, and its first unit
         base = int64(0)
-        if B <= threads:                     # the first scan serves: x = steps of sequence tid
+        if B <= threads:                     # the first scan serves: x = units of sequence tid
             if x > 0 and sh[tid] - x <= lo and lo < sh[tid]:
                 found[0] = tid
                 found[1] = sh[tid] - x
@@ -171,6 +162,8 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
             n = int64(0)
             if base + tid < B:
                 n = visible(lens_ptr, starts_ptr, window, base + tid)[2]
+                if n > 0:
+                    n += cost
             incl = block_scan(n, sh, tid)
             before = run + incl - n
             if n > 0 and before <= lo and lo < before + n:
@@ -182,9 +175,13 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                 break
             base += threads
         b = found[0]
-        pb = found[1]                        # steps before sequence b
+        pb = found[1]                        # units before sequence b
         if tid == 0:
             mark(me_t + 2)
+        if early:                            # the lengths were staged before the kernel before:
+            enter()                          # its tail hid the plan; the queries are its output
+            if tid == 0:
+                mark(me_t + 1)
 
         frag = cuda.shared.array(n_frag, uint32)           # simulator: the lanes' fragments
         cd = cuda.shared.array(n_cd, float32)              # simulator: their sums
@@ -211,8 +208,10 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
             if steps == 0:
                 b += 1
                 continue
-            st0 = pos - pb                    # the sequence's steps [st0, st1) are this CTA's
-            st1 = min(steps, hi - pb)
+            st0 = max(pos - pb - cost, 0)     # the sequence's steps [st0, st1) are this CTA's
+            st1 = min(steps, hi - pb - cost)
+            if st1 <= 0:                      # the range ends in the units leading b's steps
+                break
             start = first - (first & (STEP - 1))
             iters = (st1 - st0 + WARPS - 1) // WARPS
             for i in range(KW // 4):         # the sequence's queries of the group
@@ -385,12 +384,12 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
                         store_u32(ml_ptr + (slot + i) * 8, as_u32(mx))
                         store_u32(ml_ptr + (slot + i) * 8 + 4, as_u32(total_l))
             if st0 == 0 and grp == 0 and tid == 0:   # where the combine finds the parts:
-                last = ((pb + steps) * used - 1) // total   # the CTA holding the last step
+                last = ((pb + cost + steps) * used - 1) // total   # the CTA of the last step
                 store_u32(rec_ptr + b * 8, uint32(me))
                 store_u32(rec_ptr + b * 8 + 4, uint32(last - me + 1))
             cuda.syncthreads()                # (shared memory is reused by the next segment)
-            pos = pb + st1
-            pb += steps
+            pos = pb + cost + st1
+            pb += steps + cost
             b += 1
         if tid == 0:
             mark(me_t + 5)

@@ -3,16 +3,20 @@ shared among the CTAs, and the combine of the sequences it cuts into parts.
 
 Every sequence's visible keys, in steps of STEP (a step starts at a multiple of STEP, so with
 blocks of >= 16 tokens its keys share one block), are laid end to end, sequence after sequence,
-and cut into `used` = min(T, total steps // MIN_STEPS) equal ranges (at least one), one a CTA
-(T CTAs a head group: one wave of what the SMs hold). So every CTA gets the same work whatever
+each sequence's steps led by SEGMENT_COST units that hold no keys (what a CTA pays to start a
+sequence: its queries' loads, the pipeline's start, the warps' merge at the end; charged so
+that a CTA holding the end of one sequence and the start of the next is not the one the call
+waits for). The `total` units are cut into `used` = min(T, total // (MIN_STEPS +
+SEGMENT_COST)) equal ranges (at least one), one a CTA (T CTAs a head group: one wave of what
+the SMs hold), so each range holds at least one step. So every CTA gets the same work whatever
 the lengths are, no CTA is launched without work for it and none waits for a long sequence
 alone; the plan is made on the device from the context lengths (each CTA sums them and finds
 its first sequence with a prefix scan), so it stays inside CUDA graphs. A CTA whose range holds
-a sequence whole writes its output; otherwise each CTA holding part of sequence b writes an
-fp32 part (max, sum, unnormalised output) in slot `cta + b` (unique: a later sequence starts at
-the CTA where the previous one ends or later), and the CTA holding b's first step records (that
-CTA, the number of parts) for the combine. Since every CTA has at least one step, the parts of
-a sequence come from consecutive CTAs.
+a sequence's steps whole writes its output; otherwise each CTA holding steps of sequence b
+writes an fp32 part (max, sum, unnormalised output) in slot `cta + b` (unique: a later
+sequence starts at the CTA where the previous one ends or later), and the CTA holding b's
+first step records (that CTA, the number of parts) for the combine. A range ending in b's
+leading units holds nothing of b, so the parts of a sequence come from consecutive CTAs.
 
 `plan` is the same work list in Python: the tests check the kernel's outputs over it.
 """
@@ -26,6 +30,8 @@ STEP = 16                       # keys a warp scores at once
 # parts to merge) and level or slower at 16-64 (RESULTS.md, eleventh session); batch 1 runs
 # the lane kernel by default, so 1.
 MIN_STEPS = 1
+# Units a sequence's start is charged in the cut (read when the kernel is built, as MIN_STEPS).
+SEGMENT_COST = 0
 COMBINE_TRACE = 1 << 19         # the combine's trace words start here (mark_fn)
 COMBINE_SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
 
@@ -37,34 +43,39 @@ def steps_of(length: int, first: int) -> int:
     return -(-(length - (first - first % STEP)) // STEP)
 
 
-def ctas_used(total: int, T: int, min_steps: int = 1) -> int:
-    """CTAs with work: min(T, total // min_steps), at least one where there are steps."""
-    used = min(T, total // min_steps)
+def ctas_used(total: int, T: int, least: int = 1) -> int:
+    """CTAs with work: min(T, total units // least), at least one where there are steps."""
+    used = min(T, total // least)
     return 1 if used == 0 and total > 0 else used
 
 
-def plan(steps: list[int], T: int, min_steps: int = 1) -> list[list[tuple[int, int, int]]]:
-    """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order."""
-    total = sum(steps)
-    used = ctas_used(total, T, min_steps)
+def plan(steps: list[int], T: int, min_steps: int = 1,
+         cost: int = 0) -> list[list[tuple[int, int, int]]]:
+    """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order;
+    `cost`: SEGMENT_COST."""
+    units = [n + cost if n else 0 for n in steps]
+    total = sum(units)
+    used = ctas_used(total, T, min_steps + cost)
     out = []
     for c in range(used):
         lo, hi = c * total // used, (c + 1) * total // used
         segs, before = [], 0
         for b, n in enumerate(steps):
-            a, e = max(lo, before), min(hi, before + n)
+            a, e = max(lo, before + cost), min(hi, before + units[b])
             if a < e:
-                segs.append((b, a - before, e - before))
-            before += n
+                segs.append((b, a - before - cost, e - before - cost))
+            before += units[b]
         out.append(segs)
     return out
 
 
-def parts(steps: list[int], T: int, b: int, min_steps: int = 1) -> tuple[int, int]:
+def parts(steps: list[int], T: int, b: int, min_steps: int = 1,
+          cost: int = 0) -> tuple[int, int]:
     """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
     the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
-    total, before = sum(steps), sum(steps[:b])
-    used = ctas_used(total, T, min_steps)
+    units = [n + cost if n else 0 for n in steps]
+    total, before = sum(units), sum(units[:b]) + cost
+    used = ctas_used(total, T, min_steps + cost)
     first = ((before + 1) * used - 1) // total
     last = ((before + steps[b]) * used - 1) // total
     return first, last - first + 1
@@ -95,6 +106,33 @@ def visible_fn():
         return length, first, steps
 
     return device(visible)
+
+
+def block_scan_fn(threads: int):
+    """Device function block_scan(x, sh, tid): the inclusive prefix sum of x over the CTA's
+    `threads` threads (Hillis-Steele in the shared array sh of `threads` int64; the total is
+    then sh[threads - 1]); every thread calls it. The plan's scans of the lengths."""
+    global cuda
+    from numba import int64
+
+    from weavelm.kernels._numba_compat import numba_cuda
+    from weavelm.kernels.common import device
+
+    cuda = numba_cuda()
+
+    def block_scan(x, sh, tid):
+        sh[tid] = x
+        cuda.syncthreads()
+        d = 1
+        while d < threads:
+            y = sh[tid - d] if tid >= d else int64(0)
+            cuda.syncthreads()
+            sh[tid] += y
+            cuda.syncthreads()
+            d *= 2
+        return sh[tid]
+
+    return device(block_scan)
 
 
 def mark_fn(trace: int):

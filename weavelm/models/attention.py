@@ -47,7 +47,9 @@ class AttentionBatch:
     """How a step's tokens map onto sequences and cache slots.
 
     decode: every piece is one token and block-table row i belongs to token i (the paged
-    kernel's layout); context_lens[i] = keys token i sees (its position + 1).
+    kernel's layout); context_lens[i] = keys token i sees (its position + 1). The lengths are
+    written at the step's start (here, or the decode graph's first kernels), never by the
+    kernel just before an attention call: the paged kernel reads them early (`lens_staged`).
     singles: in a mixed step, the one-token pieces of running sequences (decode tokens), which
     attend in one paged-kernel call instead of one call each: their token indices, block
     tables and key counts (None: there are none, or the step is all decode).
@@ -199,7 +201,7 @@ def _decode_attention(q, kc, vc, batch: AttentionBatch, scale: float, window, sc
                                         scale, batch.cascade, batch.order)
     order = _order(batch, q, kc, batch.context_lens)
     return paged_decode_attention(q, kc, vc, batch.block_tables, batch.context_lens, scale,
-                                  window, order=order, **scales)
+                                  window, order=order, lens_staged=True, **scales)
 
 
 def _pieces_at_once(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch,
@@ -270,7 +272,8 @@ def cached_attention(q, k, v, cache: PagedKVCache, layer: int, batch: AttentionB
     if batch.singles is not None:          # a mixed step's decode tokens: one paged call
         rows, tables, lens = batch.singles
         o = paged_decode_attention(q.index_select(0, rows), kc, vc, tables, lens, scale, window,
-                                   order=_order(batch, q, kc, lens), **scales)
+                                   order=_order(batch, q, kc, lens), lens_staged=True,
+                                   **scales)
         out.index_copy_(0, rows, o)
         done = set(batch.single_offsets)
     if q.is_cuda and window is None:

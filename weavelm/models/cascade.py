@@ -184,7 +184,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sc
     B, H, _ = q.shape
     own_lse = torch.empty(B, H, dtype=torch.float32, device=q.device)
     own = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                 order=order, starts=plan.starts, lse=own_lse)
+                                 order=order, starts=plan.starts, lse=own_lse, lens_staged=True)
     shared, shared_lse = shared_prefix_attention(q, k_cache, v_cache, plan, scale)
     w = torch.sigmoid(shared_lse - own_lse).unsqueeze(-1)
     merged = torch.lerp(own, shared, w.to(own.dtype))
