@@ -256,7 +256,7 @@ def _mma_kernels(dt: str, D: int, group: int, kv8: bool, early: bool, device: in
         main = launcher.kernel(("paged_decode_mma", dt, D, group, kv8, early, least, cost,
                                 trace),
                                lambda: PM._build_mma_kernel(dt, D, group, pdl, kv8, least,
-                                                            trace, cost, early and pdl),
+                                                            trace, cost, early),
                                PM.SIGNATURE, max_threads=32 * PM.WARPS,
                                min_blocks=PM.RESIDENT_MMA[D], pdl=pdl)
         combine = launcher.kernel(("paged_decode_mma_combine", dt, D, group, trace),
