@@ -354,15 +354,18 @@ def _build_combine(dt: str, lanes: int, pdl: bool = False):
 
     def paged_decode_combine(part_ptr, ml_ptr, out_ptr, lens_ptr, starts_ptr, lse_ptr, rows, H,
                              S, D, split_keys, window):
-        enter()
+        # The lengths are read before the wait for the main kernel (PDL): it never writes them,
+        # and it let this kernel start only after its own wait for whatever did. Every thread
+        # still waits before it exits: the kernel after this one waits for this one only.
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x
-        if tid >= lanes or row >= rows:
-            return
-        length = int64(load_u32(lens_ptr + (row // H) * 4))
-        first = first_key(length, window, starts_ptr, row // H)
-        n_split = splits_of(length - first, S, split_keys)
-        if n_split == 1:                     # the main kernel wrote this row itself
+        n_split = int64(1)
+        if tid < lanes and row < rows:
+            length = int64(load_u32(lens_ptr + (row // H) * 4))
+            first = first_key(length, window, starts_ptr, row // H)
+            n_split = splits_of(length - first, S, split_keys)
+        enter()
+        if n_split == 1:                     # the main kernel wrote this row itself (or no row)
             return
         acc = cuda.local.array(8, float32)
         mx = float32(NEG)

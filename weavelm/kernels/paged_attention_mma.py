@@ -40,9 +40,8 @@ import math
 WARPS = 4                       # per CTA
 MAX_ROWS = 1024                 # group x D: the warps' outputs in shared memory (16 KiB + DP pad)
 RESIDENT_MMA = {64: 4, 128: 3}  # CTAs an SM holds, by head dim (registers bounded to fit)
-# bench_paged_attention.py --trace: where the CTAs write the global timer at their phases
-# (worklist.mark_fn); 0 = off. Read when built.
-TRACE_PTR = 0
+TRACE_PTR = 0   # where the CTAs write the global timer at their phases, 0 = off (read when built;
+#                 bench_paged_attention.py --trace, worklist.mark_fn)
 TRACE_WORDS = 8                 # a CTA's marks: entry, waited, planned, last loop's start, its end,
 #                                 exit (the combine's: worklist.COMBINE_TRACE on)
 SIGNATURE = "void(" + ", ".join(["uint64"] * 11 + ["int64"] * 7 + ["float64"] * 3) + ")"
@@ -144,12 +143,13 @@ def _build_mma_kernel(dt: str, D: int, group: int, pdl: bool = False, kv8: bool 
         used = min(T, total // (min_steps + cost))   # CTAs with steps (each has at least
         if used == 0 and total > 0:          # one, so a sequence's parts are on consecutive CTAs)
             used = 1
-        if me >= used:
+        idle = me >= used                    # early: an idle CTA still waits (below) before it
+        if idle and not early:               # exits: the kernel after waits for this one only
             if tid == 0:
                 mark(me_t + 5)
             return
-        lo = me * total // used
-        hi = (me + 1) * total // used
+        lo = total if idle else me * total // used
+        hi = total if idle else (me + 1) * total // used
         run = int64(0)                       # the sequence holding unit lo, and its first unit
         base = int64(0)
         if B <= threads:                     # the first scan serves: x = units of sequence tid
