@@ -49,11 +49,16 @@ def ctas_used(total: int, T: int, least: int = 1) -> int:
     return 1 if used == 0 and total > 0 else used
 
 
+def units_of(steps: list[int], cost: int) -> list[int]:
+    """Each sequence's units in the cut: its steps led by `cost` (none where it has no steps)."""
+    return [n + cost if n else 0 for n in steps]
+
+
 def plan(steps: list[int], T: int, min_steps: int = 1,
          cost: int = 0) -> list[list[tuple[int, int, int]]]:
     """The CTAs' work: for CTA c < used, its segments (b, first step, end step) in order;
     `cost`: SEGMENT_COST."""
-    units = [n + cost if n else 0 for n in steps]
+    units = units_of(steps, cost)
     total = sum(units)
     used = ctas_used(total, T, min_steps + cost)
     out = []
@@ -73,7 +78,7 @@ def parts(steps: list[int], T: int, b: int, min_steps: int = 1,
           cost: int = 0) -> tuple[int, int]:
     """(first CTA, number of CTAs) holding sequence b: the record the kernel writes, from
     the CTA of b's first and of its last step (cta_of(x) = ((x + 1) used - 1) // total)."""
-    units = [n + cost if n else 0 for n in steps]
+    units = units_of(steps, cost)
     total, before = sum(units), sum(units[:b]) + cost
     used = ctas_used(total, T, min_steps + cost)
     first = ((before + 1) * used - 1) // total
