@@ -11,8 +11,10 @@ linear layer is bound by reading its weights, so FP8 can be at most 2x bf16 ther
 group), beside the activation rounding alone and the GEMV that rounds its input itself (what
 `fp8_linear` runs at 1 token), as fractions of the copy rate. `--mma-sweep` times the FP8
 tensor-core kernel (`kernels/fp8_mma.py`, 5-64 tokens) against `_scaled_mm` at 8-64 tokens, at
-its default split of K and at each of 1, 2, 4, 8 slices. `--knob MODULE.NAME=VALUE` sets a
-module constant first (benchmarks/knobs.py), e.g. kernels.fp8_mma.UNROLL=2.
+its default split of K and at each of 1, 2, 4, 8 slices; `--wgmma-sweep` the same for the
+warpgroup kernel (`kernels/fp8_wgmma.py`, Hopper) at 8-64 tokens, `fp8_mma` beside it.
+`--knob MODULE.NAME=VALUE` sets a module constant first (benchmarks/knobs.py), e.g.
+kernels.fp8_mma.UNROLL=2.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ def main():
     tokens = [int(t) for t in (sys.argv[sys.argv.index("--tokens") + 1]
                                if "--tokens" in sys.argv else "1,16,64,256,2048").split(",")]
     rate = copy_rate()
-    if "--mma-sweep" in sys.argv:
-        mma_sweep(rate)
+    if "--mma-sweep" in sys.argv or "--wgmma-sweep" in sys.argv:
+        mma_sweep(rate, "fp8_wgmma" if "--wgmma-sweep" in sys.argv else "fp8_mma")
         return
     print(f"## FP8 linear vs bf16, {torch.cuda.get_device_name()}, copy {rate / 1e12:.2f} TB/s; "
           f"µs per call (CUDA graph)\n")
@@ -97,22 +99,30 @@ def fast_accum(tokens):
             print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
 
 
-def mma_sweep(rate: float):
+def mma_sweep(rate: float, kernel: str):
+    """`kernel` ("fp8_mma" or "fp8_wgmma") against `_scaled_mm` at 8-64 tokens, per split."""
+    import importlib
+
     from weavelm.kernels import fp8_mma
     from weavelm.parallel.fp8 import quantize_rows
+    mod = importlib.import_module(f"weavelm.kernels.{kernel}")
+    run = getattr(mod, f"{kernel}_cuda")
+    wg = kernel == "fp8_wgmma"
     splits = [1, 2, 4, 8]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print("## FP8 tensor-core kernel against `_scaled_mm`, µs (fraction of the copy rate)\n")
-    print("| GEMM | tokens | _scaled_mm | fp8_mma (default split) | " +
-          " | ".join(f"split {s}" for s in splits) + " | max rel. diff |")
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in splits) + " | --- |")
+    print(f"## {kernel} against `_scaled_mm`, µs (fraction of the copy rate)\n")
+    print("| GEMM | tokens | _scaled_mm | " + ("fp8_mma (default split) | " if wg else "")
+          + f"{kernel} (default split) | " + " | ".join(f"split {s}" for s in splits)
+          + " | max rel. diff |")
+    print("| --- | --- | --- | " + ("--- | " if wg else "") + "--- | "
+          + " | ".join("---" for _ in splits) + " | --- |")
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, (n, k) in SHAPES.items():
         codes, scale = quantize_rows((torch.randn(n, k, device="cuda", generator=g) * 0.02)
                                      .bfloat16())
         # copies of the weights cycled through, more bytes than L2 holds (reads from memory)
         copies = [codes] + [codes.clone() for _ in range(-(-150_000_000 // (n * k)) - 1)]
-        for m in (8, 16, 32, 64):
+        for m in ((8, 16, 24, 32, 48, 64) if wg else (8, 16, 32, 64)):
             xq, xs = quantize_rows(torch.randn(m, k, device="cuda", generator=g).bfloat16())
 
             def frac(t):
@@ -126,15 +136,17 @@ def mma_sweep(rate: float):
                 return torch._scaled_mm(xq, c.t(), scale_a=xs[:, None],
                                         scale_b=scale[None, :], out_dtype=torch.bfloat16)
             ref = mm(codes).float()
-            got = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, torch.bfloat16).float()
+            got = run(xq, xs, codes, scale, torch.bfloat16).float()
             diff = ((got - ref).norm() / ref.norm()).item()
-            cells = [frac(cycled(mm)),
-                     frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(xq, xs, c, scale,
-                                                                torch.bfloat16)))
-                     + f" S={fp8_mma.split_k(n, k, sms)}"]
-            for sp in splits:
+            cells = [frac(cycled(mm))]
+            if wg:
                 cells.append(frac(cycled(lambda c: fp8_mma.fp8_mma_cuda(
-                    xq, xs, c, scale, torch.bfloat16, splits=sp))))
+                    xq, xs, c, scale, torch.bfloat16))))
+            cells.append(frac(cycled(lambda c: run(xq, xs, c, scale, torch.bfloat16)))
+                         + f" S={mod.split_k(n, k, sms)}")
+            for sp in splits:
+                cells.append(frac(cycled(lambda c: run(xq, xs, c, scale, torch.bfloat16,
+                                                       splits=sp))))
             print(f"| {name} | {m} | " + " | ".join(cells) + f" | {diff:.1e} |", flush=True)
 
 

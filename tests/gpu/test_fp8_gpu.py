@@ -114,6 +114,56 @@ def test_mma_token_rows_do_not_depend_on_their_batch_mates():
         assert torch.equal(part, full[:tokens]), tokens
 
 
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _hopper(), reason="wgmma: Hopper (sm_90) only")
+def test_wgmma_equals_the_dequantized_product():
+    """The warpgroup kernel (1-64 tokens, widths 8-64) against the float32 product of the same
+    codes, at each split of K (one, the default, an uneven one), Llama-3-8B's shapes and an odd
+    one (rows past a CTA's group, K of 3 steps); a second call gives the same bits (split-K
+    counters back at 0); `fp8_linear` takes it where WGMMA_MAX_TOKENS says."""
+    from weavelm.kernels import fp8_wgmma
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for n, k in ((6144, 4096), (4096, 14336), (28672, 4096), (8 * 37, 128 * 3)):
+        codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        for tokens in (5, 16, 17, 40, 64):
+            x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
+            xq, xs = fp8.quantize_rows(x)
+            want = fp8.dequantize_rows(xq, xs) @ fp8.dequantize_rows(codes, scale).t()
+            for splits in (None, 1, 3):
+                got = fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, x.dtype, splits=splits)
+                err = ((got.float() - want).norm() / want.norm()).item()
+                assert err < 5e-3, (n, k, tokens, splits, err)      # bf16 output rounding
+                again = fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, x.dtype, splits=splits)
+                assert torch.equal(again, got), (n, k, tokens, splits)
+            old = fp8.WGMMA_MAX_TOKENS
+            fp8.WGMMA_MAX_TOKENS = 64
+            try:
+                if tokens > fp8.MMA_MAX_TOKENS:
+                    assert torch.equal(fp8.fp8_linear(x, codes, scale),
+                                       fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, x.dtype))
+            finally:
+                fp8.WGMMA_MAX_TOKENS = old
+
+
+@pytest.mark.skipif(not _hopper(), reason="wgmma: Hopper (sm_90) only")
+def test_wgmma_token_rows_do_not_depend_on_their_batch_mates():
+    """A token's row has the same bits at 5 tokens (width 8) as at 64 (width 64)."""
+    from weavelm.kernels import fp8_wgmma
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(6)
+    codes, scale = fp8.quantize_rows(torch.randn(4096, 14336, device="cuda", generator=g) * 0.02)
+    xq, xs = fp8.quantize_rows(torch.randn(64, 14336, device="cuda", generator=g).bfloat16())
+    full = fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, torch.bfloat16)
+    for tokens in (5, 16, 40):
+        part = fp8_wgmma.fp8_wgmma_cuda(xq[:tokens].contiguous(), xs[:tokens].contiguous(),
+                                        codes, scale, torch.bfloat16)
+        assert torch.equal(part, full[:tokens]), tokens
+
+
 def test_down_projection_input_rounded_in_one_kernel():
     """What an FP8 MLP feeds its down projection (SiLU-and-mul and the rounding in one kernel)
     equals the two kernels one after the other, bit for bit; the layer's product too."""

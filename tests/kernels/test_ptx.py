@@ -304,6 +304,7 @@ def _pdl_builds():
     from weavelm.kernels import fp8_gemv as G
     from weavelm.kernels import fp8_mma as F
     from weavelm.kernels import fp8_quant as Q
+    from weavelm.kernels import fp8_wgmma as W
     from weavelm.kernels import paged_attention as PA
     from weavelm.kernels import paged_attention_kernels as PK
     from weavelm.kernels import paged_attention_mma as PM
@@ -314,6 +315,7 @@ def _pdl_builds():
         "fp8_gemv": (lambda p: G._build_kernel("bf16", 1, 2, G.GATED, p), G.SIGNATURE, 256),
         "fp8_mma": (lambda p: F._build_kernel("bf16", 2, F.unroll(2), p), F.SIGNATURE,
                     32 * F.WARPS),
+        "fp8_wgmma": (lambda p: W._build_kernel("bf16", 4, p), W.SIGNATURE, W.THREADS),
         "fp8_quant": (lambda p: Q._build_kernel("bf16", 4, True, p), Q.SIGNATURE, 512),
         "round_spread": (lambda p: Q._build_spread("bf16", p), Q.SPREAD_SIGNATURE, 128),
         "rope_cache": (lambda p: RC._build_kernel("bf16", False, p), RC.SIGNATURE,

@@ -1,4 +1,5 @@
-"""PTX primitives as Numba intrinsics: the only module in weavelm with inline PTX.
+"""PTX primitives as Numba intrinsics: with `ptx_wgmma.py` (Hopper warpgroup products, built
+on this factory), the only inline PTX in weavelm.
 
 Each primitive is named after what it does; its docstring gives the exact PTX it emits. They are
 made by one factory (`_asm`; `_load` and `_store` for its loads and stores) from a PTX template,

@@ -12,8 +12,9 @@ activations' dtype (the fused communicator and the weave keep bf16 activations).
 
 Where: on CUDA GPUs of compute capability 8.9 and up, `torch._scaled_mm` (cuBLASLt, FP8 tensor
 cores) with row-wise scales; for up to 4 tokens (decode) weavelm's FP8 GEMV
-(`kernels/fp8_gemv.py`) and for 5 to MMA_MAX_TOKENS its FP8 tensor-core kernel
-(`kernels/fp8_mma.py`), all fed by one-pass activation rounding (`kernels/fp8_quant.py`);
+(`kernels/fp8_gemv.py`), for 5 to MMA_MAX_TOKENS its FP8 tensor-core kernel
+(`kernels/fp8_mma.py`) and on Hopper up to WGMMA_MAX_TOKENS its warpgroup kernel
+(`kernels/fp8_wgmma.py`), all fed by one-pass activation rounding (`kernels/fp8_quant.py`);
 elsewhere (CPU, older GPUs) the same rounding of x, then both
 operands dequantized to fp32 for the matmul: the numbers the GPU path computes, up to the order
 of the fp32 sums, so CPU tests cover loading, sharding and scales.
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from weavelm.errors import check
-from weavelm.kernels import fp8_gemv, fp8_mma, fp8_quant
+from weavelm.kernels import fp8_gemv, fp8_mma, fp8_quant, fp8_wgmma
 from weavelm.kernels.activation import silu_and_mul
 from weavelm.kernels.common import FP8, FP8_MAX, to_e4m3
 
@@ -236,6 +237,9 @@ FAST_ACCUM_TOKENS = 256
 # step with / without it: batch 8 5.49 / 5.87, 16 5.70 / 5.92, 32 6.70 / 6.12 (RESULTS.md, FP8
 # tensor-core kernel): past 16 tokens cuBLASLt's Hopper kernels win.
 MMA_MAX_TOKENS = 16
+# Past MMA_MAX_TOKENS and up to this many, on Hopper (sm_90: wgmma), `fp8_wgmma` rather than
+# `_scaled_mm`. 0 (off) until measured on a GPU: `--knob parallel.fp8.WGMMA_MAX_TOKENS=64`.
+WGMMA_MAX_TOKENS = 0
 
 
 class Rounded(NamedTuple):
@@ -289,6 +293,9 @@ def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,
             y = fp8_gemv.fp8_gemv_cuda(xq, xs, codes, scale, dtype)
         elif fast and xq.shape[0] <= MMA_MAX_TOKENS and fp8_mma.supported(xq, codes, dtype):
             y = fp8_mma.fp8_mma_cuda(xq, xs, codes, scale, dtype)
+        elif fast and xq.shape[0] <= WGMMA_MAX_TOKENS and _capability(xq.device.index) == (9, 0) \
+                and fp8_wgmma.supported(xq, codes, dtype):
+            y = fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, dtype)
         elif fast and xq.shape[0] > 0:
             y = torch._scaled_mm(xq, codes.t(), scale_a=xs[:, None], scale_b=scale[None, :],
                                  out_dtype=dtype,
