@@ -355,7 +355,7 @@ def test_kernels_built_for_programmatic_dependent_launch(name, tmp_path):
         assert not re.search(r"(?<![\w.])" + re.escape(op), before), op   # (not "shared.")
     if name in EARLY_READS:
         assert "ld.global" in before
-    if name in ("fp8_gemv", "fp8_mma"):  # their first weights asked of L2 before the wait
+    if name in ("fp8_gemv", "fp8_mma", "fp8_wgmma"):  # first weights asked of L2 before it
         assert "prefetch.global.L2" in before and "prefetch" not in plain
     if PTXAS:
         r = assemble(ptx, "sm_90a", tmp_path)

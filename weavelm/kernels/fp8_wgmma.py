@@ -16,10 +16,12 @@ operands natively.
 
 How ("swap AB"): the weights are the product's A (64 rows a warpgroup, M = 64), the tokens its
 B (N = n, the tokens rounded up to 8), so the instruction is as wide as the batch.
-* A from registers, straight from global memory: in a step of 128 bytes of K a thread loads 32
-  consecutive bytes of each of its two rows (g and g + 8 of its warp's 16). The fragment wants
-  k = 4q..4q+3 (a0) and 16+4q..16+4q+3 (a2) of each k32 product; a sum does not care about the
-  order of its terms, so product i takes the thread's bytes 8i..8i+3 and 8i+4..8i+7 as those,
+* A from registers, straight from global memory: in a step of 128 bytes of K a thread loads
+  bytes 16q..16q+15 and 64+16q..64+16q+15 of each of its two rows (g and g + 8 of its warp's
+  16), so each load instruction reads whole sectors (64 bytes a row: the weights bypass L1, a
+  half-read sector would be fetched from L2 twice). The fragment wants k = 4q..4q+3 (a0) and
+  16+4q..16+4q+3 (a2) of each k32 product; a sum does not care about the order of its terms,
+  so product i takes the thread's words 2i and 2i + 1 (of the 8 it loaded, in order) as those,
   and the tokens are laid out in shared memory under the same permutation of k.
 * B from shared memory (K-major, no swizzle: 8 x 16-byte core matrices), two steps of the
   tokens double-buffered, copied there by the CTA's threads in 4-byte `cp.async`s (no registers
@@ -169,7 +171,7 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
     acc_n = n // 2
     steps4 = warpgroup_steps_fn(n)
     pack2 = ptx.pack_bf16x2 if dt == "bf16" else ptx.pack_f16x2
-    load_w, load_u32 = ptx.load_v4_u32_stream, ptx.load_u32
+    load_w, load_u32, prefetch = ptx.load_v4_u32_stream, ptx.load_u32, ptx.prefetch_l2
     load_part, store_u32 = ptx.load_u32_volatile, ptx.store_u32
     as_f32, as_u32 = ptx.u32_as_f32, ptx.f32_as_u32
     count = ptx.atomic_add_acq_rel_sys_u32
@@ -196,12 +198,12 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
     token_buffers = device(token_buffers)
 
     def load_weights(w_ptr, dst, row_a, q, s, N, K):
-        """The thread's 32 bytes of rows row_a and row_a + 8 in step s (0 past the last)."""
+        """The thread's 2 x 16 bytes of rows row_a and row_a + 8 in step s (0 past the last)."""
         for h in range(2):
             row = row_a + 8 * h
             for u in range(2):
                 if row < N:
-                    w = load_w(w_ptr + row * K + s * STEP + q * 32 + u * 16)
+                    w = load_w(w_ptr + row * K + s * STEP + u * 64 + q * 16)
                     for e in range(4):
                         dst[h * 8 + u * 4 + e] = w[e]
                 else:
@@ -217,9 +219,10 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
     copy4 = device(copy4)
 
     def stage_tokens(tok, xq_ptr, tid, dst, s, M, K):
-        """The tokens' step s into buffer dst, in 4-byte copies (zeros past the last token):
-        word wi = 8 q' + 2 i + half of a token's step goes to product i's k half `half`, the
-        core matrix of its 8 tokens, byte 4 q' of its row."""
+        """The tokens' step s into buffer dst, in 4-byte copies (zeros past the last token).
+        Word e of 16-byte chunk `part` = 4u + q' of a token's step is word 4u + e of thread q'
+        in `load_weights`: product i = 2u + e // 2, k half e % 2, so it goes to that product's
+        half, the core matrix of its 8 tokens, byte 4 q' of its row."""
         for j in range(per_thread):
             c = tid + j * THREADS
             m, part = c >> 3, c & 7
@@ -227,9 +230,8 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
                 size = 4 if m < M else 0
                 src = xq_ptr + (m * K + s * STEP + part * 16 if m < M else 0)
                 for e in range(4):
-                    wi = part * 4 + e
-                    at = (dst * buf_words * 4 + ((wi & 7) >> 1) * product_bytes
-                          + (wi & 1) * lbo + (m >> 3) * 128 + (m & 7) * 16 + (wi >> 3) * 4)
+                    at = (dst * buf_words * 4 + (2 * (part >> 2) + (e >> 1)) * product_bytes
+                          + (e & 1) * lbo + (m >> 3) * 128 + (m & 7) * 16 + (part & 3) * 4)
                     copy4(tok, at, src + e * 4, size)
 
     def staged():
@@ -253,6 +255,11 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
         row_a = cg * CTA_ROWS + (tid >> 7) * WG_ROWS + (wt >> 5) * 16 + g
         steps = K // STEP
         s0, s1 = ks * steps // S, (ks + 1) * steps // S
+        if pdl:                                           # the first weights, to L2 during the
+            for h in range(2):                            # kernel before (as fp8_mma's)
+                if row_a + 8 * h < N:
+                    for u in range(2):
+                        prefetch(w_ptr + (row_a + 8 * h) * K + s0 * STEP + u * 64 + q * 16)
         enter()
         tok = token_buffers()                             # two steps of tokens, wgmma layout
         frag = cuda.shared.array(n_frag, uint32)          # simulator: the threads' fragments
