@@ -150,6 +150,25 @@ def test_wgmma_equals_the_dequantized_product():
 
 
 @pytest.mark.skipif(not _hopper(), reason="wgmma: Hopper (sm_90) only")
+def test_wgmma_two_steps_ahead_gives_the_same_bits(monkeypatch):
+    """Two steps in flight (a ring of three slots, the copies' groups waited for one behind)
+    sums the same steps in the same order as one: the same bits, Llama-3-8B's shapes."""
+    from weavelm.kernels import fp8_wgmma
+    from weavelm.parallel import fp8
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for n, k in ((6144, 4096), (4096, 14336), (8 * 37, 128 * 5)):
+        codes, scale = fp8.quantize_rows(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        xq, xs = fp8.quantize_rows(torch.randn(40, k, device="cuda", generator=g).bfloat16())
+        for splits in (None, 1, 3):
+            got = []
+            for ahead in (1, 2):
+                monkeypatch.setattr(fp8_wgmma, "AHEAD", ahead)
+                got.append(fp8_wgmma.fp8_wgmma_cuda(xq, xs, codes, scale, torch.bfloat16,
+                                                    splits=splits))
+            assert torch.equal(got[0], got[1]), (n, k, splits)
+
+
+@pytest.mark.skipif(not _hopper(), reason="wgmma: Hopper (sm_90) only")
 def test_wgmma_token_rows_do_not_depend_on_their_batch_mates():
     """A token's row has the same bits at 5 tokens (width 8) as at 64 (width 64)."""
     from weavelm.kernels import fp8_wgmma

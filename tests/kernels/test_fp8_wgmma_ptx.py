@@ -1,7 +1,7 @@
 """The FP8 warpgroup kernel compiles for sm_90a and `ptxas` assembles it: four native e4m3
 `wgmma.mma_async` a step at the build's width (A from registers: ptxas lowers them to QGMMA
-with register sources), the tokens staged with `cp.async` and handed to the tensor cores
-through `fence.proxy.async`, weights streamed in 16-byte no-L1 loads, per-thread state in
+with register sources), the tokens staged with `cp.async` (in groups, one a step) and
+handed to the tensor cores through `fence.proxy.async`, weights streamed in 16-byte no-L1 loads, per-thread state in
 registers (no `.local` in the PTX). No GPU needed (cc is always passed). The simulator runs
 the same source against a model of wgmma (test_fp8_wgmma_sim.py).
 
@@ -26,19 +26,22 @@ from weavelm.kernels.launcher import Kernel  # noqa: E402
 PTXAS = shutil.which("ptxas")
 
 
-def kernel_ptx(dt: str, n8: int, pdl: bool = False) -> str:
-    return Kernel("t", lambda: F._build_kernel(dt, n8, pdl), F.SIGNATURE, max_threads=F.THREADS,
-                  min_blocks=F.CTAS_PER_SM).ptx()
+def kernel_ptx(dt: str, n8: int, pdl: bool = False, ahead: int = 1) -> str:
+    return Kernel("t", lambda: F._build_kernel(dt, n8, pdl, ahead), F.SIGNATURE,
+                  max_threads=F.THREADS, min_blocks=F.CTAS_PER_SM).ptx()
 
 
-@pytest.mark.parametrize("dt,n8", [("bf16", 1), ("f16", 3), ("bf16", 5), ("bf16", 8)])
-def test_fp8_wgmma_kernel_ptx(dt, n8, tmp_path):
-    ptx = kernel_ptx(dt, n8)
+@pytest.mark.parametrize("dt,n8,ahead", [("bf16", 1, 1), ("f16", 3, 1), ("bf16", 5, 1),
+                                         ("bf16", 8, 1), ("bf16", 4, 2)])
+def test_fp8_wgmma_kernel_ptx(dt, n8, ahead, tmp_path):
+    """Four products a step, the loop unrolled over the ring of ahead + 1 steps."""
+    ptx = kernel_ptx(dt, n8, ahead=ahead)
     n = 8 * n8
-    assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3") == 4
+    assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3") == 4 * (ahead + 1)
     for ins in ("wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned",
                 "wgmma.wait_group.sync.aligned 0", "cp.async.ca.shared.global",
-                "cp.async.wait_all", "fence.proxy.async.shared::cta", "cvta.to.shared.u64",
+                "cp.async.commit_group", f"cp.async.wait_group {ahead - 1}",
+                "fence.proxy.async.shared::cta", "cvta.to.shared.u64",
                 "ld.global.nc.L1::no_allocate.v4.u32", "atom.acq_rel.sys", "shfl.sync.bfly"):
         assert ins in ptx, ins
     assert ".local" not in ptx

@@ -3,10 +3,10 @@ simulator against the dequantized product in float32 (`fp8_gemv.fp8_gemv_ref`, w
 path computes). The simulator cannot run wgmma: `ptx_wgmma.sim_wgmma_fp8_steps` models it from
 the PTX ISA's fragment layouts and its K-major shared-memory layout, decoding each product's
 descriptor, so what this checks is that the kernel's weight fragments, its token layout in
-shared memory (the permutation of k both share), its descriptors, split K and its paired
-stores agree with that reading of the ISA. Shapes: widths 8 to 64 tokens partly filled, a row
-group partly past the last row, K in even and uneven slices, each call twice (the split-K
-counters must be back at 0)."""
+shared memory (the permutation of k both share), its descriptors, its ring of steps in
+flight, split K and its paired stores agree with that reading of the ISA. Shapes: widths 8 to
+64 tokens partly filled, a row group partly past the last row, K in even and uneven slices,
+one and two steps ahead, each call twice (the split-K counters must be back at 0)."""
 from __future__ import annotations
 
 import pytest
@@ -17,13 +17,16 @@ sim = pytest.mark.skipif(not IN_SIM, reason="runs in the simulator subprocess (t
 
 
 @sim
-@pytest.mark.parametrize("m,n,k,dtype,splits", [
-    (5, 200, 256, torch.bfloat16, 2),     # width 8 with 5 tokens; rows 128-199 of a group of 256
-    (20, 128, 384, torch.float16, 2),     # width 24; K in slices of one and two steps
-    (64, 136, 256, torch.bfloat16, 1),    # width 64, every token; one slice
+@pytest.mark.parametrize("m,n,k,dtype,splits,ahead", [
+    (5, 200, 256, torch.bfloat16, 2, 1),  # width 8 with 5 tokens; rows 128-199 of a group of 256
+    (20, 128, 384, torch.float16, 2, 1),  # width 24; K in slices of one and two steps
+    (64, 136, 256, torch.bfloat16, 1, 1),  # width 64, every token; one slice
+    (24, 136, 640, torch.bfloat16, 1, 2),  # two steps ahead: 5 steps through a ring of 3
+    (9, 64, 896, torch.bfloat16, 2, 2),   # ... slices of 3 and 4 steps (the tail's waits)
 ])
-def test_sim_wgmma_equals_the_dequantized_product(m, n, k, dtype, splits):
+def test_sim_wgmma_equals_the_dequantized_product(m, n, k, dtype, splits, ahead, monkeypatch):
     from weavelm.kernels import fp8_wgmma as F
+    monkeypatch.setattr(F, "AHEAD", ahead)
     from weavelm.kernels.fp8_gemv import fp8_gemv_ref
     from weavelm.parallel.fp8 import quantize_rows
     g = torch.Generator().manual_seed(m * n + k)

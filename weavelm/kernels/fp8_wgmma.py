@@ -28,6 +28,11 @@ B (N = n, the tokens rounded up to 8), so the instruction is as wide as the batc
   held while they fly: `stage_tokens`, issued with the next step's weight loads) and read by
   the tensor cores after the wait, `fence.proxy.async` and a barrier. The CTA's two
   warpgroups share the copy.
+* Steps in flight: the weights of AHEAD steps past the one in use are in registers (a ring of
+  AHEAD + 1 slots, the loop unrolled over it so that every slot index is a constant) and their
+  tokens in shared memory (as many buffers, one `cp.async` group a step, waited for one step
+  before use): AHEAD = 2 holds 16 more registers a thread and, with two CTAs an SM, ~48 KB of
+  weight loads in flight an SM instead of ~32.
 * Split K as in `fp8_mma`: S slices (of the layer's shape only, never of the tokens); each
   CTA stores fp32 partials, counts itself, and the last of a row group's S CTAs adds them in
   slice order, scales, rounds and stores (a counter back at 0 for the next call).
@@ -44,6 +49,8 @@ WG_ROWS = 64                    # weight rows a warpgroup
 WGS = 2                         # warpgroups a CTA (they share the tokens' copy)
 CTA_ROWS = WG_ROWS * WGS
 THREADS = 128 * WGS
+AHEAD = 1                       # steps of weights (registers) and tokens in flight past the
+                                # one in use (2: more bytes in flight, 16 registers more)
 CTAS_PER_SM = 2                 # split K until the grid has this many CTAs an SM ...
 MAX_SPLIT = 8                   # ... in at most this many slices
 SIGNATURE = "void(" + ", ".join(["uint64"] * 7 + ["int64"] * 4) + ")"
@@ -97,21 +104,21 @@ def _workspace(N: int, S: int, key: tuple):
 
 
 def _plan(dt: str, n8: int, device: int):
-    key = (dt, n8, device)
+    key = (dt, n8, AHEAD, device)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
         pdl = launcher.pdl_enabled(device)
         p = remember(_plans, key, launcher.kernel(
-            ("fp8_wgmma", dt, n8), lambda: _build_kernel(dt, n8, pdl), SIGNATURE,
+            ("fp8_wgmma", dt, n8, AHEAD), lambda: _build_kernel(dt, n8, pdl, AHEAD), SIGNATURE,
             max_threads=THREADS, min_blocks=CTAS_PER_SM, pdl=pdl))
     return p
 
 
 def warpgroup_steps_fn(n: int):
-    """steps(acc, wa, d0, d1, d2, d3, frag, cd, tok, tid): `ptx_wgmma.wgmma_fp8_steps(n)` on
-    the thread's accumulators acc [n / 2] and weight words wa [16] (row g: words 0-7, row g + 8:
-    8-15; product i takes words 2i, 2i + 1 of each), B at descriptors d0-d3. Under the
+    """steps(acc, wa, o, d0, d1, d2, d3, frag, cd, tok, tid): `ptx_wgmma.wgmma_fp8_steps(n)`
+    on the thread's accumulators acc [n / 2] and weight words wa[o:o + 16] (row g: words 0-7,
+    row g + 8: 8-15; product i takes words 2i, 2i + 1 of each), B at descriptors d0-d3. Under the
     simulator the threads leave their fragments in frag / cd between barriers and thread 0 of
     each warpgroup runs the model, so every thread of the CTA must call it alike."""
     from weavelm.kernels import ptx, ptx_wgmma
@@ -122,10 +129,10 @@ def warpgroup_steps_fn(n: int):
         from numba import float32
         model = ptx_wgmma.sim_wgmma_fp8_steps
 
-        def steps_sim(c, wa, d0, d1, d2, d3, frag, cd, tok, tid):
+        def steps_sim(c, wa, o, d0, d1, d2, d3, frag, cd, tok, tid):
             for i in range(4):
                 frag[tid * 16 + 4 * i:tid * 16 + 4 * i + 4] = (
-                    wa[2 * i], wa[8 + 2 * i], wa[2 * i + 1], wa[9 + 2 * i])
+                    wa[o + 2 * i], wa[o + 8 + 2 * i], wa[o + 2 * i + 1], wa[o + 9 + 2 * i])
             for v in range(acc):
                 cd[tid * acc + v] = c[v]
             cuda.syncthreads()
@@ -138,10 +145,10 @@ def warpgroup_steps_fn(n: int):
         return device(steps_sim)
 
     hw = ptx_wgmma.wgmma_fp8_steps(n)
-    words = ", ".join(f"wa[{2 * i}], wa[{8 + 2 * i}], wa[{2 * i + 1}], wa[{9 + 2 * i}]"
-                      for i in range(4))
+    words = ", ".join(f"wa[o + {2 * i}], wa[o + {8 + 2 * i}], wa[o + {2 * i + 1}], "
+                      f"wa[o + {9 + 2 * i}]" for i in range(4))
     cs = ", ".join(f"c[{v}]" for v in range(acc))
-    src = (f"def steps_hw(c, wa, d0, d1, d2, d3, frag, cd, tok, tid):\n"
+    src = (f"def steps_hw(c, wa, o, d0, d1, d2, d3, frag, cd, tok, tid):\n"
            f"    r = hw({cs}, {words}, d0, d1, d2, d3, 1)\n"
            + "".join(f"    c[{v}] = r[{v}]\n" for v in range(acc)))
     ns = {"hw": hw}
@@ -157,7 +164,7 @@ def _numba_cuda():
 cuda = None  # numba.cuda, bound by the builder: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, n8: int, pdl: bool = False):
+def _build_kernel(dt: str, n8: int, pdl: bool = False, ahead: int = 1):
     global cuda
     from numba import float32, int32, uint32, uint64
 
@@ -176,12 +183,15 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
     as_f32, as_u32 = ptx.u32_as_f32, ptx.f32_as_u32
     count = ptx.atomic_add_acq_rel_sys_u32
     fence_async = ptx_wgmma.fence_proxy_async_shared
-    cp_async, cp_wait = ptx_wgmma.cp_async_4, ptx_wgmma.cp_async_wait_all
+    cp_async, commit = ptx_wgmma.cp_async_4, ptx_wgmma.cp_async_commit
+    wait_keep, wait_all = ptx_wgmma.cp_async_wait(ahead - 1), ptx_wgmma.cp_async_wait(0)
     shared_address = ptx_wgmma.shared_address
     chunks = n * 8                                        # 16-byte token chunks a step
     per_thread = -(-chunks // THREADS)
     buf_words = n * 32                                    # a step of tokens: n x 128 bytes
-    tok_words = 2 * buf_words
+    ring = ahead + 1                                      # steps held: the one in use + ahead
+    tok_words = ring * buf_words
+    ring_words = ring * 16
     lbo = n8 * 128                                        # between a product's two k halves
     product_bytes = 2 * lbo                               # between a step's products
     fields = uint64(((lbo >> 4) << 16) | ((128 >> 4) << 32))   # SBO: 8 rows of 16 bytes
@@ -197,7 +207,7 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
             return cuda.shared.array(tok_words, uint32, alignment=128)
     token_buffers = device(token_buffers)
 
-    def load_weights(w_ptr, dst, row_a, q, s, N, K):
+    def load_weights(w_ptr, dst, slot, row_a, q, s, N, K):
         """The thread's 2 x 16 bytes of rows row_a and row_a + 8 in step s (0 past the last)."""
         for h in range(2):
             row = row_a + 8 * h
@@ -205,10 +215,10 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
                 if row < N:
                     w = load_w(w_ptr + row * K + s * STEP + u * 64 + q * 16)
                     for e in range(4):
-                        dst[h * 8 + u * 4 + e] = w[e]
+                        dst[slot * 16 + h * 8 + u * 4 + e] = w[e]
                 else:
                     for e in range(4):
-                        dst[h * 8 + u * 4 + e] = 0
+                        dst[slot * 16 + h * 8 + u * 4 + e] = 0
 
     if simulator:                                          # copies at once, in the thread
         def copy4(tok, at, src, size):
@@ -234,9 +244,14 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
                           + (e & 1) * lbo + (m >> 3) * 128 + (m & 7) * 16 + (part & 3) * 4)
                     copy4(tok, at, src + e * 4, size)
 
-    def staged():
-        """This thread's copies done and seen by the tensor cores (after the next barrier)."""
-        cp_wait()
+    def staged(more):
+        """This thread's copies of the step after the one just used are done, to be seen by
+        the tensor cores after the next barrier: all but the `ahead - 1` newest groups where
+        `more` (a group went out for every step ahead), else all."""
+        if more:
+            wait_keep()
+        else:
+            wait_all()
         fence_async()
 
     def desc(o):
@@ -261,38 +276,41 @@ def _build_kernel(dt: str, n8: int, pdl: bool = False):
                     for u in range(2):
                         prefetch(w_ptr + (row_a + 8 * h) * K + s0 * STEP + u * 64 + q * 16)
         enter()
-        tok = token_buffers()                             # two steps of tokens, wgmma layout
+        tok = token_buffers()                             # `ring` steps of tokens
         frag = cuda.shared.array(n_frag, uint32)          # simulator: the threads' fragments
         cd = cuda.shared.array(n_cd, float32)             # simulator: their sums
         xch = cuda.shared.array(n_x, float32)             # simulator: the pair exchange
         bcast = cuda.shared.array(1, int32)
         acc = cuda.local.array(acc_n, float32)
-        wa = cuda.local.array(16, uint32)                 # this step's weight words
-        wn = cuda.local.array(16, uint32)                 # the next step's
+        wring = cuda.local.array(ring_words, uint32)      # weight words, a slot a step
         for a in range(n8):                               # (small nested loops: unrolled,
             for v in range(4):                            # so every array stays in registers)
                 acc[4 * a + v] = float32(0.0)
         base = shared_address(tok)
-        load_weights(w_ptr, wa, row_a, q, s0, N, K)       # (s0 < s1: S <= steps)
-        stage_tokens(tok, xq_ptr, tid, 0, s0, M, K)
-        staged()
+        for r in range(ahead):                            # the first steps (s0 < s1: S <= steps)
+            if s0 + r < s1:
+                load_weights(w_ptr, wring, r, row_a, q, s0 + r, N, K)
+                stage_tokens(tok, xq_ptr, tid, r, s0 + r, M, K)
+                commit()
+        staged(s0 + ahead - 1 < s1)                       # step s0's in place
         cuda.syncthreads()
-        b = 0
-        for s in range(s0, s1):
-            more = s + 1 < s1
-            if more:                                      # the next step's loads first, the
-                stage_tokens(tok, xq_ptr, tid, b ^ 1, s + 1, M, K)   # other buffer's (read a
-                load_weights(w_ptr, wn, row_a, q, s + 1, N, K)      # step ago)
-            o = base + b * (buf_words * 4)
-            steps4(acc, wa, desc(o), desc(o + product_bytes), desc(o + 2 * product_bytes),
-                   desc(o + 3 * product_bytes), frag, cd, tok, tid)
-            if more:
-                staged()
-            cuda.syncthreads()
-            for a in range(4):
-                for e in range(4):
-                    wa[4 * a + e] = wn[4 * a + e]
-            b ^= 1
+        s = s0
+        while s < s1:                                     # step s + r in slot r (unrolled, so
+            for r in range(ring):                         # the slots stay in registers)
+                if s + r < s1:
+                    nxt = s + r + ahead
+                    slot = (r + ahead) % ring             # the slot read a step ago
+                    if nxt < s1:                          # its next loads first
+                        stage_tokens(tok, xq_ptr, tid, slot, nxt, M, K)
+                        commit()
+                        load_weights(w_ptr, wring, slot, row_a, q, nxt, N, K)
+                    o = base + r * (buf_words * 4)
+                    steps4(acc, wring, r * 16, desc(o), desc(o + product_bytes),
+                           desc(o + 2 * product_bytes), desc(o + 3 * product_bytes),
+                           frag, cd, tok, tid)
+                    staged(nxt < s1)                      # step s + r + 1's in place
+                    cuda.syncthreads()
+            s += ring
 
         # acc[v]: row row_a + 8 (v >> 1 & 1), token 8 (v >> 2) + 2 q + (v & 1)
         last = True

@@ -8,8 +8,9 @@ which `ptx._asm` does not express.
   wgmma matrix descriptor holds (`cvta.to.shared`).
 * `fence_proxy_async_shared()`: `fence.proxy.async.shared::cta` - shared-memory stores made by
   this thread are seen by the tensor cores' (async proxy) reads after the next barrier.
-* `cp_async_4(dst, src, size)`, `cp_async_wait_all()`: 4-byte copies global -> shared that hold
-  no registers while in flight (the kernel stages the tokens with them).
+* `cp_async_4(dst, src, size)`, `cp_async_commit()`, `cp_async_wait(pending)`: 4-byte copies
+  global -> shared that hold no registers while in flight (the kernel stages the tokens with
+  them), grouped, and the wait for all but the `pending` newest groups.
 * `wgmma_fp8_steps(n)`: an intrinsic issuing four `wgmma.mma_async.m64n{n}k32.f32.e4m3.e4m3`
   on one accumulator (A from registers, B from shared memory), then waiting for them: when it
   returns the sums are in the registers, so nothing the compiler schedules around it can see a
@@ -55,13 +56,26 @@ fence_proxy_async_shared = ptx._asm(
     "fence_proxy_async_shared", "fence.proxy.async.shared::cta;", (), (), memory=True,
     model=lambda: None)
 
-# Global -> shared without registers (4 bytes; src_size 0 writes zeros and reads nothing), and
-# the wait for all of this thread's copies. The copies are the generic proxy's: the tensor cores
-# see them after the wait, `fence_proxy_async_shared` and a barrier.
+# Global -> shared without registers (4 bytes; src_size 0 writes zeros and reads nothing), a
+# group of them closed, and the wait for groups. The copies are the generic proxy's: the tensor
+# cores see them after the wait, `fence_proxy_async_shared` and a barrier.
 cp_async_4 = ptx._asm("cp_async_4", "cp.async.ca.shared.global [$0], [$1], 4, $2;", (),
                       ("u32", "u64", "u32"), memory=True)
-cp_async_wait_all = ptx._asm("cp_async_wait_all", "cp.async.wait_all;", (), (), memory=True,
-                             model=lambda: None)
+cp_async_commit = ptx._asm("cp_async_commit", "cp.async.commit_group;", (), (), memory=True,
+                           model=lambda: None)
+_waits: dict = {}
+
+
+def cp_async_wait(pending: int):
+    """The intrinsic waiting until at most `pending` of this thread's committed groups of
+    copies are still in flight (`cp.async.wait_group pending`)."""
+    f = _waits.get(pending)
+    if f is None:
+        f = _waits[pending] = ptx._asm(f"cp_async_wait_{pending}",
+                                       f"cp.async.wait_group {pending};", (), (), memory=True,
+                                       model=lambda: None)
+    return f
+
 
 _steps: dict = {}
 
