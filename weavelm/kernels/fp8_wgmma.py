@@ -117,8 +117,10 @@ def _plan(dt: str, n8: int, device: int):
 
 def warpgroup_steps_fn(n: int):
     """steps(acc, wa, o, d0, d1, d2, d3, frag, cd, tok, tid): `ptx_wgmma.wgmma_fp8_steps(n)`
-    on the thread's accumulators acc [n / 2] and weight words wa[o:o + 16] (row g: words 0-7,
-    row g + 8: 8-15; product i takes words 2i, 2i + 1 of each), B at descriptors d0-d3. Under the
+    on the weight words wa[o:o + 16] (row g: words 0-7, row g + 8: 8-15; product i takes words
+    2i, 2i + 1 of each), B at descriptors d0-d3, its fresh sums added to the thread's fp32
+    accumulators acc [n / 2] (the products' own accumulation keeps ~14 bits: 128 of K at a
+    time, as CUTLASS's FP8 main loop). Under the
     simulator the threads leave their fragments in frag / cd between barriers and thread 0 of
     each warpgroup runs the model, so every thread of the CTA must call it alike."""
     from weavelm.kernels import ptx, ptx_wgmma
@@ -133,24 +135,21 @@ def warpgroup_steps_fn(n: int):
             for i in range(4):
                 frag[tid * 16 + 4 * i:tid * 16 + 4 * i + 4] = (
                     wa[o + 2 * i], wa[o + 8 + 2 * i], wa[o + 2 * i + 1], wa[o + 9 + 2 * i])
-            for v in range(acc):
-                cd[tid * acc + v] = c[v]
             cuda.syncthreads()
             if tid & 127 == 0:
                 model(frag, cd, tok, (d0, d1, d2, d3), n, tid)
             cuda.syncthreads()
             for v in range(acc):
-                c[v] = float32(cd[tid * acc + v])
+                c[v] = float32(c[v] + cd[tid * acc + v])
             cuda.syncthreads()
         return device(steps_sim)
 
     hw = ptx_wgmma.wgmma_fp8_steps(n)
     words = ", ".join(f"wa[o + {2 * i}], wa[o + {8 + 2 * i}], wa[o + {2 * i + 1}], "
                       f"wa[o + {9 + 2 * i}]" for i in range(4))
-    cs = ", ".join(f"c[{v}]" for v in range(acc))
     src = (f"def steps_hw(c, wa, o, d0, d1, d2, d3, frag, cd, tok, tid):\n"
-           f"    r = hw({cs}, {words}, d0, d1, d2, d3, 1)\n"
-           + "".join(f"    c[{v}] = r[{v}]\n" for v in range(acc)))
+           f"    r = hw({words}, d0, d1, d2, d3, 1)\n"
+           + "".join(f"    c[{v}] += r[{v}]\n" for v in range(acc)))
     ns = {"hw": hw}
     exec(src, ns)                                  # constant indices: all in registers
     return device(ns["steps_hw"])

@@ -1,8 +1,7 @@
 """Hopper warpgroup tensor-core primitives (sm_90a): the inline PTX of `fp8_wgmma.py`.
 
 Kept beside `ptx.py` (whose factory and conventions they use) because a warpgroup product has
-an operand count of its own: its accumulators are read and written in place (tied operands),
-which `ptx._asm` does not express.
+an operand count of its own (up to 32 results, 21 operands) and a shape per width.
 
 * `shared_address(arr)`: the shared-window address (32 bits) of a `cuda.shared.array`, what a
   wgmma matrix descriptor holds (`cvta.to.shared`).
@@ -12,8 +11,8 @@ which `ptx._asm` does not express.
   global -> shared that hold no registers while in flight (the kernel stages the tokens with
   them), grouped, and the wait for all but the `pending` newest groups.
 * `wgmma_fp8_steps(n)`: an intrinsic issuing four `wgmma.mma_async.m64n{n}k32.f32.e4m3.e4m3`
-  on one accumulator (A from registers, B from shared memory), then waiting for them: when it
-  returns the sums are in the registers, so nothing the compiler schedules around it can see a
+  into a fresh accumulator (A from registers, B from shared memory), then waiting for them:
+  when it returns the sums are in the registers, so nothing the compiler schedules around it can see a
   register still being written (each call costs the products' latency; the kernel keeps other
   warpgroups' loads in flight meanwhile).
 
@@ -81,11 +80,14 @@ _steps: dict = {}
 
 
 def wgmma_fp8_steps(n: int):
-    """The intrinsic f(c_0 .. c_{n/2-1}, a_0 .. a_15, desc_0 .. desc_3, one) -> (d_0 ..): four
-    m64n{n}k32 e4m3 products into one fp32 accumulator, c as the thread's accumulator fragment
-    (c_v: row 16 warp + g + 8 (v >> 1 & 1), column 8 (v >> 2) + 2 q + (v & 1), lane = 4 g + q),
-    a_{4i..4i+3} product i's A fragment (a0: row g, k 4q..4q+3; a1: row g + 8; a2, a3: k + 16),
-    desc_i product i's B descriptor, `one` = 1 (the scale-d predicate: accumulate)."""
+    """The intrinsic f(a_0 .. a_15, desc_0 .. desc_3, one) -> (d_0 .. d_{n/2-1}): four
+    m64n{n}k32 e4m3 products summed into a fresh fp32 accumulator fragment (d_v: row 16 warp +
+    g + 8 (v >> 1 & 1), column 8 (v >> 2) + 2 q + (v & 1), lane = 4 g + q), a_{4i..4i+3}
+    product i's A fragment (a0: row g, k 4q..4q+3; a1: row g + 8; a2, a3: k + 16), desc_i
+    product i's B descriptor, `one` = 1 (the scale-d predicates: the first product overwrites,
+    the others add). Fresh because Hopper's FP8 products accumulate with ~14 bits kept (the
+    fast mode): the caller adds each call's 128 of K into its own fp32 sums, as CUTLASS's FP8
+    main loop promotes every 4 products."""
     f = _steps.get(n)
     if f is None:
         f = _steps[n] = _make_steps(n)
@@ -97,22 +99,22 @@ def _make_steps(n: int):
     if ptx.SIMULATOR:
         return ptx._sim_model(f"wgmma_fp8_steps_n{n}", "", None)   # modelled by the caller
     d = ", ".join(f"${i}" for i in range(acc))
-    a0, s0 = 2 * acc, 2 * acc + 4 * STEPS                    # first A word, first descriptor
+    a0, s0 = acc, acc + 4 * STEPS                             # first A word, first descriptor
     one = s0 + STEPS
-    lines = ["{ .reg .pred p;", f"setp.ne.b32 p, ${one}, 0;", "wgmma.fence.sync.aligned;"]
+    lines = ["{ .reg .pred p, z;", f"setp.ne.b32 p, ${one}, 0;", f"setp.eq.b32 z, ${one}, 0;",
+             "wgmma.fence.sync.aligned;"]
     for i in range(STEPS):
         a = ", ".join(f"${a0 + 4 * i + j}" for j in range(4))
         lines.append(f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3 {{{d}}}, {{{a}}}, "
-                     f"${s0 + i}, p, 1, 1;")
+                     f"${s0 + i}, {'z' if i == 0 else 'p'}, 1, 1;")
     lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0; }"]
     text = " ".join(lines)
     f32, u32, u64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
     fnty = ir.FunctionType(ir.LiteralStructType([f32] * acc),
-                           [f32] * acc + [u32] * (4 * STEPS) + [u64] * STEPS + [u32])
-    constraints = ",".join(["=f"] * acc + [str(i) for i in range(acc)] + ["r"] * (4 * STEPS)
-                           + ["l"] * STEPS + ["r", "~{memory}"])
-    arg_types = [types.float32] * acc + [types.uint32] * (4 * STEPS) + [types.uint64] * STEPS \
-        + [types.uint32]
+                           [u32] * (4 * STEPS) + [u64] * STEPS + [u32])
+    constraints = ",".join(["=f"] * acc + ["r"] * (4 * STEPS) + ["l"] * STEPS
+                           + ["r", "~{memory}"])
+    arg_types = [types.uint32] * (4 * STEPS) + [types.uint64] * STEPS + [types.uint32]
     ret = types.UniTuple(types.float32, acc)
 
     def typer(typingctx, *args):
@@ -139,8 +141,8 @@ def desc_fields(desc: int) -> tuple[int, int, int]:
 
 def sim_wgmma_fp8_steps(frag, cd, smem, descs, n: int, t0: int) -> None:
     """The warpgroup of threads t0 .. t0 + 127 runs `wgmma_fp8_steps(n)`: frag holds each
-    thread's 16 A words (16 a thread, from thread 0 of the CTA), cd its n / 2 accumulators
-    (replaced by the sums), smem the shared array the descriptors point into (its byte offsets
+    thread's 16 A words (16 a thread, from thread 0 of the CTA), cd receives its n / 2 sums of
+    the four products (fresh: the caller adds them to its own), smem the shared array the descriptors point into (its byte offsets
     are the addresses). B is K-major, no swizzle: element (column j, k) of product i at byte
     start_i + (k // 16) LBO + (j // 8) SBO + (j % 8) 16 + k % 16."""
     acc = n // 2
@@ -148,7 +150,6 @@ def sim_wgmma_fp8_steps(frag, cd, smem, descs, n: int, t0: int) -> None:
     raw = np.asarray(smem).view(np.uint8)
     words = np.asarray(frag[t0 * 16:(t0 + 128) * 16], dtype=np.uint32).reshape(128, STEPS, 4)
     codes = words.view(np.uint8).reshape(128, STEPS, 4, 4)         # [thread, i, reg, byte]
-    c = np.asarray(cd[t0 * acc:(t0 + 128) * acc], dtype=np.float32).reshape(128, acc)
     total = np.zeros((64, n), np.float64)
     for i in range(STEPS):
         a = np.zeros((64, 32), np.float64)
@@ -165,11 +166,11 @@ def sim_wgmma_fp8_steps(frag, cd, smem, descs, n: int, t0: int) -> None:
                 at = start + half * lbo + (j // 8) * sbo + (j % 8) * 16
                 b[j, 16 * half:16 * half + 16] = table[raw[at:at + 16]]
         total += a @ b.T                                      # exact products, summed in f64
-    out = c.copy()
+    out = np.empty((128, acc), np.float32)
     for th in range(128):
         w, g, q = th >> 5, (th & 31) >> 2, th & 3
         for v in range(acc):
             row = 16 * w + g + 8 * ((v >> 1) & 1)
             col = 8 * (v >> 2) + 2 * q + (v & 1)
-            out[th, v] = np.float32(np.float64(c[th, v]) + total[row, col])
+            out[th, v] = np.float32(total[row, col])
     cd[t0 * acc:(t0 + 128) * acc] = out.reshape(-1)
