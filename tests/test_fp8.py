@@ -88,6 +88,23 @@ def test_fp8_logits_equal_the_scheme_in_float64(tiny, tp):
     assert quantization_error > 100 * err      # the test sees the rounding it checks
 
 
+def test_norm_rounding_its_output_gives_the_same_logits(tiny, monkeypatch):
+    """With `fp8.NORM_ROUNDS` the residual add + RMSNorm before each FP8 block hands it the
+    activations already rounded (`add_rms_norm_rounded`, one kernel on a GPU): the same codes,
+    so the same logits bit for bit, and every norm but the final one takes that path."""
+    from weavelm.parallel import fp8
+    path, _ = tiny
+    plain = _logits(1, path, "fp8")[0]
+    calls = []
+    real = fp8.add_rms_norm_rounded
+    monkeypatch.setattr(fp8, "NORM_ROUNDS", True)
+    monkeypatch.setattr(fp8, "add_rms_norm_rounded",
+                        lambda *a: calls.append(1) or real(*a))
+    rounded = _logits(1, path, "fp8")[0]
+    assert torch.equal(rounded, plain)
+    assert calls                                 # (2 norms a layer but the last, a forward)
+
+
 def test_quantize_rows_matches_float64():
     from weavelm.parallel.fp8 import dequantize_rows, quantize_rows
     g = torch.Generator().manual_seed(0)

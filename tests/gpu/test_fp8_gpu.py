@@ -240,6 +240,32 @@ def test_fp8_logits_near_bf16():
     assert 0 < rel <= 0.25
 
 
+def test_norm_rounding_gives_the_same_tokens_and_logits(monkeypatch):
+    """`fp8.NORM_ROUNDS` (the norm kernel rounds its output for the FP8 block after it) leaves
+    an FP8 model's logits (codes equal by construction) bit for bit and its greedy decode
+    tokens (CUDA graphs, 1-17 sequences) unchanged."""
+    from weavelm import LLM, SamplingParams
+    from weavelm.bench.prefill import fill_random
+    from weavelm.bench.shapes import shape_config
+    from weavelm.engine.config import EngineConfig
+    from weavelm.parallel import fp8
+    cfg = shape_config("llama3-8b", 2)
+    prompts = [[7 + i, 8, 9 + i] for i in range(17)]
+    config = EngineConfig(device="cuda", dtype="bfloat16", quantization="fp8", max_model_len=256,
+                          num_kv_blocks=128)
+    llm = LLM.from_config(config, cfg, lambda m: fill_random(m, 0), progress=False)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    seqs = [list(range(1, 100)), [5, 6, 7]]
+
+    def run():
+        return llm.logits(seqs), [o.token_ids for o in llm.generate_from_ids(prompts, params)]
+    logits, tokens = run()
+    monkeypatch.setattr(fp8, "NORM_ROUNDS", True)
+    logits_r, tokens_r = run()
+    assert torch.equal(logits_r, logits)
+    assert tokens_r == tokens
+
+
 @pytest.mark.parametrize("kernel", ["mma", "lanes"])
 def test_paged_kernel_fp8_cache_equals_reference(kernel):
     """bf16 queries against an FP8 (e4m3) cache with key and value scales, both decode-

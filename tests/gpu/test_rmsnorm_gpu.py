@@ -129,3 +129,19 @@ def test_cuda_graph_of_100_launches_replays_correctly():
     for _ in range(n):
         ref_y, ref_res = R.fused_add_rms_norm_ref(x, ref_res, w, EPS)
     torch.testing.assert_close(out, ref_y, rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [2, 16, 64, 4099])
+def test_fused_add_rms_norm_rounded_to_fp8(dtype, T):
+    """The variant that rounds its output to FP8 in the same kernel: the residual of the plain
+    kernel and the codes and scales `fp8_quant` makes of the plain kernel's output, bit for
+    bit (Llama-3-8B's hidden size)."""
+    from weavelm.kernels.fp8_quant import quantize_rows_cuda
+    x, res, w = rand((T, 4096), dtype, 11), rand((T, 4096), dtype, 12), rand((4096,), dtype, 13)
+    y, want_res = R.fused_add_rms_norm_cuda(x, res.clone(), w, EPS)
+    want_codes, want_scale = quantize_rows_cuda(y)
+    codes, scale, new_res = R.fused_add_rms_norm_rounded_cuda(x, res.clone(), w, EPS)
+    assert torch.equal(new_res, want_res)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))

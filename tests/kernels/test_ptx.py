@@ -165,6 +165,22 @@ def test_rmsnorm_kernel_ptx(dt, has_residual, vpt, tmp_path):
         assert no_spills(r), r.stderr              # (a weight held in registers spilled)
 
 
+@pytest.mark.parametrize("dt,vpt", [("bf16", 4), ("f16", 8)])
+def test_rmsnorm_rounded_kernel_ptx(dt, vpt, tmp_path):
+    """The fused add + RMSNorm that rounds its output to FP8: e4m3 packs and 4-byte code
+    stores where the plain one stores its 16-byte output rows, a second block reduction (the
+    row maximum), the row in registers, no spills."""
+    k = Kernel("t", lambda: R._build_kernel(dt, True, vpt, rounded=True), R.SIGNATURE,
+               max_threads=R.MAX_BLOCK)
+    ptx = k.ptx()
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "st.global.u32" in ptx
+    assert ptx.count("bar.sync") >= 4 and ".local" not in ptx
+    if PTXAS:
+        r = assemble(ptx, "sm_90a", tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert no_spills(r), r.stderr
+
+
 @pytest.mark.parametrize("dt,lanes,group,rows,pipeline,kv8", [
     ("bf16", 16, 4, 2, False, False), ("f32", 32, 2, 2, True, False),
     ("bf16", 16, 4, 4, True, False), ("bf16", 16, 4, 4, True, True)])

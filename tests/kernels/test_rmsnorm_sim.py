@@ -86,6 +86,22 @@ def test_sim_fused_add_rms_norm(dtype, T, D, inplace):
 @sim
 @pytest.mark.parametrize("T,D", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sim_fused_add_rms_norm_rounded_to_fp8(dtype, T, D):
+    """The rounded variant: the residual as the plain kernel leaves it, and the codes and
+    scales `quantize_rows` makes of the plain kernel's output, bit for bit."""
+    from weavelm.parallel.fp8 import quantize_rows
+    x, res, w = rand((T, D), dtype, 6), rand((T, D), dtype, 7), rand((D,), dtype, 8)
+    y, want_res = R.fused_add_rms_norm_cuda(x, res.clone(), w, 1e-6)
+    want_codes, want_scale = quantize_rows(y)
+    codes, scale, new_res = R.fused_add_rms_norm_rounded_cuda(x, res.clone(), w, 1e-6)
+    assert torch.equal(new_res, want_res)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@sim
+@pytest.mark.parametrize("T,D", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sim_rms_norm(dtype, T, D):
     x, w = rand((T, D), dtype, 4), rand((D,), dtype, 5)
     out = torch.full_like(x, float("nan"))

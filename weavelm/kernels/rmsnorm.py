@@ -64,7 +64,7 @@ def fused_add_rms_norm(x, residual, weight, eps, out=None, inplace_residual=True
 # ----------------------------------------------------------------------------- launchers
 
 VPT_CLASSES = (4, MAX_VPT)  # shape classes: max 16-byte vectors per thread (one compile each)
-SIGNATURE = "void(uint64, uint64, uint64, uint64, uint64, int64, int64, float64)"
+SIGNATURE = "void(uint64, uint64, uint64, uint64, uint64, int64, int64, float64, uint64)"
 _warned: set = set()
 
 
@@ -110,23 +110,26 @@ def _check_x(x: torch.Tensor):
     return _check("x", x, x, dev, x.shape), d, dev
 
 
-def _run(x, d: int, dev: int, has_residual: bool, *args) -> None:
-    """Launch on args = (x, residual, weight, out, new_residual) addresses + eps."""
+def _run(x, d: int, dev: int, has_residual: bool, *args, scale_ptr: int = 0) -> None:
+    """Launch on args = (x, residual, weight, out, new_residual) addresses + eps; with
+    `scale_ptr` the rounded variant (out: FP8 codes, scale_ptr: their row scales)."""
     rows = x.numel() // d
     if rows:
         n_vec = d * x.element_size() // 16
         dev = max(dev, 0)  # CPU (-1) only under the simulator
-        kern, grid, block = _plan_for(DTYPES[x.dtype], has_residual, n_vec, rows, dev)
-        kern.launch(grid, block, dev, *args[:5], rows, n_vec, float(args[5]))
+        kern, grid, block = _plan_for(DTYPES[x.dtype], has_residual, n_vec, rows, dev,
+                                      bool(scale_ptr))
+        kern.launch(grid, block, dev, *args[:5], rows, n_vec, float(args[5]), scale_ptr)
 
 
 _plans: dict = {}
 
 
-def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
+def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int,
+              rounded: bool = False):
     """(Kernel, grid, block): block = warps to cover the row with <= vpt vectors per thread;
     grid = one CTA per row, capped so CTAs grid-stride over rows beyond a few waves."""
-    key = (dt, has_residual, n_vec, rows, device)
+    key = (dt, has_residual, n_vec, rows, device, rounded)
     p = _plans.get(key)
     if p is None:
         from weavelm.kernels import launcher
@@ -134,8 +137,9 @@ def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int):
         vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
         grid = min(rows, _max_ctas(device, block))
         pdl = launcher.pdl_enabled(device)
-        k = launcher.kernel(("rmsnorm", dt, has_residual, vpt),
-                            lambda: _build_kernel(dt, has_residual, vpt, pdl), SIGNATURE,
+        k = launcher.kernel(("rmsnorm", dt, has_residual, vpt, rounded),
+                            lambda: _build_kernel(dt, has_residual, vpt, pdl, rounded),
+                            SIGNATURE,
                             max_threads=MAX_BLOCK, pdl=pdl)
         p = remember(_plans, key, (k, grid, block))
     return p
@@ -180,13 +184,30 @@ def fused_add_rms_norm_cuda(x, residual, weight, eps, out=None, inplace_residual
     return out, new_residual
 
 
+def fused_add_rms_norm_rounded_cuda(x, residual, weight, eps):
+    """(codes [T, D] float8_e4m3fn, scales [T] float32, residual): the fused kernel with its
+    output rounded to FP8 a row in the same kernel (residual updated in place), the numbers
+    of `fp8_quant.quantize_rows_cuda(fused_add_rms_norm_cuda(x, residual, ...)[0])` bit for
+    bit: y rounded to x's dtype first, scale = max |y| / 448, codes = y / scale in e4m3. An
+    FP8 projection's input without the rounding kernel between (decode at 2-64 tokens)."""
+    xp, d, dev = _check_x(x)
+    rp = _check("residual", residual, x, dev, x.shape)
+    wp = _check("weight", weight, x, dev, (d,))
+    codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    _run(x, d, dev, True, xp, rp, wp, codes.data_ptr(), rp, eps, scale_ptr=scale.data_ptr())
+    return codes, scale, residual
+
+
 # ----------------------------------------------------------------------------- kernel
 
 cuda = None  # numba.cuda, bound by _build_kernel: a module global, so the simulator can swap it
 
 
-def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
-    """The kernel's Python function for one dtype, variant and shape class (not yet jitted)."""
+def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False,
+                  rounded: bool = False):
+    """The kernel's Python function for one dtype, variant and shape class (not yet jitted);
+    `rounded`: the output row rounded to FP8 (codes at out, the row's scale at scale_ptr)."""
     global cuda
     from numba import float32
 
@@ -203,8 +224,11 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
     prefetch = ptx.prefetch_l2
     enter = pdl_entry(pdl)
     block_sum = block_reduce_fn(False)
+    block_max = block_reduce_fn(True)
+    store_u32, pack4, as_u32 = ptx.store_u32, ptx.pack_e4m3x4, ptx.f32_as_u32
 
-    def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps):
+    def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps,
+                       scale_ptr):
         """One CTA per row (grid-stride). x, res, out, res_out: [T, D] row-major; w: [D].
         Thread t owns vectors t, t + blockDim, ... (at most vpt) of each row, in registers.
         Every load of a row is issued before its first store (a store between them would make
@@ -213,6 +237,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
         nthreads = cuda.blockDim.x
         warp_sums = cuda.shared.array(33, float32)  # [32 warp partials, row total]
         thread_sums = cuda.shared.array(sim_slots, float32)  # simulator only
+        warp_max = cuda.shared.array(33, float32)   # rounded: [32 warp maxima, row maximum]
         h = cuda.local.array(nbuf, float32)  # this thread's part of h = x + residual (fp32)
         a = cuda.local.array(epv, float32)  # one vector of x / weight
         b = cuda.local.array(epv, float32)  # one vector of residual / output
@@ -251,6 +276,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
             # the row's sum of squares -> warp_sums[32] (rewritten only after the next row's
             block_sum(ss, warp_sums, thread_sums, tid, nthreads)       # first barrier)
             rstd = float32(1.0) / float32(math.sqrt(warp_sums[32] * inv_d + eps32))
+            m = float32(0.0)
             for j in range(vpt):
                 v = tid + j * nthreads
                 if v < n_vec:
@@ -258,9 +284,29 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False):
                     for e in range(epv):
                         b[e] = h[j * epv + e] * rstd * a[e]
                     r = pack(b)
-                    store(out_ptr + base + v * 16, r[0], r[1], r[2], r[3])
+                    if rounded:                      # y as the dtype holds it, kept for codes
+                        unpack(r, b)
+                        for e in range(epv):
+                            h[j * epv + e] = b[e]
+                            m = max(m, abs(b[e]))
+                    else:
+                        store(out_ptr + base + v * 16, r[0], r[1], r[2], r[3])
+            if rounded:                              # fp8_quant's rounding of the row
+                block_max(m, warp_max, thread_sums, tid, nthreads)
+                sc = max(warp_max[32] / float32(448.0), float32(1e-12))
+                if tid == 0:
+                    store_u32(scale_ptr + row * 4, as_u32(sc))
+                for j in range(vpt):
+                    v = tid + j * nthreads
+                    if v < n_vec:
+                        out = out_ptr + (row * n_vec + v) * epv
+                        for q in range(epv // 4):
+                            o = j * epv + 4 * q
+                            store_u32(out + 4 * q, pack4(h[o] / sc, h[o + 1] / sc,
+                                                         h[o + 2] / sc, h[o + 3] / sc))
             row += cuda.gridDim.x
 
-    rmsnorm_kernel.__name__ = f"rmsnorm_{dt}_{'res' if has_residual else 'plain'}_v{vpt}"
+    rmsnorm_kernel.__name__ = (f"rmsnorm_{dt}_{'res' if has_residual else 'plain'}_v{vpt}"
+                               + ("_fp8" if rounded else ""))
     return rmsnorm_kernel
 

@@ -62,9 +62,15 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
 
+    @property
+    def fp8_input(self):
+        """The FP8 projection that is x's only reader, or None: the norm before this block may
+        hand x over rounded to FP8 (`parallel.fp8.add_rms_norm_rounded`)."""
+        return self.qkv_proj if self.qkv_proj.weight_scale is not None else None
+
     def forward(self, x, step: StepInput, out=None):
-        T = x.shape[0]
         qkv = self.qkv_proj(x)                                       # [T, (H + 2 Hkv) Dh]
+        T = qkv.shape[0]
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size,
                              self.qkv_proj.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)              # [T, H, Dh]
@@ -85,6 +91,11 @@ class LlamaMLP(nn.Module):
             cfg.hidden_size, [cfg.intermediate_size] * 2, params_dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size,
                                            params_dtype=dtype, device=device)
+
+    @property
+    def fp8_input(self):
+        """As `LlamaAttention.fp8_input`: gate_up, x's only reader, when it is FP8."""
+        return self.gate_up_proj if self.gate_up_proj.weight_scale is not None else None
 
     def forward(self, x, out=None):
         if self.down_proj.weight_scale is not None:    # it takes silu(gate) * up rounded to FP8

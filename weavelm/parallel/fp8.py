@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from weavelm.errors import check
-from weavelm.kernels import fp8_gemv, fp8_mma, fp8_quant, fp8_wgmma
+from weavelm.kernels import fp8_gemv, fp8_mma, fp8_quant, fp8_wgmma, rmsnorm
 from weavelm.kernels.activation import silu_and_mul
 from weavelm.kernels.common import FP8, FP8_MAX, to_e4m3
 
@@ -242,6 +242,13 @@ MMA_MAX_TOKENS = 16
 WGMMA_MAX_TOKENS = 0
 
 
+# Whether the residual add + RMSNorm before an FP8 projection rounds its output to FP8 in the
+# same kernel (`add_rms_norm_rounded`), where the projection would otherwise launch a rounding
+# kernel of its own (decode at 2-64 tokens, prefill). The same codes either way. Off until
+# measured on a GPU: `--knob parallel.fp8.NORM_ROUNDS=1`.
+NORM_ROUNDS = False
+
+
 class Rounded(NamedTuple):
     """Activations already rounded to FP8 a row (token), as `quantize_rows` rounds them, and
     the dtype they had (the product's): an FP8 layer takes them in place of x."""
@@ -267,11 +274,33 @@ def gate_up_silu_rounded(x: torch.Tensor, gate_up) -> Rounded:
     memory, no one-CTA rounding kernel); otherwise the layer, then `silu_and_mul_rounded`. The
     same codes either way."""
     codes, scale = gate_up.weight, getattr(gate_up, "weight_scale", None)
-    if scale is not None and gate_up.bias is None and x.dim() == 2 \
+    if scale is not None and gate_up.bias is None and not isinstance(x, Rounded) \
+            and x.dim() == 2 \
             and _scaled_mm_ok(x, codes) and fp8_gemv.gated_supported(x, codes):
         p, maxima = fp8_gemv.fp8_gemv_gated(x, codes, scale)
         return Rounded(*fp8_quant.round_spread(p, maxima), x.dtype)
     return silu_and_mul_rounded(gate_up(x))
+
+
+def rounds_separately(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `fp8_linear(x, codes, ...)` rounds x in a step of its own (so the kernel before
+    may round it instead): everywhere but where the GEMV rounds its one row itself."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return not (x2.is_cuda and _scaled_mm_ok(x2, codes) and fp8_gemv.fused_supported(x2, codes))
+
+
+def add_rms_norm_rounded(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[Rounded, torch.Tensor]:
+    """`rmsnorm.fused_add_rms_norm` (residual updated in place) with its output rounded to FP8 a
+    row: on a GPU in the norm's own kernel, elsewhere by `quantize_rows`; the codes and scales
+    an FP8 layer would make of the bf16 output, bit for bit."""
+    if x.is_cuda and x.dim() == 2 and rmsnorm.supported(x):
+        codes, scale, residual = rmsnorm.fused_add_rms_norm_rounded_cuda(x, residual, weight,
+                                                                         eps)
+        return Rounded(codes, scale, x.dtype), residual
+    y, residual = rmsnorm.fused_add_rms_norm(x, residual, weight, eps)
+    codes, scale = quantize_rows(y.reshape(-1, y.shape[-1]))
+    return Rounded(codes.reshape(y.shape), scale.reshape(y.shape[:-1]), x.dtype), residual
 
 
 def fp8_linear(x, codes: torch.Tensor, scale: torch.Tensor,

@@ -48,6 +48,7 @@ import torch
 
 from weavelm.errors import WeavelmError
 from weavelm.kernels.rmsnorm import fused_add_rms_norm
+from weavelm.parallel import fp8
 from weavelm.parallel.communicator import (
     Communicator, FusedCollective, TorchCommunicator, row_range,
 )
@@ -169,6 +170,19 @@ class Executor:
             return self.layers[i].post_attention_layernorm
         return self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.final_norm
 
+    def _add_norm(self, i: int, block: str, partial, residual):
+        """(x, residual) for the block after layer i's `block`: the residual add and its norm,
+        the output rounded to FP8 in the same kernel where that block's only reader of x is an
+        FP8 projection that would round it separately (`fp8.NORM_ROUNDS`)."""
+        norm = self._norm_after(i, block)
+        if fp8.NORM_ROUNDS:
+            nxt = self.layers[i].mlp if block == "attn" else (
+                self.layers[i + 1].self_attn if i + 1 < len(self.layers) else None)
+            lin = getattr(nxt, "fp8_input", None)
+            if lin is not None and fp8.rounds_separately(partial, lin.weight):
+                return fp8.add_rms_norm_rounded(partial, residual, norm.weight, norm.eps)
+        return fused_add_rms_norm(partial, residual, norm.weight, norm.eps)
+
     def _blocks(self):
         """(layer index, block name) in execution order."""
         return [(i, block) for i in range(len(self.layers)) for block in ("attn", "mlp")]
@@ -189,8 +203,7 @@ class Executor:
                 partial = self.torch_comm.all_reduce(partial)
             if self._ends_stage(i, block):
                 return residual.add_(partial)
-            norm = self._norm_after(i, block)
-            x, residual = fused_add_rms_norm(partial, residual, norm.weight, norm.eps)
+            x, residual = self._add_norm(i, block, partial, residual)
         return x                                                         # [T, D]
 
     # -- fused and weave: sequence-sharded residual -----------------------------------------
