@@ -326,12 +326,19 @@ class LLMEngine:
         if launched.logprobs is not None:
             rows, pending = launched.logprobs
             table = dict(zip(rows, TokenReadback.read(pending, self.comm)))
+        stop_ids, max_len = self.stop_ids, self.max_model_len
         for i, ((seq, index), tok) in enumerate(zip(
                 launched.owners, self._readback.read(launched.pending, self.comm))):
             if seq.finished:                # stopped, aborted or failed meanwhile: dropped
                 continue
             seq.output_token_ids[index] = tok
             seq.num_pending -= 1
+            p = seq.params
+            if not (table or seq.matcher is not None or tok in stop_ids or p.stop_token_ids
+                    or index + 1 >= p.max_new_tokens
+                    or len(seq.prompt_token_ids) + index + 1 >= max_len):
+                outputs.append(request_output(seq, [tok]))    # (no stop possible: the most
+                continue                                      # common row, its checks inline)
             if i in table:
                 seq.logprobs.append(unpack_logprobs(tok, table[i], seq.params.logprobs))
             if seq.matcher is not None and not seq.matcher.accept_token(tok):
@@ -342,7 +349,7 @@ class LLMEngine:
                 outputs.append(request_output(seq, [tok]))
                 self._leave(seq)
                 continue
-            reason = stop_reason(seq, tok, index + 1, self.stop_ids, self.max_model_len)
+            reason = stop_reason(seq, tok, index + 1, stop_ids, max_len)
             if reason is not None:
                 self._finish(seq, reason)
             outputs.append(request_output(seq, [tok]))

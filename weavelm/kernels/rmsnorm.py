@@ -137,7 +137,7 @@ def _plan_for(dt: str, has_residual: bool, n_vec: int, rows: int, device: int,
         vpt, block = row_shape(n_vec, VPT_CLASSES, MAX_BLOCK)
         grid = min(rows, _max_ctas(device, block))
         pdl = launcher.pdl_enabled(device)
-        k = launcher.kernel(("rmsnorm", dt, has_residual, vpt, rounded),
+        k = launcher.kernel(("rmsnorm", dt, has_residual, vpt) + (("fp8",) if rounded else ()),
                             lambda: _build_kernel(dt, has_residual, vpt, pdl, rounded),
                             SIGNATURE,
                             max_threads=MAX_BLOCK, pdl=pdl)
