@@ -4,8 +4,9 @@ The contract of `fp8_mma.fp8_mma_cuda`:
 
     y = fp8_wgmma_cuda(xq, xs, codes, ws, dtype)     # [M, N] in dtype (bf16 / fp16), M <= 64
 
-xq [M, K] and codes [N, K] float8_e4m3fn, xs [M] and ws [N] float32; products summed in fp32 by
-the tensor cores, scaled once, rounded once.
+xq [M, K] and codes [N, K] float8_e4m3fn, xs [M] and ws [N] float32; products summed by the
+tensor cores 128 of K at a time (their FP8 accumulation keeps ~14 bits) and those sums added in
+fp32, scaled once, rounded once.
 
 Why: at 16-64 tokens a layer is bound by reading its weights, and neither cuBLASLt's row-wise
 FP8 GEMM (`_scaled_mm`: 0.52-0.63 of the copy rate for Llama-3-8B's down projection at 16-64
@@ -23,8 +24,8 @@ B (N = n, the tokens rounded up to 8), so the instruction is as wide as the batc
   16+4q..16+4q+3 (a2) of each k32 product; a sum does not care about the order of its terms,
   so product i takes the thread's words 2i and 2i + 1 (of the 8 it loaded, in order) as those,
   and the tokens are laid out in shared memory under the same permutation of k.
-* B from shared memory (K-major, no swizzle: 8 x 16-byte core matrices), two steps of the
-  tokens double-buffered, copied there by the CTA's threads in 4-byte `cp.async`s (no registers
+* B from shared memory (K-major, no swizzle: 8 x 16-byte core matrices), AHEAD + 1 steps of
+  the tokens in a ring of buffers, copied there by the CTA's threads in 4-byte `cp.async`s (no registers
   held while they fly: `stage_tokens`, issued with the next step's weight loads) and read by
   the tensor cores after the wait, `fence.proxy.async` and a barrier. The CTA's two
   warpgroups share the copy.
