@@ -1,8 +1,8 @@
 """The FP8 warpgroup kernel compiles for sm_90a and `ptxas` assembles it: four native e4m3
 `wgmma.mma_async` a step at the build's width (A from registers: ptxas lowers them to QGMMA
 with register sources), the tokens staged with `cp.async` (in groups, one a step) and
-handed to the tensor cores through `fence.proxy.async`, weights streamed in 16-byte no-L1 loads, per-thread state in
-registers (no `.local` in the PTX). No GPU needed (cc is always passed). The simulator runs
+handed to the tensor cores through `fence.proxy.async`, weights streamed in 16-byte no-L1
+loads, per-thread state in registers (no `.local` in the PTX). No GPU needed (cc is always passed). The simulator runs
 the same source against a model of wgmma (test_fp8_wgmma_sim.py).
 
 Registers: at most 128 a thread (two CTAs of 256 threads an SM). Widths up to 40 tokens fit

@@ -39,7 +39,7 @@ def test_sim_wgmma_equals_the_dequantized_product(m, n, k, dtype, splits, ahead,
     torch.testing.assert_close(first.float(), want, rtol=1e-2, atol=1e-3)
     again = F.fp8_wgmma_cuda(xq, xs, codes, ws, dtype, splits=splits)
     assert torch.equal(again, first)
-    counts = next(c for key, (_, c) in F._work.items() if key[1] == n)
+    counts = next(c for (rows, _, _), (_, c) in F._work.items() if rows == n)
     assert counts.numel() == -(-n // F.CTA_ROWS)
     assert not counts.any()
 

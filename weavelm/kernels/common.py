@@ -158,6 +158,38 @@ def warp_mma_fn(dt: str):
     return device(mma_sim)
 
 
+def row_rounding_fn(vpt: int, E: int):
+    """round_row(h, m, warp_max [33], thread_part, tid, nthreads, n_vec, row, codes_ptr,
+    scale_ptr): the rounding of one row held by a CTA, thread t with its vectors t, t +
+    nthreads, ... (E values each, float32 in h[j E ..]) and m its largest |value|: the row's
+    scale max(m) / 448 (at least 1e-12) to scale_ptr[row], the codes h / scale in e4m3 to
+    codes_ptr (row n_vec x E bytes). Every thread calls it (a block reduction); the kernels
+    that round a row (`fp8_quant`'s, `rmsnorm`'s rounded variant) share it, so their codes
+    agree bit for bit."""
+    from numba import float32
+
+    from weavelm.kernels import ptx
+
+    store_u32, pack4, as_u32 = ptx.store_u32, ptx.pack_e4m3x4, ptx.f32_as_u32
+    block_max = block_reduce_fn(True)
+
+    def round_row(h, m, warp_max, thread_part, tid, nthreads, n_vec, row, codes_ptr,
+                  scale_ptr):
+        block_max(m, warp_max, thread_part, tid, nthreads)
+        s = max(warp_max[32] / float32(448.0), float32(1e-12))
+        if tid == 0:
+            store_u32(scale_ptr + row * 4, as_u32(s))
+        for j in range(vpt):
+            v = tid + j * nthreads
+            if v < n_vec:
+                out = codes_ptr + (row * n_vec + v) * E
+                for q in range(E // 4):
+                    o = j * E + 4 * q
+                    store_u32(out + 4 * q, pack4(h[o] / s, h[o + 1] / s, h[o + 2] / s,
+                                                 h[o + 3] / s))
+    return device(round_row)
+
+
 def pdl_entry(pdl: bool):
     """enter(): a kernel built for programmatic dependent launch (`launcher.pdl_enabled`) calls
     it before reading anything an earlier kernel wrote and before any write: it waits for the

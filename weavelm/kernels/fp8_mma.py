@@ -94,15 +94,10 @@ def fp8_mma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None) 
 
 
 def _workspace(N: int, S: int, key: tuple):
-    """(fp32 partials [S, 64, N], int32 counters a warp's row group, all 0) for layers of N
-    rows, a set per (N, `launcher.stream_key`), grown to the most slices asked."""
-    from weavelm.kernels.launcher import stream_workspace
-    device = key[0]
+    """(fp32 partials [S, 64, N], int32 counters a warp's row group) for layers of N rows."""
+    from weavelm.kernels.launcher import split_k_workspace
     groups = -(-N // (WARP_ROWS * WARPS)) * WARPS            # every warp of the grid's rows
-    return stream_workspace(
-        _work, (N,) + key, lambda w: w[0].shape[0] >= S * MAX_TOKENS * N,
-        lambda: (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32, device=device),
-                 torch.zeros(groups, dtype=torch.int32, device=device)))
+    return split_k_workspace(_work, (N,) + key, S * MAX_TOKENS * N, groups)
 
 
 def _plan(dt: str, tiles: int, device: int):

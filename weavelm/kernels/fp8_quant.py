@@ -101,16 +101,15 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
 
     from weavelm.kernels import ptx
     from weavelm.kernels._numba_compat import numba_cuda
-    from weavelm.kernels.common import block_reduce_fn, codec, pdl_entry
+    from weavelm.kernels.common import codec, pdl_entry, row_rounding_fn
 
     cuda = numba_cuda()
     unpack, pack, E = codec(dt)
     simulator = ptx.SIMULATOR
     sim_slots = MAX_BLOCK if simulator else 1
     nbuf = vpt * E
-    load_nc, store_u32, pack4 = ptx.load_v4_u32_nc, ptx.store_u32, ptx.pack_e4m3x4
-    as_u32 = ptx.f32_as_u32
-    block_max = block_reduce_fn(True)
+    load_nc = ptx.load_v4_u32_nc
+    round_row = row_rounding_fn(vpt, E)
     enter = pdl_entry(pdl)
 
     def fp8_quant_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_vec):
@@ -141,18 +140,8 @@ def _build_kernel(dt: str, vpt: int, gated: bool = False, pdl: bool = False):
                     for e in range(E):
                         h[j * E + e] = a[e]
                         m = max(m, abs(a[e]))
-            block_max(m, warp_max, thread_max, tid, nthreads)
-            s = max(warp_max[32] / float32(448.0), float32(1e-12))
-            if tid == 0:
-                store_u32(scale_ptr + row * 4, as_u32(s))
-            for j in range(vpt):
-                v = tid + j * nthreads
-                if v < n_vec:
-                    out = codes_ptr + (row * n_vec + v) * E
-                    for q in range(E // 4):
-                        o = j * E + 4 * q
-                        store_u32(out + 4 * q, pack4(h[o] / s, h[o + 1] / s, h[o + 2] / s,
-                                                     h[o + 3] / s))
+            round_row(h, m, warp_max, thread_max, tid, nthreads, n_vec, row, codes_ptr,
+                      scale_ptr)
             cuda.syncthreads()          # warp_max[32] is rewritten only after every read
             row += cuda.gridDim.x
 

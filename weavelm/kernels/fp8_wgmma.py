@@ -25,10 +25,10 @@ B (N = n, the tokens rounded up to 8), so the instruction is as wide as the batc
   so product i takes the thread's words 2i and 2i + 1 (of the 8 it loaded, in order) as those,
   and the tokens are laid out in shared memory under the same permutation of k.
 * B from shared memory (K-major, no swizzle: 8 x 16-byte core matrices), AHEAD + 1 steps of
-  the tokens in a ring of buffers, copied there by the CTA's threads in 4-byte `cp.async`s (no registers
-  held while they fly: `stage_tokens`, issued with the next step's weight loads) and read by
-  the tensor cores after the wait, `fence.proxy.async` and a barrier. The CTA's two
-  warpgroups share the copy.
+  the tokens in a ring of buffers, copied there by the CTA's threads in 4-byte `cp.async`s
+  (no registers held while they fly: `stage_tokens`, issued with the next step's weight
+  loads) and read by the tensor cores after the wait, `fence.proxy.async` and a barrier. The
+  CTA's two warpgroups share the copy.
 * Steps in flight: the weights of AHEAD steps past the one in use are in registers (a ring of
   AHEAD + 1 slots, the loop unrolled over it so that every slot index is a constant) and their
   tokens in shared memory (as many buffers, one `cp.async` group a step, waited for one step
@@ -94,14 +94,9 @@ def fp8_wgmma_cuda(xq, xs, codes, ws, dtype, out=None, splits: int | None = None
 
 
 def _workspace(N: int, S: int, key: tuple):
-    """(fp32 partials [S, 64, N], int32 counters a CTA row group, all 0) for layers of N rows,
-    a set per (N, `launcher.stream_key`), grown to the most slices asked."""
-    from weavelm.kernels.launcher import stream_workspace
-    device = key[0]
-    return stream_workspace(
-        _work, ("wgmma", N) + key, lambda w: w[0].shape[0] >= S * MAX_TOKENS * N,
-        lambda: (torch.empty(S * MAX_TOKENS * N, dtype=torch.float32, device=device),
-                 torch.zeros(-(-N // CTA_ROWS), dtype=torch.int32, device=device)))
+    """(fp32 partials [S, 64, N], int32 counters a CTA row group) for layers of N rows."""
+    from weavelm.kernels.launcher import split_k_workspace
+    return split_k_workspace(_work, (N,) + key, S * MAX_TOKENS * N, -(-N // CTA_ROWS))
 
 
 def _plan(dt: str, n8: int, device: int):

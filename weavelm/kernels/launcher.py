@@ -98,6 +98,20 @@ def stream_workspace(memo: dict, key, fits, make):
     return w
 
 
+def split_k_workspace(memo: dict, key: tuple, floats: int, counters: int):
+    """(fp32 partials of at least `floats`, `counters` int32 counters, all 0) of a split-K
+    kernel (`fp8_mma`, `fp8_wgmma`): `stream_workspace` under key (the layer's rows, then a
+    `stream_key`), grown to the most partials asked. The kernels set their counters back to
+    0 as they finish, so a set serves every call on its stream."""
+    import torch
+
+    device = key[-2]
+    return stream_workspace(
+        memo, key, lambda w: w[0].numel() >= floats,
+        lambda: (torch.empty(floats, dtype=torch.float32, device=device),
+                 torch.zeros(counters, dtype=torch.int32, device=device)))
+
+
 def _core_stream(handle: int):
     s = _core_streams.get(handle)
     if s is None:

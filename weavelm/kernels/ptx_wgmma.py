@@ -12,9 +12,9 @@ an operand count of its own (up to 32 results, 21 operands) and a shape per widt
   them), grouped, and the wait for all but the `pending` newest groups.
 * `wgmma_fp8_steps(n)`: an intrinsic issuing four `wgmma.mma_async.m64n{n}k32.f32.e4m3.e4m3`
   into a fresh accumulator (A from registers, B from shared memory), then waiting for them:
-  when it returns the sums are in the registers, so nothing the compiler schedules around it can see a
-  register still being written (each call costs the products' latency; the kernel keeps other
-  warpgroups' loads in flight meanwhile).
+  when it returns the sums are in the registers, so nothing the compiler schedules around it
+  can see a register still being written (each call costs the products' latency; the kernel
+  keeps other warpgroups' loads in flight meanwhile).
 
 Under the CUDA simulator `shared_address` is 0 (a descriptor's addresses are then offsets in the
 one shared array the model is handed) and the products are modelled in `sim_wgmma_fp8_steps`
@@ -142,8 +142,8 @@ def desc_fields(desc: int) -> tuple[int, int, int]:
 def sim_wgmma_fp8_steps(frag, cd, smem, descs, n: int, t0: int) -> None:
     """The warpgroup of threads t0 .. t0 + 127 runs `wgmma_fp8_steps(n)`: frag holds each
     thread's 16 A words (16 a thread, from thread 0 of the CTA), cd receives its n / 2 sums of
-    the four products (fresh: the caller adds them to its own), smem the shared array the descriptors point into (its byte offsets
-    are the addresses). B is K-major, no swizzle: element (column j, k) of product i at byte
+    the four products (fresh: the caller adds them to its own), smem the shared array the
+    descriptors point into (its byte offsets are the addresses). B is K-major, no swizzle: element (column j, k) of product i at byte
     start_i + (k // 16) LBO + (j // 8) SBO + (j % 8) 16 + k % 16."""
     acc = n // 2
     table = _e4m3_table()

@@ -212,7 +212,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False,
     from numba import float32
 
     from weavelm.kernels import ptx
-    from weavelm.kernels.common import block_reduce_fn, pdl_entry
+    from weavelm.kernels.common import block_reduce_fn, pdl_entry, row_rounding_fn
     from weavelm.kernels._numba_compat import numba_cuda
 
     cuda = numba_cuda()
@@ -224,8 +224,7 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False,
     prefetch = ptx.prefetch_l2
     enter = pdl_entry(pdl)
     block_sum = block_reduce_fn(False)
-    block_max = block_reduce_fn(True)
-    store_u32, pack4, as_u32 = ptx.store_u32, ptx.pack_e4m3x4, ptx.f32_as_u32
+    round_row = row_rounding_fn(vpt, epv)
 
     def rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_vec, eps,
                        scale_ptr):
@@ -292,18 +291,8 @@ def _build_kernel(dt: str, has_residual: bool, vpt: int, pdl: bool = False,
                     else:
                         store(out_ptr + base + v * 16, r[0], r[1], r[2], r[3])
             if rounded:                              # fp8_quant's rounding of the row
-                block_max(m, warp_max, thread_sums, tid, nthreads)
-                sc = max(warp_max[32] / float32(448.0), float32(1e-12))
-                if tid == 0:
-                    store_u32(scale_ptr + row * 4, as_u32(sc))
-                for j in range(vpt):
-                    v = tid + j * nthreads
-                    if v < n_vec:
-                        out = out_ptr + (row * n_vec + v) * epv
-                        for q in range(epv // 4):
-                            o = j * epv + 4 * q
-                            store_u32(out + 4 * q, pack4(h[o] / sc, h[o + 1] / sc,
-                                                         h[o + 2] / sc, h[o + 3] / sc))
+                round_row(h, m, warp_max, thread_sums, tid, nthreads, n_vec, row, out_ptr,
+                          scale_ptr)
             row += cuda.gridDim.x
 
     rmsnorm_kernel.__name__ = (f"rmsnorm_{dt}_{'res' if has_residual else 'plain'}_v{vpt}"
